@@ -1,0 +1,349 @@
+"""The feature definitions: one implementation, imported by training and by the server.
+
+Every feature of row ``i`` is a function of the candles ``i - LOOKBACK_PERIODS + 1 .. i`` only
+(backward-looking, finite window). Indicators that are usually recursive are defined over a finite
+window so that a server holding just the last ``LOOKBACK_PERIODS`` candles computes exactly what
+training computed over the full history:
+
+* RSI uses simple (not Wilder) averages of gains and losses;
+* MACD is a percentage price oscillator built from FIR EMAs: EMA weights truncated to a fixed
+  number of taps and renormalised to sum to one, so slow taps + signal taps - 1 <= lookback.
+
+Both paths run the same code (:func:`_compute_rows`): :func:`compute_features` over chunks of a
+long series, :func:`window_features` over one window. Features count rows, not time: a window that
+spans a trading halt is featurised as the rows it holds (labels, not features, look at the grid).
+
+Ratios never produce NaN or inf: a zero denominator gives the documented neutral value
+(:data:`ZERO_DIVISION_DEFAULTS`), for example a taker-buy ratio of 0.5 on a zero-volume bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+if TYPE_CHECKING:
+    import polars as pl
+
+FloatArray = np.ndarray
+
+#: Bumped whenever the arithmetic of a feature changes without its name or parameters changing.
+FEATURES_VERSION: int = 1
+
+#: Candles one feature row needs; the last one is the bar we predict from.
+LOOKBACK_PERIODS: int = 100
+
+#: Candle columns the features read (open_time int64 epoch ms UTC, the others float64).
+CANDLE_FIELDS = (
+    "open_time",
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "quote_volume",
+    "trades",
+    "taker_buy_base_volume",
+)
+
+#: Value of a ratio whose denominator is zero (zero-volume bar, flat window, O=H=L=C bar).
+ZERO_DIVISION_DEFAULTS: dict[str, float] = {
+    "rsi": 50.0,  # no gains and no losses: neutral
+    "bb_percent_b": 0.5,  # flat window: the close sits on the middle band
+    "taker_buy_ratio": 0.5,  # no volume: neither side dominates
+    "other": 0.0,  # z-scores, body/wick ratios, distances, returns on a zero price
+}
+
+_DAY_MS = 86_400_000
+#: Chunk of output rows computed at once by :func:`compute_features` (bounds temporaries).
+_CHUNK_ROWS = 32_768
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One indicator with its parameters and the model input columns it produces."""
+
+    indicator: str
+    params: tuple[tuple[str, int | float], ...]
+    outputs: tuple[str, ...]
+
+    @property
+    def kwargs(self) -> dict[str, int | float]:
+        return dict(self.params)
+
+
+def _spec(indicator: str, outputs: tuple[str, ...], **params: int | float) -> FeatureSpec:
+    return FeatureSpec(indicator, tuple(sorted(params.items())), outputs)
+
+
+FEATURES: tuple[FeatureSpec, ...] = (
+    *(_spec("log_return", (f"log_return_{p}",), periods=p) for p in (1, 3, 6, 12, 24, 48)),
+    _spec("rsi", ("rsi_14",), period=14),
+    _spec(
+        "macd",
+        ("macd", "macd_signal", "macd_hist"),
+        fast=12,
+        slow=26,
+        signal=9,
+        taps=64,
+        signal_taps=32,
+    ),
+    _spec("bollinger", ("bb_percent_b", "bb_width"), period=20, num_std=2.0),
+    _spec("atr", ("atr_pct_14",), period=14),
+    _spec("realized_volatility", ("realized_vol_20",), period=20),
+    _spec("realized_volatility", ("realized_vol_60",), period=60),
+    _spec("volume_zscore", ("volume_zscore_50",), period=50),
+    _spec("taker_buy_ratio", ("taker_buy_ratio_1",), period=1),
+    _spec("taker_buy_ratio", ("taker_buy_ratio_20",), period=20),
+    _spec("vwap_distance", ("vwap_distance_20",), period=20),
+    _spec("candle_shape", ("body_ratio", "upper_wick_ratio", "lower_wick_ratio", "range_pct")),
+    _spec("time_of_day", ("time_of_day",)),
+    _spec("day_of_week", ("day_of_week",)),
+)
+
+#: Model input columns, in order.
+FEATURE_NAMES: tuple[str, ...] = tuple(name for spec in FEATURES for name in spec.outputs)
+
+
+def feature_definitions_hash() -> str:
+    """sha256 hex of a canonical description of the feature definitions.
+
+    A model records this at training time; the server refuses a model whose hash differs.
+    """
+    canonical = {
+        "version": FEATURES_VERSION,
+        "lookback": LOOKBACK_PERIODS,
+        "candle_fields": list(CANDLE_FIELDS),
+        "features": [[s.indicator, [list(p) for p in s.params], list(s.outputs)] for s in FEATURES],
+        "feature_names": list(FEATURE_NAMES),
+        "zero_division_defaults": ZERO_DIVISION_DEFAULTS,
+    }
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks. Each works on 1-D arrays of length m (m >= LOOKBACK_PERIODS) and returns the
+# values for the last ``rows = m - LOOKBACK_PERIODS + 1`` positions.
+
+
+def _div(num: FloatArray, den: FloatArray, default: float) -> FloatArray:
+    """``num / den`` with ``default`` wherever ``den == 0``."""
+    out = np.full(np.broadcast(num, den).shape, default, dtype=np.float64)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def _rolling_sum(x: FloatArray, k: int) -> FloatArray:
+    """Sum of each window of ``k`` consecutive values; ``len(x) - k + 1`` values."""
+    return np.convolve(x, np.ones(k), "valid")
+
+
+def _fir_ema(x: FloatArray, span: int, taps: int) -> FloatArray:
+    """EMA with smoothing ``2 / (span + 1)`` truncated to ``taps`` weights summing to one."""
+    alpha = 2.0 / (span + 1.0)
+    weights = alpha * (1.0 - alpha) ** np.arange(taps)
+    # np.convolve puts weights[0] on the newest value of each window.
+    return np.convolve(x, weights / weights.sum(), "valid")
+
+
+def _log_ratio(a: FloatArray, b: FloatArray) -> FloatArray:
+    """``log(a / b)``, 0 where either price is not positive."""
+    ok = (a > 0) & (b > 0)
+    out = np.zeros(np.broadcast(a, b).shape)
+    np.log(np.divide(a, b, out=np.ones_like(out), where=ok), out=out, where=ok)
+    return out
+
+
+class _Ctx:
+    """The candle arrays of one computation and shared intermediate series."""
+
+    def __init__(self, c: Mapping[str, np.ndarray]) -> None:
+        self.open = np.asarray(c["open"], dtype=np.float64)
+        self.high = np.asarray(c["high"], dtype=np.float64)
+        self.low = np.asarray(c["low"], dtype=np.float64)
+        self.close = np.asarray(c["close"], dtype=np.float64)
+        self.volume = np.asarray(c["volume"], dtype=np.float64)
+        self.quote_volume = np.asarray(c["quote_volume"], dtype=np.float64)
+        self.taker_buy = np.asarray(c["taker_buy_base_volume"], dtype=np.float64)
+        self.open_time = np.asarray(c["open_time"], dtype=np.int64)
+        self.m = len(self.close)
+        self.rows = self.m - LOOKBACK_PERIODS + 1
+        self._ret1: FloatArray | None = None
+
+    def last(self, x: FloatArray) -> FloatArray:
+        """The values of a series (aligned to the end) at the output rows."""
+        return x[len(x) - self.rows :]
+
+    @property
+    def ret1(self) -> FloatArray:
+        """One-bar log returns, ``m - 1`` values (index j is the return into candle j + 1)."""
+        if self._ret1 is None:
+            self._ret1 = _log_ratio(self.close[1:], self.close[:-1])
+        return self._ret1
+
+
+def _log_return(ctx: _Ctx, periods: int) -> list[FloatArray]:
+    return [ctx.last(_log_ratio(ctx.close[periods:], ctx.close[:-periods]))]
+
+
+def _rsi(ctx: _Ctx, period: int) -> list[FloatArray]:
+    diff = np.diff(ctx.close)
+    gains = _rolling_sum(np.maximum(diff, 0.0), period)
+    losses = _rolling_sum(np.maximum(-diff, 0.0), period)
+    rsi = _div(100.0 * gains, gains + losses, ZERO_DIVISION_DEFAULTS["rsi"])
+    return [ctx.last(rsi)]
+
+
+def _macd(
+    ctx: _Ctx, fast: int, slow: int, signal: int, taps: int, signal_taps: int
+) -> list[FloatArray]:
+    slow_ema = _fir_ema(ctx.close, slow, taps)
+    fast_ema = _fir_ema(ctx.close, fast, taps)
+    line = _div(fast_ema - slow_ema, slow_ema, ZERO_DIVISION_DEFAULTS["other"])
+    sig = _fir_ema(line, signal, signal_taps)
+    line = ctx.last(line)
+    sig = ctx.last(sig)
+    return [line, sig, line - sig]
+
+
+def _rolling_mean_std(x: FloatArray, k: int, rows: int) -> tuple[FloatArray, FloatArray]:
+    """Mean and population std (two-pass, no cancellation) of the last ``rows`` windows."""
+    windows = sliding_window_view(x[len(x) - rows - k + 1 :], k)
+    mean = windows.mean(axis=1)
+    std = np.sqrt(np.square(windows - mean[:, None]).mean(axis=1))
+    return mean, std
+
+
+def _bollinger(ctx: _Ctx, period: int, num_std: float) -> list[FloatArray]:
+    mean, std = _rolling_mean_std(ctx.close, period, ctx.rows)
+    close = ctx.last(ctx.close)
+    band = 2.0 * num_std * std
+    percent_b = _div(close - (mean - num_std * std), band, ZERO_DIVISION_DEFAULTS["bb_percent_b"])
+    width = _div(band, mean, ZERO_DIVISION_DEFAULTS["other"])
+    return [percent_b, width]
+
+
+def _atr(ctx: _Ctx, period: int) -> list[FloatArray]:
+    prev_close = ctx.close[:-1]
+    high, low = ctx.high[1:], ctx.low[1:]
+    true_range = np.maximum(high - low, np.maximum(abs(high - prev_close), abs(low - prev_close)))
+    atr = _rolling_sum(true_range, period) / period
+    return [_div(ctx.last(atr), ctx.last(ctx.close), ZERO_DIVISION_DEFAULTS["other"])]
+
+
+def _realized_volatility(ctx: _Ctx, period: int) -> list[FloatArray]:
+    return [ctx.last(np.sqrt(_rolling_sum(np.square(ctx.ret1), period) / period))]
+
+
+def _volume_zscore(ctx: _Ctx, period: int) -> list[FloatArray]:
+    mean, std = _rolling_mean_std(ctx.volume, period, ctx.rows)
+    return [_div(ctx.last(ctx.volume) - mean, std, ZERO_DIVISION_DEFAULTS["other"])]
+
+
+def _taker_buy_ratio(ctx: _Ctx, period: int) -> list[FloatArray]:
+    buy = ctx.last(_rolling_sum(ctx.taker_buy, period))
+    vol = ctx.last(_rolling_sum(ctx.volume, period))
+    return [_div(buy, vol, ZERO_DIVISION_DEFAULTS["taker_buy_ratio"])]
+
+
+def _vwap_distance(ctx: _Ctx, period: int) -> list[FloatArray]:
+    quote = ctx.last(_rolling_sum(ctx.quote_volume, period))
+    vol = ctx.last(_rolling_sum(ctx.volume, period))
+    vwap = _div(quote, vol, 0.0)
+    # 0 when the window traded nothing (vwap undefined) or on a zero price.
+    return [np.where(vwap > 0, _div(ctx.last(ctx.close), vwap, 1.0) - 1.0, 0.0)]
+
+
+def _candle_shape(ctx: _Ctx) -> list[FloatArray]:
+    o, h, lo, c = (ctx.last(x) for x in (ctx.open, ctx.high, ctx.low, ctx.close))
+    rng = h - lo
+    zero = ZERO_DIVISION_DEFAULTS["other"]
+    return [
+        _div(c - o, rng, zero),
+        _div(h - np.maximum(o, c), rng, zero),
+        _div(np.minimum(o, c) - lo, rng, zero),
+        _div(rng, c, zero),
+    ]
+
+
+def _time_of_day(ctx: _Ctx) -> list[FloatArray]:
+    """Fraction of the UTC day elapsed at the bar's open, in [0, 1)."""
+    return [(ctx.last(ctx.open_time) % _DAY_MS) / _DAY_MS]
+
+
+def _day_of_week(ctx: _Ctx) -> list[FloatArray]:
+    """UTC day of week of the bar's open, Monday = 0 (1970-01-01 was a Thursday)."""
+    return [((ctx.last(ctx.open_time) // _DAY_MS + 3) % 7).astype(np.float64)]
+
+
+_INDICATORS: dict[str, Callable[..., list[FloatArray]]] = {
+    "log_return": _log_return,
+    "rsi": _rsi,
+    "macd": _macd,
+    "bollinger": _bollinger,
+    "atr": _atr,
+    "realized_volatility": _realized_volatility,
+    "volume_zscore": _volume_zscore,
+    "taker_buy_ratio": _taker_buy_ratio,
+    "vwap_distance": _vwap_distance,
+    "candle_shape": _candle_shape,
+    "time_of_day": _time_of_day,
+    "day_of_week": _day_of_week,
+}
+
+
+def _compute_rows(candles: Mapping[str, np.ndarray]) -> FloatArray:
+    """Features of the last ``m - LOOKBACK_PERIODS + 1`` candles of ``m`` candles."""
+    ctx = _Ctx(candles)
+    out = np.empty((ctx.rows, len(FEATURE_NAMES)), dtype=np.float64)
+    col = 0
+    for spec in FEATURES:
+        for values in _INDICATORS[spec.indicator](ctx, **spec.kwargs):
+            out[:, col] = values
+            col += 1
+    return out
+
+
+def compute_features(candles: Mapping[str, np.ndarray]) -> FloatArray:
+    """Feature matrix ``(n, len(FEATURE_NAMES))`` of a time-ordered candle series.
+
+    Rows with fewer than ``LOOKBACK_PERIODS`` candles of history are NaN. Row ``i`` depends only
+    on candles ``i - LOOKBACK_PERIODS + 1 .. i``. Computed in chunks so memory stays O(n).
+    """
+    n = len(candles["close"])
+    out = np.full((n, len(FEATURE_NAMES)), np.nan, dtype=np.float64)
+    first = LOOKBACK_PERIODS - 1
+    for start in range(first, n, _CHUNK_ROWS):
+        stop = min(start + _CHUNK_ROWS, n)
+        lo = start - first
+        chunk = {name: candles[name][lo:stop] for name in CANDLE_FIELDS}
+        out[start:stop] = _compute_rows(chunk)
+    return out
+
+
+def window_features(candles: Mapping[str, np.ndarray]) -> FloatArray:
+    """Features of the last candle of a window, from its last ``LOOKBACK_PERIODS`` candles.
+
+    The server's online path; equals ``compute_features(series)[i]`` for the window ending at i.
+    """
+    n = len(candles["close"])
+    if n < LOOKBACK_PERIODS:
+        raise ValueError(f"a feature window needs {LOOKBACK_PERIODS} candles, got {n}")
+    lo = n - LOOKBACK_PERIODS
+    return _compute_rows({name: candles[name][lo:] for name in CANDLE_FIELDS})[0]
+
+
+def candles_from_frame(df: pl.DataFrame) -> dict[str, np.ndarray]:
+    """The :data:`CANDLE_FIELDS` columns of a candle frame as numpy arrays."""
+    arrays: dict[str, np.ndarray] = {}
+    for name in CANDLE_FIELDS:
+        dtype = np.int64 if name == "open_time" else np.float64
+        arrays[name] = np.ascontiguousarray(df.get_column(name).to_numpy(), dtype=dtype)
+    return arrays
