@@ -1,0 +1,54 @@
+"""Labels: the only forward-looking code in xylen.
+
+The label of the bar that opens at ``t`` compares its close with the close of the bar that opens
+at ``t + horizon * interval`` on the time grid -- not ``horizon`` rows later: where that bar is
+missing (a halt, a gap, the end of the data) the future is unknown and the label is NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def forward_log_return(
+    open_time: np.ndarray, close: np.ndarray, horizon: int, step_ms: int
+) -> np.ndarray:
+    """``log(close[t + horizon * step] / close[t])`` per bar; NaN where that bar does not exist.
+
+    ``open_time`` (epoch ms) must be strictly increasing.
+    """
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1 bar, got {horizon}")
+    open_time = np.asarray(open_time, dtype=np.int64)
+    close = np.asarray(close, dtype=np.float64)
+    target = open_time + horizon * step_ms
+    idx = np.searchsorted(open_time, target)
+    safe = np.minimum(idx, len(open_time) - 1)
+    found = (idx < len(open_time)) & (open_time[safe] == target) & (close > 0) & (close[safe] > 0)
+    out = np.full(len(open_time), np.nan)
+    out[found] = np.log(close[safe[found]] / close[found])
+    return out
+
+
+def binary_labels(
+    open_time: np.ndarray,
+    close: np.ndarray,
+    *,
+    horizon: int,
+    step_ms: int,
+    fee: float = 0.0,
+    threshold: float = 0.0,
+) -> np.ndarray:
+    """1.0 where the forward log return net of a round-trip ``fee`` exceeds ``threshold``, else 0.0.
+
+    The fee is a fraction of the notional (0.001 = 0.1 %), netted as ``log(1 - fee)``. Bars whose
+    future is unknown get NaN.
+    """
+    if not 0.0 <= fee < 1.0:
+        raise ValueError(f"fee must be a fraction in [0, 1), got {fee}")
+    net = forward_log_return(open_time, close, horizon, step_ms) + math.log1p(-fee)
+    labels = np.where(net > threshold, 1.0, 0.0)
+    labels[np.isnan(net)] = np.nan
+    return labels
