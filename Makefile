@@ -1,0 +1,62 @@
+# Targets a newcomer can guess. Every target creates what it needs (venv, stubs, data, models).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PROTO_SRC := $(wildcard protos/xylen/v1/*.proto)
+PROTO_STAMP := xylen/v1/.generated-stamp
+DATA_DIR ?= data/default
+MODELS_DIR ?= models
+# Training inputs for `make train`: the offline default dataset, or DATA=path/to/zips.
+DATA ?= $(DATA_DIR)
+
+.PHONY: demo test proto lint train data bench deploy clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
+	touch $@
+
+proto: $(PROTO_STAMP)
+
+# Stubs are generated, never committed or edited: xylen/v1/*_pb2*.py(i) from protos/xylen/v1/*.proto.
+$(PROTO_STAMP): $(STAMP) $(PROTO_SRC)
+	rm -rf xylen
+	mkdir -p xylen/v1
+	$(PY) -m grpc_tools.protoc -I protos \
+		--python_out=. --grpc_python_out=. \
+		--mypy_out=. --mypy_grpc_out=. \
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
+		$(PROTO_SRC)
+	touch xylen/__init__.py xylen/v1/__init__.py xylen/py.typed
+	touch $@
+
+data: $(STAMP)
+	$(PY) -m training generate --out $(DATA_DIR)
+
+train: $(STAMP) $(PROTO_STAMP)
+	@if [ "$(DATA)" = "$(DATA_DIR)" ] && [ ! -d "$(DATA_DIR)" ]; then $(MAKE) --no-print-directory data; fi
+	$(PY) -m training train --data $(DATA) --models-dir $(MODELS_DIR)
+
+demo: $(STAMP) $(PROTO_STAMP)
+	$(PY) -m xylen_server.demo
+
+test: $(STAMP) $(PROTO_STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP) $(PROTO_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check xylen_server xylen_coordinator training tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/buf lint
+
+bench: $(STAMP) $(PROTO_STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) xylen .pytest_cache .mypy_cache .ruff_cache run bench-results
