@@ -1,0 +1,136 @@
+"""Model metadata: the one description of a trained model, written by training, read by serving.
+
+A model directory (``models/<name>/``) holds the native model file of its type, optionally a
+``model.onnx`` converted from it, ``feature_importance.csv`` and ``metadata.json`` (this class).
+The server refuses a model whose ``feature_names``, ``lookback`` or ``features_hash`` disagree with
+the feature code it runs (see :mod:`training.features`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METADATA_FILE = "metadata.json"
+ONNX_FILE = "model.onnx"
+FEATURE_IMPORTANCE_FILE = "feature_importance.csv"
+
+#: Native model file name per model type (LightGBM's name is the seed's).
+NATIVE_FILES: dict[str, str] = {
+    "lightgbm": "lightgbm_model.txt",
+    "xgboost": "xgboost_model.json",
+    "catboost": "catboost_model.cbm",
+}
+MODEL_TYPES = tuple(NATIVE_FILES)
+
+
+class MetadataError(ValueError):
+    """The metadata file is missing, unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """Everything a server and an operator need to know about one trained model."""
+
+    name: str
+    """Model name, also the directory name under ``models/`` (for example ``model_1``)."""
+    model_type: str
+    """One of :data:`MODEL_TYPES`."""
+    version: int
+    """Monotonic version, 1 for the first model of this name."""
+    training_samples: int
+    """Rows the model was fitted on."""
+    trained_at: str
+    """ISO-8601 UTC time the training run finished, e.g. ``2026-11-30T02:00:00Z``."""
+    feature_names: list[str]
+    """Model input columns, in order."""
+    lookback: int
+    """Candles a window needs for one feature row (``LOOKBACK_PERIODS`` at training time)."""
+    features_hash: str
+    """sha256 of the feature definitions the model was trained with."""
+    parent_version: int | None = None
+    """Version this model was retrained from, if any."""
+    horizon: int = 1
+    """Label horizon in bars."""
+    fee: float = 0.0
+    """Round-trip fee (fraction) netted from the forward return when labelling."""
+    label_threshold: float = 0.0
+    """Net forward return above which a row is labelled up."""
+    symbol: str = ""
+    interval: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+    """Training data: ``start``/``end`` (ISO) and ``files`` (list of ``{path, sha256}``)."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """Validation and test metrics, baselines included."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Model hyper-parameters as trained."""
+
+    def __post_init__(self) -> None:
+        if self.model_type not in NATIVE_FILES:
+            raise MetadataError(
+                f"model_type {self.model_type!r} is not one of {', '.join(MODEL_TYPES)}"
+            )
+        if self.version < 1:
+            raise MetadataError(f"version must be >= 1, got {self.version}")
+        if not self.feature_names:
+            raise MetadataError("feature_names is empty")
+        if self.lookback < 1:
+            raise MetadataError(f"lookback must be >= 1, got {self.lookback}")
+
+    @property
+    def native_file(self) -> str:
+        """File name of the native model inside the model directory."""
+        return NATIVE_FILES[self.model_type]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelMetadata:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise MetadataError(f"unknown metadata keys: {', '.join(unknown)}")
+        try:
+            return cls(**raw)
+        except TypeError as exc:  # a required key is missing
+            raise MetadataError(str(exc)) from exc
+
+    @classmethod
+    def read(cls, model_dir: str | os.PathLike[str]) -> ModelMetadata:
+        path = Path(model_dir) / METADATA_FILE
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise MetadataError(f"metadata file {path} is missing") from exc
+        except (OSError, ValueError) as exc:
+            raise MetadataError(f"metadata file {path} is unreadable: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise MetadataError(f"metadata file {path} does not hold a JSON object")
+        return cls.from_dict(raw)
+
+    def write(self, model_dir: str | os.PathLike[str]) -> Path:
+        """Write ``metadata.json`` atomically (temp file, fsync, rename)."""
+        path = Path(model_dir) / METADATA_FILE
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so a reader sees the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
