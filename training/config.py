@@ -1,0 +1,146 @@
+"""Training configuration: a YAML file (``training/default.yaml``) plus command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from training.klines import AnomalyPolicy
+from training.metadata import MODEL_TYPES
+
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the set: a name, a type and optional overrides of the shared settings."""
+
+    name: str
+    model_type: str = "lightgbm"
+    horizon: int | None = None
+    fee: float | None = None
+    threshold: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(
+                f"model {self.name}: model_type {self.model_type!r} is not one of "
+                f"{', '.join(MODEL_TYPES)}"
+            )
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"model name {self.name!r} is not a plain directory name")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training setting; see ``default.yaml`` for what each means."""
+
+    data: str = "data/default"
+    symbol: str = "BTCUSDT"
+    interval: str | None = None
+    anomaly_policy: str = "drop"
+    generate_start: str = "2023-01"
+    generate_end: str = "2024-12"
+    generate_seed: int = 7
+    train_start_date: str = "2023-01-01"
+    train_end_date: str = "2024-04-30"
+    validation_end_date: str | None = None
+    test_end_date: str | None = None
+    gap_bars: int | None = None
+    walk_forward_folds: int = 0
+    horizon: int = 1
+    fee: float = 0.001
+    threshold: float = 0.0
+    models_dir: str = "models"
+    seed: int = 42
+    num_threads: int = 2
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    models: tuple[ModelSpec, ...] = (ModelSpec("model_1"),)
+
+    def __post_init__(self) -> None:
+        AnomalyPolicy(self.anomaly_policy)  # raises on an unknown policy
+        if self.horizon < 1:
+            raise ConfigError(f"horizon must be >= 1 bar, got {self.horizon}")
+        if not 0 <= self.fee < 1:
+            raise ConfigError(f"fee must be a fraction in [0, 1), got {self.fee}")
+        if len({m.name for m in self.models}) != len(self.models):
+            raise ConfigError("model names must be unique")
+
+    def model(self, name: str) -> ModelSpec:
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        raise ConfigError(f"no model named {name!r}; have {', '.join(self.names)}")
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def model_params(self, spec: ModelSpec) -> dict[str, Any]:
+        return {**self.params.get(spec.model_type, {}), **spec.params}
+
+
+def _from_mapping(raw: dict[str, Any]) -> TrainConfig:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {str(k).lower(): v for k, v in raw.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
+    for key, value in values.items():  # YAML reads 2024-04-30 as a date; keep text
+        if isinstance(value, date):
+            values[key] = value.isoformat()
+    if "models" in values:
+        try:
+            values["models"] = tuple(
+                m if isinstance(m, ModelSpec) else ModelSpec(**m) for m in values["models"]
+            )
+        except TypeError as exc:
+            raise ConfigError(f"bad model entry: {exc}") from exc
+    try:
+        return TrainConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with a YAML value (``horizon=4``, ``params.lightgbm.num_leaves=15``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not key=value")
+    return key.strip().lower(), yaml.safe_load(value)
+
+
+def load_config(
+    path: Path | str | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """The configuration in ``path`` (default ``training/default.yaml``) with ``overrides``.
+
+    Override keys may be dotted to reach into nested mappings (``params.xgboost.max_depth``).
+    """
+    source = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {source}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {source} does not hold a mapping")
+    raw = {str(k).lower(): v for k, v in raw.items()}
+    for key, value in (overrides or {}).items():
+        *parents, leaf = key.lower().split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part} is not a mapping")
+        node[leaf] = value
+    return _from_mapping(raw)

@@ -1,0 +1,298 @@
+"""Train models end to end: load -> features -> labels -> split -> fit -> evaluate -> write.
+
+A model directory is built in a temporary directory beside its final place and renamed into it
+at the end, so a failed run -- too few samples, a single class, a crash -- leaves the previous
+model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training import features
+from training.config import ModelSpec, TrainConfig
+from training.evaluate import (
+    baseline_probabilities,
+    evaluate_split,
+    find_lookahead,
+    write_feature_importance,
+)
+from training.klines import Klines, load_klines
+from training.labels import binary_labels
+from training.metadata import FEATURE_IMPORTANCE_FILE, MetadataError, ModelMetadata
+from training.split import TimeSplit, iso_ms, min_gap_bars, time_split, walk_forward
+from training.trainers import make_model
+
+logger = logging.getLogger(__name__)
+
+#: Fewest training rows a model may be fitted on.
+MIN_TRAINING_SAMPLES = 100
+_PREV_RETURN = features.FEATURE_NAMES.index("log_return_1")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot produce a trustworthy model (the message names the problem)."""
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Candles and their features, shared by every model trained on the same data."""
+
+    klines: Klines
+    candles: dict[str, np.ndarray]
+    features: np.ndarray
+    step_ms: int
+
+
+def prepare_data(config: TrainConfig) -> PreparedData:
+    """Load the configured kline files and featurise them."""
+    from training.klines import interval_ms
+
+    klines = load_klines(config.data, interval=config.interval, policy=config.anomaly_policy)
+    logger.info("loaded %s %s: %s", klines.symbol, klines.interval, klines.report.summary())
+    candles = features.candles_from_frame(klines.frame)
+    return PreparedData(
+        klines, candles, features.compute_features(candles), interval_ms(klines.interval)
+    )
+
+
+def check_no_lookahead(candles: dict[str, np.ndarray], rows: int = 1_000) -> None:
+    """Fail if a feature of the shipped feature code changes when future candles are removed."""
+    tail = {k: v[-rows:] for k, v in candles.items()}
+    if len(tail["close"]) <= features.LOOKBACK_PERIODS + 1:
+        return
+    leaking = find_lookahead(features.compute_features, tail, features.FEATURE_NAMES, probes=5)
+    if leaking:
+        raise TrainingError(f"features look into the future: {', '.join(leaking)}")
+
+
+def _split(config: TrainConfig, data: PreparedData, usable: np.ndarray, horizon: int) -> TimeSplit:
+    gap = max(config.gap_bars or 0, min_gap_bars(horizon, features.LOOKBACK_PERIODS))
+    return time_split(
+        data.candles["open_time"],
+        usable,
+        train_start=config.train_start_date,
+        train_end=config.train_end_date,
+        step_ms=data.step_ms,
+        gap_bars=gap,
+        validation_end=config.validation_end_date,
+        test_end=config.test_end_date,
+    )
+
+
+def _check_trainable(name: str, split: TimeSplit, y: np.ndarray) -> None:
+    n = len(split.train)
+    if n < MIN_TRAINING_SAMPLES:
+        raise TrainingError(
+            f"{name}: only {n} training samples between the training dates "
+            f"(need at least {MIN_TRAINING_SAMPLES}); widen TRAIN_START_DATE..TRAIN_END_DATE "
+            "or give more data"
+        )
+    classes = np.unique(y[split.train])
+    if len(classes) < 2:
+        raise TrainingError(
+            f"{name}: every training label is {int(classes[0])}; a single class cannot be "
+            "learned (check horizon, fee and threshold)"
+        )
+    if len(split.validation) == 0:
+        raise TrainingError(
+            f"{name}: no validation samples after the training period and its gap; "
+            "give data beyond TRAIN_END_DATE"
+        )
+
+
+def _fit_and_score(
+    spec: ModelSpec, config: TrainConfig, data: PreparedData, y: np.ndarray, split: TimeSplit
+) -> tuple[Any, dict[str, Any]]:
+    x = data.features
+    model = make_model(
+        spec.model_type,
+        config.model_params(spec),
+        feature_names=list(features.FEATURE_NAMES),
+        seed=config.seed,
+        num_threads=config.num_threads,
+    )
+    tr, va = split.train, split.validation
+    model.fit(x[tr], y[tr], x[va], y[va])
+    periods = {"validation": split.validation, "test": split.test}
+    proba = {p: model.predict_proba(x[rows]) for p, rows in periods.items() if len(rows)}
+    prev = x[:, _PREV_RETURN]
+    baselines = {p: baseline_probabilities(y[tr], prev[tr], prev[periods[p]]) for p in proba}
+    labels = {p: y[periods[p]] for p in proba}
+    return model, evaluate_split(proba, labels, baselines)
+
+
+def _walk_forward(
+    spec: ModelSpec, config: TrainConfig, data: PreparedData, y: np.ndarray, usable: np.ndarray
+) -> list[dict[str, Any]]:
+    gap = max(config.gap_bars or 0, min_gap_bars(_horizon(spec, config), features.LOOKBACK_PERIODS))
+    folds = []
+    for k, split in enumerate(
+        walk_forward(
+            data.candles["open_time"],
+            usable,
+            folds=config.walk_forward_folds,
+            step_ms=data.step_ms,
+            gap_bars=gap,
+        )
+    ):
+        _check_trainable(f"{spec.name} walk-forward fold {k}", split, y)
+        _, report = _fit_and_score(spec, config, data, y, split)
+        folds.append({"fold": k, "bounds": _bounds(split), **report})
+    return folds
+
+
+def _horizon(spec: ModelSpec, config: TrainConfig) -> int:
+    return spec.horizon if spec.horizon is not None else config.horizon
+
+
+def _bounds(split: TimeSplit) -> dict[str, list[str]]:
+    return {p: [iso_ms(lo), iso_ms(hi)] for p, (lo, hi) in split.bounds.items()}
+
+
+def _previous_version(model_dir: Path) -> int | None:
+    if not model_dir.exists():
+        return None
+    try:
+        return ModelMetadata.read(model_dir).version
+    except MetadataError:
+        logger.warning("%s has no readable metadata; starting versions again at 1", model_dir)
+        return None
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target`` that replaces ``target`` on success.
+
+    On any error the temporary directory is removed and ``target`` is left untouched.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        # mkdtemp/mkstemp create owner-only entries; a server may run as another user.
+        tmp.chmod(0o755)
+        for entry in tmp.iterdir():
+            entry.chmod(0o644)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _onnx_exporter() -> Callable[[Path], Path] | None:
+    try:
+        from training.onnx_export import export_onnx
+    except ModuleNotFoundError as exc:
+        if exc.name != "training.onnx_export":
+            raise
+        return None
+    return export_onnx
+
+
+def train_model(
+    spec: ModelSpec, config: TrainConfig, data: PreparedData, models_dir: Path
+) -> ModelMetadata:
+    """Train one model and write ``models_dir/<name>/`` atomically; returns its metadata."""
+    horizon = _horizon(spec, config)
+    fee = spec.fee if spec.fee is not None else config.fee
+    threshold = spec.threshold if spec.threshold is not None else config.threshold
+    candles = data.candles
+    y = binary_labels(
+        candles["open_time"],
+        candles["close"],
+        horizon=horizon,
+        step_ms=data.step_ms,
+        fee=fee,
+        threshold=threshold,
+    )
+    usable = np.isfinite(data.features).all(axis=1) & np.isfinite(y)
+    split = _split(config, data, usable, horizon)
+    _check_trainable(spec.name, split, y)
+
+    model, metrics = _fit_and_score(spec, config, data, y, split)
+    metrics["best_iteration"] = model.best_iteration
+    metrics["bounds"] = _bounds(split)
+    if config.walk_forward_folds > 0:
+        metrics["walk_forward"] = _walk_forward(spec, config, data, y, usable)
+
+    target = Path(models_dir) / spec.name
+    previous = _previous_version(target)
+    used = np.concatenate([split.train, split.validation, split.test])
+    klines = data.klines
+    meta = ModelMetadata(
+        name=spec.name,
+        model_type=spec.model_type,
+        version=(previous or 0) + 1,
+        parent_version=previous,
+        training_samples=len(split.train),
+        trained_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        feature_names=list(features.FEATURE_NAMES),
+        lookback=features.LOOKBACK_PERIODS,
+        features_hash=features.feature_definitions_hash(),
+        horizon=horizon,
+        fee=fee,
+        label_threshold=threshold,
+        symbol=klines.symbol or config.symbol,
+        interval=klines.interval,
+        data={
+            "start": iso_ms(int(candles["open_time"][used].min())),
+            "end": iso_ms(int(candles["open_time"][used].max()) + data.step_ms),
+            "files": [{"path": f.path, "sha256": f.sha256, "rows": f.rows} for f in klines.files],
+            "quality": asdict(klines.report),
+            "anomaly_policy": config.anomaly_policy,
+        },
+        metrics=metrics,
+        params={**model.params, "seed": config.seed, "num_threads": config.num_threads},
+    )
+    export = _onnx_exporter()
+    with atomic_directory(target) as tmp:
+        model.save(tmp)
+        write_feature_importance(tmp / FEATURE_IMPORTANCE_FILE, model.feature_importance())
+        meta.write(tmp)
+        if export is not None:
+            export(tmp)
+        else:
+            logger.warning("training.onnx_export is not available; %s has no model.onnx", spec.name)
+    logger.info(
+        "%s v%d (%s, horizon %d): validation AUC %s, test AUC %s",
+        spec.name,
+        meta.version,
+        spec.model_type,
+        horizon,
+        metrics["validation"]["model"]["auc"],
+        metrics.get("test", {}).get("model", {}).get("auc"),
+    )
+    return meta
+
+
+def train_models(
+    config: TrainConfig, names: list[str] | None = None, models_dir: Path | None = None
+) -> list[ModelMetadata]:
+    """Train the configured set (or the ``names`` among it) from one load of the data."""
+    specs = [config.model(n) for n in names] if names else list(config.models)
+    data = prepare_data(config)
+    check_no_lookahead(data.candles)
+    out = Path(models_dir or config.models_dir)
+    return [train_model(spec, config, data, out) for spec in specs]
