@@ -1,0 +1,253 @@
+"""Test harness shared by the server, coordinator and demo tests: small real models, real
+server processes on loopback, and an in-process server on its own event-loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from training import features
+from training.generator import simulate
+from training.metadata import ModelMetadata
+from xylen.v1 import model_service_pb2 as pb
+from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen.v1 import types_pb2
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "binance-vision"
+HOUR_MS = 3_600_000
+
+
+def synthetic_candles(
+    n: int = 3000, seed: int = 11, step_ms: int = HOUR_MS
+) -> dict[str, np.ndarray]:
+    """``n`` generated 1h candles (the offline generator's price path) as feature-ready arrays."""
+    start = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    frame = simulate(np.arange(start, start + n * step_ms, step_ms, dtype=np.int64), step_ms, seed)
+    return features.candles_from_frame(frame)
+
+
+def training_rows(candles: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """float32 features and next-bar-up labels for every row with full history and a future."""
+    x = features.compute_features(candles)
+    close = candles["close"]
+    y = np.r_[(close[1:] > close[:-1]).astype(np.float64), np.nan]
+    keep = np.isfinite(x).all(axis=1) & np.isfinite(y)
+    return x[keep].astype(np.float32), y[keep]
+
+
+def write_model(
+    root: Path,
+    name: str = "model_1",
+    model_type: str = "lightgbm",
+    candles: Mapping[str, np.ndarray] | None = None,
+    trees: int = 60,
+    version: int = 1,
+    seed: int = 1,
+) -> Path:
+    """Train a small real model of ``model_type`` and write its directory under ``root``."""
+    x, y = training_rows(synthetic_candles() if candles is None else candles)
+    model_dir = root / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    meta = ModelMetadata(
+        name=name,
+        model_type=model_type,
+        version=version,
+        training_samples=len(y),
+        trained_at="2026-11-30T00:00:00Z",
+        feature_names=list(features.FEATURE_NAMES),
+        lookback=features.LOOKBACK_PERIODS,
+        features_hash=features.feature_definitions_hash(),
+    )
+    if model_type == "lightgbm":
+        import lightgbm as lgb
+
+        params = {
+            "objective": "binary",
+            "verbose": -1,
+            "num_leaves": 15,
+            "seed": seed,
+            "num_threads": 2,
+        }
+        booster = lgb.train(params, lgb.Dataset(x, y), trees)
+        booster.save_model(str(model_dir / meta.native_file))
+    elif model_type == "xgboost":
+        import xgboost as xgb
+
+        clf = xgb.XGBClassifier(n_estimators=trees, max_depth=4, random_state=seed, n_jobs=2)
+        clf.fit(x, y)
+        clf.save_model(str(model_dir / meta.native_file))
+    else:
+        from catboost import CatBoostClassifier
+
+        cb = CatBoostClassifier(
+            iterations=trees, depth=4, random_seed=seed, verbose=0, thread_count=2
+        )
+        cb.fit(x, y)
+        cb.save_model(str(model_dir / meta.native_file))
+    meta.write(model_dir)
+    return model_dir
+
+
+def candle_proto(candles: Mapping[str, np.ndarray], i: int) -> types_pb2.Candle:
+    candle = types_pb2.Candle(
+        open=float(candles["open"][i]),
+        high=float(candles["high"][i]),
+        low=float(candles["low"][i]),
+        close=float(candles["close"][i]),
+        volume=float(candles["volume"][i]),
+        quote_volume=float(candles["quote_volume"][i]),
+        trade_count=int(candles["trades"][i]),
+        taker_buy_base_volume=float(candles["taker_buy_base_volume"][i]),
+    )
+    candle.open_time.FromMilliseconds(int(candles["open_time"][i]))
+    return candle
+
+
+def window_input(
+    candles: Mapping[str, np.ndarray], end: int, length: int | None = None
+) -> pb.PredictInput:
+    """A PredictInput holding the window of candles that ends at index ``end``."""
+    length = features.LOOKBACK_PERIODS if length is None else length
+    window = [candle_proto(candles, i) for i in range(end - length + 1, end + 1)]
+    return pb.PredictInput(candles=types_pb2.CandleWindow(candles=window))
+
+
+def feature_input(values: Any) -> pb.PredictInput:
+    return pb.PredictInput(features=types_pb2.FeatureVector(values=[float(v) for v in values]))
+
+
+def health_status(channel: grpc.Channel, service: str = "", timeout: float = 2.0) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
+
+
+@dataclass
+class ServerProcess:
+    """A real ``python -m xylen_server`` process on a loopback port."""
+
+    proc: subprocess.Popen[str]
+    port: int
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+    def stub(self, channel: grpc.Channel) -> pb_grpc.ModelServiceStub:
+        return pb_grpc.ModelServiceStub(channel)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_serving(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self.channel() as channel:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
+                try:
+                    if (
+                        health_status(channel, timeout=1.0)
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ):
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+        raise TimeoutError(f"server not SERVING after {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def start_server(
+    model_path: Path,
+    model_name: str = "model_1",
+    env: Mapping[str, str] | None = None,
+    wait: bool = True,
+    log_dir: Path | None = None,
+) -> ServerProcess:
+    """Start a server process on a free loopback port; by default wait until it is SERVING."""
+    full_env = dict(os.environ)
+    full_env.update(
+        MODEL_PATH=str(model_path),
+        MODEL_NAME=model_name,
+        GRPC_HOST="127.0.0.1",
+        GRPC_PORT="0",
+        LOG_LEVEL="INFO",
+        PYTHONUNBUFFERED="1",
+    )
+    full_env.update(env or {})
+    log_dir = log_dir or model_path
+    log_path = log_dir / f"server-{model_name}-{time.monotonic_ns()}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xylen_server"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=full_env,
+            cwd=REPO,
+        )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("xylen-server listening on port "):
+        proc.wait(30)
+        raise RuntimeError(
+            f"server did not start (exit {proc.returncode}):\n{line}{log_path.read_text()}"
+        )
+    server = ServerProcess(proc, int(line.rsplit(" ", 1)[1]), log_path)
+    if wait:
+        server.wait_serving()
+    return server
+
+
+class InProcessServer:
+    """A real gRPC server on a loopback port, run by an event loop on a background thread."""
+
+    def __init__(self, settings: Any) -> None:
+        from xylen_server.model_store import load_model
+        from xylen_server.server import build_server
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.running = self.call(build_server(settings))
+        self.call(self.running.server.start())
+        self.model = load_model(settings)
+        self.running.predictor.install(self.model)
+        self.call(self.running.set_serving(True))
+        self.address = f"127.0.0.1:{self.running.port}"
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    def close(self) -> None:
+        self.call(self.running.server.stop(0))
+        self.model.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)

@@ -1,0 +1,154 @@
+"""Loading a model directory into something that can serve, or refusing to.
+
+A model is served only when its metadata matches the feature code, its native file loads, its
+ONNX conversion (made now unless a current ``model.onnx`` sits beside it) agrees with the native
+booster on the parity probe within 1e-5, and the warm-up produced finite probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from training import features
+from training.metadata import ONNX_FILE, MetadataError, ModelMetadata
+from training.onnx_export import (
+    PARITY_TOLERANCE,
+    ConversionError,
+    convert,
+    export_onnx,
+    onnx_is_current,
+)
+from xylen_server.errors import ModelLoadError
+from xylen_server.native import Engine, NativeModel
+from xylen_server.parity import max_difference, probe_rows
+from xylen_server.session_pool import SessionPool
+from xylen_server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A verified, warmed model and the engine that serves it."""
+
+    meta: ModelMetadata
+    engine: Engine
+    parity_max_difference: float | None
+    """Worst |ONNX - native| on the probe; None when serving native."""
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def check_features(meta: ModelMetadata) -> None:
+    """Refuse a model trained with feature definitions other than the ones this code computes."""
+    if list(meta.feature_names) != list(features.FEATURE_NAMES):
+        raise ModelLoadError(
+            f"model {meta.name} expects features {meta.feature_names}, this server computes "
+            f"{list(features.FEATURE_NAMES)}; retrain the model"
+        )
+    if meta.lookback != features.LOOKBACK_PERIODS:
+        raise ModelLoadError(
+            f"model {meta.name} has lookback {meta.lookback}, this server computes features "
+            f"over {features.LOOKBACK_PERIODS} candles; retrain the model"
+        )
+    expected = features.feature_definitions_hash()
+    if meta.features_hash != expected:
+        raise ModelLoadError(
+            f"model {meta.name} was trained with feature definitions {meta.features_hash[:12]}, "
+            f"this server has {expected[:12]}; retrain the model"
+        )
+
+
+def _onnx_model(meta: ModelMetadata, model_dir: Path) -> onnx.ModelProto:
+    if onnx_is_current(model_dir, meta):
+        return onnx.load(str(model_dir / ONNX_FILE))
+    try:
+        path = export_onnx(model_dir)
+        logger.info("converted %s to %s", meta.native_file, path)
+        return onnx.load(str(path))
+    except PermissionError:
+        logger.warning("model directory %s is read-only; converting in memory", model_dir)
+        return convert(meta, model_dir)
+
+
+def _warm_up(engine: Engine, n_features: int, workers: int) -> None:
+    rows = np.zeros((64, n_features), dtype=np.float32)
+    futures = [engine.executor.submit(engine.predict_proba, rows[:n]) for n in (1, 64) * workers]
+    for future in futures:
+        result = future.result()
+        if not np.isfinite(result).all():
+            raise ModelLoadError("model produced non-finite probabilities during warm-up")
+
+
+def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel:
+    """Load, convert, verify and warm the model the settings name. Raises ModelLoadError."""
+    model_dir = settings.model_dir if model_dir is None else model_dir
+    started = time.perf_counter()
+    if not model_dir.is_dir():
+        raise ModelLoadError(
+            f"model {settings.model_name!r} not found: {model_dir} is not a directory"
+        )
+    try:
+        meta = ModelMetadata.read(model_dir)
+    except MetadataError as exc:
+        raise ModelLoadError(f"model {settings.model_name!r}: {exc}") from exc
+    if meta.name != settings.model_name:
+        logger.warning("metadata names the model %r, served as %r", meta.name, settings.model_name)
+    check_features(meta)
+    native_path = model_dir / meta.native_file
+    if not native_path.is_file():
+        raise ModelLoadError(f"model {meta.name!r}: native model file {native_path} is missing")
+    try:
+        native = NativeModel(meta, model_dir, settings.pool_size)
+    except Exception as exc:  # every library has its own error for a corrupt file
+        raise ModelLoadError(f"model {meta.name!r}: cannot load {native_path}: {exc}") from exc
+
+    n_features = len(meta.feature_names)
+    if not settings.onnx_enabled:
+        _warm_up(native, n_features, settings.pool_size)
+        logger.info(
+            "loaded %s v%d (native) in %.2fs",
+            meta.name,
+            meta.version,
+            time.perf_counter() - started,
+        )
+        return LoadedModel(meta=meta, engine=native, parity_max_difference=None)
+
+    try:
+        try:
+            model = _onnx_model(meta, model_dir)
+            pool = SessionPool(
+                model.SerializeToString(), settings.pool_size, settings.session_threads
+            )
+        except ConversionError as exc:
+            raise ModelLoadError(f"model {meta.name!r}: {exc}") from exc
+        except Exception as exc:  # onnxruntime raises its own types for a corrupt graph
+            raise ModelLoadError(f"model {meta.name!r}: cannot load ONNX model: {exc}") from exc
+        rows = probe_rows(model, n_features, settings.parity_probe_rows)
+        difference = max_difference(native.predict_proba(rows), pool.predict_proba(rows))
+        if not difference <= PARITY_TOLERANCE:
+            pool.close()
+            raise ModelLoadError(
+                f"model {meta.name!r}: ONNX and native probabilities differ by {difference:.3g} "
+                f"on the parity probe (tolerance {PARITY_TOLERANCE:g}); refusing to serve"
+            )
+        _warm_up(pool, n_features, settings.pool_size)
+    finally:
+        native.close()
+    logger.info(
+        "loaded %s v%d (onnx, %d sessions x %d threads, parity %.2g) in %.2fs",
+        meta.name,
+        meta.version,
+        settings.pool_size,
+        settings.session_threads,
+        difference,
+        time.perf_counter() - started,
+    )
+    return LoadedModel(meta=meta, engine=pool, parity_max_difference=difference)
