@@ -36,8 +36,18 @@ $(PROTO_STAMP): $(STAMP) $(PROTO_SRC)
 	touch xylen/__init__.py xylen/v1/__init__.py xylen/py.typed
 	touch $@
 
+# `make data` writes the offline default; with START (and SYMBOL, INTERVAL, END) it downloads
+# Binance Vision monthly zips + CHECKSUMs into data/<SYMBOL>-<INTERVAL> (BINANCE_VISION_URL: mirror).
+SYMBOL ?= BTCUSDT
+INTERVAL ?= 1h
 data: $(STAMP)
-	$(PY) -m training generate --out $(DATA_DIR)
+	@if [ -n "$(START)" ]; then \
+		$(PY) -m training data --symbol $(SYMBOL) --interval $(INTERVAL) --start $(START) \
+			--end $(or $(END),$(START)) --out data/$(SYMBOL)-$(INTERVAL) \
+			$(if $(BINANCE_VISION_URL),--base-url $(BINANCE_VISION_URL)); \
+	else \
+		$(PY) -m training generate --out $(DATA_DIR); \
+	fi
 
 train: $(STAMP) $(PROTO_STAMP)
 	@if [ "$(DATA)" = "$(DATA_DIR)" ] && [ ! -d "$(DATA_DIR)" ]; then $(MAKE) --no-print-directory data; fi
