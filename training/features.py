@@ -61,6 +61,8 @@ ZERO_DIVISION_DEFAULTS: dict[str, float] = {
 }
 
 _DAY_MS = 86_400_000
+#: Relative std below which a window counts as flat (see :func:`_rolling_mean_std`).
+_FLAT_STD = 1e-10
 #: Chunk of output rows computed at once by :func:`compute_features` (bounds temporaries).
 _CHUNK_ROWS = 32_768
 
@@ -123,6 +125,7 @@ def feature_definitions_hash() -> str:
         "features": [[s.indicator, [list(p) for p in s.params], list(s.outputs)] for s in FEATURES],
         "feature_names": list(FEATURE_NAMES),
         "zero_division_defaults": ZERO_DIVISION_DEFAULTS,
+        "flat_std": _FLAT_STD,
     }
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
@@ -218,6 +221,9 @@ def _rolling_mean_std(x: FloatArray, k: int, rows: int) -> tuple[FloatArray, Flo
     windows = sliding_window_view(x[len(x) - rows - k + 1 :], k)
     mean = windows.mean(axis=1)
     std = np.sqrt(np.square(windows - mean[:, None]).mean(axis=1))
+    # A constant window's mean can be off by an ulp, leaving a spurious std of ~1e-13 * mean;
+    # call that flat, so ratios over it take their zero-division value instead of noise.
+    std[std <= _FLAT_STD * np.abs(mean)] = 0.0
     return mean, std
 
 
@@ -345,5 +351,5 @@ def candles_from_frame(df: pl.DataFrame) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     for name in CANDLE_FIELDS:
         dtype = np.int64 if name == "open_time" else np.float64
-        arrays[name] = np.ascontiguousarray(df.get_column(name).to_numpy(), dtype=dtype)
+        arrays[name] = np.array(df.get_column(name).to_numpy(), dtype=dtype)  # owned, writable
     return arrays
