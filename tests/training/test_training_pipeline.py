@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,7 @@ def test_lookahead_detector_catches_a_peeking_feature(small_dataset: Path) -> No
     candles = {k: v[:1500] for k, v in prepare_data(config).candles.items()}
     assert find_lookahead(F.compute_features, candles, F.FEATURE_NAMES) == []
 
-    def peeking(c: dict[str, np.ndarray]) -> np.ndarray:
+    def peeking(c: Mapping[str, np.ndarray]) -> np.ndarray:
         x = F.compute_features(c)
         future = np.append(np.log(c["close"][1:] / c["close"][:-1]), np.nan)  # next bar's return
         return np.column_stack([x, future])
