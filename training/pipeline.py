@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from training.evaluate import (
     find_lookahead,
     write_feature_importance,
 )
-from training.klines import Klines, load_klines
+from training.klines import Klines, load_klines, sha256_file
 from training.labels import binary_labels
 from training.metadata import FEATURE_IMPORTANCE_FILE, MetadataError, ModelMetadata
 from training.split import TimeSplit, iso_ms, min_gap_bars, time_split, walk_forward
@@ -268,8 +268,10 @@ def train_model(
     )
     export = _onnx_exporter()
     with atomic_directory(target) as tmp:
-        model.save(tmp)
+        native = model.save(tmp)
         write_feature_importance(tmp / FEATURE_IMPORTANCE_FILE, model.feature_importance())
+        if "checksums" in {f.name for f in fields(ModelMetadata)}:  # the server verifies these
+            meta = replace(meta, checksums={native.name: sha256_file(native)})  # type: ignore[call-arg]
         meta.write(tmp)
         if export is not None:
             export(tmp)
