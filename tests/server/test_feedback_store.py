@@ -1,0 +1,400 @@
+"""The feedback store: durable, idempotent, group-committed, crash-safe, compacted to Parquet.
+
+Real files under tmp_path, real child processes killed with SIGKILL; no mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from xylen_server.errors import InvalidArgument, NotFound
+from xylen_server.feedback_store import (
+    MAGIC,
+    FeedbackRecord,
+    FeedbackStore,
+    build_record,
+    frame,
+    read_segment,
+)
+from xylen_server.prediction_log import PredictionLog
+
+CHILD = Path(__file__).with_name("feedback_child.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def record(i: int, prefix: str = "p") -> FeedbackRecord:
+    features = (np.arange(6, dtype=np.float32) - i) / np.float32(3)
+    return FeedbackRecord(
+        f"{prefix}-{i}", "model_1", 2, features, 0.61, 1, 10.0 * i, 0.01 * (i % 3 - 1),
+        1_700_000_000_000 + i, 1_700_000_001_000 + i,
+    )  # fmt: skip
+
+
+def ids_of(store: FeedbackStore) -> list[str]:
+    return store.read_samples()["prediction_id"].to_list()
+
+
+def segments(directory: Path) -> list[Path]:
+    return sorted((directory / "feedback_wal").glob("wal-*.log"))
+
+
+# -- round trip, idempotence ------------------------------------------------------------------
+
+
+def test_round_trip_through_wal_and_parquet(tmp_path: Path) -> None:
+    records = [record(i) for i in range(20)]
+    with FeedbackStore(tmp_path, compact_on_close=False) as store:
+        for i, rec in enumerate(records[:10]):
+            result = store.append(rec)
+            assert not result.duplicate and result.stored_samples == i + 1
+        store.compact()
+        for rec in records[10:]:
+            store.append(rec)
+        frame_ = store.read_samples()  # half in Parquet, half in the WAL
+        assert store.count() == 20
+    assert frame_["prediction_id"].to_list() == [r.prediction_id for r in records]
+    for rec, row in zip(records, frame_.iter_rows(named=True), strict=True):
+        assert np.array_equal(np.array(row["features"], np.float32), rec.features)
+        assert row["pnl"] == rec.pnl and row["realized_return"] == rec.realized_return
+        assert row["label"] == (1 if rec.realized_return > 0 else 0)
+        assert row["close_time"] == datetime.fromtimestamp(rec.close_time_ms / 1000, UTC)
+    with FeedbackStore(tmp_path) as reopened:
+        assert reopened.read_samples().equals(frame_)
+
+
+def test_same_prediction_id_is_stored_once(tmp_path: Path) -> None:
+    with FeedbackStore(tmp_path, compact_on_close=False) as store:
+        assert store.append(record(1)).duplicate is False
+        again = store.append(record(1))
+        assert again.duplicate is True and again.stored_samples == 1
+        store.compact()
+        store.append(record(2))
+    with FeedbackStore(tmp_path) as store:  # the id set is rebuilt from Parquet and WAL
+        assert store.append(record(1)).duplicate
+        assert store.append(record(2)).duplicate
+        assert store.count() == 2
+
+
+def test_concurrent_duplicates_store_one(tmp_path: Path) -> None:
+    results = []
+    with FeedbackStore(tmp_path) as store:
+        threads = [
+            threading.Thread(target=lambda: results.append(store.append(record(7))))
+            for _ in range(16)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(r.duplicate for r in results) == [False] + [True] * 15
+        assert store.count() == 1
+
+
+# -- group commit -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+def test_many_concurrent_appenders(tmp_path: Path, group_commit: bool) -> None:
+    workers, each = 32, 20
+    with FeedbackStore(tmp_path, group_commit=group_commit, compact_on_close=False) as store:
+
+        def work(worker: int) -> None:
+            for i in range(each):
+                assert not store.append(record(worker * 1000 + i)).duplicate
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert store.count() == workers * each
+        if group_commit:
+            assert store.fsync_count < workers * each / 2
+        else:
+            assert store.fsync_count == workers * each
+    with FeedbackStore(tmp_path) as store:
+        ids = ids_of(store)
+        assert len(ids) == len(set(ids)) == workers * each
+
+
+def test_async_appends_share_fsyncs_without_blocking_the_loop(tmp_path: Path) -> None:
+    async def main(store: FeedbackStore) -> tuple[list[bool], int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        tick_task = asyncio.create_task(ticker())
+        results = await asyncio.gather(*(store.append_async(record(i)) for i in range(200)))
+        duplicate = await store.append_async(record(3))
+        tick_task.cancel()
+        return [r.duplicate for r in results] + [duplicate.duplicate], ticks
+
+    with FeedbackStore(tmp_path) as store:
+        duplicates, ticks = asyncio.run(main(store))
+        assert duplicates == [False] * 200 + [True]
+        assert store.count() == 200 and store.fsync_count < 100
+        assert ticks > store.fsync_count  # the loop kept running while fsyncs were pending
+
+
+def test_async_append_without_group_commit(tmp_path: Path) -> None:
+    async def main(store: FeedbackStore) -> list[bool]:
+        results = await asyncio.gather(*(store.append_async(record(i)) for i in range(20)))
+        return [r.duplicate for r in results]
+
+    with FeedbackStore(tmp_path, group_commit=False) as store:
+        assert asyncio.run(main(store)) == [False] * 20
+        assert store.fsync_count == 20
+
+
+# -- recovery ---------------------------------------------------------------------------------
+
+
+def _written_store(tmp_path: Path, n: int = 5) -> Path:
+    with FeedbackStore(tmp_path, compact_on_close=False) as store:
+        for i in range(n):
+            store.append(record(i))
+    return next(path for path in segments(tmp_path) if path.stat().st_size > len(MAGIC))
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        pytest.param(frame(record(99).encode())[:3], id="partial-header"),
+        pytest.param(frame(record(99).encode())[:40], id="partial-payload"),
+        pytest.param(frame(record(99).encode())[:-1] + b"\x00", id="bad-crc"),
+        pytest.param(b"\x00" * 64, id="zero-filled"),
+    ],
+)
+def test_torn_tail_is_truncated(tmp_path: Path, tail: bytes) -> None:
+    wal = _written_store(tmp_path)
+    good_size = wal.stat().st_size
+    with open(wal, "ab") as handle:
+        handle.write(tail)
+    with FeedbackStore(tmp_path, compact_on_close=False) as store:
+        assert ids_of(store) == [f"p-{i}" for i in range(5)]
+        assert wal.stat().st_size == good_size  # the garbage is gone from disk
+        assert not store.append(record(99)).duplicate  # and appends go on cleanly
+    with FeedbackStore(tmp_path) as store:
+        assert ids_of(store) == [f"p-{i}" for i in [0, 1, 2, 3, 4, 99]]
+
+
+def test_segment_torn_while_being_created(tmp_path: Path) -> None:
+    _written_store(tmp_path)
+    (tmp_path / "feedback_wal" / "wal-0000000000000999.log").write_bytes(MAGIC[:3])
+    with FeedbackStore(tmp_path) as store:
+        assert store.count() == 5
+
+
+def test_read_segment_stops_at_corruption(tmp_path: Path) -> None:
+    wal = _written_store(tmp_path)
+    data = bytearray(wal.read_bytes())
+    data[len(MAGIC) + 10] ^= 0xFF  # flip a bit inside the first record
+    wal.write_bytes(bytes(data))
+    assert read_segment(wal) == []
+
+
+# -- compaction -------------------------------------------------------------------------------
+
+
+def test_compaction_writes_snappy_parquet_readable_by_polars_and_pyarrow(tmp_path: Path) -> None:
+    with FeedbackStore(tmp_path, compact_on_close=False) as store:
+        for i in range(30):
+            store.append(record(i))
+        before = store.read_samples()
+        part = store.compact()
+        assert part is not None and part.parent == tmp_path / "training_samples"
+        assert store.read_samples().equals(before)
+        assert store.compact() is None  # nothing left in the WAL
+    assert all(path.stat().st_size == len(MAGIC) for path in segments(tmp_path))
+    metadata = pq.ParquetFile(part).metadata
+    assert metadata.row_group(0).column(0).compression == "SNAPPY"
+    assert pq.read_table(tmp_path / "training_samples").num_rows == 30
+    frame_ = pl.read_parquet(tmp_path / "training_samples" / "*.parquet")
+    assert frame_.equals(before)
+    assert frame_.schema["features"] == pl.List(pl.Float32)
+
+
+def test_automatic_compaction_by_row_count(tmp_path: Path) -> None:
+    with FeedbackStore(tmp_path, compact_rows=50, compact_on_close=False) as store:
+        for i in range(120):
+            store.append(record(i))
+        for _ in range(200):
+            if len(store.part_files()) >= 2:
+                break
+            threading.Event().wait(0.01)
+        assert len(store.part_files()) >= 2
+        assert sorted(ids_of(store)) == sorted(f"p-{i}" for i in range(120))
+
+
+@pytest.mark.parametrize("step", ["part_written", "part_renamed", "segment_deleted"])
+def test_failed_compaction_loses_and_duplicates_nothing(tmp_path: Path, step: str) -> None:
+    def hook(name: str) -> None:
+        if name == step:
+            raise OSError(f"injected failure at {name}")
+
+    store = FeedbackStore(tmp_path, compact_on_close=False, fault_hook=hook)
+    for i in range(10):
+        store.append(record(i))
+    with pytest.raises(OSError, match="injected"):
+        store.compact()
+    store.close()
+    with FeedbackStore(tmp_path) as reopened:
+        assert sorted(ids_of(reopened)) == sorted(f"p-{i}" for i in range(10))
+    assert not list((tmp_path / "training_samples").glob("*.tmp"))
+
+
+# -- crash: SIGKILL a writer mid-stream ------------------------------------------------------
+
+
+def _child(*args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, str(CHILD), *args], stdout=subprocess.PIPE, text=True, env=env
+    )
+
+
+def _acknowledged(child: subprocess.Popen[str], kill_after: int | None) -> list[str]:
+    assert child.stdout is not None
+    acked: list[str] = []
+    for line in child.stdout:
+        if line.endswith("\n"):  # an id is acknowledged once its whole line is out
+            acked.append(line[:-1])
+        if kill_after is not None and len(acked) >= kill_after:
+            child.send_signal(signal.SIGKILL)
+            break
+    acked += [line[:-1] for line in child.stdout if line.endswith("\n")]
+    assert child.wait(timeout=30) == -signal.SIGKILL
+    return acked
+
+
+def _assert_exactly_once(directory: Path, acked: list[str]) -> None:
+    with FeedbackStore(directory, compact_on_close=False) as store:
+        ids = ids_of(store)
+        assert len(ids) == len(set(ids)) == store.count()
+        missing = set(acked) - set(ids)
+        assert not missing, f"{len(missing)} acknowledged records lost"
+    with FeedbackStore(directory) as store:  # still clean after a second open and compaction
+        assert sorted(ids_of(store)) == sorted(ids)
+    assert pl.read_parquet(directory / "training_samples" / "*.parquet").height == len(ids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [300, 2500])
+def test_sigkill_mid_stream_keeps_every_acknowledged_record(
+    tmp_path: Path, kill_after: int
+) -> None:
+    # compact_rows=97 keeps the background compaction busy, so kills land in it too
+    acked = _acknowledged(_child(str(tmp_path), "stream", "97"), kill_after)
+    assert len(acked) >= kill_after
+    _assert_exactly_once(tmp_path, acked)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["part_written", "part_renamed", "segment_deleted"])
+def test_sigkill_during_compaction(tmp_path: Path, step: str) -> None:
+    acked = _acknowledged(_child(str(tmp_path), "crash-at", step, "200"), None)
+    assert len(acked) == 200
+    _assert_exactly_once(tmp_path, acked)
+
+
+# -- validation -------------------------------------------------------------------------------
+
+NOW = datetime.now(UTC).replace(microsecond=0)  # the log ages rows by the wall clock
+
+
+@pytest.fixture
+def log() -> PredictionLog:
+    log = PredictionLog(None)
+    features = np.array([[0.1, 0.2, 0.3]], dtype=np.float32)
+    time_ms = int((NOW - timedelta(hours=1)).timestamp() * 1000)
+    log.record(["known"], features, [0.7], [1], "model_1", 4, time_ms=time_ms)
+    return log
+
+
+def _build(log: PredictionLog, **overrides: object) -> FeedbackRecord:
+    fields: dict[str, object] = {
+        "prediction_id": "known",
+        "pnl": 12.5,
+        "realized_return": 0.02,
+        "close_time": NOW - timedelta(minutes=5),
+        "features": None,
+        "prediction_log": log,
+        "model_name": "model_1",
+        "feature_count": 3,
+        "now": NOW,
+    }
+    fields.update(overrides)
+    return build_record(**fields)  # type: ignore[arg-type]
+
+
+def test_build_record_joins_the_logged_prediction(log: PredictionLog) -> None:
+    rec = _build(log, features=[0.1, 0.2, 0.3])  # float64 values that round to the logged row
+    assert (rec.model_version, rec.probability_up, rec.signal, rec.label) == (4, 0.7, 1, 1)
+    assert (
+        rec.features.dtype == np.float32
+        and rec.features.tolist() == log.get("known").features.tolist()
+    )  # type: ignore[union-attr]
+    assert rec.received_time_ms == int(NOW.timestamp() * 1000)
+    assert _build(log, realized_return=0.0).label == 0
+
+
+def test_build_record_with_features_for_an_unlogged_prediction(log: PredictionLog) -> None:
+    rec = _build(log, prediction_id="gone", features=[1.0, 2.0, 3.0])
+    assert rec.model_version is None and rec.probability_up is None
+    assert rec.features.tolist() == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "reason"),
+    [
+        ({"prediction_id": "nope"}, NotFound, "UNKNOWN_PREDICTION_ID"),
+        ({"prediction_id": ""}, InvalidArgument, "MISSING_PREDICTION_ID"),
+        ({"pnl": float("nan")}, InvalidArgument, "INVALID_OUTCOME"),
+        ({"realized_return": float("inf")}, InvalidArgument, "INVALID_OUTCOME"),
+        ({"close_time": None}, InvalidArgument, "INVALID_OUTCOME"),
+        ({"close_time": NOW - timedelta(days=1)}, InvalidArgument, "INVALID_OUTCOME"),
+        ({"close_time": NOW + timedelta(minutes=1)}, InvalidArgument, "OUTCOME_IN_FUTURE"),
+        ({"features": [0.1, 0.2, 0.31]}, InvalidArgument, "FEATURES_MISMATCH"),
+        ({"features": [0.1, 0.2]}, InvalidArgument, "FEATURES_MISMATCH"),
+        ({"features": [0.1, float("nan"), 0.3]}, InvalidArgument, "NON_FINITE_FEATURE"),
+        (
+            {"prediction_id": "gone", "features": [1.0, 2.0]},
+            InvalidArgument,
+            "FEATURE_COUNT_MISMATCH",
+        ),
+    ],
+)
+def test_build_record_refuses(
+    log: PredictionLog, overrides: dict[str, object], error: type[Exception], reason: str
+) -> None:
+    with pytest.raises(error) as caught:
+        _build(log, **overrides)
+    assert caught.value.reason == reason  # type: ignore[attr-defined]
+
+
+def test_clock_skew_is_allowed(log: PredictionLog) -> None:
+    assert _build(log, close_time=NOW + timedelta(seconds=3)).close_time_ms > 0
+    with pytest.raises(InvalidArgument):
+        _build(log, close_time=NOW + timedelta(seconds=3), max_clock_skew_seconds=1.0)
+
+
+def test_repeat_of_a_stored_id_is_a_duplicate_not_not_found(tmp_path: Path) -> None:
+    with FeedbackStore(tmp_path) as store:
+        store.append(record(1))
+        rec = _build(PredictionLog(None), prediction_id="p-1", already_stored=store)
+        assert store.append(rec).duplicate
