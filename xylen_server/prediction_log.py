@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -70,9 +71,9 @@ class LoggedPrediction:
     """``xylen.v1.Signal`` value."""
 
 
-@dataclass(frozen=True)
-class _Batch:
-    """One Predict batch, kept whole: indexing rows costs one dict insert each."""
+class _Batch(NamedTuple):
+    """One Predict batch, kept whole: indexing rows costs one dict insert each (a NamedTuple:
+    building it is several times cheaper than a frozen dataclass)."""
 
     ids: Sequence[str]
     time_ms: int
