@@ -1,0 +1,139 @@
+"""``xylen-coordinator``: serve the EnsembleService, or make one ensemble prediction.
+
+xylen-coordinator serve --config config.yaml [--port 50051] [--watch 2]
+xylen-coordinator predict --config config.yaml --candles BTCUSDT-1h-2024-01.zip [--rows 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from xylen_coordinator.config import ConfigError, load_config
+from xylen_coordinator.coordinator import AsyncCoordinator, describe_missing
+from xylen_coordinator.results import EnsembleResult
+from xylen_server.errors import XylenError
+
+#: Candles sent per window when no server reports its lookback.
+_DEFAULT_LOOKBACK = 100
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xylen-coordinator",
+        description="Weighted ensemble over xylen model servers.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve xylen.v1.EnsembleService over gRPC")
+    serve.add_argument("--config", type=Path, required=True, help="config.yaml")
+    serve.add_argument("--host", default="[::]", help="address to bind (default every interface)")
+    serve.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
+    serve.add_argument(
+        "--watch",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="also reload when the config file changes, checked every SECONDS (0: SIGHUP only)",
+    )
+    serve.add_argument(
+        "--grace", type=float, default=5.0, help="seconds in-flight calls get after SIGTERM"
+    )
+    predict = commands.add_parser("predict", help="one ensemble decision on the latest candles")
+    predict.add_argument("--config", type=Path, required=True, help="config.yaml")
+    predict.add_argument(
+        "--candles", type=Path, required=True, help="Binance Vision kline CSV or zip"
+    )
+    predict.add_argument("--rows", type=int, default=1, help="predict the last N candles")
+    predict.add_argument("--timeout-ms", type=float, default=0.0, help="fan-out deadline")
+    return parser
+
+
+def format_result(result: EnsembleResult, times: list[int] | None = None) -> str:
+    """The decision of each row and every vote, as the CLI prints it."""
+    lines = []
+    for n, row in enumerate(result.rows):
+        when = ""
+        if times is not None:
+            when = " @ " + datetime.fromtimestamp(times[n] / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+        lines.append(
+            f"{row.signal.value:<4} p_up={row.probability:.4f} disagreement={row.disagreement:.4f}"
+            f"{when}  id={row.prediction_id}"
+        )
+        lines.append(
+            f"  {'server':<12}{'p_up':>8}  {'signal':<6}{'weight':>8}{'share':>8}  "
+            f"{'model':<12}{'ver':>4}{'latency':>10}"
+        )
+        for v in row.votes:
+            lines.append(
+                f"  {v.server_name:<12}{v.probability:>8.4f}  {v.signal.value:<6}{v.weight:>8.3f}"
+                f"{v.normalized_weight:>8.3f}  {v.model_name:<12}{v.model_version:>4}"
+                f"{v.latency_seconds * 1000:>8.1f}ms"
+            )
+    voted = len(result.voters)
+    lines.append(
+        f"{voted} of {voted + len(result.missing)} servers voted in "
+        f"{result.duration_seconds * 1000:.1f} ms ({result.weight_mode} weights); "
+        f"missing: {describe_missing(result.missing)}"
+    )
+    return "\n".join(lines)
+
+
+async def _predict(args: argparse.Namespace) -> int:
+    from xylen_coordinator.candles import read_candles, window_input
+
+    candles = read_candles(args.candles)
+    async with AsyncCoordinator(args.config) as coordinator:
+        infos = await coordinator.model_infos()
+        lookback = max((i.lookback for i in infos.values()), default=_DEFAULT_LOOKBACK)
+        total = len(candles["close"])
+        rows = max(1, args.rows)
+        if total < lookback + rows - 1:
+            print(
+                f"xylen-coordinator: error: {args.candles} has {total} candles; "
+                f"{rows} window(s) of {lookback} need {lookback + rows - 1}",
+                file=sys.stderr,
+            )
+            return 2
+        ends = list(range(total - rows, total))
+        inputs = [window_input(candles, end, lookback) for end in ends]
+        timeout = args.timeout_ms / 1000 if args.timeout_ms > 0 else None
+        try:
+            result = await coordinator.predict(inputs, timeout)
+        except XylenError as exc:
+            print(
+                f"xylen-coordinator: {exc.code.name} {exc.reason}: {exc.message}", file=sys.stderr
+            )
+            return 1
+        print(format_result(result, [int(candles["open_time"][e]) for e in ends]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "serve":
+            from xylen_coordinator.server import serve
+
+            coordinator = AsyncCoordinator(load_config(args.config))
+            return asyncio.run(serve(coordinator, args.host, args.port, args.watch, args.grace))
+        return asyncio.run(_predict(args))
+    except ConfigError as exc:
+        print(f"xylen-coordinator: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"xylen-coordinator: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

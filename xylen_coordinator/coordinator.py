@@ -1,0 +1,525 @@
+"""The coordinator as an asyncio library: fan-out, ensemble, feedback and reload in one object.
+
+:class:`AsyncCoordinator` is what the gRPC ``EnsembleService`` serves, what the CLI drives and
+what a Python trading service can embed directly (no coordinator process in between)::
+
+    async with AsyncCoordinator("config.yaml") as coordinator:
+        result = await coordinator.predict([window])      # EnsembleResult
+        ack = await coordinator.feedback(result.decision.prediction_id, realized_return=0.01)
+
+Every call reads one snapshot of the configuration and the endpoint clients, so a reload swaps
+both atomically and calls in flight finish on what they started with; clients that a reload
+removes are closed only after a grace period longer than any deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from xylen.v1 import model_service_pb2 as pb
+from xylen.v1 import types_pb2
+from xylen_coordinator.config import Config, load_config
+from xylen_coordinator.endpoints import EndpointClient
+from xylen_coordinator.ensemble import AdaptiveWeights, NoVotes, Signal, combine, quorum_shortfall
+from xylen_coordinator.fanout import FanOutResult, Missing, fan_out
+from xylen_coordinator.feedback_queue import FeedbackStore, Forwarder, PredictionRecord
+from xylen_coordinator.results import (
+    EndpointState,
+    EnsembleResult,
+    FeedbackAck,
+    RowDecision,
+    VoteInfo,
+)
+from xylen_server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+
+logger = logging.getLogger(__name__)
+
+_SIGNALS = {
+    types_pb2.SIGNAL_BUY: Signal.BUY,
+    types_pb2.SIGNAL_SELL: Signal.SELL,
+    types_pb2.SIGNAL_HOLD: Signal.HOLD,
+}
+#: Status codes that mean the request itself is bad: passed through when every server says so.
+_CLIENT_ERRORS = {"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "OUT_OF_RANGE"}
+#: Ensemble predictions remembered in memory for Feedback (older ones are read from disk).
+_PREDICTION_MEMORY = 100_000
+#: Largest clock skew tolerated on an outcome's close_time.
+_FUTURE_SKEW = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The configuration and the clients of its enabled endpoints, swapped as one."""
+
+    config: Config
+    clients: Mapping[str, EndpointClient]
+    """Enabled endpoints only, in configuration order."""
+
+    @property
+    def configured_weights(self) -> dict[str, float]:
+        return {e.name: e.weight for e in self.config.enabled_endpoints}
+
+
+class AsyncCoordinator:
+    """Weighted ensemble over the configured model servers (asyncio)."""
+
+    def __init__(self, config: Config | str | Path) -> None:
+        self._initial = config if isinstance(config, Config) else load_config(config)
+        self._snapshot: _Snapshot | None = None
+        self.adaptive = AdaptiveWeights(self._initial.weights.adaptive)
+        self._store: FeedbackStore | None = None
+        self._forwarder: Forwarder | None = None
+        self._records: OrderedDict[str, PredictionRecord] = OrderedDict()
+        self._unwritten: list[tuple[str, float, PredictionRecord]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring_clients: list[EndpointClient] = []
+        self._reload_lock = asyncio.Lock()
+        self._id_prefix = os.urandom(5).hex()
+        self._ids = itertools.count(1)
+        self._started = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force."""
+        return self._snapshot.config if self._snapshot else self._initial
+
+    async def start(self, wait_seconds: float = 3.0) -> AsyncCoordinator:
+        """Open the channels and the feedback queue; wait up to ``wait_seconds`` for every
+        endpoint's first health status (an unreachable one counts as known: not serving)."""
+        if self._started:
+            return self
+        self._started = True
+        config = self._initial
+        self._snapshot = _Snapshot(config, self._make_clients(config, {}))
+        self._store = FeedbackStore(config.feedback_queue.path)
+        for stored in await self._store.run(self._store.outcomes):
+            self._score(stored.record, stored.outcome)
+        self._forwarder = Forwarder(self._store, config.feedback_queue, self._current_clients)
+        self._forwarder.start()
+        self._flusher = asyncio.create_task(self._flush_loop(), name="prediction-log")
+        await self.wait_health_known(wait_seconds)
+        return self
+
+    async def __aenter__(self) -> AsyncCoordinator:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop forwarding, write the prediction log, close every channel."""
+        if not self._started:
+            return
+        self._started = False
+        if self._forwarder is not None:
+            await self._forwarder.close()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self._flush()
+        for task in list(self._retiring):
+            task.cancel()
+        clients = list(self._snapshot.clients.values()) if self._snapshot else []
+        retiring, self._retiring_clients = self._retiring_clients, []
+        for client in clients + retiring:
+            await client.close(grace=0.5)
+        if self._store is not None:
+            await self._store.close()
+
+    def _make_clients(
+        self, config: Config, reuse: Mapping[str, EndpointClient]
+    ) -> dict[str, EndpointClient]:
+        clients: dict[str, EndpointClient] = {}
+        for endpoint in config.enabled_endpoints:
+            old = reuse.get(endpoint.name)
+            if (
+                old is not None
+                and old.endpoint.address == endpoint.address
+                and old.transport == config.transport
+            ):
+                old.endpoint = endpoint  # new weight or other attributes, same connection
+                clients[endpoint.name] = old
+            else:
+                client = EndpointClient(endpoint, config.transport)
+                client.start()
+                clients[endpoint.name] = client
+        return clients
+
+    def _current_clients(self) -> Mapping[str, EndpointClient]:
+        return self._snapshot.clients if self._snapshot else {}
+
+    async def wait_health_known(self, timeout: float) -> None:
+        """Wait until every enabled endpoint has reported a health status (or ``timeout``)."""
+        clients = list(self._current_clients().values())
+        waits = [asyncio.ensure_future(c.health_known.wait()) for c in clients]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=timeout)
+            for task in pending:
+                task.cancel()
+
+    async def wait_serving(self, names: Sequence[str] | None = None, timeout: float = 30.0) -> bool:
+        """Wait until the named enabled endpoints (default: all) are SERVING; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            clients = self._current_clients()
+            wanted = list(clients) if names is None else list(names)
+            if all(name in clients and clients[name].serving for name in wanted):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+
+    async def reload(self, config: Config | str | Path | None = None) -> Config:
+        """Swap in a new configuration (default: re-read the file the current one came from).
+
+        The new configuration is validated first (:class:`~xylen_coordinator.config.ConfigError`
+        leaves the old one in force). Endpoints are matched by name: new ones connect, removed
+        ones are closed after every call that may still use them has finished, and changed
+        weights apply to the next call.
+        """
+        async with self._reload_lock:
+            current = self._snapshot
+            if current is None:
+                raise FailedPrecondition("the coordinator is not started", reason="NOT_STARTED")
+            if config is None:
+                if current.config.source is None:
+                    raise FailedPrecondition(
+                        "the configuration was not read from a file", reason="NO_CONFIG_FILE"
+                    )
+                config = current.config.source
+            new = config if isinstance(config, Config) else load_config(config)
+            if new.feedback_queue.path != current.config.feedback_queue.path:
+                logger.warning("feedback_queue.path changes take effect after a restart")
+            clients = self._make_clients(new, current.clients)
+            self._snapshot = _Snapshot(new, clients)
+            self.adaptive.reconfigure(new.weights.adaptive)
+            kept = {id(c) for c in clients.values()}
+            grace = 2 * new.deadline_ms / 1000 + 1.0
+            for client in current.clients.values():
+                if id(client) not in kept:
+                    self._retire(client, grace)
+            added = sorted(set(clients) - set(current.clients))
+            removed = sorted(set(current.clients) - set(clients))
+            logger.info(
+                "configuration reloaded: %d enabled endpoints (added %s, removed %s)",
+                len(clients),
+                ", ".join(added) or "none",
+                ", ".join(removed) or "none",
+            )
+            if added:
+                await self.wait_health_known(2.0)
+            return new
+
+    def _retire(self, client: EndpointClient, grace: float) -> None:
+        self._retiring_clients.append(client)
+
+        async def retire() -> None:
+            await asyncio.sleep(grace)
+            await client.close(grace=0.5)
+            with contextlib.suppress(ValueError):
+                self._retiring_clients.remove(client)
+
+        task = asyncio.create_task(retire(), name=f"retire-{client.name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    # -- predict ----------------------------------------------------------------------------
+
+    def _weights(self, snapshot: _Snapshot) -> dict[str, float]:
+        configured = snapshot.configured_weights
+        if snapshot.config.weights.mode == "adaptive":
+            return self.adaptive.weights(configured)
+        return configured
+
+    async def predict(
+        self,
+        inputs: Sequence[pb.PredictInput] | pb.PredictRequest,
+        timeout: float | None = None,
+    ) -> EnsembleResult:
+        """Ask every serving endpoint about ``inputs`` and combine the votes.
+
+        ``timeout`` (seconds) bounds the whole fan-out; None uses ``deadline_ms``. Raises
+        :class:`~xylen_server.errors.Unavailable` (reason ``NO_QUORUM``) when too few servers
+        voted, :class:`~xylen_server.errors.InvalidArgument` for an empty batch or when every
+        server that answered refused the input as invalid (their reason is passed on).
+        """
+        started = time.perf_counter()
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise FailedPrecondition("the coordinator is not started", reason="NOT_STARTED")
+        config = snapshot.config
+        request = (
+            inputs if isinstance(inputs, pb.PredictRequest) else pb.PredictRequest(inputs=inputs)
+        )
+        if not request.inputs:
+            raise InvalidArgument(
+                "the batch is empty; send at least one input", reason="EMPTY_BATCH"
+            )
+        budget = config.deadline_ms / 1000 if timeout is None or timeout <= 0 else timeout
+        fanned = await fan_out(list(snapshot.clients.values()), request, budget)
+        self._check_quorum(snapshot, fanned)
+        weights = self._weights(snapshot)
+        adaptive = config.weights.mode == "adaptive"
+        rows: list[RowDecision] = []
+        now = time.time()
+        for i in range(len(request.inputs)):
+            votes = {
+                name: answer.response.predictions[i].probability_up
+                for name, answer in fanned.answers.items()
+            }
+            try:
+                decision = combine(votes, weights, config.thresholds)
+            except NoVotes:
+                raise Unavailable(
+                    "every server that voted has weight 0; no decision",
+                    reason="NO_QUORUM",
+                    voted=",".join(fanned.answers),
+                ) from None
+            infos = []
+            for name, answer in fanned.answers.items():
+                prediction = answer.response.predictions[i]
+                infos.append(
+                    VoteInfo(
+                        server_name=name,
+                        probability=prediction.probability_up,
+                        signal=_SIGNALS.get(prediction.signal, Signal.HOLD),
+                        normalized_weight=decision.weights[name],
+                        weight=weights[name],
+                        configured_weight=snapshot.configured_weights[name],
+                        model_name=prediction.model_name,
+                        model_version=prediction.model_version,
+                        model_prediction_id=prediction.prediction_id,
+                        latency_seconds=answer.latency,
+                        adaptive=self.adaptive.score(name) if adaptive else None,
+                    )
+                )
+            prediction_id = f"ens-{self._id_prefix}-{next(self._ids):x}"
+            self._remember(
+                prediction_id,
+                PredictionRecord(
+                    decision.signal.value,
+                    {v.server_name: (v.model_prediction_id, v.probability) for v in infos},
+                ),
+                now,
+            )
+            rows.append(
+                RowDecision(
+                    prediction_id=prediction_id,
+                    probability=decision.probability,
+                    signal=decision.signal,
+                    disagreement=decision.disagreement,
+                    votes=tuple(infos),
+                )
+            )
+        return EnsembleResult(
+            rows=tuple(rows),
+            missing=tuple(fanned.missing),
+            weight_mode=config.weights.mode,
+            duration_seconds=time.perf_counter() - started,
+        )
+
+    def _check_quorum(self, snapshot: _Snapshot, fanned: FanOutResult) -> None:
+        shortfall = quorum_shortfall(
+            fanned.answers, snapshot.configured_weights, snapshot.config.quorum
+        )
+        if shortfall is None:
+            return
+        refused = [m for m in fanned.missing if m.code in _CLIENT_ERRORS]
+        if (
+            refused
+            and not fanned.answers
+            and len(refused) == len([m for m in fanned.missing if m.code])
+        ):
+            first = refused[0]
+            raise InvalidArgument(
+                f"{first.server_name} refused the input: {first.message}",
+                reason=first.error_reason or "INVALID_ARGUMENT",
+                server=first.server_name,
+            )
+        raise Unavailable(
+            f"no decision: {shortfall}. Missing: {describe_missing(fanned.missing)}",
+            reason="NO_QUORUM",
+            voted=",".join(fanned.answers) or "none",
+            missing=",".join(m.server_name for m in fanned.missing),
+        )
+
+    def _remember(self, prediction_id: str, record: PredictionRecord, now: float) -> None:
+        self._records[prediction_id] = record
+        if len(self._records) > _PREDICTION_MEMORY:
+            self._records.popitem(last=False)
+        self._unwritten.append((prediction_id, now, record))
+
+    async def _flush(self) -> None:
+        if self._unwritten and self._store is not None:
+            batch, self._unwritten = self._unwritten, []
+            await self._store.run(self._store.write_predictions, batch)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            try:
+                await self._flush()
+            except Exception:
+                logger.exception("writing the prediction log failed")
+
+    # -- feedback ---------------------------------------------------------------------------
+
+    async def feedback(
+        self,
+        prediction_id: str,
+        outcome: pb.TradeOutcome | None = None,
+        *,
+        pnl: float = 0.0,
+        realized_return: float | None = None,
+        close_time: datetime | None = None,
+    ) -> FeedbackAck:
+        """Record a trade's outcome for an ensemble prediction, durably, and queue it for every
+        server that voted. Pass a ``TradeOutcome`` or its fields (``close_time`` defaults to
+        now). A second outcome for the same prediction is acknowledged as a duplicate.
+        """
+        snapshot = self._snapshot
+        if snapshot is None or self._store is None:
+            raise FailedPrecondition("the coordinator is not started", reason="NOT_STARTED")
+        config = snapshot.config
+        if not config.retraining.enabled:
+            raise FailedPrecondition(
+                "feedback is switched off (retraining.enabled: false)", reason="FEEDBACK_DISABLED"
+            )
+        if outcome is None:
+            if realized_return is None:
+                raise InvalidArgument("realized_return is required", reason="INVALID_OUTCOME")
+            outcome = pb.TradeOutcome(pnl=pnl, realized_return=realized_return)
+            outcome.close_time.FromDatetime(close_time or datetime.now(UTC))
+        _validate_outcome(prediction_id, outcome)
+        record = self._records.get(prediction_id)
+        if record is None:
+            record = await self._store.run(self._store.find_prediction, prediction_id)
+        if record is None:
+            raise NotFound(
+                f"no ensemble prediction {prediction_id!r} is known to this coordinator",
+                reason="PREDICTION_NOT_FOUND",
+                prediction_id=prediction_id,
+            )
+        received = time.time()
+        due = received + config.retraining.feedback_delay_seconds
+        targets = tuple(record.votes) if config.retraining.send_feedback_to_models else ()
+        fresh = await self._store.run(
+            self._store.enqueue,
+            prediction_id,
+            outcome.SerializeToString(),
+            record,
+            targets,
+            received,
+            due,
+        )
+        if fresh:
+            self._score(record, outcome)
+            if self._forwarder is not None:
+                self._forwarder.wake()
+        return FeedbackAck(
+            prediction_id=prediction_id,
+            duplicate=not fresh,
+            forward_to=targets,
+            forward_time=datetime.fromtimestamp(due, UTC),
+        )
+
+    def _score(self, record: PredictionRecord, outcome: pb.TradeOutcome) -> None:
+        """Update each voter's live record: a SELL trade that made money means the price fell."""
+        if outcome.realized_return == 0 or record.signal == Signal.HOLD:
+            return
+        profitable = outcome.realized_return > 0
+        went_up = profitable if record.signal == Signal.BUY else not profitable
+        for name, (_, probability) in record.votes.items():
+            self.adaptive.record(name, probability, went_up)
+
+    async def pending_feedback(self) -> int:
+        """Outcomes not yet delivered to every target."""
+        if self._store is None:
+            return 0
+        return await self._store.run(self._store.pending_count)
+
+    async def delivery_states(self, prediction_id: str) -> dict[str, tuple[str, int, str]]:
+        """Server name -> (state, attempts, last error) of one outcome's deliveries."""
+        if self._store is None:
+            return {}
+        return await self._store.run(self._store.delivery_states, prediction_id)
+
+    # -- introspection ----------------------------------------------------------------------
+
+    def endpoints(self) -> list[EndpointState]:
+        """Every configured endpoint with its health and current weight."""
+        snapshot = self._snapshot
+        config = self.config
+        clients = snapshot.clients if snapshot else {}
+        adaptive = config.weights.mode == "adaptive"
+        states = []
+        for endpoint in config.model_endpoints:
+            client = clients.get(endpoint.name)
+            score = self.adaptive.score(endpoint.name) if adaptive else None
+            states.append(
+                EndpointState(
+                    name=endpoint.name,
+                    address=endpoint.address,
+                    enabled=endpoint.enabled,
+                    serving=bool(client and client.serving),
+                    health_detail=client.health_detail if client else "disabled",
+                    configured_weight=endpoint.weight,
+                    weight=endpoint.weight * (score.multiplier if score else 1.0),
+                    adaptive=score,
+                )
+            )
+        return states
+
+    async def model_infos(self, timeout: float = 2.0) -> dict[str, pb.ModelInfo]:
+        """GetModelInfo of every serving endpoint (the ones that answer)."""
+        clients = [c for c in self._current_clients().values() if c.serving]
+        results = await asyncio.gather(
+            *(c.model_info(timeout) for c in clients), return_exceptions=True
+        )
+        return {
+            c.name: r for c, r in zip(clients, results, strict=True) if isinstance(r, pb.ModelInfo)
+        }
+
+
+def describe_missing(missing: Sequence[Missing]) -> str:
+    """``model_2 (UNAVAILABLE: connection lost ...), model_4 (NOT_SERVING: ...)``."""
+    if not missing:
+        return "none"
+    return ", ".join(f"{m.server_name} ({m.reason.value}: {m.message})" for m in missing)
+
+
+def _validate_outcome(prediction_id: str, outcome: pb.TradeOutcome) -> None:
+    if not prediction_id:
+        raise InvalidArgument("prediction_id is required", reason="MISSING_PREDICTION_ID")
+    for name in ("pnl", "realized_return"):
+        value = getattr(outcome, name)
+        if not math.isfinite(value):
+            raise InvalidArgument(
+                f"outcome.{name} must be finite, got {value}", reason="INVALID_OUTCOME", field=name
+            )
+    if not outcome.HasField("close_time"):
+        raise InvalidArgument(
+            "outcome.close_time is required", reason="INVALID_OUTCOME", field="close_time"
+        )
+    close = outcome.close_time.ToDatetime(tzinfo=UTC)
+    if close > datetime.now(UTC) + _FUTURE_SKEW:
+        raise InvalidArgument(
+            f"outcome.close_time {close.isoformat()} is in the future",
+            reason="OUTCOME_IN_FUTURE",
+            field="close_time",
+        )

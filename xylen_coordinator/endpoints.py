@@ -1,0 +1,328 @@
+"""One model server as the coordinator sees it: a long-lived channel, its health, and a stream.
+
+:class:`EndpointClient` owns
+
+* one ``grpc.aio`` channel (HTTP/2 keepalive pings, reconnect with a short capped backoff, a
+  private subchannel so no two endpoints share a connection);
+* a grpc.health.v1 ``Watch`` on ``xylen.v1.ModelService``, re-established after every break,
+  so :attr:`EndpointClient.serving` follows the server through loads, swaps, shutdowns and
+  restarts without the coordinator restarting;
+* one ``PredictStream`` on which every request is multiplexed, matched to its answer by
+  ``request_id`` (unary ``Predict`` when streaming is switched off or the server lacks it).
+
+:meth:`EndpointClient.submit` returns a future at once; the fan-out waits on all of them under
+one deadline and calls :meth:`EndpointClient.forget` for the late ones, whose answers are then
+dropped on arrival.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from enum import StrEnum
+
+import grpc
+from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from xylen.v1 import model_service_pb2 as pb
+from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen_coordinator.config import Endpoint, Transport
+
+logger = logging.getLogger(__name__)
+
+MODEL_SERVICE = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
+_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class MissingReason(StrEnum):
+    """Why a server did not vote (the proto's ``MissingReason``)."""
+
+    NOT_SERVING = "NOT_SERVING"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNAVAILABLE = "UNAVAILABLE"
+    ERROR = "ERROR"
+
+
+class VoteFailure(Exception):
+    """A server's answer that is not a vote."""
+
+    def __init__(
+        self,
+        reason: MissingReason,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        error_reason: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.code = code
+        self.error_reason = error_reason
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A server's successful answer to one fan-out request."""
+
+    response: pb.PredictResponse
+    latency: float
+    """Seconds from submission to the answer, as seen by the coordinator."""
+
+
+def channel_options(transport: Transport) -> list[tuple[str, int]]:
+    """Channel arguments: keepalive, reconnect backoff, message sizes, a private subchannel."""
+    return [
+        ("grpc.keepalive_time_ms", transport.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", transport.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", transport.reconnect_backoff_initial_ms),
+        ("grpc.min_reconnect_backoff_ms", transport.reconnect_backoff_initial_ms),
+        ("grpc.max_reconnect_backoff_ms", transport.reconnect_backoff_max_ms),
+        ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.enable_retries", 0),
+    ]
+
+
+_ITEM_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def failure_from_status(code: grpc.StatusCode, message: str, reason: str = "") -> VoteFailure:
+    """Classify a server's error status as a missing vote."""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        kind = MissingReason.DEADLINE_EXCEEDED
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        kind = MissingReason.UNAVAILABLE
+    else:
+        kind = MissingReason.ERROR
+    return VoteFailure(kind, f"{code.name}: {message}", code=code, error_reason=reason)
+
+
+def _error_reason(error: grpc.aio.AioRpcError) -> str:
+    """The google.rpc.ErrorInfo reason in an error's trailers, if any."""
+    try:
+        from google.rpc import error_details_pb2
+        from grpc_status import rpc_status
+
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except Exception:
+        return ""
+    if status is None:
+        return ""
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
+
+
+def failure_from_rpc_error(error: grpc.aio.AioRpcError) -> VoteFailure:
+    return failure_from_status(error.code(), error.details() or "", _error_reason(error))
+
+
+class _Stream:
+    """One open PredictStream and the requests waiting for their answers."""
+
+    def __init__(self, stub: pb_grpc.ModelServiceStub, name: str) -> None:
+        self.name = name
+        self._outbox: asyncio.Queue[pb.PredictStreamRequest | None] = asyncio.Queue()
+        self.pending: dict[str, tuple[asyncio.Future[Answer], float]] = {}
+        self.closed = False
+        self.unimplemented = False
+        self._call = stub.PredictStream(self._requests())
+        self._reader = asyncio.create_task(self._read(), name=f"stream-reader-{name}")
+
+    async def _requests(self) -> AsyncIterator[pb.PredictStreamRequest]:
+        while (item := await self._outbox.get()) is not None:
+            yield item
+
+    def send(self, item: pb.PredictStreamRequest, future: asyncio.Future[Answer]) -> None:
+        self.pending[item.request_id] = (future, time.perf_counter())
+        self._outbox.put_nowait(item)
+
+    def half_close(self) -> None:
+        """No more requests: the server answers what it has and then ends the stream."""
+        if not self.closed:
+            self.closed = True
+            self._outbox.put_nowait(None)
+
+    async def _read(self) -> None:
+        failure: VoteFailure
+        try:
+            async for response in self._call:
+                entry = self.pending.pop(response.request_id, None)
+                if entry is None:
+                    continue  # a late answer whose request was given up: dropped
+                future, sent = entry
+                if future.done():
+                    continue
+                if response.status.code == 0:
+                    future.set_result(Answer(response.response, time.perf_counter() - sent))
+                else:
+                    code = _ITEM_CODES.get(response.status.code, grpc.StatusCode.UNKNOWN)
+                    future.set_exception(
+                        failure_from_status(code, response.status.message, response.status.reason)
+                    )
+            failure = VoteFailure(MissingReason.UNAVAILABLE, "the server ended the stream")
+        except grpc.aio.AioRpcError as error:
+            self.unimplemented = error.code() == grpc.StatusCode.UNIMPLEMENTED
+            failure = failure_from_rpc_error(error)
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                failure.message = f"connection lost: {error.details()}"
+        except asyncio.CancelledError:
+            failure = VoteFailure(MissingReason.UNAVAILABLE, "the coordinator closed the stream")
+            raise
+        finally:
+            self.half_close()  # ends the request iterator, so grpc's writer task finishes
+            self._call.cancel()
+            pending, self.pending = self.pending, {}
+            for future, _ in pending.values():
+                if not future.done():
+                    future.set_exception(failure)
+                    future.exception()  # mark retrieved: nobody may be waiting any more
+
+    async def close(self, grace: float) -> None:
+        self.half_close()
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(self._reader), grace)
+        self._call.cancel()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+class EndpointClient:
+    """The coordinator's long-lived connection to one model server."""
+
+    def __init__(self, endpoint: Endpoint, transport: Transport) -> None:
+        self.endpoint = endpoint
+        self.name = endpoint.name
+        self.transport = transport
+        self.channel = grpc.aio.insecure_channel(
+            endpoint.address, options=channel_options(transport)
+        )
+        self.stub = pb_grpc.ModelServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self.serving = False
+        self.health_detail = "health not known yet"
+        self.health_known = asyncio.Event()
+        self._watch: asyncio.Task[None] | None = None
+        self._stream: _Stream | None = None
+        self._use_stream = transport.use_stream
+        self._ids = itertools.count(1)
+        self._closing = False
+
+    def start(self) -> None:
+        """Start following the server's health (idempotent)."""
+        if self._watch is None:
+            self._watch = asyncio.create_task(self._watch_health(), name=f"health-{self.name}")
+
+    def _set_health(self, serving: bool, detail: str) -> None:
+        if serving != self.serving:
+            logger.info("%s (%s): %s", self.name, self.endpoint.address, detail)
+        self.serving = serving
+        self.health_detail = detail
+        self.health_known.set()
+        if not serving and self._stream is not None:
+            # Let a draining server finish: answer what it has, then end the stream.
+            self._stream.half_close()
+
+    async def _watch_health(self) -> None:
+        backoff_max = self.transport.reconnect_backoff_max_ms / 1000
+        delay = self.transport.reconnect_backoff_initial_ms / 1000
+        request = health_pb2.HealthCheckRequest(service=MODEL_SERVICE)
+        while not self._closing:
+            call = self._health.Watch(request)
+            try:
+                async for response in call:
+                    delay = self.transport.reconnect_backoff_initial_ms / 1000
+                    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+                    self._set_health(
+                        response.status == health_pb2.HealthCheckResponse.SERVING,
+                        f"health {status}",
+                    )
+                self._set_health(False, "health watch ended by the server")
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.CANCELLED and self._closing:
+                    return
+                self._set_health(False, f"unreachable: {error.code().name}: {error.details()}")
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            await asyncio.sleep(delay)
+            delay = min(backoff_max, delay * 2)
+
+    def _open_stream(self) -> _Stream:
+        stream = self._stream
+        if stream is None or stream.closed:
+            if stream is not None and stream.unimplemented:
+                logger.warning("%s has no PredictStream; using unary Predict", self.name)
+                self._use_stream = False
+            stream = _Stream(self.stub, self.name)
+            self._stream = stream
+        return stream
+
+    def submit(self, request: pb.PredictRequest, timeout: float) -> asyncio.Future[Answer]:
+        """Send ``request`` now; the future resolves to an :class:`Answer` or a
+        :class:`VoteFailure`. ``timeout`` (seconds) travels to the server as the item's timeout
+        (stream) or the call's deadline (unary)."""
+        loop = asyncio.get_running_loop()
+        if self._use_stream:
+            stream = self._open_stream()
+            if self._use_stream:
+                future: asyncio.Future[Answer] = loop.create_future()
+                budget = duration_pb2.Duration()
+                budget.FromNanoseconds(max(1, int(timeout * 1e9)))
+                item = pb.PredictStreamRequest(
+                    request_id=str(next(self._ids)), request=request, timeout=budget
+                )
+                stream.send(item, future)
+                return future
+        return asyncio.ensure_future(self._unary(request, timeout))
+
+    async def _unary(self, request: pb.PredictRequest, timeout: float) -> Answer:
+        started = time.perf_counter()
+        try:
+            response = await self.stub.Predict(request, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise failure_from_rpc_error(error) from None
+        return Answer(response, time.perf_counter() - started)
+
+    def forget(self, future: asyncio.Future[Answer]) -> None:
+        """Give up on ``future``: its answer, if it ever comes, is dropped."""
+        stream = self._stream
+        if stream is not None:
+            for request_id, (pending, _) in list(stream.pending.items()):
+                if pending is future:
+                    del stream.pending[request_id]
+                    break
+        future.cancel()
+
+    async def feedback(self, request: pb.FeedbackRequest, timeout: float) -> pb.FeedbackResponse:
+        """Forward one outcome to the server's Feedback RPC (raises ``grpc.aio.AioRpcError``)."""
+        return await self.stub.Feedback(request, timeout=timeout)
+
+    async def model_info(self, timeout: float = 2.0) -> pb.ModelInfo:
+        """The server's GetModelInfo (raises ``grpc.aio.AioRpcError``)."""
+        response = await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
+        return response.model_info
+
+    async def close(self, grace: float = 1.0) -> None:
+        """Half-close the stream, give answers in flight ``grace`` seconds, close the channel."""
+        self._closing = True
+        if self._stream is not None:
+            await self._stream.close(grace)
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self.channel.close()

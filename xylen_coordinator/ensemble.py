@@ -1,0 +1,186 @@
+"""The ensemble arithmetic, free of gRPC and I/O so it can be checked by hand.
+
+* :func:`combine` -- the weighted mean of the voters' up-probabilities with the weights
+  renormalised over those who voted, the signal from the thresholds, and the disagreement (the
+  weighted standard deviation of the votes).
+* :func:`quorum_shortfall` -- whether enough servers voted to answer at all.
+* :class:`AdaptiveWeights` -- each model's live record on matured outcomes (exponentially
+  decayed Brier score and hit rate) and the multiplier it earns, within a floor and a cap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from xylen_coordinator.config import Adaptive, Quorum, Thresholds
+
+
+class Signal(StrEnum):
+    """The ensemble's trading signal."""
+
+    BUY = "BUY"
+    SELL = "SELL"
+    HOLD = "HOLD"
+
+
+class NoVotes(ValueError):
+    """Nobody with a positive weight voted: there is no decision to make."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The ensemble's answer for one row."""
+
+    probability: float
+    """Weighted mean up-probability of the voters."""
+    signal: Signal
+    """BUY / SELL / HOLD from :attr:`probability` and the thresholds."""
+    disagreement: float
+    """Weighted standard deviation of the votes around :attr:`probability` (0..0.5)."""
+    weights: Mapping[str, float]
+    """Normalised weight of each voter (they sum to 1)."""
+
+
+def signal_for(probability: float, thresholds: Thresholds) -> Signal:
+    """BUY at or above the buy threshold, SELL at or below the sell threshold, else HOLD
+    (the model servers' rule)."""
+    if probability >= thresholds.buy:
+        return Signal.BUY
+    if probability <= thresholds.sell:
+        return Signal.SELL
+    return Signal.HOLD
+
+
+def combine(
+    votes: Mapping[str, float], weights: Mapping[str, float], thresholds: Thresholds
+) -> Decision:
+    """Combine one row's votes (voter name -> up-probability) with ``weights`` (name -> weight).
+
+    Only the voters' weights count: they are renormalised to sum to 1, so a missing server
+    shifts its share to the others in proportion. Raises :class:`NoVotes` when no voter has a
+    positive weight, and :class:`ValueError` for a voter without a weight or a probability
+    outside [0, 1].
+    """
+    raw: dict[str, float] = {}
+    for name, probability in votes.items():
+        if name not in weights:
+            raise ValueError(f"voter {name!r} has no weight")
+        if not (math.isfinite(probability) and 0.0 <= probability <= 1.0):
+            raise ValueError(f"voter {name!r} gave probability {probability!r}, not in [0, 1]")
+        weight = weights[name]
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"voter {name!r} has weight {weight!r}")
+        raw[name] = weight
+    total = math.fsum(raw.values())
+    if total <= 0:
+        raise NoVotes("no voter with a positive weight")
+    normalised = {name: weight / total for name, weight in raw.items()}
+    probability = math.fsum(normalised[name] * votes[name] for name in normalised)
+    probability = min(1.0, max(0.0, probability))
+    variance = math.fsum(normalised[name] * (votes[name] - probability) ** 2 for name in normalised)
+    return Decision(
+        probability=probability,
+        signal=signal_for(probability, thresholds),
+        disagreement=math.sqrt(variance),
+        weights=normalised,
+    )
+
+
+def quorum_shortfall(
+    voters: Iterable[str], enabled_weights: Mapping[str, float], quorum: Quorum
+) -> str | None:
+    """Why the voters fall short of the quorum, or None when they meet it.
+
+    ``enabled_weights`` are the configured weights of every enabled endpoint; the voters'
+    share of their total must reach ``quorum.min_weight_fraction``.
+    """
+    voters = [name for name in voters if name in enabled_weights]
+    total = math.fsum(enabled_weights.values())
+    voted = math.fsum(enabled_weights[name] for name in voters)
+    if len(voters) < quorum.min_votes:
+        return (
+            f"{len(voters)} of {len(enabled_weights)} servers voted; the quorum needs at least "
+            f"{quorum.min_votes}"
+        )
+    fraction = voted / total if total > 0 else 0.0
+    # A tiny tolerance so that e.g. 0.3 + 0.2 reaches a quorum of 0.5.
+    if fraction + 1e-12 < quorum.min_weight_fraction:
+        return (
+            f"the servers that voted carry {fraction:.0%} of the configured weight; the quorum "
+            f"needs {quorum.min_weight_fraction:.0%}"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class AdaptiveScore:
+    """One model's live record and the multiplier it earns."""
+
+    metric: str
+    brier_score: float
+    hit_rate: float
+    effective_outcomes: float
+    multiplier: float
+
+
+def adaptive_multiplier(
+    brier_score: float, hit_rate: float, effective_outcomes: float, settings: Adaptive
+) -> float:
+    """The factor applied to a model's configured weight.
+
+    ``brier``: 0.25 / Brier (a coin flip's Brier score is 0.25, so an uninformative model gets 1,
+    a better one more). ``hit_rate``: hit rate / 0.5. Clamped to [floor, cap]; exactly 1 until
+    ``min_outcomes`` effective outcomes have matured.
+    """
+    if effective_outcomes < settings.min_outcomes or effective_outcomes <= 0:
+        return 1.0
+    if settings.metric == "brier":
+        raw = 0.25 / brier_score if brier_score > 0 else math.inf
+    else:
+        raw = hit_rate / 0.5
+    return min(settings.cap, max(settings.floor, raw))
+
+
+class AdaptiveWeights:
+    """Exponentially decayed Brier score and hit rate per model, updated per matured outcome.
+
+    Each outcome enters as ``S <- d*S + x`` and ``W <- d*W + 1`` with ``d = 0.5 ** (1 /
+    half_life_outcomes)``; the score is ``S / W`` (a bias-free decayed mean) and ``W`` is the
+    effective number of outcomes behind it.
+    """
+
+    def __init__(self, settings: Adaptive) -> None:
+        self.settings = settings
+        self._decay = 0.5 ** (1.0 / settings.half_life_outcomes)
+        self._state: dict[str, list[float]] = {}  # name -> [brier_sum, hit_sum, weight_sum]
+
+    def reconfigure(self, settings: Adaptive) -> None:
+        """Adopt new settings, keeping the record (the decay applies from the next outcome)."""
+        self.settings = settings
+        self._decay = 0.5 ** (1.0 / settings.half_life_outcomes)
+
+    def record(self, name: str, probability: float, went_up: bool) -> None:
+        """Score ``name``'s matured prediction ``probability`` against the outcome."""
+        y = 1.0 if went_up else 0.0
+        brier = (probability - y) ** 2
+        hit = 1.0 if (probability >= 0.5) == went_up else 0.0
+        state = self._state.setdefault(name, [0.0, 0.0, 0.0])
+        d = self._decay
+        state[0] = d * state[0] + brier
+        state[1] = d * state[1] + hit
+        state[2] = d * state[2] + 1.0
+
+    def score(self, name: str) -> AdaptiveScore:
+        """The record and multiplier of ``name`` (neutral before any outcome)."""
+        brier_sum, hit_sum, n = self._state.get(name, (0.0, 0.0, 0.0))
+        brier = brier_sum / n if n else 0.0
+        hit = hit_sum / n if n else 0.0
+        multiplier = adaptive_multiplier(brier, hit, n, self.settings)
+        return AdaptiveScore(self.settings.metric, brier, hit, n, multiplier)
+
+    def weights(self, configured: Mapping[str, float]) -> dict[str, float]:
+        """Configured weights times each model's multiplier."""
+        return {name: w * self.score(name).multiplier for name, w in configured.items()}

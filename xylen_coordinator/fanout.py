@@ -1,0 +1,106 @@
+"""One request to every serving endpoint at once, under one deadline.
+
+A server that is not SERVING is not asked; one that fails or has not answered when the deadline
+runs out is a missing vote (its late answer is dropped), never a failed fan-out. The caller
+decides what the votes are worth (quorum, weights).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from xylen.v1 import model_service_pb2 as pb
+from xylen_coordinator.endpoints import Answer, EndpointClient, MissingReason, VoteFailure
+
+
+@dataclass(frozen=True)
+class Missing:
+    """An enabled server that did not vote, and why."""
+
+    server_name: str
+    reason: MissingReason
+    message: str
+    error_reason: str = ""
+    """The server's ErrorInfo reason when it answered with an error."""
+    code: str = ""
+    """The server's status code name when it answered with an error."""
+
+
+@dataclass
+class FanOutResult:
+    """The answers of the servers that voted (in endpoint order) and the ones that did not."""
+
+    answers: dict[str, Answer] = field(default_factory=dict)
+    missing: list[Missing] = field(default_factory=list)
+
+
+async def fan_out(
+    clients: Sequence[EndpointClient], request: pb.PredictRequest, timeout: float
+) -> FanOutResult:
+    """Send ``request`` to every serving client and collect what arrives within ``timeout``
+    seconds."""
+    result = FanOutResult()
+    asked: list[tuple[EndpointClient, asyncio.Future[Answer]]] = []
+    outcome: dict[str, Answer | Missing] = {}
+    for client in clients:
+        if not client.serving:
+            outcome[client.name] = Missing(
+                client.name, MissingReason.NOT_SERVING, client.health_detail
+            )
+            continue
+        asked.append((client, client.submit(request, timeout)))
+    done: set[asyncio.Future[Answer]] = set()
+    if asked:
+        try:
+            done, _ = await asyncio.wait([future for _, future in asked], timeout=timeout)
+        except asyncio.CancelledError:
+            for client, future in asked:
+                client.forget(future)
+            raise
+    rows = len(request.inputs)
+    for client, future in asked:
+        outcome[client.name] = _collect(client, future, future in done, rows, timeout)
+    for client in clients:
+        item = outcome[client.name]
+        if isinstance(item, Missing):
+            result.missing.append(item)
+        else:
+            result.answers[client.name] = item
+    return result
+
+
+def _collect(
+    client: EndpointClient,
+    future: asyncio.Future[Answer],
+    finished: bool,
+    rows: int,
+    timeout: float,
+) -> Answer | Missing:
+    if not finished:
+        client.forget(future)
+        return Missing(
+            client.name,
+            MissingReason.DEADLINE_EXCEEDED,
+            f"no answer within the {timeout * 1000:.0f} ms deadline",
+        )
+    error = future.exception()
+    if error is None:
+        answer = future.result()
+        if len(answer.response.predictions) != rows:
+            return Missing(
+                client.name,
+                MissingReason.ERROR,
+                f"answered {len(answer.response.predictions)} rows for {rows} inputs",
+            )
+        return answer
+    if isinstance(error, VoteFailure):
+        return Missing(
+            client.name,
+            error.reason,
+            error.message,
+            error.error_reason,
+            error.code.name if error.code is not None else "",
+        )
+    return Missing(client.name, MissingReason.ERROR, f"{type(error).__name__}: {error}")

@@ -1,0 +1,348 @@
+"""The durable feedback queue: outcomes on disk before they are acknowledged, forwarded later.
+
+One SQLite file in WAL mode with ``synchronous=FULL`` (every commit is fsynced) holds
+
+* ``predictions`` -- what each server answered for each ensemble prediction (its own prediction
+  id and probability), written behind in small batches so Predict never waits on the disk;
+* ``outcomes`` -- one row per ensemble prediction id (the primary key makes a second Feedback
+  for the same id a no-op: idempotent);
+* ``deliveries`` -- one row per (prediction, server) to forward, with its due time, attempts
+  and state (``pending``, ``delivered``, ``failed``).
+
+All database work runs on one dedicated thread, never on the event loop. :class:`Forwarder`
+delivers due rows to each server's ``Feedback`` and retries failures with exponential backoff;
+because state lives in the file, a restarted coordinator carries on where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from xylen.v1 import model_service_pb2 as pb
+from xylen_coordinator.config import FeedbackQueueSettings
+from xylen_coordinator.endpoints import EndpointClient
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Status codes after which a delivery is never retried.
+PERMANENT_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    prediction_id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    signal TEXT NOT NULL,
+    votes TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outcomes (
+    prediction_id TEXT PRIMARY KEY,
+    received REAL NOT NULL,
+    outcome BLOB NOT NULL,
+    signal TEXT NOT NULL,
+    votes TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    prediction_id TEXT NOT NULL,
+    server_name TEXT NOT NULL,
+    model_prediction_id TEXT NOT NULL,
+    due REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'pending',
+    last_error TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (prediction_id, server_name)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, due);
+"""
+
+#: What the servers voted on one row: server name -> (its prediction id, its probability).
+Votes = Mapping[str, tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """What the coordinator needs to settle an ensemble prediction later."""
+
+    signal: str
+    """The ensemble's signal (BUY, SELL, HOLD): tells which way a trade's return points."""
+    votes: dict[str, tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One outcome to forward to one server."""
+
+    prediction_id: str
+    server_name: str
+    model_prediction_id: str
+    outcome: bytes
+    attempts: int
+
+
+@dataclass(frozen=True)
+class StoredOutcome:
+    """A recorded outcome and the prediction it settles (for rebuilding adaptive weights)."""
+
+    prediction_id: str
+    record: PredictionRecord
+    outcome: pb.TradeOutcome
+
+
+class FeedbackStore:
+    """The SQLite file behind the queue, used from one thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="feedback-db")
+        self._db: sqlite3.Connection | None = None
+        self._executor.submit(self._open).result()
+
+    def _open(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        assert self._db is not None
+        return self._db
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the database thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- on the database thread -----------------------------------------------------------
+
+    def write_predictions(self, rows: Iterable[tuple[str, float, PredictionRecord]]) -> None:
+        encoded = [
+            (pid, created, record.signal, json.dumps(record.votes)) for pid, created, record in rows
+        ]
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT OR IGNORE INTO predictions VALUES (?, ?, ?, ?)", encoded)
+
+    def find_prediction(self, prediction_id: str) -> PredictionRecord | None:
+        row = self.db.execute(
+            "SELECT signal, votes FROM predictions WHERE prediction_id = ?", (prediction_id,)
+        ).fetchone()
+        return None if row is None else PredictionRecord(row[0], _decode_votes(row[1]))
+
+    def enqueue(
+        self,
+        prediction_id: str,
+        outcome: bytes,
+        record: PredictionRecord,
+        targets: Iterable[str],
+        received: float,
+        due: float,
+    ) -> bool:
+        """Record the outcome and its deliveries in one fsynced transaction; False when the
+        prediction already had an outcome (nothing is written)."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            cursor = self.db.execute(
+                "INSERT OR IGNORE INTO outcomes VALUES (?, ?, ?, ?, ?)",
+                (prediction_id, received, outcome, record.signal, json.dumps(record.votes)),
+            )
+            if cursor.rowcount == 0:
+                return False
+            self.db.executemany(
+                "INSERT OR IGNORE INTO deliveries (prediction_id, server_name, "
+                "model_prediction_id, due) VALUES (?, ?, ?, ?)",
+                [(prediction_id, name, record.votes[name][0], due) for name in targets],
+            )
+        return True
+
+    def due(self, now: float, limit: int = 256) -> list[Delivery]:
+        rows = self.db.execute(
+            "SELECT d.prediction_id, d.server_name, d.model_prediction_id, o.outcome, d.attempts "
+            "FROM deliveries d JOIN outcomes o USING (prediction_id) "
+            "WHERE d.state = 'pending' AND d.due <= ? ORDER BY d.due LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return [Delivery(*row) for row in rows]
+
+    def next_due(self) -> float | None:
+        row = self.db.execute("SELECT MIN(due) FROM deliveries WHERE state = 'pending'").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def settle(self, results: Iterable[tuple[Delivery, str, float | None, str]]) -> None:
+        """Apply delivery results: (delivery, new state, next due or None, error text)."""
+        with self.db:
+            self.db.execute("BEGIN")
+            for delivery, state, due, error in results:
+                self.db.execute(
+                    "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?, "
+                    "due = COALESCE(?, due) WHERE prediction_id = ? AND server_name = ?",
+                    (state, error, due, delivery.prediction_id, delivery.server_name),
+                )
+
+    def pending_count(self) -> int:
+        row = self.db.execute(
+            "SELECT COUNT(DISTINCT prediction_id) FROM deliveries WHERE state = 'pending'"
+        ).fetchone()
+        return int(row[0])
+
+    def delivery_states(self, prediction_id: str) -> dict[str, tuple[str, int, str]]:
+        """server name -> (state, attempts, last error) for one prediction."""
+        rows = self.db.execute(
+            "SELECT server_name, state, attempts, last_error FROM deliveries "
+            "WHERE prediction_id = ?",
+            (prediction_id,),
+        ).fetchall()
+        return {name: (state, attempts, error) for name, state, attempts, error in rows}
+
+    def outcomes(self) -> list[StoredOutcome]:
+        """Every recorded outcome, oldest first."""
+        rows = self.db.execute(
+            "SELECT prediction_id, signal, votes, outcome FROM outcomes ORDER BY received"
+        ).fetchall()
+        return [
+            StoredOutcome(
+                pid,
+                PredictionRecord(signal, _decode_votes(votes)),
+                pb.TradeOutcome.FromString(outcome),
+            )
+            for pid, signal, votes, outcome in rows
+        ]
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    async def close(self) -> None:
+        await self.run(self._close)
+        self._executor.shutdown(wait=True)
+
+
+def _decode_votes(text: str) -> dict[str, tuple[str, float]]:
+    return {name: (str(pid), float(p)) for name, (pid, p) in json.loads(text).items()}
+
+
+class Forwarder:
+    """Delivers due outcomes to the model servers, retrying with backoff until they succeed.
+
+    ``clients`` returns the current endpoint clients by name (it changes on reload); a
+    delivery for a server no longer configured waits, pending, until it is configured again.
+    """
+
+    def __init__(
+        self,
+        store: FeedbackStore,
+        settings: FeedbackQueueSettings,
+        clients: Callable[[], Mapping[str, EndpointClient]],
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self._clients = clients
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="feedback-forwarder")
+
+    def wake(self) -> None:
+        """Look at the queue now (a new outcome arrived)."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._deliver_due()
+                next_due = await self.store.run(self.store.next_due)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("feedback forwarding failed; retrying shortly")
+                next_due = time.time() + self.settings.retry_initial_seconds
+            wait = 5.0 if next_due is None else min(5.0, max(0.0, next_due - time.time()))
+            self._wake.clear()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def _deliver_due(self) -> None:
+        while True:
+            batch = await self.store.run(self.store.due, time.time())
+            if not batch:
+                return
+            results = await asyncio.gather(*(self._deliver(d) for d in batch))
+            await self.store.run(self.store.settle, results)
+            if all(state == "pending" for _, state, _, _ in results):
+                return  # everything due failed: wait for the backoff
+
+    async def _deliver(self, delivery: Delivery) -> tuple[Delivery, str, float | None, str]:
+        client = self._clients().get(delivery.server_name)
+        if client is None:
+            return self._retry(delivery, "endpoint not configured")
+        request = pb.FeedbackRequest(
+            prediction_id=delivery.model_prediction_id,
+            outcome=pb.TradeOutcome.FromString(delivery.outcome),
+        )
+        try:
+            await client.feedback(request, self.settings.call_timeout_seconds)
+        except grpc.aio.AioRpcError as error:
+            text = f"{error.code().name}: {error.details()}"
+            if error.code() == grpc.StatusCode.ALREADY_EXISTS:
+                return delivery, "delivered", None, ""
+            if error.code() in PERMANENT_CODES:
+                logger.warning(
+                    "feedback for %s to %s refused for good: %s",
+                    delivery.prediction_id,
+                    delivery.server_name,
+                    text,
+                )
+                return delivery, "failed", None, text
+            return self._retry(delivery, text)
+        except Exception as error:  # a closed channel during reload, for example
+            return self._retry(delivery, f"{type(error).__name__}: {error}")
+        logger.debug("feedback %s delivered to %s", delivery.prediction_id, delivery.server_name)
+        return delivery, "delivered", None, ""
+
+    def _retry(self, delivery: Delivery, error: str) -> tuple[Delivery, str, float | None, str]:
+        delay = min(
+            self.settings.retry_max_seconds,
+            self.settings.retry_initial_seconds * 2 ** min(delivery.attempts, 30),
+        )
+        logger.info(
+            "feedback %s to %s failed (attempt %d, retry in %.1fs): %s",
+            delivery.prediction_id,
+            delivery.server_name,
+            delivery.attempts + 1,
+            delay,
+            error,
+        )
+        return delivery, "pending", time.time() + delay, error
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

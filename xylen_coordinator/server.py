@@ -1,0 +1,171 @@
+"""Building and running the coordinator's gRPC server.
+
+:func:`build_server` wires the EnsembleService, health and reflection and binds the port
+(returning the one it got, so tests can ask for port 0). :func:`serve` starts the coordinator,
+flips health to SERVING, reloads the configuration on SIGHUP (and, if asked, when the file
+changes), and on SIGTERM flips to NOT_SERVING, drains the calls in flight and returns 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from xylen.v1 import ensemble_service_pb2 as epb
+from xylen.v1 import ensemble_service_pb2_grpc as epb_grpc
+from xylen_coordinator.config import ConfigError
+from xylen_coordinator.coordinator import AsyncCoordinator
+from xylen_coordinator.servicer import EnsembleServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = epb.DESCRIPTOR.services_by_name["EnsembleService"].full_name
+_HEALTH_SERVICES = ("", SERVICE_NAME)
+_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class Running:
+    """A built coordinator server and the parts a caller needs to drive it."""
+
+    server: grpc.aio.Server
+    port: int
+    coordinator: AsyncCoordinator
+    health: health.aio.HealthServicer
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in _HEALTH_SERVICES:
+            await self.health.set(name, status)
+
+
+async def build_server(coordinator: AsyncCoordinator, host: str, port: int) -> Running:
+    """Build (not start) a plaintext server for ``coordinator`` on ``host:port``."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    epb_grpc.add_EnsembleServiceServicer_to_server(EnsembleServicer(coordinator), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot bind gRPC port {address}: {exc}") from exc
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC port {address}")
+    running = Running(server, bound, coordinator, health_servicer)
+    await running.set_serving(False)
+    return running
+
+
+async def _reload(coordinator: AsyncCoordinator) -> None:
+    try:
+        config = await coordinator.reload()
+    except ConfigError as exc:
+        logger.error("configuration NOT reloaded, keeping the old one: %s", exc)
+    except Exception:
+        logger.exception("configuration NOT reloaded, keeping the old one")
+    else:
+        logger.info(
+            "reloaded %s: %s",
+            config.source,
+            ", ".join(
+                f"{e.name}={e.weight:g}{'' if e.enabled else ' (disabled)'}"
+                for e in config.model_endpoints
+            ),
+        )
+
+
+def _file_state(path: Path) -> tuple[float, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime, st.st_size, st.st_ino)
+
+
+async def _watch_file(coordinator: AsyncCoordinator, interval: float) -> None:
+    """Reload when the configuration file's mtime, size or inode changes (cheap polling)."""
+    path = coordinator.config.source
+    if path is None:
+        return
+    last = _file_state(path)
+    while True:
+        await asyncio.sleep(interval)
+        state = _file_state(path)
+        if state is not None and state != last:
+            last = state
+            logger.info("%s changed; reloading", path)
+            await _reload(coordinator)
+
+
+async def serve(
+    coordinator: AsyncCoordinator,
+    host: str = "[::]",
+    port: int = 50051,
+    watch_seconds: float = 0.0,
+    grace_seconds: float = 5.0,
+) -> int:
+    """Run until SIGTERM or SIGINT; returns the process exit code."""
+    running = await build_server(coordinator, host, port)
+    await running.server.start()
+    print(f"xylen-coordinator listening on port {running.port}", flush=True)
+    await coordinator.start()
+    await running.set_serving(True)
+    logger.info(
+        "SERVING the ensemble of %s on port %d",
+        ", ".join(e.name for e in coordinator.config.enabled_endpoints),
+        running.port,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hangup() -> None:
+        logger.info("SIGHUP: reloading %s", coordinator.config.source)
+        task = asyncio.create_task(_reload(coordinator))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    watcher = (
+        asyncio.create_task(_watch_file(coordinator, watch_seconds)) if watch_seconds > 0 else None
+    )
+    await stop.wait()
+    logger.info("shutting down: NOT_SERVING, draining for up to %.1fs", grace_seconds)
+    if watcher is not None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    await running.set_serving(False)
+    await running.server.stop(grace_seconds)
+    await coordinator.close()
+    logger.info("stopped cleanly")
+    return 0

@@ -1,0 +1,59 @@
+"""EnsembleService over gRPC: protobuf in, a call into the coordinator, protobuf out."""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import grpc
+
+from xylen.v1 import ensemble_service_pb2 as epb
+from xylen.v1 import ensemble_service_pb2_grpc as epb_grpc
+from xylen_coordinator import convert
+from xylen_coordinator.coordinator import AsyncCoordinator
+from xylen_server.errors import abort
+
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+#: Time kept back from the caller's own deadline to build and send the answer.
+_REPLY_MARGIN_SECONDS = 0.002
+
+
+class EnsembleServicer(epb_grpc.EnsembleServiceServicer):
+    def __init__(self, coordinator: AsyncCoordinator) -> None:
+        self.coordinator = coordinator
+
+    async def Predict(
+        self, request: epb.EnsembleServicePredictRequest, context: Context
+    ) -> epb.EnsembleServicePredictResponse:
+        timeout: float | None = None
+        if request.HasField("timeout") and request.timeout.ToNanoseconds() > 0:
+            timeout = request.timeout.ToNanoseconds() / 1e9
+        remaining = context.time_remaining()
+        if remaining is not None:
+            budget = timeout or self.coordinator.config.deadline_ms / 1000
+            timeout = max(0.001, min(budget, remaining - _REPLY_MARGIN_SECONDS))
+        try:
+            result = await self.coordinator.predict(list(request.inputs), timeout)
+        except Exception as exc:
+            await abort(context, exc)
+        return convert.predict_response(result)
+
+    async def Feedback(
+        self, request: epb.EnsembleServiceFeedbackRequest, context: Context
+    ) -> epb.EnsembleServiceFeedbackResponse:
+        try:
+            ack = await self.coordinator.feedback(
+                request.prediction_id, request.outcome if request.HasField("outcome") else None
+            )
+        except Exception as exc:
+            await abort(context, exc)
+        return convert.feedback_response(ack)
+
+    async def GetEnsembleInfo(
+        self, request: epb.GetEnsembleInfoRequest, context: Context
+    ) -> epb.GetEnsembleInfoResponse:
+        try:
+            pending = await self.coordinator.pending_feedback()
+        except Exception as exc:
+            await abort(context, exc)
+        return convert.info_response(self.coordinator.config, self.coordinator.endpoints(), pending)
