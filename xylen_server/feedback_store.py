@@ -41,6 +41,8 @@ int32 (``xylen.v1.Signal`` value, nullable), ``pnl`` float64, ``realized_return`
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -254,7 +256,9 @@ class _Waiter:
             self.event.set()
         else:
             assert self.loop is not None
-            self.loop.call_soon_threadsafe(self._settle)
+            # RuntimeError: the caller's loop is closed; nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._settle)
 
     def _settle(self) -> None:
         future = self.future
@@ -352,6 +356,13 @@ class FeedbackStore:
     def _open(self) -> None:
         self.wal_dir.mkdir(parents=True, exist_ok=True)
         self.samples_dir.mkdir(parents=True, exist_ok=True)
+        # One process per store: a second opener would interleave frames and compactions.
+        self._lock_fd = os.open(self.directory / "feedback.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise RuntimeError(f"{self.directory} is open in another process") from None
         for stale in self.samples_dir.glob("*.tmp"):
             stale.unlink()
         covered = 0
@@ -620,6 +631,7 @@ class FeedbackStore:
                 logger.exception("compaction at close failed; the records stay in the WAL")
         with self._io_lock:
             os.close(self._fd)
+        os.close(self._lock_fd)  # releases the flock
 
     def __enter__(self) -> FeedbackStore:
         return self

@@ -45,6 +45,10 @@ def ids_of(store: FeedbackStore) -> list[str]:
     return store.read_samples()["prediction_id"].to_list()
 
 
+def ids_of_range(n: int) -> list[str]:
+    return [f"p-{i}" for i in range(n)]
+
+
 def segments(directory: Path) -> list[Path]:
     return sorted((directory / "feedback_wal").glob("wal-*.log"))
 
@@ -185,9 +189,12 @@ def test_torn_tail_is_truncated(tmp_path: Path, tail: bytes) -> None:
     good_size = wal.stat().st_size
     with open(wal, "ab") as handle:
         handle.write(tail)
+    copy = tmp_path / "copy.log"  # the store compacts the segment away in the background
+    copy.write_bytes(wal.read_bytes())
+    assert [r.prediction_id for r in read_segment(copy, repair=True)] == ids_of_range(5)
+    assert copy.stat().st_size == good_size  # repair cut the garbage from the file
     with FeedbackStore(tmp_path, compact_on_close=False) as store:
-        assert ids_of(store) == [f"p-{i}" for i in range(5)]
-        assert wal.stat().st_size == good_size  # the garbage is gone from disk
+        assert ids_of(store) == ids_of_range(5)
         assert not store.append(record(99)).duplicate  # and appends go on cleanly
     with FeedbackStore(tmp_path) as store:
         assert ids_of(store) == [f"p-{i}" for i in [0, 1, 2, 3, 4, 99]]
@@ -398,3 +405,9 @@ def test_repeat_of_a_stored_id_is_a_duplicate_not_not_found(tmp_path: Path) -> N
         store.append(record(1))
         rec = _build(PredictionLog(None), prediction_id="p-1", already_stored=store)
         assert store.append(rec).duplicate
+
+
+def test_a_second_opener_is_refused(tmp_path: Path) -> None:
+    with FeedbackStore(tmp_path), pytest.raises(RuntimeError, match="open in another process"):
+        FeedbackStore(tmp_path)
+    FeedbackStore(tmp_path).close()  # free again once closed
