@@ -25,6 +25,8 @@ from pathlib import Path
 
 import polars as pl
 
+from training.metadata import sha256_file
+
 #: The 12 columns of a kline CSV, by position.
 KLINE_COLUMNS = (
     "open_time",
@@ -171,14 +173,6 @@ def interval_ms(interval: str) -> int:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checksum_path(zip_path: Path) -> Path:

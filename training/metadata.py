@@ -9,6 +9,7 @@ the feature code it runs (see :mod:`training.features`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -69,6 +70,9 @@ class ModelMetadata:
     """Validation and test metrics, baselines included."""
     params: dict[str, Any] = field(default_factory=dict)
     """Model hyper-parameters as trained."""
+    checksums: dict[str, str] = field(default_factory=dict)
+    """sha256 of model files by file name (the native file at least); the server verifies them
+    before loading, since some libraries crash rather than fail on a truncated file."""
 
     def __post_init__(self) -> None:
         if self.model_type not in NATIVE_FILES:
@@ -121,6 +125,15 @@ class ModelMetadata:
         return path
 
 
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` so a reader sees the old or the new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +143,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; servers may run as another user
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -13,7 +13,6 @@ ONNX, so only LightGBM needs the fix.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from training.metadata import ONNX_FILE, ModelMetadata
+from training.metadata import ONNX_FILE, ModelMetadata, sha256_file
 
 #: Metadata key in the ONNX file holding the sha256 of the native file it was converted from.
 NATIVE_SHA256_KEY = "xylen.native_sha256"
@@ -36,16 +35,21 @@ PARITY_TOLERANCE = 1e-5
 _ONNX_OPSET = 15
 
 
+#: LightGBM reads any |x| <= 1e-35 as 0 (its kZeroThreshold) and places splits at +-1e-35
+#: between 0 and the nearest values; ONNX compares such values as they are.
+ZERO_THRESHOLD = 1e-35
+
+
+def model_input(rows: np.ndarray) -> np.ndarray:
+    """The one input convention every engine sees: float32, with LightGBM's zero snapping
+    applied, so ONNX and native engines branch the same way on every value."""
+    out = np.asarray(rows, dtype=np.float32).copy()
+    out[np.abs(out) <= ZERO_THRESHOLD] = 0.0
+    return out
+
+
 class ConversionError(RuntimeError):
     """The model could not be converted, or the converted model disagrees with the native one."""
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def round_down_f32(values: np.ndarray) -> np.ndarray:
@@ -126,7 +130,27 @@ def _convert_catboost(native: Path, n_features: int) -> onnx.ModelProto:
     converted.graph.input[0].name = INPUT_NAME
     for node in converted.graph.node:
         node.input[:] = [INPUT_NAME if name == old else name for name in node.input]
+    _drop_zipmap(converted)
     return converted
+
+
+def _drop_zipmap(model: onnx.ModelProto) -> None:
+    """Replace a ZipMap (a list of {class: probability} maps) by the plain (N, 2) float tensor
+    it was fed, under the same output name."""
+    graph = model.graph
+    for node in list(graph.node):
+        if node.op_type != "ZipMap":
+            continue
+        source, target = node.input[0], node.output[0]
+        graph.node.remove(node)
+        for other in graph.node:
+            other.output[:] = [target if name == source else name for name in other.output]
+        for i, output in enumerate(graph.output):
+            if output.name == target:
+                graph.output.remove(output)
+                graph.output.insert(
+                    i, onnx.helper.make_tensor_value_info(target, onnx.TensorProto.FLOAT, ["N", 2])
+                )
 
 
 _CONVERTERS = {
@@ -140,6 +164,8 @@ def _make_batch_dims_dynamic(model: onnx.ModelProto) -> None:
     """Give every graph output a symbolic batch dimension (onnxmltools writes a fixed 1 for the
     label, which makes onnxruntime warn on every batch)."""
     for output in model.graph.output:
+        if not output.type.HasField("tensor_type"):
+            continue
         dims = output.type.tensor_type.shape.dim
         if dims:
             dims[0].ClearField("dim_value")
@@ -156,7 +182,9 @@ def convert(meta: ModelMetadata, model_dir: Path) -> onnx.ModelProto:
     _make_batch_dims_dynamic(model)
     outputs = [o.name for o in model.graph.output]
     if PROBABILITIES_OUTPUT not in outputs:
-        raise ConversionError(f"converted {native} has outputs {outputs}, no {PROBABILITIES_OUTPUT}")
+        raise ConversionError(
+            f"converted {native} has outputs {outputs}, no {PROBABILITIES_OUTPUT}"
+        )
     onnx.helper.set_model_props(
         model,
         {
@@ -175,7 +203,9 @@ def onnx_is_current(model_dir: Path, meta: ModelMetadata) -> bool:
     if not path.exists():
         return False
     try:
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        props = {
+            p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
+        }
     except Exception:  # a corrupt file is not current; it gets reconverted
         return False
     return props.get(CONVERTER_VERSION_KEY) == CONVERTER_VERSION and props.get(
@@ -195,6 +225,7 @@ def export_onnx(model_dir: str | os.PathLike[str]) -> Path:
             fh.write(model.SerializeToString())
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; servers may run as another user
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -13,8 +13,8 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,10 @@ from training.evaluate import (
     find_lookahead,
     write_feature_importance,
 )
-from training.klines import Klines, load_klines, sha256_file
+from training.klines import Klines, load_klines
 from training.labels import binary_labels
-from training.metadata import FEATURE_IMPORTANCE_FILE, MetadataError, ModelMetadata
+from training.metadata import FEATURE_IMPORTANCE_FILE, MetadataError, ModelMetadata, sha256_file
+from training.onnx_export import export_onnx
 from training.split import TimeSplit, iso_ms, min_gap_bars, time_split, walk_forward
 from training.trainers import make_model
 
@@ -182,10 +183,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        # mkdtemp/mkstemp create owner-only entries; a server may run as another user.
-        tmp.chmod(0o755)
-        for entry in tmp.iterdir():
-            entry.chmod(0o644)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a server may run as another user
         if target.exists():
             old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(target, old)
@@ -199,16 +197,6 @@ def atomic_directory(target: Path) -> Iterator[Path]:
             os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _onnx_exporter() -> Callable[[Path], Path] | None:
-    try:
-        from training.onnx_export import export_onnx
-    except ModuleNotFoundError as exc:
-        if exc.name != "training.onnx_export":
-            raise
-        return None
-    return export_onnx
 
 
 def train_model(
@@ -266,17 +254,13 @@ def train_model(
         metrics=metrics,
         params={**model.params, "seed": config.seed, "num_threads": config.num_threads},
     )
-    export = _onnx_exporter()
     with atomic_directory(target) as tmp:
         native = model.save(tmp)
         write_feature_importance(tmp / FEATURE_IMPORTANCE_FILE, model.feature_importance())
-        if "checksums" in {f.name for f in fields(ModelMetadata)}:  # the server verifies these
-            meta = replace(meta, checksums={native.name: sha256_file(native)})  # type: ignore[call-arg]
+        # The server verifies these before loading (a truncated file can crash a library).
+        meta = replace(meta, checksums={native.name: sha256_file(native)})
         meta.write(tmp)
-        if export is not None:
-            export(tmp)
-        else:
-            logger.warning("training.onnx_export is not available; %s has no model.onnx", spec.name)
+        export_onnx(tmp)
     logger.info(
         "%s v%d (%s, horizon %d): validation AUC %s, test AUC %s",
         spec.name,
