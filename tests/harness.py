@@ -4,6 +4,7 @@ server processes on loopback, and an in-process server on its own event-loop thr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -23,9 +24,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from training import features
 from training.generator import simulate
 from training.metadata import ModelMetadata
+from training.onnx_export import sha256_file
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen.v1 import types_pb2
+from xylen_server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "binance-vision"
@@ -47,7 +50,7 @@ def training_rows(candles: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.nda
     close = candles["close"]
     y = np.r_[(close[1:] > close[:-1]).astype(np.float64), np.nan]
     keep = np.isfinite(x).all(axis=1) & np.isfinite(y)
-    return x[keep].astype(np.float32), y[keep]
+    return x[keep].astype(np.float32), y[keep].astype(np.int64)
 
 
 def write_model(
@@ -95,11 +98,17 @@ def write_model(
         from catboost import CatBoostClassifier
 
         cb = CatBoostClassifier(
-            iterations=trees, depth=4, random_seed=seed, verbose=0, thread_count=2
+            iterations=trees,
+            depth=4,
+            random_seed=seed,
+            verbose=0,
+            thread_count=2,
+            allow_writing_files=False,
         )
         cb.fit(x, y)
         cb.save_model(str(model_dir / meta.native_file))
-    meta.write(model_dir)
+    checksums = {meta.native_file: sha256_file(model_dir / meta.native_file)}
+    dataclasses.replace(meta, checksums=checksums).write(model_dir)
     return model_dir
 
 
@@ -224,6 +233,17 @@ def start_server(
     if wait:
         server.wait_serving()
     return server
+
+
+def server_settings(models_root: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "model_path": models_root,
+        "model_name": "model_1",
+        "host": "127.0.0.1",
+        "grpc_port": 0,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
 
 
 class InProcessServer:

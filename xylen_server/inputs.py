@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from training import features
+from training.onnx_export import model_input
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_server.errors import InvalidArgument, ResourceExhausted
@@ -75,7 +76,7 @@ def feature_matrix(
             row=row,
             feature=features.FEATURE_NAMES[column],
         )
-    return matrix.astype(np.float32)
+    return model_input(matrix)
 
 
 def candle_features(candles: Sequence[types_pb2.Candle], lookback: int, row: int) -> np.ndarray:

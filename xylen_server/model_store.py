@@ -23,6 +23,7 @@ from training.onnx_export import (
     convert,
     export_onnx,
     onnx_is_current,
+    sha256_file,
 )
 from xylen_server.errors import ModelLoadError
 from xylen_server.native import Engine, NativeModel
@@ -66,6 +67,20 @@ def check_features(meta: ModelMetadata) -> None:
         )
 
 
+def verify_checksums(meta: ModelMetadata, model_dir: Path) -> None:
+    """Every file the metadata lists a sha256 for must still have it."""
+    for name, expected in meta.checksums.items():
+        path = model_dir / name
+        if not path.is_file():
+            raise ModelLoadError(f"model {meta.name!r}: {path} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ModelLoadError(
+                f"model {meta.name!r}: {path} is corrupt (sha256 {actual[:12]}, "
+                f"metadata says {expected[:12]})"
+            )
+
+
 def _onnx_model(meta: ModelMetadata, model_dir: Path) -> onnx.ModelProto:
     if onnx_is_current(model_dir, meta):
         return onnx.load(str(model_dir / ONNX_FILE))
@@ -105,6 +120,7 @@ def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel
     native_path = model_dir / meta.native_file
     if not native_path.is_file():
         raise ModelLoadError(f"model {meta.name!r}: native model file {native_path} is missing")
+    verify_checksums(meta, model_dir)
     try:
         native = NativeModel(meta, model_dir, settings.pool_size)
     except Exception as exc:  # every library has its own error for a corrupt file

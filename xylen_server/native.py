@@ -43,7 +43,11 @@ class _LightGBM:
         import lightgbm as lgb
 
         self._lgb = lgb
-        self.booster = lgb.Booster(model_file=str(path))
+        text = path.read_text()
+        # LightGBM can crash the process on a truncated text model; refuse one before parsing.
+        if "end of trees" not in text:
+            raise ValueError("the file is truncated or not a LightGBM model (no 'end of trees')")
+        self.booster = lgb.Booster(model_str=text)
         if self.booster.num_feature() != n_features:
             raise ValueError(
                 f"model has {self.booster.num_feature()} features, metadata lists {n_features}"

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from training.onnx_export import PARITY_TOLERANCE
+from training.onnx_export import PARITY_TOLERANCE, model_input
 
 _TREE_OPS = ("TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble")
 
@@ -39,7 +39,8 @@ def split_thresholds(model: onnx.ModelProto, n_features: int) -> list[np.ndarray
 
 
 def probe_rows(model: onnx.ModelProto, n_features: int, n_rows: int, seed: int = 0) -> np.ndarray:
-    """``n_rows`` float32 rows whose values sit on, just below or just above split thresholds."""
+    """``n_rows`` rows whose values sit on, just below or just above split thresholds, in the
+    engines' input convention (:func:`training.onnx_export.model_input`)."""
     rng = np.random.default_rng(seed)
     rows = rng.normal(size=(n_rows, n_features)).astype(np.float32)
     for j, thresholds in enumerate(split_thresholds(model, n_features)):
@@ -50,7 +51,7 @@ def probe_rows(model: onnx.ModelProto, n_features: int, n_rows: int, seed: int =
         below = np.nextafter(picked, np.float32(-np.inf))
         above = np.nextafter(picked, np.float32(np.inf))
         rows[:, j] = np.where(step < 0, below, np.where(step > 0, above, picked))
-    return rows
+    return model_input(rows)
 
 
 def max_difference(reference: np.ndarray, candidate: np.ndarray) -> float:
