@@ -337,6 +337,13 @@ def _weights(value: Any) -> Weights:
     min_outcomes = _number(araw, "min_outcomes", f"{akey}.min_outcomes", 20.0)
     if min_outcomes < 0:
         raise ConfigError(f"{akey}.min_outcomes: must not be negative, got {min_outcomes}")
+    # Decayed counts saturate at 1 / (1 - d): a minimum at or above that is never reached.
+    ceiling = 1.0 / (1.0 - 0.5 ** (1.0 / half_life))
+    if min_outcomes >= ceiling:
+        raise ConfigError(
+            f"{akey}.min_outcomes: must be below {ceiling:.1f}, the most effective outcomes a "
+            f"half-life of {half_life:g} can hold, got {min_outcomes:g}"
+        )
     floor = _number(araw, "floor", f"{akey}.floor", 0.25)
     cap = _number(araw, "cap", f"{akey}.cap", 2.0)
     if floor <= 0:

@@ -1,0 +1,91 @@
+"""Coordinator fixtures: small real models trained once, four real server processes shared by
+the tests that leave them as they found them, and helpers to write config files."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+import harness
+
+#: Model types and static weights of the four default servers.
+MODELS = (
+    ("model_1", "lightgbm", 0.4),
+    ("model_2", "xgboost", 0.3),
+    ("model_3", "catboost", 0.2),
+    ("model_4", "lightgbm", 0.1),
+)
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("coordinator-models")
+    for i, (name, kind, _) in enumerate(MODELS, start=1):
+        harness.write_model(root, name, kind, trees=30 + 10 * i, seed=i)
+    harness.write_model(root, "model_5", "lightgbm", trees=25, seed=5)
+    return root
+
+
+@pytest.fixture(scope="session")
+def candles() -> dict[str, np.ndarray]:
+    return harness.synthetic_candles(600, seed=23)
+
+
+@pytest.fixture(scope="session")
+def four_servers(models_root: Path) -> Iterator[list[harness.ServerProcess]]:
+    """Four real model servers. A test that stops one must restart it on the same port."""
+    servers = [
+        harness.start_server(models_root, name, wait=False, env={"SHUTDOWN_GRACE_SECONDS": "2"})
+        for name, _, _ in MODELS
+    ]
+    try:
+        for server in servers:
+            server.wait_serving()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def endpoint(name: str, port: int, weight: float, enabled: bool = True) -> dict[str, Any]:
+    return {"name": name, "host": "127.0.0.1", "port": port, "weight": weight, "enabled": enabled}
+
+
+def write_config(
+    path: Path,
+    endpoints: Sequence[Mapping[str, Any]],
+    **sections: Any,
+) -> Path:
+    """A config.yaml with ``endpoints`` and fast test defaults, ``sections`` overriding."""
+    raw: dict[str, Any] = {
+        "model_endpoints": [dict(e) for e in endpoints],
+        "deadline_ms": 3000,
+        "feedback_queue": {
+            "path": str(path.parent / "feedback.sqlite3"),
+            "retry_initial_seconds": 0.2,
+            "retry_max_seconds": 1.0,
+        },
+        "transport": {"reconnect_backoff_initial_ms": 50, "reconnect_backoff_max_ms": 500},
+    }
+    raw.update(sections)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def four_endpoints(servers: Sequence[harness.ServerProcess]) -> list[dict[str, Any]]:
+    return [
+        endpoint(name, server.port, weight)
+        for (name, _, weight), server in zip(MODELS, servers, strict=True)
+    ]
