@@ -1,26 +1,15 @@
-"""Coordinator fixtures: small real models trained once, four real server processes shared by
-the tests that leave them as they found them, and helpers to write config files."""
+"""Coordinator fixtures: small real models trained once per session and four real server
+processes shared by the tests (a test that stops one restarts it on the same port)."""
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import pytest
-import yaml
 
 import harness
-
-#: Model types and static weights of the four default servers.
-MODELS = (
-    ("model_1", "lightgbm", 0.4),
-    ("model_2", "xgboost", 0.3),
-    ("model_3", "catboost", 0.2),
-    ("model_4", "lightgbm", 0.1),
-)
+import numpy as np
+import pytest
+from coordinator.helpers import MODELS
 
 
 @pytest.fixture(scope="session")
@@ -51,41 +40,3 @@ def four_servers(models_root: Path) -> Iterator[list[harness.ServerProcess]]:
     finally:
         for server in servers:
             server.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def endpoint(name: str, port: int, weight: float, enabled: bool = True) -> dict[str, Any]:
-    return {"name": name, "host": "127.0.0.1", "port": port, "weight": weight, "enabled": enabled}
-
-
-def write_config(
-    path: Path,
-    endpoints: Sequence[Mapping[str, Any]],
-    **sections: Any,
-) -> Path:
-    """A config.yaml with ``endpoints`` and fast test defaults, ``sections`` overriding."""
-    raw: dict[str, Any] = {
-        "model_endpoints": [dict(e) for e in endpoints],
-        "deadline_ms": 3000,
-        "feedback_queue": {
-            "path": str(path.parent / "feedback.sqlite3"),
-            "retry_initial_seconds": 0.2,
-            "retry_max_seconds": 1.0,
-        },
-        "transport": {"reconnect_backoff_initial_ms": 50, "reconnect_backoff_max_ms": 500},
-    }
-    raw.update(sections)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
-def four_endpoints(servers: Sequence[harness.ServerProcess]) -> list[dict[str, Any]]:
-    return [
-        endpoint(name, server.port, weight)
-        for (name, _, weight), server in zip(MODELS, servers, strict=True)
-    ]

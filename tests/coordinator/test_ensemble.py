@@ -47,8 +47,15 @@ def test_unanimous_votes_do_not_disagree() -> None:
 
 @pytest.mark.parametrize(
     ("p", "signal"),
-    [(0.55, Signal.BUY), (0.5500001, Signal.BUY), (0.45, Signal.SELL), (0.4499, Signal.SELL),
-     (0.5, Signal.HOLD), (0.5499, Signal.HOLD), (0.4501, Signal.HOLD)],
+    [
+        (0.55, Signal.BUY),
+        (0.5500001, Signal.BUY),
+        (0.45, Signal.SELL),
+        (0.4499, Signal.SELL),
+        (0.5, Signal.HOLD),
+        (0.5499, Signal.HOLD),
+        (0.4501, Signal.HOLD),
+    ],
 )
 def test_thresholds_inclusive_like_the_servers(p: float, signal: Signal) -> None:
     assert combine({"a": p}, W, T).signal is signal
