@@ -9,7 +9,6 @@ training uses.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -37,7 +36,7 @@ def feature_matrix(
             rows=len(inputs),
             limit=max_rows,
         )
-    rows: list[Any] = []
+    matrix = np.empty((len(inputs), n_features), dtype=np.float64)
     for index, item in enumerate(inputs):
         kind = item.WhichOneof("input")
         if kind == "features":
@@ -50,14 +49,21 @@ def feature_matrix(
                     expected=n_features,
                     got=len(values),
                 )
-            rows.append(values)
+            matrix[index] = values
         elif kind == "candles":
-            rows.append(candle_features(item.candles.candles, lookback, index))
+            matrix[index] = candle_features(item.candles.candles, lookback, index)
         else:
             raise InvalidArgument(
                 f"row {index} has neither features nor candles", reason="MISSING_INPUT", row=index
             )
-    matrix = np.array(rows, dtype=np.float64)
+    # One pass catches NaN (never <=), infinities and values float32 cannot hold.
+    if not (np.abs(matrix) <= _F32_MAX).all():
+        _refuse_values(matrix)
+    return model_input(matrix)
+
+
+def _refuse_values(matrix: np.ndarray) -> None:
+    """Raise the error for the first value that is not finite or does not fit float32."""
     if not np.isfinite(matrix).all():
         row, column = (int(v) for v in np.argwhere(~np.isfinite(matrix))[0])
         raise InvalidArgument(
@@ -67,16 +73,14 @@ def feature_matrix(
             row=row,
             feature=features.FEATURE_NAMES[column],
         )
-    if np.abs(matrix).max() > _F32_MAX:
-        row, column = (int(v) for v in np.argwhere(np.abs(matrix) > _F32_MAX)[0])
-        raise InvalidArgument(
-            f"row {row} feature {features.FEATURE_NAMES[column]!r} is {matrix[row, column]:g}, "
-            "outside the float32 range the model runs in",
-            reason="FEATURE_OUT_OF_RANGE",
-            row=row,
-            feature=features.FEATURE_NAMES[column],
-        )
-    return model_input(matrix)
+    row, column = (int(v) for v in np.argwhere(np.abs(matrix) > _F32_MAX)[0])
+    raise InvalidArgument(
+        f"row {row} feature {features.FEATURE_NAMES[column]!r} is {matrix[row, column]:g}, "
+        "outside the float32 range the model runs in",
+        reason="FEATURE_OUT_OF_RANGE",
+        row=row,
+        feature=features.FEATURE_NAMES[column],
+    )
 
 
 def candle_features(candles: Sequence[types_pb2.Candle], lookback: int, row: int) -> np.ndarray:

@@ -29,6 +29,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
+        # Wrapping is built once per method, not per call: this sits on every request.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -39,6 +41,14 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         recorder = self.recorder
         if handler.unary_unary is not None:
             behavior = handler.unary_unary

@@ -42,6 +42,10 @@ class LoadedModel:
     engine: Engine
     parity_max_difference: float | None
     """Worst |ONNX - native| on the probe; None when serving native."""
+    row_cost_us: float
+    """Median time of a one-row inference, measured at warm-up."""
+    loop_max_rows: int
+    """Largest batch of feature vectors run on the event loop (see Settings.loop_budget_us)."""
 
     def close(self) -> None:
         self.engine.close()
@@ -93,13 +97,27 @@ def _onnx_model(meta: ModelMetadata, model_dir: Path) -> onnx.ModelProto:
         return convert(meta, model_dir)
 
 
-def _warm_up(engine: Engine, n_features: int, workers: int) -> None:
+def _warm_up(engine: Engine, n_features: int, workers: int) -> float:
+    """Run every session once, check the output, and return the median one-row cost in us."""
     rows = np.zeros((64, n_features), dtype=np.float32)
     futures = [engine.executor.submit(engine.predict_proba, rows[:n]) for n in (1, 64) * workers]
-    for future in futures:
-        result = future.result()
-        if not np.isfinite(result).all():
-            raise ModelLoadError("model produced non-finite probabilities during warm-up")
+    for result in [f.result() for f in futures] + [engine.predict_on_loop(rows[:1])]:
+        if not (np.isfinite(result).all() and ((result >= 0) & (result <= 1)).all()):
+            raise ModelLoadError("model produced probabilities outside [0, 1] during warm-up")
+    timings = []
+    for _ in range(101):
+        started = time.perf_counter()
+        engine.predict_on_loop(rows[:1])
+        timings.append(time.perf_counter() - started)
+    return float(np.median(timings)) * 1e6
+
+
+def _loaded(
+    meta: ModelMetadata, engine: Engine, difference: float | None, settings: Settings
+) -> LoadedModel:
+    row_cost_us = _warm_up(engine, len(meta.feature_names), settings.pool_size)
+    loop_max_rows = int(settings.loop_budget_us // row_cost_us) if row_cost_us > 0 else 0
+    return LoadedModel(meta, engine, difference, row_cost_us, min(loop_max_rows, 64))
 
 
 def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel:
@@ -128,14 +146,15 @@ def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel
 
     n_features = len(meta.feature_names)
     if not settings.onnx_enabled:
-        _warm_up(native, n_features, settings.pool_size)
+        loaded = _loaded(meta, native, None, settings)
         logger.info(
-            "loaded %s v%d (native) in %.2fs",
+            "loaded %s v%d (native, %.1f us a row) in %.2fs",
             meta.name,
             meta.version,
+            loaded.row_cost_us,
             time.perf_counter() - started,
         )
-        return LoadedModel(meta=meta, engine=native, parity_max_difference=None)
+        return loaded
 
     try:
         try:
@@ -155,16 +174,17 @@ def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel
                 f"model {meta.name!r}: ONNX and native probabilities differ by {difference:.3g} "
                 f"on the parity probe (tolerance {PARITY_TOLERANCE:g}); refusing to serve"
             )
-        _warm_up(pool, n_features, settings.pool_size)
+        loaded = _loaded(meta, pool, difference, settings)
     finally:
         native.close()
     logger.info(
-        "loaded %s v%d (onnx, %d sessions x %d threads, parity %.2g) in %.2fs",
+        "loaded %s v%d (onnx, %d sessions x %d threads, parity %.2g, %.1f us a row) in %.2fs",
         meta.name,
         meta.version,
         settings.pool_size,
         settings.session_threads,
         difference,
+        loaded.row_cost_us,
         time.perf_counter() - started,
     )
-    return LoadedModel(meta=meta, engine=pool, parity_max_difference=difference)
+    return loaded

@@ -29,6 +29,8 @@ class Engine(Protocol):
 
     def predict_proba(self, rows: np.ndarray) -> np.ndarray: ...
 
+    def predict_on_loop(self, rows: np.ndarray) -> np.ndarray: ...
+
     def close(self) -> None: ...
 
 
@@ -167,6 +169,9 @@ class NativeModel:
 
     def predict_proba(self, rows: np.ndarray) -> np.ndarray:
         return self._impl.predict_proba(rows)
+
+    # Native boosters keep per-thread state only, so the loop thread may call them directly.
+    predict_on_loop = predict_proba
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

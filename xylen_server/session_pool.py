@@ -4,6 +4,10 @@
 up to ``size`` inferences run truly in parallel while the event loop keeps serving. Each session
 gets ``threads`` intra-op threads; keep ``size * threads`` at or below the core count
 (onnxruntime's default of one thread per core *per session* oversubscribes the CPU).
+
+One more session belongs to the event-loop thread alone (:meth:`predict_on_loop`): a single row
+of a 500-tree model takes ~12 us, a hop to a worker thread ~80 us, so tiny batches that fit the
+loop's budget (see :mod:`xylen_server.predictor`) run there without waiting for a worker.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ class SessionPool:
         for _ in range(size):
             session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
             self._idle.put(session)
+        self._loop_session = ort.InferenceSession(
+            model_bytes, options, providers=["CPUExecutionProvider"]
+        )
         self.executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="onnx")
 
     def predict_proba(self, rows: np.ndarray) -> np.ndarray:
@@ -49,6 +56,11 @@ class SessionPool:
             probabilities = session.run([PROBABILITIES_OUTPUT], {INPUT_NAME: rows})[0]
         finally:
             self._idle.put(session)
+        return np.asarray(probabilities[:, 1], dtype=np.float64)
+
+    def predict_on_loop(self, rows: np.ndarray) -> np.ndarray:
+        """P(up) on the event-loop thread's own session (call it from that thread only)."""
+        probabilities = self._loop_session.run([PROBABILITIES_OUTPUT], {INPUT_NAME: rows})[0]
         return np.asarray(probabilities[:, 1], dtype=np.float64)
 
     def close(self) -> None:

@@ -58,6 +58,10 @@ class Settings:
     """``SHUTDOWN_GRACE_SECONDS``: time in-flight calls get to finish after SIGTERM."""
     parity_probe_rows: int = 2048
     """``PARITY_PROBE_ROWS``: rows of the ONNX-vs-native check run before serving."""
+    loop_budget_us: float = 50.0
+    """``LOOP_INFERENCE_BUDGET_US``: a batch of feature vectors whose measured cost fits this
+    budget runs on the event loop (a thread hop costs ~80 us, more than a small model's row);
+    anything bigger, and every candle window, runs on the pool's threads. 0 always offloads."""
     inference_delay_ms: float = 0.0
     """``INFERENCE_DELAY_MS``: test-only artificial delay added to every inference."""
 
@@ -91,9 +95,10 @@ class Settings:
                 "need 0 <= SELL_THRESHOLD < BUY_THRESHOLD <= 1, got "
                 f"SELL_THRESHOLD={self.sell_threshold} BUY_THRESHOLD={self.buy_threshold}"
             )
-        if self.shutdown_grace_seconds < 0 or self.inference_delay_ms < 0:
+        if min(self.shutdown_grace_seconds, self.inference_delay_ms, self.loop_budget_us) < 0:
             raise SettingsError(
-                "SHUTDOWN_GRACE_SECONDS and INFERENCE_DELAY_MS must not be negative"
+                "SHUTDOWN_GRACE_SECONDS, INFERENCE_DELAY_MS and LOOP_INFERENCE_BUDGET_US "
+                "must not be negative"
             )
 
     @property
@@ -155,6 +160,7 @@ _ENV_NAMES = {
     "sell_threshold": "SELL_THRESHOLD",
     "shutdown_grace_seconds": "SHUTDOWN_GRACE_SECONDS",
     "parity_probe_rows": "PARITY_PROBE_ROWS",
+    "loop_budget_us": "LOOP_INFERENCE_BUDGET_US",
     "inference_delay_ms": "INFERENCE_DELAY_MS",
 }
 
@@ -173,5 +179,6 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "sell_threshold": _parse_float,
     "shutdown_grace_seconds": _parse_float,
     "parity_probe_rows": _parse_int,
+    "loop_budget_us": _parse_float,
     "inference_delay_ms": _parse_float,
 }

@@ -112,3 +112,31 @@ def test_unexpected_errors_become_internal_without_details(caplog):
     assert status.code == grpc.StatusCode.INTERNAL.value[0]
     assert "secret" not in status.message
     assert "unexpected error" in caplog.text
+
+
+def test_tiny_batches_run_on_the_loop_and_agree_with_the_pool(server, stub, feature_rows):
+    model = server.running.predictor.model
+    assert 1 <= model.loop_max_rows <= 64  # a small model fits the default 50 us budget
+    single = [
+        stub.Predict(pb.PredictRequest(inputs=[_features(r)])).predictions[0].probability_up
+        for r in feature_rows[:20]
+    ]
+    batch = stub.Predict(pb.PredictRequest(inputs=[_features(r) for r in feature_rows[:100]]))
+    assert single == [p.probability_up for p in batch.predictions[:20]]
+
+
+def test_a_zero_loop_budget_always_offloads(models_root):
+    from harness import server_settings
+
+    from xylen_server.model_store import load_model
+
+    model = load_model(server_settings(models_root, loop_budget_us=0.0))
+    try:
+        assert model.loop_max_rows == 0
+        assert model.row_cost_us > 0
+    finally:
+        model.close()
+
+
+def _features(row):
+    return pb.PredictInput(features=types_pb2.FeatureVector(values=row.tolist()))

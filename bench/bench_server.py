@@ -1,0 +1,344 @@
+"""Model-server benchmark, everything measured side by side in one run on the same model:
+
+* in process: LightGBM ``Booster.predict``, LightGBM's single-row fast API and an ONNX Runtime
+  session, at batch 1 and 1024;
+* over gRPC on loopback: a bare grpc.aio echo of the same request bytes (the floor), then
+  xylen Predict (unary) and PredictStream: p50/p99 at batch 1 and throughput at 1, 8, 32 in flight.
+
+The model is what production serves: LightGBM, 500 trees x 31 leaves, on the 25 shared features
+of generated 1h candles. ``python -m bench.bench_server [--seconds S]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from training import features
+from training.generator import simulate
+from training.metadata import ModelMetadata, sha256_file
+from training.onnx_export import export_onnx
+from xylen.v1 import model_service_pb2 as pb
+from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen.v1 import types_pb2
+
+REPO = Path(__file__).resolve().parents[1]
+HOUR_MS = 3_600_000
+
+
+def build_model(root: Path, trees: int = 500) -> tuple[Path, np.ndarray]:
+    """A production-sized LightGBM model directory, and feature rows to send it."""
+    import lightgbm as lgb
+
+    start = 1_704_067_200_000  # 2024-01-01
+    frame = simulate(
+        np.arange(start, start + 20_000 * HOUR_MS, HOUR_MS, dtype=np.int64), HOUR_MS, 3
+    )
+    candles = features.candles_from_frame(frame)
+    x = features.compute_features(candles)
+    y = np.r_[(candles["close"][1:] > candles["close"][:-1]).astype(np.int64), 0]
+    keep = np.isfinite(x).all(axis=1)
+    x, y = x[keep].astype(np.float32), y[keep]
+    params = {"objective": "binary", "verbose": -1, "num_leaves": 31, "seed": 1, "num_threads": 2}
+    booster = lgb.train(params, lgb.Dataset(x, y), trees)
+    model_dir = root / "model_1"
+    model_dir.mkdir(parents=True)
+    booster.save_model(str(model_dir / "lightgbm_model.txt"))
+    ModelMetadata(
+        name="model_1",
+        model_type="lightgbm",
+        version=1,
+        training_samples=len(y),
+        trained_at="2026-01-01T00:00:00Z",
+        feature_names=list(features.FEATURE_NAMES),
+        lookback=features.LOOKBACK_PERIODS,
+        features_hash=features.feature_definitions_hash(),
+        checksums={"lightgbm_model.txt": sha256_file(model_dir / "lightgbm_model.txt")},
+    ).write(model_dir)
+    export_onnx(model_dir)
+    return model_dir, x
+
+
+def _per_call_us(fn: Callable[[], object], seconds: float) -> tuple[float, float]:
+    """(p50, p99) microseconds of ``fn`` called back to back for about ``seconds``."""
+    for _ in range(50):
+        fn()
+    samples = []
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    samples.sort()
+    return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
+
+
+def in_process(model_dir: Path, rows: np.ndarray, seconds: float) -> None:
+    import lightgbm as lgb
+    import onnxruntime as ort
+
+    from xylen_server.native import NativeModel
+    from xylen_server.session_pool import session_options
+
+    meta = ModelMetadata.read(model_dir)
+    booster = lgb.Booster(model_file=str(model_dir / "lightgbm_model.txt"))
+    native = NativeModel(meta, model_dir, workers=1)
+    session = ort.InferenceSession(
+        str(model_dir / "model.onnx"), session_options(1), providers=["CPUExecutionProvider"]
+    )
+    print("\n== in process, same model (500 trees x 31 leaves), p50 / p99 per call ==")
+    results = {}
+    for batch in (1, 1024):
+        x = np.ascontiguousarray(rows[:batch])
+        cases = {
+            "LightGBM Booster.predict": lambda x=x: booster.predict(x, num_threads=1),
+            "LightGBM fast single-row API": lambda x=x: native.predict_proba(x),
+            "ONNX Runtime session (1 thread)": lambda x=x: session.run(
+                ["probabilities"], {"input": x}
+            ),
+        }
+        if batch > 16:
+            del cases[
+                "LightGBM fast single-row API"
+            ]  # NativeModel uses Booster.predict above 16 rows
+        for name, fn in cases.items():
+            p50, p99 = _per_call_us(fn, seconds)
+            results[(name, batch)] = p50
+            print(f"  batch {batch:>4}  {name:<34} p50 {p50:9.1f} us   p99 {p99:9.1f} us")
+    for batch in (1, 1024):
+        ratio = (
+            results[("LightGBM Booster.predict", batch)]
+            / results[("ONNX Runtime session (1 thread)", batch)]
+        )
+        print(f"  batch {batch:>4}  ONNX speed-up over Booster.predict: {ratio:.2f}x")
+    fast = results[("LightGBM fast single-row API", 1)]
+    print(
+        f"  batch    1  fast single-row API speed-up over Booster.predict: "
+        f"{results[('LightGBM Booster.predict', 1)] / fast:.2f}x"
+    )
+    native.close()
+
+
+class Process:
+    def __init__(self, command: list[str], env: dict[str, str], marker: str) -> None:
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the process)
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=REPO
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if marker not in line:
+            self.proc.wait(30)
+            self.log.seek(0)
+            raise RuntimeError(f"{command} did not start: {line}{self.log.read()}")
+        self.port = int(line.rsplit(" ", 1)[1])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def start_xylen(model_root: Path, extra: dict[str, str] | None = None) -> Process:
+    env = dict(
+        os.environ,
+        MODEL_PATH=str(model_root),
+        MODEL_NAME="model_1",
+        GRPC_HOST="127.0.0.1",
+        GRPC_PORT="0",
+        LOG_LEVEL="WARNING",
+        **(extra or {}),
+    )
+    server = Process([sys.executable, "-m", "xylen_server"], env, "listening on port")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return server
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    raise RuntimeError("xylen server did not become SERVING")
+
+
+def _interleaved_latency(
+    calls: dict[str, Callable[[], object]], seconds: float
+) -> dict[str, tuple[float, float]]:
+    """(p50, p99) us per target, calling the targets in turn so machine noise hits all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():
+        for _ in range(100):
+            call()
+    stop = time.perf_counter() + seconds * len(calls)
+    while time.perf_counter() < stop:
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            samples[name].append(time.perf_counter() - started)
+    out = {}
+    for name, values in samples.items():
+        values.sort()
+        out[name] = (values[len(values) // 2] * 1e6, values[int(len(values) * 0.99)] * 1e6)
+    return out
+
+
+async def _unary_slice(call: Callable[[], object], concurrency: int, seconds: float) -> int:
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            await call()  # type: ignore[misc]
+            done += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done
+
+
+async def _stream_slice(
+    stub: pb_grpc.ModelServiceStub, request: pb.PredictRequest, concurrency: int, seconds: float
+) -> int:
+    """``concurrency`` items kept in flight on one PredictStream for ``seconds``."""
+    call = stub.PredictStream()
+    done = sent = 0
+    stop = time.perf_counter() + seconds
+    for _ in range(concurrency):
+        await call.write(pb.PredictStreamRequest(request_id=str(sent), request=request))
+        sent += 1
+    while done < sent:
+        answer = await call.read()
+        assert answer.status.code == 0, answer.status
+        done += 1
+        if time.perf_counter() < stop:
+            await call.write(pb.PredictStreamRequest(request_id=str(sent), request=request))
+            sent += 1
+    await call.done_writing()
+    return done
+
+
+async def _interleaved_throughput(
+    slices: dict[str, Callable[[float], object]], seconds: float, slice_seconds: float = 0.25
+) -> dict[str, float]:
+    """Requests/s per target, running the targets in alternating short slices."""
+    counts = dict.fromkeys(slices, 0)
+    elapsed = dict.fromkeys(slices, 0.0)
+    for _ in range(max(1, int(seconds / slice_seconds))):
+        for name, run in slices.items():
+            started = time.perf_counter()
+            counts[name] += await run(slice_seconds)  # type: ignore[misc]
+            elapsed[name] += time.perf_counter() - started
+    return {name: counts[name] / elapsed[name] for name in slices}
+
+
+def over_grpc(model_root: Path, rows: np.ndarray, seconds: float) -> None:
+    request = pb.PredictRequest(
+        inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=rows[0].tolist()))]
+    )
+    payload = request.SerializeToString()
+    echo = Process([sys.executable, "-m", "bench.echo_server"], dict(os.environ), "echo listening")
+    xylen = start_xylen(model_root)
+    echo_address, xylen_address = f"127.0.0.1:{echo.port}", f"127.0.0.1:{xylen.port}"
+    try:
+        print(
+            f"\n== over gRPC on loopback (grpcio {grpc.__version__}), batch 1, {len(payload)}-byte request,"
+            " targets measured in turn =="
+        )
+        with grpc.insecure_channel(echo_address) as ec, grpc.insecure_channel(xylen_address) as xc:
+            echo_call = ec.unary_unary("/bench.Echo/Echo")
+            stub = pb_grpc.ModelServiceStub(xc)
+            outbox: queue.Queue[pb.PredictStreamRequest | None] = queue.Queue()
+            responses = stub.PredictStream(iter(outbox.get, None))
+
+            def ping() -> None:  # one item in flight on a long-lived stream
+                outbox.put(pb.PredictStreamRequest(request_id="x", request=request))
+                next(responses)
+
+            latency = _interleaved_latency(
+                {
+                    "echo": lambda: echo_call(payload),
+                    "unary": lambda: stub.Predict(request),
+                    "stream": ping,
+                },
+                seconds,
+            )
+            outbox.put(None)
+        floor = latency["echo"][0]
+        for key, label in (
+            ("echo", "bare grpc.aio echo (floor)"),
+            ("unary", "xylen Predict (unary)"),
+            ("stream", "xylen PredictStream (1 item)"),
+        ):
+            p50, p99 = latency[key]
+            print(
+                f"  {label:<30} p50 {p50:7.0f} us   p99 {p99:7.0f} us   p50 = {p50 / floor:.2f}x floor"
+            )
+
+        async def throughputs() -> None:
+            async with (
+                grpc.aio.insecure_channel(echo_address) as ec,
+                grpc.aio.insecure_channel(xylen_address) as xc,
+            ):
+                echo_call = ec.unary_unary("/bench.Echo/Echo")
+                stub = pb_grpc.ModelServiceStub(xc)
+                print(
+                    "  throughput, requests/s (one client process, one HTTP/2 connection per target):"
+                )
+                for concurrency in (1, 8, 32):
+                    rps = await _interleaved_throughput(
+                        {
+                            "echo": lambda s, c=concurrency: _unary_slice(
+                                lambda: echo_call(payload), c, s
+                            ),
+                            "unary": lambda s, c=concurrency: _unary_slice(
+                                lambda: stub.Predict(request), c, s
+                            ),
+                            "stream": lambda s, c=concurrency: _stream_slice(stub, request, c, s),
+                        },
+                        seconds,
+                    )
+                    print(
+                        f"    concurrency {concurrency:>2}: echo {rps['echo']:6.0f}   Predict {rps['unary']:6.0f}"
+                        f" ({rps['unary'] / rps['echo']:.0%} of floor)   PredictStream {rps['stream']:6.0f}"
+                        f" ({rps['stream'] / rps['echo']:.0%} of floor)"
+                    )
+
+        asyncio.run(throughputs())
+    finally:
+        echo.stop()
+        xylen.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bench.bench_server")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="xylen-bench-") as tmp:
+        root = Path(tmp)
+        started = time.perf_counter()
+        model_dir, rows = build_model(root)
+        print(
+            f"model: 500 trees x 31 leaves, 25 features, built in {time.perf_counter() - started:.1f}s; "
+            f"cores: {os.cpu_count()}"
+        )
+        in_process(model_dir, rows, args.seconds)
+        over_grpc(root, rows, args.seconds)
+        print("  (shared, noisy machine: compare the ratios, measured in turn, not the absolutes)")
+
+
+if __name__ == "__main__":
+    main()
