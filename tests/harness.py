@@ -5,29 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from training import features
 from training.generator import simulate
 from training.metadata import ModelMetadata
 from training.onnx_export import sha256_file
 from xylen.v1 import model_service_pb2 as pb
-from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen.v1 import types_pb2
+from xylen_server import launcher
+from xylen_server.launcher import ServerProcess, health_status
+
+__all__ = ["ServerProcess", "health_status"]  # re-exported for the tests
 from xylen_server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,59 +135,6 @@ def feature_input(values: Any) -> pb.PredictInput:
     return pb.PredictInput(features=types_pb2.FeatureVector(values=[float(v) for v in values]))
 
 
-def health_status(channel: grpc.Channel, service: str = "", timeout: float = 2.0) -> int:
-    stub = health_pb2_grpc.HealthStub(channel)
-    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
-
-
-@dataclass
-class ServerProcess:
-    """A real ``python -m xylen_server`` process on a loopback port."""
-
-    proc: subprocess.Popen[str]
-    port: int
-    log_path: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.address)
-
-    def stub(self, channel: grpc.Channel) -> pb_grpc.ModelServiceStub:
-        return pb_grpc.ModelServiceStub(channel)
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_serving(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self.channel() as channel:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
-                try:
-                    if (
-                        health_status(channel, timeout=1.0)
-                        == health_pb2.HealthCheckResponse.SERVING
-                    ):
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.05)
-        raise TimeoutError(f"server not SERVING after {timeout}s:\n{self.log()}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-
 def start_server(
     model_path: Path,
     model_name: str = "model_1",
@@ -200,39 +142,10 @@ def start_server(
     wait: bool = True,
     log_dir: Path | None = None,
 ) -> ServerProcess:
-    """Start a server process on a free loopback port; by default wait until it is SERVING."""
-    full_env = dict(os.environ)
-    full_env.update(
-        MODEL_PATH=str(model_path),
-        MODEL_NAME=model_name,
-        GRPC_HOST="127.0.0.1",
-        GRPC_PORT="0",
-        LOG_LEVEL="INFO",
-        PYTHONUNBUFFERED="1",
+    """A real server process on a free loopback port (run from the repo root)."""
+    return launcher.start_server(
+        model_path, model_name, env=env, wait=wait, log_dir=log_dir, cwd=REPO
     )
-    full_env.update(env or {})
-    log_dir = log_dir or model_path
-    log_path = log_dir / f"server-{model_name}-{time.monotonic_ns()}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "xylen_server"],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env=full_env,
-            cwd=REPO,
-        )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("xylen-server listening on port "):
-        proc.wait(30)
-        raise RuntimeError(
-            f"server did not start (exit {proc.returncode}):\n{line}{log_path.read_text()}"
-        )
-    server = ServerProcess(proc, int(line.rsplit(" ", 1)[1]), log_path)
-    if wait:
-        server.wait_serving()
-    return server
 
 
 def server_settings(models_root: Path, **overrides: object) -> Settings:
