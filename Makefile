@@ -53,8 +53,11 @@ train: $(STAMP) $(PROTO_STAMP)
 	@if [ "$(DATA)" = "$(DATA_DIR)" ] && [ ! -d "$(DATA_DIR)" ]; then $(MAKE) --no-print-directory data; fi
 	$(PY) -m training train --data $(DATA) --models-dir $(MODELS_DIR)
 
+# The main job: trains the default models first if they are not there.
 demo: $(STAMP) $(PROTO_STAMP)
-	$(PY) -m xylen_server.demo
+	@test -d $(DATA_DIR) || $(MAKE) --no-print-directory data
+	@test -f $(MODELS_DIR)/model_4/metadata.json || $(MAKE) --no-print-directory train
+	$(PY) -m xylen_coordinator.demo --models $(MODELS_DIR) --data $(DATA_DIR)
 
 test: $(STAMP) $(PROTO_STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,208 @@
+"""``make demo``: the main job on the offline default data, end to end, in about a minute.
+
+1. One model server: GetModelInfo, Predict by feature vector and by candle window (the same
+   answer, since the server computes features with training's code), a PredictStream with a bad
+   item in the middle that gets its own status while the stream carries on.
+2. Four servers (LightGBM, XGBoost, CatBoost, LightGBM) behind the coordinator: weighted
+   ensemble decisions with every vote; one server killed mid-demo, the ensemble carrying on with
+   three and naming the missing one, the server restarted on its port and voting again.
+3. Everything stopped with SIGTERM; each process must exit 0.
+
+Expects the default models (``make train``) under ``models/`` and the default data under
+``data/default`` (``make data``); ``make demo`` makes both first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import yaml
+
+from training import features
+from training.klines import load_klines
+from xylen.v1 import model_service_pb2 as pb
+from xylen.v1 import types_pb2
+from xylen_coordinator import Coordinator
+from xylen_coordinator.__main__ import format_result
+from xylen_server.launcher import ServerProcess, start_server
+
+MODELS = ("model_1", "model_2", "model_3", "model_4")
+WEIGHTS = {"model_1": 0.4, "model_2": 0.3, "model_3": 0.2, "model_4": 0.1}
+SIGNALS = {v: k.removeprefix("SIGNAL_") for k, v in types_pb2.Signal.items()}
+CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def heading(text: str) -> None:
+    print(f"\n=== {text} ===", flush=True)
+
+
+def candle_window(candles: dict[str, np.ndarray], end: int) -> pb.PredictInput:
+    window = []
+    for i in range(end - features.LOOKBACK_PERIODS + 1, end + 1):
+        candle = types_pb2.Candle(
+            open=float(candles["open"][i]),
+            high=float(candles["high"][i]),
+            low=float(candles["low"][i]),
+            close=float(candles["close"][i]),
+            volume=float(candles["volume"][i]),
+            quote_volume=float(candles["quote_volume"][i]),
+            trade_count=int(candles["trades"][i]),
+            taker_buy_base_volume=float(candles["taker_buy_base_volume"][i]),
+        )
+        candle.open_time.FromMilliseconds(int(candles["open_time"][i]))
+        window.append(candle)
+    return pb.PredictInput(candles=types_pb2.CandleWindow(candles=window))
+
+
+def feature_vector(row: np.ndarray) -> pb.PredictInput:
+    return pb.PredictInput(features=types_pb2.FeatureVector(values=row.tolist()))
+
+
+def show(prediction: pb.Prediction, label: str) -> None:
+    print(
+        f"  {label:<28} p_up={prediction.probability_up:.4f} {SIGNALS[prediction.signal]:<4} "
+        f"{prediction.model_name} v{prediction.model_version}  id={prediction.prediction_id}"
+    )
+
+
+def single_server(server: ServerProcess, candles: dict[str, np.ndarray], rows: np.ndarray) -> None:
+    last = len(candles["close"]) - 1
+    with server.channel() as channel:
+        stub = server.stub(channel)
+        info = stub.GetModelInfo(pb.GetModelInfoRequest()).model_info
+        heading(f"one server on {server.address}: GetModelInfo")
+        print(
+            f"  {info.name} v{info.version} {pb.ModelType.Name(info.model_type)} "
+            f"engine={pb.Engine.Name(info.engine)} trained on {info.training_samples} rows, "
+            f"{len(info.feature_names)} features, lookback {info.lookback} candles"
+        )
+
+        heading("Predict (unary): by feature vector and by candle window")
+        by_features = stub.Predict(pb.PredictRequest(inputs=[feature_vector(rows[last])]))
+        by_candles = stub.Predict(pb.PredictRequest(inputs=[candle_window(candles, last)]))
+        show(by_features.predictions[0], "features of the last candle")
+        show(by_candles.predictions[0], "window of its 100 candles")
+        same = by_features.predictions[0].probability_up == by_candles.predictions[0].probability_up
+        print(
+            f"  same probability both ways: {same}; server-side time "
+            f"{by_candles.inference_duration.ToMicroseconds()} us for the window"
+        )
+
+        heading("PredictStream: 7 requests on one HTTP/2 stream, a bad one in the middle")
+        items = []
+        for k in range(7):
+            end = last - 6 + k
+            item = candle_window(candles, end) if k % 2 else feature_vector(rows[end])
+            if k == 3:
+                item = feature_vector(rows[end][:5])  # 5 values where the model takes 25
+            items.append(
+                pb.PredictStreamRequest(
+                    request_id=f"req-{k}", request=pb.PredictRequest(inputs=[item])
+                )
+            )
+        for answer in stub.PredictStream(iter(items)):
+            if answer.status.code == 0:
+                show(answer.response.predictions[0], answer.request_id)
+            else:
+                code = CODE_NAMES[answer.status.code]
+                status = answer.status
+                print(f"  {answer.request_id:<28} {code} {status.reason}: {status.message}")
+
+
+def write_config(path: Path, servers: dict[str, ServerProcess]) -> Path:
+    config = {
+        "model_endpoints": [
+            {
+                "name": name,
+                "host": "127.0.0.1",
+                "port": servers[name].port,
+                "weight": WEIGHTS[name],
+                "enabled": True,
+            }
+            for name in MODELS
+        ],
+        "deadline_ms": 2000,
+        "retraining": {
+            "enabled": False,
+            "send_feedback_to_models": False,
+            "feedback_delay_seconds": 0,
+        },
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def ensemble(
+    servers: dict[str, ServerProcess], run_dir: Path, candles: dict[str, np.ndarray], models: Path
+) -> None:
+    last = len(candles["close"]) - 1
+    config = write_config(run_dir / "config.yaml", servers)
+    with Coordinator(config) as coordinator:
+        if not coordinator.wait_serving(timeout=60):
+            raise RuntimeError("the four servers did not all become SERVING")
+        heading("ensemble of four servers (weights 0.4 / 0.3 / 0.2 / 0.1), the last two candles")
+        print(
+            format_result(
+                coordinator.predict(
+                    [candle_window(candles, last - 1), candle_window(candles, last)]
+                )
+            )
+        )
+
+        victim = servers["model_3"]
+        heading(f"kill -9 model_3 ({victim.address}) and ask again")
+        victim.stop(signal.SIGKILL)
+        print(format_result(coordinator.predict([candle_window(candles, last)])))
+
+        heading("restart model_3 on the same port: it votes again")
+        servers["model_3"] = start_server(models, "model_3", port=victim.port, log_dir=run_dir)
+        coordinator.wait_serving(["model_3"], timeout=60)
+        print(format_result(coordinator.predict([candle_window(candles, last)])))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xylen-demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=Path, default=Path("models"))
+    parser.add_argument("--data", type=Path, default=Path("data/default"))
+    parser.add_argument("--run-dir", type=Path, default=Path("run/demo"))
+    args = parser.parse_args(argv)
+    missing = [name for name in MODELS if not (args.models / name / "metadata.json").exists()]
+    if missing:
+        print(
+            f"demo: models {', '.join(missing)} not found under {args.models}; run `make train`",
+            file=sys.stderr,
+        )
+        return 2
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    candles = features.candles_from_frame(load_klines(args.data).frame)
+    rows = features.compute_features(candles)
+    print(
+        f"data: {len(rows)} candles from {args.data}; models: {args.models}; logs: {args.run_dir}"
+    )
+
+    servers: dict[str, ServerProcess] = {}
+    try:
+        servers["model_1"] = start_server(args.models, "model_1", log_dir=args.run_dir)
+        single_server(servers["model_1"], candles, rows)
+        for name in MODELS[1:]:
+            servers[name] = start_server(args.models, name, log_dir=args.run_dir, wait=False)
+        for name in MODELS[1:]:
+            servers[name].wait_serving()
+        ensemble(servers, args.run_dir, candles, args.models)
+    finally:
+        heading("stopping every server with SIGTERM")
+        codes = {name: server.stop() for name, server in servers.items()}
+        print("  exit codes: " + ", ".join(f"{name}={code}" for name, code in codes.items()))
+    print(f"\ndemo finished in {time.perf_counter() - started:.1f}s")
+    return 0 if all(code == 0 for code in codes.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
