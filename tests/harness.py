@@ -19,6 +19,7 @@ from training.metadata import ModelMetadata
 from training.onnx_export import sha256_file
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
+from xylen_coordinator.candles import window_input as candle_window
 from xylen_server import launcher
 from xylen_server.launcher import ServerProcess, health_status
 
@@ -108,27 +109,14 @@ def write_model(
 
 
 def candle_proto(candles: Mapping[str, np.ndarray], i: int) -> types_pb2.Candle:
-    candle = types_pb2.Candle(
-        open=float(candles["open"][i]),
-        high=float(candles["high"][i]),
-        low=float(candles["low"][i]),
-        close=float(candles["close"][i]),
-        volume=float(candles["volume"][i]),
-        quote_volume=float(candles["quote_volume"][i]),
-        trade_count=int(candles["trades"][i]),
-        taker_buy_base_volume=float(candles["taker_buy_base_volume"][i]),
-    )
-    candle.open_time.FromMilliseconds(int(candles["open_time"][i]))
-    return candle
+    return candle_window(dict(candles), i, 1).candles.candles[0]
 
 
 def window_input(
     candles: Mapping[str, np.ndarray], end: int, length: int | None = None
 ) -> pb.PredictInput:
     """A PredictInput holding the window of candles that ends at index ``end``."""
-    length = features.LOOKBACK_PERIODS if length is None else length
-    window = [candle_proto(candles, i) for i in range(end - length + 1, end + 1)]
-    return pb.PredictInput(candles=types_pb2.CandleWindow(candles=window))
+    return candle_window(dict(candles), end, length or features.LOOKBACK_PERIODS)
 
 
 def feature_input(values: Any) -> pb.PredictInput:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from training.metadata import ONNX_FILE, ModelMetadata, sha256_file
+from training.metadata import ONNX_FILE, ModelMetadata, atomic_write_bytes, sha256_file
 
 #: Metadata key in the ONNX file holding the sha256 of the native file it was converted from.
 NATIVE_SHA256_KEY = "xylen.native_sha256"
@@ -219,15 +219,5 @@ def export_onnx(model_dir: str | os.PathLike[str]) -> Path:
     meta = ModelMetadata.read(model_dir)
     model = convert(meta, model_dir)
     path = model_dir / ONNX_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".model.onnx.", dir=model_dir)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(model.SerializeToString())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; servers may run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, model.SerializeToString())
     return path

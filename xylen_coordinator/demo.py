@@ -25,11 +25,11 @@ import numpy as np
 import yaml
 
 from training import features
-from training.klines import load_klines
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_coordinator import Coordinator
 from xylen_coordinator.__main__ import format_result
+from xylen_coordinator.candles import read_candles, window_input
 from xylen_server.launcher import ServerProcess, start_server
 
 MODELS = ("model_1", "model_2", "model_3", "model_4")
@@ -43,21 +43,7 @@ def heading(text: str) -> None:
 
 
 def candle_window(candles: dict[str, np.ndarray], end: int) -> pb.PredictInput:
-    window = []
-    for i in range(end - features.LOOKBACK_PERIODS + 1, end + 1):
-        candle = types_pb2.Candle(
-            open=float(candles["open"][i]),
-            high=float(candles["high"][i]),
-            low=float(candles["low"][i]),
-            close=float(candles["close"][i]),
-            volume=float(candles["volume"][i]),
-            quote_volume=float(candles["quote_volume"][i]),
-            trade_count=int(candles["trades"][i]),
-            taker_buy_base_volume=float(candles["taker_buy_base_volume"][i]),
-        )
-        candle.open_time.FromMilliseconds(int(candles["open_time"][i]))
-        window.append(candle)
-    return pb.PredictInput(candles=types_pb2.CandleWindow(candles=window))
+    return window_input(candles, end, features.LOOKBACK_PERIODS)
 
 
 def feature_vector(row: np.ndarray) -> pb.PredictInput:
@@ -181,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    candles = features.candles_from_frame(load_klines(args.data).frame)
+    candles = read_candles(args.data)
     rows = features.compute_features(candles)
     print(
         f"data: {len(rows)} candles from {args.data}; models: {args.models}; logs: {args.run_dir}"
