@@ -37,15 +37,17 @@ REPO = Path(__file__).resolve().parents[1]
 HOUR_MS = 3_600_000
 
 
+def _candles(n: int = 20_000) -> dict[str, np.ndarray]:
+    start = 1_704_067_200_000  # 2024-01-01
+    frame = simulate(np.arange(start, start + n * HOUR_MS, HOUR_MS, dtype=np.int64), HOUR_MS, 3)
+    return features.candles_from_frame(frame)
+
+
 def build_model(root: Path, trees: int = 500) -> tuple[Path, np.ndarray]:
     """A production-sized LightGBM model directory, and feature rows to send it."""
     import lightgbm as lgb
 
-    start = 1_704_067_200_000  # 2024-01-01
-    frame = simulate(
-        np.arange(start, start + 20_000 * HOUR_MS, HOUR_MS, dtype=np.int64), HOUR_MS, 3
-    )
-    candles = features.candles_from_frame(frame)
+    candles = _candles()
     x = features.compute_features(candles)
     y = np.r_[(candles["close"][1:] > candles["close"][:-1]).astype(np.int64), 0]
     keep = np.isfinite(x).all(axis=1)
@@ -122,6 +124,15 @@ def in_process(model_dir: Path, rows: np.ndarray, seconds: float) -> None:
             / results[("ONNX Runtime session (1 thread)", batch)]
         )
         print(f"  batch {batch:>4}  ONNX speed-up over Booster.predict: {ratio:.2f}x")
+    window = {
+        name: np.ascontiguousarray(v[-features.LOOKBACK_PERIODS :])
+        for name, v in _candles(300).items()
+    }
+    p50, p99 = _per_call_us(lambda: features.window_features(window), seconds)
+    print(
+        f"  features of one {features.LOOKBACK_PERIODS}-candle window (the candle path's extra work): "
+        f"p50 {p50:.1f} us   p99 {p99:.1f} us"
+    )
     fast = results[("LightGBM fast single-row API", 1)]
     print(
         f"  batch    1  fast single-row API speed-up over Booster.predict: "

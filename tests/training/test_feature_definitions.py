@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,17 +100,6 @@ def test_window_needs_the_lookback() -> None:
     candles = {k: v[: L - 1] for k, v in _synthetic(L).items()}
     with pytest.raises(ValueError, match=str(L)):
         F.window_features(candles)
-
-
-def test_window_features_is_fast() -> None:
-    window = {k: np.ascontiguousarray(v[-L:]) for k, v in _synthetic(L).items()}
-    F.window_features(window)
-    runs = []
-    for _ in range(200):
-        start = time.perf_counter()
-        F.window_features(window)
-        runs.append(time.perf_counter() - start)
-    assert float(np.median(runs)) < 1e-3
 
 
 @pytest.mark.realdata
