@@ -67,6 +67,7 @@ lint: $(STAMP) $(PROTO_STAMP)
 	$(VENV)/bin/ruff format --check xylen_server xylen_coordinator training tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/buf lint
+	$(VENV)/bin/buf breaking --against ".git#ref=$$(git merge-base HEAD main 2>/dev/null || git rev-parse HEAD)"
 
 bench: $(STAMP) $(PROTO_STAMP)
 	$(PY) -m bench
