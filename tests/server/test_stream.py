@@ -131,3 +131,19 @@ def test_stream_probabilities_are_finite(stub, feature_rows):
     items = [_item(str(i), feature_input(feature_rows[i])) for i in range(30)]
     probs = [a.response.predictions[0].probability_up for a in stub.PredictStream(iter(items))]
     assert np.isfinite(probs).all() and all(0.0 <= p <= 1.0 for p in probs)
+
+
+def test_a_message_above_the_size_limit_is_refused(models_root, feature_rows):
+    small = InProcessServer(server_settings(models_root, max_message_bytes=64 * 1024))
+    try:
+        with grpc.insecure_channel(small.address) as channel:
+            stub = pb_grpc.ModelServiceStub(channel)
+            big = pb.PredictRequest(inputs=[feature_input(r) for r in feature_rows[:1000]])
+            assert big.ByteSize() > 64 * 1024
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Predict(big)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            fits = pb.PredictRequest(inputs=[feature_input(r) for r in feature_rows[:100]])
+            assert len(stub.Predict(fits).predictions) == 100
+    finally:
+        small.close()
