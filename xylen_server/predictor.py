@@ -6,13 +6,17 @@ and halves throughput, so the loop does it itself and is never held for longer t
 
 The served model is one reference, read once per request, so a hot swap (replacing the
 reference) never changes the model under a request that already started: every row of a batch
-is answered by the same version.
+is answered by the same version. A request that leaves the event loop for a worker thread counts
+itself in its model's ``inflight`` (plain integer arithmetic on the loop thread, no lock), and
+:meth:`Predictor.swap` closes the replaced model only once that count is back at zero. Batches
+run on the loop itself never yield, so they cannot straddle a swap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -25,6 +29,8 @@ from xylen_server.errors import NotFound, Unavailable
 from xylen_server.inputs import feature_matrix
 from xylen_server.model_store import LoadedModel
 from xylen_server.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 def signal_for(
@@ -46,6 +52,24 @@ class Result:
     probabilities: np.ndarray
     prediction_ids: list[str]
     seconds: float
+    rows: np.ndarray
+    """The float32 feature matrix the model ran on (kept by the prediction log)."""
+
+
+class _Served:
+    """The served model and the requests still running on it off the loop."""
+
+    __slots__ = ("drained", "inflight", "model")
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.inflight = 0
+        self.drained: asyncio.Event | None = None  # set by swap() once the model is replaced
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0 and self.drained is not None:
+            self.drained.set()
 
 
 class Predictor:
@@ -53,31 +77,56 @@ class Predictor:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._model: LoadedModel | None = None
+        self._served: _Served | None = None
         # Unique across restarts (random prefix) and cheap per row (a counter).
         self._id_prefix = os.urandom(6).hex()
         self._counter = itertools.count(1)
 
     @property
     def model(self) -> LoadedModel:
-        model = self._model
-        if model is None:
+        served = self._served
+        if served is None:
             raise Unavailable("the model is still loading; retry shortly", reason="MODEL_LOADING")
-        return model
+        return served.model
 
     @property
     def ready(self) -> bool:
-        return self._model is not None
+        return self._served is not None
 
     def install(self, model: LoadedModel) -> LoadedModel | None:
-        """Serve ``model`` from now on; returns the model it replaced (still finishing calls)."""
-        previous, self._model = self._model, model
-        return previous
+        """Serve ``model`` from now on; returns the model it replaced (still finishing calls:
+        close it with :meth:`swap`'s draining, or only once nothing can be using it)."""
+        previous, self._served = self._served, _Served(model)
+        return None if previous is None else previous.model
+
+    async def swap(self, model: LoadedModel, grace_seconds: float = 30.0) -> LoadedModel | None:
+        """Serve the already loaded and warmed ``model`` from this instant (call on the event
+        loop), then wait for the requests still running on the replaced model and close it.
+
+        Returns the replaced model (closed), or None when nothing was served before. If its
+        requests outlast ``grace_seconds`` it is closed anyway and a warning logged.
+        """
+        previous, self._served = self._served, _Served(model)
+        if previous is None:
+            return None
+        if previous.inflight:
+            previous.drained = asyncio.Event()
+            try:
+                await asyncio.wait_for(previous.drained.wait(), grace_seconds)
+            except TimeoutError:
+                logger.warning(
+                    "%d requests still on v%d after %.1fs; closing it anyway",
+                    previous.inflight,
+                    previous.model.meta.version,
+                    grace_seconds,
+                )
+        await asyncio.get_running_loop().run_in_executor(None, previous.model.close)
+        return previous.model
 
     def _run(
         self, model: LoadedModel, request: pb.PredictRequest, on_loop: bool = False
-    ) -> tuple[np.ndarray, float]:
-        """Validate, featurise and infer; returns P(up) and the time it took."""
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Validate, featurise and infer; returns P(up), the feature rows and the time."""
         started = time.perf_counter()
         meta = model.meta
         rows = feature_matrix(
@@ -89,7 +138,7 @@ class Predictor:
             if self.settings.inference_delay_ms:
                 time.sleep(self.settings.inference_delay_ms / 1000.0)
             probabilities = model.engine.predict_proba(rows)
-        return probabilities, time.perf_counter() - started
+        return probabilities, rows, time.perf_counter() - started
 
     def _fits_the_loop(self, model: LoadedModel, request: pb.PredictRequest) -> bool:
         """A few feature vectors of a cheap model cost less on the loop than a thread hop."""
@@ -102,7 +151,10 @@ class Predictor:
 
     async def predict(self, request: pb.PredictRequest) -> Result:
         """Answer one Predict request on the served model, off the event loop."""
-        model = self.model
+        served = self._served
+        if served is None:
+            raise Unavailable("the model is still loading; retry shortly", reason="MODEL_LOADING")
+        model = served.model
         if request.model_name and request.model_name != model.meta.name:
             raise NotFound(
                 f"model {request.model_name!r} is not served here; this server serves "
@@ -111,11 +163,15 @@ class Predictor:
                 model_name=request.model_name,
             )
         if self._fits_the_loop(model, request):
-            probabilities, seconds = self._run(model, request, on_loop=True)
+            probabilities, rows, seconds = self._run(model, request, on_loop=True)
         else:
             loop = asyncio.get_running_loop()
-            probabilities, seconds = await loop.run_in_executor(
-                model.engine.executor, self._run, model, request
-            )
+            served.inflight += 1
+            try:
+                probabilities, rows, seconds = await loop.run_in_executor(
+                    model.engine.executor, self._run, model, request
+                )
+            finally:
+                served.leave()
         ids = [f"{self._id_prefix}-{next(self._counter):x}" for _ in range(len(probabilities))]
-        return Result(model, probabilities, ids, seconds)
+        return Result(model, probabilities, ids, seconds, rows)

@@ -3,7 +3,8 @@
 :func:`build_server` wires servicer, health, reflection and interceptors and binds the port
 (returning the one it got, so tests can ask for port 0). :func:`serve` only starts, loads the
 model while health says NOT_SERVING, flips to SERVING, and on SIGTERM flips back, drains the
-calls in flight and returns 0.
+calls in flight, closes the feedback store and prediction log and returns 0. SIGHUP re-reads the
+model directory and hot-swaps to it when it changed (as the ReloadModel RPC does).
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_server.errors import ModelLoadError
 from xylen_server.interceptors import MetricsInterceptor
+from xylen_server.learning import Learning
+from xylen_server.lifecycle import ModelManager
 from xylen_server.metrics import Recorder
-from xylen_server.model_store import load_model
+from xylen_server.model_store import LoadedModel, load_model
 from xylen_server.predictor import Predictor
+from xylen_server.retraining import Retrainer
 from xylen_server.servicer import ModelServicer
 from xylen_server.settings import Settings
 
@@ -44,6 +48,21 @@ class Running:
     predictor: Predictor
     health: health.aio.HealthServicer
     recorder: Recorder
+    learning: Learning
+    models: ModelManager
+    retrainer: Retrainer
+
+    async def start_learning(self, model: LoadedModel) -> None:
+        """After the first model is installed: keep it in the history, count the feedback it
+        has not seen, start the retrain schedule."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.models.keep_serving_version)
+        await self.retrainer.start_up(model)
+
+    async def close_learning(self) -> None:
+        """Cancel a running retrain, flush the prediction log, close the feedback store."""
+        await self.retrainer.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.learning.close)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -82,7 +101,12 @@ async def build_server(
         interceptors=[MetricsInterceptor(recorder)], options=server_options(settings)
     )
     predictor = Predictor(settings)
-    pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(predictor), server)
+    learning = Learning(settings)
+    models = ModelManager(settings, predictor)
+    retrainer = Retrainer(settings, learning, models)
+    pb_grpc.add_ModelServiceServicer_to_server(
+        ModelServicer(predictor, learning, models, retrainer), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -98,7 +122,9 @@ async def build_server(
         raise OSError(f"cannot bind gRPC port {address}: {exc}") from exc
     if port == 0:
         raise OSError(f"cannot bind gRPC port {address}")
-    running = Running(server, port, predictor, health_servicer, recorder)
+    running = Running(
+        server, port, predictor, health_servicer, recorder, learning, models, retrainer
+    )
     await running.set_serving(False)
     return running
 
@@ -133,15 +159,36 @@ async def serve(settings: Settings) -> int:
         await running.server.stop(0)
         return 2
     running.predictor.install(model)
+    await running.start_learning(model)
     await running.set_serving(True)
     logger.info("SERVING %s v%d on port %d", model.meta.name, model.meta.version, running.port)
 
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(_reload(running))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     logger.info(
         "shutting down: NOT_SERVING, draining for up to %.1fs", settings.shutdown_grace_seconds
     )
     await running.set_serving(False)
     await running.server.stop(settings.shutdown_grace_seconds)
-    model.close()
+    await running.close_learning()
+    running.predictor.model.close()
     logger.info("stopped cleanly")
     return 0
+
+
+async def _reload(running: Running) -> None:
+    """SIGHUP: swap to the model directory's model if it changed; a bad one is logged, kept out."""
+    try:
+        model, changed = await running.models.reload()
+    except Exception as exc:
+        logger.error("reload refused, the served model stays: %s", exc)
+        return
+    if not changed:
+        logger.info("reload: the model directory still holds v%d", model.meta.version)

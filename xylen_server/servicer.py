@@ -12,16 +12,21 @@ import grpc
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen_server import model_history
 from xylen_server.errors import (
     OK_ITEM_STATUS,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
+    ModelLoadError,
     NotFound,
-    Unimplemented,
     abort,
     to_item_status,
 )
+from xylen_server.learning import Learning
+from xylen_server.lifecycle import ModelManager
 from xylen_server.predictor import Predictor, Result, signal_for
+from xylen_server.retraining import Retrainer
 
 logger = logging.getLogger(__name__)
 
@@ -36,29 +41,52 @@ _ENGINES = {"onnx": pb.ENGINE_ONNX, "native": pb.ENGINE_NATIVE}
 
 
 class ModelServicer(pb_grpc.ModelServiceServicer):
-    def __init__(self, predictor: Predictor) -> None:
+    """Thin: protobuf in, a call into the predictor, learning, retrainer or model manager,
+    protobuf out; every error through :func:`~xylen_server.errors.abort`."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        learning: Learning | None = None,
+        models: ModelManager | None = None,
+        retrainer: Retrainer | None = None,
+    ) -> None:
         self.predictor = predictor
         self.settings = predictor.settings
+        self.learning = learning
+        self.models = models
+        self.retrainer = retrainer
 
     def _response(self, result: Result) -> pb.PredictResponse:
         meta = result.model.meta
         buy, sell = self.settings.buy_threshold, self.settings.sell_threshold
+        probabilities = result.probabilities.tolist()
+        signals = [signal_for(probability, buy, sell) for probability in probabilities]
         response = pb.PredictResponse(
             predictions=[
                 pb.Prediction(
                     prediction_id=prediction_id,
                     probability_up=probability,
-                    signal=signal_for(probability, buy, sell),
+                    signal=signal,
                     model_name=meta.name,
                     model_version=meta.version,
                 )
-                for prediction_id, probability in zip(
-                    result.prediction_ids, result.probabilities.tolist(), strict=True
+                for prediction_id, probability, signal in zip(
+                    result.prediction_ids, probabilities, signals, strict=True
                 )
             ]
         )
         response.inference_duration.FromNanoseconds(int(result.seconds * 1e9))
+        if self.learning is not None:
+            self.learning.record(result, signals)
         return response
+
+    def _learning(self) -> tuple[Learning, ModelManager, Retrainer]:
+        if self.learning is None or self.models is None or self.retrainer is None:
+            raise FailedPrecondition(
+                "continuous learning is not set up on this server", reason="LEARNING_UNAVAILABLE"
+            )
+        return self.learning, self.models, self.retrainer
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
         try:
@@ -130,20 +158,100 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
                 task.cancel()
 
     async def Feedback(self, request: pb.FeedbackRequest, context: Context) -> pb.FeedbackResponse:
-        await abort(
-            context,
-            Unimplemented(
-                "Feedback is not available on this server yet", reason="FEEDBACK_UNAVAILABLE"
-            ),
-        )
+        """Acknowledged (OK) only once the record is fsynced; the same id twice is stored once."""
+        try:
+            learning, _, retrainer = self._learning()
+            response = await learning.feedback(request, self.predictor.model)
+            if not response.duplicate:
+                retrainer.check_triggers()
+        except Exception as exc:
+            await abort(context, exc)
+        return response
 
     async def Retrain(self, request: pb.RetrainRequest, context: Context) -> pb.RetrainResponse:
-        await abort(
-            context,
-            Unimplemented(
-                "Retrain is not available on this server yet", reason="RETRAIN_UNAVAILABLE"
-            ),
-        )
+        try:
+            _, _, retrainer = self._learning()
+            status = retrainer.start(request.mode, request.min_samples, request.dry_run)
+        except Exception as exc:
+            await abort(context, exc)
+        return pb.RetrainResponse(job_id=status.job_id, status=status)
+
+    async def WatchRetrain(
+        self, request: pb.WatchRetrainRequest, context: Context
+    ) -> AsyncIterator[pb.WatchRetrainResponse]:
+        try:
+            _, _, retrainer = self._learning()
+            async for status in retrainer.watch(request.job_id):
+                yield pb.WatchRetrainResponse(status=status)
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def ListModelVersions(
+        self, request: pb.ListModelVersionsRequest, context: Context
+    ) -> pb.ListModelVersionsResponse:
+        try:
+            self._check_name(request.model_name)
+            serving = self.predictor.model.meta.version
+            kept = model_history.list_versions(self.settings.history_dir)
+        except Exception as exc:
+            await abort(context, exc)
+        response = pb.ListModelVersionsResponse()
+        for k in kept:
+            item = response.versions.add(
+                version=k.version,
+                parent_version=k.meta.parent_version or 0,
+                training_samples=k.meta.training_samples,
+                serving=k.version == serving,
+            )
+            item.train_time.FromDatetime(_trained_at(k.meta.trained_at))
+        return response
+
+    async def RollbackModel(
+        self, request: pb.RollbackModelRequest, context: Context
+    ) -> pb.RollbackModelResponse:
+        try:
+            _, models, retrainer = self._learning()
+            if retrainer.running:
+                raise FailedPrecondition(
+                    f"retrain job {retrainer.status.job_id} is running; roll back after it ends",
+                    reason="RETRAIN_RUNNING",
+                    job_id=retrainer.status.job_id,
+                )
+            try:
+                model, previous = await models.rollback(request.version)
+            except ModelLoadError as exc:
+                raise FailedPrecondition(str(exc), reason="MODEL_LOAD_FAILED") from exc
+        except Exception as exc:
+            await abort(context, exc)
+        return pb.RollbackModelResponse(model_info=self._info(model), previous_version=previous)
+
+    async def ReloadModel(
+        self, request: pb.ReloadModelRequest, context: Context
+    ) -> pb.ReloadModelResponse:
+        try:
+            _, models, _ = self._learning()
+            try:
+                model, changed = await models.reload()
+            except ModelLoadError as exc:
+                raise FailedPrecondition(str(exc), reason="MODEL_LOAD_FAILED") from exc
+        except Exception as exc:
+            await abort(context, exc)
+        return pb.ReloadModelResponse(model_info=self._info(model), changed=changed)
+
+    def _check_name(self, name: str) -> None:
+        served = self.predictor.model.meta.name
+        if name and name != served:
+            raise NotFound(
+                f"model {name!r} is not served here; this server serves {served!r}",
+                reason="MODEL_NOT_FOUND",
+                model_name=name,
+            )
+
+    def _info(self, model: Any) -> pb.ModelInfo:
+        info = model_info(model, self.settings)
+        if self.retrainer is not None:
+            info.training_status.CopyFrom(self.retrainer.status)
+        return info
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: Context
@@ -159,7 +267,12 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
                 )
         except Exception as exc:
             await abort(context, exc)
-        return pb.GetModelInfoResponse(model_info=model_info(model, self.settings))
+        return pb.GetModelInfoResponse(model_info=self._info(model))
+
+
+def _trained_at(text: str) -> datetime:
+    trained_at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return trained_at if trained_at.tzinfo is not None else trained_at.replace(tzinfo=UTC)
 
 
 def model_info(model: Any, settings: Any) -> pb.ModelInfo:
@@ -179,8 +292,5 @@ def model_info(model: Any, settings: Any) -> pb.ModelInfo:
         sell_threshold=settings.sell_threshold,
         features_hash=meta.features_hash,
     )
-    trained_at = datetime.fromisoformat(meta.trained_at.replace("Z", "+00:00"))
-    if trained_at.tzinfo is None:
-        trained_at = trained_at.replace(tzinfo=UTC)
-    info.train_time.FromDatetime(trained_at)
+    info.train_time.FromDatetime(_trained_at(meta.trained_at))
     return info

@@ -1,0 +1,143 @@
+"""Helpers for the continuous-learning tests: an in-process server with learning switched on
+(as ``serve()`` starts it), feedback requests, model versions on disk, and learnable labels."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from harness import server_settings, write_model
+
+from xylen.v1 import model_service_pb2 as pb
+from xylen.v1 import types_pb2
+from xylen_server.settings import Settings
+
+
+def learning_settings(root: Path, **overrides: object) -> Settings:
+    """Settings for a server whose models live in ``root/models`` and data in ``root/data``,
+    with automatic retraining off unless asked for."""
+    values: dict[str, object] = {
+        "feedback_data_dir": root / "data",
+        "retrain_auto": False,
+        "parity_probe_rows": 256,
+    }
+    values.update(overrides)
+    return server_settings(root / "models", **values)
+
+
+class LearningServer:
+    """A real gRPC server on loopback (its own event-loop thread), started as ``serve()`` does:
+    model loaded and kept in the history, feedback counted, SERVING."""
+
+    def __init__(self, settings: Settings) -> None:
+        from xylen_server.model_store import load_model
+        from xylen_server.server import build_server
+
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.running = self.call(build_server(settings))
+        self.call(self.running.server.start())
+        model = load_model(settings)
+        self.running.predictor.install(model)
+        self.call(self.running.start_learning(model))
+        self.call(self.running.set_serving(True))
+        self.address = f"127.0.0.1:{self.running.port}"
+
+    def call(self, coro: Any, timeout: float = 120) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.call(self.running.server.stop(0))
+        self.call(self.running.close_learning())
+        self.running.predictor.model.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def outcome(realized_return: float, close_time: datetime | None = None) -> pb.TradeOutcome:
+    """A trade outcome closed at ``close_time`` (default: now)."""
+    message = pb.TradeOutcome(pnl=realized_return * 1000.0, realized_return=realized_return)
+    moment = close_time or datetime.now(UTC)
+    message.close_time.FromDatetime(moment)
+    return message
+
+
+def feedback(
+    prediction_id: str,
+    realized_return: float,
+    features: Any = None,
+    close_time: datetime | None = None,
+) -> pb.FeedbackRequest:
+    request = pb.FeedbackRequest(
+        prediction_id=prediction_id, outcome=outcome(realized_return, close_time)
+    )
+    if features is not None:
+        request.features.CopyFrom(types_pb2.FeatureVector(values=[float(v) for v in features]))
+    return request
+
+
+def learnable_labels(rows: np.ndarray, noise: float = 0.1, seed: int = 0) -> np.ndarray:
+    """Labels a tree learns easily: feature 0 above its median, with ``noise`` of them flipped."""
+    rng = np.random.default_rng(seed)
+    y = (rows[:, 0] > np.median(rows[:, 0])).astype(np.int64)
+    flip = rng.random(len(y)) < noise
+    return np.where(flip, 1 - y, y)
+
+
+def send_samples(
+    stub: Any, rows: np.ndarray, labels: np.ndarray, prefix: str, threads: int = 8
+) -> None:
+    """Feedback for every row (with its features, under fresh ids), ``threads`` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = datetime.now(UTC) - timedelta(hours=len(rows) + 1)
+
+    def send(i: int) -> None:
+        close = start + timedelta(hours=i)  # oldest first: the last rows are the most recent
+        ret = 0.01 if labels[i] else -0.01
+        stub.Feedback(feedback(f"{prefix}-{i}", ret, rows[i], close), timeout=30)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(send, range(len(rows))))
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 120.0, interval: float = 0.1) -> Any:
+    """Poll ``condition`` until it returns something truthy; returns it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"condition not met in {timeout}s")
+
+
+def wait_job(stub: Any, job_id: str, timeout: float = 180.0) -> pb.TrainingStatus:
+    """Follow WatchRetrain until the job ends; returns its final status."""
+    final = (pb.TRAINING_STATE_SUCCEEDED, pb.TRAINING_STATE_FAILED, pb.TRAINING_STATE_REJECTED)
+    last = None
+    for update in stub.WatchRetrain(pb.WatchRetrainRequest(job_id=job_id), timeout=timeout):
+        last = update.status
+        if last.state in final:
+            return last
+    raise AssertionError(f"WatchRetrain ended without a final state: {last}")
+
+
+def add_version(models: Path, version: int, seed: int, name: str = "model_1") -> Path:
+    """Train a small model and keep it as ``version`` under ``models/.versions/<name>/``."""
+    scratch = models.parent / f"scratch-{version}"
+    write_model(scratch, name, "lightgbm", trees=20 + version, version=version, seed=seed)
+    target = models / ".versions" / name / str(version)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(scratch / name), target)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return target

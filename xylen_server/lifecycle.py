@@ -1,0 +1,144 @@
+"""Changing the served model while serving: promotion, rollback and reload, one hot swap.
+
+Every change goes the same way: the new model is loaded, converted, parity-checked and warmed
+beside the serving one (:func:`~xylen_server.model_store.load_model` on a worker thread), its
+files are made the serving directory on disk (atomic rename), and only then
+:meth:`Predictor.swap` replaces the reference in one step on the event loop. Requests that
+started on the old model finish on it; the old engine is closed once they have. Health stays
+SERVING throughout, and GetModelInfo reports the new version from the instant of the swap.
+
+One change at a time (an asyncio lock); a model that fails to load changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from training.metadata import MetadataError, ModelMetadata
+from xylen_server import model_history
+from xylen_server.errors import FailedPrecondition, ModelLoadError, NotFound
+from xylen_server.model_history import HistoryError
+from xylen_server.model_store import LoadedModel, load_model
+from xylen_server.predictor import Predictor
+from xylen_server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class ModelManager:
+    """The served model's lifecycle: initial load, promotion, rollback, reload."""
+
+    def __init__(self, settings: Settings, predictor: Predictor) -> None:
+        self.settings = settings
+        self.predictor = predictor
+        self.history = settings.history_dir
+        self.lock = asyncio.Lock()
+        self.on_change: list[Callable[[LoadedModel], None]] = []
+        """Called on the loop after every swap with the model now served."""
+        self.swaps = 0
+
+    async def _thread(self, fn: Callable[..., object], *args: object) -> object:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    def keep_serving_version(self) -> None:
+        """Copy the serving directory into the history (blocking; at start-up)."""
+        try:
+            model_history.archive(self.settings.model_dir, self.history)
+            meta = ModelMetadata.read(self.settings.model_dir)
+            model_history.prune(self.history, self.settings.model_history_keep, meta.version)
+        except (MetadataError, OSError) as exc:
+            logger.warning("could not keep the serving version in %s: %s", self.history, exc)
+
+    async def _swap(self, loaded: LoadedModel, why: str) -> None:
+        previous = self.predictor.model.meta.version if self.predictor.ready else None
+        await self.predictor.swap(loaded, self.settings.shutdown_grace_seconds)
+        self.swaps += 1
+        logger.info(
+            "%s: now serving %s v%d (was v%s)", why, loaded.meta.name, loaded.meta.version, previous
+        )
+        await self._thread(
+            model_history.prune, self.history, self.settings.model_history_keep, loaded.meta.version
+        )
+        for callback in self.on_change:
+            callback(loaded)
+
+    async def promote(self, candidate: Path, version: int) -> LoadedModel:
+        """Keep the candidate directory as ``version``, load it beside the serving model, make
+        it the serving directory and swap. Raises ModelLoadError (nothing changed)."""
+        async with self.lock:
+            kept = await self._thread(model_history.adopt, candidate, self.history, version)
+            assert isinstance(kept, Path)
+            try:
+                loaded = await self._thread(load_model, self.settings, kept)
+            except BaseException:
+                shutil.rmtree(kept, ignore_errors=True)
+                raise
+            assert isinstance(loaded, LoadedModel)
+            await self._thread(model_history.install_serving, kept, self.settings.model_dir)
+            await self._swap(loaded, "promoted")
+            return loaded
+
+    async def rollback(self, version: int) -> tuple[LoadedModel, int]:
+        """Serve the kept ``version`` (0: the serving model's parent, else the newest kept one
+        below it). Returns the model now served and the version it replaced."""
+        async with self.lock:
+            current = self.predictor.model.meta
+            kept_versions = model_history.list_versions(self.history)
+            if version == 0:
+                below = [k.version for k in kept_versions if k.version < current.version]
+                if current.parent_version and current.parent_version in below:
+                    version = current.parent_version
+                elif below:
+                    version = max(below)
+                else:
+                    raise NotFound(
+                        f"no kept version below v{current.version} to roll back to",
+                        reason="VERSION_NOT_FOUND",
+                    )
+            if version == current.version:
+                raise FailedPrecondition(
+                    f"v{version} is already serving", reason="VERSION_ALREADY_SERVING"
+                )
+            try:
+                kept = model_history.find_version(self.history, version)
+                await self._thread(model_history.verify_model_dir, kept.path)
+            except HistoryError as exc:
+                raise NotFound(str(exc), reason="VERSION_NOT_FOUND", version=version) from exc
+            loaded = await self._thread(load_model, self.settings, kept.path)
+            assert isinstance(loaded, LoadedModel)
+            await self._thread(model_history.install_serving, kept.path, self.settings.model_dir)
+            await self._swap(loaded, f"rolled back to v{version}")
+            return loaded, current.version
+
+    async def reload(self) -> tuple[LoadedModel, bool]:
+        """Load the serving directory again if it holds another model (a restore, a rollback
+        made offline, a `make train`) and swap to it; returns the served model and whether it
+        changed. Raises ModelLoadError (the served model stays)."""
+        async with self.lock:
+            current = self.predictor.model
+            try:
+                meta = ModelMetadata.read(self.settings.model_dir)
+            except MetadataError as exc:
+                raise ModelLoadError(f"cannot reload: {exc}") from exc
+            if meta.version == current.meta.version and meta.checksums == current.meta.checksums:
+                return current, False
+            loaded = await self._thread(load_model, self.settings)
+            assert isinstance(loaded, LoadedModel)
+            await self._thread(self.keep_serving_version)
+            await self._swap(loaded, "reloaded")
+            return loaded, True
+
+    def next_version(self) -> int:
+        """The version a new candidate gets (blocking)."""
+        return model_history.next_version(self.settings.model_dir, self.history)
+
+    def kept_dir(self, version: int) -> Path:
+        """Directory of the kept ``version`` (archiving the serving one first if missing)."""
+        path = self.history / str(version)
+        if not path.is_dir():
+            self.keep_serving_version()
+        return path
