@@ -173,6 +173,15 @@ def _previous_version(model_dir: Path) -> int | None:
         return None
 
 
+def _highest_kept_version(models_dir: Path, name: str) -> int:
+    """Highest version a model server keeps in ``models_dir/.versions/<name>/<version>/``
+    (see xylen_server.model_history), so a retrain after a rollback never reuses a number."""
+    kept = Path(models_dir) / ".versions" / name
+    if not kept.is_dir():
+        return 0
+    return max((int(p.name) for p in kept.iterdir() if p.name.isdigit()), default=0)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``target`` that replaces ``target`` on success.
@@ -232,7 +241,7 @@ def train_model(
     meta = ModelMetadata(
         name=spec.name,
         model_type=spec.model_type,
-        version=(previous or 0) + 1,
+        version=max(previous or 0, _highest_kept_version(Path(models_dir), spec.name)) + 1,
         parent_version=previous,
         training_samples=len(split.train),
         trained_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

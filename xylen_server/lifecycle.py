@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from training.metadata import MetadataError, ModelMetadata
@@ -37,8 +37,8 @@ class ModelManager:
         self.predictor = predictor
         self.history = settings.history_dir
         self.lock = asyncio.Lock()
-        self.on_change: list[Callable[[LoadedModel], None]] = []
-        """Called on the loop after every swap with the model now served."""
+        self.on_change: list[Callable[[LoadedModel], Awaitable[None]]] = []
+        """Awaited on the loop after every swap with the model now served."""
         self.swaps = 0
 
     async def _thread(self, fn: Callable[..., object], *args: object) -> object:
@@ -64,7 +64,7 @@ class ModelManager:
             model_history.prune, self.history, self.settings.model_history_keep, loaded.meta.version
         )
         for callback in self.on_change:
-            callback(loaded)
+            await callback(loaded)
 
     async def promote(self, candidate: Path, version: int) -> LoadedModel:
         """Keep the candidate directory as ``version``, load it beside the serving model, make

@@ -101,16 +101,13 @@ class Retrainer:
         for queue in list(self._watchers):
             queue.put_nowait(status)
 
-    def _model_changed(self, model: LoadedModel) -> None:
+    async def _model_changed(self, model: LoadedModel) -> None:
         """Any swap (promotion, rollback, reload): count new samples against the new model."""
         loop = asyncio.get_running_loop()
-        cutoff = feedback_cutoff_ms(model.meta)
-
-        async def recount() -> None:
-            count = await loop.run_in_executor(None, self.learning.count_new, cutoff)
-            self.learning.reset(int(count))
-
-        self._recount = loop.create_task(recount())
+        count = await loop.run_in_executor(
+            None, self.learning.count_new, feedback_cutoff_ms(model.meta)
+        )
+        self.learning.reset(int(count))
 
     async def start_up(self, model: LoadedModel) -> None:
         """Count the new samples the serving model has not seen; start the schedule."""
@@ -235,6 +232,7 @@ class Retrainer:
                 holdout_fraction=self.settings.retrain_holdout_fraction,
                 margin=self.settings.retrain_gate_margin,
                 min_auc=self.settings.retrain_gate_min_auc,
+                z=self.settings.retrain_gate_z,
                 threads=self.settings.retrain_threads,
                 nice=self.settings.retrain_nice,
                 cutoff_ms=feedback_cutoff_ms(serving.meta),

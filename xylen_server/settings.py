@@ -110,6 +110,9 @@ class Settings:
     retrain_gate_min_auc: float = 0.52
     """``RETRAIN_GATE_MIN_AUC``: the candidate must also reach this held-out AUC (a model that
     learned nothing is never promoted, however calibrated)."""
+    retrain_gate_z: float = 1.645
+    """``RETRAIN_GATE_Z``: the candidate's held-out AUC must also exceed chance by this many
+    standard errors (1.645: one-sided 5%), so a lucky model on a small window is refused."""
     retrain_nice: int = 10
     """``RETRAIN_NICE``: niceness added to the training subprocess (0..19)."""
     retrain_threads: int = 1
@@ -197,6 +200,7 @@ class Settings:
                 self.feedback_compact_rows,
                 self.feedback_max_clock_skew_seconds,
                 self.retrain_gate_margin,
+                self.retrain_gate_z,
                 self.retrain_schedule_seconds,
             )
             < 0
@@ -205,7 +209,8 @@ class Settings:
             or self.retrain_timeout_seconds <= 0
         ):
             raise SettingsError(
-                "FEEDBACK_COMPACT_ROWS, FEEDBACK_MAX_CLOCK_SKEW_SECONDS, RETRAIN_GATE_MARGIN and "
+                "FEEDBACK_COMPACT_ROWS, FEEDBACK_MAX_CLOCK_SKEW_SECONDS, RETRAIN_GATE_MARGIN, "
+                "RETRAIN_GATE_Z and "
                 "RETRAIN_SCHEDULE_SECONDS must not be negative; PREDICTION_LOG_MAX_AGE_SECONDS, "
                 "PREDICTION_LOG_FLUSH_INTERVAL_SECONDS and RETRAIN_TIMEOUT_SECONDS must be positive"
             )
@@ -312,6 +317,7 @@ _ENV_NAMES = {
     "retrain_holdout_fraction": "RETRAIN_HOLDOUT_FRACTION",
     "retrain_gate_margin": "RETRAIN_GATE_MARGIN",
     "retrain_gate_min_auc": "RETRAIN_GATE_MIN_AUC",
+    "retrain_gate_z": "RETRAIN_GATE_Z",
     "retrain_nice": "RETRAIN_NICE",
     "retrain_threads": "RETRAIN_THREADS",
     "retrain_timeout_seconds": "RETRAIN_TIMEOUT_SECONDS",
@@ -354,6 +360,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "retrain_holdout_fraction": _parse_float,
     "retrain_gate_margin": _parse_float,
     "retrain_gate_min_auc": _parse_float,
+    "retrain_gate_z": _parse_float,
     "retrain_nice": _parse_int,
     "retrain_threads": _parse_int,
     "retrain_timeout_seconds": _parse_float,
