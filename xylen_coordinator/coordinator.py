@@ -33,6 +33,7 @@ from xylen_coordinator.config import Config, load_config
 from xylen_coordinator.endpoints import EndpointClient
 from xylen_coordinator.ensemble import AdaptiveWeights, NoVotes, Signal, combine, quorum_shortfall
 from xylen_coordinator.fanout import FanOutResult, Missing, fan_out
+from xylen_coordinator.featurize import FEATURES_HASH, featurized
 from xylen_coordinator.feedback_queue import FeedbackStore, Forwarder, PredictionRecord
 from xylen_coordinator.results import (
     EndpointState,
@@ -271,7 +272,10 @@ class AsyncCoordinator:
                 "the batch is empty; send at least one input", reason="EMPTY_BATCH"
             )
         budget = config.deadline_ms / 1000 if timeout is None or timeout <= 0 else timeout
-        fanned = await fan_out(list(snapshot.clients.values()), request, budget)
+        clients = list(snapshot.clients.values())
+        # Windows become features once here when some server computes the same features.
+        shared = any(c.features_hash == FEATURES_HASH for c in clients)
+        fanned = await fan_out(clients, request, budget, featurized(request) if shared else None)
         self._check_quorum(snapshot, fanned)
         weights = self._weights(snapshot)
         adaptive = config.weights.mode == "adaptive"
@@ -481,6 +485,7 @@ class AsyncCoordinator:
                     configured_weight=endpoint.weight,
                     weight=endpoint.weight * (score.multiplier if score else 1.0),
                     adaptive=score,
+                    sends_features=bool(client and client.features_hash == FEATURES_HASH),
                 )
             )
         return states

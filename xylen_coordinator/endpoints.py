@@ -213,6 +213,8 @@ class EndpointClient:
         self.stub = pb_grpc.ModelServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.serving = False
+        self.features_hash = ""
+        """The server's ModelInfo.features_hash, learnt each time it turns SERVING."""
         self.health_detail = "health not known yet"
         self.health_known = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
@@ -220,6 +222,7 @@ class EndpointClient:
         self._use_stream = transport.use_stream
         self._ids = itertools.count(1)
         self._closing = False
+        self._learning: asyncio.Future[None] | None = None
 
     def start(self) -> None:
         """Start following the server's health (idempotent)."""
@@ -229,6 +232,9 @@ class EndpointClient:
     def _set_health(self, serving: bool, detail: str) -> None:
         if serving != self.serving:
             logger.info("%s (%s): %s", self.name, self.endpoint.address, detail)
+            self.features_hash = ""
+            if serving:
+                self._learning = asyncio.ensure_future(self._learn_features())
         self.serving = serving
         self.health_detail = detail
         self.health_known.set()
@@ -260,6 +266,14 @@ class EndpointClient:
                 raise
             await asyncio.sleep(delay)
             delay = min(backoff_max, delay * 2)
+
+    async def _learn_features(self) -> None:
+        """Ask the server which feature definitions its model uses (a swap keeps them: a server
+        refuses models whose definitions differ from its code)."""
+        try:
+            self.features_hash = (await self.model_info()).features_hash
+        except grpc.aio.AioRpcError as error:
+            logger.info("%s: no model info (%s); sending it candles", self.name, error.code().name)
 
     def _open_stream(self) -> _Stream:
         stream = self._stream

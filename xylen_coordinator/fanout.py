@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.endpoints import Answer, EndpointClient, MissingReason, VoteFailure
+from xylen_coordinator.featurize import FEATURES_HASH
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,14 @@ class FanOutResult:
 
 
 async def fan_out(
-    clients: Sequence[EndpointClient], request: pb.PredictRequest, timeout: float
+    clients: Sequence[EndpointClient],
+    request: pb.PredictRequest,
+    timeout: float,
+    featurized: pb.PredictRequest | None = None,
 ) -> FanOutResult:
     """Send ``request`` to every serving client and collect what arrives within ``timeout``
-    seconds."""
+    seconds. ``featurized`` (the request with its candle windows replaced by their features)
+    goes instead to the clients whose server computes the same features."""
     result = FanOutResult()
     asked: list[tuple[EndpointClient, asyncio.Future[Answer]]] = []
     outcome: dict[str, Answer | Missing] = {}
@@ -50,7 +55,10 @@ async def fan_out(
                 client.name, MissingReason.NOT_SERVING, client.health_detail
             )
             continue
-        asked.append((client, client.submit(request, timeout)))
+        send = request
+        if featurized is not None and client.features_hash == FEATURES_HASH:
+            send = featurized
+        asked.append((client, client.submit(send, timeout)))
     done: set[asyncio.Future[Answer]] = set()
     if asked:
         try:

@@ -103,3 +103,6 @@ class EndpointState:
     configured_weight: float
     weight: float
     adaptive: AdaptiveScore | None
+    sends_features: bool = False
+    """True when the server computes this coordinator's features, so candle windows reach it
+    as feature vectors computed once here."""
