@@ -1,4 +1,20 @@
-"""``xylen-server`` / ``python -m xylen_server``: a model server configured by the environment."""
+"""``xylen-server`` / ``python -m xylen_server``: a model server configured by the environment,
+and the model-admin commands that work on its files (and, with ``--address``, on it live).
+
+Commands (MODEL_PATH and MODEL_NAME name the model, as for ``serve``)::
+
+    xylen-server [serve]                               serve over gRPC
+    xylen-server model list                            kept versions (newest first)
+    xylen-server model backup --out FILE.tar.gz        one archive: files, metadata, sha256s
+    xylen-server model restore FILE.tar.gz [--address HOST:PORT]
+    xylen-server model rollback [--to VERSION] [--address HOST:PORT]
+    xylen-server replay PREDICTION_ID [--log-dir DIR]  recompute a past prediction
+
+``restore`` verifies every checksum before it installs anything; a tampered archive is refused
+(exit 1). ``rollback`` and ``restore`` change the files on disk; a running server picks the
+change up through its hot swap when told: ``--address`` calls its RollbackModel / ReloadModel
+RPC, or send it SIGHUP. ``rollback --address`` asks the server to do the rollback itself.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +22,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 from xylen_server.settings import Settings, SettingsError
 
@@ -15,10 +32,27 @@ def main(argv: list[str] | None = None) -> int:
         prog="xylen-server",
         description="Serve one model over gRPC. Configured by environment variables: MODEL_NAME, "
         "MODEL_PATH, ONNX_ENABLED, LOG_LEVEL, GRPC_HOST, GRPC_PORT, SESSION_POOL_SIZE, "
-        "SESSION_THREADS, MAX_BATCH_ROWS, BUY_THRESHOLD, SELL_THRESHOLD, ... (see README).",
+        "SESSION_THREADS, MAX_BATCH_ROWS, BUY_THRESHOLD, SELL_THRESHOLD, FEEDBACK_DATA_DIR, "
+        "RETRAIN_*, ... (see README and xylen_server/settings.py).",
     )
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve"])
-    parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="serve the model over gRPC (the default)")
+    model = commands.add_parser("model", help="model versions: list, backup, restore, rollback")
+    actions = model.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="list the kept versions")
+    backup = actions.add_parser("backup", help="write the serving model to one archive")
+    backup.add_argument("--out", type=Path, required=True, help="archive to write (.tar.gz)")
+    backup.add_argument("--version", type=int, default=0, help="a kept version (default serving)")
+    restore = actions.add_parser("restore", help="verify an archive and make it the serving model")
+    restore.add_argument("archive", type=Path)
+    restore.add_argument("--address", help="HOST:PORT of a running server to reload")
+    rollback = actions.add_parser("rollback", help="serve a kept earlier version again")
+    rollback.add_argument("--to", type=int, default=0, help="version (default: the parent)")
+    rollback.add_argument("--address", help="HOST:PORT of a running server to roll back")
+    replay = commands.add_parser("replay", help="recompute a logged prediction bit-exactly")
+    replay.add_argument("prediction_id")
+    replay.add_argument("--log-dir", type=Path, help="prediction log (default: the server's)")
+    args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
@@ -30,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     _quiet_native_libraries()
+    if args.command == "model":
+        from xylen_server.admin import model_command
+
+        return model_command(settings, args)
+    if args.command == "replay":
+        from xylen_server.admin import replay_command
+
+        return replay_command(settings, args.prediction_id, args.log_dir)
     from xylen_server.server import serve  # after logging is set up; imports are heavy
 
     try:
