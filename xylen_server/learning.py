@@ -19,7 +19,6 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from datetime import UTC
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
@@ -182,12 +181,6 @@ class Learning:
         """After a retrain job, whatever its verdict: the triggers wait for new evidence."""
         self.arrived = 0
         self.outcomes.clear()
-
-    def snapshot(self, path: Path) -> int:
-        """Write every stored sample to ``path`` (Parquet) for a training job; returns rows."""
-        frame = self.samples()
-        frame.write_parquet(path)
-        return frame.height
 
     def close(self) -> None:
         """Flush the prediction log and close the store (compacting its log)."""

@@ -1,10 +1,13 @@
 """One retraining job, run as its own low-priority process: ``python -m xylen_server.retrain_job
 SPEC.json``. Nothing here runs inside the serving process.
 
-The server writes a snapshot of the feedback samples and a spec (:class:`JobSpec`); this process
-lowers its priority (``os.nice``), builds a candidate, scores it and the serving model on the same
-held-out window and writes ``result.json``. It prints one JSON line per stage on stdout
-(``{"stage": ..., "message": ...}``), which the server turns into TrainingStatus updates.
+The server writes a spec (:class:`JobSpec`); this process reads the feedback store's files itself
+(the server does no snapshot work on its event loop's process); it
+runs at low priority (``os.nice``, set by :mod:`retrain_launch` before the heavy imports),
+builds a candidate,
+scores it and the serving model on the same held-out window and writes ``result.json``. It
+prints one JSON line per stage on stdout (``{"stage": ..., "message": ...}``), which the server
+turns into TrainingStatus updates.
 
 Samples: feedback rows of this model's feature width, ordered by close time. *New* samples are
 those received after the serving model's cut-off (``metadata.data.feedback.received_until_ms``).
@@ -65,7 +68,8 @@ class JobSpec:
 
     job_id: str
     samples: str
-    """Parquet snapshot of the feedback samples (FeedbackStore schema)."""
+    """The feedback store's directory (read without its lock, see :func:`read_samples`), or a
+    Parquet file of samples in the FeedbackStore schema."""
     serving_dir: str
     """The serving model's kept directory (read only)."""
     candidate_dir: str
@@ -148,13 +152,13 @@ def gate(
         "min_auc": max(min_auc, chance_auc(y, z)),
     }
     loss_ok = verdict["candidate_log_loss"] <= verdict["serving_log_loss"] + margin
-    auc_ok = verdict["candidate_auc"] >= min_auc
+    auc_ok = verdict["candidate_auc"] >= verdict["min_auc"]
     verdict["passed"] = bool(loss_ok and auc_ok)
     scores = (
         f"log loss {verdict['candidate_log_loss']:.4f} vs serving "
         f"{verdict['serving_log_loss']:.4f} (margin {margin:g}), AUC "
         f"{verdict['candidate_auc']:.4f} vs serving {verdict['serving_auc']:.4f} "
-        f"(minimum {min_auc:g}) on {len(y)} held-out samples"
+        f"(needed {verdict['min_auc']:.3f}) on {len(y)} held-out samples"
     )
     if verdict["passed"]:
         verdict["reason"] = f"candidate not worse: {scores}"
@@ -163,6 +167,33 @@ def gate(
     else:
         verdict["reason"] = f"candidate learned too little: {scores}"
     return verdict
+
+
+def read_samples(path: Path) -> pl.DataFrame:
+    """Every sample in a feedback store directory, read while the server keeps appending and
+    compacting: WAL segments first (up to a torn tail), then the Parquet parts, then one row
+    per prediction id. A segment compacted away meanwhile has its records in a part written
+    before the segment was deleted, so the parts listed afterwards hold them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from xylen_server.feedback_store import SCHEMA, read_segment, records_table
+
+    path = Path(path)
+    if path.is_file():
+        return pl.read_parquet(path)
+    records = []
+    for segment in sorted((path / "feedback_wal").glob("wal-*.log")):
+        try:
+            records.extend(read_segment(segment))
+        except (FileNotFoundError, OSError):
+            continue
+    tables = [records_table(records)]
+    for part in sorted((path / "training_samples").glob("part-*.parquet")):
+        tables.append(pq.read_table(part, schema=SCHEMA))
+    frame = pl.from_arrow(pa.concat_tables(tables))
+    assert isinstance(frame, pl.DataFrame)
+    return frame.unique(subset="prediction_id", keep="first", maintain_order=True)
 
 
 def feature_matrix(frame: pl.DataFrame, width: int) -> np.ndarray:
@@ -298,8 +329,8 @@ def run(spec: JobSpec) -> dict[str, Any]:
     serving_dir = Path(spec.serving_dir)
     meta = ModelMetadata.read(serving_dir)
     width = len(meta.feature_names)
-    progress("snapshot", "reading feedback samples")
-    frame = pl.read_parquet(spec.samples)
+    progress("snapshot", "reading the feedback samples")
+    frame = read_samples(Path(spec.samples))
     frame = frame.filter(pl.col("features").list.len() == width).sort(
         ["close_time", "received_time"]
     )
@@ -414,8 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     spec = JobSpec.read(Path(args[0]))
-    if spec.nice:
-        os.nice(spec.nice)
+    if os.nice(0) < spec.nice:  # not started through retrain_launch
+        from xylen_server.retrain_launch import lower_priority
+
+        lower_priority(spec.nice - os.nice(0))
     try:
         result = run(spec)
     except JobFailed as exc:

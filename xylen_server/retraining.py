@@ -4,10 +4,11 @@
 one runs (FAILED_PRECONDITION, reason RETRAIN_RUNNING, naming the running job id), then runs the
 job as a task on the event loop that does no heavy work itself:
 
-1. snapshot: the feedback samples are written to ``<learning dir>/jobs/<job id>/samples.parquet``
-   (on a worker thread);
-2. training and validating: ``python -m xylen_server.retrain_job`` runs as a subprocess with
-   ``RETRAIN_NICE`` added to its niceness and ``RETRAIN_THREADS`` threads (see that module);
+1. the job's spec goes to ``<learning dir>/jobs/<job id>/spec.json``; the job reads the
+   feedback store's files itself (no snapshot work in the serving process);
+2. training and validating: ``python -m xylen_server.retrain_launch`` runs the job as a
+   subprocess with ``RETRAIN_NICE`` added to its niceness (before its heavy imports) and
+   ``RETRAIN_THREADS`` threads (see :mod:`~xylen_server.retrain_job`);
    its progress lines become the job's TrainingStatus;
 3. the verdict: FAILED (reason in the message; too few samples, one class, a crashed or
    non-finite fit, a timeout), REJECTED (the gate's scores), or SUCCEEDED, after which the
@@ -213,16 +214,14 @@ class Retrainer:
         candidate = self.models.history / f".candidate-{job_id}"
         try:
             job_dir.mkdir(parents=True, exist_ok=True)
-            samples = await loop.run_in_executor(
-                None, self.learning.snapshot, job_dir / "samples.parquet"
-            )
+            samples = self.learning.require_store().count()
             version = await loop.run_in_executor(None, self.models.next_version)
             serving_dir = await loop.run_in_executor(
                 None, self.models.kept_dir, serving.meta.version
             )
             spec = JobSpec(
                 job_id=job_id,
-                samples=str(job_dir / "samples.parquet"),
+                samples=str(self.learning.require_store().directory),
                 serving_dir=str(serving_dir),
                 candidate_dir=str(candidate),
                 result=str(job_dir / "result.json"),
@@ -238,7 +237,7 @@ class Retrainer:
                 cutoff_ms=feedback_cutoff_ms(serving.meta),
             )
             spec.write(job_dir / "spec.json")
-            self._update(stage="training", samples=samples, message=f"{samples} samples")
+            self._update(stage="training", samples=samples, message=f"{samples} samples stored")
             result = await self._subprocess(job_dir, spec)
             await self._finish(result, candidate, dry_run)
         except asyncio.CancelledError:
@@ -260,7 +259,6 @@ class Retrainer:
         finally:
             shutil.rmtree(candidate, ignore_errors=True)
             with contextlib.suppress(OSError):
-                (job_dir / "samples.parquet").unlink(missing_ok=True)
                 (job_dir / "status.json").write_text(
                     json_format.MessageToJson(self.status, indent=2) + "\n"
                 )
@@ -276,7 +274,8 @@ class Retrainer:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "xylen_server.retrain_job",
+                "xylen_server.retrain_launch",
+                str(spec.nice),
                 str(job_dir / "spec.json"),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,

@@ -1,0 +1,181 @@
+"""One continuous-learning cycle against a running model server, printed step by step.
+
+For ``make demo`` (the lead's demo script calls :func:`run_cycle`)::
+
+    from xylen_server.learning_demo import run_cycle
+    run_cycle("127.0.0.1:8001")
+
+The cycle: Predict on feature rows of generated candles; feed back one outcome per prediction
+(by prediction id, so the server joins each to the features it predicted on); start a Retrain;
+follow its progress (WatchRetrain) while a background client keeps calling Predict; print the
+gate's verdict with both scores and the swap to the new version, and how many background calls
+were answered, by which versions, and that none failed.
+
+The outcomes are simulated: the "market" rewards a rule the served model was not trained on
+(feature 0 above its median, 10% of outcomes flipped), so the retrained candidate scores better
+on the held-out window and is promoted. ``scramble=True`` shuffles the outcomes instead, to show
+the gate refusing a candidate trained on noise while the old version keeps serving.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import grpc
+import numpy as np
+
+from xylen.v1 import model_service_pb2 as pb
+from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen.v1 import types_pb2
+
+_FINAL = (pb.TRAINING_STATE_SUCCEEDED, pb.TRAINING_STATE_FAILED, pb.TRAINING_STATE_REJECTED)
+
+
+def demo_rows(n: int, seed: int = 7) -> np.ndarray:
+    """``n`` float32 feature rows computed (by the shared feature code) from generated candles."""
+    from training import features
+    from training.generator import simulate
+
+    hour = 3_600_000
+    start = int(datetime(2025, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    bars = n + features.LOOKBACK_PERIODS + 50
+    frame = simulate(np.arange(start, start + bars * hour, hour, dtype=np.int64), hour, seed)
+    x = features.compute_features(features.candles_from_frame(frame))
+    x = x[np.isfinite(x).all(axis=1)]
+    return np.ascontiguousarray(x[-n:], dtype=np.float32)
+
+
+def _outcomes(rows: np.ndarray, seed: int, scramble: bool) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    up = rows[:, 0] > np.median(rows[:, 0])
+    up = np.where(rng.random(len(up)) < 0.1, ~up, up)
+    return rng.permutation(up) if scramble else up
+
+
+def _vector(row: np.ndarray) -> pb.PredictInput:
+    return pb.PredictInput(features=types_pb2.FeatureVector(values=row.tolist()))
+
+
+def run_cycle(
+    address: str,
+    *,
+    samples: int = 600,
+    batch: int = 50,
+    mode: str = "incremental",
+    scramble: bool = False,
+    dry_run: bool = False,
+    seed: int = 7,
+    timeout: float = 300.0,
+    out: Callable[[str], object] = print,
+) -> None:
+    """Run and print one cycle against the server at ``address``.
+
+    Args:
+        address: ``host:port`` of a running ``xylen-server`` (plaintext gRPC).
+        samples: predictions made and outcomes fed back (at least the server's
+            RETRAIN_MIN_SAMPLES, 100 by default, plus those its earlier models already saw).
+        batch: rows per Predict call while collecting predictions.
+        mode: ``"incremental"`` (LightGBM continued training) or ``"full"``.
+        scramble: shuffle the outcomes, so the gate refuses the candidate.
+        dry_run: train and validate, never promote.
+        seed: seed of the generated candles and simulated outcomes.
+        timeout: seconds to wait for the retrain job to end.
+        out: where each printed line goes (``print`` by default).
+
+    Raises:
+        grpc.RpcError: when the server refuses a call (e.g. FAILED_PRECONDITION with reason
+            RETRAIN_RUNNING or NOT_ENOUGH_SAMPLES); the message names the reason.
+        TimeoutError: when the job does not end within ``timeout``.
+    """
+    rows = demo_rows(samples + 1, seed)
+    probe, rows = rows[-1], rows[:-1]
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.ModelServiceStub(channel)
+        info = stub.GetModelInfo(pb.GetModelInfoRequest()).model_info
+        out(f"[learning] {info.name} v{info.version} serving on {address}")
+
+        ids: list[str] = []
+        for start in range(0, len(rows), batch):
+            chunk = rows[start : start + batch]
+            response = stub.Predict(pb.PredictRequest(inputs=[_vector(r) for r in chunk]))
+            ids.extend(p.prediction_id for p in response.predictions)
+            if start == 0:
+                for p in response.predictions[:3]:
+                    out(
+                        f"[learning]   {p.prediction_id}  P(up)={p.probability_up:.4f}  "
+                        f"{types_pb2.Signal.Name(p.signal)}  v{p.model_version}"
+                    )
+        out(f"[learning] {len(ids)} predictions made")
+
+        went_up = _outcomes(rows, seed, scramble)
+        stored = 0
+        for prediction_id, up in zip(ids, went_up, strict=True):
+            request = pb.FeedbackRequest(
+                prediction_id=prediction_id,
+                outcome=pb.TradeOutcome(
+                    pnl=12.0 if up else -12.0, realized_return=0.004 if up else -0.004
+                ),
+            )
+            request.outcome.close_time.GetCurrentTime()
+            stored = stub.Feedback(request).stored_samples
+        out(
+            f"[learning] {len(ids)} outcomes fed back ({'shuffled' if scramble else 'simulated'})"
+            f"; {stored} samples stored, durably"
+        )
+
+        versions: Counter[int] = Counter()
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def keep_predicting() -> None:
+            request = pb.PredictRequest(inputs=[_vector(probe)])
+            while not stop.is_set():
+                try:
+                    versions[stub.Predict(request, timeout=5).predictions[0].model_version] += 1
+                except grpc.RpcError as exc:
+                    failures.append(exc.code().name)
+
+        client = threading.Thread(target=keep_predicting, daemon=True)
+        client.start()
+        try:
+            retrain_mode = pb.RETRAIN_MODE_FULL if mode == "full" else pb.RETRAIN_MODE_INCREMENTAL
+            job = stub.Retrain(pb.RetrainRequest(mode=retrain_mode, dry_run=dry_run)).job_id
+            out(f"[learning] retrain {job} started ({mode}{', dry run' if dry_run else ''})")
+            final = None
+            deadline = time.monotonic() + timeout
+            shown = ("", "")
+            for update in stub.WatchRetrain(pb.WatchRetrainRequest(job_id=job), timeout=timeout):
+                status = update.status
+                if (status.stage, status.message) != shown:
+                    shown = (status.stage, status.message)
+                    out(f"[learning]   {status.stage:<10} {status.message}")
+                if status.state in _FINAL:
+                    final = status
+                    break
+            if final is None or time.monotonic() > deadline:
+                raise TimeoutError(f"retrain {job} did not end within {timeout:g}s")
+            time.sleep(0.3)  # a few more calls on whatever serves now
+        finally:
+            stop.set()
+            client.join(10)
+
+        gate = final.gate
+        if final.HasField("gate"):
+            out(
+                f"[learning] gate: candidate log loss {gate.candidate_log_loss:.4f} vs serving "
+                f"{gate.serving_log_loss:.4f} (margin {gate.margin:g}); AUC "
+                f"{gate.candidate_auc:.4f} vs {gate.serving_auc:.4f} (needed {gate.min_auc:.3f}) "
+                f"on {gate.holdout_samples} held-out outcomes -> "
+                f"{'PASSED' if gate.passed else 'REFUSED'}"
+            )
+        out(f"[learning] verdict: {pb.TrainingState.Name(final.state)}: {final.message}")
+        after = stub.GetModelInfo(pb.GetModelInfoRequest()).model_info
+        out(
+            f"[learning] now serving v{after.version} (parent v{after.parent_version}); "
+            f"background Predict calls during the job: {sum(versions.values())} answered "
+            f"by {dict(sorted(versions.items()))}, {len(failures)} failed"
+        )
