@@ -169,6 +169,7 @@ class InProcessServer:
 
     def close(self) -> None:
         self.call(self.running.server.stop(0))
+        self.call(self.running.close_learning())  # feedback store lock and threads
         self.model.close()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)

@@ -6,15 +6,20 @@
 2. Four servers (LightGBM, XGBoost, CatBoost, LightGBM) behind the coordinator: weighted
    ensemble decisions with every vote; one server killed mid-demo, the ensemble carrying on with
    three and naming the missing one, the server restarted on its port and voting again.
-3. Everything stopped with SIGTERM; each process must exit 0.
+3. Continuous learning on model_1: predictions, their outcomes fed back, a Retrain, the
+   validation gate's verdict and the hot swap to the new version while requests keep flowing;
+   then the ensemble again, with model_1's new version voting.
+4. Everything stopped with SIGTERM; each process must exit 0.
 
 Expects the default models (``make train``) under ``models/`` and the default data under
-``data/default`` (``make data``); ``make demo`` makes both first.
+``data/default`` (``make data``); ``make demo`` makes both first. The servers serve a copy of
+the models under the run directory, so the demo's retraining leaves ``models/`` as trained.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 import time
@@ -31,6 +36,7 @@ from xylen_coordinator import Coordinator
 from xylen_coordinator.__main__ import format_result
 from xylen_coordinator.candles import read_candles, window_input
 from xylen_server.launcher import ServerProcess, start_server
+from xylen_server.learning_demo import run_cycle
 
 MODELS = ("model_1", "model_2", "model_3", "model_4")
 WEIGHTS = {"model_1": 0.4, "model_2": 0.3, "model_3": 0.2, "model_4": 0.1}
@@ -151,6 +157,12 @@ def ensemble(
         coordinator.wait_serving(["model_3"], timeout=60)
         print(format_result(coordinator.predict([candle_window(candles, last)])))
 
+        heading("continuous learning on model_1: outcomes in, retrain, gate, hot swap")
+        run_cycle(servers["model_1"].address)
+
+        heading("the ensemble after the swap: model_1 votes with its new version")
+        print(format_result(coordinator.predict([candle_window(candles, last)])))
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xylen-demo", description=__doc__.split("\n\n")[0])
@@ -165,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    args.run_dir.mkdir(parents=True, exist_ok=True)
+    # A fresh copy of the models each run: the learning cycle writes new versions into it.
+    shutil.rmtree(args.run_dir, ignore_errors=True)
+    models = args.run_dir / "models"
+    shutil.copytree(args.models, models, ignore=shutil.ignore_patterns(".versions"))
     started = time.perf_counter()
     candles = read_candles(args.data)
     rows = features.compute_features(candles)
@@ -175,13 +190,13 @@ def main(argv: list[str] | None = None) -> int:
 
     servers: dict[str, ServerProcess] = {}
     try:
-        servers["model_1"] = start_server(args.models, "model_1", log_dir=args.run_dir)
+        servers["model_1"] = start_server(models, "model_1", log_dir=args.run_dir)
         single_server(servers["model_1"], candles, rows)
         for name in MODELS[1:]:
-            servers[name] = start_server(args.models, name, log_dir=args.run_dir, wait=False)
+            servers[name] = start_server(models, name, log_dir=args.run_dir, wait=False)
         for name in MODELS[1:]:
             servers[name].wait_serving()
-        ensemble(servers, args.run_dir, candles, args.models)
+        ensemble(servers, args.run_dir, candles, models)
     finally:
         heading("stopping every server with SIGTERM")
         codes = {name: server.stop() for name, server in servers.items()}
