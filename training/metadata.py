@@ -91,6 +91,17 @@ class ModelMetadata:
         """File name of the native model inside the model directory."""
         return NATIVE_FILES[self.model_type]
 
+    def checksum_problem(self, model_dir: str | os.PathLike[str]) -> str | None:
+        """What is wrong with the files :attr:`checksums` lists, or None when all match."""
+        for name, expected in self.checksums.items():
+            path = Path(model_dir) / name
+            if not path.is_file():
+                return f"{path} is missing"
+            actual = sha256_file(path)
+            if actual != expected:
+                return f"{path} is corrupt (sha256 {actual[:12]}, metadata says {expected[:12]})"
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

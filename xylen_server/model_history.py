@@ -68,15 +68,9 @@ def verify_model_dir(model_dir: Path) -> ModelMetadata:
         raise HistoryError(str(exc)) from exc
     if not meta.checksums:
         raise HistoryError(f"{model_dir}: metadata lists no checksums; cannot verify the model")
-    for name, expected in meta.checksums.items():
-        path = model_dir / name
-        if not path.is_file():
-            raise HistoryError(f"{path} is missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise HistoryError(
-                f"{path}: sha256 {actual[:12]} does not match the metadata's {expected[:12]}"
-            )
+    problem = meta.checksum_problem(model_dir)
+    if problem is not None:
+        raise HistoryError(problem)
     return meta
 
 

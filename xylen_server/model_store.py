@@ -23,7 +23,6 @@ from training.onnx_export import (
     convert,
     export_onnx,
     onnx_is_current,
-    sha256_file,
 )
 from xylen_server.errors import ModelLoadError
 from xylen_server.native import Engine, NativeModel
@@ -73,16 +72,9 @@ def check_features(meta: ModelMetadata) -> None:
 
 def verify_checksums(meta: ModelMetadata, model_dir: Path) -> None:
     """Every file the metadata lists a sha256 for must still have it."""
-    for name, expected in meta.checksums.items():
-        path = model_dir / name
-        if not path.is_file():
-            raise ModelLoadError(f"model {meta.name!r}: {path} is missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise ModelLoadError(
-                f"model {meta.name!r}: {path} is corrupt (sha256 {actual[:12]}, "
-                f"metadata says {expected[:12]})"
-            )
+    problem = meta.checksum_problem(model_dir)
+    if problem is not None:
+        raise ModelLoadError(f"model {meta.name!r}: {problem}")
 
 
 def _onnx_model(meta: ModelMetadata, model_dir: Path) -> onnx.ModelProto:
