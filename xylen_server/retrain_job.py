@@ -51,6 +51,7 @@ from training.metadata import FEATURE_IMPORTANCE_FILE, ModelMetadata, sha256_fil
 from training.onnx_export import export_onnx
 from training.pipeline import atomic_directory
 from training.trainers import DEFAULT_PARAMS, MODEL_CLASSES, TreeModel, make_model
+from xylen_server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +81,15 @@ class JobSpec:
     """``incremental`` or ``full``."""
     version: int
     """Version to give the candidate."""
-    min_samples: int = MIN_SAMPLES
-    holdout_fraction: float = 0.2
-    margin: float = 0.002
-    min_auc: float = 0.52
-    z: float = 1.645
+    # Defaults come from the server's settings: one source of truth (see Settings.retrain_*).
+    min_samples: int = Settings.retrain_min_samples
+    holdout_fraction: float = Settings.retrain_holdout_fraction
+    margin: float = Settings.retrain_gate_margin
+    min_auc: float = Settings.retrain_gate_min_auc
+    z: float = Settings.retrain_gate_z
     """Confidence (normal quantile) that the candidate's AUC is not chance."""
-    threads: int = 1
-    nice: int = 10
+    threads: int = Settings.retrain_threads
+    nice: int = Settings.retrain_nice
     cutoff_ms: int = 0
     """Samples received after this (UTC ms) are new to the serving model."""
 
