@@ -72,6 +72,16 @@ class _Served:
             self.drained.set()
 
 
+def check_model_name(requested: str, served: str) -> None:
+    """A request naming a model must name the one this server serves (empty: any)."""
+    if requested and requested != served:
+        raise NotFound(
+            f"model {requested!r} is not served here; this server serves {served!r}",
+            reason="MODEL_NOT_FOUND",
+            model_name=requested,
+        )
+
+
 class Predictor:
     """Holds the served model and runs batches on its engine's worker threads."""
 
@@ -155,13 +165,7 @@ class Predictor:
         if served is None:
             raise Unavailable("the model is still loading; retry shortly", reason="MODEL_LOADING")
         model = served.model
-        if request.model_name and request.model_name != model.meta.name:
-            raise NotFound(
-                f"model {request.model_name!r} is not served here; this server serves "
-                f"{model.meta.name!r}",
-                reason="MODEL_NOT_FOUND",
-                model_name=request.model_name,
-            )
+        check_model_name(request.model_name, model.meta.name)
         if self._fits_the_loop(model, request):
             probabilities, rows, seconds = self._run(model, request, on_loop=True)
         else:

@@ -19,13 +19,12 @@ from xylen_server.errors import (
     FailedPrecondition,
     InvalidArgument,
     ModelLoadError,
-    NotFound,
     abort,
     to_item_status,
 )
 from xylen_server.learning import Learning
 from xylen_server.lifecycle import ModelManager
-from xylen_server.predictor import Predictor, Result, signal_for
+from xylen_server.predictor import Predictor, Result, check_model_name, signal_for
 from xylen_server.retraining import Retrainer
 
 logger = logging.getLogger(__name__)
@@ -190,7 +189,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self, request: pb.ListModelVersionsRequest, context: Context
     ) -> pb.ListModelVersionsResponse:
         try:
-            self._check_name(request.model_name)
+            check_model_name(request.model_name, self.predictor.model.meta.name)
             serving = self.predictor.model.meta.version
             kept = model_history.list_versions(self.settings.history_dir)
         except Exception as exc:
@@ -238,15 +237,6 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             await abort(context, exc)
         return pb.ReloadModelResponse(model_info=self._info(model), changed=changed)
 
-    def _check_name(self, name: str) -> None:
-        served = self.predictor.model.meta.name
-        if name and name != served:
-            raise NotFound(
-                f"model {name!r} is not served here; this server serves {served!r}",
-                reason="MODEL_NOT_FOUND",
-                model_name=name,
-            )
-
     def _info(self, model: Any) -> pb.ModelInfo:
         info = model_info(model, self.settings)
         if self.retrainer is not None:
@@ -258,13 +248,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     ) -> pb.GetModelInfoResponse:
         try:
             model = self.predictor.model
-            if request.model_name and request.model_name != model.meta.name:
-                raise NotFound(
-                    f"model {request.model_name!r} is not served here; this server serves "
-                    f"{model.meta.name!r}",
-                    reason="MODEL_NOT_FOUND",
-                    model_name=request.model_name,
-                )
+            check_model_name(request.model_name, model.meta.name)
         except Exception as exc:
             await abort(context, exc)
         return pb.GetModelInfoResponse(model_info=self._info(model))
