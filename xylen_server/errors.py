@@ -80,13 +80,6 @@ class DeadlineExceeded(XylenError):
     reason = "DEADLINE_EXCEEDED"
 
 
-class Unimplemented(XylenError):
-    """The RPC exists in the contract but this server does not offer it yet."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
-    reason = "UNIMPLEMENTED"
-
-
 class ModelLoadError(Exception):
     """The model cannot be served (missing, corrupt, inconsistent, or failed the parity check).
 
