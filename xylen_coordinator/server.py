@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from xylen.v1 import ensemble_service_pb2 as epb
@@ -25,6 +25,7 @@ from xylen.v1 import ensemble_service_pb2_grpc as epb_grpc
 from xylen_coordinator.config import ConfigError
 from xylen_coordinator.coordinator import AsyncCoordinator
 from xylen_coordinator.servicer import EnsembleServicer
+from xylen_server.serving_health import set_health
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +44,7 @@ class Running:
     health: health.aio.HealthServicer
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in _HEALTH_SERVICES:
-            await self.health.set(name, status)
+        await set_health(self.health, _HEALTH_SERVICES, serving)
 
 
 async def build_server(coordinator: AsyncCoordinator, host: str, port: int) -> Running:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from xylen.v1 import model_service_pb2 as pb
@@ -31,6 +31,7 @@ from xylen_server.model_store import LoadedModel, load_model
 from xylen_server.predictor import Predictor
 from xylen_server.retraining import Retrainer
 from xylen_server.servicer import ModelServicer
+from xylen_server.serving_health import set_health
 from xylen_server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -65,13 +66,7 @@ class Running:
         await asyncio.get_running_loop().run_in_executor(None, self.learning.close)
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in _HEALTH_SERVICES:
-            await self.health.set(name, status)
+        await set_health(self.health, _HEALTH_SERVICES, serving)
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
