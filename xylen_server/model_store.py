@@ -77,16 +77,19 @@ def verify_checksums(meta: ModelMetadata, model_dir: Path) -> None:
         raise ModelLoadError(f"model {meta.name!r}: {problem}")
 
 
-def _onnx_model(meta: ModelMetadata, model_dir: Path) -> onnx.ModelProto:
-    if onnx_is_current(model_dir, meta):
-        return onnx.load(str(model_dir / ONNX_FILE))
-    try:
-        path = export_onnx(model_dir)
-        logger.info("converted %s to %s", meta.native_file, path)
-        return onnx.load(str(path))
-    except PermissionError:
-        logger.warning("model directory %s is read-only; converting in memory", model_dir)
-        return convert(meta, model_dir)
+def _onnx_model(meta: ModelMetadata, model_dir: Path) -> tuple[onnx.ModelProto, bytes]:
+    """The ONNX model (for the parity probe) and its bytes (for the sessions), read and parsed
+    once: this runs on every swap, inside the serving process."""
+    if not onnx_is_current(model_dir, meta):
+        try:
+            path = export_onnx(model_dir)
+            logger.info("converted %s to %s", meta.native_file, path)
+        except PermissionError:
+            logger.warning("model directory %s is read-only; converting in memory", model_dir)
+            model = convert(meta, model_dir)
+            return model, model.SerializeToString()
+    data = (model_dir / ONNX_FILE).read_bytes()
+    return onnx.load_from_string(data), data
 
 
 def _warm_up(engine: Engine, n_features: int, workers: int) -> float:
@@ -150,10 +153,8 @@ def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel
 
     try:
         try:
-            model = _onnx_model(meta, model_dir)
-            pool = SessionPool(
-                model.SerializeToString(), settings.pool_size, settings.session_threads
-            )
+            model, model_bytes = _onnx_model(meta, model_dir)
+            pool = SessionPool(model_bytes, settings.pool_size, settings.session_threads)
         except ConversionError as exc:
             raise ModelLoadError(f"model {meta.name!r}: {exc}") from exc
         except Exception as exc:  # onnxruntime raises its own types for a corrupt graph
