@@ -57,7 +57,7 @@ train: $(STAMP) $(PROTO_STAMP)
 demo: $(STAMP) $(PROTO_STAMP)
 	@test -d $(DATA_DIR) || $(MAKE) --no-print-directory data
 	@test -f $(MODELS_DIR)/model_4/metadata.json || $(MAKE) --no-print-directory train
-	$(PY) -m xylen_coordinator.demo --models $(MODELS_DIR) --data $(DATA_DIR)
+	$(PY) -m xylen_server.devtools.demo --models $(MODELS_DIR) --data $(DATA_DIR)
 
 test: $(STAMP) $(PROTO_STAMP)
 	$(PY) -m pytest -q

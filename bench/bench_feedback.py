@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xylen_server.feedback_store import FeedbackRecord, FeedbackStore
-from xylen_server.prediction_log import PredictionLog
+from xylen_server.learning.feedback_store import FeedbackRecord, FeedbackStore
+from xylen_server.learning.prediction_log import PredictionLog
 
 FEATURES = 24
 

@@ -34,8 +34,8 @@ from bench.bench_server import Process, build_model, start_xylen
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen.v1 import types_pb2
-from xylen_server.feedback_store import FeedbackRecord, records_table
-from xylen_server.retrain_job import JobSpec
+from xylen_server.learning.feedback_store import FeedbackRecord, records_table
+from xylen_server.learning.job import JobSpec
 
 
 def _labels(rows: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -156,7 +156,13 @@ def retrain_times(root: Path, rows: np.ndarray) -> None:
             spec.write(job / "spec.json")
             started = time.perf_counter()
             subprocess.run(
-                [sys.executable, "-m", "xylen_server.retrain_launch", "10", str(job / "spec.json")],
+                [
+                    sys.executable,
+                    "-m",
+                    "xylen_server.learning.launch",
+                    "10",
+                    str(job / "spec.json"),
+                ],
                 check=True,
                 capture_output=True,
             )

@@ -90,8 +90,8 @@ def in_process(model_dir: Path, rows: np.ndarray, seconds: float) -> None:
     import lightgbm as lgb
     import onnxruntime as ort
 
-    from xylen_server.native import NativeModel
-    from xylen_server.session_pool import session_options
+    from xylen_server.serving.native import NativeModel
+    from xylen_server.serving.session_pool import session_options
 
     meta = ModelMetadata.read(model_dir)
     booster = lgb.Booster(model_file=str(model_dir / "lightgbm_model.txt"))

@@ -20,8 +20,8 @@ from training.onnx_export import sha256_file
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_coordinator.candles import window_input as candle_window
-from xylen_server import launcher
-from xylen_server.launcher import ServerProcess, health_status
+from xylen_server.devtools import launcher
+from xylen_server.devtools.launcher import ServerProcess, health_status
 
 __all__ = ["ServerProcess", "health_status"]  # re-exported for the tests
 from xylen_server.settings import Settings
@@ -151,8 +151,8 @@ class InProcessServer:
     """A real gRPC server on a loopback port, run by an event loop on a background thread."""
 
     def __init__(self, settings: Any) -> None:
-        from xylen_server.model_store import load_model
         from xylen_server.server import build_server
+        from xylen_server.serving.model_store import load_model
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)

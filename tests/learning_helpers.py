@@ -37,8 +37,8 @@ class LearningServer:
     model loaded and kept in the history, feedback counted, SERVING."""
 
     def __init__(self, settings: Settings) -> None:
-        from xylen_server.model_store import load_model
         from xylen_server.server import build_server
+        from xylen_server.serving.model_store import load_model
 
         self.settings = settings
         self.loop = asyncio.new_event_loop()

@@ -175,7 +175,7 @@ def _previous_version(model_dir: Path) -> int | None:
 
 def _highest_kept_version(models_dir: Path, name: str) -> int:
     """Highest version a model server keeps in ``models_dir/.versions/<name>/<version>/``
-    (see xylen_server.model_history), so a retrain after a rollback never reuses a number."""
+    (see xylen_server.versions.history), so a retrain after a rollback never reuses a number."""
     kept = Path(models_dir) / ".versions" / name
     if not kept.is_dir():
         return 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 from training import features
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
-from xylen_server.inputs import candle_features
+from xylen_server.serving.inputs import candle_features
 
 #: The feature definitions this coordinator computes.
 FEATURES_HASH = features.feature_definitions_hash()

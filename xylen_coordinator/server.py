@@ -25,7 +25,7 @@ from xylen.v1 import ensemble_service_pb2_grpc as epb_grpc
 from xylen_coordinator.config import ConfigError
 from xylen_coordinator.coordinator import AsyncCoordinator
 from xylen_coordinator.servicer import EnsembleServicer
-from xylen_server.serving_health import set_health
+from xylen_server.health import set_health
 
 logger = logging.getLogger(__name__)
 

@@ -65,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     _quiet_native_libraries()
     if args.command == "model":
-        from xylen_server.admin import model_command
+        from xylen_server.versions.cli import model_command
 
         return model_command(settings, args)
     if args.command == "replay":
-        from xylen_server.admin import replay_command
+        from xylen_server.versions.cli import replay_command
 
         return replay_command(settings, args.prediction_id, args.log_dir)
     from xylen_server.server import serve  # after logging is set up; imports are heavy

@@ -22,17 +22,17 @@ from grpc_reflection.v1alpha import reflection
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen_server.api.interceptors import MetricsInterceptor
+from xylen_server.api.metrics import Recorder
+from xylen_server.api.servicer import ModelServicer
 from xylen_server.errors import ModelLoadError
-from xylen_server.interceptors import MetricsInterceptor
-from xylen_server.learning import Learning
-from xylen_server.lifecycle import ModelManager
-from xylen_server.metrics import Recorder
-from xylen_server.model_store import LoadedModel, load_model
-from xylen_server.predictor import Predictor
-from xylen_server.retraining import Retrainer
-from xylen_server.servicer import ModelServicer
-from xylen_server.serving_health import set_health
+from xylen_server.health import set_health
+from xylen_server.learning.feedback import Learning
+from xylen_server.learning.retrainer import Retrainer
+from xylen_server.serving.model_store import LoadedModel, load_model
+from xylen_server.serving.predictor import Predictor
 from xylen_server.settings import Settings
+from xylen_server.versions.swap import ModelManager
 
 logger = logging.getLogger(__name__)
 

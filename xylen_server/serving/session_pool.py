@@ -7,7 +7,7 @@ gets ``threads`` intra-op threads; keep ``size * threads`` at or below the core 
 
 One more session belongs to the event-loop thread alone (:meth:`predict_on_loop`): a single row
 of a 500-tree model takes ~12 us, a hop to a worker thread ~80 us, so tiny batches that fit the
-loop's budget (see :mod:`xylen_server.predictor`) run there without waiting for a worker.
+loop's budget (see :mod:`xylen_server.serving.predictor`) run there without waiting for a worker.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from grpc_status import rpc_status
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_server.errors import InvalidArgument, to_item_status, to_rpc_status
-from xylen_server.predictor import signal_for
-from xylen_server.session_pool import SessionPool
+from xylen_server.serving.predictor import signal_for
+from xylen_server.serving.session_pool import SessionPool
 
 
 class CountingPool(SessionPool):
@@ -129,7 +129,7 @@ def test_tiny_batches_run_on_the_loop_and_agree_with_the_pool(server, stub, feat
 def test_a_zero_loop_budget_always_offloads(models_root):
     from harness import server_settings
 
-    from xylen_server.model_store import load_model
+    from xylen_server.serving.model_store import load_model
 
     model = load_model(server_settings(models_root, loop_budget_us=0.0))
     try:

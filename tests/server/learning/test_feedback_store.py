@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from xylen_server.errors import InvalidArgument, NotFound
-from xylen_server.feedback_store import (
+from xylen_server.learning.feedback_store import (
     MAGIC,
     FeedbackRecord,
     FeedbackStore,
@@ -27,10 +27,10 @@ from xylen_server.feedback_store import (
     frame,
     read_segment,
 )
-from xylen_server.prediction_log import PredictionLog
+from xylen_server.learning.prediction_log import PredictionLog
 
 CHILD = Path(__file__).with_name("feedback_child.py")
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def record(i: int, prefix: str = "p") -> FeedbackRecord:

@@ -35,8 +35,8 @@ from training.onnx_export import (
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_server.errors import ModelLoadError
-from xylen_server.model_store import load_model
-from xylen_server.parity import probe_rows
+from xylen_server.serving.model_store import load_model
+from xylen_server.serving.parity import probe_rows
 
 REAL_1H = [
     "BTCUSDT-1h-2018-01.csv",

@@ -2,7 +2,7 @@
 
 For ``make demo`` (the lead's demo script calls :func:`run_cycle`)::
 
-    from xylen_server.learning_demo import run_cycle
+    from xylen_server.devtools.learning_demo import run_cycle
     run_cycle("127.0.0.1:8001")
 
 The cycle: Predict on feature rows of generated candles; feed back one outcome per prediction

@@ -18,7 +18,7 @@ from learning_helpers import LearningServer, feedback, learning_settings
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
-from xylen_server.feedback_store import FeedbackStore
+from xylen_server.learning.feedback_store import FeedbackStore
 
 
 @pytest.fixture(scope="module")

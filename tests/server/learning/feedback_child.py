@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xylen_server.feedback_store import FeedbackRecord, FeedbackStore
+from xylen_server.learning.feedback_store import FeedbackRecord, FeedbackStore
 
 _print_lock = threading.Lock()
 

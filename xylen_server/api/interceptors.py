@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from xylen_server.metrics import Recorder
+from xylen_server.api.metrics import Recorder
 
 
 def _code_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:

@@ -63,7 +63,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xylen_server.errors import InvalidArgument, NotFound, Unavailable
-from xylen_server.prediction_log import PredictionLog
+from xylen_server.learning.prediction_log import PredictionLog
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ import grpc
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
-from xylen_server import model_history
 from xylen_server.errors import (
     OK_ITEM_STATUS,
     DeadlineExceeded,
@@ -22,10 +21,11 @@ from xylen_server.errors import (
     abort,
     to_item_status,
 )
-from xylen_server.learning import Learning
-from xylen_server.lifecycle import ModelManager
-from xylen_server.predictor import Predictor, Result, check_model_name, signal_for
-from xylen_server.retraining import Retrainer
+from xylen_server.learning.feedback import Learning
+from xylen_server.learning.retrainer import Retrainer
+from xylen_server.serving.predictor import Predictor, Result, check_model_name, signal_for
+from xylen_server.versions import history as model_history
+from xylen_server.versions.swap import ModelManager
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import numpy as np
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_server.errors import NotFound, Unavailable
-from xylen_server.inputs import feature_matrix
-from xylen_server.model_store import LoadedModel
+from xylen_server.serving.inputs import feature_matrix
+from xylen_server.serving.model_store import LoadedModel
 from xylen_server.settings import Settings
 
 logger = logging.getLogger(__name__)

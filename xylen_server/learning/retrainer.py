@@ -6,9 +6,9 @@ job as a task on the event loop that does no heavy work itself:
 
 1. the job's spec goes to ``<learning dir>/jobs/<job id>/spec.json``; the job reads the
    feedback store's files itself (no snapshot work in the serving process);
-2. training and validating: ``python -m xylen_server.retrain_launch`` runs the job as a
+2. training and validating: ``python -m xylen_server.learning.launch`` runs the job as a
    subprocess with ``RETRAIN_NICE`` added to its niceness (before its heavy imports) and
-   ``RETRAIN_THREADS`` threads (see :mod:`~xylen_server.retrain_job`);
+   ``RETRAIN_THREADS`` threads (see :mod:`~xylen_server.learning.job`);
    its progress lines become the job's TrainingStatus;
 3. the verdict: FAILED (reason in the message; too few samples, one class, a crashed or
    non-finite fit, a timeout), REJECTED (the gate's scores), or SUCCEEDED, after which the
@@ -45,11 +45,11 @@ from google.protobuf import json_format
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen_server.errors import FailedPrecondition
-from xylen_server.learning import Learning, feedback_cutoff_ms
-from xylen_server.lifecycle import ModelManager
-from xylen_server.model_store import LoadedModel
-from xylen_server.retrain_job import MIN_SAMPLES, JobSpec
+from xylen_server.learning.feedback import Learning, feedback_cutoff_ms
+from xylen_server.learning.job import MIN_SAMPLES, JobSpec
+from xylen_server.serving.model_store import LoadedModel
 from xylen_server.settings import Settings
+from xylen_server.versions.swap import ModelManager
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class Retrainer:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "xylen_server.retrain_launch",
+                "xylen_server.learning.launch",
                 str(spec.nice),
                 str(job_dir / "spec.json"),
                 stdout=asyncio.subprocess.PIPE,

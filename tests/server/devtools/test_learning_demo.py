@@ -8,7 +8,7 @@ from pathlib import Path
 from harness import write_model
 from learning_helpers import LearningServer, learning_settings
 
-from xylen_server.learning_demo import run_cycle
+from xylen_server.devtools.learning_demo import run_cycle
 
 
 def test_run_cycle_prints_a_promotion_while_requests_keep_flowing(tmp_path: Path, candles):

@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from xylen_server.prediction_log import LoggedPrediction, PredictionLog
+from xylen_server.learning.prediction_log import LoggedPrediction, PredictionLog
 
 
 def now_ms() -> int:

@@ -1,7 +1,7 @@
 """Start a retrain job at low priority *before* it imports anything heavy.
 
-``python -m xylen_server.retrain_launch NICE SPEC.json`` lowers this process's priority
-(``os.nice(NICE)``) and only then imports and runs :mod:`xylen_server.retrain_job`. Importing
+``python -m xylen_server.learning.launch NICE SPEC.json`` lowers this process's priority
+(``os.nice(NICE)``) and only then imports and runs :mod:`xylen_server.learning.job`. Importing
 polars, scikit-learn and LightGBM alone costs about a second of CPU; at normal priority that
 second showed up in the server's Predict p99.
 
@@ -27,7 +27,7 @@ def lower_priority(nice: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     lower_priority(int(args[0]))
-    from xylen_server.retrain_job import main as run_job
+    from xylen_server.learning.job import main as run_job
 
     return run_job(args[1:])
 

@@ -1,8 +1,9 @@
 """The server's side of continuous learning: what it predicted, what came back, how it is doing.
 
-:class:`Learning` owns the :class:`~xylen_server.prediction_log.PredictionLog` (every Predict
-batch, recorded on the hot path without I/O) and the durable
-:class:`~xylen_server.feedback_store.FeedbackStore` (Feedback is acknowledged only once its
+:class:`Learning` owns the
+:class:`~xylen_server.learning.prediction_log.PredictionLog` (every Predict batch, recorded on
+the hot path without I/O) and the durable
+:class:`~xylen_server.learning.feedback_store.FeedbackStore` (Feedback is acknowledged only once its
 record is fsynced). It also keeps the two live figures the automatic triggers read: how many new
 samples arrived since the serving model's data was cut off, and the rolling accuracy over the
 last ``RETRAIN_ACCURACY_WINDOW`` outcomes of predictions this server made.
@@ -25,14 +26,14 @@ import polars as pl
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen_server.errors import Unavailable
-from xylen_server.feedback_store import FeedbackStore, build_record
-from xylen_server.prediction_log import PredictionLog
+from xylen_server.learning.feedback_store import FeedbackStore, build_record
+from xylen_server.learning.prediction_log import PredictionLog
 from xylen_server.settings import Settings
 
 if TYPE_CHECKING:
     from training.metadata import ModelMetadata
-    from xylen_server.model_store import LoadedModel
-    from xylen_server.predictor import Result
+    from xylen_server.serving.model_store import LoadedModel
+    from xylen_server.serving.predictor import Result
 
 logger = logging.getLogger(__name__)
 

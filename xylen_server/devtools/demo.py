@@ -35,8 +35,8 @@ from xylen.v1 import types_pb2
 from xylen_coordinator import Coordinator
 from xylen_coordinator.__main__ import format_result
 from xylen_coordinator.candles import read_candles, window_input
-from xylen_server.launcher import ServerProcess, start_server
-from xylen_server.learning_demo import run_cycle
+from xylen_server.devtools.launcher import ServerProcess, start_server
+from xylen_server.devtools.learning_demo import run_cycle
 
 MODELS = ("model_1", "model_2", "model_3", "model_4")
 WEIGHTS = {"model_1": 0.4, "model_2": 0.3, "model_3": 0.2, "model_4": 0.1}

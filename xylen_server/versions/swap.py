@@ -1,8 +1,8 @@
 """Changing the served model while serving: promotion, rollback and reload, one hot swap.
 
 Every change goes the same way: the new model is loaded, converted, parity-checked and warmed
-beside the serving one (:func:`~xylen_server.model_store.load_model` on a worker thread), its
-files are made the serving directory on disk (atomic rename), and only then
+beside the serving one (:func:`~xylen_server.serving.model_store.load_model` on a worker
+thread), its files are made the serving directory on disk (atomic rename), and only then
 :meth:`Predictor.swap` replaces the reference in one step on the event loop. Requests that
 started on the old model finish on it; the old engine is closed once they have. Health stays
 SERVING throughout, and GetModelInfo reports the new version from the instant of the swap.
@@ -19,12 +19,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from training.metadata import MetadataError, ModelMetadata
-from xylen_server import model_history
 from xylen_server.errors import FailedPrecondition, ModelLoadError, NotFound
-from xylen_server.model_history import HistoryError
-from xylen_server.model_store import LoadedModel, load_model
-from xylen_server.predictor import Predictor
+from xylen_server.serving.model_store import LoadedModel, load_model
+from xylen_server.serving.predictor import Predictor
 from xylen_server.settings import Settings
+from xylen_server.versions import history as model_history
+from xylen_server.versions.history import HistoryError
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""One retraining job, run as its own low-priority process: ``python -m xylen_server.retrain_job
+"""One retraining job, run as its own low-priority process: ``python -m xylen_server.learning.job
 SPEC.json``. Nothing here runs inside the serving process.
 
 The server writes a spec (:class:`JobSpec`); this process reads the feedback store's files itself
@@ -179,7 +179,7 @@ def read_samples(path: Path) -> pl.DataFrame:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from xylen_server.feedback_store import SCHEMA, read_segment, records_table
+    from xylen_server.learning.feedback_store import SCHEMA, read_segment, records_table
 
     path = Path(path)
     if path.is_file():
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     spec = JobSpec.read(Path(args[0]))
     if os.nice(0) < spec.nice:  # not started through retrain_launch
-        from xylen_server.retrain_launch import lower_priority
+        from xylen_server.learning.launch import lower_priority
 
         lower_priority(spec.nice - os.nice(0))
     try:

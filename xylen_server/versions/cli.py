@@ -16,10 +16,10 @@ import numpy as np
 import polars as pl
 
 from training.metadata import MetadataError, ModelMetadata
-from xylen_server import model_history
 from xylen_server.errors import ModelLoadError
-from xylen_server.model_history import HistoryError
 from xylen_server.settings import Settings
+from xylen_server.versions import history as model_history
+from xylen_server.versions.history import HistoryError
 
 
 def _error(message: str, code: int = 1) -> int:
@@ -148,7 +148,7 @@ def replay_command(settings: Settings, prediction_id: str, log_dir: Path | None)
             pass
     if not model_dir.is_dir():
         return _error(f"model version {version} is no longer kept; cannot replay")
-    from xylen_server.model_store import load_model
+    from xylen_server.serving.model_store import load_model
 
     try:
         loaded = load_model(dataclasses.replace(settings, pool_size=1), model_dir)

@@ -25,9 +25,9 @@ from training.onnx_export import (
     onnx_is_current,
 )
 from xylen_server.errors import ModelLoadError
-from xylen_server.native import Engine, NativeModel
-from xylen_server.parity import max_difference, probe_rows
-from xylen_server.session_pool import SessionPool
+from xylen_server.serving.native import Engine, NativeModel
+from xylen_server.serving.parity import max_difference, probe_rows
+from xylen_server.serving.session_pool import SessionPool
 from xylen_server.settings import Settings
 
 logger = logging.getLogger(__name__)
