@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from xylen_server.learning.feedback_store import FeedbackRecord, FeedbackStore
+from xylen_server.learning.feedback_store import FeedbackStore
 from xylen_server.learning.prediction_log import PredictionLog
+from xylen_server.learning.samples import FeedbackRecord
 
 FEATURES = 24
 

@@ -34,8 +34,8 @@ from bench.bench_server import Process, build_model, start_xylen
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen.v1 import types_pb2
-from xylen_server.learning.feedback_store import FeedbackRecord, records_table
 from xylen_server.learning.job import JobSpec
+from xylen_server.learning.samples import FeedbackRecord, records_table
 
 
 def _labels(rows: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -159,8 +159,7 @@ def retrain_times(root: Path, rows: np.ndarray) -> None:
                 [
                     sys.executable,
                     "-m",
-                    "xylen_server.learning.launch",
-                    "10",
+                    "xylen_server.learning.job",
                     str(job / "spec.json"),
                 ],
                 check=True,

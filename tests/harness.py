@@ -15,11 +15,10 @@ import numpy as np
 
 from training import features
 from training.generator import simulate
-from training.metadata import ModelMetadata
-from training.onnx_export import sha256_file
+from training.metadata import ModelMetadata, sha256_file
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
-from xylen_coordinator.candles import window_input as candle_window
+from xylen_server.candles import window_input as candle_window
 from xylen_server.devtools import launcher
 from xylen_server.devtools.launcher import ServerProcess, health_status
 
@@ -148,28 +147,37 @@ def server_settings(models_root: Path, **overrides: object) -> Settings:
 
 
 class InProcessServer:
-    """A real gRPC server on a loopback port, run by an event loop on a background thread."""
+    """A real gRPC server on a loopback port, started the way ``serve()`` starts one
+    (:func:`xylen_server.server.start`), run by an event loop on a background thread."""
 
-    def __init__(self, settings: Any) -> None:
-        from xylen_server.server import build_server
-        from xylen_server.serving.model_store import load_model
+    def __init__(self, settings: Settings) -> None:
+        from xylen_server.server import start
 
+        self.settings = settings
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.running = self.call(build_server(settings))
-        self.call(self.running.server.start())
-        self.model = load_model(settings)
-        self.running.predictor.install(self.model)
-        self.call(self.running.set_serving(True))
+        try:
+            self.running = self.call(start(settings))
+        except BaseException:
+            self._stop_loop()
+            raise
         self.address = f"127.0.0.1:{self.running.port}"
 
-    def call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+    @property
+    def model(self) -> Any:
+        """The model served now."""
+        return self.running.predictor.model
+
+    def call(self, coro: Any, timeout: float = 120) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
-        self.call(self.running.server.stop(0))
-        self.call(self.running.close_learning())  # feedback store lock and threads
-        self.model.close()
+        try:
+            self.call(self.running.stop(0))
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)

@@ -1,11 +1,9 @@
-"""Helpers for the continuous-learning tests: an in-process server with learning switched on
-(as ``serve()`` starts it), feedback requests, model versions on disk, and learnable labels."""
+"""Helpers for the continuous-learning tests: settings with a data directory of their own,
+feedback requests, model versions on disk, and learnable labels."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -30,37 +28,6 @@ def learning_settings(root: Path, **overrides: object) -> Settings:
     }
     values.update(overrides)
     return server_settings(root / "models", **values)
-
-
-class LearningServer:
-    """A real gRPC server on loopback (its own event-loop thread), started as ``serve()`` does:
-    model loaded and kept in the history, feedback counted, SERVING."""
-
-    def __init__(self, settings: Settings) -> None:
-        from xylen_server.server import build_server
-        from xylen_server.serving.model_store import load_model
-
-        self.settings = settings
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.running = self.call(build_server(settings))
-        self.call(self.running.server.start())
-        model = load_model(settings)
-        self.running.predictor.install(model)
-        self.call(self.running.start_learning(model))
-        self.call(self.running.set_serving(True))
-        self.address = f"127.0.0.1:{self.running.port}"
-
-    def call(self, coro: Any, timeout: float = 120) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.call(self.running.server.stop(0))
-        self.call(self.running.close_learning())
-        self.running.predictor.model.close()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
 
 
 def outcome(realized_return: float, close_time: datetime | None = None) -> pb.TradeOutcome:

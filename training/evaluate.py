@@ -7,28 +7,34 @@ the sign of the last one-bar return, both estimated on the training rows).
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    log_loss,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
+from sklearn.metrics import accuracy_score, precision_score, recall_score, roc_auc_score
 
-_EPS = 1e-7
+#: Probabilities are clipped to [_EPS, 1 - _EPS] before the log loss.
+_EPS = 1e-15
+
+
+def log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean binary log loss (natural log), probabilities clipped to [1e-15, 1 - 1e-15]. The one
+    log loss of xylen: training reports it, the retrain gate compares models on it."""
+    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
+    y = np.asarray(y, dtype=np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC (ties count half); needs both classes in ``y``."""
+    return float(roc_auc_score(y, p))
 
 
 def classification_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
     """Accuracy, precision, recall (at P(up) > 0.5), AUC and log loss; None where undefined."""
     y = np.asarray(y, dtype=np.int64)
-    proba = np.clip(np.asarray(proba, dtype=np.float64), _EPS, 1 - _EPS)
+    proba = np.asarray(proba, dtype=np.float64)
     pred = (proba > 0.5).astype(np.int64)
     both = len(np.unique(y)) == 2
     return {
@@ -37,8 +43,8 @@ def classification_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
         "accuracy": float(accuracy_score(y, pred)) if len(y) else None,
         "precision": float(precision_score(y, pred, zero_division=0)) if len(y) else None,
         "recall": float(recall_score(y, pred, zero_division=0)) if len(y) else None,
-        "auc": float(roc_auc_score(y, proba)) if both else None,
-        "log_loss": float(log_loss(y, proba, labels=[0, 1])) if len(y) else None,
+        "auc": auc(y, proba) if both else None,
+        "log_loss": log_loss(y, proba) if len(y) else None,
     }
 
 
@@ -70,17 +76,6 @@ def evaluate_split(
         for name, bp in baselines[period].items():
             report[period][name] = classification_metrics(y, bp)
     return report
-
-
-def write_feature_importance(path: Path, importance: Mapping[str, float]) -> None:
-    """CSV ``feature,gain,share`` sorted by gain, largest first."""
-    total = sum(importance.values()) or 1.0
-    rows = sorted(importance.items(), key=lambda kv: (-kv[1], kv[0]))
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["feature", "gain", "share"])
-        for name, gain in rows:
-            writer.writerow([name, f"{gain:.6g}", f"{gain / total:.6f}"])
 
 
 def find_lookahead(

@@ -1,5 +1,8 @@
 """Model metadata: the one description of a trained model, written by training, read by serving.
 
+It also fixes how every engine is fed (:func:`model_input`, the graph's input and output
+names), so training, conversion and serving agree without importing each other.
+
 A model directory (``models/<name>/``) holds the native model file of its type, optionally a
 ``model.onnx`` converted from it, ``feature_importance.csv`` and ``metadata.json`` (this class).
 The server refuses a model whose ``feature_names``, ``lookback`` or ``features_hash`` disagree with
@@ -8,14 +11,21 @@ the feature code it runs (see :mod:`training.features`).
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 METADATA_FILE = "metadata.json"
 ONNX_FILE = "model.onnx"
@@ -28,6 +38,24 @@ NATIVE_FILES: dict[str, str] = {
     "catboost": "catboost_model.cbm",
 }
 MODEL_TYPES = tuple(NATIVE_FILES)
+
+#: Name of the ONNX graph's input: float32 ``[batch, features]`` (batch dimension dynamic).
+INPUT_NAME = "input"
+#: Name of the ONNX graph's output: float32 ``[batch, 2]``, P(down) and P(up).
+PROBABILITIES_OUTPUT = "probabilities"
+#: Largest allowed |onnx - native| difference in P(up) on the parity probe.
+PARITY_TOLERANCE = 1e-5
+#: LightGBM reads any |x| <= 1e-35 as 0 (its kZeroThreshold) and places splits at +-1e-35
+#: between 0 and the nearest values; ONNX compares such values as they are.
+ZERO_THRESHOLD = 1e-35
+
+
+def model_input(rows: np.ndarray) -> np.ndarray:
+    """The one input convention every engine sees: float32, with LightGBM's zero snapping
+    applied, so ONNX and native engines branch the same way on every value."""
+    out = np.asarray(rows, dtype=np.float32).copy()
+    out[np.abs(out) <= ZERO_THRESHOLD] = 0.0
+    return out
 
 
 class MetadataError(ValueError):
@@ -164,3 +192,40 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target`` that replaces ``target`` on success.
+
+    On any error the temporary directory is removed and ``target`` is left untouched.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a server may run as another user
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_feature_importance(path: Path, importance: Mapping[str, float]) -> None:
+    """CSV ``feature,gain,share`` sorted by gain, largest first."""
+    total = sum(importance.values()) or 1.0
+    rows = sorted(importance.items(), key=lambda kv: (-kv[1], kv[0]))
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["feature", "gain", "share"])
+        for name, gain in rows:
+            writer.writerow([name, f"{gain:.6g}", f"{gain / total:.6f}"])

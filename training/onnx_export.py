@@ -21,31 +21,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from training.metadata import ONNX_FILE, ModelMetadata, atomic_write_bytes, sha256_file
+from training.metadata import (
+    INPUT_NAME,
+    ONNX_FILE,
+    PROBABILITIES_OUTPUT,
+    ModelMetadata,
+    atomic_write_bytes,
+    sha256_file,
+)
 
 #: Metadata key in the ONNX file holding the sha256 of the native file it was converted from.
 NATIVE_SHA256_KEY = "xylen.native_sha256"
 #: Bumped whenever the conversion changes, so older .onnx files are reconverted.
 CONVERTER_VERSION = "1"
 CONVERTER_VERSION_KEY = "xylen.converter_version"
-INPUT_NAME = "input"
-PROBABILITIES_OUTPUT = "probabilities"
-#: Largest allowed |onnx - native| difference in P(up) on the parity probe.
-PARITY_TOLERANCE = 1e-5
 _ONNX_OPSET = 15
-
-
-#: LightGBM reads any |x| <= 1e-35 as 0 (its kZeroThreshold) and places splits at +-1e-35
-#: between 0 and the nearest values; ONNX compares such values as they are.
-ZERO_THRESHOLD = 1e-35
-
-
-def model_input(rows: np.ndarray) -> np.ndarray:
-    """The one input convention every engine sees: float32, with LightGBM's zero snapping
-    applied, so ONNX and native engines branch the same way on every value."""
-    out = np.asarray(rows, dtype=np.float32).copy()
-    out[np.abs(out) <= ZERO_THRESHOLD] = 0.0
-    return out
 
 
 class ConversionError(RuntimeError):

@@ -7,14 +7,8 @@ model exactly as it was.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,19 +21,18 @@ from training.evaluate import (
     baseline_probabilities,
     evaluate_split,
     find_lookahead,
-    write_feature_importance,
 )
 from training.klines import Klines, load_klines
 from training.labels import binary_labels
-from training.metadata import FEATURE_IMPORTANCE_FILE, MetadataError, ModelMetadata, sha256_file
-from training.onnx_export import export_onnx
+from training.metadata import (
+    MetadataError,
+    ModelMetadata,
+)
 from training.split import TimeSplit, iso_ms, min_gap_bars, time_split, walk_forward
-from training.trainers import make_model
+from training.trainers import MIN_TRAINING_SAMPLES, make_model, write_model_dir
 
 logger = logging.getLogger(__name__)
 
-#: Fewest training rows a model may be fitted on.
-MIN_TRAINING_SAMPLES = 100
 _PREV_RETURN = features.FEATURE_NAMES.index("log_return_1")
 
 
@@ -182,32 +175,6 @@ def _highest_kept_version(models_dir: Path, name: str) -> int:
     return max((int(p.name) for p in kept.iterdir() if p.name.isdigit()), default=0)
 
 
-@contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target`` that replaces ``target`` on success.
-
-    On any error the temporary directory is removed and ``target`` is left untouched.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a server may run as another user
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def train_model(
     spec: ModelSpec, config: TrainConfig, data: PreparedData, models_dir: Path
 ) -> ModelMetadata:
@@ -263,13 +230,7 @@ def train_model(
         metrics=metrics,
         params={**model.params, "seed": config.seed, "num_threads": config.num_threads},
     )
-    with atomic_directory(target) as tmp:
-        native = model.save(tmp)
-        write_feature_importance(tmp / FEATURE_IMPORTANCE_FILE, model.feature_importance())
-        # The server verifies these before loading (a truncated file can crash a library).
-        meta = replace(meta, checksums={native.name: sha256_file(native)})
-        meta.write(tmp)
-        export_onnx(tmp)
+    meta = write_model_dir(target, model, meta)
     logger.info(
         "%s v%d (%s, horizon %d): validation AUC %s, test AUC %s",
         spec.name,

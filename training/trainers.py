@@ -10,12 +10,23 @@ format under the name in :data:`training.metadata.NATIVE_FILES`, loaded back, an
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from training.metadata import NATIVE_FILES
+from training.metadata import (
+    FEATURE_IMPORTANCE_FILE,
+    NATIVE_FILES,
+    ModelMetadata,
+    atomic_directory,
+    sha256_file,
+    write_feature_importance,
+)
+
+#: Fewest rows any model is fitted on: a training run, and a retrain's new samples.
+MIN_TRAINING_SAMPLES = 100
 
 #: Hyper-parameters per model type; ``n_estimators`` and ``early_stopping_rounds`` are shared keys.
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
@@ -56,9 +67,14 @@ def as_features(x: np.ndarray) -> np.ndarray:
 
 
 class TreeModel(ABC):
-    """A binary tree-ensemble classifier with a native file format."""
+    """A binary tree-ensemble classifier with a native file format.
+
+    :meth:`fit` trains from scratch; :meth:`finetune` continues training the trees it holds
+    (a loaded model) on new rows, where its library supports that (:attr:`can_finetune`).
+    """
 
     model_type: ClassVar[str]
+    can_finetune: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -81,6 +97,34 @@ class TreeModel(ABC):
     @abstractmethod
     def fit(self, x: np.ndarray, y: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray) -> None:
         """Fit on (x, y), stopping early on the validation log loss."""
+
+    def finetune(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        x_valid: np.ndarray | None = None,
+        y_valid: np.ndarray | None = None,
+        *,
+        rounds: int = 100,
+        patience: int = 20,
+    ) -> None:
+        """Add up to ``rounds`` trees fitted on (x, y) to the trees this model holds, stopping
+        early after ``patience`` rounds without a better validation log loss (when a validation
+        set is given)."""
+        if not self.can_finetune:
+            raise NotImplementedError(f"{self.model_type} models have no continued training here")
+        self._continue(x, y, x_valid, y_valid, rounds, patience)
+
+    def _continue(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        x_valid: np.ndarray | None,
+        y_valid: np.ndarray | None,
+        rounds: int,
+        patience: int,
+    ) -> None:
+        raise NotImplementedError
 
     @abstractmethod
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -121,12 +165,10 @@ class TreeModel(ABC):
 
 class LightGBMModel(TreeModel):
     model_type = "lightgbm"
+    can_finetune = True
 
-    def fit(self, x: np.ndarray, y: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray) -> None:
-        import lightgbm as lgb
-
-        rounds, patience = self._rounds()
-        params = {
+    def _train_params(self) -> dict[str, Any]:
+        return {
             **self._native_params(),
             "objective": "binary",
             "metric": "binary_logloss",
@@ -136,18 +178,51 @@ class LightGBMModel(TreeModel):
             "num_threads": self.num_threads,
             "verbosity": -1,
         }
+
+    def _train(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        x_valid: np.ndarray | None,
+        y_valid: np.ndarray | None,
+        rounds: int,
+        patience: int,
+        init_model: Any = None,
+    ) -> None:
+        import lightgbm as lgb
+
         train = lgb.Dataset(as_features(x), y, feature_name=self.feature_names, free_raw_data=True)
-        valid = lgb.Dataset(as_features(x_valid), y_valid, reference=train)
+        valid_sets: list[Any] = []
+        callbacks: list[Any] = []
+        if x_valid is not None and len(x_valid):
+            valid_sets = [lgb.Dataset(as_features(x_valid), y_valid, reference=train)]
+            callbacks = [lgb.early_stopping(patience, verbose=False)]
         booster = lgb.train(
-            params,
+            self._train_params(),
             train,
             num_boost_round=rounds,
-            valid_sets=[valid],
-            callbacks=[lgb.early_stopping(patience, verbose=False)],
+            init_model=init_model,
+            valid_sets=valid_sets,
+            callbacks=callbacks,
         )
         self.best_iteration = booster.best_iteration or booster.current_iteration()
         # Keep only the trees up to the best iteration, so the file, ONNX and server agree.
-        self.booster = lgb.Booster(model_str=booster.model_to_string(self.best_iteration))
+        best = booster.model_to_string(num_iteration=self.best_iteration)
+        self.booster = lgb.Booster(model_str=best)
+
+    def fit(self, x: np.ndarray, y: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray) -> None:
+        self._train(x, y, x_valid, y_valid, *self._rounds())
+
+    def _continue(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        x_valid: np.ndarray | None,
+        y_valid: np.ndarray | None,
+        rounds: int,
+        patience: int,
+    ) -> None:
+        self._train(x, y, x_valid, y_valid, rounds, patience, init_model=self.booster)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.booster.predict(as_features(x)), dtype=np.float64)
@@ -291,3 +366,19 @@ def make_model(
             f"unknown model type {model_type!r}; use one of {', '.join(MODEL_CLASSES)}"
         ) from None
     return cls(params, feature_names=feature_names, seed=seed, num_threads=num_threads)
+
+
+def write_model_dir(target: Path, model: TreeModel, meta: ModelMetadata) -> ModelMetadata:
+    """Write a complete model directory at ``target``, atomically (a failure leaves what was
+    there): the native file, ``feature_importance.csv``, ``metadata.json`` with the native
+    file's sha256 (the server verifies it before loading) and ``model.onnx``. The one writer
+    of model directories: ``make train`` and the retrain job both use it."""
+    from training.onnx_export import export_onnx
+
+    with atomic_directory(Path(target)) as tmp:
+        native = model.save(tmp)
+        write_feature_importance(tmp / FEATURE_IMPORTANCE_FILE, model.feature_importance())
+        meta = replace(meta, checksums={native.name: sha256_file(native)})
+        meta.write(tmp)
+        export_onnx(tmp)
+    return meta

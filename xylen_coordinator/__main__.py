@@ -84,7 +84,8 @@ def format_result(result: EnsembleResult, times: list[int] | None = None) -> str
 
 
 async def _predict(args: argparse.Namespace) -> int:
-    from xylen_coordinator.candles import read_candles, window_input
+    from xylen_coordinator.candles import read_candles
+    from xylen_server.candles import window_input
 
     candles = read_candles(args.candles)
     async with AsyncCoordinator(args.config) as coordinator:

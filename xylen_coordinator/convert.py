@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 from xylen.v1 import ensemble_service_pb2 as epb
-from xylen.v1 import types_pb2
 from xylen_coordinator.config import Config
 from xylen_coordinator.endpoints import MissingReason
-from xylen_coordinator.ensemble import AdaptiveScore, Signal
+from xylen_coordinator.ensemble import AdaptiveScore
 from xylen_coordinator.results import EndpointState, EnsembleResult, FeedbackAck
+from xylen_server.signals import TO_PROTO
 
-SIGNALS = {
-    Signal.BUY: types_pb2.SIGNAL_BUY,
-    Signal.SELL: types_pb2.SIGNAL_SELL,
-    Signal.HOLD: types_pb2.SIGNAL_HOLD,
-}
 MISSING_REASONS = {
     MissingReason.NOT_SERVING: epb.MISSING_REASON_NOT_SERVING,
     MissingReason.DEADLINE_EXCEEDED: epb.MISSING_REASON_DEADLINE_EXCEEDED,
@@ -39,14 +34,14 @@ def predict_response(result: EnsembleResult) -> epb.EnsembleServicePredictRespon
         prediction = response.predictions.add(
             prediction_id=row.prediction_id,
             probability_up=row.probability,
-            signal=SIGNALS[row.signal],
+            signal=TO_PROTO[row.signal],
             disagreement=row.disagreement,
         )
         for vote in row.votes:
             message = prediction.votes.add(
                 server_name=vote.server_name,
                 probability_up=vote.probability,
-                signal=SIGNALS[vote.signal],
+                signal=TO_PROTO[vote.signal],
                 normalized_weight=vote.normalized_weight,
                 weight=vote.weight,
                 configured_weight=vote.configured_weight,

@@ -28,7 +28,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from xylen.v1 import model_service_pb2 as pb
-from xylen.v1 import types_pb2
 from xylen_coordinator.config import Config, load_config
 from xylen_coordinator.endpoints import EndpointClient
 from xylen_coordinator.ensemble import AdaptiveWeights, NoVotes, Signal, combine, quorum_shortfall
@@ -43,14 +42,10 @@ from xylen_coordinator.results import (
     VoteInfo,
 )
 from xylen_server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from xylen_server.signals import FROM_PROTO
 
 logger = logging.getLogger(__name__)
 
-_SIGNALS = {
-    types_pb2.SIGNAL_BUY: Signal.BUY,
-    types_pb2.SIGNAL_SELL: Signal.SELL,
-    types_pb2.SIGNAL_HOLD: Signal.HOLD,
-}
 #: Status codes that mean the request itself is bad: passed through when every server says so.
 _CLIENT_ERRORS = {"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "OUT_OF_RANGE"}
 #: Ensemble predictions remembered in memory for Feedback (older ones are read from disk).
@@ -301,7 +296,7 @@ class AsyncCoordinator:
                     VoteInfo(
                         server_name=name,
                         probability=prediction.probability_up,
-                        signal=_SIGNALS.get(prediction.signal, Signal.HOLD),
+                        signal=FROM_PROTO.get(prediction.signal, Signal.HOLD),
                         normalized_weight=decision.weights[name],
                         weight=weights[name],
                         configured_weight=snapshot.configured_weights[name],

@@ -13,17 +13,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 
 from xylen_coordinator.config import Adaptive, Quorum, Thresholds
-
-
-class Signal(StrEnum):
-    """The ensemble's trading signal."""
-
-    BUY = "BUY"
-    SELL = "SELL"
-    HOLD = "HOLD"
+from xylen_server.signals import Signal, signal_for
 
 
 class NoVotes(ValueError):
@@ -42,16 +34,6 @@ class Decision:
     """Weighted standard deviation of the votes around :attr:`probability` (0..0.5)."""
     weights: Mapping[str, float]
     """Normalised weight of each voter (they sum to 1)."""
-
-
-def signal_for(probability: float, thresholds: Thresholds) -> Signal:
-    """BUY at or above the buy threshold, SELL at or below the sell threshold, else HOLD
-    (the model servers' rule)."""
-    if probability >= thresholds.buy:
-        return Signal.BUY
-    if probability <= thresholds.sell:
-        return Signal.SELL
-    return Signal.HOLD
 
 
 def combine(
@@ -83,7 +65,7 @@ def combine(
     variance = math.fsum(normalised[name] * (votes[name] - probability) ** 2 for name in normalised)
     return Decision(
         probability=probability,
-        signal=signal_for(probability, thresholds),
+        signal=signal_for(probability, thresholds.buy, thresholds.sell),
         disagreement=math.sqrt(variance),
         weights=normalised,
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 from training import features
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
-from xylen_server.serving.inputs import candle_features
+from xylen_server.candles import window_columns
 
 #: The feature definitions this coordinator computes.
 FEATURES_HASH = features.feature_definitions_hash()
@@ -29,7 +29,8 @@ def featurized(request: pb.PredictRequest) -> pb.PredictRequest | None:
     out = pb.PredictRequest(model_name=request.model_name)
     for index, item in enumerate(request.inputs):
         if item.HasField("candles"):
-            values = candle_features(item.candles.candles, features.LOOKBACK_PERIODS, index)
+            columns = window_columns(item.candles.candles, features.LOOKBACK_PERIODS, index)
+            values = features.window_features(columns)
             out.inputs.add(features=types_pb2.FeatureVector(values=values.tolist()))
         else:
             out.inputs.append(item)

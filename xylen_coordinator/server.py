@@ -17,20 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from xylen.v1 import ensemble_service_pb2 as epb
 from xylen.v1 import ensemble_service_pb2_grpc as epb_grpc
 from xylen_coordinator.config import ConfigError
 from xylen_coordinator.coordinator import AsyncCoordinator
 from xylen_coordinator.servicer import EnsembleServicer
-from xylen_server.health import set_health
+from xylen_server.errors import ErrorStatusInterceptor
+from xylen_server.health import Health, bind, server_options
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = epb.DESCRIPTOR.services_by_name["EnsembleService"].full_name
-_HEALTH_SERVICES = ("", SERVICE_NAME)
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
@@ -41,39 +39,21 @@ class Running:
     server: grpc.aio.Server
     port: int
     coordinator: AsyncCoordinator
-    health: health.aio.HealthServicer
+    health: Health
 
     async def set_serving(self, serving: bool) -> None:
-        await set_health(self.health, _HEALTH_SERVICES, serving)
+        await self.health.set(serving)
 
 
 async def build_server(coordinator: AsyncCoordinator, host: str, port: int) -> Running:
     """Build (not start) a plaintext server for ``coordinator`` on ``host:port``."""
     server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.so_reuseport", 0),
-        ]
+        interceptors=[ErrorStatusInterceptor()], options=server_options(_MAX_MESSAGE_BYTES)
     )
     epb_grpc.add_EnsembleServiceServicer_to_server(EnsembleServicer(coordinator), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    address = f"{host}:{port}"
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise OSError(f"cannot bind gRPC port {address}: {exc}") from exc
-    if bound == 0:
-        raise OSError(f"cannot bind gRPC port {address}")
-    running = Running(server, bound, coordinator, health_servicer)
+    health = Health(server, (SERVICE_NAME,))
+    bound = bind(server, f"{host}:{port}", None)
+    running = Running(server, bound, coordinator, health)
     await running.set_serving(False)
     return running
 

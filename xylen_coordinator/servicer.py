@@ -1,4 +1,5 @@
-"""EnsembleService over gRPC: protobuf in, a call into the coordinator, protobuf out."""
+"""EnsembleService over gRPC: protobuf in, a call into the coordinator, protobuf out; errors
+become status in :class:`~xylen_server.errors.ErrorStatusInterceptor`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from xylen.v1 import ensemble_service_pb2 as epb
 from xylen.v1 import ensemble_service_pb2_grpc as epb_grpc
 from xylen_coordinator import convert
 from xylen_coordinator.coordinator import AsyncCoordinator
-from xylen_server.errors import abort
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -32,28 +32,19 @@ class EnsembleServicer(epb_grpc.EnsembleServiceServicer):
         if remaining is not None:
             budget = timeout or self.coordinator.config.deadline_ms / 1000
             timeout = max(0.001, min(budget, remaining - _REPLY_MARGIN_SECONDS))
-        try:
-            result = await self.coordinator.predict(list(request.inputs), timeout)
-        except Exception as exc:
-            await abort(context, exc)
+        result = await self.coordinator.predict(list(request.inputs), timeout)
         return convert.predict_response(result)
 
     async def Feedback(
         self, request: epb.EnsembleServiceFeedbackRequest, context: Context
     ) -> epb.EnsembleServiceFeedbackResponse:
-        try:
-            ack = await self.coordinator.feedback(
-                request.prediction_id, request.outcome if request.HasField("outcome") else None
-            )
-        except Exception as exc:
-            await abort(context, exc)
+        ack = await self.coordinator.feedback(
+            request.prediction_id, request.outcome if request.HasField("outcome") else None
+        )
         return convert.feedback_response(ack)
 
     async def GetEnsembleInfo(
         self, request: epb.GetEnsembleInfoRequest, context: Context
     ) -> epb.GetEnsembleInfoResponse:
-        try:
-            pending = await self.coordinator.pending_feedback()
-        except Exception as exc:
-            await abort(context, exc)
+        pending = await self.coordinator.pending_feedback()
         return convert.info_response(self.coordinator.config, self.coordinator.endpoints(), pending)

@@ -24,7 +24,8 @@ import logging
 import sys
 from pathlib import Path
 
-from xylen_server.settings import Settings, SettingsError
+from xylen_server.errors import SettingsError
+from xylen_server.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return model_command(settings, args)
     if args.command == "replay":
-        from xylen_server.versions.cli import replay_command
+        from xylen_server.learning.replay import replay_command
 
         return replay_command(settings, args.prediction_id, args.log_dir)
     from xylen_server.server import serve  # after logging is set up; imports are heavy

@@ -1,15 +1,34 @@
-"""The server's error tree, and the one place that turns errors into gRPC status.
+"""Every error xylen reports, and the one place that turns them into gRPC status.
 
-Every error a client can cause is a :class:`XylenError` carrying a canonical gRPC code and a
-stable UPPER_SNAKE ``reason`` (google.rpc.ErrorInfo, AIP-193), so clients branch on the reason,
-never on message text. Anything else is a bug: it is logged with its stack and answered INTERNAL
-with a generic message.
+The tree (each class fixes a canonical gRPC code; ``reason`` is the stable UPPER_SNAKE
+``google.rpc.ErrorInfo.reason`` clients branch on, AIP-193)::
+
+    XylenError              INTERNAL             root: code, reason, message, metadata
+    ├── InvalidArgument     INVALID_ARGUMENT     a malformed request: features, candles, ids
+    ├── NotFound            NOT_FOUND            another model, an unknown id or job
+    │   └── VersionNotFound NOT_FOUND            a model version that is not kept
+    ├── FailedPrecondition  FAILED_PRECONDITION  valid, but not in this state
+    │   ├── ModelLoadError  FAILED_PRECONDITION  a model directory that cannot be served
+    │   ├── HistoryError    FAILED_PRECONDITION  kept versions or an archive that disagree
+    │   └── SettingsError   FAILED_PRECONDITION  an environment variable it cannot use
+    ├── ResourceExhausted   RESOURCE_EXHAUSTED   over a limit (rows, bytes, in flight)
+    ├── Unavailable         UNAVAILABLE          not now: loading, shutting down, no quorum
+    └── DeadlineExceeded    DEADLINE_EXCEEDED    the caller's time ran out
+
+:class:`ErrorStatusInterceptor` maps whatever a handler raises: a :class:`XylenError` becomes
+its status with one ErrorInfo (domain :data:`ERROR_DOMAIN`) in the trailers; anything else is a
+bug, logged with its stack and answered INTERNAL with a generic message. Handlers therefore
+raise and never catch to abort. Stream items carry the same mapping in their own status
+(:func:`to_item_status`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import any_pb2
@@ -25,7 +44,7 @@ ERROR_DOMAIN = "xylen.dev"
 
 
 class XylenError(Exception):
-    """Root of every error the server reports to a client."""
+    """Root of every error xylen reports to a client or an operator."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "INTERNAL"
@@ -52,11 +71,37 @@ class NotFound(XylenError):
     reason = "NOT_FOUND"
 
 
+class VersionNotFound(NotFound):
+    """A model version that is not kept in the history."""
+
+    reason = "VERSION_NOT_FOUND"
+
+
 class FailedPrecondition(XylenError):
     """The request is valid but the server is not in a state to do it."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "FAILED_PRECONDITION"
+
+
+class ModelLoadError(FailedPrecondition):
+    """A model directory cannot be served (missing, corrupt, inconsistent, or failed the parity
+    check). At start-up the process exits 2 with the message as its one line; on a swap the
+    serving model stays."""
+
+    reason = "MODEL_LOAD_FAILED"
+
+
+class HistoryError(FailedPrecondition):
+    """Kept versions, a backup archive or model files that disagree with their checksums."""
+
+    reason = "MODEL_HISTORY_INVALID"
+
+
+class SettingsError(FailedPrecondition):
+    """An environment variable holds a value the server cannot use (stops it at start-up)."""
+
+    reason = "INVALID_SETTING"
 
 
 class ResourceExhausted(XylenError):
@@ -80,13 +125,6 @@ class DeadlineExceeded(XylenError):
     reason = "DEADLINE_EXCEEDED"
 
 
-class ModelLoadError(Exception):
-    """The model cannot be served (missing, corrupt, inconsistent, or failed the parity check).
-
-    Raised at start-up only; the process exits non-zero with this message as its one line.
-    """
-
-
 def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str, dict[str, str]]:
     if isinstance(exc, XylenError):
         return exc.code, exc.reason, exc.message, exc.metadata
@@ -107,12 +145,6 @@ def to_grpc_status(exc: BaseException) -> grpc.Status:
     return rpc_status.to_status(to_rpc_status(exc))
 
 
-async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
-    """End the call with the status for ``exc`` (ErrorInfo in the trailers)."""
-    await context.abort_with_status(to_grpc_status(exc))  # type: ignore[attr-defined]
-    raise AssertionError("abort_with_status returned")
-
-
 def to_item_status(exc: BaseException) -> types_pb2.ItemStatus:
     """The per-item status of a stream response for ``exc``."""
     code, reason, message, metadata = _classify(exc)
@@ -122,3 +154,98 @@ def to_item_status(exc: BaseException) -> types_pb2.ItemStatus:
 
 
 OK_ITEM_STATUS = types_pb2.ItemStatus(code=code_pb2.OK)
+
+_Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+# Raised by context.abort(): the call already has its status; let it through.
+_PASS_THROUGH = (grpc.aio.AbortError, asyncio.CancelledError)
+
+
+async def _abort(context: _Context, exc: Exception) -> None:
+    await context.abort_with_status(to_grpc_status(exc))  # type: ignore[attr-defined]
+
+
+def _wrap_unary(behavior: Callable[[Any, _Context], Awaitable[Any]]) -> Any:
+    async def handler(request: Any, context: _Context) -> Any:
+        try:
+            return await behavior(request, context)
+        except _PASS_THROUGH:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return handler
+
+
+def _wrap_stream(behavior: Callable[[Any, _Context], AsyncIterator[Any]]) -> Any:
+    async def handler(request: Any, context: _Context) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except _PASS_THROUGH:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return handler
+
+
+class HandlerInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps each method's handler once (:meth:`wrap`) and reuses the
+    wrapping for every later call: it sits on every request, so no per-call rebuilding."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self.wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
+class ErrorStatusInterceptor(HandlerInterceptor):
+    """Answers every RPC's exception with its status and ErrorInfo (see the module docstring).
+
+    Installed on both servers, so no handler needs a try/except to report an error, and a
+    handler added later cannot forget one.
+    """
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return wrap_behaviors(handler, _wrap_unary, _wrap_stream)
+
+
+def wrap_behaviors(
+    handler: grpc.RpcMethodHandler,
+    wrap_coroutine: Callable[[Any], Any],
+    wrap_generator: Callable[[Any], Any],
+) -> grpc.RpcMethodHandler:
+    """``handler`` with its behavior wrapped, whatever its call shape: ``wrap_generator`` for a
+    streaming behavior written as an async generator, ``wrap_coroutine`` for every other (unary
+    ones, and streaming ones that write with ``context.write``, as grpc.health.v1's Watch)."""
+    de, ser = handler.request_deserializer, handler.response_serializer
+
+    def wrap(behavior: Any) -> Any:
+        generator = inspect.isasyncgenfunction(behavior)
+        return wrap_generator(behavior) if generator else wrap_coroutine(behavior)
+
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), de, ser)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), de, ser)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), de, ser)
+    assert handler.stream_stream is not None
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), de, ser)

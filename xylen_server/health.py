@@ -1,18 +1,65 @@
-"""grpc.health.v1 as both servers report it: the whole server ("") and its service together."""
+"""What both gRPC servers (model server and coordinator) share: channel options, grpc.health.v1
+and reflection.
+
+Health is reported for the whole server ("") and for its service together, so a probe that
+asks either gets the same answer.
+"""
 
 from __future__ import annotations
 
-from grpc_health.v1 import health, health_pb2
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 
-async def set_health(
-    servicer: health.aio.HealthServicer, services: tuple[str, ...], serving: bool
-) -> None:
-    """Report every one of ``services`` ("" is the whole server) as SERVING or NOT_SERVING."""
-    status = (
-        health_pb2.HealthCheckResponse.SERVING
-        if serving
-        else health_pb2.HealthCheckResponse.NOT_SERVING
-    )
-    for name in services:
-        await servicer.set(name, status)
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Options of a xylen gRPC server: message size limits and keepalive that lets long-lived
+    coordinator channels keep their connections with pings."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class Health:
+    """grpc.health.v1 for ``services`` and the whole server, NOT_SERVING until told otherwise."""
+
+    def __init__(self, server: grpc.aio.Server, services: Sequence[str]) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self.services = ("", *services)
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        reflection.enable_server_reflection(
+            (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+
+    async def set(self, serving: bool) -> None:
+        """Report every service and the whole server as SERVING or NOT_SERVING."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self.services:
+            await self.servicer.set(name, status)
+
+
+def bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind ``address`` (plaintext when ``credentials`` is None); returns the bound port or
+    raises OSError naming the address."""
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise OSError(f"cannot bind gRPC port {address}: {exc}") from exc
+    if port == 0:
+        raise OSError(f"cannot bind gRPC port {address}")
+    return port

@@ -1,10 +1,14 @@
-"""Building and running the gRPC server.
+"""The composition root: the one place that builds a model server from its settings, and the one
+way it starts and stops (``serve()`` and the tests alike).
 
-:func:`build_server` wires servicer, health, reflection and interceptors and binds the port
-(returning the one it got, so tests can ask for port 0). :func:`serve` only starts, loads the
-model while health says NOT_SERVING, flips to SERVING, and on SIGTERM flips back, drains the
-calls in flight, closes the feedback store and prediction log and returns 0. SIGHUP re-reads the
-model directory and hot-swaps to it when it changed (as the ReloadModel RPC does).
+:func:`build_server` wires predictor, feedback loop, model manager and retrainer into the
+servicer, adds health, reflection and the interceptors (errors to status, metrics) and binds the
+port (returning the one it got, so tests can ask for port 0). :meth:`Running.load` loads the
+model while health says NOT_SERVING, then serves it; :meth:`Running.stop` flips health back,
+drains the calls in flight, closes the feedback store and prediction log. :func:`start` does all
+of that for an in-process server; :func:`serve` runs the process: SIGTERM stops it (exit 0), a
+model that cannot load exits 2, and SIGHUP re-reads the model directory and hot-swaps to it when
+it changed (as the ReloadModel RPC does).
 """
 
 from __future__ import annotations
@@ -17,17 +21,15 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_server.api.interceptors import MetricsInterceptor
 from xylen_server.api.metrics import Recorder
 from xylen_server.api.servicer import ModelServicer
-from xylen_server.errors import ModelLoadError
-from xylen_server.health import set_health
-from xylen_server.learning.feedback import Learning
+from xylen_server.errors import ErrorStatusInterceptor, ModelLoadError
+from xylen_server.health import Health, bind, server_options
+from xylen_server.learning.feedback import FeedbackLoop
 from xylen_server.learning.retrainer import Retrainer
 from xylen_server.serving.model_store import LoadedModel, load_model
 from xylen_server.serving.predictor import Predictor
@@ -37,49 +39,43 @@ from xylen_server.versions.swap import ModelManager
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
-_HEALTH_SERVICES = ("", SERVICE_NAME)
 
 
 @dataclass
 class Running:
     """A built server and the parts a caller needs to drive it."""
 
+    settings: Settings
     server: grpc.aio.Server
     port: int
     predictor: Predictor
-    health: health.aio.HealthServicer
+    health: Health
     recorder: Recorder
-    learning: Learning
+    feedback: FeedbackLoop
     models: ModelManager
     retrainer: Retrainer
 
-    async def start_learning(self, model: LoadedModel) -> None:
-        """After the first model is installed: keep it in the history, count the feedback it
-        has not seen, start the retrain schedule."""
+    async def load(self) -> LoadedModel:
+        """Load, check and warm the model (off the loop), serve it, start the learning loop
+        and report SERVING. Raises ModelLoadError (health stays NOT_SERVING)."""
         loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(None, load_model, self.settings)
+        self.predictor.install(model)
         await loop.run_in_executor(None, self.models.keep_serving_version)
         await self.retrainer.start_up(model)
+        await self.health.set(True)
+        logger.info("SERVING %s v%d on port %d", model.meta.name, model.meta.version, self.port)
+        return model
 
-    async def close_learning(self) -> None:
-        """Cancel a running retrain, flush the prediction log, close the feedback store."""
+    async def stop(self, grace_seconds: float) -> None:
+        """NOT_SERVING, let calls in flight finish for ``grace_seconds``, cancel a running
+        retrain, flush the prediction log, close the feedback store and the model."""
+        await self.health.set(False)
+        await self.server.stop(grace_seconds)
         await self.retrainer.close()
-        await asyncio.get_running_loop().run_in_executor(None, self.learning.close)
-
-    async def set_serving(self, serving: bool) -> None:
-        await set_health(self.health, _HEALTH_SERVICES, serving)
-
-
-def server_options(settings: Settings) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        # Let long-lived coordinator channels keep their connections alive with pings.
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.so_reuseport", 0),
-    ]
+        await asyncio.get_running_loop().run_in_executor(None, self.feedback.close)
+        if self.predictor.ready:
+            self.predictor.model.close()
 
 
 async def build_server(
@@ -87,40 +83,41 @@ async def build_server(
     credentials: grpc.ServerCredentials | None = None,
     recorder: Recorder | None = None,
 ) -> Running:
-    """Build (not start) a server on ``settings.host:settings.grpc_port``.
+    """Build (not start) a server on ``settings.host:settings.grpc_port``, NOT_SERVING.
 
     ``credentials`` are passed in by the caller (TLS/mTLS); None serves plaintext.
     """
     recorder = recorder or Recorder()
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor(recorder)], options=server_options(settings)
+        interceptors=[MetricsInterceptor(recorder), ErrorStatusInterceptor()],
+        options=server_options(settings.max_message_bytes),
     )
     predictor = Predictor(settings)
-    learning = Learning(settings)
+    feedback = FeedbackLoop(settings)
+    predictor.on_answer = feedback.record
     models = ModelManager(settings, predictor)
-    retrainer = Retrainer(settings, learning, models)
+    retrainer = Retrainer(settings, feedback, models)
     pb_grpc.add_ModelServiceServicer_to_server(
-        ModelServicer(predictor, learning, models, retrainer), server
+        ModelServicer(predictor, feedback, models, retrainer), server
     )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    address = f"{settings.host}:{settings.grpc_port}"
-    try:
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
-    except RuntimeError as exc:
-        raise OSError(f"cannot bind gRPC port {address}: {exc}") from exc
-    if port == 0:
-        raise OSError(f"cannot bind gRPC port {address}")
+    health = Health(server, (SERVICE_NAME,))
+    port = bind(server, f"{settings.host}:{settings.grpc_port}", credentials)
     running = Running(
-        server, port, predictor, health_servicer, recorder, learning, models, retrainer
+        settings, server, port, predictor, health, recorder, feedback, models, retrainer
     )
-    await running.set_serving(False)
+    await health.set(False)
+    return running
+
+
+async def start(settings: Settings, credentials: grpc.ServerCredentials | None = None) -> Running:
+    """Build, start and load: a SERVING server (in this process, on this event loop)."""
+    running = await build_server(settings, credentials)
+    await running.server.start()
+    try:
+        await running.load()
+    except BaseException:
+        await running.stop(0)
+        raise
     return running
 
 
@@ -138,25 +135,22 @@ async def serve(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    loading = loop.run_in_executor(None, load_model, settings)
+    loading = asyncio.ensure_future(running.load())
     stopping = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait(
         [cast(asyncio.Future[Any], loading), stopping], return_when=asyncio.FIRST_COMPLETED
     )
     if loading not in done:
         logger.info("stopped while loading the model")
+        loading.cancel()
         await running.server.stop(0)
         return 0
     try:
-        model = loading.result()
+        loading.result()
     except ModelLoadError as exc:
         print(f"xylen-server: error: {exc}", file=sys.stderr, flush=True)
         await running.server.stop(0)
         return 2
-    running.predictor.install(model)
-    await running.start_learning(model)
-    await running.set_serving(True)
-    logger.info("SERVING %s v%d on port %d", model.meta.name, model.meta.version, running.port)
 
     reloads: set[asyncio.Task[Any]] = set()
 
@@ -170,10 +164,7 @@ async def serve(settings: Settings) -> int:
     logger.info(
         "shutting down: NOT_SERVING, draining for up to %.1fs", settings.shutdown_grace_seconds
     )
-    await running.set_serving(False)
-    await running.server.stop(settings.shutdown_grace_seconds)
-    await running.close_learning()
-    running.predictor.model.close()
+    await running.stop(settings.shutdown_grace_seconds)
     logger.info("stopped cleanly")
     return 0
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from xylen_server.settings import Settings, SettingsError
+from xylen_server.errors import SettingsError
+from xylen_server.settings import Settings
 
 
 def test_defaults_are_the_seeds():

@@ -1,9 +1,6 @@
-"""The one place that records measurements.
-
-Today it keeps in-process counters and latency sums that tests and the demo can read; the
-operations work exports the same calls through OpenTelemetry and Prometheus without touching
-the call sites.
-"""
+"""The one place that records measurements: in-process counters of RPCs by method and status
+code, with their latency sums, that the tests and the demo read. An exporter (Prometheus,
+OpenTelemetry) reads the same calls without touching the call sites."""
 
 from __future__ import annotations
 

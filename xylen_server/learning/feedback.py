@@ -1,12 +1,13 @@
-"""The server's side of continuous learning: what it predicted, what came back, how it is doing.
+"""Feedback: outcomes validated and joined to what the server predicted, stored durably.
 
-:class:`Learning` owns the
-:class:`~xylen_server.learning.prediction_log.PredictionLog` (every Predict batch, recorded on
-the hot path without I/O) and the durable
-:class:`~xylen_server.learning.feedback_store.FeedbackStore` (Feedback is acknowledged only once its
-record is fsynced). It also keeps the two live figures the automatic triggers read: how many new
-samples arrived since the serving model's data was cut off, and the rolling accuracy over the
-last ``RETRAIN_ACCURACY_WINDOW`` outcomes of predictions this server made.
+:func:`build_record` validates one Feedback call and joins it to the logged prediction (the
+exact features the model saw). :class:`FeedbackLoop` owns the
+:class:`~xylen_server.learning.prediction_log.PredictionLog` (every answered Predict batch,
+recorded on the hot path without I/O) and the durable
+:class:`~xylen_server.learning.feedback_store.FeedbackStore` (Feedback is acknowledged only once
+its record is fsynced). It also keeps the live figures the automatic retrain triggers read: how
+many new samples arrived since the serving model's data was cut off, and the rolling accuracy
+over the last ``RETRAIN_ACCURACY_WINDOW`` outcomes of predictions this server made.
 
 Everything lives in ``<FEEDBACK_DATA_DIR>/<MODEL_NAME>/``. A store locked by another process (two
 servers of one model name on one data directory) does not stop the server: Predict serves, and
@@ -16,18 +17,20 @@ Feedback answers UNAVAILABLE (reason FEEDBACK_STORE_UNAVAILABLE) so callers retr
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections import deque
-from collections.abc import Sequence
-from datetime import UTC
+from collections.abc import Callable, Container, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import polars as pl
+import numpy as np
 
-from xylen.v1 import model_service_pb2 as pb
-from xylen_server.errors import Unavailable
-from xylen_server.learning.feedback_store import FeedbackStore, build_record
+from xylen_server.errors import InvalidArgument, NotFound, Unavailable
+from xylen_server.learning.feedback_store import AppendResult, FeedbackStore
 from xylen_server.learning.prediction_log import PredictionLog
+from xylen_server.learning.samples import FeedbackRecord
 from xylen_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -49,7 +52,7 @@ def feedback_cutoff_ms(meta: ModelMetadata) -> int:
     return 0
 
 
-class Learning:
+class FeedbackLoop:
     """Prediction log, feedback store and the live record of outcomes."""
 
     def __init__(self, settings: Settings) -> None:
@@ -71,17 +74,19 @@ class Learning:
         self.arrived = 0
         """Samples received since the last retrain job ended or the model changed (what the
         sample-count trigger reads, so a refused retrain waits for new evidence)."""
+        self.on_stored: list[Callable[[], None]] = []
+        """Called after every newly stored sample (the automatic retrain triggers)."""
 
     # -- Predict --------------------------------------------------------------------------------
 
-    def record(self, result: Result, signals: Sequence[int]) -> None:
+    def record(self, result: Result) -> None:
         """Remember one answered Predict batch (hot path: no I/O)."""
         meta = result.model.meta
         self.log.record(
             result.prediction_ids,
             result.rows,
             result.probabilities,
-            signals,
+            result.signals,
             meta.name,
             meta.version,
         )
@@ -118,20 +123,22 @@ class Learning:
         return store
 
     async def feedback(
-        self, request: pb.FeedbackRequest, model: LoadedModel
-    ) -> pb.FeedbackResponse:
+        self,
+        model: LoadedModel,
+        prediction_id: str,
+        pnl: float,
+        realized_return: float,
+        close_time: datetime | None,
+        features: Sequence[float] | None,
+    ) -> AppendResult:
         """Validate, join to the logged prediction and store durably; idempotent by id."""
         store = self.require_store()
-        outcome = request.outcome
-        close_time = (
-            outcome.close_time.ToDatetime(tzinfo=UTC) if outcome.HasField("close_time") else None
-        )
         record = build_record(
-            prediction_id=request.prediction_id,
-            pnl=outcome.pnl,
-            realized_return=outcome.realized_return,
+            prediction_id=prediction_id,
+            pnl=pnl,
+            realized_return=realized_return,
             close_time=close_time,
-            features=list(request.features.values) if request.HasField("features") else None,
+            features=features,
             prediction_log=self.log,
             model_name=model.meta.name,
             feature_count=len(model.meta.feature_names),
@@ -144,11 +151,9 @@ class Learning:
             self.arrived += 1
             if record.probability_up is not None:
                 self.outcomes.append((record.probability_up >= 0.5) == bool(record.label))
-        return pb.FeedbackResponse(
-            prediction_id=request.prediction_id,
-            duplicate=result.duplicate,
-            stored_samples=result.stored_samples,
-        )
+            for callback in self.on_stored:
+                callback()
+        return result
 
     # -- what the triggers read ---------------------------------------------------------------
 
@@ -157,10 +162,6 @@ class Learning:
         if len(self.outcomes) < (self.outcomes.maxlen or 0):
             return None
         return sum(self.outcomes) / len(self.outcomes)
-
-    def samples(self) -> pl.DataFrame:
-        """Every stored sample (blocking; call from a worker thread)."""
-        return self.require_store().read_samples()
 
     def count_new(self, cutoff_ms: int) -> int:
         """Stored samples received after ``cutoff_ms`` (blocking)."""
@@ -190,3 +191,113 @@ class Learning:
             if self._store is not None:
                 self._store.close()
             self._store_error = "closed"
+
+
+def _ms(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def build_record(
+    *,
+    prediction_id: str,
+    pnl: float,
+    realized_return: float,
+    close_time: datetime | None,
+    features: Sequence[float] | None,
+    prediction_log: PredictionLog | None,
+    model_name: str,
+    feature_count: int | None = None,
+    already_stored: Container[str] = (),
+    max_clock_skew_seconds: float = Settings.feedback_max_clock_skew_seconds,
+    now: datetime | None = None,
+) -> FeedbackRecord:
+    """Validate one Feedback call (plain values, not protobufs) and join it to the logged
+    prediction. Raises :class:`InvalidArgument` or :class:`NotFound` with a stable reason.
+
+    Args:
+        prediction_id: ``FeedbackRequest.prediction_id``.
+        pnl, realized_return: the outcome; both finite.
+        close_time: when the trade closed (naive means UTC); None when unset.
+        features: the request's feature row, or None when it carried none.
+        prediction_log: where predictions are remembered (None: no log).
+        model_name: the served model, recorded when the prediction is no longer logged.
+        feature_count: features the served model takes, to check a request's row against.
+        already_stored: ids already stored (the :class:`FeedbackStore`); such an id passes
+            without a logged row, so a repeated Feedback answers duplicate, not NOT_FOUND.
+        max_clock_skew_seconds: how far in the future ``close_time`` may be.
+        now: the current time (tests).
+    """
+    if not prediction_id:
+        raise InvalidArgument("prediction_id is required", reason="MISSING_PREDICTION_ID")
+    for name, value in (("pnl", pnl), ("realized_return", realized_return)):
+        if not math.isfinite(value):
+            raise InvalidArgument(
+                f"outcome.{name} must be finite, got {value}", reason="INVALID_OUTCOME", field=name
+            )
+    if close_time is None:
+        raise InvalidArgument(
+            "outcome.close_time is required", reason="INVALID_OUTCOME", field="close_time"
+        )
+    close_ms = _ms(close_time)
+    now_ms = time.time_ns() // 1_000_000 if now is None else _ms(now)
+    skew_ms = int(max_clock_skew_seconds * 1000)
+    if close_ms > now_ms + skew_ms:
+        raise InvalidArgument(
+            f"outcome.close_time {close_time.isoformat()} is in the future",
+            reason="OUTCOME_IN_FUTURE",
+        )
+    row = None if features is None else np.asarray(features, dtype=np.float64)
+    if row is not None and not np.isfinite(row).all():
+        raise InvalidArgument("every feature must be finite", reason="NON_FINITE_FEATURE")
+    logged = prediction_log.get(prediction_id) if prediction_log is not None else None
+    if logged is not None:
+        if row is not None and not np.array_equal(row.astype(np.float32), logged.features):
+            raise InvalidArgument(
+                f"the features sent for {prediction_id!r} differ from those it was predicted on",
+                reason="FEATURES_MISMATCH",
+            )
+        if close_ms < logged.time_ms - skew_ms:
+            raise InvalidArgument(
+                "outcome.close_time is before the prediction was made",
+                reason="INVALID_OUTCOME",
+                field="close_time",
+            )
+        return FeedbackRecord(
+            prediction_id,
+            logged.model_name,
+            logged.model_version,
+            logged.features,
+            logged.probability_up,
+            logged.signal,
+            float(pnl),
+            float(realized_return),
+            close_ms,
+            now_ms,
+        )
+    if row is None:
+        if prediction_id in already_stored:
+            row = np.empty(0)
+        else:
+            raise NotFound(
+                f"prediction {prediction_id!r} is unknown here (or too old); send its features",
+                reason="UNKNOWN_PREDICTION_ID",
+                prediction_id=prediction_id,
+            )
+    elif feature_count is not None and len(row) != feature_count:
+        raise InvalidArgument(
+            f"expected {feature_count} features, got {len(row)}", reason="FEATURE_COUNT_MISMATCH"
+        )
+    return FeedbackRecord(
+        prediction_id,
+        model_name,
+        None,
+        row.astype(np.float32),
+        None,
+        None,
+        float(pnl),
+        float(realized_return),
+        close_ms,
+        now_ms,
+    )

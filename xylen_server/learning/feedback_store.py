@@ -4,20 +4,10 @@
 fsynced. With group commit (the default) a dedicated writer thread takes every record queued
 while the previous fsync ran and writes them with one ``write`` and one ``fdatasync``, so many
 concurrent appenders share each fsync. Records are compacted from the log into Snappy Parquet.
-
-On disk, under ``directory`` (default ``model_server/data``)::
-
-    feedback_wal/wal-<seq, 16 digits>.log            the write-ahead log, one active segment
-    training_samples/part-<lo seq>-<hi seq>.parquet  compacted records of WAL segments lo..hi
+The files, their format and how to read them are :mod:`~xylen_server.learning.samples`'.
 
 A dataset of part files, not one ``training_samples.parquet``: appending to a single Parquet file
-means rewriting all of it at every compaction. Read it with
-``polars.read_parquet("model_server/data/training_samples/*.parquet")`` or
-``pyarrow.parquet.read_table("model_server/data/training_samples")``, or use
-:meth:`FeedbackStore.read_samples`, which also includes records still in the log.
-
-A WAL segment starts with the 8-byte magic ``XYLWAL01``; each record is a frame
-``<u32 payload length, little-endian><u32 crc32(payload)><payload: UTF-8 JSON>``.
+means rewriting all of it at every compaction.
 
 Crash safety, step by step:
 
@@ -28,14 +18,6 @@ Crash safety, step by step:
   ``lo..hi``. At open, ``*.tmp`` files are deleted (crash before 2 finished: the segments still
   hold the records) and segments whose number is at most the highest ``hi`` of a part are deleted
   (crash between 2 and 3: the part holds them). No step loses or duplicates a record.
-
-Parquet columns (one row per prediction id): ``prediction_id`` string, ``model_name`` string,
-``model_version`` int64 (null when the prediction was no longer in the prediction log),
-``features`` list<float32> (one list per row, in the model's ``feature_names`` order, so models
-with different feature sets share one dataset), ``probability_up`` float64 (nullable), ``signal``
-int32 (``xylen.v1.Signal`` value, nullable), ``pnl`` float64, ``realized_return`` float64,
-``close_time`` and ``received_time`` timestamp[ms, UTC], ``label`` int8 (1 if
-``realized_return > 0`` else 0).
 """
 
 from __future__ import annotations
@@ -43,99 +25,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
-import math
 import os
-import struct
 import threading
-import time
-import zlib
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xylen_server.errors import InvalidArgument, NotFound, Unavailable
-from xylen_server.learning.prediction_log import PredictionLog
+from xylen_server.errors import Unavailable
+from xylen_server.learning.samples import (
+    MAGIC,
+    PARTS_DIR,
+    WAL_DIR,
+    FeedbackRecord,
+    frame,
+    read_samples,
+    read_segment,
+    records_table,
+)
+from xylen_server.settings import Settings
+
+if TYPE_CHECKING:
+    import polars as pl
 
 logger = logging.getLogger(__name__)
-
-MAGIC = b"XYLWAL01"
-_HEADER = struct.Struct("<II")
-MAX_RECORD_BYTES = 1 << 20
-"""A frame claiming a longer payload is treated as corrupt."""
-
-SCHEMA = pa.schema(
-    [
-        pa.field("prediction_id", pa.string(), nullable=False),
-        pa.field("model_name", pa.string(), nullable=False),
-        pa.field("model_version", pa.int64()),
-        pa.field("features", pa.list_(pa.float32()), nullable=False),
-        pa.field("probability_up", pa.float64()),
-        pa.field("signal", pa.int32()),
-        pa.field("pnl", pa.float64(), nullable=False),
-        pa.field("realized_return", pa.float64(), nullable=False),
-        pa.field("close_time", pa.timestamp("ms", tz="UTC"), nullable=False),
-        pa.field("received_time", pa.timestamp("ms", tz="UTC"), nullable=False),
-        pa.field("label", pa.int8(), nullable=False),
-    ]
-)
-"""The Parquet schema of the training samples."""
-
-
-@dataclass(frozen=True)
-class FeedbackRecord:
-    """One trade outcome joined to the features the model predicted on."""
-
-    prediction_id: str
-    model_name: str
-    model_version: int | None
-    features: np.ndarray
-    """float32 feature row."""
-    probability_up: float | None
-    signal: int | None
-    pnl: float
-    realized_return: float
-    close_time_ms: int
-    """When the trade closed, UTC milliseconds since the epoch."""
-    received_time_ms: int
-    """When the server accepted the outcome, UTC milliseconds since the epoch."""
-
-    @property
-    def label(self) -> int:
-        """1 if the trade made money (``realized_return > 0``), else 0."""
-        return 1 if self.realized_return > 0 else 0
-
-    def encode(self) -> bytes:
-        """The WAL payload: compact JSON; float32 features survive exactly (via float64)."""
-        return json.dumps(
-            [
-                self.prediction_id,
-                self.model_name,
-                self.model_version,
-                self.features.tolist(),
-                self.probability_up,
-                self.signal,
-                self.pnl,
-                self.realized_return,
-                self.close_time_ms,
-                self.received_time_ms,
-            ],
-            separators=(",", ":"),
-        ).encode()
-
-    @classmethod
-    def decode(cls, payload: bytes) -> FeedbackRecord:
-        fields = json.loads(payload)
-        fields[3] = np.array(fields[3], dtype=np.float32)
-        return cls(*fields)
 
 
 @dataclass(frozen=True)
@@ -146,11 +63,6 @@ class AppendResult:
     stored_samples: int
 
 
-def frame(payload: bytes) -> bytes:
-    """One WAL frame: length, CRC32, payload."""
-    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-
-
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -159,79 +71,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def read_segment(path: Path, *, repair: bool = False) -> list[FeedbackRecord]:
-    """The records of one WAL segment up to the first torn or corrupt frame; with ``repair``
-    the file is truncated there (and fsynced) so later appends never follow garbage."""
-    data = path.read_bytes()
-    if not data.startswith(MAGIC):
-        if MAGIC.startswith(data):  # crashed while creating the segment: nothing in it
-            if repair:
-                path.unlink()
-            return []
-        raise OSError(f"{path} is not a xylen WAL segment")
-    records: list[FeedbackRecord] = []
-    offset = len(MAGIC)
-    while offset < len(data):
-        good = offset + _HEADER.size <= len(data)
-        if good:
-            length, crc = _HEADER.unpack_from(data, offset)
-            end = offset + _HEADER.size + length
-            payload = data[offset + _HEADER.size : end]
-            good = 0 < length <= MAX_RECORD_BYTES and end <= len(data)
-            good = good and zlib.crc32(payload) == crc
-        if not good:
-            logger.warning(
-                "WAL %s: torn or corrupt record at byte %d; dropping %d trailing bytes",
-                path,
-                offset,
-                len(data) - offset,
-            )
-            if repair:
-                with open(path, "r+b") as handle:
-                    handle.truncate(offset)
-                    os.fsync(handle.fileno())
-            break
-        records.append(FeedbackRecord.decode(payload))
-        offset = end
+def repair_segment(segment: Path) -> list[FeedbackRecord]:
+    """The good records of a segment; a torn or corrupt tail is cut off the file (and fsynced),
+    so later appends never follow garbage, and a segment that never got its magic is removed."""
+    records, good = read_segment(segment)
+    if good == 0:
+        segment.unlink()
+    elif good < segment.stat().st_size:
+        with open(segment, "r+b") as handle:
+            handle.truncate(good)
+            os.fsync(handle.fileno())
     return records
-
-
-def records_table(records: Sequence[FeedbackRecord]) -> pa.Table:
-    """``records`` as an Arrow table in :data:`SCHEMA`."""
-    widths = [len(r.features) for r in records]
-    offsets = np.zeros(len(records) + 1, dtype=np.int32)
-    np.cumsum(widths, out=offsets[1:])
-    flat = (
-        np.concatenate([r.features for r in records]).astype(np.float32, copy=False)
-        if records
-        else np.empty(0, np.float32)
-    )
-
-    def column(name: str) -> list[object]:
-        return [getattr(r, name) for r in records]
-
-    return pa.Table.from_arrays(
-        [
-            pa.array(column("prediction_id"), pa.string()),
-            pa.array(column("model_name"), pa.string()),
-            pa.array(column("model_version"), pa.int64()),
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32())),
-            pa.array(column("probability_up"), pa.float64()),
-            pa.array(column("signal"), pa.int32()),
-            pa.array(column("pnl"), pa.float64()),
-            pa.array(column("realized_return"), pa.float64()),
-            pa.array(column("close_time_ms"), pa.int64()).cast(SCHEMA.field("close_time").type),
-            pa.array(column("received_time_ms"), pa.int64()).cast(
-                SCHEMA.field("received_time").type
-            ),
-            pa.array(column("label"), pa.int8()),
-        ],
-        schema=SCHEMA,
-    )
 
 
 class _Waiter:
@@ -296,10 +146,10 @@ class FeedbackStore:
 
     def __init__(
         self,
-        directory: Path | str = Path("model_server/data"),
+        directory: Path | str,
         *,
-        group_commit: bool = True,
-        compact_rows: int = 10_000,
+        group_commit: bool = Settings.feedback_group_commit,
+        compact_rows: int = Settings.feedback_compact_rows,
         compact_on_close: bool = True,
         fault_hook: Callable[[str], None] | None = None,
     ) -> None:
@@ -315,8 +165,8 @@ class FeedbackStore:
                 (``part_written``, ``part_renamed``, ``segment_deleted``) to inject crashes.
         """
         self.directory = Path(directory)
-        self.wal_dir = self.directory / "feedback_wal"
-        self.samples_dir = self.directory / "training_samples"
+        self.wal_dir = self.directory / WAL_DIR
+        self.samples_dir = self.directory / PARTS_DIR
         self.group_commit = group_commit
         self.compact_rows = compact_rows
         self.compact_on_close = compact_on_close
@@ -378,7 +228,7 @@ class FeedbackStore:
             if seq <= covered:  # compacted already; the crash came before its deletion
                 segment.unlink()
                 continue
-            for record in read_segment(segment, repair=True):
+            for record in repair_segment(segment):
                 if record.prediction_id in self._ids:
                     logger.warning("WAL %s repeats %s; kept once", segment, record.prediction_id)
                     continue
@@ -600,16 +450,9 @@ class FeedbackStore:
             return list(self._parts)
 
     def read_samples(self) -> pl.DataFrame:
-        """Every stored record, compacted or still in the WAL, as a polars DataFrame in
-        :data:`SCHEMA` (one row per prediction id, oldest first)."""
-        with self._lock:
-            parts = list(self._parts)
-            records = self._sealed_records + self._active_records
-        tables = [pq.read_table(part, schema=SCHEMA) for part in parts]
-        tables.append(records_table(records))
-        frame = pl.from_arrow(pa.concat_tables(tables))
-        assert isinstance(frame, pl.DataFrame)
-        return frame
+        """Every stored record, compacted or still in the WAL (see
+        :func:`~xylen_server.learning.samples.read_samples`)."""
+        return read_samples(self.directory)
 
     # -- closing --------------------------------------------------------------------------------
 
@@ -638,116 +481,3 @@ class FeedbackStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# -- validation ---------------------------------------------------------------------------------
-
-
-def _ms(moment: datetime) -> int:
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
-
-
-def build_record(
-    *,
-    prediction_id: str,
-    pnl: float,
-    realized_return: float,
-    close_time: datetime | None,
-    features: Sequence[float] | None,
-    prediction_log: PredictionLog | None,
-    model_name: str,
-    feature_count: int | None = None,
-    already_stored: Container[str] = (),
-    max_clock_skew_seconds: float = 5.0,
-    now: datetime | None = None,
-) -> FeedbackRecord:
-    """Validate one Feedback call (plain values, not protobufs) and join it to the logged
-    prediction. Raises :class:`InvalidArgument` or :class:`NotFound` with a stable reason.
-
-    Args:
-        prediction_id: ``FeedbackRequest.prediction_id``.
-        pnl, realized_return: the outcome; both finite.
-        close_time: when the trade closed (naive means UTC); None when unset.
-        features: the request's feature row, or None when it carried none.
-        prediction_log: where predictions are remembered (None: no log).
-        model_name: the served model, recorded when the prediction is no longer logged.
-        feature_count: features the served model takes, to check a request's row against.
-        already_stored: ids already stored (the :class:`FeedbackStore`); such an id passes
-            without a logged row, so a repeated Feedback answers duplicate, not NOT_FOUND.
-        max_clock_skew_seconds: how far in the future ``close_time`` may be.
-        now: the current time (tests).
-    """
-    if not prediction_id:
-        raise InvalidArgument("prediction_id is required", reason="MISSING_PREDICTION_ID")
-    for name, value in (("pnl", pnl), ("realized_return", realized_return)):
-        if not math.isfinite(value):
-            raise InvalidArgument(
-                f"outcome.{name} must be finite, got {value}", reason="INVALID_OUTCOME", field=name
-            )
-    if close_time is None:
-        raise InvalidArgument(
-            "outcome.close_time is required", reason="INVALID_OUTCOME", field="close_time"
-        )
-    close_ms = _ms(close_time)
-    now_ms = _now_ms() if now is None else _ms(now)
-    skew_ms = int(max_clock_skew_seconds * 1000)
-    if close_ms > now_ms + skew_ms:
-        raise InvalidArgument(
-            f"outcome.close_time {close_time.isoformat()} is in the future",
-            reason="OUTCOME_IN_FUTURE",
-        )
-    row = None if features is None else np.asarray(features, dtype=np.float64)
-    if row is not None and not np.isfinite(row).all():
-        raise InvalidArgument("every feature must be finite", reason="NON_FINITE_FEATURE")
-    logged = prediction_log.get(prediction_id) if prediction_log is not None else None
-    if logged is not None:
-        if row is not None and not np.array_equal(row.astype(np.float32), logged.features):
-            raise InvalidArgument(
-                f"the features sent for {prediction_id!r} differ from those it was predicted on",
-                reason="FEATURES_MISMATCH",
-            )
-        if close_ms < logged.time_ms - skew_ms:
-            raise InvalidArgument(
-                "outcome.close_time is before the prediction was made",
-                reason="INVALID_OUTCOME",
-                field="close_time",
-            )
-        return FeedbackRecord(
-            prediction_id,
-            logged.model_name,
-            logged.model_version,
-            logged.features,
-            logged.probability_up,
-            logged.signal,
-            float(pnl),
-            float(realized_return),
-            close_ms,
-            now_ms,
-        )
-    if row is None:
-        if prediction_id in already_stored:
-            row = np.empty(0)
-        else:
-            raise NotFound(
-                f"prediction {prediction_id!r} is unknown here (or too old); send its features",
-                reason="UNKNOWN_PREDICTION_ID",
-                prediction_id=prediction_id,
-            )
-    elif feature_count is not None and len(row) != feature_count:
-        raise InvalidArgument(
-            f"expected {feature_count} features, got {len(row)}", reason="FEATURE_COUNT_MISMATCH"
-        )
-    return FeedbackRecord(
-        prediction_id,
-        model_name,
-        None,
-        row.astype(np.float32),
-        None,
-        None,
-        float(pnl),
-        float(realized_return),
-        close_ms,
-        now_ms,
-    )

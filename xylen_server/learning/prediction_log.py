@@ -32,12 +32,16 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from xylen_server.settings import Settings
+
+if TYPE_CHECKING:
+    import polars as pl
 
 logger = logging.getLogger(__name__)
 
@@ -110,10 +114,10 @@ class PredictionLog:
         self,
         directory: Path | str | None,
         *,
-        max_rows: int = 200_000,
-        max_age_seconds: float = 24 * 3600.0,
-        flush_rows: int = 50_000,
-        flush_interval_seconds: float = 5.0,
+        max_rows: int = Settings.prediction_log_max_rows,
+        max_age_seconds: float = Settings.prediction_log_max_age_seconds,
+        flush_rows: int = Settings.prediction_log_flush_rows,
+        flush_interval_seconds: float = Settings.prediction_log_flush_interval_seconds,
         fsync: bool = True,
     ) -> None:
         """
@@ -230,10 +234,20 @@ class PredictionLog:
     def read(self) -> pl.DataFrame:
         """Every persisted row as a polars DataFrame (call :meth:`flush` first to include the
         buffer)."""
+        import polars as pl
+
         parts = self.part_files()
         if not parts:
             return pl.from_arrow(SCHEMA.empty_table())  # type: ignore[return-value]
         return pl.read_parquet([str(path) for path in parts])
+
+    def find(self, prediction_id: str) -> LoggedPrediction | None:
+        """The persisted row of ``prediction_id`` (newest part first), or None."""
+        for path in reversed(self.part_files()):
+            table = pq.read_table(path, filters=[("prediction_id", "==", prediction_id)])
+            if table.num_rows:
+                return next(_rows(table, np.ones(table.num_rows, dtype=bool)))
+        return None
 
     def replay_rows(
         self,
@@ -256,23 +270,7 @@ class PredictionLog:
                 keep &= times < end_ms
             if not keep.any():
                 continue
-            features = table.column("features").combine_chunks()
-            flat = features.flatten().to_numpy(zero_copy_only=False)
-            offsets = features.offsets.to_numpy()
-            ids = table.column("prediction_id").to_pylist()
-            names = table.column("model_name").to_pylist()
-            probabilities = table.column("probability_up").to_numpy()
-            signals = table.column("signal").to_numpy()
-            for i in np.flatnonzero(keep):
-                yield LoggedPrediction(
-                    ids[i],
-                    int(times[i]),
-                    names[i],
-                    int(versions[i]),
-                    flat[offsets[i] : offsets[i + 1]],
-                    float(probabilities[i]),
-                    int(signals[i]),
-                )
+            yield from _rows(table, keep)
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -377,3 +375,26 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _rows(table: pa.Table, keep: np.ndarray) -> Iterator[LoggedPrediction]:
+    """The rows of a part-file table where ``keep`` is true."""
+    times = table.column("time").cast(pa.int64()).to_numpy()
+    versions = table.column("model_version").to_numpy()
+    features = table.column("features").combine_chunks()
+    flat = features.flatten().to_numpy(zero_copy_only=False)
+    offsets = features.offsets.to_numpy()
+    ids = table.column("prediction_id").to_pylist()
+    names = table.column("model_name").to_pylist()
+    probabilities = table.column("probability_up").to_numpy()
+    signals = table.column("signal").to_numpy()
+    for i in np.flatnonzero(keep):
+        yield LoggedPrediction(
+            ids[i],
+            int(times[i]),
+            names[i],
+            int(versions[i]),
+            flat[offsets[i] : offsets[i + 1]],
+            float(probabilities[i]),
+            int(signals[i]),
+        )

@@ -6,7 +6,7 @@ job as a task on the event loop that does no heavy work itself:
 
 1. the job's spec goes to ``<learning dir>/jobs/<job id>/spec.json``; the job reads the
    feedback store's files itself (no snapshot work in the serving process);
-2. training and validating: ``python -m xylen_server.learning.launch`` runs the job as a
+2. training and validating: ``python -m xylen_server.learning.job`` runs the job as a
    subprocess with ``RETRAIN_NICE`` added to its niceness (before its heavy imports) and
    ``RETRAIN_THREADS`` threads (see :mod:`~xylen_server.learning.job`);
    its progress lines become the job's TrainingStatus;
@@ -44,9 +44,9 @@ from typing import Any
 from google.protobuf import json_format
 
 from xylen.v1 import model_service_pb2 as pb
-from xylen_server.errors import FailedPrecondition
-from xylen_server.learning.feedback import Learning, feedback_cutoff_ms
-from xylen_server.learning.job import MIN_SAMPLES, JobSpec
+from xylen_server.errors import FailedPrecondition, NotFound
+from xylen_server.learning.feedback import FeedbackLoop, feedback_cutoff_ms
+from xylen_server.learning.job import JobSpec
 from xylen_server.serving.model_store import LoadedModel
 from xylen_server.settings import Settings
 from xylen_server.versions.swap import ModelManager
@@ -68,9 +68,9 @@ def _now() -> datetime:
 class Retrainer:
     """Runs retraining jobs for one server and keeps their status."""
 
-    def __init__(self, settings: Settings, learning: Learning, models: ModelManager) -> None:
+    def __init__(self, settings: Settings, feedback: FeedbackLoop, models: ModelManager) -> None:
         self.settings = settings
-        self.learning = learning
+        self.feedback = feedback
         self.models = models
         self.status = pb.TrainingStatus(state=pb.TRAINING_STATE_IDLE)
         self.history: dict[str, pb.TrainingStatus] = {}
@@ -80,6 +80,7 @@ class Retrainer:
         self._last_job_monotonic = time.monotonic()
         self._closing = False
         models.on_change.append(self._model_changed)
+        feedback.on_stored.append(self.check_triggers)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -106,16 +107,16 @@ class Retrainer:
         """Any swap (promotion, rollback, reload): count new samples against the new model."""
         loop = asyncio.get_running_loop()
         count = await loop.run_in_executor(
-            None, self.learning.count_new, feedback_cutoff_ms(model.meta)
+            None, self.feedback.count_new, feedback_cutoff_ms(model.meta)
         )
-        self.learning.reset(int(count))
+        self.feedback.reset(int(count))
 
     async def start_up(self, model: LoadedModel) -> None:
         """Count the new samples the serving model has not seen; start the schedule."""
         loop = asyncio.get_running_loop()
         cutoff = feedback_cutoff_ms(model.meta)
-        count = await loop.run_in_executor(None, self.learning.count_new, cutoff)
-        self.learning.reset(int(count))
+        count = await loop.run_in_executor(None, self.feedback.count_new, cutoff)
+        self.feedback.reset(int(count))
         if self.settings.retrain_auto and self.settings.retrain_schedule_seconds > 0:
             self._schedule = loop.create_task(self._scheduled())
         logger.info("%d feedback samples are new to v%d", count, model.meta.version)
@@ -144,14 +145,14 @@ class Retrainer:
             raise FailedPrecondition(
                 "min_samples must not be negative", reason="INVALID_MIN_SAMPLES"
             )
-        self.learning.require_store()
-        required = max(MIN_SAMPLES, self.settings.retrain_min_samples, min_samples)
-        if self.learning.new_samples < required:
+        self.feedback.require_store()
+        required = max(self.settings.retrain_min_samples, min_samples)
+        if self.feedback.new_samples < required:
             raise FailedPrecondition(
-                f"only {self.learning.new_samples} new samples since v"
+                f"only {self.feedback.new_samples} new samples since v"
                 f"{self.models.predictor.model.meta.version}; need at least {required}",
                 reason="NOT_ENOUGH_SAMPLES",
-                new_samples=self.learning.new_samples,
+                new_samples=self.feedback.new_samples,
                 required=required,
             )
         mode_name = _MODES.get(mode, self.settings.retrain_mode)
@@ -175,16 +176,27 @@ class Retrainer:
         logger.info("retrain %s started (%s, %s, dry_run=%s)", job_id, trigger, mode_name, dry_run)
         return self.status
 
+    async def rollback(self, version: int) -> tuple[LoadedModel, int]:
+        """Serve the kept ``version`` again (see :meth:`ModelManager.rollback`), never while a
+        retrain job runs (FAILED_PRECONDITION, reason RETRAIN_RUNNING)."""
+        if self.running:
+            raise FailedPrecondition(
+                f"retrain job {self.status.job_id} is running; roll back after it ends",
+                reason="RETRAIN_RUNNING",
+                job_id=self.status.job_id,
+            )
+        return await self.models.rollback(version)
+
     def check_triggers(self) -> None:
         """Start a job if an automatic trigger fires (after each stored outcome)."""
         if not self.settings.retrain_auto or self.running or self._closing:
             return
         trigger = None
         threshold = self.settings.retrain_trigger_new_samples
-        if threshold and self.learning.arrived >= threshold:
+        if threshold and self.feedback.arrived >= threshold:
             trigger = "new_samples"
         elif self.settings.retrain_trigger_accuracy > 0:
-            accuracy = self.learning.live_accuracy()
+            accuracy = self.feedback.live_accuracy()
             if accuracy is not None and accuracy < self.settings.retrain_trigger_accuracy:
                 trigger = "accuracy"
         if trigger is None:
@@ -198,7 +210,7 @@ class Retrainer:
         period = self.settings.retrain_schedule_seconds
         while not self._closing:
             await asyncio.sleep(period)
-            if not self.running and self.learning.arrived > 0:
+            if not self.running and self.feedback.arrived > 0:
                 try:
                     self.start(trigger="schedule")
                 except FailedPrecondition as exc:
@@ -214,14 +226,14 @@ class Retrainer:
         candidate = self.models.history / f".candidate-{job_id}"
         try:
             job_dir.mkdir(parents=True, exist_ok=True)
-            samples = self.learning.require_store().count()
+            samples = self.feedback.require_store().count()
             version = await loop.run_in_executor(None, self.models.next_version)
             serving_dir = await loop.run_in_executor(
                 None, self.models.kept_dir, serving.meta.version
             )
             spec = JobSpec(
                 job_id=job_id,
-                samples=str(self.learning.require_store().directory),
+                samples=str(self.feedback.require_store().directory),
                 serving_dir=str(serving_dir),
                 candidate_dir=str(candidate),
                 result=str(job_dir / "result.json"),
@@ -263,7 +275,7 @@ class Retrainer:
                     json_format.MessageToJson(self.status, indent=2) + "\n"
                 )
             self._last_job_monotonic = time.monotonic()
-            self.learning.job_ended()
+            self.feedback.job_ended()
 
     async def _subprocess(self, job_dir: Path, spec: JobSpec) -> dict[str, Any]:
         env = dict(os.environ)
@@ -274,8 +286,7 @@ class Retrainer:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "xylen_server.learning.launch",
-                str(spec.nice),
+                "xylen_server.learning.job",
                 str(job_dir / "spec.json"),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
@@ -369,8 +380,6 @@ class Retrainer:
         try:
             status = self.history.get(job_id, self.status) if job_id else self.status
             if job_id and job_id not in self.history:
-                from xylen_server.errors import NotFound
-
                 raise NotFound(f"no retrain job {job_id!r} on this server", reason="JOB_NOT_FOUND")
             yield status
             if status.state not in _FINAL and status.state != pb.TRAINING_STATE_IDLE:

@@ -11,24 +11,19 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from training import features
-from training.metadata import ONNX_FILE, MetadataError, ModelMetadata
-from training.onnx_export import (
-    PARITY_TOLERANCE,
-    ConversionError,
-    convert,
-    export_onnx,
-    onnx_is_current,
-)
+from training.metadata import ONNX_FILE, PARITY_TOLERANCE, MetadataError, ModelMetadata
 from xylen_server.errors import ModelLoadError
 from xylen_server.serving.native import Engine, NativeModel
 from xylen_server.serving.parity import max_difference, probe_rows
-from xylen_server.serving.session_pool import SessionPool
 from xylen_server.settings import Settings
+
+if TYPE_CHECKING:
+    import onnx
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +75,10 @@ def verify_checksums(meta: ModelMetadata, model_dir: Path) -> None:
 def _onnx_model(meta: ModelMetadata, model_dir: Path) -> tuple[onnx.ModelProto, bytes]:
     """The ONNX model (for the parity probe) and its bytes (for the sessions), read and parsed
     once: this runs on every swap, inside the serving process."""
+    import onnx  # the converter stack loads with a model, never on the request path
+
+    from training.onnx_export import convert, export_onnx, onnx_is_current
+
     if not onnx_is_current(model_dir, meta):
         try:
             path = export_onnx(model_dir)
@@ -150,6 +149,9 @@ def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel
             time.perf_counter() - started,
         )
         return loaded
+
+    from training.onnx_export import ConversionError
+    from xylen_server.serving.session_pool import SessionPool
 
     try:
         try:

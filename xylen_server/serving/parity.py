@@ -8,17 +8,23 @@ what millions of random rows might miss.
 
 from __future__ import annotations
 
-import numpy as np
-import onnx
-from onnx import helper
+from typing import TYPE_CHECKING
 
-from training.onnx_export import PARITY_TOLERANCE, model_input
+import numpy as np
+
+from training.metadata import PARITY_TOLERANCE, model_input
+
+if TYPE_CHECKING:
+    import onnx
 
 _TREE_OPS = ("TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble")
 
 
 def split_thresholds(model: onnx.ModelProto, n_features: int) -> list[np.ndarray]:
     """Distinct float32 split thresholds per feature, read from the model's tree operators."""
+    import onnx  # only when a model is loaded, never on the request path
+    from onnx import helper
+
     found: list[list[np.ndarray]] = [[] for _ in range(n_features)]
     for node in model.graph.node:
         if node.op_type not in _TREE_OPS:
@@ -40,7 +46,7 @@ def split_thresholds(model: onnx.ModelProto, n_features: int) -> list[np.ndarray
 
 def probe_rows(model: onnx.ModelProto, n_features: int, n_rows: int, seed: int = 0) -> np.ndarray:
     """``n_rows`` rows whose values sit on, just below or just above split thresholds, in the
-    engines' input convention (:func:`training.onnx_export.model_input`)."""
+    engines' input convention (:func:`training.metadata.model_input`)."""
     rng = np.random.default_rng(seed)
     rows = rng.normal(size=(n_rows, n_features)).astype(np.float32)
     for j, thresholds in enumerate(split_thresholds(model, n_features)):

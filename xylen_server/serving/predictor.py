@@ -19,29 +19,19 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from xylen.v1 import model_service_pb2 as pb
-from xylen.v1 import types_pb2
-from xylen_server.errors import NotFound, Unavailable
+from xylen_server.errors import DeadlineExceeded, NotFound, Unavailable
 from xylen_server.serving.inputs import feature_matrix
 from xylen_server.serving.model_store import LoadedModel
 from xylen_server.settings import Settings
+from xylen_server.signals import signal_numbers
 
 logger = logging.getLogger(__name__)
-
-
-def signal_for(
-    probability: float, buy_threshold: float, sell_threshold: float
-) -> types_pb2.Signal.ValueType:
-    """BUY at or above the buy threshold, SELL at or below the sell threshold, else HOLD."""
-    if probability >= buy_threshold:
-        return types_pb2.SIGNAL_BUY
-    if probability <= sell_threshold:
-        return types_pb2.SIGNAL_SELL
-    return types_pb2.SIGNAL_HOLD
 
 
 @dataclass(frozen=True)
@@ -50,6 +40,9 @@ class Result:
 
     model: LoadedModel
     probabilities: np.ndarray
+    """P(up) per row, float64."""
+    signals: list[int]
+    """``xylen.v1.Signal`` number per row, from the thresholds (:mod:`xylen_server.signals`)."""
     prediction_ids: list[str]
     seconds: float
     rows: np.ndarray
@@ -91,6 +84,8 @@ class Predictor:
         # Unique across restarts (random prefix) and cheap per row (a counter).
         self._id_prefix = os.urandom(6).hex()
         self._counter = itertools.count(1)
+        self.on_answer: Callable[[Result], None] | None = None
+        """Called with every answered batch before it is returned (the prediction log)."""
 
     @property
     def model(self) -> LoadedModel:
@@ -98,6 +93,12 @@ class Predictor:
         if served is None:
             raise Unavailable("the model is still loading; retry shortly", reason="MODEL_LOADING")
         return served.model
+
+    def model_named(self, name: str) -> LoadedModel:
+        """The served model, checking that a request naming a model (non-empty) names it."""
+        model = self.model
+        check_model_name(name, model.meta.name)
+        return model
 
     @property
     def ready(self) -> bool:
@@ -178,4 +179,22 @@ class Predictor:
             finally:
                 served.leave()
         ids = [f"{self._id_prefix}-{next(self._counter):x}" for _ in range(len(probabilities))]
-        return Result(model, probabilities, ids, seconds, rows)
+        settings = self.settings
+        signals = signal_numbers(probabilities, settings.buy_threshold, settings.sell_threshold)
+        result = Result(model, probabilities, signals, ids, seconds, rows)
+        if self.on_answer is not None:
+            self.on_answer(result)
+        return result
+
+    async def predict_within(self, request: pb.PredictRequest, seconds: float) -> Result:
+        """:meth:`predict` within ``seconds`` (0: no limit of its own); DEADLINE_EXCEEDED
+        (reason ITEM_DEADLINE_EXCEEDED) when it runs out."""
+        if seconds <= 0:
+            return await self.predict(request)
+        try:
+            return await asyncio.wait_for(self.predict(request), seconds)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the item exceeded its {seconds * 1000:.0f} ms timeout",
+                reason="ITEM_DEADLINE_EXCEEDED",
+            ) from None

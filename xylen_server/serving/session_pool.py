@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnxruntime as ort
 
-from training.onnx_export import INPUT_NAME, PROBABILITIES_OUTPUT
+from training.metadata import INPUT_NAME, PROBABILITIES_OUTPUT
 
 
 def session_options(threads: int) -> ort.SessionOptions:

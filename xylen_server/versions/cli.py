@@ -1,28 +1,26 @@
-"""The ``xylen-server model ...`` and ``xylen-server replay`` commands (see ``__main__``).
+"""``xylen-server model list|backup|restore|rollback``: model versions from the command line.
 
-Each prints what it did in a few lines and returns the exit code: 0 done, 1 refused (a tampered
-archive, an unknown version, a replay that is not bit-exact), 2 could not run.
+Each command prints what it did in a few lines and returns the exit code: 0 done, 1 refused (a
+tampered archive, an unknown version, a server that refused). ``--address`` asks a running
+server to reload or roll back itself over gRPC.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 import grpc
-import numpy as np
-import polars as pl
 
 from training.metadata import MetadataError, ModelMetadata
-from xylen_server.errors import ModelLoadError
+from xylen_server.errors import XylenError
 from xylen_server.settings import Settings
 from xylen_server.versions import history as model_history
-from xylen_server.versions.history import HistoryError
 
 
-def _error(message: str, code: int = 1) -> int:
+def error(message: str, code: int = 1) -> int:
+    """Print ``message`` as the command's one error line; returns ``code``."""
     print(f"xylen-server: error: {message}", file=sys.stderr)
     return code
 
@@ -51,10 +49,10 @@ def model_command(settings: Settings, args: argparse.Namespace) -> int:
         if args.action == "restore":
             return _restore(settings, args.archive, args.address)
         return _rollback(settings, args.to, args.address)
-    except HistoryError as exc:
-        return _error(str(exc))
+    except XylenError as exc:
+        return error(exc.message)
     except grpc.RpcError as exc:
-        return _error(f"the server refused: {exc.code().name}: {exc.details()}")
+        return error(f"the server refused: {exc.code().name}: {exc.details()}")
 
 
 def _list(settings: Settings) -> int:
@@ -108,62 +106,10 @@ def _rollback(settings: Settings, version: int, address: str | None) -> int:
             f"v{response.model_info.version}"
         )
         return 0
-    if not version:
-        current = ModelMetadata.read(settings.model_dir)
-        below = [
-            k.version
-            for k in model_history.list_versions(settings.history_dir)
-            if k.version < current.version
-        ]
-        if current.parent_version in below:
-            version = int(current.parent_version or 0)
-        elif below:
-            version = max(below)
-        else:
-            return _error(f"no kept version below v{current.version}")
+    version = model_history.rollback_target(
+        settings.history_dir, ModelMetadata.read(settings.model_dir), version
+    )
     meta = model_history.rollback_files(settings.model_path, settings.model_name, version)
     print(f"{settings.model_dir} now holds {_describe(meta)}")
     print("a running server picks it up on SIGHUP (or the ReloadModel RPC)")
     return 0
-
-
-def replay_command(settings: Settings, prediction_id: str, log_dir: Path | None) -> int:
-    """Find the logged prediction, load the version that made it, recompute, compare bits."""
-    directory = log_dir or settings.prediction_log_path
-    parts = sorted(Path(directory).glob("part-*.parquet"))
-    if not parts:
-        return _error(f"no prediction log parts in {directory}")
-    found = pl.scan_parquet(parts).filter(pl.col("prediction_id") == prediction_id).collect()
-    if found.height == 0:
-        return _error(f"prediction {prediction_id!r} is not in the log at {directory}")
-    row = found.row(0, named=True)
-    version = int(row["model_version"])
-    features = np.asarray(row["features"], dtype=np.float32)
-    model_dir = settings.history_dir / str(version)
-    if not model_dir.is_dir():
-        try:
-            if ModelMetadata.read(settings.model_dir).version == version:
-                model_dir = settings.model_dir
-        except MetadataError:
-            pass
-    if not model_dir.is_dir():
-        return _error(f"model version {version} is no longer kept; cannot replay")
-    from xylen_server.serving.model_store import load_model
-
-    try:
-        loaded = load_model(dataclasses.replace(settings, pool_size=1), model_dir)
-    except ModelLoadError as exc:
-        return _error(str(exc))
-    try:
-        replayed = float(loaded.engine.predict_proba(features.reshape(1, -1))[0])
-        engine = loaded.engine.engine
-    finally:
-        loaded.close()
-    logged = float(row["probability_up"])
-    exact = replayed == logged
-    print(f"prediction {prediction_id} at {row['time']} by {row['model_name']} v{version}")
-    print(f"  features      {np.array2string(features, precision=6, max_line_width=96)}")
-    print(f"  logged   P(up) {logged!r}  signal {row['signal']}")
-    print(f"  replayed P(up) {replayed!r}  ({engine}, from {model_dir})")
-    print(f"  bit-exact: {'yes' if exact else 'NO'}")
-    return 0 if exact else 1

@@ -8,7 +8,7 @@ Layout under ``MODEL_PATH`` (what training writes and the server loads stays whe
     .versions/<name>/.candidate-<job id>/   a retrain's candidate while it is being validated
 
 Every change of the serving directory is a rename of a complete directory
-(:func:`training.pipeline.atomic_directory`), so a crash leaves the old or the new model, never a
+(:func:`training.metadata.atomic_directory`), so a crash leaves the old or the new model, never a
 mix; the history copy is written first, so the serving version is always kept. Versions are
 monotonic over the serving directory and the history together (:func:`next_version`), so a
 retrain after a rollback never reuses a number.
@@ -33,17 +33,19 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.metadata import METADATA_FILE, MetadataError, ModelMetadata, sha256_file
-from training.pipeline import atomic_directory
+from training.metadata import (
+    METADATA_FILE,
+    MetadataError,
+    ModelMetadata,
+    atomic_directory,
+    sha256_file,
+)
+from xylen_server.errors import FailedPrecondition, HistoryError, VersionNotFound
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "MANIFEST.json"
 """Name of the manifest inside a backup archive."""
-
-
-class HistoryError(RuntimeError):
-    """A version is not kept, an archive is tampered with or unreadable, or files disagree."""
 
 
 @dataclass(frozen=True)
@@ -91,12 +93,29 @@ def list_versions(history: Path) -> list[KeptVersion]:
 
 
 def find_version(history: Path, version: int) -> KeptVersion:
-    """The kept ``version``; raises HistoryError when it is not kept."""
+    """The kept ``version``; raises VersionNotFound when it is not kept."""
     for kept in list_versions(history):
         if kept.version == version:
             return kept
     available = ", ".join(str(k.version) for k in list_versions(history)) or "none"
-    raise HistoryError(f"version {version} is not kept (kept: {available})")
+    raise VersionNotFound(f"version {version} is not kept (kept: {available})", version=version)
+
+
+def rollback_target(history: Path, current: ModelMetadata, version: int = 0) -> int:
+    """The version a rollback from ``current`` goes to: ``version`` when given, else the
+    serving model's parent when it is kept, else the newest kept version below it. Raises
+    VersionNotFound when there is none, FailedPrecondition when it is the serving one."""
+    if version == 0:
+        below = [k.version for k in list_versions(history) if k.version < current.version]
+        if current.parent_version and current.parent_version in below:
+            version = current.parent_version
+        elif below:
+            version = max(below)
+        else:
+            raise VersionNotFound(f"no kept version below v{current.version} to roll back to")
+    if version == current.version:
+        raise FailedPrecondition(f"v{version} is already serving", reason="VERSION_ALREADY_SERVING")
+    return version
 
 
 def next_version(model_dir: Path, history: Path) -> int:

@@ -19,12 +19,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from training.metadata import MetadataError, ModelMetadata
-from xylen_server.errors import FailedPrecondition, ModelLoadError, NotFound
+from xylen_server.errors import HistoryError, ModelLoadError, VersionNotFound
 from xylen_server.serving.model_store import LoadedModel, load_model
 from xylen_server.serving.predictor import Predictor
 from xylen_server.settings import Settings
 from xylen_server.versions import history as model_history
-from xylen_server.versions.history import HistoryError
 
 logger = logging.getLogger(__name__)
 
@@ -87,27 +86,12 @@ class ModelManager:
         below it). Returns the model now served and the version it replaced."""
         async with self.lock:
             current = self.predictor.model.meta
-            kept_versions = model_history.list_versions(self.history)
-            if version == 0:
-                below = [k.version for k in kept_versions if k.version < current.version]
-                if current.parent_version and current.parent_version in below:
-                    version = current.parent_version
-                elif below:
-                    version = max(below)
-                else:
-                    raise NotFound(
-                        f"no kept version below v{current.version} to roll back to",
-                        reason="VERSION_NOT_FOUND",
-                    )
-            if version == current.version:
-                raise FailedPrecondition(
-                    f"v{version} is already serving", reason="VERSION_ALREADY_SERVING"
-                )
+            version = model_history.rollback_target(self.history, current, version)
+            kept = model_history.find_version(self.history, version)
             try:
-                kept = model_history.find_version(self.history, version)
                 await self._thread(model_history.verify_model_dir, kept.path)
             except HistoryError as exc:
-                raise NotFound(str(exc), reason="VERSION_NOT_FOUND", version=version) from exc
+                raise VersionNotFound(exc.message, version=version) from exc
             loaded = await self._thread(load_model, self.settings, kept.path)
             assert isinstance(loaded, LoadedModel)
             await self._thread(model_history.install_serving, kept.path, self.settings.model_dir)
@@ -131,6 +115,12 @@ class ModelManager:
             await self._thread(self.keep_serving_version)
             await self._swap(loaded, "reloaded")
             return loaded, True
+
+    async def kept_versions(self) -> list[model_history.KeptVersion]:
+        """The kept versions, newest first."""
+        kept = await self._thread(model_history.list_versions, self.history)
+        assert isinstance(kept, list)
+        return kept
 
     def next_version(self) -> int:
         """The version a new candidate gets (blocking)."""

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness import write_model
-from learning_helpers import LearningServer, learning_settings
+from harness import InProcessServer, write_model
+from learning_helpers import learning_settings
 
 from xylen_server.devtools.learning_demo import run_cycle
 
 
 def test_run_cycle_prints_a_promotion_while_requests_keep_flowing(tmp_path: Path, candles):
     write_model(tmp_path / "models", "model_1", "lightgbm", candles, trees=30)
-    server = LearningServer(learning_settings(tmp_path))
+    server = InProcessServer(learning_settings(tmp_path))
     lines: list[str] = []
     try:
         run_cycle(server.address, samples=400, out=lines.append)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xylen_server.learning.feedback_store import FeedbackRecord, FeedbackStore
+from xylen_server.learning.feedback_store import FeedbackStore
+from xylen_server.learning.samples import FeedbackRecord
 
 _print_lock = threading.Lock()
 

@@ -13,8 +13,8 @@ import grpc
 import numpy as np
 import pytest
 from errorinfo import error_info
-from harness import feature_input, start_server, write_model
-from learning_helpers import LearningServer, feedback, learning_settings
+from harness import InProcessServer, feature_input, start_server, write_model
+from learning_helpers import feedback, learning_settings
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
@@ -29,8 +29,8 @@ def learning_root(tmp_path_factory: pytest.TempPathFactory, candles) -> Path:
 
 
 @pytest.fixture(scope="module")
-def live(learning_root: Path) -> Iterator[tuple[LearningServer, pb_grpc.ModelServiceStub]]:
-    server = LearningServer(learning_settings(learning_root))
+def live(learning_root: Path) -> Iterator[tuple[InProcessServer, pb_grpc.ModelServiceStub]]:
+    server = InProcessServer(learning_settings(learning_root))
     with grpc.insecure_channel(server.address) as channel:
         yield server, pb_grpc.ModelServiceStub(channel)
     server.close()
@@ -46,7 +46,7 @@ def test_feedback_joins_the_row_the_model_saw_and_is_stored_once(live, feature_r
     assert (first.prediction_id, first.duplicate) == (ids[1], False)
     assert again.duplicate and again.stored_samples == first.stored_samples
 
-    samples = server.running.learning.require_store().read_samples()
+    samples = server.running.feedback.require_store().read_samples()
     [row] = samples.filter(samples["prediction_id"] == ids[1]).to_dicts()
     assert row["model_version"] == 1 and row["label"] == 1
     assert np.array_equal(np.asarray(row["features"], np.float32), rows[1].astype(np.float32))

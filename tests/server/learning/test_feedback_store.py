@@ -19,15 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from xylen_server.errors import InvalidArgument, NotFound
-from xylen_server.learning.feedback_store import (
-    MAGIC,
-    FeedbackRecord,
-    FeedbackStore,
-    build_record,
-    frame,
-    read_segment,
-)
+from xylen_server.learning.feedback import build_record
+from xylen_server.learning.feedback_store import FeedbackStore, repair_segment
 from xylen_server.learning.prediction_log import PredictionLog
+from xylen_server.learning.samples import MAGIC, FeedbackRecord, frame, read_segment
 
 CHILD = Path(__file__).with_name("feedback_child.py")
 REPO = Path(__file__).resolve().parents[3]
@@ -191,7 +186,7 @@ def test_torn_tail_is_truncated(tmp_path: Path, tail: bytes) -> None:
         handle.write(tail)
     copy = tmp_path / "copy.log"  # the store compacts the segment away in the background
     copy.write_bytes(wal.read_bytes())
-    assert [r.prediction_id for r in read_segment(copy, repair=True)] == ids_of_range(5)
+    assert [r.prediction_id for r in repair_segment(copy)] == ids_of_range(5)
     assert copy.stat().st_size == good_size  # repair cut the garbage from the file
     with FeedbackStore(tmp_path, compact_on_close=False) as store:
         assert ids_of(store) == ids_of_range(5)
@@ -212,7 +207,7 @@ def test_read_segment_stops_at_corruption(tmp_path: Path) -> None:
     data = bytearray(wal.read_bytes())
     data[len(MAGIC) + 10] ^= 0xFF  # flip a bit inside the first record
     wal.write_bytes(bytes(data))
-    assert read_segment(wal) == []
+    assert read_segment(wal)[0] == []
 
 
 # -- compaction -------------------------------------------------------------------------------

@@ -12,9 +12,8 @@ import grpc
 import numpy as np
 import pytest
 from errorinfo import error_info
-from harness import feature_input, write_model
+from harness import InProcessServer, feature_input, write_model
 from learning_helpers import (
-    LearningServer,
     feedback,
     learnable_labels,
     learning_settings,
@@ -31,11 +30,11 @@ from xylen.v1 import model_service_pb2_grpc as pb_grpc
 @pytest.fixture
 def make_server(tmp_path: Path, candles) -> Iterator:
     write_model(tmp_path / "models", "model_1", "lightgbm", candles, trees=30)
-    servers: list[LearningServer] = []
+    servers: list[InProcessServer] = []
     channels: list[grpc.Channel] = []
 
-    def make(**overrides: object) -> tuple[LearningServer, pb_grpc.ModelServiceStub]:
-        server = LearningServer(learning_settings(tmp_path, **overrides))
+    def make(**overrides: object) -> tuple[InProcessServer, pb_grpc.ModelServiceStub]:
+        server = InProcessServer(learning_settings(tmp_path, **overrides))
         channel = grpc.insecure_channel(server.address)
         servers.append(server)
         channels.append(channel)

@@ -14,7 +14,6 @@ from grpc_status import rpc_status
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_server.errors import InvalidArgument, to_item_status, to_rpc_status
-from xylen_server.serving.predictor import signal_for
 from xylen_server.serving.session_pool import SessionPool
 
 
@@ -81,21 +80,6 @@ def test_the_event_loop_keeps_running_during_inference(server, feature_rows):
     ticks, results = server.call(scenario())
     assert all(len(r.probabilities) == 2000 for r in results)
     assert ticks > 10
-
-
-@pytest.mark.parametrize(
-    ("p", "expected"),
-    [
-        (0.55, types_pb2.SIGNAL_BUY),
-        (0.9, types_pb2.SIGNAL_BUY),
-        (0.45, types_pb2.SIGNAL_SELL),
-        (0.0, types_pb2.SIGNAL_SELL),
-        (0.5, types_pb2.SIGNAL_HOLD),
-        (0.5499, types_pb2.SIGNAL_HOLD),
-    ],
-)
-def test_signal_thresholds_are_inclusive(p, expected):
-    assert signal_for(p, 0.55, 0.45) == expected
 
 
 def test_errors_map_to_status_with_error_info():

@@ -23,14 +23,12 @@ from onnxmltools import convert_lightgbm
 from onnxmltools.convert.common.data_types import FloatTensorType
 
 from training import features
-from training.metadata import ModelMetadata
+from training.metadata import PARITY_TOLERANCE, ModelMetadata, sha256_file
 from training.onnx_export import (
     CONVERTER_VERSION,
     CONVERTER_VERSION_KEY,
     NATIVE_SHA256_KEY,
-    PARITY_TOLERANCE,
     export_onnx,
-    sha256_file,
 )
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc

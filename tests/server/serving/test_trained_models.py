@@ -10,8 +10,7 @@ import pytest
 from harness import InProcessServer, feature_input, server_settings, window_input
 
 from training.__main__ import main as training_main
-from training.metadata import ModelMetadata
-from training.onnx_export import PARITY_TOLERANCE
+from training.metadata import PARITY_TOLERANCE, ModelMetadata
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_coordinator.candles import read_candles

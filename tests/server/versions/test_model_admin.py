@@ -12,8 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from harness import feature_input, write_model
-from learning_helpers import LearningServer, add_version, learning_settings
+from harness import InProcessServer, feature_input, write_model
+from learning_helpers import add_version, learning_settings
 
 from training.metadata import ModelMetadata, sha256_file
 from xylen.v1 import model_service_pb2 as pb
@@ -36,8 +36,8 @@ def root(tmp_path: Path, candles, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def live(root: Path) -> Iterator[tuple[LearningServer, pb_grpc.ModelServiceStub]]:
-    server = LearningServer(learning_settings(root))
+def live(root: Path) -> Iterator[tuple[InProcessServer, pb_grpc.ModelServiceStub]]:
+    server = InProcessServer(learning_settings(root))
     with grpc.insecure_channel(server.address) as channel:
         yield server, pb_grpc.ModelServiceStub(channel)
     server.close()
@@ -121,7 +121,7 @@ def test_a_tampered_archive_is_refused_and_nothing_changes(root, victim, capsys)
 def test_replay_recomputes_a_past_prediction_bit_exactly_with_its_version(
     root, feature_rows, capsys
 ):
-    server = LearningServer(learning_settings(root))
+    server = InProcessServer(learning_settings(root))
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.ModelServiceStub(channel)

@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 from errorinfo import error_info
-from harness import feature_input, write_model
-from learning_helpers import LearningServer, add_version, learning_settings
+from harness import InProcessServer, feature_input, write_model
+from learning_helpers import add_version, learning_settings
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
@@ -29,7 +29,7 @@ def versions_root(tmp_path: Path, candles) -> Path:
 def test_ten_swaps_under_load_drop_nothing_and_answer_with_a_live_version(
     versions_root: Path, feature_rows
 ):
-    server = LearningServer(learning_settings(versions_root))
+    server = InProcessServer(learning_settings(versions_root))
     single = pb.PredictRequest(inputs=[feature_input(feature_rows[0])])
     batch = pb.PredictRequest(inputs=[feature_input(r) for r in feature_rows[:96]])
     answers: list[tuple[float, float, set[int]]] = []
@@ -98,7 +98,7 @@ def test_ten_swaps_under_load_drop_nothing_and_answer_with_a_live_version(
 
 
 def test_versions_are_kept_listed_and_rollback_refuses_unknown_ones(versions_root: Path):
-    server = LearningServer(learning_settings(versions_root, model_history_keep=2))
+    server = InProcessServer(learning_settings(versions_root, model_history_keep=2))
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.ModelServiceStub(channel)

@@ -1,0 +1,103 @@
+"""Domain results to protobuf messages, in one place: what the servicer sends back."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from xylen.v1 import model_service_pb2 as pb
+from xylen_server.errors import OK_ITEM_STATUS, to_item_status
+from xylen_server.learning.feedback_store import AppendResult
+from xylen_server.serving.model_store import LoadedModel
+from xylen_server.serving.predictor import Result
+from xylen_server.settings import Settings
+from xylen_server.versions.history import KeptVersion
+
+MODEL_TYPES = {
+    "lightgbm": pb.MODEL_TYPE_LIGHTGBM,
+    "xgboost": pb.MODEL_TYPE_XGBOOST,
+    "catboost": pb.MODEL_TYPE_CATBOOST,
+}
+ENGINES = {"onnx": pb.ENGINE_ONNX, "native": pb.ENGINE_NATIVE}
+
+
+def predict_response(result: Result) -> pb.PredictResponse:
+    """One Prediction per row: id, P(up), signal, and the model version that answered."""
+    name, version = result.model.meta.name, result.model.meta.version
+    response = pb.PredictResponse(
+        predictions=[
+            pb.Prediction(
+                prediction_id=prediction_id,
+                probability_up=probability,
+                signal=signal,  # type: ignore[arg-type]
+                model_name=name,
+                model_version=version,
+            )
+            for prediction_id, probability, signal in zip(
+                result.prediction_ids, result.probabilities.tolist(), result.signals, strict=True
+            )
+        ]
+    )
+    response.inference_duration.FromNanoseconds(int(result.seconds * 1e9))
+    return response
+
+
+def stream_answer(request_id: str, result: Result) -> pb.PredictStreamResponse:
+    return pb.PredictStreamResponse(
+        request_id=request_id, status=OK_ITEM_STATUS, response=predict_response(result)
+    )
+
+
+def stream_error(request_id: str, exc: BaseException) -> pb.PredictStreamResponse:
+    return pb.PredictStreamResponse(request_id=request_id, status=to_item_status(exc))
+
+
+def feedback_response(prediction_id: str, stored: AppendResult) -> pb.FeedbackResponse:
+    return pb.FeedbackResponse(
+        prediction_id=prediction_id,
+        duplicate=stored.duplicate,
+        stored_samples=stored.stored_samples,
+    )
+
+
+def trained_at(text: str) -> datetime:
+    """The metadata's ISO-8601 ``trained_at`` as an aware datetime (naive means UTC)."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def model_info(
+    model: LoadedModel, settings: Settings, status: pb.TrainingStatus | None = None
+) -> pb.ModelInfo:
+    """What GetModelInfo (and the admin RPCs) say about the served model."""
+    meta = model.meta
+    info = pb.ModelInfo(
+        name=meta.name,
+        model_type=MODEL_TYPES[meta.model_type],
+        version=meta.version,
+        parent_version=meta.parent_version or 0,
+        training_samples=meta.training_samples,
+        feature_names=meta.feature_names,
+        lookback=meta.lookback,
+        engine=ENGINES[model.engine.engine],
+        training_status=status or pb.TrainingStatus(state=pb.TRAINING_STATE_IDLE),
+        horizon=meta.horizon,
+        buy_threshold=settings.buy_threshold,
+        sell_threshold=settings.sell_threshold,
+        features_hash=meta.features_hash,
+    )
+    info.train_time.FromDatetime(trained_at(meta.trained_at))
+    return info
+
+
+def versions_response(kept: Sequence[KeptVersion], serving: int) -> pb.ListModelVersionsResponse:
+    response = pb.ListModelVersionsResponse()
+    for k in kept:
+        item = response.versions.add(
+            version=k.version,
+            parent_version=k.meta.parent_version or 0,
+            training_samples=k.meta.training_samples,
+            serving=k.version == serving,
+        )
+        item.train_time.FromDatetime(trained_at(k.meta.trained_at))
+    return response

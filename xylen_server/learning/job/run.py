@@ -1,0 +1,274 @@
+"""The job's work, imported only once the job runs at its niceness (see ``__main__``).
+
+Samples: feedback rows of this model's feature width, ordered by close time. *New* samples are
+those received after the serving model's cut-off (``metadata.data.feedback.received_until_ms``).
+The held-out window is the most recent ``holdout_fraction`` of the new samples; it is never
+trained on.
+
+* incremental: the serving model continues training (:meth:`TreeModel.finetune
+  <training.trainers.TreeModel.finetune>`) on the new samples before the window, early-stopped
+  on their most recent part. A model type without continued training falls back to full.
+* full: a fresh model of the serving model's type and parameters on the history (the kline files
+  named in the serving model's metadata, featurised and labelled as training did, when they are
+  all still there) plus every feedback sample before the window.
+
+Both models are then scored on the window by the gate (:func:`~xylen_server.learning.gate.gate`);
+only a passing candidate is written (:func:`training.trainers.write_model_dir`). Too few samples,
+a single class, a failed fit or non-finite output end the job with ``status: failed`` and a
+reason; the serving model is never touched by this process (it only reads it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from training import features
+from training.metadata import ModelMetadata
+from training.trainers import (
+    DEFAULT_PARAMS,
+    MIN_TRAINING_SAMPLES,
+    MODEL_CLASSES,
+    TreeModel,
+    make_model,
+    write_model_dir,
+)
+from xylen_server.learning.gate import GateError, gate
+from xylen_server.learning.job import JobFailed, JobSpec, progress
+from xylen_server.learning.samples import read_samples
+
+logger = logging.getLogger(__name__)
+
+
+def feature_matrix(frame: pl.DataFrame, width: int) -> np.ndarray:
+    """The ``features`` list column as a float32 (rows, width) matrix."""
+    if frame.height == 0:
+        return np.empty((0, width), dtype=np.float32)
+    flat = frame.get_column("features").explode().to_numpy()
+    return np.ascontiguousarray(flat.reshape(frame.height, width), dtype=np.float32)
+
+
+def history_rows(meta: ModelMetadata) -> tuple[np.ndarray, np.ndarray, str]:
+    """The serving model's own training data (its kline files, featurised and labelled as
+    training did), or empty arrays and a note when the files are not all there any more."""
+    from training.klines import interval_ms, load_klines
+    from training.labels import binary_labels
+
+    files = [Path(f["path"]) for f in meta.data.get("files", []) if isinstance(f, dict)]
+    empty = np.empty((0, len(meta.feature_names)), np.float32), np.empty(0, np.int64)
+    if not files:
+        return (*empty, "no history files in the metadata")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        return (*empty, f"history files missing ({missing[0]}, ...)")
+    klines = load_klines(files, interval=meta.interval or None)
+    candles = features.candles_from_frame(klines.frame)
+    x = features.compute_features(candles)
+    y = binary_labels(
+        candles["open_time"],
+        candles["close"],
+        horizon=meta.horizon,
+        step_ms=interval_ms(klines.interval),
+        fee=meta.fee,
+        threshold=meta.label_threshold,
+    )
+    keep = np.isfinite(x).all(axis=1) & np.isfinite(y)
+    return (
+        x[keep].astype(np.float32),
+        y[keep].astype(np.int64),
+        f"{int(keep.sum())} history rows from {len(files)} files",
+    )
+
+
+def _check_classes(name: str, y: np.ndarray) -> None:
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise JobFailed(
+            f"every {name} label is {int(classes[0]) if len(classes) else '?'}; a single class "
+            "cannot be learned or scored"
+        )
+
+
+def _split_valid(n: int) -> int:
+    """Rows at the end of a training set used for early stopping."""
+    return max(20, int(n * 0.15)) if n >= 120 else 0
+
+
+def _params(meta: ModelMetadata, n_train: int) -> dict[str, Any]:
+    params = {
+        k: v
+        for k, v in meta.params.items()
+        if k in DEFAULT_PARAMS[meta.model_type] and k not in ("n_estimators",)
+    }
+    if meta.model_type == "lightgbm":
+        # Small feedback sets: a leaf needs a share of the rows, not the default 100.
+        params["min_data_in_leaf"] = max(5, min(100, n_train // 20))
+    return params
+
+
+def _incremental(
+    spec: JobSpec, serving_dir: Path, meta: ModelMetadata, x: np.ndarray, y: np.ndarray
+) -> TreeModel:
+    model = MODEL_CLASSES[meta.model_type].load(serving_dir, list(meta.feature_names))
+    start = model.best_iteration
+    n_valid = _split_valid(len(y))
+    model.params.update(_params(meta, len(y) - n_valid))
+    model.num_threads = spec.threads
+    if n_valid:
+        model.finetune(x[:-n_valid], y[:-n_valid], x[-n_valid:], y[-n_valid:])
+    else:
+        model.finetune(x, y)
+    logger.info("continued %s trees to %s", start, model.best_iteration)
+    return model
+
+
+def _full(spec: JobSpec, meta: ModelMetadata, x: np.ndarray, y: np.ndarray) -> TreeModel:
+    n_valid = _split_valid(len(y))
+    if not n_valid:
+        raise JobFailed(f"only {len(y)} training rows; a full retrain needs at least 120")
+    model = make_model(
+        meta.model_type,
+        _params(meta, len(y) - n_valid),
+        feature_names=list(meta.feature_names),
+        seed=int(meta.params.get("seed", 42)),
+        num_threads=spec.threads,
+    )
+    model.fit(x[:-n_valid], y[:-n_valid], x[-n_valid:], y[-n_valid:])
+    return model
+
+
+def run(spec: JobSpec) -> dict[str, Any]:
+    """Do the job; returns the result (also for a failure, with ``status: failed``)."""
+    started = time.perf_counter()
+    serving_dir = Path(spec.serving_dir)
+    meta = ModelMetadata.read(serving_dir)
+    width = len(meta.feature_names)
+    progress("snapshot", "reading the feedback samples")
+    frame = read_samples(Path(spec.samples))
+    frame = frame.filter(pl.col("features").list.len() == width).sort(
+        ["close_time", "received_time"]
+    )
+    received = frame.get_column("received_time").dt.epoch("ms").to_numpy()
+    new = frame.filter(pl.Series(received > spec.cutoff_ms))
+    required = max(MIN_TRAINING_SAMPLES, spec.min_samples)
+    if new.height < required:
+        raise JobFailed(
+            f"too few samples: {new.height} new samples of this model's {width} features since "
+            f"its cut-off, need at least {required}"
+        )
+    n_holdout = max(1, math.ceil(new.height * spec.holdout_fraction))
+    holdout = new.tail(n_holdout)
+    x_ho = feature_matrix(holdout, width)
+    y_ho = holdout.get_column("label").to_numpy().astype(np.int64)
+    _check_classes("held-out", y_ho)
+    cutoff_ms = int(received.max()) if len(received) else spec.cutoff_ms
+
+    mode = spec.mode
+    if mode == "incremental" and not MODEL_CLASSES[meta.model_type].can_finetune:
+        mode = "full"
+        progress("training", f"{meta.model_type} has no continued training; training in full")
+    note = ""
+    if mode == "incremental":
+        pool = new.head(new.height - n_holdout)
+        x, y = feature_matrix(pool, width), pool.get_column("label").to_numpy().astype(np.int64)
+    else:
+        holdout_ids = set(holdout.get_column("prediction_id").to_list())
+        pool = frame.filter(~pl.col("prediction_id").is_in(list(holdout_ids)))
+        x_fb = feature_matrix(pool, width)
+        y_fb = pool.get_column("label").to_numpy().astype(np.int64)
+        x_hist, y_hist, note = history_rows(meta)
+        x, y = np.concatenate([x_hist, x_fb]), np.concatenate([y_hist, y_fb])
+    _check_classes("training", y)
+    progress(
+        "training",
+        f"{mode} on {len(y)} rows ({new.height} new samples, {n_holdout} held out)"
+        + (f"; {note}" if note else ""),
+    )
+    try:
+        if mode == "incremental":
+            candidate = _incremental(spec, serving_dir, meta, x, y)
+        else:
+            candidate = _full(spec, meta, x, y)
+    except JobFailed:
+        raise
+    except Exception as exc:
+        raise JobFailed(f"training failed: {type(exc).__name__}: {exc}") from exc
+
+    progress("validating", f"scoring candidate and v{meta.version} on {n_holdout} held-out rows")
+    serving = MODEL_CLASSES[meta.model_type].load(serving_dir, list(meta.feature_names))
+    verdict = gate(
+        y_ho,
+        serving.predict_proba(x_ho),
+        candidate.predict_proba(x_ho),
+        spec.margin,
+        spec.min_auc,
+        spec.z,
+    ).as_dict()
+    result: dict[str, Any] = {
+        "status": "ok",
+        "mode": mode,
+        "samples": int(new.height),
+        "training_rows": len(y),
+        "gate": verdict,
+        "candidate_version": spec.version,
+        "seconds": time.perf_counter() - started,
+    }
+    if verdict["passed"]:
+        progress("writing", f"writing candidate v{spec.version}")
+        _write_candidate(spec, meta, candidate, mode, len(y), new.height, cutoff_ms, verdict)
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def _write_candidate(
+    spec: JobSpec,
+    meta: ModelMetadata,
+    candidate: TreeModel,
+    mode: str,
+    training_rows: int,
+    samples: int,
+    cutoff_ms: int,
+    verdict: dict[str, Any],
+) -> None:
+    data = dict(meta.data)
+    data["feedback"] = {
+        "received_until_ms": cutoff_ms,
+        "new_samples": samples,
+        "mode": mode,
+        "job_id": spec.job_id,
+    }
+    new_meta = replace(
+        meta,
+        version=spec.version,
+        parent_version=meta.version,
+        training_samples=training_rows,
+        trained_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        data=data,
+        metrics={**meta.metrics, "gate": verdict, "retrain_mode": mode},
+        checksums={},
+    )
+    write_model_dir(Path(spec.candidate_dir), candidate, new_meta)
+
+
+def run_and_report(spec: JobSpec) -> int:
+    """Run the job, write ``result.json`` (a failure too) and the final progress line."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        result = run(spec)
+    except (JobFailed, GateError) as exc:
+        result = {"status": "failed", "message": str(exc)}
+    except Exception as exc:  # anything else is a failed run too, never a promoted model
+        logger.exception("retrain job crashed")
+        result = {"status": "failed", "message": f"job crashed: {type(exc).__name__}: {exc}"}
+    Path(spec.result).write_text(json.dumps(result, indent=2) + "\n")
+    progress("done", result.get("message", "") or result["gate"]["reason"])
+    return 0
