@@ -31,7 +31,8 @@ METADATA_FILE = "metadata.json"
 ONNX_FILE = "model.onnx"
 FEATURE_IMPORTANCE_FILE = "feature_importance.csv"
 
-#: Native model file name per model type (LightGBM's name is the seed's).
+#: Native model file name per model type (``lightgbm_model.txt``: the name operators' LightGBM
+#: tooling already writes).
 NATIVE_FILES: dict[str, str] = {
     "lightgbm": "lightgbm_model.txt",
     "xgboost": "xgboost_model.json",

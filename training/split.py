@@ -1,9 +1,10 @@
 """Splits by time with a gap: train, then validation, then test, never shuffled.
 
 Between periods lies a gap of at least ``horizon + lookback`` bars, so no training label reaches
-a candle that a validation feature reads, and no two periods share a feature window. The seed's
-``TRAIN_START_DATE`` / ``TRAIN_END_DATE`` bound the training period (both dates inclusive); the
-rest of the data after the gap is halved into validation and test unless their ends are given.
+a candle that a validation feature reads, and no two periods share a feature window.
+``TRAIN_START_DATE`` / ``TRAIN_END_DATE`` (the names operators configure) bound the training
+period (both dates inclusive); the rest of the data after the gap is halved into validation and
+test unless their ends are given.
 Walk-forward folds repeat this on consecutive blocks with an expanding training window.
 """
 

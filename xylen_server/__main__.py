@@ -64,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    _quiet_native_libraries()
     if args.command == "model":
         from xylen_server.versions.cli import model_command
 
@@ -80,15 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"xylen-server: error: {exc}", file=sys.stderr)
         return 2
-
-
-def _quiet_native_libraries() -> None:
-    """Route LightGBM's own console output through logging (DEBUG), so a corrupt model file ends
-    the process with the server's one clear line rather than pages of library output."""
-    import lightgbm
-
-    library_logger = logging.getLogger("lightgbm")
-    lightgbm.register_logger(library_logger, info_method_name="debug", warning_method_name="debug")
 
 
 if __name__ == "__main__":

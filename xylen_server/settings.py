@@ -87,7 +87,7 @@ class Settings:
     grpc_port: int = env("GRPC_PORT", 8001, minimum=0, maximum=65535)
     """gRPC port; 0 picks a free port (printed at start)."""
     metrics_port: int = env("METRICS_PORT", 9001, minimum=0, maximum=65535)
-    """HTTP port reserved for Prometheus metrics (nothing listens on it yet)."""
+    """HTTP port of the metrics endpoint (not served yet: the number is validated and kept)."""
     pool_size: int = env("SESSION_POOL_SIZE", 2, minimum=1)
     """Inference sessions (and worker threads) in the pool."""
     session_threads: int = env("SESSION_THREADS", 1, minimum=1)
@@ -254,11 +254,6 @@ class Settings:
                 value = value.upper() if value.upper() in f.metadata["choices"] else value.lower()
             values[f.name] = value
         return cls(**values)
-
-    @classmethod
-    def variables(cls) -> dict[str, str]:
-        """Environment variable per field name."""
-        return {f.name: f.metadata["env"] for f in fields(cls)}
 
 
 def _check_bounds(metadata: Mapping[str, Any], value: Any) -> None:

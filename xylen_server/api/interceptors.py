@@ -4,7 +4,6 @@ shared with the coordinator)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import grpc
@@ -23,7 +22,7 @@ def _code_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 
 
 class MetricsInterceptor(HandlerInterceptor):
-    """Records method, final status code and latency of every unary and streaming call."""
+    """Counts every call, unary and streaming, by method and final status code."""
 
     def __init__(self, recorder: Recorder) -> None:
         super().__init__()
@@ -34,22 +33,20 @@ class MetricsInterceptor(HandlerInterceptor):
 
         def unary(behavior: Any) -> Any:
             async def timed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                started = time.perf_counter()
                 try:
                     return await behavior(request, context)
                 finally:
-                    recorder.rpc(method, _code_name(context), time.perf_counter() - started)
+                    recorder.rpc(method, _code_name(context))
 
             return timed
 
         def streaming(behavior: Any) -> Any:
             async def timed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                started = time.perf_counter()
                 try:
                     async for response in behavior(request, context):
                         yield response
                 finally:
-                    recorder.rpc(method, _code_name(context), time.perf_counter() - started)
+                    recorder.rpc(method, _code_name(context))
 
             return timed
 

@@ -1,6 +1,6 @@
 """One continuous-learning cycle against a running model server, printed step by step.
 
-For ``make demo`` (the lead's demo script calls :func:`run_cycle`)::
+For ``make demo`` (:mod:`xylen_server.devtools.demo` calls :func:`run_cycle`)::
 
     from xylen_server.devtools.learning_demo import run_cycle
     run_cycle("127.0.0.1:8001")

@@ -34,7 +34,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -77,7 +76,6 @@ class Retrainer:
         self._task: asyncio.Task[None] | None = None
         self._watchers: set[asyncio.Queue[pb.TrainingStatus]] = set()
         self._schedule: asyncio.Task[None] | None = None
-        self._last_job_monotonic = time.monotonic()
         self._closing = False
         models.on_change.append(self._model_changed)
         feedback.on_stored.append(self.check_triggers)
@@ -274,8 +272,7 @@ class Retrainer:
                 (job_dir / "status.json").write_text(
                     json_format.MessageToJson(self.status, indent=2) + "\n"
                 )
-            self._last_job_monotonic = time.monotonic()
-            self.feedback.job_ended()
+                self.feedback.job_ended()
 
     async def _subprocess(self, job_dir: Path, spec: JobSpec) -> dict[str, Any]:
         env = dict(os.environ)

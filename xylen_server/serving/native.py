@@ -8,6 +8,8 @@ thread), about 3x quicker than ``Booster.predict`` for one row.
 from __future__ import annotations
 
 import ctypes
+import logging
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,30 @@ import numpy as np
 from training.metadata import ModelMetadata
 
 _FAST_ROWS = 16  # up to this many rows, LightGBM rows go one by one through the fast API
+
+
+def import_lightgbm() -> Any:
+    """The ``lightgbm`` module, imported without scikit-learn.
+
+    LightGBM imports scikit-learn at import time when it is installed (about a second and tens
+    of MB), only for its scikit-learn estimator classes, which serving never uses; so the first
+    import hides it. Its own console output is routed through logging (DEBUG), so a corrupt
+    model file ends the process with the server's one clear line rather than pages of library
+    output.
+    """
+    if "lightgbm" in sys.modules:
+        return sys.modules["lightgbm"]
+    hide = "sklearn" not in sys.modules
+    if hide:
+        sys.modules["sklearn"] = None  # type: ignore[assignment]  # import sklearn -> ImportError
+    try:
+        import lightgbm
+    finally:
+        if hide:
+            del sys.modules["sklearn"]
+    library_logger = logging.getLogger("lightgbm")
+    lightgbm.register_logger(library_logger, info_method_name="debug", warning_method_name="debug")
+    return lightgbm
 
 
 class Engine(Protocol):
@@ -42,8 +68,7 @@ class _Native(Protocol):
 
 class _LightGBM:
     def __init__(self, path: Path, n_features: int) -> None:
-        import lightgbm as lgb
-
+        lgb = import_lightgbm()
         self._lgb = lgb
         text = path.read_text()
         # LightGBM can crash the process on a truncated text model; refuse one before parsing.

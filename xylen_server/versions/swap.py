@@ -38,7 +38,6 @@ class ModelManager:
         self.lock = asyncio.Lock()
         self.on_change: list[Callable[[LoadedModel], Awaitable[None]]] = []
         """Awaited on the loop after every swap with the model now served."""
-        self.swaps = 0
 
     async def _thread(self, fn: Callable[..., object], *args: object) -> object:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -55,7 +54,6 @@ class ModelManager:
     async def _swap(self, loaded: LoadedModel, why: str) -> None:
         previous = self.predictor.model.meta.version if self.predictor.ready else None
         await self.predictor.swap(loaded, self.settings.shutdown_grace_seconds)
-        self.swaps += 1
         logger.info(
             "%s: now serving %s v%d (was v%s)", why, loaded.meta.name, loaded.meta.version, previous
         )
