@@ -33,7 +33,7 @@ from xylen_coordinator.endpoints import EndpointClient
 from xylen_coordinator.ensemble import AdaptiveWeights, NoVotes, Signal, combine, quorum_shortfall
 from xylen_coordinator.fanout import FanOutResult, Missing, fan_out
 from xylen_coordinator.featurize import FEATURES_HASH, featurized
-from xylen_coordinator.feedback_queue import FeedbackStore, Forwarder, PredictionRecord
+from xylen_coordinator.outbox import FeedbackStore, Forwarder, PredictionRecord
 from xylen_coordinator.results import (
     EndpointState,
     EnsembleResult,
