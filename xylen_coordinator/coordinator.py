@@ -33,7 +33,7 @@ from xylen_coordinator.endpoints import EndpointClient
 from xylen_coordinator.ensemble import AdaptiveWeights, NoVotes, Signal, combine, quorum_shortfall
 from xylen_coordinator.fanout import FanOutResult, Missing, fan_out
 from xylen_coordinator.featurize import FEATURES_HASH, featurized
-from xylen_coordinator.outbox import FeedbackStore, Forwarder, PredictionRecord
+from xylen_coordinator.outbox import Forwarder, Outbox, PredictionRecord
 from xylen_coordinator.results import (
     EndpointState,
     EnsembleResult,
@@ -74,7 +74,7 @@ class AsyncCoordinator:
         self._initial = config if isinstance(config, Config) else load_config(config)
         self._snapshot: _Snapshot | None = None
         self.adaptive = AdaptiveWeights(self._initial.weights.adaptive)
-        self._store: FeedbackStore | None = None
+        self._outbox: Outbox | None = None
         self._forwarder: Forwarder | None = None
         self._records: OrderedDict[str, PredictionRecord] = OrderedDict()
         self._unwritten: list[tuple[str, float, PredictionRecord]] = []
@@ -101,10 +101,10 @@ class AsyncCoordinator:
         self._started = True
         config = self._initial
         self._snapshot = _Snapshot(config, self._make_clients(config, {}))
-        self._store = FeedbackStore(config.feedback_queue.path)
-        for stored in await self._store.run(self._store.outcomes):
+        self._outbox = Outbox(config.feedback_queue.path)
+        for stored in await self._outbox.run(self._outbox.outcomes):
             self._score(stored.record, stored.outcome)
-        self._forwarder = Forwarder(self._store, config.feedback_queue, self._current_clients)
+        self._forwarder = Forwarder(self._outbox, config.feedback_queue, self._current_clients)
         self._forwarder.start()
         self._flusher = asyncio.create_task(self._flush_loop(), name="prediction-log")
         await self.wait_health_known(wait_seconds)
@@ -134,8 +134,8 @@ class AsyncCoordinator:
         retiring, self._retiring_clients = self._retiring_clients, []
         for client in clients + retiring:
             await client.close(grace=0.5)
-        if self._store is not None:
-            await self._store.close()
+        if self._outbox is not None:
+            await self._outbox.close()
 
     def _make_clients(
         self, config: Config, reuse: Mapping[str, EndpointClient]
@@ -364,9 +364,9 @@ class AsyncCoordinator:
         self._unwritten.append((prediction_id, now, record))
 
     async def _flush(self) -> None:
-        if self._unwritten and self._store is not None:
+        if self._unwritten and self._outbox is not None:
             batch, self._unwritten = self._unwritten, []
-            await self._store.run(self._store.write_predictions, batch)
+            await self._outbox.run(self._outbox.write_predictions, batch)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -392,7 +392,7 @@ class AsyncCoordinator:
         now). A second outcome for the same prediction is acknowledged as a duplicate.
         """
         snapshot = self._snapshot
-        if snapshot is None or self._store is None:
+        if snapshot is None or self._outbox is None:
             raise FailedPrecondition("the coordinator is not started", reason="NOT_STARTED")
         config = snapshot.config
         if not config.retraining.enabled:
@@ -407,7 +407,7 @@ class AsyncCoordinator:
         _validate_outcome(prediction_id, outcome)
         record = self._records.get(prediction_id)
         if record is None:
-            record = await self._store.run(self._store.find_prediction, prediction_id)
+            record = await self._outbox.run(self._outbox.find_prediction, prediction_id)
         if record is None:
             raise NotFound(
                 f"no ensemble prediction {prediction_id!r} is known to this coordinator",
@@ -417,8 +417,8 @@ class AsyncCoordinator:
         received = time.time()
         due = received + config.retraining.feedback_delay_seconds
         targets = tuple(record.votes) if config.retraining.send_feedback_to_models else ()
-        fresh = await self._store.run(
-            self._store.enqueue,
+        fresh = await self._outbox.run(
+            self._outbox.enqueue,
             prediction_id,
             outcome.SerializeToString(),
             record,
@@ -448,15 +448,15 @@ class AsyncCoordinator:
 
     async def pending_feedback(self) -> int:
         """Outcomes not yet delivered to every target."""
-        if self._store is None:
+        if self._outbox is None:
             return 0
-        return await self._store.run(self._store.pending_count)
+        return await self._outbox.run(self._outbox.pending_count)
 
     async def delivery_states(self, prediction_id: str) -> dict[str, tuple[str, int, str]]:
         """Server name -> (state, attempts, last error) of one outcome's deliveries."""
-        if self._store is None:
+        if self._outbox is None:
             return {}
-        return await self._store.run(self._store.delivery_states, prediction_id)
+        return await self._outbox.run(self._outbox.delivery_states, prediction_id)
 
     # -- introspection ----------------------------------------------------------------------
 

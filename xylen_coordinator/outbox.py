@@ -1,6 +1,8 @@
-"""The durable feedback queue: outcomes on disk before they are acknowledged, forwarded later.
+"""The outbox: trade outcomes on disk before they are acknowledged, forwarded to the model
+servers later (the ``feedback_queue`` section of config.yaml says where and how).
 
-One SQLite file in WAL mode with ``synchronous=FULL`` (every commit is fsynced) holds
+:class:`Outbox` is one SQLite file in WAL mode with ``synchronous=FULL`` (every commit is
+fsynced) that holds
 
 * ``predictions`` -- what each server answered for each ensemble prediction (its own prediction
   id and probability), written behind in small batches so Predict never waits on the disk;
@@ -109,8 +111,8 @@ class StoredOutcome:
     outcome: pb.TradeOutcome
 
 
-class FeedbackStore:
-    """The SQLite file behind the queue, used from one thread."""
+class Outbox:
+    """The SQLite file of outcomes to forward (and the prediction log), used from one thread."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -253,11 +255,11 @@ class Forwarder:
 
     def __init__(
         self,
-        store: FeedbackStore,
+        outbox: Outbox,
         settings: FeedbackQueueSettings,
         clients: Callable[[], Mapping[str, EndpointClient]],
     ) -> None:
-        self.store = store
+        self.outbox = outbox
         self.settings = settings
         self._clients = clients
         self._wake = asyncio.Event()
@@ -275,7 +277,7 @@ class Forwarder:
         while True:
             try:
                 await self._deliver_due()
-                next_due = await self.store.run(self.store.next_due)
+                next_due = await self.outbox.run(self.outbox.next_due)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -289,11 +291,11 @@ class Forwarder:
 
     async def _deliver_due(self) -> None:
         while True:
-            batch = await self.store.run(self.store.due, time.time())
+            batch = await self.outbox.run(self.outbox.due, time.time())
             if not batch:
                 return
             results = await asyncio.gather(*(self._deliver(d) for d in batch))
-            await self.store.run(self.store.settle, results)
+            await self.outbox.run(self.outbox.settle, results)
             if all(state == "pending" for _, state, _, _ in results):
                 return  # everything due failed: wait for the backoff
 
