@@ -10,8 +10,9 @@ The library API (see :mod:`xylen_coordinator.coordinator` and :mod:`xylen_coordi
 
 from xylen_coordinator.client import Coordinator
 from xylen_coordinator.config import Config, ConfigError, load_config
-from xylen_coordinator.coordinator import AsyncCoordinator, describe_missing
+from xylen_coordinator.coordinator import AsyncCoordinator
 from xylen_coordinator.ensemble import Decision, Signal, combine
+from xylen_coordinator.report import describe_missing
 from xylen_coordinator.results import (
     EndpointState,
     EnsembleResult,

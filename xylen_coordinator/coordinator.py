@@ -31,9 +31,10 @@ from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import Config, load_config
 from xylen_coordinator.endpoints import EndpointClient
 from xylen_coordinator.ensemble import AdaptiveWeights, NoVotes, Signal, combine, quorum_shortfall
-from xylen_coordinator.fanout import FanOutResult, Missing, fan_out
+from xylen_coordinator.fanout import FanOutResult, fan_out
 from xylen_coordinator.featurize import FEATURES_HASH, featurized
 from xylen_coordinator.outbox import Forwarder, Outbox, PredictionRecord
+from xylen_coordinator.report import describe_missing
 from xylen_coordinator.results import (
     EndpointState,
     EnsembleResult,
@@ -494,13 +495,6 @@ class AsyncCoordinator:
         return {
             c.name: r for c, r in zip(clients, results, strict=True) if isinstance(r, pb.ModelInfo)
         }
-
-
-def describe_missing(missing: Sequence[Missing]) -> str:
-    """``model_2 (UNAVAILABLE: connection lost ...), model_4 (NOT_SERVING: ...)``."""
-    if not missing:
-        return "none"
-    return ", ".join(f"{m.server_name} ({m.reason.value}: {m.message})" for m in missing)
 
 
 def _validate_outcome(prediction_id: str, outcome: pb.TradeOutcome) -> None:
