@@ -29,8 +29,9 @@ from pathlib import Path
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import Config, load_config
+from xylen_coordinator.decision import Vote, decide
 from xylen_coordinator.endpoints import EndpointClient
-from xylen_coordinator.ensemble import AdaptiveWeights, NoVotes, Signal, combine, quorum_shortfall
+from xylen_coordinator.ensemble import AdaptiveWeights, Signal, quorum_shortfall
 from xylen_coordinator.fanout import FanOutResult, fan_out
 from xylen_coordinator.featurize import FEATURES_HASH, featurized
 from xylen_coordinator.outbox import Forwarder, Outbox, PredictionRecord
@@ -40,10 +41,8 @@ from xylen_coordinator.results import (
     EnsembleResult,
     FeedbackAck,
     RowDecision,
-    VoteInfo,
 )
 from xylen_server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from xylen_server.signals import FROM_PROTO
 
 logger = logging.getLogger(__name__)
 
@@ -273,65 +272,37 @@ class AsyncCoordinator:
         shared = any(c.features_hash == FEATURES_HASH for c in clients)
         fanned = await fan_out(clients, request, budget, featurized(request) if shared else None)
         self._check_quorum(snapshot, fanned)
+        configured = snapshot.configured_weights
         weights = self._weights(snapshot)
-        adaptive = config.weights.mode == "adaptive"
+        scores = None
+        if config.weights.mode == "adaptive":
+            scores = {name: self.adaptive.score(name) for name in configured}
         rows: list[RowDecision] = []
         now = time.time()
         for i in range(len(request.inputs)):
             votes = {
-                name: answer.response.predictions[i].probability_up
+                name: Vote(answer.response.predictions[i], answer.latency)
                 for name, answer in fanned.answers.items()
             }
-            try:
-                decision = combine(votes, weights, config.thresholds)
-            except NoVotes:
-                raise Unavailable(
-                    "every server that voted has weight 0; no decision",
-                    reason="NO_QUORUM",
-                    voted=",".join(fanned.answers),
-                ) from None
-            infos = []
-            for name, answer in fanned.answers.items():
-                prediction = answer.response.predictions[i]
-                infos.append(
-                    VoteInfo(
-                        server_name=name,
-                        probability=prediction.probability_up,
-                        signal=FROM_PROTO.get(prediction.signal, Signal.HOLD),
-                        normalized_weight=decision.weights[name],
-                        weight=weights[name],
-                        configured_weight=snapshot.configured_weights[name],
-                        model_name=prediction.model_name,
-                        model_version=prediction.model_version,
-                        model_prediction_id=prediction.prediction_id,
-                        latency_seconds=answer.latency,
-                        adaptive=self.adaptive.score(name) if adaptive else None,
-                    )
-                )
-            prediction_id = f"ens-{self._id_prefix}-{next(self._ids):x}"
+            row = decide(self._next_id(), votes, weights, configured, config.thresholds, scores)
             self._remember(
-                prediction_id,
+                row.prediction_id,
                 PredictionRecord(
-                    decision.signal.value,
-                    {v.server_name: (v.model_prediction_id, v.probability) for v in infos},
+                    row.signal.value,
+                    {v.server_name: (v.model_prediction_id, v.probability) for v in row.votes},
                 ),
                 now,
             )
-            rows.append(
-                RowDecision(
-                    prediction_id=prediction_id,
-                    probability=decision.probability,
-                    signal=decision.signal,
-                    disagreement=decision.disagreement,
-                    votes=tuple(infos),
-                )
-            )
+            rows.append(row)
         return EnsembleResult(
             rows=tuple(rows),
             missing=tuple(fanned.missing),
             weight_mode=config.weights.mode,
             duration_seconds=time.perf_counter() - started,
         )
+
+    def _next_id(self) -> str:
+        return f"ens-{self._id_prefix}-{next(self._ids):x}"
 
     def _check_quorum(self, snapshot: _Snapshot, fanned: FanOutResult) -> None:
         shortfall = quorum_shortfall(
