@@ -18,40 +18,29 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import Config, load_config
 from xylen_coordinator.decision import Vote, decide
 from xylen_coordinator.endpoints import EndpointClient
-from xylen_coordinator.ensemble import AdaptiveWeights, Signal, quorum_shortfall
+from xylen_coordinator.ensemble import AdaptiveWeights, quorum_shortfall
 from xylen_coordinator.fanout import FanOutResult, fan_out
 from xylen_coordinator.featurize import FEATURES_HASH, featurized
-from xylen_coordinator.outbox import Forwarder, Outbox, PredictionRecord
+from xylen_coordinator.feedback import Ledger
 from xylen_coordinator.report import describe_missing
-from xylen_coordinator.results import (
-    EndpointState,
-    EnsembleResult,
-    FeedbackAck,
-    RowDecision,
-)
-from xylen_server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from xylen_coordinator.results import EndpointState, EnsembleResult, FeedbackAck, RowDecision
+from xylen_server.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 logger = logging.getLogger(__name__)
 
 #: Status codes that mean the request itself is bad: passed through when every server says so.
 _CLIENT_ERRORS = {"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "OUT_OF_RANGE"}
-#: Ensemble predictions remembered in memory for Feedback (older ones are read from disk).
-_PREDICTION_MEMORY = 100_000
-#: Largest clock skew tolerated on an outcome's close_time.
-_FUTURE_SKEW = timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
@@ -74,11 +63,7 @@ class AsyncCoordinator:
         self._initial = config if isinstance(config, Config) else load_config(config)
         self._snapshot: _Snapshot | None = None
         self.adaptive = AdaptiveWeights(self._initial.weights.adaptive)
-        self._outbox: Outbox | None = None
-        self._forwarder: Forwarder | None = None
-        self._records: OrderedDict[str, PredictionRecord] = OrderedDict()
-        self._unwritten: list[tuple[str, float, PredictionRecord]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._ledger = Ledger(self.adaptive)
         self._retiring: set[asyncio.Task[None]] = set()
         self._retiring_clients: list[EndpointClient] = []
         self._reload_lock = asyncio.Lock()
@@ -94,19 +79,14 @@ class AsyncCoordinator:
         return self._snapshot.config if self._snapshot else self._initial
 
     async def start(self, wait_seconds: float = 3.0) -> AsyncCoordinator:
-        """Open the channels and the feedback queue; wait up to ``wait_seconds`` for every
+        """Open the channels and the outbox; wait up to ``wait_seconds`` for every
         endpoint's first health status (an unreachable one counts as known: not serving)."""
         if self._started:
             return self
         self._started = True
         config = self._initial
         self._snapshot = _Snapshot(config, self._make_clients(config, {}))
-        self._outbox = Outbox(config.feedback_queue.path)
-        for stored in await self._outbox.run(self._outbox.outcomes):
-            self._score(stored.record, stored.outcome)
-        self._forwarder = Forwarder(self._outbox, config.feedback_queue, self._current_clients)
-        self._forwarder.start()
-        self._flusher = asyncio.create_task(self._flush_loop(), name="prediction-log")
+        await self._ledger.open(config.feedback_queue, self._current_clients)
         await self.wait_health_known(wait_seconds)
         return self
 
@@ -121,21 +101,13 @@ class AsyncCoordinator:
         if not self._started:
             return
         self._started = False
-        if self._forwarder is not None:
-            await self._forwarder.close()
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-        await self._flush()
+        await self._ledger.close()
         for task in list(self._retiring):
             task.cancel()
         clients = list(self._snapshot.clients.values()) if self._snapshot else []
         retiring, self._retiring_clients = self._retiring_clients, []
         for client in clients + retiring:
             await client.close(grace=0.5)
-        if self._outbox is not None:
-            await self._outbox.close()
 
     def _make_clients(
         self, config: Config, reuse: Mapping[str, EndpointClient]
@@ -285,14 +257,7 @@ class AsyncCoordinator:
                 for name, answer in fanned.answers.items()
             }
             row = decide(self._next_id(), votes, weights, configured, config.thresholds, scores)
-            self._remember(
-                row.prediction_id,
-                PredictionRecord(
-                    row.signal.value,
-                    {v.server_name: (v.model_prediction_id, v.probability) for v in row.votes},
-                ),
-                now,
-            )
+            self._ledger.remember(row, now)
             rows.append(row)
         return EnsembleResult(
             rows=tuple(rows),
@@ -329,25 +294,6 @@ class AsyncCoordinator:
             missing=",".join(m.server_name for m in fanned.missing),
         )
 
-    def _remember(self, prediction_id: str, record: PredictionRecord, now: float) -> None:
-        self._records[prediction_id] = record
-        if len(self._records) > _PREDICTION_MEMORY:
-            self._records.popitem(last=False)
-        self._unwritten.append((prediction_id, now, record))
-
-    async def _flush(self) -> None:
-        if self._unwritten and self._outbox is not None:
-            batch, self._unwritten = self._unwritten, []
-            await self._outbox.run(self._outbox.write_predictions, batch)
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.2)
-            try:
-                await self._flush()
-            except Exception:
-                logger.exception("writing the prediction log failed")
-
     # -- feedback ---------------------------------------------------------------------------
 
     async def feedback(
@@ -363,72 +309,22 @@ class AsyncCoordinator:
         server that voted. Pass a ``TradeOutcome`` or its fields (``close_time`` defaults to
         now). A second outcome for the same prediction is acknowledged as a duplicate.
         """
-        snapshot = self._snapshot
-        if snapshot is None or self._outbox is None:
-            raise FailedPrecondition("the coordinator is not started", reason="NOT_STARTED")
-        config = snapshot.config
-        if not config.retraining.enabled:
-            raise FailedPrecondition(
-                "feedback is switched off (retraining.enabled: false)", reason="FEEDBACK_DISABLED"
-            )
-        if outcome is None:
-            if realized_return is None:
-                raise InvalidArgument("realized_return is required", reason="INVALID_OUTCOME")
-            outcome = pb.TradeOutcome(pnl=pnl, realized_return=realized_return)
-            outcome.close_time.FromDatetime(close_time or datetime.now(UTC))
-        _validate_outcome(prediction_id, outcome)
-        record = self._records.get(prediction_id)
-        if record is None:
-            record = await self._outbox.run(self._outbox.find_prediction, prediction_id)
-        if record is None:
-            raise NotFound(
-                f"no ensemble prediction {prediction_id!r} is known to this coordinator",
-                reason="PREDICTION_NOT_FOUND",
-                prediction_id=prediction_id,
-            )
-        received = time.time()
-        due = received + config.retraining.feedback_delay_seconds
-        targets = tuple(record.votes) if config.retraining.send_feedback_to_models else ()
-        fresh = await self._outbox.run(
-            self._outbox.enqueue,
+        return await self._ledger.accept(
             prediction_id,
-            outcome.SerializeToString(),
-            record,
-            targets,
-            received,
-            due,
+            outcome,
+            self.config.retraining,
+            pnl=pnl,
+            realized_return=realized_return,
+            close_time=close_time,
         )
-        if fresh:
-            self._score(record, outcome)
-            if self._forwarder is not None:
-                self._forwarder.wake()
-        return FeedbackAck(
-            prediction_id=prediction_id,
-            duplicate=not fresh,
-            forward_to=targets,
-            forward_time=datetime.fromtimestamp(due, UTC),
-        )
-
-    def _score(self, record: PredictionRecord, outcome: pb.TradeOutcome) -> None:
-        """Update each voter's live record: a SELL trade that made money means the price fell."""
-        if outcome.realized_return == 0 or record.signal == Signal.HOLD:
-            return
-        profitable = outcome.realized_return > 0
-        went_up = profitable if record.signal == Signal.BUY else not profitable
-        for name, (_, probability) in record.votes.items():
-            self.adaptive.record(name, probability, went_up)
 
     async def pending_feedback(self) -> int:
         """Outcomes not yet delivered to every target."""
-        if self._outbox is None:
-            return 0
-        return await self._outbox.run(self._outbox.pending_count)
+        return await self._ledger.pending()
 
     async def delivery_states(self, prediction_id: str) -> dict[str, tuple[str, int, str]]:
         """Server name -> (state, attempts, last error) of one outcome's deliveries."""
-        if self._outbox is None:
-            return {}
-        return await self._outbox.run(self._outbox.delivery_states, prediction_id)
+        return await self._ledger.delivery_states(prediction_id)
 
     # -- introspection ----------------------------------------------------------------------
 
@@ -466,25 +362,3 @@ class AsyncCoordinator:
         return {
             c.name: r for c, r in zip(clients, results, strict=True) if isinstance(r, pb.ModelInfo)
         }
-
-
-def _validate_outcome(prediction_id: str, outcome: pb.TradeOutcome) -> None:
-    if not prediction_id:
-        raise InvalidArgument("prediction_id is required", reason="MISSING_PREDICTION_ID")
-    for name in ("pnl", "realized_return"):
-        value = getattr(outcome, name)
-        if not math.isfinite(value):
-            raise InvalidArgument(
-                f"outcome.{name} must be finite, got {value}", reason="INVALID_OUTCOME", field=name
-            )
-    if not outcome.HasField("close_time"):
-        raise InvalidArgument(
-            "outcome.close_time is required", reason="INVALID_OUTCOME", field="close_time"
-        )
-    close = outcome.close_time.ToDatetime(tzinfo=UTC)
-    if close > datetime.now(UTC) + _FUTURE_SKEW:
-        raise InvalidArgument(
-            f"outcome.close_time {close.isoformat()} is in the future",
-            reason="OUTCOME_IN_FUTURE",
-            field="close_time",
-        )
