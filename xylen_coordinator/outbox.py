@@ -78,9 +78,6 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, due);
 """
 
-#: What the servers voted on one row: server name -> (its prediction id, its probability).
-Votes = Mapping[str, tuple[str, float]]
-
 
 @dataclass(frozen=True)
 class PredictionRecord:
@@ -89,6 +86,7 @@ class PredictionRecord:
     signal: str
     """The ensemble's signal (BUY, SELL, HOLD): tells which way a trade's return points."""
     votes: dict[str, tuple[str, float]]
+    """What each server voted: server name -> (its own prediction id, its probability)."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +104,6 @@ class Delivery:
 class StoredOutcome:
     """A recorded outcome and the prediction it settles (for rebuilding adaptive weights)."""
 
-    prediction_id: str
     record: PredictionRecord
     outcome: pb.TradeOutcome
 
@@ -221,15 +218,13 @@ class Outbox:
     def outcomes(self) -> list[StoredOutcome]:
         """Every recorded outcome, oldest first."""
         rows = self.db.execute(
-            "SELECT prediction_id, signal, votes, outcome FROM outcomes ORDER BY received"
+            "SELECT signal, votes, outcome FROM outcomes ORDER BY received"
         ).fetchall()
         return [
             StoredOutcome(
-                pid,
-                PredictionRecord(signal, _decode_votes(votes)),
-                pb.TradeOutcome.FromString(outcome),
+                PredictionRecord(signal, _decode_votes(votes)), pb.TradeOutcome.FromString(outcome)
             )
-            for pid, signal, votes, outcome in rows
+            for signal, votes, outcome in rows
         ]
 
     def _close(self) -> None:
