@@ -1,7 +1,9 @@
 """The coordinator's configuration: config.yaml, validated into one frozen object.
 
-The file's shape follows the seed (``model_endpoints``, ``retraining``) plus the fan-out
-settings (deadline, quorum, thresholds, weights, transport, TLS). Every key is checked at load:
+The file lists the model servers (``model_endpoints``) and how outcomes are handled
+(``retraining``, ``feedback_queue``), plus the fan-out settings (deadline, quorum, thresholds,
+weights, transport, TLS). Each section is one dataclass below, whose fields are the section's
+keys and carry their defaults. Every key is checked at load:
 an unknown key, a duplicate endpoint name, a negative or all-zero weight or a bad port raises
 :class:`ConfigError` whose message starts with the dotted key, e.g.
 ``model_endpoints[2].port: must be an integer in 1..65535, got 70000``.
@@ -98,7 +100,7 @@ class Weights:
 
 @dataclass(frozen=True)
 class Retraining:
-    """Feedback handling (the seed's ``retraining`` block)."""
+    """Whether trade outcomes are accepted and forwarded to the models that voted, and when."""
 
     enabled: bool = True
     """Accept outcomes on Feedback (FAILED_PRECONDITION FEEDBACK_DISABLED when false)."""
@@ -110,7 +112,7 @@ class Retraining:
 
 @dataclass(frozen=True)
 class FeedbackQueueSettings:
-    """Where and how the durable feedback queue works."""
+    """Where the outbox of outcomes lives and how its deliveries are retried."""
 
     path: Path = Path("run/coordinator/feedback.sqlite3")
     """SQLite file (WAL, fsync on commit); relative paths are relative to the config file."""
@@ -140,10 +142,12 @@ class Transport:
 
 @dataclass(frozen=True)
 class Tls:
-    """TLS towards the model servers. Placeholder: only ``enabled: false`` is accepted today."""
+    """The ``tls`` section. The coordinator dials the model servers in plaintext: only
+    ``enabled: false`` is accepted (``true`` is a :class:`ConfigError`); the file names are
+    checked to be strings and not used."""
 
     enabled: bool = False
-    """Use TLS (not supported yet)."""
+    """Must be false."""
     ca_file: str = ""
     """PEM file of the CA that signed the servers' certificates."""
     cert_file: str = ""
@@ -169,11 +173,11 @@ class Config:
     retraining: Retraining = field(default_factory=Retraining)
     """Feedback acceptance and forwarding."""
     feedback_queue: FeedbackQueueSettings = field(default_factory=FeedbackQueueSettings)
-    """The durable feedback queue."""
+    """The outbox of outcomes to forward."""
     transport: Transport = field(default_factory=Transport)
     """Channel and stream settings."""
     tls: Tls = field(default_factory=Tls)
-    """TLS placeholder."""
+    """Accepted only with TLS off."""
     source: Path | None = field(default=None, metadata={"in_file": False})
     """File the configuration was read from, if any (not a key of the file)."""
 

@@ -1,6 +1,10 @@
-"""The coordinator as an asyncio library: fan-out, ensemble, feedback and reload in one object.
+"""The coordinator as an asyncio library: :class:`AsyncCoordinator`.
 
-:class:`AsyncCoordinator` is what the gRPC ``EnsembleService`` serves, what the CLI drives and
+It fans each request out, checks the quorum and decides each row
+(:func:`~xylen_coordinator.decision.decide`); outcomes go through its
+:class:`~xylen_coordinator.feedback.Ledger`; a reload swaps configuration and clients.
+
+It is what the gRPC ``EnsembleService`` serves, what the CLI drives and
 what a Python trading service can embed directly (no coordinator process in between)::
 
     async with AsyncCoordinator("config.yaml") as coordinator:

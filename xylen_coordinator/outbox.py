@@ -265,7 +265,7 @@ class Forwarder:
             self._task = asyncio.create_task(self._run(), name="feedback-forwarder")
 
     def wake(self) -> None:
-        """Look at the queue now (a new outcome arrived)."""
+        """Look at the outbox now (a new outcome arrived)."""
         self._wake.set()
 
     async def _run(self) -> None:
