@@ -1,17 +1,35 @@
 """xylen coordinator: one weighted ensemble decision from many model servers, within a deadline.
 
-The library API (see :mod:`xylen_coordinator.coordinator` and :mod:`xylen_coordinator.client`):
+The library API: :class:`AsyncCoordinator` (asyncio: ``predict``, ``feedback``, ``reload``,
+``endpoints``), :class:`Coordinator` (the same, synchronous), :func:`load_config` /
+:class:`Config`, the results, and :func:`combine`, the pure ensemble arithmetic.
 
-* :class:`AsyncCoordinator` -- asyncio: ``predict``, ``feedback``, ``reload``, ``endpoints``.
-* :class:`Coordinator` -- the same, synchronous (its own event loop on a background thread).
-* :func:`load_config` / :class:`Config` -- config.yaml, validated.
-* :func:`combine` -- the pure ensemble arithmetic.
+The modules:
+
+* ``config`` -- config.yaml read and validated into one frozen :class:`Config`.
+* ``endpoints`` -- one model server: its channel, health watch and PredictStream.
+* ``featurize`` -- candle windows turned into features once, for servers that compute the same.
+* ``fanout`` -- one request to every serving endpoint under one deadline; who voted, who not.
+* ``ensemble`` -- pure arithmetic: combine votes, the quorum rule, adaptive weights.
+* ``decision`` -- pure: one row's votes to its decision, every vote explained.
+* ``feedback`` -- the feedback path: predictions remembered, outcomes validated, scored, queued.
+* ``outbox`` -- the SQLite outbox of outcomes and the forwarder that delivers them.
+* ``results`` -- what the library returns: plain frozen dataclasses.
+* ``report`` -- results as text for the CLI and the demo.
+* ``coordinator`` -- :class:`AsyncCoordinator`, the asyncio library that ties them together.
+* ``client`` -- :class:`Coordinator`, the synchronous library on a background event loop.
+* ``convert`` -- results as EnsembleService protobuf messages.
+* ``servicer`` -- the EnsembleService gRPC handlers.
+* ``server`` -- the gRPC server: health, reflection, SIGHUP reload, graceful SIGTERM.
+* ``candles`` -- kline files read into candle columns (CLI and demo only; needs polars).
+* ``__main__`` -- the ``xylen-coordinator`` command: ``serve`` and ``predict``.
 """
 
 from xylen_coordinator.client import Coordinator
 from xylen_coordinator.config import Config, ConfigError, load_config
-from xylen_coordinator.coordinator import AsyncCoordinator, describe_missing
+from xylen_coordinator.coordinator import AsyncCoordinator
 from xylen_coordinator.ensemble import Decision, Signal, combine
+from xylen_coordinator.report import describe_missing
 from xylen_coordinator.results import (
     EndpointState,
     EnsembleResult,

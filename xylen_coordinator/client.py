@@ -104,7 +104,7 @@ class Coordinator:
         return self._call(self.aio.pending_feedback())
 
     def close(self) -> None:
-        """Close channels and the feedback queue, then stop the background loop."""
+        """Close the channels and the outbox, then stop the background loop."""
         if self._loop.is_closed():
             return
         try:

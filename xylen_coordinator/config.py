@@ -1,7 +1,9 @@
 """The coordinator's configuration: config.yaml, validated into one frozen object.
 
-The file's shape follows the seed (``model_endpoints``, ``retraining``) plus the fan-out
-settings (deadline, quorum, thresholds, weights, transport, TLS). Every key is checked at load:
+The file lists the model servers (``model_endpoints``) and how outcomes are handled
+(``retraining``, ``feedback_queue``), plus the fan-out settings (deadline, quorum, thresholds,
+weights, transport, TLS). Each section is one dataclass below, whose fields are the section's
+keys and carry their defaults. Every key is checked at load:
 an unknown key, a duplicate endpoint name, a negative or all-zero weight or a bad port raises
 :class:`ConfigError` whose message starts with the dotted key, e.g.
 ``model_endpoints[2].port: must be an integer in 1..65535, got 70000``.
@@ -12,8 +14,9 @@ bad file keeps the old configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,7 +100,7 @@ class Weights:
 
 @dataclass(frozen=True)
 class Retraining:
-    """Feedback handling (the seed's ``retraining`` block)."""
+    """Whether trade outcomes are accepted and forwarded to the models that voted, and when."""
 
     enabled: bool = True
     """Accept outcomes on Feedback (FAILED_PRECONDITION FEEDBACK_DISABLED when false)."""
@@ -109,7 +112,7 @@ class Retraining:
 
 @dataclass(frozen=True)
 class FeedbackQueueSettings:
-    """Where and how the durable feedback queue works."""
+    """Where the outbox of outcomes lives and how its deliveries are retried."""
 
     path: Path = Path("run/coordinator/feedback.sqlite3")
     """SQLite file (WAL, fsync on commit); relative paths are relative to the config file."""
@@ -139,10 +142,12 @@ class Transport:
 
 @dataclass(frozen=True)
 class Tls:
-    """TLS towards the model servers. Placeholder: only ``enabled: false`` is accepted today."""
+    """The ``tls`` section. The coordinator dials the model servers in plaintext: only
+    ``enabled: false`` is accepted (``true`` is a :class:`ConfigError`); the file names are
+    checked to be strings and not used."""
 
     enabled: bool = False
-    """Use TLS (not supported yet)."""
+    """Must be false."""
     ca_file: str = ""
     """PEM file of the CA that signed the servers' certificates."""
     cert_file: str = ""
@@ -168,13 +173,13 @@ class Config:
     retraining: Retraining = field(default_factory=Retraining)
     """Feedback acceptance and forwarding."""
     feedback_queue: FeedbackQueueSettings = field(default_factory=FeedbackQueueSettings)
-    """The durable feedback queue."""
+    """The outbox of outcomes to forward."""
     transport: Transport = field(default_factory=Transport)
     """Channel and stream settings."""
     tls: Tls = field(default_factory=Tls)
-    """TLS placeholder."""
-    source: Path | None = None
-    """File the configuration was read from, if any."""
+    """Accepted only with TLS off."""
+    source: Path | None = field(default=None, metadata={"in_file": False})
+    """File the configuration was read from, if any (not a key of the file)."""
 
     @property
     def enabled_endpoints(self) -> tuple[Endpoint, ...]:
@@ -185,7 +190,8 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation helpers: each takes the dotted key so every message names it.
+# Reading the file: each section is read against its dataclass (its keys are the dataclass's
+# fields, a key left out takes the field's default) and every message names the dotted key.
 
 
 def _mapping(value: Any, key: str) -> Mapping[str, Any]:
@@ -199,68 +205,80 @@ def _mapping(value: Any, key: str) -> Mapping[str, Any]:
     return value
 
 
-def _check_keys(raw: Mapping[str, Any], allowed: set[str], key: str) -> None:
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        where = f"{key}." if key else ""
-        raise ConfigError(
-            f"{where}{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})"
-        )
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
-def _number(raw: Mapping[str, Any], name: str, key: str, default: float) -> float:
-    value = raw.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-    return float(value)
+def _is_integer(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int)
 
 
-def _integer(raw: Mapping[str, Any], name: str, key: str, default: int) -> int:
-    value = raw.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key}: must be an integer, got {value!r}")
-    return value
+class _Section:
+    """One mapping of the file, read against the dataclass ``cls`` it becomes.
+
+    Its keys must be fields of ``cls`` (a field with ``metadata={"in_file": False}`` is not
+    one), a field without a default must be given, and a reader returns the file's value, checked
+    for its type, or the field's default.
+    """
+
+    def __init__(self, value: Any, key: str, cls: type) -> None:
+        self.raw = _mapping(value, key)
+        self.key = key
+        self.fields = {
+            f.name: f for f in dataclasses.fields(cls) if f.metadata.get("in_file", True)
+        }
+        unknown = sorted(set(self.raw) - set(self.fields))
+        if unknown:
+            allowed = ", ".join(sorted(self.fields))
+            raise ConfigError(f"{self.where(unknown[0])}: unknown key (allowed: {allowed})")
+        for name, f in self.fields.items():
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required and name not in self.raw:
+                raise ConfigError(f"{self.where(name)}: required")
+
+    def where(self, name: str) -> str:
+        """The dotted key of ``name`` in this section."""
+        return f"{self.key}.{name}" if self.key else name
+
+    def _read(self, name: str, valid: Callable[[Any], bool], must_be: str) -> Any:
+        if name not in self.raw:
+            f = self.fields[name]
+            return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        value = self.raw[name]
+        if not valid(value):
+            raise ConfigError(f"{self.where(name)}: must be {must_be}, got {value!r}")
+        return value
+
+    def number(self, name: str) -> float:
+        return float(self._read(name, _is_number, "a finite number"))
+
+    def integer(self, name: str) -> int:
+        return int(self._read(name, _is_integer, "an integer"))
+
+    def boolean(self, name: str) -> bool:
+        return bool(self._read(name, lambda value: isinstance(value, bool), "true or false"))
+
+    def string(self, name: str) -> str:
+        return str(self._read(name, lambda value: isinstance(value, str), "a string"))
 
 
-def _bool(raw: Mapping[str, Any], name: str, key: str, default: bool) -> bool:
-    value = raw.get(name, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: must be true or false, got {value!r}")
-    return value
-
-
-def _string(raw: Mapping[str, Any], name: str, key: str, default: str) -> str:
-    value = raw.get(name, default)
-    if not isinstance(value, str):
-        raise ConfigError(f"{key}: must be a string, got {value!r}")
-    return value
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _endpoint(raw: Any, key: str) -> Endpoint:
-    raw = _mapping(raw, key)
-    _check_keys(raw, {"name", "host", "port", "weight", "enabled"}, key)
-    for required in ("name", "host", "port"):
-        if required not in raw:
-            raise ConfigError(f"{key}.{required}: required")
-    name = _string(raw, "name", f"{key}.name", "")
+def _endpoint(value: Any, key: str) -> Endpoint:
+    section = _Section(value, key, Endpoint)
+    name = section.string("name")
     if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
         raise ConfigError(
             f"{key}.name: must be a non-empty name of letters, digits, _-., got {name!r}"
         )
-    host = _string(raw, "host", f"{key}.host", "")
+    host = section.string("host")
     if not host.strip():
         raise ConfigError(f"{key}.host: must not be empty")
-    port = raw["port"]
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+    port = section.raw["port"]
+    if not _is_integer(port) or not 1 <= port <= 65535:
         raise ConfigError(f"{key}.port: must be an integer in 1..65535, got {port!r}")
-    weight = _number(raw, "weight", f"{key}.weight", 1.0)
+    weight = section.number("weight")
     if weight < 0:
         raise ConfigError(f"{key}.weight: must not be negative, got {weight}")
-    enabled = _bool(raw, "enabled", f"{key}.enabled", True)
+    enabled = section.boolean("enabled")
     return Endpoint(name=name, host=host.strip(), port=port, weight=weight, enabled=enabled)
 
 
@@ -294,12 +312,11 @@ def _endpoints(value: Any) -> tuple[Endpoint, ...]:
 
 def _quorum(value: Any, n_enabled: int) -> Quorum:
     key = "quorum"
-    raw = _mapping(value, key)
-    _check_keys(raw, {"min_weight_fraction", "min_votes"}, key)
-    fraction = _number(raw, "min_weight_fraction", f"{key}.min_weight_fraction", 0.5)
+    section = _Section(value, key, Quorum)
+    fraction = section.number("min_weight_fraction")
     if not 0 < fraction <= 1:
         raise ConfigError(f"{key}.min_weight_fraction: must be in (0, 1], got {fraction}")
-    votes = _integer(raw, "min_votes", f"{key}.min_votes", 1)
+    votes = section.integer("min_votes")
     if not 1 <= votes <= n_enabled:
         raise ConfigError(
             f"{key}.min_votes: must be in 1..{n_enabled} (the enabled endpoints), got {votes}"
@@ -309,10 +326,9 @@ def _quorum(value: Any, n_enabled: int) -> Quorum:
 
 def _thresholds(value: Any) -> Thresholds:
     key = "thresholds"
-    raw = _mapping(value, key)
-    _check_keys(raw, {"buy", "sell"}, key)
-    buy = _number(raw, "buy", f"{key}.buy", 0.55)
-    sell = _number(raw, "sell", f"{key}.sell", 0.45)
+    section = _Section(value, key, Thresholds)
+    buy = section.number("buy")
+    sell = section.number("sell")
     if not 0 <= sell < buy <= 1:
         raise ConfigError(f"{key}: need 0 <= sell < buy <= 1, got sell={sell} buy={buy}")
     return Thresholds(buy=buy, sell=sell)
@@ -320,71 +336,65 @@ def _thresholds(value: Any) -> Thresholds:
 
 def _weights(value: Any) -> Weights:
     key = "weights"
-    raw = _mapping(value, key)
-    _check_keys(raw, {"mode", "adaptive"}, key)
-    mode = _string(raw, "mode", f"{key}.mode", "static")
+    section = _Section(value, key, Weights)
+    mode = section.string("mode")
     if mode not in ("static", "adaptive"):
         raise ConfigError(f"{key}.mode: must be 'static' or 'adaptive', got {mode!r}")
-    akey = f"{key}.adaptive"
-    araw = _mapping(raw.get("adaptive"), akey)
-    _check_keys(araw, {"metric", "half_life_outcomes", "min_outcomes", "floor", "cap"}, akey)
-    metric = _string(araw, "metric", f"{akey}.metric", "brier")
+    return Weights(mode=mode, adaptive=_adaptive(section.raw.get("adaptive")))
+
+
+def _adaptive(value: Any) -> Adaptive:
+    key = "weights.adaptive"
+    section = _Section(value, key, Adaptive)
+    metric = section.string("metric")
     if metric not in ("brier", "hit_rate"):
-        raise ConfigError(f"{akey}.metric: must be 'brier' or 'hit_rate', got {metric!r}")
-    half_life = _number(araw, "half_life_outcomes", f"{akey}.half_life_outcomes", 50.0)
+        raise ConfigError(f"{key}.metric: must be 'brier' or 'hit_rate', got {metric!r}")
+    half_life = section.number("half_life_outcomes")
     if half_life <= 0:
-        raise ConfigError(f"{akey}.half_life_outcomes: must be > 0, got {half_life}")
-    min_outcomes = _number(araw, "min_outcomes", f"{akey}.min_outcomes", 20.0)
+        raise ConfigError(f"{key}.half_life_outcomes: must be > 0, got {half_life}")
+    min_outcomes = section.number("min_outcomes")
     if min_outcomes < 0:
-        raise ConfigError(f"{akey}.min_outcomes: must not be negative, got {min_outcomes}")
+        raise ConfigError(f"{key}.min_outcomes: must not be negative, got {min_outcomes}")
     # Decayed counts saturate at 1 / (1 - d): a minimum at or above that is never reached.
     ceiling = 1.0 / (1.0 - 0.5 ** (1.0 / half_life))
     if min_outcomes >= ceiling:
         raise ConfigError(
-            f"{akey}.min_outcomes: must be below {ceiling:.1f}, the most effective outcomes a "
+            f"{key}.min_outcomes: must be below {ceiling:.1f}, the most effective outcomes a "
             f"half-life of {half_life:g} can hold, got {min_outcomes:g}"
         )
-    floor = _number(araw, "floor", f"{akey}.floor", 0.25)
-    cap = _number(araw, "cap", f"{akey}.cap", 2.0)
+    floor = section.number("floor")
+    cap = section.number("cap")
     if floor <= 0:
-        raise ConfigError(f"{akey}.floor: must be > 0, got {floor}")
+        raise ConfigError(f"{key}.floor: must be > 0, got {floor}")
     if cap < floor:
-        raise ConfigError(f"{akey}.cap: must be >= floor ({floor}), got {cap}")
-    adaptive = Adaptive(metric, half_life, min_outcomes, floor, cap)
-    return Weights(mode=mode, adaptive=adaptive)
+        raise ConfigError(f"{key}.cap: must be >= floor ({floor}), got {cap}")
+    return Adaptive(metric, half_life, min_outcomes, floor, cap)
 
 
 def _retraining(value: Any) -> Retraining:
     key = "retraining"
-    raw = _mapping(value, key)
-    _check_keys(raw, {"enabled", "send_feedback_to_models", "feedback_delay_seconds"}, key)
-    delay = _number(raw, "feedback_delay_seconds", f"{key}.feedback_delay_seconds", 60.0)
+    section = _Section(value, key, Retraining)
+    delay = section.number("feedback_delay_seconds")
     if delay < 0:
         raise ConfigError(f"{key}.feedback_delay_seconds: must not be negative, got {delay}")
     return Retraining(
-        enabled=_bool(raw, "enabled", f"{key}.enabled", True),
-        send_feedback_to_models=_bool(
-            raw, "send_feedback_to_models", f"{key}.send_feedback_to_models", True
-        ),
+        enabled=section.boolean("enabled"),
+        send_feedback_to_models=section.boolean("send_feedback_to_models"),
         feedback_delay_seconds=delay,
     )
 
 
 def _feedback_queue(value: Any, base: Path | None) -> FeedbackQueueSettings:
     key = "feedback_queue"
-    raw = _mapping(value, key)
-    _check_keys(
-        raw, {"path", "retry_initial_seconds", "retry_max_seconds", "call_timeout_seconds"}, key
-    )
-    default = FeedbackQueueSettings()
-    path = Path(_string(raw, "path", f"{key}.path", str(default.path)))
+    section = _Section(value, key, FeedbackQueueSettings)
+    path = Path(section.string("path"))
     if not str(path).strip():
         raise ConfigError(f"{key}.path: must not be empty")
     if not path.is_absolute() and base is not None:
         path = base / path
     values = {}
     for name in ("retry_initial_seconds", "retry_max_seconds", "call_timeout_seconds"):
-        number = _number(raw, name, f"{key}.{name}", getattr(default, name))
+        number = section.number(name)
         if number <= 0:
             raise ConfigError(f"{key}.{name}: must be > 0, got {number}")
         values[name] = number
@@ -395,18 +405,15 @@ def _feedback_queue(value: Any, base: Path | None) -> FeedbackQueueSettings:
 
 def _transport(value: Any) -> Transport:
     key = "transport"
-    raw = _mapping(value, key)
-    default = Transport()
-    names = (
+    section = _Section(value, key, Transport)
+    values: dict[str, Any] = {"use_stream": section.boolean("use_stream")}
+    for name in (
         "keepalive_time_ms",
         "keepalive_timeout_ms",
         "reconnect_backoff_initial_ms",
         "reconnect_backoff_max_ms",
-    )
-    _check_keys(raw, {"use_stream", *names}, key)
-    values: dict[str, Any] = {"use_stream": _bool(raw, "use_stream", f"{key}.use_stream", True)}
-    for name in names:
-        number = _integer(raw, name, f"{key}.{name}", getattr(default, name))
+    ):
+        number = section.integer(name)
         if number < 1:
             raise ConfigError(f"{key}.{name}: must be >= 1, got {number}")
         values[name] = number
@@ -423,30 +430,16 @@ def _transport(value: Any) -> Transport:
 
 def _tls(value: Any) -> Tls:
     key = "tls"
-    raw = _mapping(value, key)
-    _check_keys(raw, {"enabled", "ca_file", "cert_file", "key_file"}, key)
+    section = _Section(value, key, Tls)
     tls = Tls(
-        enabled=_bool(raw, "enabled", f"{key}.enabled", False),
-        ca_file=_string(raw, "ca_file", f"{key}.ca_file", ""),
-        cert_file=_string(raw, "cert_file", f"{key}.cert_file", ""),
-        key_file=_string(raw, "key_file", f"{key}.key_file", ""),
+        enabled=section.boolean("enabled"),
+        ca_file=section.string("ca_file"),
+        cert_file=section.string("cert_file"),
+        key_file=section.string("key_file"),
     )
     if tls.enabled:
         raise ConfigError(f"{key}.enabled: TLS towards the model servers is not supported yet")
     return tls
-
-
-_TOP_KEYS = {
-    "model_endpoints",
-    "deadline_ms",
-    "quorum",
-    "thresholds",
-    "weights",
-    "retraining",
-    "feedback_queue",
-    "transport",
-    "tls",
-}
 
 
 def parse_config(raw: Any, source: Path | None = None) -> Config:
@@ -456,25 +449,22 @@ def parse_config(raw: Any, source: Path | None = None) -> Config:
             "the configuration must be a mapping with at least 'model_endpoints', got "
             f"{type(raw).__name__}"
         )
-    raw = _mapping(raw, "")
-    _check_keys(raw, _TOP_KEYS, "")
-    if "model_endpoints" not in raw:
-        raise ConfigError("model_endpoints: required")
-    endpoints = _endpoints(raw["model_endpoints"])
-    deadline = _number(raw, "deadline_ms", "deadline_ms", 500.0)
+    section = _Section(raw, "", Config)
+    endpoints = _endpoints(section.raw["model_endpoints"])
+    deadline = section.number("deadline_ms")
     if deadline <= 0:
         raise ConfigError(f"deadline_ms: must be > 0, got {deadline}")
     base = source.parent if source is not None else None
     return Config(
         model_endpoints=endpoints,
         deadline_ms=deadline,
-        quorum=_quorum(raw.get("quorum"), sum(e.enabled for e in endpoints)),
-        thresholds=_thresholds(raw.get("thresholds")),
-        weights=_weights(raw.get("weights")),
-        retraining=_retraining(raw.get("retraining")),
-        feedback_queue=_feedback_queue(raw.get("feedback_queue"), base),
-        transport=_transport(raw.get("transport")),
-        tls=_tls(raw.get("tls")),
+        quorum=_quorum(section.raw.get("quorum"), sum(e.enabled for e in endpoints)),
+        thresholds=_thresholds(section.raw.get("thresholds")),
+        weights=_weights(section.raw.get("weights")),
+        retraining=_retraining(section.raw.get("retraining")),
+        feedback_queue=_feedback_queue(section.raw.get("feedback_queue"), base),
+        transport=_transport(section.raw.get("transport")),
+        tls=_tls(section.raw.get("tls")),
         source=source,
     )
 

@@ -1,4 +1,4 @@
-"""Library results to and from the EnsembleService protobuf messages."""
+"""Library results as EnsembleService protobuf messages (what the servicer answers)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
-"""The coordinator as an asyncio library: fan-out, ensemble, feedback and reload in one object.
+"""The coordinator as an asyncio library: :class:`AsyncCoordinator`.
 
-:class:`AsyncCoordinator` is what the gRPC ``EnsembleService`` serves, what the CLI drives and
+It fans each request out, checks the quorum and decides each row
+(:func:`~xylen_coordinator.decision.decide`); outcomes go through its
+:class:`~xylen_coordinator.feedback.Ledger`; a reload swaps configuration and clients.
+
+It is what the gRPC ``EnsembleService`` serves, what the CLI drives and
 what a Python trading service can embed directly (no coordinator process in between)::
 
     async with AsyncCoordinator("config.yaml") as coordinator:
@@ -18,40 +22,29 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import Config, load_config
+from xylen_coordinator.decision import Vote, decide
 from xylen_coordinator.endpoints import EndpointClient
-from xylen_coordinator.ensemble import AdaptiveWeights, NoVotes, Signal, combine, quorum_shortfall
-from xylen_coordinator.fanout import FanOutResult, Missing, fan_out
+from xylen_coordinator.ensemble import AdaptiveWeights, quorum_shortfall
+from xylen_coordinator.fanout import FanOutResult, fan_out
 from xylen_coordinator.featurize import FEATURES_HASH, featurized
-from xylen_coordinator.feedback_queue import FeedbackStore, Forwarder, PredictionRecord
-from xylen_coordinator.results import (
-    EndpointState,
-    EnsembleResult,
-    FeedbackAck,
-    RowDecision,
-    VoteInfo,
-)
-from xylen_server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from xylen_server.signals import FROM_PROTO
+from xylen_coordinator.feedback import Ledger
+from xylen_coordinator.report import describe_missing
+from xylen_coordinator.results import EndpointState, EnsembleResult, FeedbackAck, RowDecision
+from xylen_server.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 logger = logging.getLogger(__name__)
 
 #: Status codes that mean the request itself is bad: passed through when every server says so.
 _CLIENT_ERRORS = {"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "OUT_OF_RANGE"}
-#: Ensemble predictions remembered in memory for Feedback (older ones are read from disk).
-_PREDICTION_MEMORY = 100_000
-#: Largest clock skew tolerated on an outcome's close_time.
-_FUTURE_SKEW = timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
@@ -74,11 +67,7 @@ class AsyncCoordinator:
         self._initial = config if isinstance(config, Config) else load_config(config)
         self._snapshot: _Snapshot | None = None
         self.adaptive = AdaptiveWeights(self._initial.weights.adaptive)
-        self._store: FeedbackStore | None = None
-        self._forwarder: Forwarder | None = None
-        self._records: OrderedDict[str, PredictionRecord] = OrderedDict()
-        self._unwritten: list[tuple[str, float, PredictionRecord]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._ledger = Ledger(self.adaptive)
         self._retiring: set[asyncio.Task[None]] = set()
         self._retiring_clients: list[EndpointClient] = []
         self._reload_lock = asyncio.Lock()
@@ -94,19 +83,14 @@ class AsyncCoordinator:
         return self._snapshot.config if self._snapshot else self._initial
 
     async def start(self, wait_seconds: float = 3.0) -> AsyncCoordinator:
-        """Open the channels and the feedback queue; wait up to ``wait_seconds`` for every
+        """Open the channels and the outbox; wait up to ``wait_seconds`` for every
         endpoint's first health status (an unreachable one counts as known: not serving)."""
         if self._started:
             return self
         self._started = True
         config = self._initial
         self._snapshot = _Snapshot(config, self._make_clients(config, {}))
-        self._store = FeedbackStore(config.feedback_queue.path)
-        for stored in await self._store.run(self._store.outcomes):
-            self._score(stored.record, stored.outcome)
-        self._forwarder = Forwarder(self._store, config.feedback_queue, self._current_clients)
-        self._forwarder.start()
-        self._flusher = asyncio.create_task(self._flush_loop(), name="prediction-log")
+        await self._ledger.open(config.feedback_queue, self._current_clients)
         await self.wait_health_known(wait_seconds)
         return self
 
@@ -121,21 +105,13 @@ class AsyncCoordinator:
         if not self._started:
             return
         self._started = False
-        if self._forwarder is not None:
-            await self._forwarder.close()
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-        await self._flush()
+        await self._ledger.close()
         for task in list(self._retiring):
             task.cancel()
         clients = list(self._snapshot.clients.values()) if self._snapshot else []
         retiring, self._retiring_clients = self._retiring_clients, []
         for client in clients + retiring:
             await client.close(grace=0.5)
-        if self._store is not None:
-            await self._store.close()
 
     def _make_clients(
         self, config: Config, reuse: Mapping[str, EndpointClient]
@@ -272,65 +248,30 @@ class AsyncCoordinator:
         shared = any(c.features_hash == FEATURES_HASH for c in clients)
         fanned = await fan_out(clients, request, budget, featurized(request) if shared else None)
         self._check_quorum(snapshot, fanned)
+        configured = snapshot.configured_weights
         weights = self._weights(snapshot)
-        adaptive = config.weights.mode == "adaptive"
+        scores = None
+        if config.weights.mode == "adaptive":
+            scores = {name: self.adaptive.score(name) for name in configured}
         rows: list[RowDecision] = []
         now = time.time()
         for i in range(len(request.inputs)):
             votes = {
-                name: answer.response.predictions[i].probability_up
+                name: Vote(answer.response.predictions[i], answer.latency)
                 for name, answer in fanned.answers.items()
             }
-            try:
-                decision = combine(votes, weights, config.thresholds)
-            except NoVotes:
-                raise Unavailable(
-                    "every server that voted has weight 0; no decision",
-                    reason="NO_QUORUM",
-                    voted=",".join(fanned.answers),
-                ) from None
-            infos = []
-            for name, answer in fanned.answers.items():
-                prediction = answer.response.predictions[i]
-                infos.append(
-                    VoteInfo(
-                        server_name=name,
-                        probability=prediction.probability_up,
-                        signal=FROM_PROTO.get(prediction.signal, Signal.HOLD),
-                        normalized_weight=decision.weights[name],
-                        weight=weights[name],
-                        configured_weight=snapshot.configured_weights[name],
-                        model_name=prediction.model_name,
-                        model_version=prediction.model_version,
-                        model_prediction_id=prediction.prediction_id,
-                        latency_seconds=answer.latency,
-                        adaptive=self.adaptive.score(name) if adaptive else None,
-                    )
-                )
-            prediction_id = f"ens-{self._id_prefix}-{next(self._ids):x}"
-            self._remember(
-                prediction_id,
-                PredictionRecord(
-                    decision.signal.value,
-                    {v.server_name: (v.model_prediction_id, v.probability) for v in infos},
-                ),
-                now,
-            )
-            rows.append(
-                RowDecision(
-                    prediction_id=prediction_id,
-                    probability=decision.probability,
-                    signal=decision.signal,
-                    disagreement=decision.disagreement,
-                    votes=tuple(infos),
-                )
-            )
+            row = decide(self._next_id(), votes, weights, configured, config.thresholds, scores)
+            self._ledger.remember(row, now)
+            rows.append(row)
         return EnsembleResult(
             rows=tuple(rows),
             missing=tuple(fanned.missing),
             weight_mode=config.weights.mode,
             duration_seconds=time.perf_counter() - started,
         )
+
+    def _next_id(self) -> str:
+        return f"ens-{self._id_prefix}-{next(self._ids):x}"
 
     def _check_quorum(self, snapshot: _Snapshot, fanned: FanOutResult) -> None:
         shortfall = quorum_shortfall(
@@ -357,25 +298,6 @@ class AsyncCoordinator:
             missing=",".join(m.server_name for m in fanned.missing),
         )
 
-    def _remember(self, prediction_id: str, record: PredictionRecord, now: float) -> None:
-        self._records[prediction_id] = record
-        if len(self._records) > _PREDICTION_MEMORY:
-            self._records.popitem(last=False)
-        self._unwritten.append((prediction_id, now, record))
-
-    async def _flush(self) -> None:
-        if self._unwritten and self._store is not None:
-            batch, self._unwritten = self._unwritten, []
-            await self._store.run(self._store.write_predictions, batch)
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.2)
-            try:
-                await self._flush()
-            except Exception:
-                logger.exception("writing the prediction log failed")
-
     # -- feedback ---------------------------------------------------------------------------
 
     async def feedback(
@@ -391,72 +313,22 @@ class AsyncCoordinator:
         server that voted. Pass a ``TradeOutcome`` or its fields (``close_time`` defaults to
         now). A second outcome for the same prediction is acknowledged as a duplicate.
         """
-        snapshot = self._snapshot
-        if snapshot is None or self._store is None:
-            raise FailedPrecondition("the coordinator is not started", reason="NOT_STARTED")
-        config = snapshot.config
-        if not config.retraining.enabled:
-            raise FailedPrecondition(
-                "feedback is switched off (retraining.enabled: false)", reason="FEEDBACK_DISABLED"
-            )
-        if outcome is None:
-            if realized_return is None:
-                raise InvalidArgument("realized_return is required", reason="INVALID_OUTCOME")
-            outcome = pb.TradeOutcome(pnl=pnl, realized_return=realized_return)
-            outcome.close_time.FromDatetime(close_time or datetime.now(UTC))
-        _validate_outcome(prediction_id, outcome)
-        record = self._records.get(prediction_id)
-        if record is None:
-            record = await self._store.run(self._store.find_prediction, prediction_id)
-        if record is None:
-            raise NotFound(
-                f"no ensemble prediction {prediction_id!r} is known to this coordinator",
-                reason="PREDICTION_NOT_FOUND",
-                prediction_id=prediction_id,
-            )
-        received = time.time()
-        due = received + config.retraining.feedback_delay_seconds
-        targets = tuple(record.votes) if config.retraining.send_feedback_to_models else ()
-        fresh = await self._store.run(
-            self._store.enqueue,
+        return await self._ledger.accept(
             prediction_id,
-            outcome.SerializeToString(),
-            record,
-            targets,
-            received,
-            due,
+            outcome,
+            self.config.retraining,
+            pnl=pnl,
+            realized_return=realized_return,
+            close_time=close_time,
         )
-        if fresh:
-            self._score(record, outcome)
-            if self._forwarder is not None:
-                self._forwarder.wake()
-        return FeedbackAck(
-            prediction_id=prediction_id,
-            duplicate=not fresh,
-            forward_to=targets,
-            forward_time=datetime.fromtimestamp(due, UTC),
-        )
-
-    def _score(self, record: PredictionRecord, outcome: pb.TradeOutcome) -> None:
-        """Update each voter's live record: a SELL trade that made money means the price fell."""
-        if outcome.realized_return == 0 or record.signal == Signal.HOLD:
-            return
-        profitable = outcome.realized_return > 0
-        went_up = profitable if record.signal == Signal.BUY else not profitable
-        for name, (_, probability) in record.votes.items():
-            self.adaptive.record(name, probability, went_up)
 
     async def pending_feedback(self) -> int:
         """Outcomes not yet delivered to every target."""
-        if self._store is None:
-            return 0
-        return await self._store.run(self._store.pending_count)
+        return await self._ledger.pending()
 
     async def delivery_states(self, prediction_id: str) -> dict[str, tuple[str, int, str]]:
         """Server name -> (state, attempts, last error) of one outcome's deliveries."""
-        if self._store is None:
-            return {}
-        return await self._store.run(self._store.delivery_states, prediction_id)
+        return await self._ledger.delivery_states(prediction_id)
 
     # -- introspection ----------------------------------------------------------------------
 
@@ -494,32 +366,3 @@ class AsyncCoordinator:
         return {
             c.name: r for c, r in zip(clients, results, strict=True) if isinstance(r, pb.ModelInfo)
         }
-
-
-def describe_missing(missing: Sequence[Missing]) -> str:
-    """``model_2 (UNAVAILABLE: connection lost ...), model_4 (NOT_SERVING: ...)``."""
-    if not missing:
-        return "none"
-    return ", ".join(f"{m.server_name} ({m.reason.value}: {m.message})" for m in missing)
-
-
-def _validate_outcome(prediction_id: str, outcome: pb.TradeOutcome) -> None:
-    if not prediction_id:
-        raise InvalidArgument("prediction_id is required", reason="MISSING_PREDICTION_ID")
-    for name in ("pnl", "realized_return"):
-        value = getattr(outcome, name)
-        if not math.isfinite(value):
-            raise InvalidArgument(
-                f"outcome.{name} must be finite, got {value}", reason="INVALID_OUTCOME", field=name
-            )
-    if not outcome.HasField("close_time"):
-        raise InvalidArgument(
-            "outcome.close_time is required", reason="INVALID_OUTCOME", field="close_time"
-        )
-    close = outcome.close_time.ToDatetime(tzinfo=UTC)
-    if close > datetime.now(UTC) + _FUTURE_SKEW:
-        raise InvalidArgument(
-            f"outcome.close_time {close.isoformat()} is in the future",
-            reason="OUTCOME_IN_FUTURE",
-            field="close_time",
-        )

@@ -134,7 +134,7 @@ class _Stream:
 
     def __init__(self, stub: pb_grpc.ModelServiceStub, name: str) -> None:
         self.name = name
-        self._outbox: asyncio.Queue[pb.PredictStreamRequest | None] = asyncio.Queue()
+        self._to_send: asyncio.Queue[pb.PredictStreamRequest | None] = asyncio.Queue()
         self.pending: dict[str, tuple[asyncio.Future[Answer], float]] = {}
         self.closed = False
         self.unimplemented = False
@@ -142,18 +142,18 @@ class _Stream:
         self._reader = asyncio.create_task(self._read(), name=f"stream-reader-{name}")
 
     async def _requests(self) -> AsyncIterator[pb.PredictStreamRequest]:
-        while (item := await self._outbox.get()) is not None:
+        while (item := await self._to_send.get()) is not None:
             yield item
 
     def send(self, item: pb.PredictStreamRequest, future: asyncio.Future[Answer]) -> None:
         self.pending[item.request_id] = (future, time.perf_counter())
-        self._outbox.put_nowait(item)
+        self._to_send.put_nowait(item)
 
     def half_close(self) -> None:
         """No more requests: the server answers what it has and then ends the stream."""
         if not self.closed:
             self.closed = True
-            self._outbox.put_nowait(None)
+            self._to_send.put_nowait(None)
 
     async def _read(self) -> None:
         failure: VoteFailure

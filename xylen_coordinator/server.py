@@ -38,7 +38,6 @@ class Running:
 
     server: grpc.aio.Server
     port: int
-    coordinator: AsyncCoordinator
     health: Health
 
     async def set_serving(self, serving: bool) -> None:
@@ -53,7 +52,7 @@ async def build_server(coordinator: AsyncCoordinator, host: str, port: int) -> R
     epb_grpc.add_EnsembleServiceServicer_to_server(EnsembleServicer(coordinator), server)
     health = Health(server, (SERVICE_NAME,))
     bound = bind(server, f"{host}:{port}", None)
-    running = Running(server, bound, coordinator, health)
+    running = Running(server, bound, health)
     await running.set_serving(False)
     return running
 

@@ -1,6 +1,8 @@
-"""The durable feedback queue: outcomes on disk before they are acknowledged, forwarded later.
+"""The outbox: trade outcomes on disk before they are acknowledged, forwarded to the model
+servers later (the ``feedback_queue`` section of config.yaml says where and how).
 
-One SQLite file in WAL mode with ``synchronous=FULL`` (every commit is fsynced) holds
+:class:`Outbox` is one SQLite file in WAL mode with ``synchronous=FULL`` (every commit is
+fsynced) that holds
 
 * ``predictions`` -- what each server answered for each ensemble prediction (its own prediction
   id and probability), written behind in small batches so Predict never waits on the disk;
@@ -76,9 +78,6 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, due);
 """
 
-#: What the servers voted on one row: server name -> (its prediction id, its probability).
-Votes = Mapping[str, tuple[str, float]]
-
 
 @dataclass(frozen=True)
 class PredictionRecord:
@@ -87,6 +86,7 @@ class PredictionRecord:
     signal: str
     """The ensemble's signal (BUY, SELL, HOLD): tells which way a trade's return points."""
     votes: dict[str, tuple[str, float]]
+    """What each server voted: server name -> (its own prediction id, its probability)."""
 
 
 @dataclass(frozen=True)
@@ -104,13 +104,12 @@ class Delivery:
 class StoredOutcome:
     """A recorded outcome and the prediction it settles (for rebuilding adaptive weights)."""
 
-    prediction_id: str
     record: PredictionRecord
     outcome: pb.TradeOutcome
 
 
-class FeedbackStore:
-    """The SQLite file behind the queue, used from one thread."""
+class Outbox:
+    """The SQLite file of outcomes to forward (and the prediction log), used from one thread."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -219,15 +218,13 @@ class FeedbackStore:
     def outcomes(self) -> list[StoredOutcome]:
         """Every recorded outcome, oldest first."""
         rows = self.db.execute(
-            "SELECT prediction_id, signal, votes, outcome FROM outcomes ORDER BY received"
+            "SELECT signal, votes, outcome FROM outcomes ORDER BY received"
         ).fetchall()
         return [
             StoredOutcome(
-                pid,
-                PredictionRecord(signal, _decode_votes(votes)),
-                pb.TradeOutcome.FromString(outcome),
+                PredictionRecord(signal, _decode_votes(votes)), pb.TradeOutcome.FromString(outcome)
             )
-            for pid, signal, votes, outcome in rows
+            for signal, votes, outcome in rows
         ]
 
     def _close(self) -> None:
@@ -253,11 +250,11 @@ class Forwarder:
 
     def __init__(
         self,
-        store: FeedbackStore,
+        outbox: Outbox,
         settings: FeedbackQueueSettings,
         clients: Callable[[], Mapping[str, EndpointClient]],
     ) -> None:
-        self.store = store
+        self.outbox = outbox
         self.settings = settings
         self._clients = clients
         self._wake = asyncio.Event()
@@ -268,14 +265,14 @@ class Forwarder:
             self._task = asyncio.create_task(self._run(), name="feedback-forwarder")
 
     def wake(self) -> None:
-        """Look at the queue now (a new outcome arrived)."""
+        """Look at the outbox now (a new outcome arrived)."""
         self._wake.set()
 
     async def _run(self) -> None:
         while True:
             try:
                 await self._deliver_due()
-                next_due = await self.store.run(self.store.next_due)
+                next_due = await self.outbox.run(self.outbox.next_due)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -289,11 +286,11 @@ class Forwarder:
 
     async def _deliver_due(self) -> None:
         while True:
-            batch = await self.store.run(self.store.due, time.time())
+            batch = await self.outbox.run(self.outbox.due, time.time())
             if not batch:
                 return
             results = await asyncio.gather(*(self._deliver(d) for d in batch))
-            await self.store.run(self.store.settle, results)
+            await self.outbox.run(self.outbox.settle, results)
             if all(state == "pending" for _, state, _, _ in results):
                 return  # everything due failed: wait for the backoff
 

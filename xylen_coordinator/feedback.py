@@ -1,0 +1,204 @@
+"""The feedback path: from an ensemble prediction to its trade's outcome at every server that
+voted on it.
+
+:class:`Ledger` remembers each ensemble prediction (the latest in memory, every one in the
+outbox's prediction log, written behind so Predict never waits on the disk). When an outcome
+arrives it is validated, recorded with one delivery per voter in the
+:class:`~xylen_coordinator.outbox.Outbox` in one fsynced transaction, scored into the adaptive
+weights, and the :class:`~xylen_coordinator.outbox.Forwarder` delivers it once it is due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+
+from xylen.v1 import model_service_pb2 as pb
+from xylen_coordinator.config import FeedbackQueueSettings, Retraining
+from xylen_coordinator.endpoints import EndpointClient
+from xylen_coordinator.ensemble import AdaptiveWeights, Signal
+from xylen_coordinator.outbox import Forwarder, Outbox, PredictionRecord
+from xylen_coordinator.results import FeedbackAck, RowDecision
+from xylen_server.errors import FailedPrecondition, InvalidArgument, NotFound
+
+logger = logging.getLogger(__name__)
+
+#: Ensemble predictions remembered in memory for Feedback (older ones are read from disk).
+_PREDICTION_MEMORY = 100_000
+#: Largest clock skew tolerated on an outcome's close_time.
+_FUTURE_SKEW = timedelta(minutes=1)
+
+
+class Ledger:
+    """Ensemble predictions and their outcomes: remembered, recorded, scored and forwarded."""
+
+    def __init__(self, adaptive: AdaptiveWeights) -> None:
+        self.adaptive = adaptive
+        """The weights each matured outcome scores."""
+        self._outbox: Outbox | None = None
+        self._forwarder: Forwarder | None = None
+        self._records: OrderedDict[str, PredictionRecord] = OrderedDict()
+        self._unwritten: list[tuple[str, float, PredictionRecord]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def open(
+        self,
+        settings: FeedbackQueueSettings,
+        clients: Callable[[], Mapping[str, EndpointClient]],
+    ) -> None:
+        """Open the outbox, score every outcome it holds (rebuilding the adaptive weights), and
+        start forwarding to ``clients()`` and writing the prediction log."""
+        self._outbox = outbox = Outbox(settings.path)
+        for stored in await outbox.run(outbox.outcomes):
+            self._score(stored.record, stored.outcome)
+        self._forwarder = Forwarder(outbox, settings, clients)
+        self._forwarder.start()
+        self._flusher = asyncio.create_task(self._flush_loop(), name="prediction-log")
+
+    async def close(self) -> None:
+        """Stop forwarding, write the rest of the prediction log, close the outbox."""
+        if self._forwarder is not None:
+            await self._forwarder.close()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self._flush()
+        if self._outbox is not None:
+            await self._outbox.close()
+
+    # -- predictions ------------------------------------------------------------------------
+
+    def remember(self, row: RowDecision, now: float) -> None:
+        """Keep ``row`` (decided at ``now``, epoch seconds) for the outcome that may follow."""
+        record = PredictionRecord(
+            row.signal.value,
+            {v.server_name: (v.model_prediction_id, v.probability) for v in row.votes},
+        )
+        self._records[row.prediction_id] = record
+        if len(self._records) > _PREDICTION_MEMORY:
+            self._records.popitem(last=False)
+        self._unwritten.append((row.prediction_id, now, record))
+
+    async def _flush(self) -> None:
+        if self._unwritten and self._outbox is not None:
+            batch, self._unwritten = self._unwritten, []
+            await self._outbox.run(self._outbox.write_predictions, batch)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            try:
+                await self._flush()
+            except Exception:
+                logger.exception("writing the prediction log failed")
+
+    # -- outcomes ---------------------------------------------------------------------------
+
+    async def accept(
+        self,
+        prediction_id: str,
+        outcome: pb.TradeOutcome | None,
+        retraining: Retraining,
+        *,
+        pnl: float = 0.0,
+        realized_return: float | None = None,
+        close_time: datetime | None = None,
+    ) -> FeedbackAck:
+        """Record a trade's outcome for ``prediction_id`` durably and queue it for the servers
+        that voted, as ``retraining`` says; ``outcome`` None builds it from the other arguments
+        (``close_time`` defaults to now). A second outcome for the same prediction is
+        acknowledged as a duplicate and queues nothing."""
+        outbox = self._outbox
+        if outbox is None:
+            raise FailedPrecondition("the coordinator is not started", reason="NOT_STARTED")
+        if not retraining.enabled:
+            raise FailedPrecondition(
+                "feedback is switched off (retraining.enabled: false)", reason="FEEDBACK_DISABLED"
+            )
+        if outcome is None:
+            if realized_return is None:
+                raise InvalidArgument("realized_return is required", reason="INVALID_OUTCOME")
+            outcome = pb.TradeOutcome(pnl=pnl, realized_return=realized_return)
+            outcome.close_time.FromDatetime(close_time or datetime.now(UTC))
+        _validate_outcome(prediction_id, outcome)
+        record = self._records.get(prediction_id)
+        if record is None:
+            record = await outbox.run(outbox.find_prediction, prediction_id)
+        if record is None:
+            raise NotFound(
+                f"no ensemble prediction {prediction_id!r} is known to this coordinator",
+                reason="PREDICTION_NOT_FOUND",
+                prediction_id=prediction_id,
+            )
+        received = time.time()
+        due = received + retraining.feedback_delay_seconds
+        targets = tuple(record.votes) if retraining.send_feedback_to_models else ()
+        fresh = await outbox.run(
+            outbox.enqueue,
+            prediction_id,
+            outcome.SerializeToString(),
+            record,
+            targets,
+            received,
+            due,
+        )
+        if fresh:
+            self._score(record, outcome)
+            if self._forwarder is not None:
+                self._forwarder.wake()
+        return FeedbackAck(
+            prediction_id=prediction_id,
+            duplicate=not fresh,
+            forward_to=targets,
+            forward_time=datetime.fromtimestamp(due, UTC),
+        )
+
+    def _score(self, record: PredictionRecord, outcome: pb.TradeOutcome) -> None:
+        """Update each voter's live record: a SELL trade that made money means the price fell."""
+        if outcome.realized_return == 0 or record.signal == Signal.HOLD:
+            return
+        profitable = outcome.realized_return > 0
+        went_up = profitable if record.signal == Signal.BUY else not profitable
+        for name, (_, probability) in record.votes.items():
+            self.adaptive.record(name, probability, went_up)
+
+    async def pending(self) -> int:
+        """Outcomes not yet delivered to every target."""
+        if self._outbox is None:
+            return 0
+        return await self._outbox.run(self._outbox.pending_count)
+
+    async def delivery_states(self, prediction_id: str) -> dict[str, tuple[str, int, str]]:
+        """Server name -> (state, attempts, last error) of one outcome's deliveries."""
+        if self._outbox is None:
+            return {}
+        return await self._outbox.run(self._outbox.delivery_states, prediction_id)
+
+
+def _validate_outcome(prediction_id: str, outcome: pb.TradeOutcome) -> None:
+    if not prediction_id:
+        raise InvalidArgument("prediction_id is required", reason="MISSING_PREDICTION_ID")
+    for name in ("pnl", "realized_return"):
+        value = getattr(outcome, name)
+        if not math.isfinite(value):
+            raise InvalidArgument(
+                f"outcome.{name} must be finite, got {value}", reason="INVALID_OUTCOME", field=name
+            )
+    if not outcome.HasField("close_time"):
+        raise InvalidArgument(
+            "outcome.close_time is required", reason="INVALID_OUTCOME", field="close_time"
+        )
+    close = outcome.close_time.ToDatetime(tzinfo=UTC)
+    if close > datetime.now(UTC) + _FUTURE_SKEW:
+        raise InvalidArgument(
+            f"outcome.close_time {close.isoformat()} is in the future",
+            reason="OUTCOME_IN_FUTURE",
+            field="close_time",
+        )
