@@ -23,6 +23,11 @@ from typing import Any
 
 import yaml
 
+from xylen_server.settings import Settings
+
+#: Largest gRPC message the coordinator sends or receives: the model servers' own default.
+MAX_MESSAGE_BYTES = Settings.max_message_bytes
+
 
 class ConfigError(ValueError):
     """The configuration file is unreadable or holds a value the coordinator cannot use."""

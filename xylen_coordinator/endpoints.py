@@ -32,12 +32,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
-from xylen_coordinator.config import Endpoint, Transport
+from xylen_coordinator.config import MAX_MESSAGE_BYTES, Endpoint, Transport
 
 logger = logging.getLogger(__name__)
 
 MODEL_SERVICE = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
-_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 class MissingReason(StrEnum):
@@ -86,8 +85,8 @@ def channel_options(transport: Transport) -> list[tuple[str, int]]:
         ("grpc.initial_reconnect_backoff_ms", transport.reconnect_backoff_initial_ms),
         ("grpc.min_reconnect_backoff_ms", transport.reconnect_backoff_initial_ms),
         ("grpc.max_reconnect_backoff_ms", transport.reconnect_backoff_max_ms),
-        ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.use_local_subchannel_pool", 1),
         ("grpc.enable_retries", 0),
     ]

@@ -20,7 +20,7 @@ import grpc
 
 from xylen.v1 import ensemble_service_pb2 as epb
 from xylen.v1 import ensemble_service_pb2_grpc as epb_grpc
-from xylen_coordinator.config import ConfigError
+from xylen_coordinator.config import MAX_MESSAGE_BYTES, ConfigError
 from xylen_coordinator.coordinator import AsyncCoordinator
 from xylen_coordinator.servicer import EnsembleServicer
 from xylen_server.errors import ErrorStatusInterceptor
@@ -29,7 +29,6 @@ from xylen_server.health import Health, bind, server_options
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = epb.DESCRIPTOR.services_by_name["EnsembleService"].full_name
-_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -47,7 +46,7 @@ class Running:
 async def build_server(coordinator: AsyncCoordinator, host: str, port: int) -> Running:
     """Build (not start) a plaintext server for ``coordinator`` on ``host:port``."""
     server = grpc.aio.server(
-        interceptors=[ErrorStatusInterceptor()], options=server_options(_MAX_MESSAGE_BYTES)
+        interceptors=[ErrorStatusInterceptor()], options=server_options(MAX_MESSAGE_BYTES)
     )
     epb_grpc.add_EnsembleServiceServicer_to_server(EnsembleServicer(coordinator), server)
     health = Health(server, (SERVICE_NAME,))

@@ -27,10 +27,10 @@ def direct_probability(server: harness.ServerProcess, inp: pb.PredictInput) -> f
 
 
 def test_decision_equals_hand_computed_weighted_result(
-    four_servers: list[harness.ServerProcess], candles: dict[str, np.ndarray], tmp_path: Path
+    four_servers: list[harness.ServerProcess], fleet_candles: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
     config = write_config(tmp_path / "config.yaml", four_endpoints(four_servers))
-    inputs = [harness.window_input(candles, end) for end in (250, 400, 599)]
+    inputs = [harness.window_input(fleet_candles, end) for end in (250, 400, 599)]
     with Coordinator(config) as coordinator:
         result = coordinator.predict(inputs)
     assert result.missing == ()
@@ -60,14 +60,14 @@ def test_decision_equals_hand_computed_weighted_result(
 
 def test_kill_9_mid_stream_three_carry_on_and_it_rejoins(
     four_servers: list[harness.ServerProcess],
-    candles: dict[str, np.ndarray],
-    models_root: Path,
+    fleet_candles: dict[str, np.ndarray],
+    fleet_models: Path,
     tmp_path: Path,
 ) -> None:
     victim_index = 1  # model_2, weight 0.3: the other three still carry 0.7 >= 0.5
     victim = four_servers[victim_index]
     config = write_config(tmp_path / "config.yaml", four_endpoints(four_servers))
-    inp = [harness.window_input(candles, 500)]
+    inp = [harness.window_input(fleet_candles, 500)]
 
     async def scenario() -> tuple[list[Any], list[Any], list[Any], int]:
         async with AsyncCoordinator(config) as coordinator:
@@ -94,7 +94,7 @@ def test_kill_9_mid_stream_three_carry_on_and_it_rejoins(
             # Same model, same port, new process.
             restarted = await asyncio.to_thread(
                 harness.start_server,
-                models_root,
+                fleet_models,
                 "model_2",
                 {"GRPC_PORT": str(victim.port), "SHUTDOWN_GRACE_SECONDS": "2"},
             )
@@ -122,15 +122,15 @@ def test_kill_9_mid_stream_three_carry_on_and_it_rejoins(
 
 def test_slow_server_excluded_by_the_deadline(
     four_servers: list[harness.ServerProcess],
-    candles: dict[str, np.ndarray],
-    models_root: Path,
+    fleet_candles: dict[str, np.ndarray],
+    fleet_models: Path,
     tmp_path: Path,
 ) -> None:
-    slow = harness.start_server(models_root, "model_4", env={"INFERENCE_DELAY_MS": "1500"})
+    slow = harness.start_server(fleet_models, "model_4", env={"INFERENCE_DELAY_MS": "1500"})
     try:
         endpoints = [*four_endpoints(four_servers)[:3], endpoint("slow_4", slow.port, 0.1)]
         config = write_config(tmp_path / "config.yaml", endpoints, deadline_ms=400)
-        inp = [harness.window_input(candles, 420)]
+        inp = [harness.window_input(fleet_candles, 420)]
         with Coordinator(config) as coordinator:
             results = [coordinator.predict(inp) for _ in range(3)]
             for result in results:
@@ -165,41 +165,41 @@ def test_all_down_is_unavailable_naming_every_server(tmp_path: Path) -> None:
 
 
 def test_input_every_server_refuses_is_invalid_argument(
-    four_servers: list[harness.ServerProcess], candles: dict[str, np.ndarray], tmp_path: Path
+    four_servers: list[harness.ServerProcess], fleet_candles: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
     config = write_config(tmp_path / "config.yaml", four_endpoints(four_servers))
     with Coordinator(config) as coordinator:
         with pytest.raises(InvalidArgument) as info:
-            coordinator.predict([harness.window_input(candles, 300, length=10)])
+            coordinator.predict([harness.window_input(fleet_candles, 300, length=10)])
         assert info.value.reason == "WINDOW_TOO_SHORT"
         with pytest.raises(InvalidArgument) as empty:
             coordinator.predict([])
         assert empty.value.reason == "EMPTY_BATCH"
         # and the coordinator is fine afterwards
-        assert len(coordinator.predict([harness.window_input(candles, 300)]).voters) == 4
+        assert len(coordinator.predict([harness.window_input(fleet_candles, 300)]).voters) == 4
 
 
 def test_not_serving_server_is_skipped_and_used_again(
-    candles: dict[str, np.ndarray], models_root: Path, tmp_path: Path
+    fleet_candles: dict[str, np.ndarray], fleet_models: Path, tmp_path: Path
 ) -> None:
     """A server that is up but NOT_SERVING (here: loading) is not asked, and is used as soon
     as it reports SERVING, without restarting the coordinator."""
-    a = harness.start_server(models_root, "model_1")
-    b = harness.start_server(models_root, "model_5", wait=False)
+    a = harness.start_server(fleet_models, "model_1")
+    b = harness.start_server(fleet_models, "model_5", wait=False)
     try:
         config = write_config(
             tmp_path / "config.yaml", [endpoint("a", a.port, 1.0), endpoint("b", b.port, 1.0)]
         )
         with Coordinator(config) as coordinator:
             assert coordinator.wait_serving(["b"], timeout=60)
-            result = coordinator.predict([harness.window_input(candles, 300)])
+            result = coordinator.predict([harness.window_input(fleet_candles, 300)])
             assert result.voters == ("a", "b")
             b.stop()  # SIGTERM: NOT_SERVING, drain, exit
             for _ in range(50):
                 if not any(e.serving for e in coordinator.endpoints() if e.name == "b"):
                     break
                 time.sleep(0.1)
-            result = coordinator.predict([harness.window_input(candles, 300)])
+            result = coordinator.predict([harness.window_input(fleet_candles, 300)])
             assert result.voters == ("a",)
             assert result.missing[0].reason is MissingReason.NOT_SERVING
     finally:

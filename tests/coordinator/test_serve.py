@@ -81,18 +81,20 @@ def coordinator_factory(tmp_path: Path) -> Iterator[object]:
             process.proc.wait()
 
 
-def request(candles: dict[str, np.ndarray], end: int = 450) -> epb.EnsembleServicePredictRequest:
-    return epb.EnsembleServicePredictRequest(inputs=[harness.window_input(candles, end)])
+def request(
+    fleet_candles: dict[str, np.ndarray], end: int = 450
+) -> epb.EnsembleServicePredictRequest:
+    return epb.EnsembleServicePredictRequest(inputs=[harness.window_input(fleet_candles, end)])
 
 
 def test_sighup_adds_a_fifth_server_under_load_without_a_failed_request(
     four_servers: list[harness.ServerProcess],
-    models_root: Path,
-    candles: dict[str, np.ndarray],
+    fleet_models: Path,
+    fleet_candles: dict[str, np.ndarray],
     tmp_path: Path,
     coordinator_factory: object,
 ) -> None:
-    fifth = harness.start_server(models_root, "model_5")
+    fifth = harness.start_server(fleet_models, "model_5")
     try:
         path = write_config(tmp_path / "config.yaml", four_endpoints(four_servers))
         coordinator = coordinator_factory(path)  # type: ignore[operator]
@@ -103,7 +105,7 @@ def test_sighup_adds_a_fifth_server_under_load_without_a_failed_request(
         def load() -> None:
             while not stop.is_set():
                 try:
-                    response = coordinator.stub.Predict(request(candles), timeout=10)
+                    response = coordinator.stub.Predict(request(fleet_candles), timeout=10)
                     voters.append(tuple(v.server_name for v in response.predictions[0].votes))
                 except grpc.RpcError as error:
                     failures.append(f"{error.code()}: {error.details()}")
@@ -133,7 +135,7 @@ def test_sighup_adds_a_fifth_server_under_load_without_a_failed_request(
         assert failures == []
         assert voters[0] == ("model_1", "model_2", "model_3", "model_4")
         assert voters[-1] == ("model_1", "model_2", "model_3", "model_4", "model_5")
-        response = coordinator.stub.Predict(request(candles), timeout=10)
+        response = coordinator.stub.Predict(request(fleet_candles), timeout=10)
         shares = {v.server_name: v.configured_weight for v in response.predictions[0].votes}
         assert shares == pytest.approx(
             {"model_1": 0.8, "model_2": 0.3, "model_3": 0.2, "model_4": 0.1, "model_5": 0.5}
@@ -180,13 +182,13 @@ def test_no_quorum_over_grpc_carries_errorinfo_and_reflection_lists_the_service(
 
 def test_feedback_over_grpc(
     four_servers: list[harness.ServerProcess],
-    candles: dict[str, np.ndarray],
+    fleet_candles: dict[str, np.ndarray],
     tmp_path: Path,
     coordinator_factory: object,
 ) -> None:
     path = write_config(tmp_path / "config.yaml", four_endpoints(four_servers))
     coordinator = coordinator_factory(path)  # type: ignore[operator]
-    prediction = coordinator.stub.Predict(request(candles), timeout=10).predictions[0]
+    prediction = coordinator.stub.Predict(request(fleet_candles), timeout=10).predictions[0]
     feedback = epb.EnsembleServiceFeedbackRequest(prediction_id=prediction.prediction_id)
     feedback.outcome.realized_return = 0.01
     feedback.outcome.close_time.FromDatetime(datetime.now(UTC))

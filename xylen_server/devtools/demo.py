@@ -33,8 +33,8 @@ from training import features
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_coordinator import Coordinator
-from xylen_coordinator.__main__ import format_result
 from xylen_coordinator.candles import read_candles
+from xylen_coordinator.report import format_result
 from xylen_server.candles import window_input
 from xylen_server.devtools.launcher import ServerProcess, start_server
 from xylen_server.devtools.learning_demo import run_cycle
