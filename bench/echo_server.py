@@ -8,7 +8,7 @@ import signal
 
 import grpc
 
-from xylen_server.server import server_options
+from xylen_server.health import server_options
 from xylen_server.settings import Settings
 
 METHOD = "/bench.Echo/Echo"
@@ -25,7 +25,7 @@ async def _echo_stream(requests, context):  # type: ignore[no-untyped-def]
 
 
 async def main() -> None:
-    server = grpc.aio.server(options=server_options(Settings()))
+    server = grpc.aio.server(options=server_options(Settings().max_message_bytes))
     handler = grpc.method_handlers_generic_handler(
         "bench.Echo",
         {
