@@ -179,6 +179,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """fsync a directory, so a rename or a new file in it survives a crash."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so a reader sees the old or the new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 
+from training.metadata import fsync_dir
 from xylen_server.errors import Unavailable
 from xylen_server.learning.samples import (
     MAGIC,
@@ -61,14 +62,6 @@ class AppendResult:
 
     duplicate: bool
     stored_samples: int
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def repair_segment(segment: Path) -> list[FeedbackRecord]:
@@ -237,7 +230,7 @@ class FeedbackStore:
             if segment.exists():
                 self._sealed.append(segment)
         self._count = len(self._ids)
-        _fsync_dir(self.wal_dir)
+        fsync_dir(self.wal_dir)
         self._start_segment(last + 1)
 
     def _start_segment(self, seq: int) -> None:
@@ -245,7 +238,7 @@ class FeedbackStore:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         os.write(fd, MAGIC)
         os.fdatasync(fd)
-        _fsync_dir(self.wal_dir)
+        fsync_dir(self.wal_dir)
         self._active_path, self._active_seq, self._fd = path, seq, fd
 
     # -- appending ------------------------------------------------------------------------------
@@ -429,7 +422,7 @@ class FeedbackStore:
                     os.fsync(handle.fileno())
                 self._step("part_written")
                 os.replace(temporary, part)
-                _fsync_dir(self.samples_dir)
+                fsync_dir(self.samples_dir)
                 self._step("part_renamed")
             with self._lock:
                 if part is not None:
@@ -439,7 +432,7 @@ class FeedbackStore:
             for segment in segments:
                 segment.unlink()
                 self._step("segment_deleted")
-            _fsync_dir(self.wal_dir)
+            fsync_dir(self.wal_dir)
             return part
 
     # -- reading --------------------------------------------------------------------------------

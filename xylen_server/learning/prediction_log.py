@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from training.metadata import fsync_dir
 from xylen_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -299,7 +300,7 @@ class PredictionLog:
                 os.close(fd)
         os.replace(temporary, final)
         if self._fsync:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return final
 
     def _last_sequence(self) -> int:
@@ -367,14 +368,6 @@ def _to_table(batches: list[_Batch]) -> pa.Table:
         ],
         schema=SCHEMA,
     )
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rows(table: pa.Table, keep: np.ndarray) -> Iterator[LoggedPrediction]:
