@@ -51,7 +51,7 @@ def _threads(directory: Path, group_commit: bool, workers: int, seconds: float) 
         for thread in threads:
             thread.join()
         elapsed = time.perf_counter() - started
-        records, fsyncs = store.count(), store.fsync_count
+        records, fsyncs = store.count(), store.commit_count
     ms = np.array([x for worker in latencies for x in worker]) * 1000
     return (
         f"{records / elapsed:9,.0f} records/s  {records / max(fsyncs, 1):6.1f} records/fsync  "
@@ -75,7 +75,7 @@ def _asyncio(directory: Path, group_commit: bool, tasks: int, seconds: float) ->
 
     with FeedbackStore(directory, group_commit=group_commit, compact_rows=0) as store:
         elapsed = asyncio.run(run(store))
-        records, fsyncs = store.count(), store.fsync_count
+        records, fsyncs = store.count(), store.commit_count
     return f"{records / elapsed:9,.0f} records/s  {records / max(fsyncs, 1):6.1f} records/fsync"
 
 

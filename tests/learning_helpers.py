@@ -1,16 +1,20 @@
 """Helpers for the continuous-learning tests: settings with a data directory of their own,
-feedback requests, model versions on disk, and learnable labels."""
+feedback requests, model versions on disk, learnable labels, and a small real disk to fill."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import shutil
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from harness import server_settings, write_model
 
 from xylen.v1 import model_service_pb2 as pb
@@ -108,3 +112,38 @@ def add_version(models: Path, version: int, seed: int, name: str = "model_1") ->
     shutil.move(str(scratch / name), target)
     shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A real, small filesystem (tmpfs of ``size``, e.g. ``"2m"``) mounted at ``mount_point``
+    for the test, so a full disk is a full disk. Needs root (CAP_SYS_ADMIN): CI runs as root;
+    elsewhere the test is skipped, saying so."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def fill_disk(directory: Path) -> Path:
+    """Write a file in ``directory`` until the filesystem has no byte left; returns it (delete
+    it to free the disk)."""
+    filler = directory / "filler"
+    chunk = b"\0" * 65536
+    with open(filler, "wb", buffering=0) as handle:
+        while chunk:
+            try:
+                handle.write(chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                chunk = chunk[: len(chunk) // 2]
+    return filler

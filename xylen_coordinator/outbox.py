@@ -2,7 +2,8 @@
 servers later (the ``feedback_queue`` section of config.yaml says where and how).
 
 :class:`Outbox` is one SQLite file in WAL mode with ``synchronous=FULL`` (every commit is
-fsynced) that holds
+fsynced; opened by :func:`xylen_server.durable.sqlite_connect`, as the servers' feedback
+stores are) that holds
 
 * ``predictions`` -- what each server answered for each ensemble prediction (its own prediction
   id and probability), written behind in small batches so Predict never waits on the disk;
@@ -35,6 +36,7 @@ import grpc
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import FeedbackQueueSettings
 from xylen_coordinator.endpoints import EndpointClient
+from xylen_server.durable import sqlite_connect
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +121,7 @@ class Outbox:
         self._executor.submit(self._open).result()
 
     def _open(self) -> None:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        db = sqlite_connect(self.path)  # WAL, synchronous=FULL: as the server's feedback store
         db.executescript(_SCHEMA)
         self._db = db
 

@@ -10,6 +10,8 @@ Root (import-light, shared with the coordinator):
     ``candles``    candle windows: protobuf to validated columns and back
     ``signals``    BUY/SELL/HOLD and the one threshold rule
     ``health``     server options, grpc.health.v1, reflection, binding a port
+    ``durable``    SQLite opened in WAL mode with synchronous=FULL (the feedback store, and
+                   the coordinator's outbox)
 ``serving/``       inputs, the session pool, native engines, parity, the model store, the predictor
 ``versions/``      the hot swap, the history of kept versions, the ``model`` CLI
 ``learning/``      feedback samples and their store, the prediction log, feedback validation,

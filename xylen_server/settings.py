@@ -117,13 +117,14 @@ class Settings:
     # -- continuous learning: feedback storage ----------------------------------------------
     feedback_data_dir: Path | None = env("FEEDBACK_DATA_DIR", None)
     """Root of the learning data; this server's lives in ``<dir>/<MODEL_NAME>/``
-    (``training_samples/``, ``feedback_wal/``, ``prediction_log/``, ``jobs/``), so several
+    (``feedback.sqlite3``, ``training_samples/``, ``prediction_log/``, ``jobs/``), so several
     servers may share one root. Unset means ``model_server/data`` beside ``MODEL_PATH``
     (``models`` -> ``model_server/data``)."""
     feedback_group_commit: bool = env("FEEDBACK_GROUP_COMMIT", True)
-    """Share one fsync between concurrent Feedback calls."""
+    """Commit concurrent Feedback calls together: one transaction and one fsync for all that
+    arrived while the last commit ran."""
     feedback_compact_rows: int = env("FEEDBACK_COMPACT_ROWS", 10_000, minimum=0)
-    """Compact the write-ahead log into Parquet after this many records (0: only at
+    """Move the samples from SQLite into a Parquet part once this many are waiting (0: only at
     shutdown)."""
     feedback_max_clock_skew_seconds: float = env(
         "FEEDBACK_MAX_CLOCK_SKEW_SECONDS", 5.0, minimum=0.0

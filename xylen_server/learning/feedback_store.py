@@ -1,23 +1,23 @@
-"""Durable trade outcomes for retraining: acknowledged means on disk.
+"""Durable trade outcomes for retraining: acknowledged means committed to SQLite and fsynced.
 
-:meth:`FeedbackStore.append` returns only after its record is in the write-ahead log and
-fsynced. With group commit (the default) a dedicated writer thread takes every record queued
-while the previous fsync ran and writes them with one ``write`` and one ``fdatasync``, so many
-concurrent appenders share each fsync. Records are compacted from the log into Snappy Parquet.
-The files, their format and how to read them are :mod:`~xylen_server.learning.samples`'.
+:meth:`FeedbackStore.append` returns only once its record is committed to the store's SQLite
+file (WAL mode, ``synchronous=FULL``: :func:`~xylen_server.durable.sqlite_connect`). One writer
+thread does group commit: every record queued while the previous commit ran goes into the next
+transaction, so many concurrent appenders share one fsync. Idempotency is the primary key of
+``stored_ids``: the same prediction id twice is stored once and answered ``duplicate``, also
+after its record moved to Parquet. Records are compacted from SQLite into Snappy Parquet parts
+for training. The files, their schema and how to read them are
+:mod:`~xylen_server.learning.samples`'.
 
-A dataset of part files, not one ``training_samples.parquet``: appending to a single Parquet file
-means rewriting all of it at every compaction.
+A failed commit (a full disk, an I/O error) answers the records of that transaction UNAVAILABLE
+(FEEDBACK_STORE_FAILED) and drops the connection; the next append opens a fresh one and tries
+again, so the store recovers by itself once the disk has room.
 
-Crash safety, step by step:
-
-* append: a record is acknowledged after its frame is fsynced. At open a torn or corrupt tail
-  (short header, length beyond the file, CRC mismatch) is cut off; every frame before it stays.
-* compaction: (1) seal the active segment and start a new one; (2) write the sealed records to
-  ``part-<lo>-<hi>.parquet.tmp``, fsync, rename, fsync the directory; (3) delete segments
-  ``lo..hi``. At open, ``*.tmp`` files are deleted (crash before 2 finished: the segments still
-  hold the records) and segments whose number is at most the highest ``hi`` of a part are deleted
-  (crash between 2 and 3: the part holds them). No step loses or duplicates a record.
+Compaction, step by step, each crash-safe: (1) write the uncompacted samples ``lo..hi`` to
+``part-<lo>-<hi>.parquet.tmp`` and fsync it; (2) rename it to ``part-<lo>-<hi>.parquet`` and
+fsync the directory; (3) delete samples ``lo..hi`` from SQLite. At open, ``*.tmp`` files are
+deleted (a crash before 2: SQLite still holds the samples) and samples whose ``seq`` a part
+covers are deleted (a crash between 2 and 3). No step loses or duplicates a record.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import contextlib
 import fcntl
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,16 +37,18 @@ from typing import TYPE_CHECKING
 import pyarrow.parquet as pq
 
 from training.metadata import fsync_dir
+from xylen_server.durable import sqlite_connect
 from xylen_server.errors import Unavailable
 from xylen_server.learning.samples import (
-    MAGIC,
+    DB_NAME,
     PARTS_DIR,
-    WAL_DIR,
+    SQL_SCHEMA,
     FeedbackRecord,
-    frame,
+    compacted_until,
+    part_files,
     read_samples,
-    read_segment,
-    records_table,
+    sample_row,
+    uncompacted,
 )
 from xylen_server.settings import Settings
 
@@ -54,6 +56,11 @@ if TYPE_CHECKING:
     import polars as pl
 
 logger = logging.getLogger(__name__)
+
+_INSERT_ID = "INSERT OR IGNORE INTO stored_ids VALUES (?)"
+_INSERT_SAMPLE = "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_FAILED_RETRY_SECONDS = 1.0
+"""A compaction that failed is tried again no sooner than this (a full disk stays full)."""
 
 
 @dataclass(frozen=True)
@@ -64,54 +71,32 @@ class AppendResult:
     stored_samples: int
 
 
-def repair_segment(segment: Path) -> list[FeedbackRecord]:
-    """The good records of a segment; a torn or corrupt tail is cut off the file (and fsynced),
-    so later appends never follow garbage, and a segment that never got its magic is removed."""
-    records, good = read_segment(segment)
-    if good == 0:
-        segment.unlink()
-    elif good < segment.stat().st_size:
-        with open(segment, "r+b") as handle:
-            handle.truncate(good)
-            os.fsync(handle.fileno())
-    return records
-
-
 class _Waiter:
-    """Completion of one queued append, for a thread (event) or an event loop (future)."""
+    """Completion of one queued append, for a thread (an event) or an event loop (a future)."""
 
     __slots__ = ("error", "event", "future", "loop", "result")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.loop = loop
-        self.future: asyncio.Future[AppendResult] | None = None
-        self.event: threading.Event | None = None
-        if loop is None:
-            self.event = threading.Event()
-        else:
-            self.future = loop.create_future()
+        self.event: threading.Event | None = threading.Event() if loop is None else None
+        self.future: asyncio.Future[AppendResult] | None = (
+            None if loop is None else loop.create_future()
+        )
         self.result: AppendResult | None = None
         self.error: BaseException | None = None
 
-    def resolve(self, result: AppendResult | None, error: BaseException | None) -> None:
-        self.result, self.error = result, error
+    def settle(self) -> None:
+        """Hand the outcome over (on the waiter's loop for a future)."""
         if self.event is not None:
             self.event.set()
-        else:
-            assert self.loop is not None
-            # RuntimeError: the caller's loop is closed; nobody is waiting any more.
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self._settle)
-
-    def _settle(self) -> None:
+            return
         future = self.future
-        if future is None or future.done():
+        if future is None or future.done():  # done: the caller was cancelled
             return
         if self.error is not None:
             future.set_exception(self.error)
         else:
-            assert self.result is not None
-            future.set_result(self.result)
+            future.set_result(self.result)  # type: ignore[arg-type]
 
     def wait(self) -> AppendResult:
         assert self.event is not None
@@ -122,19 +107,37 @@ class _Waiter:
         return self.result
 
 
+def _settle_all(waiters: list[_Waiter]) -> None:
+    for waiter in waiters:
+        waiter.settle()
+
+
+def _wake(waiters: list[_Waiter]) -> None:
+    """Settle every waiter: threads at once, each event loop with one call for all of its own
+    (one wake-up of the loop per commit, not one per record)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Waiter]] = {}
+    for waiter in waiters:
+        if waiter.loop is None:
+            waiter.settle()
+        else:
+            by_loop.setdefault(waiter.loop, []).append(waiter)
+    for loop, own in by_loop.items():
+        # RuntimeError: the caller's loop is closed; nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle_all, own)
+
+
 @dataclass
 class _Entry:
     record: FeedbackRecord
-    frame: bytes | None  # None: a duplicate waiting for the original's fsync
-    result: AppendResult
     waiter: _Waiter
 
 
 class FeedbackStore:
-    """Write-ahead-logged, idempotent, compacting store of :class:`FeedbackRecord`.
+    """SQLite-backed, idempotent, compacting store of :class:`FeedbackRecord`.
 
     Thread-safe. ``append`` blocks until durable; ``append_async`` awaits the same without
-    blocking the event loop.
+    blocking the event loop. One process per directory (a lock file says so).
     """
 
     def __init__(
@@ -148,237 +151,227 @@ class FeedbackStore:
     ) -> None:
         """
         Args:
-            directory: data directory; ``feedback_wal/`` and ``training_samples/`` go under it.
-            group_commit: share one fsync between all appends queued while the last one ran
-                (off: each append writes and fsyncs alone, in turn; for the benchmark).
-            compact_rows: compact in the background once the active WAL segment holds this
-                many records (0: only when :meth:`compact` is called).
-            compact_on_close: compact everything in the WAL at :meth:`close`.
+            directory: data directory; ``feedback.sqlite3`` and ``training_samples/`` go under
+                it.
+            group_commit: commit every append queued while the last commit ran in one
+                transaction (off: one transaction per append, in turn; for the benchmark).
+            compact_rows: compact in the background once SQLite holds this many uncompacted
+                samples (0: only when :meth:`compact` is called).
+            compact_on_close: compact everything at :meth:`close`.
             fault_hook: test-only; called with the name of each compaction step
-                (``part_written``, ``part_renamed``, ``segment_deleted``) to inject crashes.
+                (``part_written``, ``part_renamed``, ``rows_deleted``) to inject crashes.
         """
         self.directory = Path(directory)
-        self.wal_dir = self.directory / WAL_DIR
+        self.db_path = self.directory / DB_NAME
         self.samples_dir = self.directory / PARTS_DIR
         self.group_commit = group_commit
         self.compact_rows = compact_rows
         self.compact_on_close = compact_on_close
         self._fault_hook = fault_hook
-        self.fsync_count = 0
-        """fsyncs of WAL data so far (the group-commit benchmark and tests read it)."""
+        self.commit_count = 0
+        """Transactions committed (fsynced) so far; group commit makes it far below the
+        appends (the benchmark and tests read it)."""
 
-        self._lock = threading.Lock()  # ids, counts, queue, in-memory records, parts
+        self._lock = threading.Lock()  # queue, counts, closing
         self._wake = threading.Condition(self._lock)
-        self._io_lock = threading.Lock()  # the active segment; taken before _lock
-        self._compact_lock = threading.Lock()
-        self._ids: set[str] = set()
-        self._pending_ids: set[str] = set()
-        self._count = 0  # stored plus queued
         self._queue: list[_Entry] = []
-        self._parts: list[Path] = []
-        self._sealed: list[Path] = []
-        self._sealed_records: list[FeedbackRecord] = []
-        self._active_records: list[FeedbackRecord] = []
-        self._failed: BaseException | None = None
         self._closing = False
+        self._closed = threading.Event()
+        self._write_lock = threading.Lock()  # the writing connection and its transactions
+        self._read_lock = threading.Lock()  # the lookup connection (``in``)
+        self._compact_lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._count = 0  # ids stored
+        self._uncompacted = 0  # samples in SQLite after ``_compacted``
+        self._compacted = 0  # the highest seq in a Parquet part
+        self._deleted_until = 0  # samples up to this seq are deleted from SQLite
+        self._next_seq = 1
         self._open()
 
         self._compact_wanted = threading.Event()
-        self._threads = [threading.Thread(target=self._compactor, name="feedback-compactor")]
-        if group_commit:
-            self._threads.append(threading.Thread(target=self._writer, name="feedback-wal"))
+        self._threads = [
+            threading.Thread(target=self._compactor, name="feedback-compactor", daemon=True),
+            threading.Thread(target=self._writer, name="feedback-writer", daemon=True),
+        ]
         for thread in self._threads:
-            thread.daemon = True
             thread.start()
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="feedback-append")
-        if self._sealed:  # left in the WAL by the last run
-            self._compact_wanted.set()
+        self._maybe_compact()
 
     # -- open and recovery --------------------------------------------------------------------
 
     def _open(self) -> None:
-        self.wal_dir.mkdir(parents=True, exist_ok=True)
         self.samples_dir.mkdir(parents=True, exist_ok=True)
-        # One process per store: a second opener would interleave frames and compactions.
+        # One process per store: a second one would compact the same samples again.
         self._lock_fd = os.open(self.directory / "feedback.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
             raise RuntimeError(f"{self.directory} is open in another process") from None
-        for stale in self.samples_dir.glob("*.tmp"):
-            stale.unlink()
-        covered = 0
-        for part in sorted(self.samples_dir.glob("part-*.parquet")):
-            covered = max(covered, int(part.stem.split("-")[2]))
-            ids = pq.read_table(part, columns=["prediction_id"]).column(0).to_pylist()
-            self._ids.update(ids)
-            self._parts.append(part)
-        last = covered
-        for segment in sorted(self.wal_dir.glob("wal-*.log")):
-            seq = int(segment.stem.split("-")[1])
-            last = max(last, seq)
-            if seq <= covered:  # compacted already; the crash came before its deletion
-                segment.unlink()
-                continue
-            for record in repair_segment(segment):
-                if record.prediction_id in self._ids:
-                    logger.warning("WAL %s repeats %s; kept once", segment, record.prediction_id)
-                    continue
-                self._ids.add(record.prediction_id)
-                self._sealed_records.append(record)
-            if segment.exists():
-                self._sealed.append(segment)
-        self._count = len(self._ids)
-        fsync_dir(self.wal_dir)
-        self._start_segment(last + 1)
+        try:
+            for stale in self.samples_dir.glob("*.tmp"):
+                stale.unlink()
+            with self._write_lock:
+                self._connect()
+            self._lookup = sqlite_connect(self.db_path, read_only=True)
+        except BaseException:
+            self._disconnect()
+            os.close(self._lock_fd)
+            raise
 
-    def _start_segment(self, seq: int) -> None:
-        path = self.wal_dir / f"wal-{seq:016d}.log"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-        os.write(fd, MAGIC)
-        os.fdatasync(fd)
-        fsync_dir(self.wal_dir)
-        self._active_path, self._active_seq, self._fd = path, seq, fd
+    def _connect(self) -> sqlite3.Connection:
+        """The writing connection, opened (and the store recovered) if it is not; caller holds
+        ``_write_lock``."""
+        if self._db is not None:
+            return self._db
+        db = sqlite_connect(self.db_path)
+        try:
+            db.executescript(SQL_SCHEMA)
+            compacted = compacted_until(self.directory)
+            # A crash between a part's rename and the delete of its rows: the part has them.
+            db.execute("DELETE FROM samples WHERE seq <= ?", (compacted,))
+            (count,) = db.execute("SELECT COUNT(*) FROM stored_ids").fetchone()
+            if count == 0 and compacted:
+                count = self._import_ids(db)
+            uncompacted, last = db.execute("SELECT COUNT(*), MAX(seq) FROM samples").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        with self._lock:
+            self._count, self._uncompacted, self._compacted = count, uncompacted, compacted
+        self._deleted_until = compacted
+        self._next_seq = max(last or 0, compacted) + 1
+        self._db = db
+        return db
+
+    def _import_ids(self, db: sqlite3.Connection) -> int:
+        """Parts but no stored ids (a directory written before ids were kept in SQLite, or
+        whose database was lost): the parts' ids become the stored ids, once."""
+        db.execute("BEGIN IMMEDIATE")
+        for part in part_files(self.directory):
+            ids = pq.read_table(part, columns=["prediction_id"]).column(0).to_pylist()
+            db.executemany(_INSERT_ID, ((pid,) for pid in ids))
+        db.execute("COMMIT")
+        (count,) = db.execute("SELECT COUNT(*) FROM stored_ids").fetchone()
+        logger.warning("feedback store %s: %d stored ids taken from its parts", self.db_path, count)
+        return int(count)
+
+    def _disconnect(self) -> None:
+        """Drop the writing connection after a failure (the next write opens a fresh one);
+        caller holds ``_write_lock`` or is the only user."""
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
 
     # -- appending ------------------------------------------------------------------------------
 
     def __contains__(self, prediction_id: object) -> bool:
-        """True if an outcome for ``prediction_id`` is stored or being stored."""
-        return prediction_id in self._ids
+        """True if an outcome for ``prediction_id`` is stored (committed)."""
+        try:
+            with self._read_lock:
+                row = self._lookup.execute(
+                    "SELECT 1 FROM stored_ids WHERE prediction_id = ?", (prediction_id,)
+                ).fetchone()
+        except sqlite3.Error as exc:
+            raise Unavailable(
+                f"the feedback store cannot be read: {exc}", reason="FEEDBACK_STORE_FAILED"
+            ) from exc
+        return row is not None
 
     def count(self) -> int:
-        """Records durably stored (WAL and Parquet)."""
+        """Records durably stored (in SQLite and Parquet)."""
         with self._lock:
-            return self._count - len(self._pending_ids)
+            return self._count
 
     def append(self, record: FeedbackRecord) -> AppendResult:
-        """Store ``record`` once; returns after it is fsynced (or, for a duplicate, after the
-        original is). Raises :class:`Unavailable` if the log cannot be written."""
-        if not self.group_commit:
-            return self._append_alone(record)
+        """Store ``record`` once; returns after it is committed (or, for a duplicate, after the
+        original is). Raises :class:`Unavailable` if the commit failed (try again)."""
         waiter = _Waiter()
-        done = self._enqueue(record, waiter)
-        return done if done is not None else waiter.wait()
+        self._enqueue(record, waiter)
+        return waiter.wait()
 
     async def append_async(self, record: FeedbackRecord) -> AppendResult:
         """:meth:`append` for the event loop: it never blocks the loop."""
-        if not self.group_commit:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._append_alone, record)
         waiter = _Waiter(asyncio.get_running_loop())
-        done = self._enqueue(record, waiter)
-        if done is not None:
-            return done
+        self._enqueue(record, waiter)
         assert waiter.future is not None
         return await waiter.future
 
-    def _check_open(self) -> None:
-        if self._failed is not None:
-            raise Unavailable(
-                f"the feedback log failed and is read-only until restart: {self._failed}",
-                reason="FEEDBACK_STORE_FAILED",
-            )
-        if self._closing:
-            raise Unavailable("the feedback store is closing", reason="FEEDBACK_STORE_CLOSED")
-
-    def _enqueue(self, record: FeedbackRecord, waiter: _Waiter) -> AppendResult | None:
-        """Queue ``record`` for the writer; returns the answer at once for a stored duplicate."""
-        payload = frame(record.encode())  # outside the lock
+    def _enqueue(self, record: FeedbackRecord, waiter: _Waiter) -> None:
+        record.check_storable()  # a bad record fails alone, never its whole transaction
         with self._lock:
-            self._check_open()
-            prediction_id = record.prediction_id
-            if prediction_id in self._ids:
-                if prediction_id not in self._pending_ids:
-                    return AppendResult(True, self._count)
-                entry = _Entry(record, None, AppendResult(True, self._count), waiter)
-            else:
-                self._ids.add(prediction_id)
-                self._pending_ids.add(prediction_id)
-                self._count += 1
-                entry = _Entry(record, payload, AppendResult(False, self._count), waiter)
-            self._queue.append(entry)
+            if self._closing:
+                raise Unavailable("the feedback store is closing", reason="FEEDBACK_STORE_CLOSED")
+            self._queue.append(_Entry(record, waiter))
             self._wake.notify()
-        return None
 
     def _writer(self) -> None:
-        """The group-commit loop: everything queued while the last fsync ran, one fsync."""
+        """The group-commit loop: everything queued while the last commit ran, one commit."""
         while True:
             with self._lock:
                 while not self._queue and not self._closing:
                     self._wake.wait()
                 if not self._queue:
                     return
-                batch, self._queue = self._queue, []
-            error: BaseException | None = None
-            with self._io_lock:
-                frames = [entry.frame for entry in batch if entry.frame is not None]
-                try:
-                    if self._failed is not None:
-                        raise self._failed
-                    self._write(frames)
-                except BaseException as exc:
-                    error = exc
-                with self._lock:
-                    for entry in batch:
-                        if entry.frame is None:
-                            continue
-                        self._pending_ids.discard(entry.record.prediction_id)
-                        if error is None:
-                            self._active_records.append(entry.record)
-                        else:
-                            self._ids.discard(entry.record.prediction_id)
-                            self._count -= 1
-                    if error is not None and self._failed is None:
-                        self._failed = error
-                    active = len(self._active_records)
-            if error is not None:
-                logger.error("feedback WAL write failed; refusing appends", exc_info=error)
-                error = Unavailable(
-                    "the feedback log could not be written", reason="FEEDBACK_STORE_FAILED"
-                )
-            for entry in batch:
-                entry.waiter.resolve(None if error else entry.result, error)
-            self._maybe_compact(active)
-
-    def _append_alone(self, record: FeedbackRecord) -> AppendResult:
-        """No group commit: write and fsync this one record while holding the log."""
-        payload = frame(record.encode())
-        with self._io_lock:
-            with self._lock:
-                self._check_open()
-                if record.prediction_id in self._ids:
-                    return AppendResult(True, self._count)
+                if self.group_commit:
+                    batch, self._queue = self._queue, []
+                else:
+                    batch = [self._queue.pop(0)]
             try:
-                self._write([payload])
-            except OSError as exc:
-                self._failed = exc
-                logger.error("feedback WAL write failed; refusing appends", exc_info=exc)
-                raise Unavailable(
-                    "the feedback log could not be written", reason="FEEDBACK_STORE_FAILED"
-                ) from exc
-            with self._lock:
-                self._ids.add(record.prediction_id)
-                self._count += 1
-                self._active_records.append(record)
-                result, active = AppendResult(False, self._count), len(self._active_records)
-        self._maybe_compact(active)
-        return result
+                with self._write_lock:
+                    self._commit(batch)
+            except Exception as exc:
+                logger.error("feedback commit of %d records failed: %s", len(batch), exc)
+                error = Unavailable(
+                    f"the feedback store could not commit ({exc}); not acknowledged, try again",
+                    reason="FEEDBACK_STORE_FAILED",
+                )
+                for entry in batch:
+                    entry.waiter.error = error
+            _wake([entry.waiter for entry in batch])
+            self._maybe_compact()
 
-    def _write(self, frames: list[bytes]) -> None:
-        """Append ``frames`` to the active segment and fdatasync; caller holds ``_io_lock``."""
-        if not frames:
-            return
-        view = memoryview(b"".join(frames))
-        while view:
-            view = view[os.write(self._fd, view) :]
-        os.fdatasync(self._fd)
-        self.fsync_count += 1
+    def _commit(self, batch: list[_Entry]) -> None:
+        """One transaction for ``batch``; sets each waiter's result. Caller holds
+        ``_write_lock``. On failure the connection is dropped, so the next batch starts from
+        what is on disk."""
+        seq = self._next_seq
+        rows = []
+        new = []
+        try:
+            db = self._connect()
+            db.execute("BEGIN IMMEDIATE")
+            for entry in batch:
+                stored = db.execute(_INSERT_ID, (entry.record.prediction_id,)).rowcount == 1
+                if stored:
+                    rows.append(sample_row(seq, entry.record))
+                    seq += 1
+                new.append(stored)
+            db.executemany(_INSERT_SAMPLE, rows)
+            db.execute("COMMIT")
+        except BaseException:
+            self._disconnect()
+            raise
+        self._next_seq = seq
+        self.commit_count += 1
+        with self._lock:
+            before = self._count
+            self._count += len(rows)
+            self._uncompacted += len(rows)
+            total = self._count
+        for entry, stored in zip(batch, new, strict=True):
+            if stored:
+                before += 1
+            entry.waiter.result = AppendResult(not stored, before if stored else total)
 
     # -- compaction -----------------------------------------------------------------------------
 
-    def _maybe_compact(self, active_records: int) -> None:
-        if self.compact_rows and active_records >= self.compact_rows:
+    def _maybe_compact(self) -> None:
+        if self.compact_rows and self._uncompacted >= self.compact_rows:
             self._compact_wanted.set()
 
     def _compactor(self) -> None:
@@ -390,60 +383,59 @@ class FeedbackStore:
             try:
                 self.compact()
             except Exception:
-                logger.exception("feedback compaction failed; the records stay in the WAL")
+                logger.exception("feedback compaction failed; the samples stay in SQLite")
+                self._closed.wait(_FAILED_RETRY_SECONDS)
 
     def _step(self, name: str) -> None:
         if self._fault_hook is not None:
             self._fault_hook(name)
 
     def compact(self) -> Path | None:
-        """Move every record now in the WAL into a new Parquet part; returns it (None if the
-        WAL held no records). Appends continue meanwhile, into a fresh segment."""
+        """Move every sample now in SQLite into a new Parquet part; returns it (None if there
+        was none). Appends go on meanwhile: only the rename and the delete hold the writer."""
         with self._compact_lock:
-            with self._io_lock:  # no append writes meanwhile, so the records stay put
-                with self._lock:
-                    rotate = bool(self._active_records)
-                    if rotate:
-                        self._sealed.append(self._active_path)
-                        self._sealed_records.extend(self._active_records)
-                        self._active_records = []
-                    segments, records = list(self._sealed), list(self._sealed_records)
-                if rotate:
-                    os.close(self._fd)
-                    self._start_segment(self._active_seq + 1)
+            reader = sqlite_connect(self.db_path, read_only=True)
+            try:
+                table, first, last = uncompacted(reader, self._compacted)
+            finally:
+                reader.close()
             part: Path | None = None
-            if records:
-                first = int(segments[0].stem.split("-")[1])
-                last = int(segments[-1].stem.split("-")[1])
+            temporary: Path | None = None
+            if table.num_rows:
                 part = self.samples_dir / f"part-{first:016d}-{last:016d}.parquet"
                 temporary = part.with_name(part.name + ".tmp")
-                pq.write_table(records_table(records), temporary, compression="snappy")
+                pq.write_table(table, temporary, compression="snappy")
                 with open(temporary, "rb") as handle:
                     os.fsync(handle.fileno())
                 self._step("part_written")
-                os.replace(temporary, part)
-                fsync_dir(self.samples_dir)
-                self._step("part_renamed")
-            with self._lock:
-                if part is not None:
-                    self._parts.append(part)
-                del self._sealed[: len(segments)]
-                del self._sealed_records[: len(records)]
-            for segment in segments:
-                segment.unlink()
-                self._step("segment_deleted")
-            fsync_dir(self.wal_dir)
+            with self._write_lock:  # no reconnect (which recovers from the parts) meanwhile
+                if part is not None and temporary is not None:
+                    os.replace(temporary, part)
+                    with self._lock:
+                        self._compacted = last
+                        self._uncompacted -= table.num_rows
+                if self._deleted_until < self._compacted:  # also what a failed delete left
+                    fsync_dir(self.samples_dir)  # the part is there before its rows go
+                    self._step("part_renamed")
+                    try:
+                        self._connect().execute(
+                            "DELETE FROM samples WHERE seq <= ?", (self._compacted,)
+                        )
+                    except BaseException:
+                        self._disconnect()
+                        raise
+                    self._deleted_until = self._compacted
+                    self._step("rows_deleted")
             return part
 
     # -- reading --------------------------------------------------------------------------------
 
     def part_files(self) -> list[Path]:
         """Compacted Parquet parts, oldest first."""
-        with self._lock:
-            return list(self._parts)
+        return part_files(self.directory)
 
     def read_samples(self) -> pl.DataFrame:
-        """Every stored record, compacted or still in the WAL (see
+        """Every stored record, compacted or not (see
         :func:`~xylen_server.learning.samples.read_samples`)."""
         return read_samples(self.directory)
 
@@ -456,17 +448,19 @@ class FeedbackStore:
                 return
             self._closing = True
             self._wake.notify_all()
+        self._closed.set()
         self._compact_wanted.set()
         for thread in self._threads:
             thread.join()
-        self._executor.shutdown(wait=True)
-        if self.compact_on_close and self._failed is None:
+        if self.compact_on_close:
             try:
                 self.compact()
             except Exception:
-                logger.exception("compaction at close failed; the records stay in the WAL")
-        with self._io_lock:
-            os.close(self._fd)
+                logger.exception("compaction at close failed; the samples stay in SQLite")
+        with self._read_lock:
+            self._lookup.close()
+        with self._write_lock:
+            self._disconnect()
         os.close(self._lock_fd)  # releases the flock
 
     def __enter__(self) -> FeedbackStore:

@@ -3,19 +3,32 @@
 A model server stores the outcomes fed back to it (:mod:`~xylen_server.learning.feedback_store`
 writes them) under its learning directory::
 
-    feedback_wal/wal-<seq, 16 digits>.log            the write-ahead log, one active segment
-    training_samples/part-<lo seq>-<hi seq>.parquet  compacted records of WAL segments lo..hi
+    feedback.sqlite3 (-wal, -shm)                    SQLite, WAL mode, synchronous=FULL
+    training_samples/part-<lo seq>-<hi seq>.parquet  Snappy Parquet: the samples lo..hi
+    feedback.lock                                    flock of the one process writing here
 
-A WAL segment starts with the 8-byte magic ``XYLWAL01``; each record is a frame
-``<u32 payload length, little-endian><u32 crc32(payload)><payload: UTF-8 JSON>``.
+SQLite tables (:data:`SQL_SCHEMA`):
+
+* ``stored_ids (prediction_id TEXT PRIMARY KEY)``: every prediction id ever stored. It is
+  never emptied, so an id is stored once for good, also after its sample moved to Parquet.
+* ``samples``: the samples not yet compacted, one row each: ``seq INTEGER PRIMARY KEY`` (the
+  arrival order; every sample gets its own, never reused), ``prediction_id``, ``model_name``,
+  ``model_version`` (NULL when the prediction was no longer in the prediction log),
+  ``features`` (BLOB: the float32 row, little-endian), ``probability_up`` and ``signal``
+  (NULL likewise), ``pnl``, ``realized_return``, ``close_time_ms`` and ``received_time_ms``
+  (UTC milliseconds since the epoch).
+
+Compaction writes the samples with ``seq`` lo..hi to ``part-<lo>-<hi>.parquet`` (through an
+fsynced ``.tmp`` file renamed into place), then deletes them from ``samples``. Rows of
+``samples`` whose ``seq`` is at most the highest ``hi`` of a part are therefore already in
+Parquet (a crash came between the rename and the delete) and are deleted at the next open.
 
 Parquet columns (:data:`SCHEMA`, one row per prediction id): ``prediction_id`` string,
-``model_name`` string, ``model_version`` int64 (null when the prediction was no longer in the
-prediction log), ``features`` list<float32> (one list per row, in the model's ``feature_names``
-order, so models with different feature sets share one dataset), ``probability_up`` float64
-(nullable), ``signal`` int32 (``xylen.v1.Signal`` value, nullable), ``pnl`` float64,
-``realized_return`` float64, ``close_time`` and ``received_time`` timestamp[ms, UTC], ``label``
-int8 (1 if ``realized_return > 0`` else 0).
+``model_name`` string, ``model_version`` int64 (nullable), ``features`` list<float32> (one list
+per row, in the model's ``feature_names`` order, so models with different feature sets share
+one dataset), ``probability_up`` float64 (nullable), ``signal`` int32 (``xylen.v1.Signal``
+value, nullable), ``pnl`` float64, ``realized_return`` float64, ``close_time`` and
+``received_time`` timestamp[ms, UTC], ``label`` int8 (1 if ``realized_return > 0`` else 0).
 
 :func:`read_samples` is how the server and the retrain job read it, safely while the server
 keeps appending and compacting.
@@ -23,29 +36,47 @@ keeps appending and compacting.
 
 from __future__ import annotations
 
-import json
-import logging
-import struct
-import zlib
+import math
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
+from xylen_server.durable import sqlite_connect
+
 if TYPE_CHECKING:
     import polars as pl
 
-logger = logging.getLogger(__name__)
-
-WAL_DIR = "feedback_wal"
+DB_NAME = "feedback.sqlite3"
 PARTS_DIR = "training_samples"
-MAGIC = b"XYLWAL01"
-_HEADER = struct.Struct("<II")
-MAX_RECORD_BYTES = 1 << 20
-"""A frame claiming a longer payload is treated as corrupt."""
+
+SQL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS stored_ids (prediction_id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS samples (
+    seq INTEGER PRIMARY KEY,
+    prediction_id TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version INTEGER,
+    features BLOB NOT NULL,
+    probability_up REAL,
+    signal INTEGER,
+    pnl REAL NOT NULL,
+    realized_return REAL NOT NULL,
+    close_time_ms INTEGER NOT NULL,
+    received_time_ms INTEGER NOT NULL
+);
+"""
+"""The SQLite tables of a samples directory (see the module docstring)."""
+
+SAMPLE_COLUMNS = (
+    "seq, prediction_id, model_name, model_version, features, probability_up, signal, pnl, "
+    "realized_return, close_time_ms, received_time_ms"
+)
+"""The columns of ``samples``, in :func:`sample_row`'s order."""
 
 SCHEMA = pa.schema(
     [
@@ -88,108 +119,130 @@ class FeedbackRecord:
         """1 if the trade made money (``realized_return > 0``), else 0."""
         return 1 if self.realized_return > 0 else 0
 
-    def encode(self) -> bytes:
-        """The WAL payload: compact JSON; float32 features survive exactly (via float64)."""
-        return json.dumps(
-            [
-                self.prediction_id,
-                self.model_name,
-                self.model_version,
-                self.features.tolist(),
-                self.probability_up,
-                self.signal,
-                self.pnl,
-                self.realized_return,
-                self.close_time_ms,
-                self.received_time_ms,
-            ],
-            separators=(",", ":"),
-        ).encode()
-
-    @classmethod
-    def decode(cls, payload: bytes) -> FeedbackRecord:
-        fields = json.loads(payload)
-        fields[3] = np.array(fields[3], dtype=np.float32)
-        return cls(*fields)
+    def check_storable(self) -> None:
+        """Raise ValueError unless every value survives the round trip through SQLite and
+        Parquet unchanged (Feedback validates requests before; this guards the store)."""
+        floats = (self.pnl, self.realized_return, self.probability_up or 0.0)
+        if not all(math.isfinite(value) for value in floats):
+            raise ValueError(f"record {self.prediction_id[:64]!r}: a value is not finite")
+        if self.features.dtype != np.float32 or not np.isfinite(self.features).all():
+            raise ValueError(f"record {self.prediction_id[:64]!r}: features not finite float32")
 
 
-def frame(payload: bytes) -> bytes:
-    """One WAL frame: length, CRC32, payload."""
-    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+def sample_row(seq: int, record: FeedbackRecord) -> tuple[Any, ...]:
+    """``record`` as a row of the ``samples`` table (:data:`SAMPLE_COLUMNS`)."""
+    return (
+        seq,
+        record.prediction_id,
+        record.model_name,
+        record.model_version,
+        record.features.astype("<f4", copy=False).tobytes(),
+        record.probability_up,
+        record.signal,
+        record.pnl,
+        record.realized_return,
+        record.close_time_ms,
+        record.received_time_ms,
+    )
 
 
-def read_segment(path: Path) -> tuple[list[FeedbackRecord], int]:
-    """The records of one WAL segment up to the first torn or corrupt frame, and the byte
-    offset where the good frames end (the segment's length when all are good)."""
-    data = path.read_bytes()
-    if not data.startswith(MAGIC):
-        if MAGIC.startswith(data):  # crashed while creating the segment: nothing in it
-            return [], 0
-        raise OSError(f"{path} is not a xylen WAL segment")
-    records: list[FeedbackRecord] = []
-    offset = len(MAGIC)
-    while offset < len(data):
-        good = offset + _HEADER.size <= len(data)
-        if good:
-            length, crc = _HEADER.unpack_from(data, offset)
-            end = offset + _HEADER.size + length
-            payload = data[offset + _HEADER.size : end]
-            good = 0 < length <= MAX_RECORD_BYTES and end <= len(data)
-            good = good and zlib.crc32(payload) == crc
-        if not good:
-            logger.warning(
-                "WAL %s: torn or corrupt record at byte %d; %d trailing bytes unread",
-                path,
-                offset,
-                len(data) - offset,
-            )
-            break
-        records.append(FeedbackRecord.decode(payload))
-        offset = end
-    return records, offset
+def _table(
+    ids: Sequence[str],
+    names: Sequence[str],
+    versions: Sequence[int | None],
+    widths: Sequence[int],
+    flat: np.ndarray,
+    probabilities: Sequence[float | None],
+    signals: Sequence[int | None],
+    pnls: Sequence[float],
+    returns: Sequence[float],
+    close_ms: Sequence[int],
+    received_ms: Sequence[int],
+) -> pa.Table:
+    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
+    np.cumsum(np.asarray(widths, dtype=np.int32), out=offsets[1:])
+    realized = np.asarray(returns, dtype=np.float64)
+    return pa.Table.from_arrays(
+        [
+            pa.array(ids, pa.string()),
+            pa.array(names, pa.string()),
+            pa.array(versions, pa.int64()),
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32())),
+            pa.array(probabilities, pa.float64()),
+            pa.array(signals, pa.int32()),
+            pa.array(pnls, pa.float64()),
+            pa.array(realized, pa.float64()),
+            pa.array(close_ms, pa.int64()).cast(SCHEMA.field("close_time").type),
+            pa.array(received_ms, pa.int64()).cast(SCHEMA.field("received_time").type),
+            pa.array((realized > 0).astype(np.int8), pa.int8()),
+        ],
+        schema=SCHEMA,
+    )
 
 
 def records_table(records: Sequence[FeedbackRecord]) -> pa.Table:
     """``records`` as an Arrow table in :data:`SCHEMA`."""
-    widths = [len(r.features) for r in records]
-    offsets = np.zeros(len(records) + 1, dtype=np.int32)
-    np.cumsum(widths, out=offsets[1:])
     flat = (
         np.concatenate([r.features for r in records]).astype(np.float32, copy=False)
         if records
         else np.empty(0, np.float32)
     )
 
-    def column(name: str) -> list[object]:
+    def column(name: str) -> list[Any]:
         return [getattr(r, name) for r in records]
 
-    return pa.Table.from_arrays(
-        [
-            pa.array(column("prediction_id"), pa.string()),
-            pa.array(column("model_name"), pa.string()),
-            pa.array(column("model_version"), pa.int64()),
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32())),
-            pa.array(column("probability_up"), pa.float64()),
-            pa.array(column("signal"), pa.int32()),
-            pa.array(column("pnl"), pa.float64()),
-            pa.array(column("realized_return"), pa.float64()),
-            pa.array(column("close_time_ms"), pa.int64()).cast(SCHEMA.field("close_time").type),
-            pa.array(column("received_time_ms"), pa.int64()).cast(
-                SCHEMA.field("received_time").type
-            ),
-            pa.array(column("label"), pa.int8()),
-        ],
-        schema=SCHEMA,
+    return _table(
+        column("prediction_id"),
+        column("model_name"),
+        column("model_version"),
+        [len(r.features) for r in records],
+        flat,
+        column("probability_up"),
+        column("signal"),
+        column("pnl"),
+        column("realized_return"),
+        column("close_time_ms"),
+        column("received_time_ms"),
     )
+
+
+def uncompacted(db: sqlite3.Connection, after_seq: int = 0) -> tuple[pa.Table, int, int]:
+    """The samples still in SQLite with ``seq`` above ``after_seq``, oldest first, as an Arrow
+    table in :data:`SCHEMA`, with the first and last ``seq`` (0, 0 when there are none).
+    One read transaction: a consistent snapshot while a writer commits."""
+    rows = db.execute(
+        f"SELECT {SAMPLE_COLUMNS} FROM samples WHERE seq > ? ORDER BY seq", (after_seq,)
+    ).fetchall()
+    if not rows:
+        return records_table([]), 0, 0
+    seqs, ids, names, versions, blobs, probs, signals, pnls, rets, close, received = zip(
+        *rows, strict=True
+    )
+    flat = np.frombuffer(b"".join(blobs), dtype="<f4")
+    table = _table(
+        ids,
+        names,
+        versions,
+        [len(blob) // 4 for blob in blobs],
+        flat,
+        probs,
+        signals,
+        pnls,
+        rets,
+        close,
+        received,
+    )
+    return table, seqs[0], seqs[-1]
 
 
 def read_samples(directory: Path) -> pl.DataFrame:
     """Every sample in a samples directory (or one Parquet file of samples) as a polars
     DataFrame in :data:`SCHEMA`, one row per prediction id, oldest first.
 
-    Safe while a store appends and compacts: WAL segments are read first (up to a torn tail),
-    then the Parquet parts. A segment compacted away meanwhile has its records in a part
-    written before the segment was deleted, so the parts listed afterwards hold them.
+    Safe while a store appends and compacts: the SQLite rows are read first (one snapshot),
+    then the Parquet parts are listed. A row compacted away meanwhile is in a part renamed
+    into place before the row was deleted, so the parts listed afterwards hold it; a row read
+    from both is kept once.
     """
     import polars as pl
     import pyarrow.parquet as pq
@@ -197,14 +250,16 @@ def read_samples(directory: Path) -> pl.DataFrame:
     directory = Path(directory)
     if directory.is_file():
         return pl.read_parquet(directory)
-    records: list[FeedbackRecord] = []
-    for segment in sorted((directory / WAL_DIR).glob("wal-*.log")):
+    recent = records_table([])
+    if (directory / DB_NAME).exists():
+        db = sqlite_connect(directory / DB_NAME, read_only=True)
         try:
-            records.extend(read_segment(segment)[0])
-        except OSError:
-            continue
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'samples'").fetchone():
+                recent = uncompacted(db)[0]
+        finally:
+            db.close()
     tables = [pq.read_table(part, schema=SCHEMA) for part in part_files(directory)]
-    frame = pl.from_arrow(pa.concat_tables([*tables, records_table(records)]))
+    frame = pl.from_arrow(pa.concat_tables([*tables, recent]))
     assert isinstance(frame, pl.DataFrame)
     return frame.unique(subset="prediction_id", keep="first", maintain_order=True)
 
@@ -212,3 +267,8 @@ def read_samples(directory: Path) -> pl.DataFrame:
 def part_files(directory: Path) -> list[Path]:
     """The compacted Parquet parts of a samples directory, oldest first."""
     return sorted((Path(directory) / PARTS_DIR).glob("part-*.parquet"))
+
+
+def compacted_until(directory: Path) -> int:
+    """The highest ``seq`` in a Parquet part (0 when there is none)."""
+    return max((int(part.stem.split("-")[2]) for part in part_files(directory)), default=0)

@@ -1,12 +1,15 @@
-"""The feedback store: durable, idempotent, group-committed, crash-safe, compacted to Parquet.
+"""The feedback store: durable, idempotent, group-committed, crash-safe, compacted to Parquet,
+and back by itself after a full disk is freed.
 
-Real files under tmp_path, real child processes killed with SIGKILL; no mocks."""
+Real SQLite and Parquet files under tmp_path, a real tmpfs filled to the last byte, real child
+processes killed with SIGKILL; no mocks."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,12 +20,13 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from learning_helpers import fill_disk, tmpfs
 
-from xylen_server.errors import InvalidArgument, NotFound
+from xylen_server.errors import InvalidArgument, NotFound, Unavailable
 from xylen_server.learning.feedback import build_record
-from xylen_server.learning.feedback_store import FeedbackStore, repair_segment
+from xylen_server.learning.feedback_store import FeedbackStore
 from xylen_server.learning.prediction_log import PredictionLog
-from xylen_server.learning.samples import MAGIC, FeedbackRecord, frame, read_segment
+from xylen_server.learning.samples import DB_NAME, FeedbackRecord
 
 CHILD = Path(__file__).with_name("feedback_child.py")
 REPO = Path(__file__).resolve().parents[3]
@@ -44,14 +48,16 @@ def ids_of_range(n: int) -> list[str]:
     return [f"p-{i}" for i in range(n)]
 
 
-def segments(directory: Path) -> list[Path]:
-    return sorted((directory / "feedback_wal").glob("wal-*.log"))
+def uncompacted_rows(directory: Path) -> int:
+    """Samples still in the SQLite file (read with the sqlite3 module, as an operator would)."""
+    with sqlite3.connect(directory / DB_NAME) as db:
+        return int(db.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
 
 
 # -- round trip, idempotence ------------------------------------------------------------------
 
 
-def test_round_trip_through_wal_and_parquet(tmp_path: Path) -> None:
+def test_round_trip_through_sqlite_and_parquet(tmp_path: Path) -> None:
     records = [record(i) for i in range(20)]
     with FeedbackStore(tmp_path, compact_on_close=False) as store:
         for i, rec in enumerate(records[:10]):
@@ -60,7 +66,7 @@ def test_round_trip_through_wal_and_parquet(tmp_path: Path) -> None:
         store.compact()
         for rec in records[10:]:
             store.append(rec)
-        frame_ = store.read_samples()  # half in Parquet, half in the WAL
+        frame_ = store.read_samples()  # half in Parquet, half in SQLite
         assert store.count() == 20
     assert frame_["prediction_id"].to_list() == [r.prediction_id for r in records]
     for rec, row in zip(records, frame_.iter_rows(named=True), strict=True):
@@ -79,10 +85,15 @@ def test_same_prediction_id_is_stored_once(tmp_path: Path) -> None:
         assert again.duplicate is True and again.stored_samples == 1
         store.compact()
         store.append(record(2))
-    with FeedbackStore(tmp_path) as store:  # the id set is rebuilt from Parquet and WAL
+        assert 1 not in store and "p-1" in store and "p-2" in store and "p-3" not in store
+    with FeedbackStore(tmp_path) as store:  # p-1 is in Parquet, p-2 in SQLite
         assert store.append(record(1)).duplicate
         assert store.append(record(2)).duplicate
         assert store.count() == 2
+    with FeedbackStore(tmp_path) as store:  # both in Parquet now: the ids stay in SQLite
+        assert uncompacted_rows(tmp_path) == 0
+        assert store.append(record(1)).duplicate and store.append(record(2)).duplicate
+        assert ids_of(store) == ["p-1", "p-2"]
 
 
 def test_concurrent_duplicates_store_one(tmp_path: Path) -> None:
@@ -119,15 +130,15 @@ def test_many_concurrent_appenders(tmp_path: Path, group_commit: bool) -> None:
             thread.join()
         assert store.count() == workers * each
         if group_commit:
-            assert store.fsync_count < workers * each / 2
+            assert store.commit_count < workers * each / 2
         else:
-            assert store.fsync_count == workers * each
+            assert store.commit_count == workers * each
     with FeedbackStore(tmp_path) as store:
         ids = ids_of(store)
         assert len(ids) == len(set(ids)) == workers * each
 
 
-def test_async_appends_share_fsyncs_without_blocking_the_loop(tmp_path: Path) -> None:
+def test_async_appends_share_commits_without_blocking_the_loop(tmp_path: Path) -> None:
     async def main(store: FeedbackStore) -> tuple[list[bool], int]:
         ticks = 0
 
@@ -146,8 +157,8 @@ def test_async_appends_share_fsyncs_without_blocking_the_loop(tmp_path: Path) ->
     with FeedbackStore(tmp_path) as store:
         duplicates, ticks = asyncio.run(main(store))
         assert duplicates == [False] * 200 + [True]
-        assert store.count() == 200 and store.fsync_count < 100
-        assert ticks > store.fsync_count  # the loop kept running while fsyncs were pending
+        assert store.count() == 200 and store.commit_count < 100
+        assert ticks > store.commit_count  # the loop kept running while commits were pending
 
 
 def test_async_append_without_group_commit(tmp_path: Path) -> None:
@@ -157,57 +168,54 @@ def test_async_append_without_group_commit(tmp_path: Path) -> None:
 
     with FeedbackStore(tmp_path, group_commit=False) as store:
         assert asyncio.run(main(store)) == [False] * 20
-        assert store.fsync_count == 20
+        assert store.commit_count == 20
 
 
-# -- recovery ---------------------------------------------------------------------------------
+# -- failures -------------------------------------------------------------------------------
 
 
-def _written_store(tmp_path: Path, n: int = 5) -> Path:
-    with FeedbackStore(tmp_path, compact_on_close=False) as store:
-        for i in range(n):
+def test_a_record_that_cannot_be_stored_fails_alone(tmp_path: Path) -> None:
+    bad = FeedbackRecord("bad", "model_1", 1, np.zeros(3, np.float32), None, None,
+                         float("nan"), 0.0, 1, 1)  # fmt: skip
+    with FeedbackStore(tmp_path) as store:
+        good = threading.Thread(target=lambda: [store.append(record(i)) for i in range(50)])
+        good.start()
+        with pytest.raises(ValueError, match="not finite"):
+            store.append(bad)
+        good.join()
+        assert store.count() == 50 and "bad" not in store
+
+
+def test_a_full_disk_fails_the_commit_and_the_store_recovers_once_freed(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "small", "2m") as disk, FeedbackStore(disk / "store") as store:
+        for i in range(5):
             store.append(record(i))
-    return next(path for path in segments(tmp_path) if path.stat().st_size > len(MAGIC))
+        filler = fill_disk(disk)
+        for attempt in range(3):  # it fails each time while the disk is full, and stays up
+            with pytest.raises(Unavailable) as full:
+                store.append(record(100 + attempt))
+            assert full.value.reason == "FEEDBACK_STORE_FAILED"
+            assert "full" in full.value.message
+        filler.unlink()
+        assert not store.append(record(200)).duplicate  # no restart needed
+        assert store.append(record(4)).duplicate
+        assert store.count() == 6
+        assert sorted(ids_of(store)) == sorted([*ids_of_range(5), "p-200"])
 
 
-@pytest.mark.parametrize(
-    "tail",
-    [
-        pytest.param(frame(record(99).encode())[:3], id="partial-header"),
-        pytest.param(frame(record(99).encode())[:40], id="partial-payload"),
-        pytest.param(frame(record(99).encode())[:-1] + b"\x00", id="bad-crc"),
-        pytest.param(b"\x00" * 64, id="zero-filled"),
-    ],
-)
-def test_torn_tail_is_truncated(tmp_path: Path, tail: bytes) -> None:
-    wal = _written_store(tmp_path)
-    good_size = wal.stat().st_size
-    with open(wal, "ab") as handle:
-        handle.write(tail)
-    copy = tmp_path / "copy.log"  # the store compacts the segment away in the background
-    copy.write_bytes(wal.read_bytes())
-    assert [r.prediction_id for r in repair_segment(copy)] == ids_of_range(5)
-    assert copy.stat().st_size == good_size  # repair cut the garbage from the file
-    with FeedbackStore(tmp_path, compact_on_close=False) as store:
-        assert ids_of(store) == ids_of_range(5)
-        assert not store.append(record(99)).duplicate  # and appends go on cleanly
+def test_ids_come_from_the_parts_when_the_database_is_new(tmp_path: Path) -> None:
+    """A directory whose parts were written without a database (the store before SQLite, or
+    a lost database file) keeps answering its ids as duplicates."""
     with FeedbackStore(tmp_path) as store:
-        assert ids_of(store) == [f"p-{i}" for i in [0, 1, 2, 3, 4, 99]]
-
-
-def test_segment_torn_while_being_created(tmp_path: Path) -> None:
-    _written_store(tmp_path)
-    (tmp_path / "feedback_wal" / "wal-0000000000000999.log").write_bytes(MAGIC[:3])
+        for i in range(10):
+            store.append(record(i))
+    for path in tmp_path.glob(DB_NAME + "*"):
+        path.unlink()
     with FeedbackStore(tmp_path) as store:
-        assert store.count() == 5
-
-
-def test_read_segment_stops_at_corruption(tmp_path: Path) -> None:
-    wal = _written_store(tmp_path)
-    data = bytearray(wal.read_bytes())
-    data[len(MAGIC) + 10] ^= 0xFF  # flip a bit inside the first record
-    wal.write_bytes(bytes(data))
-    assert read_segment(wal)[0] == []
+        assert store.count() == 10 and store.append(record(3)).duplicate
+        assert not store.append(record(10)).duplicate
+    parts = pl.read_parquet(tmp_path / "training_samples" / "*.parquet")
+    assert sorted(parts["prediction_id"]) == sorted(ids_of_range(11))
 
 
 # -- compaction -------------------------------------------------------------------------------
@@ -221,8 +229,8 @@ def test_compaction_writes_snappy_parquet_readable_by_polars_and_pyarrow(tmp_pat
         part = store.compact()
         assert part is not None and part.parent == tmp_path / "training_samples"
         assert store.read_samples().equals(before)
-        assert store.compact() is None  # nothing left in the WAL
-    assert all(path.stat().st_size == len(MAGIC) for path in segments(tmp_path))
+        assert store.compact() is None  # nothing left in SQLite
+    assert uncompacted_rows(tmp_path) == 0
     metadata = pq.ParquetFile(part).metadata
     assert metadata.row_group(0).column(0).compression == "SNAPPY"
     assert pq.read_table(tmp_path / "training_samples").num_rows == 30
@@ -243,7 +251,7 @@ def test_automatic_compaction_by_row_count(tmp_path: Path) -> None:
         assert sorted(ids_of(store)) == sorted(f"p-{i}" for i in range(120))
 
 
-@pytest.mark.parametrize("step", ["part_written", "part_renamed", "segment_deleted"])
+@pytest.mark.parametrize("step", ["part_written", "part_renamed", "rows_deleted"])
 def test_failed_compaction_loses_and_duplicates_nothing(tmp_path: Path, step: str) -> None:
     def hook(name: str) -> None:
         if name == step:
@@ -307,7 +315,7 @@ def test_sigkill_mid_stream_keeps_every_acknowledged_record(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("step", ["part_written", "part_renamed", "segment_deleted"])
+@pytest.mark.parametrize("step", ["part_written", "part_renamed", "rows_deleted"])
 def test_sigkill_during_compaction(tmp_path: Path, step: str) -> None:
     acked = _acknowledged(_child(str(tmp_path), "crash-at", step, "200"), None)
     assert len(acked) == 200
@@ -400,6 +408,9 @@ def test_repeat_of_a_stored_id_is_a_duplicate_not_not_found(tmp_path: Path) -> N
         store.append(record(1))
         rec = _build(PredictionLog(None), prediction_id="p-1", already_stored=store)
         assert store.append(rec).duplicate
+
+
+# -- one process per store ---------------------------------------------------------------------
 
 
 def test_a_second_opener_is_refused(tmp_path: Path) -> None:
