@@ -126,6 +126,9 @@ class Settings:
     feedback_compact_rows: int = env("FEEDBACK_COMPACT_ROWS", 10_000, minimum=0)
     """Move the samples from SQLite into a Parquet part once this many are waiting (0: only at
     shutdown)."""
+    feedback_max_id_bytes: int = env("FEEDBACK_MAX_ID_BYTES", 128, minimum=1)
+    """Longest prediction id (UTF-8 bytes) Feedback accepts (INVALID_ARGUMENT
+    PREDICTION_ID_TOO_LONG above); ids are stored for good, so they are kept short."""
     feedback_max_clock_skew_seconds: float = env(
         "FEEDBACK_MAX_CLOCK_SKEW_SECONDS", 5.0, minimum=0.0
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC
 from typing import Any, TypeAlias
 
 import grpc
@@ -97,14 +96,17 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
                 task.cancel()
 
     async def Feedback(self, request: pb.FeedbackRequest, context: Context) -> pb.FeedbackResponse:
-        """Acknowledged (OK) only once the record is fsynced; the same id twice is stored once."""
+        """Acknowledged (OK) only once the record is committed (fsynced); the same id twice is
+        stored once."""
         outcome = request.outcome
         stored = await self.feedback.feedback(
             self.predictor.model,
             request.prediction_id,
             outcome.pnl,
             outcome.realized_return,
-            outcome.close_time.ToDatetime(tzinfo=UTC) if outcome.HasField("close_time") else None,
+            (outcome.close_time.seconds, outcome.close_time.nanos)
+            if outcome.HasField("close_time")
+            else None,
             list(request.features.values) if request.HasField("features") else None,
         )
         return messages.feedback_response(request.prediction_id, stored)

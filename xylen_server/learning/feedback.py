@@ -1,23 +1,28 @@
 """Feedback: outcomes validated and joined to what the server predicted, stored durably.
 
-:func:`build_record` validates one Feedback call and joins it to the logged prediction (the
-exact features the model saw). :class:`FeedbackLoop` owns the
+:func:`build_record` validates one Feedback call against every limit the store and training
+need (id length, feature count and float32 range, finite outcome, a close time in range) and
+joins it to the logged prediction (the exact features the model saw), so whatever is
+acknowledged can be read back. :class:`FeedbackLoop` owns the
 :class:`~xylen_server.learning.prediction_log.PredictionLog` (every answered Predict batch,
 recorded on the hot path without I/O) and the durable
 :class:`~xylen_server.learning.feedback_store.FeedbackStore` (Feedback is acknowledged only once
-its record is fsynced). It also keeps the live figures the automatic retrain triggers read: how
-many new samples arrived since the serving model's data was cut off, and the rolling accuracy
-over the last ``RETRAIN_ACCURACY_WINDOW`` outcomes of predictions this server made.
+its record is committed and fsynced). It also keeps the live figures the automatic retrain
+triggers read: how many new samples arrived since the serving model's data was cut off, and the
+rolling accuracy over the last ``RETRAIN_ACCURACY_WINDOW`` outcomes of predictions this server
+made.
 
-Everything lives in ``<FEEDBACK_DATA_DIR>/<MODEL_NAME>/``. A store locked by another process (two
-servers of one model name on one data directory) does not stop the server: Predict serves, and
-Feedback answers UNAVAILABLE (reason FEEDBACK_STORE_UNAVAILABLE) so callers retry elsewhere.
+Everything lives in ``<FEEDBACK_DATA_DIR>/<MODEL_NAME>/``. A store that cannot be opened (locked
+by another process: two servers of one model name on one data directory; a full disk) does not
+stop the server: Predict serves, Feedback answers UNAVAILABLE (reason
+FEEDBACK_STORE_UNAVAILABLE) so callers retry, and the next Feedback tries to open it again.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -66,6 +71,7 @@ class FeedbackLoop:
         )
         self._store: FeedbackStore | None = None
         self._store_error = ""
+        self._closed = False
         self._store_lock = threading.Lock()
         self.outcomes: deque[bool] = deque(maxlen=settings.retrain_accuracy_window)
         """Was the served prediction right? One entry per new outcome of a logged prediction."""
@@ -95,21 +101,25 @@ class FeedbackLoop:
 
     @property
     def store(self) -> FeedbackStore | None:
-        """The feedback store, opened (and recovered) on first use; None if it cannot be."""
+        """The feedback store, opened (and recovered) on first use; None if it cannot be
+        opened now (the next use tries again: another process may let go, a disk may be
+        freed)."""
         store = self._store
-        if store is not None or self._store_error:
+        if store is not None or self._closed:
             return store
         with self._store_lock:
-            if self._store is None and not self._store_error:
+            if self._store is None and not self._closed:
                 try:
                     self._store = FeedbackStore(
                         self.settings.learning_dir,
                         group_commit=self.settings.feedback_group_commit,
                         compact_rows=self.settings.feedback_compact_rows,
                     )
-                except (RuntimeError, OSError) as exc:
+                    self._store_error = ""
+                except (RuntimeError, OSError, sqlite3.Error) as exc:
+                    if str(exc) != self._store_error:  # once per cause, not once per call
+                        logger.error("feedback store unavailable (Feedback: UNAVAILABLE): %s", exc)
                     self._store_error = str(exc)
-                    logger.error("feedback store unavailable (Feedback: UNAVAILABLE): %s", exc)
             return self._store
 
     def require_store(self) -> FeedbackStore:
@@ -117,7 +127,7 @@ class FeedbackLoop:
         store = self.store
         if store is None:
             raise Unavailable(
-                f"feedback is not stored on this server: {self._store_error}",
+                f"feedback is not stored on this server: {self._store_error or 'closed'}",
                 reason="FEEDBACK_STORE_UNAVAILABLE",
             )
         return store
@@ -128,10 +138,11 @@ class FeedbackLoop:
         prediction_id: str,
         pnl: float,
         realized_return: float,
-        close_time: datetime | None,
+        close_time: tuple[int, int] | None,
         features: Sequence[float] | None,
     ) -> AppendResult:
-        """Validate, join to the logged prediction and store durably; idempotent by id."""
+        """Validate, join to the logged prediction and store durably; idempotent by id.
+        ``close_time`` is ``(seconds, nanos)`` since the epoch (see :func:`build_record`)."""
         store = self.require_store()
         record = build_record(
             prediction_id=prediction_id,
@@ -143,6 +154,7 @@ class FeedbackLoop:
             model_name=model.meta.name,
             feature_count=len(model.meta.feature_names),
             already_stored=store,
+            max_id_bytes=self.settings.feedback_max_id_bytes,
             max_clock_skew_seconds=self.settings.feedback_max_clock_skew_seconds,
         )
         result = await store.append_async(record)
@@ -190,7 +202,7 @@ class FeedbackLoop:
         with self._store_lock:
             if self._store is not None:
                 self._store.close()
-            self._store_error = "closed"
+            self._closed = True
 
 
 def _ms(moment: datetime) -> int:
@@ -199,63 +211,74 @@ def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
+EARLIEST_CLOSE_TIME_S = 946_684_800
+"""2000-01-01T00:00:00Z: an outcome closed before it is a mistake (no market this server
+learns from traded then; Binance opened in 2017)."""
+_F32_MAX = float(np.finfo(np.float32).max)
+_SHOWN_ID_CHARS = 64
+
+
+def shown(prediction_id: str) -> str:
+    """``prediction_id`` as an error message may show it: never longer than 64 characters."""
+    if len(prediction_id) <= _SHOWN_ID_CHARS:
+        return repr(prediction_id)
+    return f"{prediction_id[:_SHOWN_ID_CHARS]!r}..."
+
+
 def build_record(
     *,
     prediction_id: str,
     pnl: float,
     realized_return: float,
-    close_time: datetime | None,
+    close_time: tuple[int, int] | None,
     features: Sequence[float] | None,
     prediction_log: PredictionLog | None,
     model_name: str,
     feature_count: int | None = None,
     already_stored: Container[str] = (),
+    max_id_bytes: int = Settings.feedback_max_id_bytes,
     max_clock_skew_seconds: float = Settings.feedback_max_clock_skew_seconds,
     now: datetime | None = None,
 ) -> FeedbackRecord:
     """Validate one Feedback call (plain values, not protobufs) and join it to the logged
     prediction. Raises :class:`InvalidArgument` or :class:`NotFound` with a stable reason.
 
+    Every value is checked against the limits the store and the training data need before
+    anything is stored, so an acknowledged record can always be read back and trained on.
+
     Args:
-        prediction_id: ``FeedbackRequest.prediction_id``.
+        prediction_id: ``FeedbackRequest.prediction_id``; at most ``max_id_bytes`` in UTF-8.
         pnl, realized_return: the outcome; both finite.
-        close_time: when the trade closed (naive means UTC); None when unset.
-        features: the request's feature row, or None when it carried none.
+        close_time: when the trade closed, ``(seconds, nanos)`` since the Unix epoch as
+            ``google.protobuf.Timestamp`` carries them; None when unset. From
+            :data:`EARLIEST_CLOSE_TIME_S` to now plus the allowed clock skew.
+        features: the request's feature row, or None when it carried none; finite and within
+            float32 range, as Predict requires.
         prediction_log: where predictions are remembered (None: no log).
         model_name: the served model, recorded when the prediction is no longer logged.
         feature_count: features the served model takes, to check a request's row against.
         already_stored: ids already stored (the :class:`FeedbackStore`); such an id passes
             without a logged row, so a repeated Feedback answers duplicate, not NOT_FOUND.
+        max_id_bytes: the longest prediction id accepted (``FEEDBACK_MAX_ID_BYTES``).
         max_clock_skew_seconds: how far in the future ``close_time`` may be.
         now: the current time (tests).
     """
-    if not prediction_id:
-        raise InvalidArgument("prediction_id is required", reason="MISSING_PREDICTION_ID")
+    _check_id(prediction_id, max_id_bytes)
     for name, value in (("pnl", pnl), ("realized_return", realized_return)):
         if not math.isfinite(value):
             raise InvalidArgument(
                 f"outcome.{name} must be finite, got {value}", reason="INVALID_OUTCOME", field=name
             )
-    if close_time is None:
-        raise InvalidArgument(
-            "outcome.close_time is required", reason="INVALID_OUTCOME", field="close_time"
-        )
-    close_ms = _ms(close_time)
     now_ms = time.time_ns() // 1_000_000 if now is None else _ms(now)
     skew_ms = int(max_clock_skew_seconds * 1000)
-    if close_ms > now_ms + skew_ms:
-        raise InvalidArgument(
-            f"outcome.close_time {close_time.isoformat()} is in the future",
-            reason="OUTCOME_IN_FUTURE",
-        )
-    row = None if features is None else np.asarray(features, dtype=np.float64)
-    if row is not None and not np.isfinite(row).all():
-        raise InvalidArgument("every feature must be finite", reason="NON_FINITE_FEATURE")
+    close_ms = _close_ms(close_time, now_ms + skew_ms)
+    row = None if features is None else _feature_row(features)
     logged = prediction_log.get(prediction_id) if prediction_log is not None else None
     if logged is not None:
         if row is not None and not np.array_equal(row.astype(np.float32), logged.features):
             raise InvalidArgument(
-                f"the features sent for {prediction_id!r} differ from those it was predicted on",
+                f"the features sent for {shown(prediction_id)} differ from those it was "
+                "predicted on",
                 reason="FEATURES_MISMATCH",
             )
         if close_ms < logged.time_ms - skew_ms:
@@ -281,9 +304,10 @@ def build_record(
             row = np.empty(0)
         else:
             raise NotFound(
-                f"prediction {prediction_id!r} is unknown here (or too old); send its features",
+                f"prediction {shown(prediction_id)} is unknown here (or too old); send its "
+                "features",
                 reason="UNKNOWN_PREDICTION_ID",
-                prediction_id=prediction_id,
+                prediction_id=prediction_id[:_SHOWN_ID_CHARS],
             )
     elif feature_count is not None and len(row) != feature_count:
         raise InvalidArgument(
@@ -301,3 +325,66 @@ def build_record(
         close_ms,
         now_ms,
     )
+
+
+def _check_id(prediction_id: str, max_id_bytes: int) -> None:
+    if not prediction_id:
+        raise InvalidArgument("prediction_id is required", reason="MISSING_PREDICTION_ID")
+    size = len(prediction_id.encode())
+    if size > max_id_bytes:
+        raise InvalidArgument(
+            f"prediction_id is {size} bytes, longer than FEEDBACK_MAX_ID_BYTES ({max_id_bytes})",
+            reason="PREDICTION_ID_TOO_LONG",
+            limit=max_id_bytes,
+            size=size,
+        )
+
+
+def _close_ms(close_time: tuple[int, int] | None, latest_ms: int) -> int:
+    """The close time in UTC ms, or INVALID_ARGUMENT when unset, malformed or out of range."""
+    if close_time is None:
+        raise InvalidArgument(
+            "outcome.close_time is required", reason="INVALID_OUTCOME", field="close_time"
+        )
+    seconds, nanos = close_time
+    if not 0 <= nanos < 1_000_000_000:
+        raise InvalidArgument(
+            f"outcome.close_time.nanos must lie in [0, 999999999], got {nanos}",
+            reason="INVALID_OUTCOME",
+            field="close_time",
+        )
+    if seconds < EARLIEST_CLOSE_TIME_S:
+        raise InvalidArgument(
+            f"outcome.close_time ({seconds} s since the epoch) is before 2000-01-01",
+            reason="INVALID_OUTCOME",
+            field="close_time",
+        )
+    close_ms = seconds * 1000 + nanos // 1_000_000
+    if close_ms > latest_ms:
+        raise InvalidArgument(
+            f"outcome.close_time ({seconds} s since the epoch) is in the future",
+            reason="OUTCOME_IN_FUTURE",
+        )
+    return close_ms
+
+
+def _feature_row(features: Sequence[float]) -> np.ndarray:
+    """The request's row as float64, or INVALID_ARGUMENT for a value Predict would refuse."""
+    row = np.asarray(features, dtype=np.float64)
+    # One pass catches NaN (never <=), infinities and values float32 cannot hold.
+    if not (np.abs(row) <= _F32_MAX).all():
+        finite = np.isfinite(row)
+        if not finite.all():
+            index = int(np.argmin(finite))
+            raise InvalidArgument(
+                f"feature {index} is {row[index]}; feature values must be finite",
+                reason="NON_FINITE_FEATURE",
+                feature=index,
+            )
+        index = int(np.argmax(np.abs(row) > _F32_MAX))
+        raise InvalidArgument(
+            f"feature {index} is {row[index]:g}, outside the float32 range the model runs in",
+            reason="FEATURE_OUT_OF_RANGE",
+            feature=index,
+        )
+    return row

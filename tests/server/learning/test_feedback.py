@@ -3,6 +3,7 @@ reasons, and every acknowledged record surviving kill -9 of a real server proces
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from errorinfo import error_info
 from harness import InProcessServer, feature_input, start_server, write_model
-from learning_helpers import feedback, learning_settings
+from learning_helpers import feedback, fill_disk, learning_settings, tmpfs
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
@@ -92,32 +93,125 @@ def test_bad_feedback_gets_its_code_and_reason(live, feature_rows, case, code, r
     assert error_info(caught.value).reason == reason
 
 
-def test_kill_9_while_feedback_streams_in_loses_no_acknowledged_record(
+def test_feedback_comes_back_by_itself_after_a_full_disk_is_freed(
     tmp_path: Path, candles, feature_rows
 ):
+    """A real server whose data directory is on a small tmpfs: filled up, Feedback answers
+    UNAVAILABLE and Predict keeps serving; freed, Feedback stores again without a restart."""
+    write_model(tmp_path / "models", "model_1", "lightgbm", candles, trees=10)
+    with tmpfs(tmp_path / "data", "3m"):
+        server = InProcessServer(learning_settings(tmp_path))
+        try:
+            with grpc.insecure_channel(server.address) as channel:
+                stub = pb_grpc.ModelServiceStub(channel)
+                assert not stub.Feedback(feedback("before", 0.01, feature_rows[0])).duplicate
+                filler = fill_disk(tmp_path / "data")
+                for i in range(3):
+                    with pytest.raises(grpc.RpcError) as full:
+                        stub.Feedback(feedback(f"full-{i}", 0.01, feature_rows[1]))
+                    assert full.value.code() == grpc.StatusCode.UNAVAILABLE
+                    assert error_info(full.value).reason == "FEEDBACK_STORE_FAILED"
+                assert stub.Predict(pb.PredictRequest(inputs=[feature_input(feature_rows[2])]))
+                filler.unlink()
+                assert not stub.Feedback(feedback("after", 0.01, feature_rows[3])).duplicate
+                assert stub.Feedback(feedback("full-0", 0.01, feature_rows[1])).stored_samples == 3
+            ids = server.running.feedback.require_store().read_samples()["prediction_id"]
+            assert sorted(ids) == ["after", "before", "full-0"]
+        finally:
+            server.close()
+
+
+def test_a_store_held_by_another_process_is_opened_once_it_is_free(tmp_path, candles, feature_rows):
+    write_model(tmp_path / "models", "model_1", "lightgbm", candles, trees=10)
+    settings = learning_settings(tmp_path)
+    other = FeedbackStore(settings.learning_dir)  # as another server of this model would
+    server = InProcessServer(settings)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ModelServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as held:
+                stub.Feedback(feedback("first", 0.01, feature_rows[0]))
+            assert held.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(held.value).reason == "FEEDBACK_STORE_UNAVAILABLE"
+            other.close()
+            assert not stub.Feedback(feedback("first", 0.01, feature_rows[0])).duplicate
+    finally:
+        other.close()
+        server.close()
+
+
+#: Refused requests the kill -9 test mixes in, each made from a unique id; none may be stored.
+MALFORMED = {
+    "id_129_bytes": lambda pid, row: feedback(pid.ljust(129, "x"), 0.01, row),
+    "id_1_mib": lambda pid, row: feedback(pid.ljust(1 << 20, "x"), 0.01, row),
+    "nan_pnl": lambda pid, row: _with(feedback(pid, 0.01, row), pnl=float("nan")),
+    "inf_return": lambda pid, row: feedback(pid, float("inf"), row),
+    "feature_1e300": lambda pid, row: feedback(pid, 0.01, [1e300, *row[1:]]),
+    "short_row": lambda pid, row: feedback(pid, 0.01, row[:-1]),
+    "year_10000": lambda pid, row: _with(feedback(pid, 0.01, row), seconds=253_402_300_800),
+    "seconds_2_62": lambda pid, row: _with(feedback(pid, 0.01, row), seconds=2**62),
+    "bad_nanos": lambda pid, row: _with(feedback(pid, 0.01, row), nanos=-1),
+    "before_2000": lambda pid, row: _with(feedback(pid, 0.01, row), seconds=0),
+}
+
+
+def _with(request: pb.FeedbackRequest, **fields: float) -> pb.FeedbackRequest:
+    for name, value in fields.items():
+        target = request.outcome if name == "pnl" else request.outcome.close_time
+        setattr(target, name, value)
+    return request
+
+
+def test_kill_9_mid_stream_with_bad_records_in_the_mix_loses_nothing_acknowledged(
+    tmp_path: Path, candles, feature_rows
+):
+    """Six callers send new outcomes, repeats of acknowledged ones, and every kind of refused
+    record (oversized ids, non-finite values, out-of-range times...) to a real server process,
+    which is killed with SIGKILL mid-stream. After a restart every acknowledged record is there
+    exactly once and nothing refused was stored."""
     models = tmp_path / "models"
     write_model(models, "model_1", "lightgbm", candles, trees=20)
     env = {"FEEDBACK_DATA_DIR": str(tmp_path / "data"), "RETRAIN_AUTO": "false"}
     server = start_server(models, env=env, log_dir=tmp_path)
     acknowledged: set[str] = set()
+    repeats: list[str] = []
+    refused: dict[str, str] = {}  # id (first 64 characters) -> reason
+    improper: list[str] = []
     lock = threading.Lock()
     stop = threading.Event()
+    kinds = ["new", "new", "repeat", *MALFORMED]
 
     def client(k: int) -> None:
+        last = ""
         with server.channel() as channel:
             stub = pb_grpc.ModelServiceStub(channel)
-            i = 0
-            while not stop.is_set():
-                pid = f"c{k}-{i}"
+            for i in itertools.count():
+                if stop.is_set():
+                    return
+                kind, pid, row = kinds[(i + k) % len(kinds)], f"c{k}-{i}", feature_rows[i % 1000]
+                if kind == "repeat" and last:
+                    request = feedback(last, 0.01, feature_rows[0])
+                elif kind in MALFORMED:
+                    request = MALFORMED[kind](pid, [float(v) for v in row])
+                else:
+                    request = feedback(pid, 0.01 * (i % 3 - 1), row)
                 try:
-                    stub.Feedback(
-                        feedback(pid, 0.01 * (i % 3 - 1), feature_rows[i % 1000]), timeout=5
-                    )
-                except grpc.RpcError:
+                    answer = stub.Feedback(request, timeout=10)
+                except grpc.RpcError as error:
+                    code = error.code()  # type: ignore[attr-defined]
+                    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                        with lock:
+                            refused[request.prediction_id[:64]] = error_info(error).reason
+                        continue
+                    if code != grpc.StatusCode.UNAVAILABLE:
+                        improper.append(f"{kind}: {code}")
                     return  # the server is gone; this one was not acknowledged
                 with lock:
-                    acknowledged.add(pid)
-                i += 1
+                    if answer.duplicate:
+                        repeats.append(answer.prediction_id)
+                    else:
+                        acknowledged.add(answer.prediction_id)
+                        last = answer.prediction_id
 
     clients = [threading.Thread(target=client, args=(k,)) for k in range(6)]
     for thread in clients:
@@ -131,7 +225,11 @@ def test_kill_9_while_feedback_streams_in_loses_no_acknowledged_record(
         stop.set()
         for thread in clients:
             thread.join(10)
-    assert len(acknowledged) >= 600
+    assert len(acknowledged) >= 600 and not improper
+    assert repeats and set(repeats) <= acknowledged
+    assert set(refused.values()) >= {"PREDICTION_ID_TOO_LONG", "INVALID_OUTCOME",
+                                     "OUTCOME_IN_FUTURE", "FEATURE_OUT_OF_RANGE",
+                                     "FEATURE_COUNT_MISMATCH"}  # fmt: skip
 
     restarted = start_server(models, env=env, log_dir=tmp_path)
     with restarted.channel() as channel:
@@ -142,5 +240,13 @@ def test_kill_9_while_feedback_streams_in_loses_no_acknowledged_record(
 
     with FeedbackStore(tmp_path / "data" / "model_1") as store:
         ids = store.read_samples().get_column("prediction_id").to_list()
+    lost = acknowledged - set(ids)
+    print(
+        f"\nkill -9 mid-stream: {len(acknowledged)} acknowledged, {len(repeats)} repeats "
+        f"answered duplicate, {len(refused)} refused, {len(lost)} lost, "
+        f"{len(set(ids)) - len(acknowledged)} stored but unanswered when killed"
+    )
     assert len(ids) == len(set(ids)), "a record was stored twice"
-    assert acknowledged <= set(ids), "an acknowledged record was lost"
+    assert not lost, f"{len(lost)} acknowledged records lost"
+    assert not set(refused) & {pid[:64] for pid in ids}, "a refused record was stored"
+    assert max(len(pid.encode()) for pid in ids) <= 128

@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 from learning_helpers import fill_disk, tmpfs
 
-from xylen_server.errors import InvalidArgument, NotFound, Unavailable
-from xylen_server.learning.feedback import build_record
+from xylen_server.errors import Unavailable
 from xylen_server.learning.feedback_store import FeedbackStore
-from xylen_server.learning.prediction_log import PredictionLog
 from xylen_server.learning.samples import DB_NAME, FeedbackRecord
 
 CHILD = Path(__file__).with_name("feedback_child.py")
@@ -320,94 +318,6 @@ def test_sigkill_during_compaction(tmp_path: Path, step: str) -> None:
     acked = _acknowledged(_child(str(tmp_path), "crash-at", step, "200"), None)
     assert len(acked) == 200
     _assert_exactly_once(tmp_path, acked)
-
-
-# -- validation -------------------------------------------------------------------------------
-
-NOW = datetime.now(UTC).replace(microsecond=0)  # the log ages rows by the wall clock
-
-
-@pytest.fixture
-def log() -> PredictionLog:
-    log = PredictionLog(None)
-    features = np.array([[0.1, 0.2, 0.3]], dtype=np.float32)
-    time_ms = int((NOW - timedelta(hours=1)).timestamp() * 1000)
-    log.record(["known"], features, [0.7], [1], "model_1", 4, time_ms=time_ms)
-    return log
-
-
-def _build(log: PredictionLog, **overrides: object) -> FeedbackRecord:
-    fields: dict[str, object] = {
-        "prediction_id": "known",
-        "pnl": 12.5,
-        "realized_return": 0.02,
-        "close_time": NOW - timedelta(minutes=5),
-        "features": None,
-        "prediction_log": log,
-        "model_name": "model_1",
-        "feature_count": 3,
-        "now": NOW,
-    }
-    fields.update(overrides)
-    return build_record(**fields)  # type: ignore[arg-type]
-
-
-def test_build_record_joins_the_logged_prediction(log: PredictionLog) -> None:
-    rec = _build(log, features=[0.1, 0.2, 0.3])  # float64 values that round to the logged row
-    assert (rec.model_version, rec.probability_up, rec.signal, rec.label) == (4, 0.7, 1, 1)
-    assert (
-        rec.features.dtype == np.float32
-        and rec.features.tolist() == log.get("known").features.tolist()
-    )  # type: ignore[union-attr]
-    assert rec.received_time_ms == int(NOW.timestamp() * 1000)
-    assert _build(log, realized_return=0.0).label == 0
-
-
-def test_build_record_with_features_for_an_unlogged_prediction(log: PredictionLog) -> None:
-    rec = _build(log, prediction_id="gone", features=[1.0, 2.0, 3.0])
-    assert rec.model_version is None and rec.probability_up is None
-    assert rec.features.tolist() == [1.0, 2.0, 3.0]
-
-
-@pytest.mark.parametrize(
-    ("overrides", "error", "reason"),
-    [
-        ({"prediction_id": "nope"}, NotFound, "UNKNOWN_PREDICTION_ID"),
-        ({"prediction_id": ""}, InvalidArgument, "MISSING_PREDICTION_ID"),
-        ({"pnl": float("nan")}, InvalidArgument, "INVALID_OUTCOME"),
-        ({"realized_return": float("inf")}, InvalidArgument, "INVALID_OUTCOME"),
-        ({"close_time": None}, InvalidArgument, "INVALID_OUTCOME"),
-        ({"close_time": NOW - timedelta(days=1)}, InvalidArgument, "INVALID_OUTCOME"),
-        ({"close_time": NOW + timedelta(minutes=1)}, InvalidArgument, "OUTCOME_IN_FUTURE"),
-        ({"features": [0.1, 0.2, 0.31]}, InvalidArgument, "FEATURES_MISMATCH"),
-        ({"features": [0.1, 0.2]}, InvalidArgument, "FEATURES_MISMATCH"),
-        ({"features": [0.1, float("nan"), 0.3]}, InvalidArgument, "NON_FINITE_FEATURE"),
-        (
-            {"prediction_id": "gone", "features": [1.0, 2.0]},
-            InvalidArgument,
-            "FEATURE_COUNT_MISMATCH",
-        ),
-    ],
-)
-def test_build_record_refuses(
-    log: PredictionLog, overrides: dict[str, object], error: type[Exception], reason: str
-) -> None:
-    with pytest.raises(error) as caught:
-        _build(log, **overrides)
-    assert caught.value.reason == reason  # type: ignore[attr-defined]
-
-
-def test_clock_skew_is_allowed(log: PredictionLog) -> None:
-    assert _build(log, close_time=NOW + timedelta(seconds=3)).close_time_ms > 0
-    with pytest.raises(InvalidArgument):
-        _build(log, close_time=NOW + timedelta(seconds=3), max_clock_skew_seconds=1.0)
-
-
-def test_repeat_of_a_stored_id_is_a_duplicate_not_not_found(tmp_path: Path) -> None:
-    with FeedbackStore(tmp_path) as store:
-        store.append(record(1))
-        rec = _build(PredictionLog(None), prediction_id="p-1", already_stored=store)
-        assert store.append(rec).duplicate
 
 
 # -- one process per store ---------------------------------------------------------------------
