@@ -1,19 +1,28 @@
-"""Feedback storage benchmark: acknowledged (fsynced) records/s with and without group commit,
-the cost of compaction, and the cost of PredictionLog.record on the Predict path.
+"""Feedback storage benchmark: acknowledged (committed, fsynced) records/s of the SQLite store
+against the hand-made WAL store it replaced, measured in turn in one run, with threads and
+asyncio, 1 and 32 writers; the cost of compaction; the cost of PredictionLog.record on the
+Predict path.
 
-``python -m bench.bench_feedback [--seconds S] [--dir DIR]`` runs it alone; ``bench.__main__``
-calls :func:`main`. DIR must be on the disk the server writes to (fsync cost is the disk's).
+The old store is the code of :data:`OLD_STORE_COMMIT`, read with ``git show`` into temporary
+modules of this process (its figures are left out, saying why, where git or that commit is not
+there). ``python -m bench.bench_feedback [--seconds S] [--dir DIR]`` runs it alone;
+``bench.__main__`` calls :func:`main`. DIR must be on the disk the server writes to (fsync
+cost is the disk's).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+import types
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,25 +31,75 @@ from xylen_server.learning.prediction_log import PredictionLog
 from xylen_server.learning.samples import FeedbackRecord
 
 FEATURES = 24
+REPO = Path(__file__).resolve().parents[1]
+ROUNDS = 3
+"""Each figure is the median of this many runs, the stores taking turns."""
+OLD_STORE_COMMIT = "5398b3bedd11619a2aeb119a9fba25f92c4588cb"
+"""The last commit with the hand-made write-ahead-log feedback store."""
 
 
-def _record(worker: int, i: int) -> FeedbackRecord:
-    features = np.full(FEATURES, worker + i / 7, dtype=np.float32)
-    return FeedbackRecord(
-        f"w{worker}-{i}", "model_1", 1, features, 0.6, 1, 3.5, 0.004, 1_700_000_000_000, 0
-    )
+class Store:
+    """One store implementation under test: how to open it and make its records."""
+
+    def __init__(self, name: str, opener: Callable[..., Any], record: type) -> None:
+        self.name, self.open, self.record_type = name, opener, record
+
+    def record(self, worker: int, i: int) -> Any:
+        features = np.full(FEATURES, worker + i / 7, dtype=np.float32)
+        return self.record_type(
+            f"w{worker}-{i}", "model_1", 1, features, 0.6, 1, 3.5, 0.004, 1_700_000_000_000, 0
+        )
 
 
-def _threads(directory: Path, group_commit: bool, workers: int, seconds: float) -> str:
+def _commits(store: Any) -> int:
+    return int(getattr(store, "commit_count", getattr(store, "fsync_count", 0)))
+
+
+def _git_source(path: str) -> str:
+    return subprocess.run(
+        ["git", "show", f"{OLD_STORE_COMMIT}:{path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def _module(name: str, source: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    exec(compile(source, f"<{OLD_STORE_COMMIT[:7]}:{name}>", "exec"), module.__dict__)
+    return module
+
+
+def old_store() -> Store | str:
+    """The WAL store of :data:`OLD_STORE_COMMIT`, or why it cannot be loaded here."""
+    try:
+        samples = _module("bench_old_samples", _git_source("xylen_server/learning/samples.py"))
+        source = _git_source("xylen_server/learning/feedback_store.py").replace(
+            "from xylen_server.learning.samples import", "from bench_old_samples import"
+        )
+        store = _module("bench_old_feedback_store", source)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return f"the old store is not measured: git show {OLD_STORE_COMMIT[:7]} failed ({exc})"
+    return Store("old WAL", store.FeedbackStore, samples.FeedbackRecord)
+
+
+NEW = Store("SQLite", FeedbackStore, FeedbackRecord)
+
+
+def _threads(
+    kind: Store, directory: Path, group_commit: bool, workers: int, seconds: float
+) -> tuple[float, str]:
     latencies: list[list[float]] = [[] for _ in range(workers)]
     stop = time.perf_counter() + seconds
-    with FeedbackStore(directory, group_commit=group_commit, compact_rows=0) as store:
+    with kind.open(directory, group_commit=group_commit, compact_rows=0) as store:
 
         def work(worker: int) -> None:
             i = 0
             while time.perf_counter() < stop:
                 started = time.perf_counter()
-                store.append(_record(worker, i))
+                store.append(kind.record(worker, i))
                 latencies[worker].append(time.perf_counter() - started)
                 i += 1
 
@@ -51,42 +110,45 @@ def _threads(directory: Path, group_commit: bool, workers: int, seconds: float) 
         for thread in threads:
             thread.join()
         elapsed = time.perf_counter() - started
-        records, fsyncs = store.count(), store.commit_count
+        records, commits = store.count(), _commits(store)
     ms = np.array([x for worker in latencies for x in worker]) * 1000
-    return (
-        f"{records / elapsed:9,.0f} records/s  {records / max(fsyncs, 1):6.1f} records/fsync  "
+    rate = records / elapsed
+    return rate, (
+        f"{rate:9,.0f} records/s  {records / max(commits, 1):6.1f} records/commit  "
         f"append p50={np.percentile(ms, 50):6.2f} ms  p99={np.percentile(ms, 99):6.2f} ms"
     )
 
 
-def _asyncio(directory: Path, group_commit: bool, tasks: int, seconds: float) -> str:
-    async def run(store: FeedbackStore) -> float:
+def _asyncio(kind: Store, directory: Path, tasks: int, seconds: float) -> tuple[float, str]:
+    async def run(store: Any) -> float:
         stop = time.perf_counter() + seconds
 
         async def work(worker: int) -> None:
             i = 0
             while time.perf_counter() < stop:
-                await store.append_async(_record(worker, i))
+                await store.append_async(kind.record(worker, i))
                 i += 1
 
         started = time.perf_counter()
         await asyncio.gather(*(work(w) for w in range(tasks)))
         return time.perf_counter() - started
 
-    with FeedbackStore(directory, group_commit=group_commit, compact_rows=0) as store:
+    with kind.open(directory, compact_rows=0) as store:
         elapsed = asyncio.run(run(store))
-        records, fsyncs = store.count(), store.commit_count
-    return f"{records / elapsed:9,.0f} records/s  {records / max(fsyncs, 1):6.1f} records/fsync"
+        records, commits = store.count(), _commits(store)
+    rate = records / elapsed
+    return rate, f"{rate:9,.0f} records/s  {records / max(commits, 1):6.1f} records/commit"
 
 
 def _compaction(directory: Path, rows: int) -> str:
+    record = NEW.record
     with FeedbackStore(directory, compact_rows=0, compact_on_close=False) as store:
         workers = 32
         done = threading.Barrier(workers + 1)
 
         def work(worker: int) -> None:
             for i in range(rows // workers):
-                store.append(_record(worker, i))
+                store.append(record(worker, i))
             done.wait()
 
         for w in range(workers):
@@ -129,7 +191,7 @@ def _record_cost(directory: Path | None, rows: int, calls: int) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run every measurement and print labelled figures."""
     parser = argparse.ArgumentParser(prog="bench.bench_feedback")
-    parser.add_argument("--seconds", type=float, default=2.0, help="per throughput measurement")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per throughput figure")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: temp)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="xylen-bench-feedback-", dir=args.dir) as tmp:
@@ -139,15 +201,40 @@ def main(argv: Sequence[str] | None = None) -> None:
         def fresh() -> Path:
             return root / f"run-{next(runs)}"
 
-        print(f"== feedback: acknowledged (fsynced) appends, {args.seconds:.0f} s each, {root}")
-        for group_commit in (False, True):
-            label = "group commit" if group_commit else "no group commit"
-            for workers in (1, 8, 32):
-                figures = _threads(fresh(), group_commit, workers, args.seconds)
-                print(f"  {label:<15} {workers:>2} threads  {figures}")
-            figures = _asyncio(fresh(), group_commit, 32, args.seconds)
-            print(f"  {label:<15} 32 asyncio  {figures}")
-        print("== feedback: compaction WAL -> Parquet (Snappy)")
+        old = old_store()
+        kinds = [NEW] if isinstance(old, str) else [old, NEW]
+        seconds = args.seconds / ROUNDS
+        print(
+            f"== feedback: acknowledged (committed, fsynced) appends, group commit, "
+            f"{ROUNDS} rounds of {seconds:.1f} s each, {root}"
+        )
+        if isinstance(old, str):
+            print(f"  ({old})")
+        runs_ = [
+            ("threads", 1, lambda kind: _threads(kind, fresh(), True, 1, seconds)),
+            ("threads", 32, lambda kind: _threads(kind, fresh(), True, 32, seconds)),
+            ("asyncio", 1, lambda kind: _asyncio(kind, fresh(), 1, seconds)),
+            ("asyncio", 32, lambda kind: _asyncio(kind, fresh(), 32, seconds)),
+        ]
+        for how, writers, measure in runs_:
+            rates: dict[str, list[float]] = {kind.name: [] for kind in kinds}
+            shown: dict[str, str] = {}
+            for _ in range(ROUNDS):  # in turn, so machine noise hits both alike
+                for kind in kinds:
+                    rate, shown[kind.name] = measure(kind)
+                    rates[kind.name].append(rate)
+            for kind in kinds:
+                median = float(np.median(rates[kind.name]))
+                print(
+                    f"  {kind.name:<8} {writers:>2} {how:<7}  median {median:9,.0f} records/s "
+                    f"of {ROUNDS}; last: {shown[kind.name]}"
+                )
+            if len(kinds) == 2:
+                ratio = np.median(rates["SQLite"]) / np.median(rates["old WAL"])
+                print(f"  {'':<8} SQLite / old WAL: {ratio:.2f}x")
+        _, figures = _threads(NEW, fresh(), False, 32, args.seconds)
+        print(f"  SQLite   32 threads, one commit per append (no group commit): {figures}")
+        print("== feedback: compaction SQLite -> Parquet (Snappy)")
         print(f"  {_compaction(fresh(), 6_400)}")
         print("== prediction log: record() on the Predict path (24 float32 features)")
         for rows in (1, 64):

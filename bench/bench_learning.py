@@ -1,6 +1,8 @@
 """Continuous-learning benchmark, against real server processes on loopback:
 
-* Feedback over gRPC: acknowledged (fsynced) records/s at concurrency 32, group commit on / off;
+* Feedback over gRPC: acknowledged (committed, fsynced) records/s at concurrency 32, group commit
+  on / off, this server against the one with the hand-made WAL store
+  (:data:`~bench.bench_feedback.OLD_STORE_COMMIT`, extracted with ``git archive``), in turn;
 * retrain time: the training job (the same subprocess the server runs, niced, 1 thread) on 10k
   and 100k feedback samples, incremental and full, and one whole Retrain RPC on 10k samples
   through the server (snapshot, train, gate, load, swap);
@@ -30,6 +32,7 @@ import grpc
 import numpy as np
 import polars as pl
 
+from bench.bench_feedback import OLD_STORE_COMMIT, REPO
 from bench.bench_server import Process, build_model, start_xylen
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
@@ -62,7 +65,7 @@ async def _feed(
 ) -> int:
     """Send Feedback from 32 concurrent tasks (``count`` records, or for ``seconds``)."""
     labels = _labels(rows)
-    start = datetime.now(UTC) - timedelta(hours=(count or 10**6) + 1)
+    start = datetime.now(UTC) - timedelta(seconds=(count or 10**6) + 1)
     sent = 0
     stop = time.perf_counter() + seconds
     async with grpc.aio.insecure_channel(address) as channel:
@@ -76,7 +79,7 @@ async def _feed(
             ):
                 j = i % len(rows)
                 await stub.Feedback(
-                    _request(f"{prefix}-{i}", rows[j], int(labels[j]), start + timedelta(hours=i))
+                    _request(f"{prefix}-{i}", rows[j], int(labels[j]), start + timedelta(seconds=i))
                 )
                 sent += 1
                 i += 32
@@ -85,28 +88,68 @@ async def _feed(
     return sent
 
 
+def old_tree(root: Path) -> Path | str:
+    """The server code of :data:`~bench.bench_feedback.OLD_STORE_COMMIT` (the hand-made WAL
+    feedback store), extracted with ``git archive`` under ``root``; or why it cannot be. It
+    runs with this checkout's generated stubs and installed packages."""
+    target = root / "old-tree"
+    target.mkdir()
+    try:
+        archive = subprocess.run(
+            ["git", "archive", OLD_STORE_COMMIT, "xylen_server", "training"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return f"the old store is not measured: git archive {OLD_STORE_COMMIT[:7]} failed ({exc})"
+    return target
+
+
 def feedback_throughput(root: Path, rows: np.ndarray, seconds: float) -> None:
-    print("Feedback over gRPC, 32 concurrent callers, acknowledged = fsynced:")
-    for group in (True, False):
-        data = root / f"data-{group}"
-        server = start_xylen(
-            root / "models",
-            {
-                "FEEDBACK_DATA_DIR": str(data),
-                "RETRAIN_AUTO": "false",
-                "FEEDBACK_GROUP_COMMIT": str(group).lower(),
-            },
+    print("Feedback over gRPC, 32 concurrent callers, acknowledged = committed and fsynced:")
+    old = old_tree(root)
+    sources = {"SQLite store": REPO}
+    if isinstance(old, str):
+        print(f"  ({old})")
+    else:
+        sources = {"old WAL store": old, **sources}
+    rates: dict[str, list[float]] = {}
+    rounds = 3
+    for round_ in range(rounds):  # the servers take turns, so machine noise hits all alike
+        for name, source in sources.items():
+            for group in (True, False):
+                label = f"{name}, group commit {'on ' if group else 'off'}"
+                data = root / f"data-{round_}-{len(rates)}-{group}"
+                server = start_xylen(
+                    root / "models",
+                    {
+                        "FEEDBACK_DATA_DIR": str(data),
+                        "RETRAIN_AUTO": "false",
+                        "FEEDBACK_GROUP_COMMIT": str(group).lower(),
+                    },
+                    source,
+                )
+                try:
+                    address = f"127.0.0.1:{server.port}"
+                    asyncio.run(_feed(address, rows, 200, 10, "warm"))
+                    started = time.perf_counter()
+                    sent = asyncio.run(_feed(address, rows, None, seconds / rounds, "g"))
+                    rates.setdefault(label, []).append(sent / (time.perf_counter() - started))
+                finally:
+                    server.stop()
+    for label, values in rates.items():
+        print(
+            f"  {label}: {np.median(values):9,.0f} records/s acknowledged "
+            f"(median of {rounds}: {', '.join(f'{v:,.0f}' for v in values)})"
         )
-        try:
-            address = f"127.0.0.1:{server.port}"
-            asyncio.run(_feed(address, rows, 200, 10, f"warm-{group}"))
-            started = time.perf_counter()
-            sent = asyncio.run(_feed(address, rows, None, seconds, f"g-{group}"))
-            rate = sent / (time.perf_counter() - started)
-        finally:
-            server.stop()
-        label = "group commit on " if group else "group commit off"
-        print(f"  {label}: {rate:9,.0f} records/s acknowledged")
+    if not isinstance(old, str):
+        for state in ("on ", "off"):
+            ratio = np.median(rates[f"SQLite store, group commit {state}"]) / np.median(
+                rates[f"old WAL store, group commit {state}"]
+            )
+            print(f"  group commit {state}: SQLite / old WAL {ratio:.2f}x")
 
 
 def _samples_parquet(path: Path, rows: np.ndarray, n: int, seed: int) -> None:

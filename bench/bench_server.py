@@ -142,10 +142,12 @@ def in_process(model_dir: Path, rows: np.ndarray, seconds: float) -> None:
 
 
 class Process:
-    def __init__(self, command: list[str], env: dict[str, str], marker: str) -> None:
+    def __init__(
+        self, command: list[str], env: dict[str, str], marker: str, cwd: Path = REPO
+    ) -> None:
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the process)
         self.proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=REPO
+            command, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=cwd
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -160,7 +162,10 @@ class Process:
         self.proc.wait(30)
 
 
-def start_xylen(model_root: Path, extra: dict[str, str] | None = None) -> Process:
+def start_xylen(
+    model_root: Path, extra: dict[str, str] | None = None, source: Path = REPO
+) -> Process:
+    """A xylen server process; ``source`` is the tree whose ``xylen_server`` it runs."""
     env = dict(
         os.environ,
         MODEL_PATH=str(model_root),
@@ -170,7 +175,7 @@ def start_xylen(model_root: Path, extra: dict[str, str] | None = None) -> Proces
         LOG_LEVEL="WARNING",
         **(extra or {}),
     )
-    server = Process([sys.executable, "-m", "xylen_server"], env, "listening on port")
+    server = Process([sys.executable, "-m", "xylen_server"], env, "listening on port", source)
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -57,7 +57,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_INSERT_ID = "INSERT OR IGNORE INTO stored_ids VALUES (?)"
+_INSERT_ID = "INSERT INTO stored_ids VALUES (?)"
+_LOOKUP_CHUNK = 500
+"""Ids looked up per query (SQLite allows 32766 parameters; smaller keeps each query quick)."""
 _INSERT_SAMPLE = "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _FAILED_RETRY_SECONDS = 1.0
 """A compaction that failed is tried again no sooner than this (a full disk stays full)."""
@@ -125,6 +127,17 @@ def _wake(waiters: list[_Waiter]) -> None:
         # RuntimeError: the caller's loop is closed; nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_settle_all, own)
+
+
+def _stored_among(db: sqlite3.Connection, ids: list[str]) -> set[str]:
+    """Which of ``ids`` are in ``stored_ids`` (a few queries for a whole batch)."""
+    found: set[str] = set()
+    for start in range(0, len(ids), _LOOKUP_CHUNK):
+        chunk = ids[start : start + _LOOKUP_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        query = f"SELECT prediction_id FROM stored_ids WHERE prediction_id IN ({marks})"
+        found.update(pid for (pid,) in db.execute(query, chunk))
+    return found
 
 
 @dataclass
@@ -250,7 +263,7 @@ class FeedbackStore:
         db.execute("BEGIN IMMEDIATE")
         for part in part_files(self.directory):
             ids = pq.read_table(part, columns=["prediction_id"]).column(0).to_pylist()
-            db.executemany(_INSERT_ID, ((pid,) for pid in ids))
+            db.executemany("INSERT OR IGNORE INTO stored_ids VALUES (?)", ((pid,) for pid in ids))
         db.execute("COMMIT")
         (count,) = db.execute("SELECT COUNT(*) FROM stored_ids").fetchone()
         logger.warning("feedback store %s: %d stored ids taken from its parts", self.db_path, count)
@@ -344,13 +357,16 @@ class FeedbackStore:
         new = []
         try:
             db = self._connect()
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")  # the one writer: nothing changes until COMMIT
+            seen = _stored_among(db, [entry.record.prediction_id for entry in batch])
             for entry in batch:
-                stored = db.execute(_INSERT_ID, (entry.record.prediction_id,)).rowcount == 1
+                stored = entry.record.prediction_id not in seen
                 if stored:
+                    seen.add(entry.record.prediction_id)
                     rows.append(sample_row(seq, entry.record))
                     seq += 1
                 new.append(stored)
+            db.executemany(_INSERT_ID, ((row[1],) for row in rows))
             db.executemany(_INSERT_SAMPLE, rows)
             db.execute("COMMIT")
         except BaseException:
