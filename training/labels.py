@@ -32,6 +32,25 @@ def forward_log_return(
     return out
 
 
+def label_from_return(
+    log_return: np.ndarray | float, *, fee: float = 0.0, threshold: float = 0.0
+) -> np.ndarray:
+    """The label of a bar from the underlying's forward log return over the model's horizon.
+
+    1.0 where the return net of a round-trip ``fee`` exceeds ``threshold``, else 0.0; NaN where the
+    return is unknown. This is the one label rule: training applies it to candles
+    (:func:`binary_labels`) and the feedback loop to the return a trade's outcome reports, so a
+    retrain learns from labels of the same definition the model was trained on. The label is about
+    the underlying's move, not the trade's profit: a profitable short is a down move (label 0).
+    """
+    if not 0.0 <= fee < 1.0:
+        raise ValueError(f"fee must be a fraction in [0, 1), got {fee}")
+    net = np.asarray(log_return, dtype=np.float64) + math.log1p(-fee)
+    labels = np.where(net > threshold, 1.0, 0.0)
+    labels[np.isnan(net)] = np.nan
+    return labels
+
+
 def binary_labels(
     open_time: np.ndarray,
     close: np.ndarray,
@@ -46,9 +65,6 @@ def binary_labels(
     The fee is a fraction of the notional (0.001 = 0.1 %), netted as ``log(1 - fee)``. Bars whose
     future is unknown get NaN.
     """
-    if not 0.0 <= fee < 1.0:
-        raise ValueError(f"fee must be a fraction in [0, 1), got {fee}")
-    net = forward_log_return(open_time, close, horizon, step_ms) + math.log1p(-fee)
-    labels = np.where(net > threshold, 1.0, 0.0)
-    labels[np.isnan(net)] = np.nan
-    return labels
+    return label_from_return(
+        forward_log_return(open_time, close, horizon, step_ms), fee=fee, threshold=threshold
+    )
