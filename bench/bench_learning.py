@@ -52,7 +52,9 @@ def _request(pid: str, row: np.ndarray, label: int, close: datetime) -> pb.Feedb
     request = pb.FeedbackRequest(
         prediction_id=pid,
         outcome=pb.TradeOutcome(
-            pnl=1.0 if label else -1.0, realized_return=0.01 if label else -0.01
+            pnl=1.0 if label else -1.0,
+            realized_return=0.01 if label else -0.01,
+            underlying_log_return=0.01 if label else -0.01,
         ),
         features=types_pb2.FeatureVector(values=row.tolist()),
     )
@@ -170,6 +172,7 @@ def _samples_parquet(path: Path, rows: np.ndarray, n: int, seed: int) -> None:
             0.01 if labels[i] else -0.01,
             now - (n - i) * 1000,
             now - (n - i) * 1000,
+            int(labels[i]),
         )
         for i in range(n)
     ]

@@ -35,8 +35,13 @@ def learning_settings(root: Path, **overrides: object) -> Settings:
 
 
 def outcome(realized_return: float, close_time: datetime | None = None) -> pb.TradeOutcome:
-    """A trade outcome closed at ``close_time`` (default: now)."""
-    message = pb.TradeOutcome(pnl=realized_return * 1000.0, realized_return=realized_return)
+    """A long trade's outcome closed at ``close_time`` (default: now): the server reads the
+    underlying's move from the side and the return."""
+    message = pb.TradeOutcome(
+        pnl=realized_return * 1000.0,
+        realized_return=realized_return,
+        side=pb.TradeSide.TRADE_SIDE_LONG,
+    )
     moment = close_time or datetime.now(UTC)
     message.close_time.FromDatetime(moment)
     return message

@@ -71,6 +71,8 @@ class Coordinator:
         pnl: float = 0.0,
         realized_return: float | None = None,
         close_time: datetime | None = None,
+        side: int = 0,
+        underlying_log_return: float | None = None,
     ) -> FeedbackAck:
         """Record a trade outcome durably and queue it for the servers that voted."""
         return self._call(
@@ -80,6 +82,8 @@ class Coordinator:
                 pnl=pnl,
                 realized_return=realized_return,
                 close_time=close_time,
+                side=side,
+                underlying_log_return=underlying_log_return,
             )
         )
 

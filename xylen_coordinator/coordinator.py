@@ -308,6 +308,8 @@ class AsyncCoordinator:
         pnl: float = 0.0,
         realized_return: float | None = None,
         close_time: datetime | None = None,
+        side: int = 0,
+        underlying_log_return: float | None = None,
     ) -> FeedbackAck:
         """Record a trade's outcome for an ensemble prediction, durably, and queue it for every
         server that voted. Pass a ``TradeOutcome`` or its fields (``close_time`` defaults to
@@ -320,6 +322,8 @@ class AsyncCoordinator:
             pnl=pnl,
             realized_return=realized_return,
             close_time=close_time,
+            side=side,
+            underlying_log_return=underlying_log_return,
         )
 
     async def pending_feedback(self) -> int:

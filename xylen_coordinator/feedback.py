@@ -110,11 +110,18 @@ class Ledger:
         pnl: float = 0.0,
         realized_return: float | None = None,
         close_time: datetime | None = None,
+        side: int = 0,
+        underlying_log_return: float | None = None,
     ) -> FeedbackAck:
         """Record a trade's outcome for ``prediction_id`` durably and queue it for the servers
         that voted, as ``retraining`` says; ``outcome`` None builds it from the other arguments
         (``close_time`` defaults to now). A second outcome for the same prediction is
-        acknowledged as a duplicate and queues nothing."""
+        acknowledged as a duplicate and queues nothing.
+
+        An outcome with neither ``side`` nor ``underlying_log_return`` is taken as a trade that
+        followed the ensemble's decision (BUY: long, SELL: short) and forwarded with that side,
+        so every server labels it by the underlying's move; after a HOLD there is no such
+        trade and it is refused (INVALID_ARGUMENT, MISSING_UNDERLYING_MOVE)."""
         outbox = self._outbox
         if outbox is None:
             raise FailedPrecondition("the coordinator is not started", reason="NOT_STARTED")
@@ -125,7 +132,9 @@ class Ledger:
         if outcome is None:
             if realized_return is None:
                 raise InvalidArgument("realized_return is required", reason="INVALID_OUTCOME")
-            outcome = pb.TradeOutcome(pnl=pnl, realized_return=realized_return)
+            outcome = pb.TradeOutcome(pnl=pnl, realized_return=realized_return, side=side)  # type: ignore[arg-type]
+            if underlying_log_return is not None:
+                outcome.underlying_log_return = underlying_log_return
             outcome.close_time.FromDatetime(close_time or datetime.now(UTC))
         _validate_outcome(prediction_id, outcome)
         record = self._records.get(prediction_id)
@@ -137,6 +146,7 @@ class Ledger:
                 reason="PREDICTION_NOT_FOUND",
                 prediction_id=prediction_id,
             )
+        outcome = _with_side(outcome, record)
         received = time.time()
         due = received + retraining.feedback_delay_seconds
         targets = tuple(record.votes) if retraining.send_feedback_to_models else ()
@@ -161,11 +171,13 @@ class Ledger:
         )
 
     def _score(self, record: PredictionRecord, outcome: pb.TradeOutcome) -> None:
-        """Update each voter's live record: a SELL trade that made money means the price fell."""
-        if outcome.realized_return == 0 or record.signal == Signal.HOLD:
+        """Update each voter's live record with whether the underlying rose: its log return when
+        the outcome carries it, else the side's reading of the trade's return (a short that
+        made money means the price fell), as the servers label it (before fees: the
+        coordinator does not know each model's fee)."""
+        went_up = _went_up(outcome)
+        if went_up is None:
             return
-        profitable = outcome.realized_return > 0
-        went_up = profitable if record.signal == Signal.BUY else not profitable
         for name, (_, probability) in record.votes.items():
             self.adaptive.record(name, probability, went_up)
 
@@ -182,10 +194,53 @@ class Ledger:
         return await self._outbox.run(self._outbox.delivery_states, prediction_id)
 
 
+def _with_side(outcome: pb.TradeOutcome, record: PredictionRecord) -> pb.TradeOutcome:
+    """``outcome`` with the side of the trade that followed the ensemble's decision, when it
+    carries neither a side nor the underlying's return; INVALID_ARGUMENT after a HOLD."""
+    if outcome.side or outcome.HasField("underlying_log_return"):
+        return outcome
+    if record.signal not in (Signal.BUY, Signal.SELL):
+        raise InvalidArgument(
+            "outcome.underlying_log_return (or outcome.side) is required: the ensemble said "
+            "HOLD, so the trade's return does not say whether the price rose",
+            reason="MISSING_UNDERLYING_MOVE",
+            field="underlying_log_return",
+        )
+    sided = pb.TradeOutcome()
+    sided.CopyFrom(outcome)
+    sided.side = (
+        pb.TradeSide.TRADE_SIDE_LONG
+        if record.signal == Signal.BUY
+        else pb.TradeSide.TRADE_SIDE_SHORT
+    )
+    return sided
+
+
+def _went_up(outcome: pb.TradeOutcome) -> bool | None:
+    """Did the underlying rise over the horizon? None when the outcome cannot say (no move)."""
+    if outcome.HasField("underlying_log_return"):
+        move = outcome.underlying_log_return
+    elif outcome.side == pb.TradeSide.TRADE_SIDE_LONG:
+        move = outcome.realized_return
+    elif outcome.side == pb.TradeSide.TRADE_SIDE_SHORT:
+        move = -outcome.realized_return
+    else:
+        return None
+    if move == 0:
+        return None
+    return move > 0
+
+
 def _validate_outcome(prediction_id: str, outcome: pb.TradeOutcome) -> None:
     if not prediction_id:
         raise InvalidArgument("prediction_id is required", reason="MISSING_PREDICTION_ID")
-    for name in ("pnl", "realized_return"):
+    if outcome.side not in (0, pb.TradeSide.TRADE_SIDE_LONG, pb.TradeSide.TRADE_SIDE_SHORT):
+        raise InvalidArgument(
+            f"outcome.side {outcome.side} is not a TradeSide (1 LONG, 2 SHORT)",
+            reason="INVALID_OUTCOME",
+            field="side",
+        )
+    for name in ("pnl", "realized_return", "underlying_log_return"):
         value = getattr(outcome, name)
         if not math.isfinite(value):
             raise InvalidArgument(

@@ -65,6 +65,8 @@ def test_forwarded_after_the_delay_once_with_each_servers_id(
         assert when - acked >= 1.0 - 0.05
         assert request.prediction_id == votes[recorder.name]
         assert request.outcome.pnl == 12.5 and request.outcome.realized_return == 0.01
+        # no side sent: the trade followed the ensemble's BUY, so it is forwarded as a long
+        assert row.signal == "BUY" and request.outcome.side == pb.TradeSide.TRADE_SIDE_LONG
 
 
 def test_survives_a_coordinator_restart(

@@ -191,6 +191,7 @@ def test_feedback_over_grpc(
     prediction = coordinator.stub.Predict(request(fleet_candles), timeout=10).predictions[0]
     feedback = epb.EnsembleServiceFeedbackRequest(prediction_id=prediction.prediction_id)
     feedback.outcome.realized_return = 0.01
+    feedback.outcome.underlying_log_return = 0.01
     feedback.outcome.close_time.FromDatetime(datetime.now(UTC))
     ack = coordinator.stub.Feedback(feedback, timeout=10)
     assert ack.prediction_id == prediction.prediction_id and not ack.duplicate

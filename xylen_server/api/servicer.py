@@ -108,6 +108,10 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             if outcome.HasField("close_time")
             else None,
             list(request.features.values) if request.HasField("features") else None,
+            side=outcome.side,
+            underlying_log_return=outcome.underlying_log_return
+            if outcome.HasField("underlying_log_return")
+            else None,
         )
         return messages.feedback_response(request.prediction_id, stored)
 

@@ -117,7 +117,10 @@ def run_cycle(
             request = pb.FeedbackRequest(
                 prediction_id=prediction_id,
                 outcome=pb.TradeOutcome(
-                    pnl=12.0 if up else -12.0, realized_return=0.004 if up else -0.004
+                    pnl=12.0 if up else -12.0,
+                    realized_return=0.004 if up else -0.004,
+                    side=pb.TradeSide.TRADE_SIDE_LONG,
+                    underlying_log_return=0.004 if up else -0.004,
                 ),
             )
             request.outcome.close_time.GetCurrentTime()

@@ -20,6 +20,7 @@ FEEDBACK_STORE_UNAVAILABLE) so callers retry, and the next Feedback tries to ope
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import sqlite3
@@ -32,9 +33,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from training.labels import label_from_return
 from xylen_server.errors import InvalidArgument, NotFound, Unavailable
 from xylen_server.learning.feedback_store import AppendResult, FeedbackStore
-from xylen_server.learning.prediction_log import PredictionLog
+from xylen_server.learning.prediction_log import LoggedPrediction, PredictionLog
 from xylen_server.learning.samples import FeedbackRecord
 from xylen_server.settings import Settings
 
@@ -44,6 +46,11 @@ if TYPE_CHECKING:
     from xylen_server.serving.predictor import Result
 
 logger = logging.getLogger(__name__)
+
+SIDE_LONG = 1
+"""``xylen.v1.TradeSide.TRADE_SIDE_LONG``."""
+SIDE_SHORT = 2
+"""``xylen.v1.TradeSide.TRADE_SIDE_SHORT``."""
 
 CUTOFF_KEY = "received_until_ms"
 """``metadata.data["feedback"][CUTOFF_KEY]``: the newest feedback a retrained model has seen."""
@@ -140,19 +147,34 @@ class FeedbackLoop:
         realized_return: float,
         close_time: tuple[int, int] | None,
         features: Sequence[float] | None,
+        side: int = 0,
+        underlying_log_return: float | None = None,
     ) -> AppendResult:
         """Validate, join to the logged prediction and store durably; idempotent by id.
-        ``close_time`` is ``(seconds, nanos)`` since the epoch (see :func:`build_record`)."""
+        ``close_time`` is ``(seconds, nanos)`` since the epoch (see :func:`build_record`).
+
+        The prediction is looked up in memory first, then (an id no longer held there: the
+        server restarted, or memory was full) in the on-disk prediction log, as long as it is
+        within ``PREDICTION_LOG_MAX_AGE_SECONDS``; the disk read runs off the event loop."""
         store = self.require_store()
+        logged = self.log.get(prediction_id)
+        if logged is None and prediction_id not in store:
+            logged = await asyncio.to_thread(self.log.find_recent, prediction_id)
+        meta = model.meta
         record = build_record(
             prediction_id=prediction_id,
             pnl=pnl,
             realized_return=realized_return,
             close_time=close_time,
             features=features,
-            prediction_log=self.log,
-            model_name=model.meta.name,
-            feature_count=len(model.meta.feature_names),
+            prediction_log=None,
+            logged=logged,
+            model_name=meta.name,
+            feature_count=len(meta.feature_names),
+            side=side,
+            underlying_log_return=underlying_log_return,
+            fee=meta.fee,
+            label_threshold=meta.label_threshold,
             already_stored=store,
             max_id_bytes=self.settings.feedback_max_id_bytes,
             max_clock_skew_seconds=self.settings.feedback_max_clock_skew_seconds,
@@ -235,6 +257,11 @@ def build_record(
     prediction_log: PredictionLog | None,
     model_name: str,
     feature_count: int | None = None,
+    logged: LoggedPrediction | None = None,
+    side: int = 0,
+    underlying_log_return: float | None = None,
+    fee: float = 0.0,
+    label_threshold: float = 0.0,
     already_stored: Container[str] = (),
     max_id_bytes: int = Settings.feedback_max_id_bytes,
     max_clock_skew_seconds: float = Settings.feedback_max_clock_skew_seconds,
@@ -254,9 +281,13 @@ def build_record(
             :data:`EARLIEST_CLOSE_TIME_S` to now plus the allowed clock skew.
         features: the request's feature row, or None when it carried none; finite and within
             float32 range, as Predict requires.
-        prediction_log: where predictions are remembered (None: no log).
+        prediction_log: where predictions are remembered in memory (None: none, or the
+            caller looked the prediction up itself and passes ``logged``).
         model_name: the served model, recorded when the prediction is no longer logged.
         feature_count: features the served model takes, to check a request's row against.
+        logged: the prediction, when the caller found it (e.g. in the on-disk log).
+        side, underlying_log_return, fee, label_threshold: what :func:`outcome_label` needs
+            (the outcome's side and underlying move; the model's fee and label threshold).
         already_stored: ids already stored (the :class:`FeedbackStore`); such an id passes
             without a logged row, so a repeated Feedback answers duplicate, not NOT_FOUND.
         max_id_bytes: the longest prediction id accepted (``FEEDBACK_MAX_ID_BYTES``).
@@ -272,8 +303,16 @@ def build_record(
     now_ms = time.time_ns() // 1_000_000 if now is None else _ms(now)
     skew_ms = int(max_clock_skew_seconds * 1000)
     close_ms = _close_ms(close_time, now_ms + skew_ms)
+    label = outcome_label(
+        realized_return=realized_return,
+        side=side,
+        underlying_log_return=underlying_log_return,
+        fee=fee,
+        threshold=label_threshold,
+    )
     row = None if features is None else _feature_row(features)
-    logged = prediction_log.get(prediction_id) if prediction_log is not None else None
+    if logged is None and prediction_log is not None:
+        logged = prediction_log.get(prediction_id)
     if logged is not None:
         if row is not None and not np.array_equal(row.astype(np.float32), logged.features):
             raise InvalidArgument(
@@ -298,6 +337,9 @@ def build_record(
             float(realized_return),
             close_ms,
             now_ms,
+            label,
+            side,
+            underlying_log_return,
         )
     if row is None:
         if prediction_id in already_stored:
@@ -324,7 +366,65 @@ def build_record(
         float(realized_return),
         close_ms,
         now_ms,
+        label,
+        side,
+        underlying_log_return,
     )
+
+
+def outcome_label(
+    *,
+    realized_return: float,
+    side: int,
+    underlying_log_return: float | None,
+    fee: float,
+    threshold: float,
+) -> int:
+    """The training label of the bar a trade was taken on, from its outcome: the one rule
+    ``training.labels.label_from_return`` applied to the underlying's log return over the
+    model's horizon, net of the model's round-trip ``fee``, against its ``threshold``.
+
+    The underlying's move is ``underlying_log_return`` when the outcome carries it (exact: the
+    same number training computes from the candles). An outcome without it (a client from
+    before the field) gives it through its ``side``: a LONG's ``realized_return`` is the
+    underlying's simple return, a SHORT's its negation, read as before fees and over the
+    horizon, so a profitable short is a down move. With neither there is no way to know
+    whether the price rose: INVALID_ARGUMENT ``MISSING_UNDERLYING_MOVE`` naming both fields,
+    rather than a label of another meaning in the training data.
+    """
+    if side not in (0, SIDE_LONG, SIDE_SHORT):
+        raise InvalidArgument(
+            f"outcome.side {side} is not a TradeSide (1 LONG, 2 SHORT)",
+            reason="INVALID_OUTCOME",
+            field="side",
+        )
+    if underlying_log_return is not None:
+        if not math.isfinite(underlying_log_return):
+            raise InvalidArgument(
+                f"outcome.underlying_log_return must be finite, got {underlying_log_return}",
+                reason="INVALID_OUTCOME",
+                field="underlying_log_return",
+            )
+        move = underlying_log_return
+    elif side:
+        simple = realized_return if side == SIDE_LONG else -realized_return
+        if simple <= -1.0:
+            raise InvalidArgument(
+                f"outcome.realized_return {realized_return:g} of a "
+                f"{'long' if side == SIDE_LONG else 'short'} trade would be a price at or below "
+                "zero; send outcome.underlying_log_return",
+                reason="INVALID_OUTCOME",
+                field="realized_return",
+            )
+        move = math.log1p(simple)
+    else:
+        raise InvalidArgument(
+            "outcome.underlying_log_return (or outcome.side with realized_return) is required: "
+            "the trade's return alone does not say whether the price rose",
+            reason="MISSING_UNDERLYING_MOVE",
+            field="underlying_log_return",
+        )
+    return int(label_from_return(move, fee=fee, threshold=threshold))
 
 
 def _check_id(prediction_id: str, max_id_bytes: int) -> None:

@@ -250,6 +250,28 @@ class PredictionLog:
                 return next(_rows(table, np.ones(table.num_rows, dtype=bool)))
         return None
 
+    def find_recent(self, prediction_id: str) -> LoggedPrediction | None:
+        """The row of ``prediction_id`` if it was predicted within ``max_age_seconds``: from
+        memory, else from the part files (what the Feedback join falls back on after a
+        restart, or once memory let the row go). Blocking I/O: call it off the event loop.
+        Rows still buffered when a process was killed (SIGKILL) never reached a part."""
+        found = self.get(prediction_id)
+        if found is not None or self.directory is None:
+            return found
+        oldest = _now_ms() - self.max_age_ms
+        for path in reversed(self.part_files()):
+            table = pq.read_table(path, filters=[("prediction_id", "==", prediction_id)])
+            if table.num_rows:
+                row = next(_rows(table, np.ones(table.num_rows, dtype=bool)))
+                return row if row.time_ms >= oldest else None
+            try:
+                first_ms = int(path.stem.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if first_ms < oldest:  # parts are written in time order: older ones are too old
+                return None
+        return None
+
     def replay_rows(
         self,
         *,

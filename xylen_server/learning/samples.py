@@ -16,7 +16,9 @@ SQLite tables (:data:`SQL_SCHEMA`):
   ``model_version`` (NULL when the prediction was no longer in the prediction log),
   ``features`` (BLOB: the float32 row, little-endian), ``probability_up`` and ``signal``
   (NULL likewise), ``pnl``, ``realized_return``, ``close_time_ms`` and ``received_time_ms``
-  (UTC milliseconds since the epoch).
+  (UTC milliseconds since the epoch), then (added later, so a store written before has them
+  NULL) ``label`` (the training label, see below), ``side`` (``xylen.v1.TradeSide`` value) and
+  ``underlying_log_return`` (as the outcome sent it; NULL when it was derived from the side).
 
 Compaction writes the samples with ``seq`` lo..hi to ``part-<lo>-<hi>.parquet`` (through an
 fsynced ``.tmp`` file renamed into place), then deletes them from ``samples``. Rows of
@@ -28,7 +30,15 @@ Parquet columns (:data:`SCHEMA`, one row per prediction id): ``prediction_id`` s
 per row, in the model's ``feature_names`` order, so models with different feature sets share
 one dataset), ``probability_up`` float64 (nullable), ``signal`` int32 (``xylen.v1.Signal``
 value, nullable), ``pnl`` float64, ``realized_return`` float64, ``close_time`` and
-``received_time`` timestamp[ms, UTC], ``label`` int8 (1 if ``realized_return > 0`` else 0).
+``received_time`` timestamp[ms, UTC], ``label`` int8, ``side`` int32 (nullable),
+``underlying_log_return`` float64 (nullable).
+
+``label`` is the training label of the predicted bar, computed when the outcome is stored by
+``training.labels.label_from_return`` with the model's horizon, fee and label threshold (see
+:func:`xylen_server.learning.feedback.outcome_label`): 1 when the underlying's move over the
+horizon net of the fee beats the threshold, whatever the trade's side. Samples stored before
+labels were computed this way (``label`` NULL in SQLite; parts without the ``side`` column)
+keep their old label, ``realized_return > 0``.
 
 :func:`read_samples` is how the server and the retrain job read it, safely while the server
 keeps appending and compacting.
@@ -67,14 +77,17 @@ CREATE TABLE IF NOT EXISTS samples (
     pnl REAL NOT NULL,
     realized_return REAL NOT NULL,
     close_time_ms INTEGER NOT NULL,
-    received_time_ms INTEGER NOT NULL
+    received_time_ms INTEGER NOT NULL,
+    label INTEGER,
+    side INTEGER,
+    underlying_log_return REAL
 );
 """
 """The SQLite tables of a samples directory (see the module docstring)."""
 
 SAMPLE_COLUMNS = (
     "seq, prediction_id, model_name, model_version, features, probability_up, signal, pnl, "
-    "realized_return, close_time_ms, received_time_ms"
+    "realized_return, close_time_ms, received_time_ms, label, side, underlying_log_return"
 )
 """The columns of ``samples``, in :func:`sample_row`'s order."""
 
@@ -91,8 +104,14 @@ SCHEMA = pa.schema(
         pa.field("close_time", pa.timestamp("ms", tz="UTC"), nullable=False),
         pa.field("received_time", pa.timestamp("ms", tz="UTC"), nullable=False),
         pa.field("label", pa.int8(), nullable=False),
+        pa.field("side", pa.int32()),
+        pa.field("underlying_log_return", pa.float64()),
     ]
 )
+
+ADDED_COLUMNS = (("label", "INTEGER"), ("side", "INTEGER"), ("underlying_log_return", "REAL"))
+"""Columns of ``samples`` added after the first release: a store opened from before gets them
+(``ALTER TABLE ... ADD COLUMN``), NULL in its old rows."""
 """The Parquet schema of the training samples."""
 
 
@@ -113,20 +132,30 @@ class FeedbackRecord:
     """When the trade closed, UTC milliseconds since the epoch."""
     received_time_ms: int
     """When the server accepted the outcome, UTC milliseconds since the epoch."""
-
-    @property
-    def label(self) -> int:
-        """1 if the trade made money (``realized_return > 0``), else 0."""
-        return 1 if self.realized_return > 0 else 0
+    label: int
+    """The training label of the predicted bar (1 up, 0 not): ``label_from_return`` of the
+    underlying's move over the model's horizon, net of its fee (never the trade's profit)."""
+    side: int = 0
+    """``xylen.v1.TradeSide`` value of the trade (0: not sent)."""
+    underlying_log_return: float | None = None
+    """The underlying's log return over the horizon as the outcome sent it (None: derived from
+    ``side`` and ``realized_return``)."""
 
     def check_storable(self) -> None:
         """Raise ValueError unless every value survives the round trip through SQLite and
         Parquet unchanged (Feedback validates requests before; this guards the store)."""
-        floats = (self.pnl, self.realized_return, self.probability_up or 0.0)
+        floats = (
+            self.pnl,
+            self.realized_return,
+            self.probability_up or 0.0,
+            self.underlying_log_return or 0.0,
+        )
         if not all(math.isfinite(value) for value in floats):
             raise ValueError(f"record {self.prediction_id[:64]!r}: a value is not finite")
         if self.features.dtype != np.float32 or not np.isfinite(self.features).all():
             raise ValueError(f"record {self.prediction_id[:64]!r}: features not finite float32")
+        if self.label not in (0, 1):
+            raise ValueError(f"record {self.prediction_id[:64]!r}: label {self.label} not 0/1")
 
 
 def sample_row(seq: int, record: FeedbackRecord) -> tuple[Any, ...]:
@@ -143,6 +172,9 @@ def sample_row(seq: int, record: FeedbackRecord) -> tuple[Any, ...]:
         record.realized_return,
         record.close_time_ms,
         record.received_time_ms,
+        record.label,
+        record.side,
+        record.underlying_log_return,
     )
 
 
@@ -158,10 +190,16 @@ def _table(
     returns: Sequence[float],
     close_ms: Sequence[int],
     received_ms: Sequence[int],
+    labels: Sequence[int | None],
+    sides: Sequence[int | None],
+    underlying: Sequence[float | None],
 ) -> pa.Table:
     offsets = np.zeros(len(ids) + 1, dtype=np.int32)
     np.cumsum(np.asarray(widths, dtype=np.int32), out=offsets[1:])
     realized = np.asarray(returns, dtype=np.float64)
+    # A NULL label is a row stored before labels were computed at store time: its old label.
+    label = np.array([-1 if v is None else v for v in labels], dtype=np.int8).reshape(-1)
+    label = np.where(label < 0, (realized > 0).astype(np.int8), label).astype(np.int8)
     return pa.Table.from_arrays(
         [
             pa.array(ids, pa.string()),
@@ -174,7 +212,9 @@ def _table(
             pa.array(realized, pa.float64()),
             pa.array(close_ms, pa.int64()).cast(SCHEMA.field("close_time").type),
             pa.array(received_ms, pa.int64()).cast(SCHEMA.field("received_time").type),
-            pa.array((realized > 0).astype(np.int8), pa.int8()),
+            pa.array(label, pa.int8()),
+            pa.array(sides, pa.int32()),
+            pa.array(underlying, pa.float64()),
         ],
         schema=SCHEMA,
     )
@@ -203,6 +243,9 @@ def records_table(records: Sequence[FeedbackRecord]) -> pa.Table:
         column("realized_return"),
         column("close_time_ms"),
         column("received_time_ms"),
+        column("label"),
+        column("side"),
+        column("underlying_log_return"),
     )
 
 
@@ -215,9 +258,22 @@ def uncompacted(db: sqlite3.Connection, after_seq: int = 0) -> tuple[pa.Table, i
     ).fetchall()
     if not rows:
         return records_table([]), 0, 0
-    seqs, ids, names, versions, blobs, probs, signals, pnls, rets, close, received = zip(
-        *rows, strict=True
-    )
+    (
+        seqs,
+        ids,
+        names,
+        versions,
+        blobs,
+        probs,
+        signals,
+        pnls,
+        rets,
+        close,
+        received,
+        labels,
+        sides,
+        underlying,
+    ) = zip(*rows, strict=True)
     flat = np.frombuffer(b"".join(blobs), dtype="<f4")
     table = _table(
         ids,
@@ -231,6 +287,9 @@ def uncompacted(db: sqlite3.Connection, after_seq: int = 0) -> tuple[pa.Table, i
         rets,
         close,
         received,
+        labels,
+        sides,
+        underlying,
     )
     return table, seqs[0], seqs[-1]
 
@@ -245,7 +304,6 @@ def read_samples(directory: Path) -> pl.DataFrame:
     from both is kept once.
     """
     import polars as pl
-    import pyarrow.parquet as pq
 
     directory = Path(directory)
     if directory.is_file():
@@ -258,10 +316,22 @@ def read_samples(directory: Path) -> pl.DataFrame:
                 recent = uncompacted(db)[0]
         finally:
             db.close()
-    tables = [pq.read_table(part, schema=SCHEMA) for part in part_files(directory)]
+    tables = [read_part(part) for part in part_files(directory)]
     frame = pl.from_arrow(pa.concat_tables([*tables, recent]))
     assert isinstance(frame, pl.DataFrame)
     return frame.unique(subset="prediction_id", keep="first", maintain_order=True)
+
+
+def read_part(path: Path) -> pa.Table:
+    """One Parquet part in :data:`SCHEMA`; a part written before a column was added gets it
+    as nulls."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    for name in SCHEMA.names:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, SCHEMA.field(name).type))
+    return table.select(SCHEMA.names).cast(SCHEMA)
 
 
 def part_files(directory: Path) -> list[Path]:

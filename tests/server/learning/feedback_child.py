@@ -35,6 +35,7 @@ def record(prefix: str, i: int) -> FeedbackRecord:
         0.001 * (i % 5 - 2),
         1_700_000_000_000 + i,
         1_700_000_000_500 + i,
+        int(i % 5 - 2 > 0),
     )
 
 

@@ -34,7 +34,7 @@ def record(i: int, prefix: str = "p") -> FeedbackRecord:
     features = (np.arange(6, dtype=np.float32) - i) / np.float32(3)
     return FeedbackRecord(
         f"{prefix}-{i}", "model_1", 2, features, 0.61, 1, 10.0 * i, 0.01 * (i % 3 - 1),
-        1_700_000_000_000 + i, 1_700_000_001_000 + i,
+        1_700_000_000_000 + i, 1_700_000_001_000 + i, int(i % 3 - 1 > 0),
     )  # fmt: skip
 
 
@@ -174,7 +174,7 @@ def test_async_append_without_group_commit(tmp_path: Path) -> None:
 
 def test_a_record_that_cannot_be_stored_fails_alone(tmp_path: Path) -> None:
     bad = FeedbackRecord("bad", "model_1", 1, np.zeros(3, np.float32), None, None,
-                         float("nan"), 0.0, 1, 1)  # fmt: skip
+                         float("nan"), 0.0, 1, 1, 0)  # fmt: skip
     with FeedbackStore(tmp_path) as store:
         good = threading.Thread(target=lambda: [store.append(record(i)) for i in range(50)])
         good.start()

@@ -43,6 +43,7 @@ def _build(log: PredictionLog, **overrides: object) -> FeedbackRecord:
         "prediction_log": log,
         "model_name": "model_1",
         "feature_count": 3,
+        "side": 1,  # a long trade: its return is the underlying's
         "now": NOW,
     }
     fields.update(overrides)

@@ -1,0 +1,82 @@
+"""No outcome is lost over a restart: Feedback joins a prediction from the on-disk prediction log
+when the server no longer holds it in memory, within PREDICTION_LOG_MAX_AGE_SECONDS."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from errorinfo import error_info
+from harness import InProcessServer, feature_input, write_model
+from learning_helpers import feedback, learning_settings
+
+from xylen.v1 import model_service_pb2 as pb
+from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen_server.learning.prediction_log import PredictionLog
+
+
+def _predict(server: InProcessServer, rows: np.ndarray) -> pb.PredictResponse:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ModelServiceStub(channel)
+        return stub.Predict(pb.PredictRequest(inputs=[feature_input(r) for r in rows]))
+
+
+def test_feedback_after_a_restart_joins_the_logged_prediction(
+    tmp_path: Path, candles, feature_rows
+):
+    write_model(tmp_path / "models", "model_1", "lightgbm", candles, trees=20)
+    settings = learning_settings(tmp_path)
+    rows = feature_rows[100:140]
+
+    first = InProcessServer(settings)
+    try:
+        answered = _predict(first, rows)
+    finally:
+        first.close()  # SIGTERM's path: the log is flushed, memory is gone
+    ids = [p.prediction_id for p in answered.predictions]
+
+    second = InProcessServer(settings)
+    try:
+        assert second.running.feedback.log.get(ids[0]) is None  # not in memory any more
+        with grpc.insecure_channel(second.address) as channel:
+            stub = pb_grpc.ModelServiceStub(channel)
+            for i, pid in enumerate(ids):
+                # no features sent: only the log knows what the model saw
+                assert not stub.Feedback(feedback(pid, 0.01 if i % 2 else -0.01)).duplicate
+            assert stub.Feedback(feedback(ids[3], 0.01)).duplicate
+        samples = second.running.feedback.require_store().read_samples()
+    finally:
+        second.close()
+    by_id = {row["prediction_id"]: row for row in samples.to_dicts()}
+    assert len(by_id) == len(ids)
+    for i, prediction in enumerate(answered.predictions):
+        row = by_id[prediction.prediction_id]
+        assert np.array_equal(np.asarray(row["features"], np.float32), rows[i].astype(np.float32))
+        assert row["probability_up"] == prediction.probability_up
+        assert row["model_version"] == 1 and row["label"] == i % 2
+    print(f"restart: {len(ids)} predictions before, {len(ids)} outcomes stored after, joined")
+
+
+def test_a_prediction_older_than_the_retention_is_not_joined(tmp_path: Path, candles, feature_rows):
+    write_model(tmp_path / "models", "model_1", "lightgbm", candles, trees=20)
+    settings = learning_settings(tmp_path, prediction_log_max_age_seconds=3600)
+    old_ms = int(time.time() * 1000) - 2 * 3600 * 1000
+    with PredictionLog(settings.prediction_log_path) as log:
+        rows = feature_rows[:2].astype(np.float32)
+        log.record(["old-1", "old-2"], rows, [0.4, 0.6], [2, 1], "model_1", 1, time_ms=old_ms)
+    with PredictionLog(settings.prediction_log_path, max_age_seconds=3600) as log:
+        assert log.find("old-1") is not None and log.find_recent("old-1") is None
+
+    server = InProcessServer(settings)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ModelServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Feedback(feedback("old-1", 0.01))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error_info(caught.value).reason == "UNKNOWN_PREDICTION_ID"
+    finally:
+        server.close()
