@@ -243,11 +243,22 @@ class LightGBMModel(TreeModel):
 
 class XGBoostModel(TreeModel):
     model_type = "xgboost"
+    can_finetune = True
 
-    def fit(self, x: np.ndarray, y: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray) -> None:
+    def _train(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        x_valid: np.ndarray | None,
+        y_valid: np.ndarray | None,
+        rounds: int,
+        patience: int,
+        xgb_model: Any = None,
+    ) -> None:
+        """``rounds`` boosting rounds on (x, y), after the trees of ``xgb_model`` when given
+        (XGBoost's continued training), early-stopped on the validation set when there is one."""
         import xgboost as xgb
 
-        rounds, patience = self._rounds()
         params = {
             **self._native_params(),
             "objective": "binary:logistic",
@@ -259,17 +270,40 @@ class XGBoostModel(TreeModel):
         }
         names = self.feature_names
         train = xgb.DMatrix(as_features(x), label=y, feature_names=names)
-        valid = xgb.DMatrix(as_features(x_valid), label=y_valid, feature_names=names)
+        evals = []
+        if x_valid is not None and len(x_valid):
+            evals = [(xgb.DMatrix(as_features(x_valid), label=y_valid, feature_names=names), "v")]
         booster = xgb.train(
             params,
             train,
             num_boost_round=rounds,
-            evals=[(valid, "validation")],
-            early_stopping_rounds=patience,
+            evals=evals,
+            early_stopping_rounds=patience if evals else None,
             verbose_eval=False,
+            xgb_model=xgb_model,
         )
-        self.best_iteration = int(booster.best_iteration) + 1
-        self.booster = booster[: self.best_iteration]
+        # best_iteration counts the trees of xgb_model too; keep the trees up to it, so the
+        # file, ONNX and server agree.
+        if evals:
+            self.best_iteration = int(booster.best_iteration) + 1
+            self.booster = booster[: self.best_iteration]
+        else:
+            self.best_iteration = booster.num_boosted_rounds()
+            self.booster = booster
+
+    def fit(self, x: np.ndarray, y: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray) -> None:
+        self._train(x, y, x_valid, y_valid, *self._rounds())
+
+    def _continue(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        x_valid: np.ndarray | None,
+        y_valid: np.ndarray | None,
+        rounds: int,
+        patience: int,
+    ) -> None:
+        self._train(x, y, x_valid, y_valid, rounds, patience, xgb_model=self.booster)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         import xgboost as xgb
@@ -294,31 +328,63 @@ class XGBoostModel(TreeModel):
 
 class CatBoostModel(TreeModel):
     model_type = "catboost"
+    can_finetune = True
 
-    def fit(self, x: np.ndarray, y: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray) -> None:
+    def _train(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        x_valid: np.ndarray | None,
+        y_valid: np.ndarray | None,
+        rounds: int,
+        patience: int,
+        init_model: Any = None,
+    ) -> None:
+        """``rounds`` iterations on (x, y), after the trees of ``init_model`` when given
+        (CatBoost's continued training), keeping the best iteration on the validation set
+        when there is one."""
         from catboost import CatBoostClassifier, Pool
 
-        rounds, patience = self._rounds()
-        self.model = CatBoostClassifier(
+        validated = x_valid is not None and len(x_valid) > 0
+        model = CatBoostClassifier(
             **self._native_params(),
             iterations=rounds,
-            early_stopping_rounds=patience,
+            early_stopping_rounds=patience if validated else None,
             loss_function="Logloss",
             random_seed=self.seed,
             thread_count=self.num_threads,
-            use_best_model=True,
+            use_best_model=validated,
             allow_writing_files=False,
             verbose=False,
         )
         names = self.feature_names
         # Integer labels: CatBoost's ONNX export refuses a model trained on float labels.
-        self.model.fit(
-            Pool(as_features(x), np.asarray(y, dtype=np.int64), feature_names=names),
-            eval_set=Pool(
+        eval_set = None
+        if validated:
+            eval_set = Pool(
                 as_features(x_valid), np.asarray(y_valid, dtype=np.int64), feature_names=names
-            ),
+            )
+        model.fit(
+            Pool(as_features(x), np.asarray(y, dtype=np.int64), feature_names=names),
+            eval_set=eval_set,
+            init_model=init_model,
         )
-        self.best_iteration = int(self.model.get_best_iteration() or 0) + 1
+        self.model = model
+        self.best_iteration = int(model.tree_count_)
+
+    def fit(self, x: np.ndarray, y: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray) -> None:
+        self._train(x, y, x_valid, y_valid, *self._rounds())
+
+    def _continue(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        x_valid: np.ndarray | None,
+        y_valid: np.ndarray | None,
+        rounds: int,
+        patience: int,
+    ) -> None:
+        self._train(x, y, x_valid, y_valid, rounds, patience, init_model=self.model)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         proba = self.model.predict_proba(as_features(x), thread_count=self.num_threads)
