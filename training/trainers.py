@@ -360,7 +360,7 @@ class CatBoostModel(TreeModel):
         names = self.feature_names
         # Integer labels: CatBoost's ONNX export refuses a model trained on float labels.
         eval_set = None
-        if validated:
+        if x_valid is not None and validated:
             eval_set = Pool(
                 as_features(x_valid), np.asarray(y_valid, dtype=np.int64), feature_names=names
             )
