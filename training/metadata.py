@@ -239,3 +239,60 @@ def write_feature_importance(path: Path, importance: Mapping[str, float]) -> Non
         writer.writerow(["feature", "gain", "share"])
         for name, gain in rows:
             writer.writerow([name, f"{gain:.6g}", f"{gain / total:.6f}"])
+
+
+@dataclass(frozen=True)
+class HistoryFile:
+    """One kline file a model was trained on (``metadata.data["files"]``), resolved."""
+
+    written: str
+    """The path as the metadata holds it."""
+    path: Path
+    """Where it is: the absolute path, or the first place a relative one exists (see
+    :func:`history_files`); for a missing file, where it was looked for first."""
+    sha256: str | None
+    """The file's sha256 when training recorded it."""
+    searched_from: Path | None = None
+    """For a relative path: the model directory it was looked for from (and above)."""
+
+    @property
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+
+def history_files(meta: ModelMetadata, model_dir: str | os.PathLike[str]) -> list[HistoryFile]:
+    """The model's training files, resolved without depending on the working directory.
+
+    Training writes absolute paths. A relative path (metadata written before that, relative to
+    wherever training ran) is looked up beside the model directory and then in each directory
+    above it, nearest first: a model at ``<root>/models/model_1`` (or kept at
+    ``<root>/models/.versions/model_1/3``) trained from ``<root>`` on ``data/x.zip`` finds
+    ``<root>/data/x.zip`` from any working directory.
+    """
+    base = Path(model_dir).resolve()
+    resolved = []
+    for entry in meta.data.get("files", []) if isinstance(meta.data, dict) else []:
+        if not isinstance(entry, dict) or not entry.get("path"):
+            continue
+        written = str(entry["path"])
+        path = Path(written)
+        searched_from = None
+        if not path.is_absolute():
+            candidates = [directory / path for directory in (base, *base.parents)]
+            path = next((c for c in candidates if c.is_file()), candidates[0])
+            searched_from = base
+        resolved.append(HistoryFile(written, path, entry.get("sha256"), searched_from))
+    return resolved
+
+
+def history_missing_message(missing: list[HistoryFile], listed: int) -> str:
+    """One line naming the first missing history file (and how many more), bounded."""
+    first = missing[0]
+    where = str(first.path)
+    if first.searched_from is not None:
+        where = f"{first.written} (relative; not found from {first.searched_from} upwards)"
+    more = f" and {len(missing) - 1} more of {listed}" if len(missing) > 1 else ""
+    return (
+        f"history file missing: {where[:400]}{more}; a full retrain needs all of the model's "
+        "training data (restore it, or retrain incrementally)"
+    )

@@ -223,7 +223,11 @@ def train_model(
         data={
             "start": iso_ms(int(candles["open_time"][used].min())),
             "end": iso_ms(int(candles["open_time"][used].max()) + data.step_ms),
-            "files": [{"path": f.path, "sha256": f.sha256, "rows": f.rows} for f in klines.files],
+            # Absolute: a retrain started from any working directory finds its history.
+            "files": [
+                {"path": str(Path(f.path).resolve()), "sha256": f.sha256, "rows": f.rows}
+                for f in klines.files
+            ],
             "quality": asdict(klines.report),
             "anomaly_policy": config.anomaly_policy,
         },

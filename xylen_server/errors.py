@@ -10,6 +10,7 @@ The tree (each class fixes a canonical gRPC code; ``reason`` is the stable UPPER
     ├── FailedPrecondition  FAILED_PRECONDITION  valid, but not in this state
     │   ├── ModelLoadError  FAILED_PRECONDITION  a model directory that cannot be served
     │   ├── HistoryError    FAILED_PRECONDITION  kept versions or an archive that disagree
+    │   ├── TrainingDataMissing FAILED_PRECONDITION  a full retrain whose history files are gone
     │   └── SettingsError   FAILED_PRECONDITION  an environment variable it cannot use
     ├── ResourceExhausted   RESOURCE_EXHAUSTED   over a limit (rows, bytes, in flight)
     ├── Unavailable         UNAVAILABLE          not now: loading, shutting down, no quorum
@@ -96,6 +97,13 @@ class HistoryError(FailedPrecondition):
     """Kept versions, a backup archive or model files that disagree with their checksums."""
 
     reason = "MODEL_HISTORY_INVALID"
+
+
+class TrainingDataMissing(FailedPrecondition):
+    """A full retrain of a model whose training files (its metadata's ``data.files``) are not
+    all there: it would quietly train on less, so it is refused with the path named."""
+
+    reason = "TRAINING_HISTORY_MISSING"
 
 
 class SettingsError(FailedPrecondition):

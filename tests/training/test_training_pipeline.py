@@ -56,6 +56,10 @@ def test_model_directory_and_determinism(
     assert meta.features_hash == F.feature_definitions_hash()
     assert meta.training_samples >= 100 and meta.horizon == 1 and meta.fee == 0.001
     assert len(meta.data["files"]) == 6 and all(len(f["sha256"]) == 64 for f in meta.data["files"])
+    # absolute, so a retrain started from any directory finds the history
+    assert all(
+        Path(f["path"]).is_absolute() and Path(f["path"]).is_file() for f in meta.data["files"]
+    )
     for period in ("validation", "test"):
         report = meta.metrics[period]
         assert set(report) == {"model", "majority_class", "previous_return"}

@@ -42,8 +42,9 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from training.metadata import history_files, history_missing_message
 from xylen.v1 import model_service_pb2 as pb
-from xylen_server.errors import FailedPrecondition, NotFound
+from xylen_server.errors import FailedPrecondition, NotFound, TrainingDataMissing
 from xylen_server.learning.feedback import FeedbackLoop, feedback_cutoff_ms
 from xylen_server.learning.job import JobSpec
 from xylen_server.serving.model_store import LoadedModel
@@ -154,6 +155,8 @@ class Retrainer:
                 required=required,
             )
         mode_name = _MODES.get(mode, self.settings.retrain_mode)
+        if mode_name == "full":
+            self._check_history()
         job_id = f"job-{_now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
         serving = self.models.predictor.model
         self.status = pb.TrainingStatus()
@@ -173,6 +176,18 @@ class Retrainer:
         )
         logger.info("retrain %s started (%s, %s, dry_run=%s)", job_id, trigger, mode_name, dry_run)
         return self.status
+
+    def _check_history(self) -> None:
+        """A full retrain needs every training file the serving model's metadata lists
+        (FAILED_PRECONDITION TRAINING_HISTORY_MISSING naming the first missing path); the job
+        checks again, with the files' checksums, before it trains."""
+        serving = self.models.predictor.model
+        files = history_files(serving.meta, self.settings.model_dir)
+        missing = [f for f in files if not f.exists]
+        if missing:
+            raise TrainingDataMissing(
+                history_missing_message(missing, len(files)), path=str(missing[0].path)[:300]
+            )
 
     async def rollback(self, version: int) -> tuple[LoadedModel, int]:
         """Serve the kept ``version`` again (see :meth:`ModelManager.rollback`), never while a

@@ -57,20 +57,29 @@ def feature_matrix(frame: pl.DataFrame, width: int) -> np.ndarray:
     return np.ascontiguousarray(flat.reshape(frame.height, width), dtype=np.float32)
 
 
-def history_rows(meta: ModelMetadata) -> tuple[np.ndarray, np.ndarray, str]:
+def history_rows(meta: ModelMetadata, model_dir: Path) -> tuple[np.ndarray, np.ndarray, str]:
     """The serving model's own training data (its kline files, featurised and labelled as
-    training did), or empty arrays and a note when the files are not all there any more."""
+    training did). A model whose metadata lists no files (imported from elsewhere) has none:
+    empty arrays and a note saying so. A listed file that is missing or changed fails the job
+    with its path named: a full retrain never quietly trains on less than the model was."""
     from training.klines import interval_ms, load_klines
     from training.labels import binary_labels
+    from training.metadata import history_files, history_missing_message, sha256_file
 
-    files = [Path(f["path"]) for f in meta.data.get("files", []) if isinstance(f, dict)]
+    files = history_files(meta, model_dir)
     empty = np.empty((0, len(meta.feature_names)), np.float32), np.empty(0, np.int64)
     if not files:
         return (*empty, "no history files in the metadata")
-    missing = [str(f) for f in files if not f.is_file()]
+    missing = [f for f in files if not f.exists]
     if missing:
-        return (*empty, f"history files missing ({missing[0]}, ...)")
-    klines = load_klines(files, interval=meta.interval or None)
+        raise JobFailed(history_missing_message(missing, len(files)))
+    for f in files:
+        if f.sha256 and sha256_file(f.path) != f.sha256:
+            raise JobFailed(
+                f"history file {f.path} changed since training (sha256 differs from the "
+                "metadata); a full retrain would not learn from the model's own data"
+            )
+    klines = load_klines([f.path for f in files], interval=meta.interval or None)
     candles = features.candles_from_frame(klines.frame)
     x = features.compute_features(candles)
     y = binary_labels(
@@ -185,7 +194,7 @@ def run(spec: JobSpec) -> dict[str, Any]:
         pool = frame.filter(~pl.col("prediction_id").is_in(list(holdout_ids)))
         x_fb = feature_matrix(pool, width)
         y_fb = pool.get_column("label").to_numpy().astype(np.int64)
-        x_hist, y_hist, note = history_rows(meta)
+        x_hist, y_hist, note = history_rows(meta, serving_dir)
         x, y = np.concatenate([x_hist, x_fb]), np.concatenate([y_hist, y_fb])
     _check_classes("training", y)
     progress(
