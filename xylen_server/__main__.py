@@ -9,6 +9,8 @@ Commands (MODEL_PATH and MODEL_NAME name the model, as for ``serve``)::
     xylen-server model restore FILE.tar.gz [--address HOST:PORT]
     xylen-server model rollback [--to VERSION] [--address HOST:PORT]
     xylen-server replay PREDICTION_ID [--log-dir DIR]  recompute a past prediction
+    xylen-server model import FILE [--type T] [--horizon N] [--fee F] [--label-threshold T]
+                                                       a booster trained elsewhere, checked
 
 ``restore`` verifies every checksum before it installs anything; a tampered archive is refused
 (exit 1). ``rollback`` and ``restore`` change the files on disk; a running server picks the
@@ -38,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="serve the model over gRPC (the default)")
-    model = commands.add_parser("model", help="model versions: list, backup, restore, rollback")
+    model = commands.add_parser(
+        "model", help="model versions: list, backup, restore, rollback, import"
+    )
     actions = model.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="list the kept versions")
     backup = actions.add_parser("backup", help="write the serving model to one archive")
@@ -50,6 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     rollback = actions.add_parser("rollback", help="serve a kept earlier version again")
     rollback.add_argument("--to", type=int, default=0, help="version (default: the parent)")
     rollback.add_argument("--address", help="HOST:PORT of a running server to roll back")
+    imported = actions.add_parser(
+        "import",
+        help="write an outside booster (LightGBM .txt, XGBoost .json, CatBoost .cbm) as "
+        "MODEL_PATH/MODEL_NAME, its features checked and its ONNX verified",
+    )
+    imported.add_argument("file", type=Path, help="the booster file")
+    imported.add_argument("--type", dest="model_type", help="lightgbm, xgboost or catboost")
+    imported.add_argument("--horizon", type=int, help="label horizon in bars (default: training's)")
+    imported.add_argument("--fee", type=float, help="round-trip fee fraction of the label")
+    imported.add_argument("--label-threshold", type=float, help="net return labelled up")
+    imported.add_argument("--symbol", default="", help="e.g. BTCUSDT")
+    imported.add_argument("--interval", default="", help="e.g. 1h")
     replay = commands.add_parser("replay", help="recompute a logged prediction bit-exactly")
     replay.add_argument("prediction_id")
     replay.add_argument("--log-dir", type=Path, help="prediction log (default: the server's)")

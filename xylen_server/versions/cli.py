@@ -1,4 +1,5 @@
-"""``xylen-server model list|backup|restore|rollback``: model versions from the command line.
+"""``xylen-server model list|backup|restore|rollback|import``: model versions from the command
+line (``import``: :mod:`~xylen_server.versions.importer`).
 
 Each command prints what it did in a few lines and returns the exit code: 0 done, 1 refused (a
 tampered archive, an unknown version, a server that refused). ``--address`` asks a running
@@ -48,6 +49,8 @@ def model_command(settings: Settings, args: argparse.Namespace) -> int:
             return _backup(settings, args.out, args.version)
         if args.action == "restore":
             return _restore(settings, args.archive, args.address)
+        if args.action == "import":
+            return _import(settings, args)
         return _rollback(settings, args.to, args.address)
     except XylenError as exc:
         return error(exc.message)
@@ -112,4 +115,29 @@ def _rollback(settings: Settings, version: int, address: str | None) -> int:
     meta = model_history.rollback_files(settings.model_path, settings.model_name, version)
     print(f"{settings.model_dir} now holds {_describe(meta)}")
     print("a running server picks it up on SIGHUP (or the ReloadModel RPC)")
+    return 0
+
+
+def _import(settings: Settings, args: argparse.Namespace) -> int:
+    from xylen_server.versions.importer import describe, import_model
+
+    options = {
+        key: value
+        for key, value in (
+            ("horizon", args.horizon),
+            ("fee", args.fee),
+            ("label_threshold", args.label_threshold),
+        )
+        if value is not None
+    }
+    imported = import_model(
+        args.file,
+        settings,
+        model_type=args.model_type,
+        symbol=args.symbol,
+        interval=args.interval,
+        **options,
+    )
+    for line in describe(imported):
+        print(line)
     return 0
