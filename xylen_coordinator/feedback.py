@@ -22,8 +22,8 @@ from datetime import UTC, datetime, timedelta
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import FeedbackQueueSettings, Retraining
 from xylen_coordinator.endpoints import EndpointClient
-from xylen_coordinator.ensemble import AdaptiveWeights, Signal
-from xylen_coordinator.outbox import Forwarder, Outbox, PredictionRecord
+from xylen_coordinator.ensemble import AdaptiveWeights
+from xylen_coordinator.outbox import Forwarder, Outbox, PredictionRecord, with_decision_side
 from xylen_coordinator.results import FeedbackAck, RowDecision
 from xylen_server.errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -175,7 +175,7 @@ class Ledger:
         the outcome carries it, else the side's reading of the trade's return (a short that
         made money means the price fell), as the servers label it (before fees: the
         coordinator does not know each model's fee)."""
-        went_up = _went_up(outcome)
+        went_up = _went_up(with_decision_side(outcome, record.signal) or outcome)
         if went_up is None:
             return
         for name, (_, probability) in record.votes.items():
@@ -197,22 +197,14 @@ class Ledger:
 def _with_side(outcome: pb.TradeOutcome, record: PredictionRecord) -> pb.TradeOutcome:
     """``outcome`` with the side of the trade that followed the ensemble's decision, when it
     carries neither a side nor the underlying's return; INVALID_ARGUMENT after a HOLD."""
-    if outcome.side or outcome.HasField("underlying_log_return"):
-        return outcome
-    if record.signal not in (Signal.BUY, Signal.SELL):
+    sided = with_decision_side(outcome, record.signal)
+    if sided is None:
         raise InvalidArgument(
             "outcome.underlying_log_return (or outcome.side) is required: the ensemble said "
             "HOLD, so the trade's return does not say whether the price rose",
             reason="MISSING_UNDERLYING_MOVE",
             field="underlying_log_return",
         )
-    sided = pb.TradeOutcome()
-    sided.CopyFrom(outcome)
-    sided.side = (
-        pb.TradeSide.TRADE_SIDE_LONG
-        if record.signal == Signal.BUY
-        else pb.TradeSide.TRADE_SIDE_SHORT
-    )
     return sided
 
 

@@ -91,6 +91,21 @@ class PredictionRecord:
     """What each server voted: server name -> (its own prediction id, its probability)."""
 
 
+def with_decision_side(outcome: pb.TradeOutcome, signal: str) -> pb.TradeOutcome | None:
+    """``outcome`` as it must travel: unchanged when it carries a side or the underlying's
+    return; else with the side of the trade that followed the ensemble's ``signal`` (BUY long,
+    SELL short); None after a HOLD (no trade followed it, so nothing says which way the price
+    went)."""
+    if outcome.side or outcome.HasField("underlying_log_return"):
+        return outcome
+    if signal not in ("BUY", "SELL"):
+        return None
+    sided = pb.TradeOutcome()
+    sided.CopyFrom(outcome)
+    sided.side = pb.TradeSide.TRADE_SIDE_LONG if signal == "BUY" else pb.TradeSide.TRADE_SIDE_SHORT
+    return sided
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One outcome to forward to one server."""
@@ -100,6 +115,8 @@ class Delivery:
     model_prediction_id: str
     outcome: bytes
     attempts: int
+    signal: str = ""
+    """The ensemble's signal the outcome settles (BUY, SELL, HOLD)."""
 
 
 @dataclass(frozen=True)
@@ -178,8 +195,8 @@ class Outbox:
 
     def due(self, now: float, limit: int = 256) -> list[Delivery]:
         rows = self.db.execute(
-            "SELECT d.prediction_id, d.server_name, d.model_prediction_id, o.outcome, d.attempts "
-            "FROM deliveries d JOIN outcomes o USING (prediction_id) "
+            "SELECT d.prediction_id, d.server_name, d.model_prediction_id, o.outcome, d.attempts, "
+            "o.signal FROM deliveries d JOIN outcomes o USING (prediction_id) "
             "WHERE d.state = 'pending' AND d.due <= ? ORDER BY d.due LIMIT ?",
             (now, limit),
         ).fetchall()
@@ -298,10 +315,11 @@ class Forwarder:
         client = self._clients().get(delivery.server_name)
         if client is None:
             return self._retry(delivery, "endpoint not configured")
-        request = pb.FeedbackRequest(
-            prediction_id=delivery.model_prediction_id,
-            outcome=pb.TradeOutcome.FromString(delivery.outcome),
-        )
+        outcome = pb.TradeOutcome.FromString(delivery.outcome)
+        # An outcome queued by a coordinator from before TradeOutcome.side: its trade followed
+        # the decision, and the server needs the side to label it.
+        outcome = with_decision_side(outcome, delivery.signal) or outcome
+        request = pb.FeedbackRequest(prediction_id=delivery.model_prediction_id, outcome=outcome)
         try:
             await client.feedback(request, self.settings.call_timeout_seconds)
         except grpc.aio.AioRpcError as error:

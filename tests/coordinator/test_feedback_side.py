@@ -4,6 +4,7 @@ forwarded as sent, and a short's profit is forwarded as a short."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,3 +62,41 @@ def test_after_a_hold_the_underlying_move_is_required(
         assert outcomes[0.0].underlying_log_return == -0.02 and outcomes[0.0].side == 0
         assert outcomes[0.03].side == pb.TradeSide.TRADE_SIDE_SHORT
         assert not outcomes[0.03].HasField("underlying_log_return")
+
+
+def test_an_outcome_queued_without_a_side_is_forwarded_with_the_decisions_side(
+    tmp_path: Path,
+) -> None:
+    """An outbox written by a coordinator from before TradeOutcome.side: its queued outcome
+    is delivered with the side of the trade that followed the decision (BUY: long)."""
+    recorders = [RecordingModelServer("up", 0.9), RecordingModelServer("down", 0.3)]
+    try:
+        endpoints = [endpoint(f.name, f.port, 1.0) for f in recorders]
+        config = write_config(
+            tmp_path / "config.yaml",
+            endpoints,
+            retraining={"enabled": True, "feedback_delay_seconds": 2.0},
+        )
+        with Coordinator(config) as first:
+            bought = first.predict(ROW).decision
+            assert bought.signal == "BUY"
+            first.feedback(bought.prediction_id, realized_return=0.01)
+        # what an older coordinator queued: the outcome as the caller sent it, no side
+        db = sqlite3.connect(next(tmp_path.rglob("feedback.sqlite3")))
+        [(blob,)] = db.execute("SELECT outcome FROM outcomes").fetchall()
+        old = pb.TradeOutcome.FromString(blob)
+        old.ClearField("side")
+        with db:
+            db.execute("UPDATE outcomes SET outcome = ?", (old.SerializeToString(),))
+        db.close()
+        with Coordinator(config):
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not all(f.feedback for f in recorders):
+                time.sleep(0.05)
+        for recorder in recorders:
+            [(_, request)] = recorder.feedback
+            assert request.outcome.side == pb.TradeSide.TRADE_SIDE_LONG
+            assert request.outcome.realized_return == 0.01
+    finally:
+        for server in recorders:
+            server.close()
