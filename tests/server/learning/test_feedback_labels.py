@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 from errorinfo import error_info
-from harness import InProcessServer, write_model
+from harness import InProcessServer, feature_input, write_model
 from learning_helpers import learning_settings
 
 from training import features
@@ -156,3 +156,25 @@ def test_a_profitable_short_is_stored_as_a_down_move(live, feature_rows):
     assert labels["long-win-by-less-than-the-fee"] == 0
     sides = dict(zip(samples["prediction_id"].to_list(), samples["side"].to_list(), strict=True))
     assert sides["short-win"] == SHORT and sides["long-win"] == LONG
+
+
+def test_live_accuracy_scores_the_label_not_the_profit(live, feature_rows):
+    """The retrain trigger's live record scores the same label: a winning short after the
+    model said P(up) >= 0.5 is a wrong call, a winning long a right one."""
+    server, stub = live
+    rows = feature_rows[200:400]
+    answer = stub.Predict(pb.PredictRequest(inputs=[feature_input(r) for r in rows]))
+    [up] = [p for p in answer.predictions if p.probability_up >= 0.5][:1] or [None]
+    [down] = [p for p in answer.predictions if p.probability_up < 0.5][:1] or [None]
+    assert up is not None and down is not None
+    outcomes = server.running.feedback.outcomes
+    checks = [
+        (up.prediction_id, SHORT, 0.03, False),  # the price fell: P(up) >= 0.5 was wrong
+        (down.prediction_id, LONG, 0.03, False),  # the price rose: P(up) < 0.5 was wrong
+    ]
+    for pid, side, realized, right in checks:
+        request = _request(pid, np.zeros(0), side, realized, None)
+        request.ClearField("features")
+        request.outcome.close_time.FromDatetime(datetime.now(UTC))
+        stub.Feedback(request)
+        assert outcomes[-1] is right

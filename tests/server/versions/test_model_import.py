@@ -163,7 +163,7 @@ def test_a_regression_booster_is_refused(tmp_path: Path, feature_rows):
     x = feature_rows[:400]
     booster = lgb.train(
         {"objective": "regression", "verbose": -1, "num_threads": 1},
-        lgb.Dataset(x, x[:, 0], feature_name=NAMES),
+        lgb.Dataset(x.copy(), x[:, 0].copy(), feature_name=NAMES),
         10,
     )
     source = tmp_path / "regression.txt"
