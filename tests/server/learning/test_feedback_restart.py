@@ -3,6 +3,7 @@ when the server no longer holds it in memory, within PREDICTION_LOG_MAX_AGE_SECO
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -10,11 +11,12 @@ import grpc
 import numpy as np
 import pytest
 from errorinfo import error_info
-from harness import InProcessServer, feature_input, write_model
+from harness import InProcessServer, feature_input, start_server, write_model
 from learning_helpers import feedback, learning_settings
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen_server.learning.feedback_store import FeedbackStore
 from xylen_server.learning.prediction_log import PredictionLog
 
 
@@ -80,3 +82,38 @@ def test_a_prediction_older_than_the_retention_is_not_joined(tmp_path: Path, can
         assert error_info(caught.value).reason == "UNKNOWN_PREDICTION_ID"
     finally:
         server.close()
+
+
+def test_a_real_server_process_stopped_with_sigterm_joins_after_its_restart(
+    tmp_path: Path, candles, feature_rows
+):
+    """The coordinator's case: outcomes queued while a server restarts arrive at the new
+    process, which finds the predictions in the log the old one flushed at SIGTERM."""
+    models = tmp_path / "models"
+    write_model(models, "model_1", "lightgbm", candles, trees=20)
+    env = {"FEEDBACK_DATA_DIR": str(tmp_path / "data"), "RETRAIN_AUTO": "false"}
+    rows = feature_rows[300:325]
+    first = start_server(models, env=env, log_dir=tmp_path)
+    with first.channel() as channel:
+        answered = pb_grpc.ModelServiceStub(channel).Predict(
+            pb.PredictRequest(inputs=[feature_input(r) for r in rows])
+        )
+    assert first.stop(signal.SIGTERM) == 0
+    second = start_server(models, env=env, log_dir=tmp_path)
+    try:
+        with second.channel() as channel:
+            stub = pb_grpc.ModelServiceStub(channel)
+            stored = [
+                stub.Feedback(feedback(p.prediction_id, 0.01)).stored_samples
+                for p in answered.predictions
+            ]
+    finally:
+        assert second.stop(signal.SIGTERM) == 0
+    assert stored == list(range(1, len(rows) + 1))
+    with FeedbackStore(tmp_path / "data" / "model_1") as store:
+        samples = store.read_samples()
+    by_id = {row["prediction_id"]: row for row in samples.to_dicts()}
+    for i, prediction in enumerate(answered.predictions):
+        row = by_id[prediction.prediction_id]
+        assert np.array_equal(np.asarray(row["features"], np.float32), rows[i].astype(np.float32))
+        assert row["probability_up"] == prediction.probability_up
