@@ -100,6 +100,18 @@ class _Batch(NamedTuple):
         )
 
 
+@dataclass(frozen=True)
+class _PartIndex:
+    """The sorted hashes of one part's prediction ids and its newest prediction time."""
+
+    hashes: np.ndarray
+    newest_ms: int
+
+    def holds(self, key: int) -> bool:
+        at = int(np.searchsorted(self.hashes, key))
+        return at < len(self.hashes) and int(self.hashes[at]) == key
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -147,6 +159,8 @@ class PredictionLog:
         self._pending: list[_Batch] = []
         self._pending_rows = 0
         self._flush_lock = threading.Lock()  # one writer of part files at a time
+        self._disk_lock = threading.Lock()
+        self._disk_index: dict[Path, _PartIndex] = {}
         self._closed = False
         self._thread: threading.Thread | None = None
         if self.directory is not None:
@@ -253,24 +267,57 @@ class PredictionLog:
     def find_recent(self, prediction_id: str) -> LoggedPrediction | None:
         """The row of ``prediction_id`` if it was predicted within ``max_age_seconds``: from
         memory, else from the part files (what the Feedback join falls back on after a
-        restart, or once memory let the row go). Blocking I/O: call it off the event loop.
-        Rows still buffered when a process was killed (SIGKILL) never reached a part."""
+        restart, or once memory let the row go). Rows still buffered when a process was killed
+        (SIGKILL) never reached a part.
+
+        Blocking I/O: call it off the event loop. The first call reads the id and time columns
+        of the parts within the retention into an index of id hashes (8 bytes a row, in this
+        process only); later calls index only new parts and open at most the parts whose
+        index holds the id's hash, so an unknown id costs no scan of the log."""
         found = self.get(prediction_id)
         if found is not None or self.directory is None:
             return found
         oldest = _now_ms() - self.max_age_ms
-        for path in reversed(self.part_files()):
-            table = pq.read_table(path, filters=[("prediction_id", "==", prediction_id)])
+        key = hash(prediction_id)
+        with self._disk_lock:
+            self._index_parts(oldest)
+            candidates = [
+                path
+                for path, part in sorted(self._disk_index.items(), reverse=True)
+                if part.newest_ms >= oldest and part.holds(key)
+            ]
+        for path in candidates:
+            try:
+                table = pq.read_table(path, filters=[("prediction_id", "==", prediction_id)])
+            except FileNotFoundError:
+                continue
             if table.num_rows:
                 row = next(_rows(table, np.ones(table.num_rows, dtype=bool)))
                 return row if row.time_ms >= oldest else None
-            try:
-                first_ms = int(path.stem.split("-")[1])
-            except (IndexError, ValueError):
-                continue
-            if first_ms < oldest:  # parts are written in time order: older ones are too old
-                return None
         return None
+
+    def _index_parts(self, oldest_ms: int) -> None:
+        """Index the parts not indexed yet; drop the hashes of those wholly older than
+        ``oldest_ms`` (their entry stays, so they are not read again). Caller holds
+        ``_disk_lock``."""
+        for path, part in list(self._disk_index.items()):
+            if part.newest_ms < oldest_ms and len(part.hashes):
+                self._disk_index[path] = _PartIndex(np.empty(0, np.int64), part.newest_ms)
+        for path in self.part_files():
+            if path in self._disk_index:
+                continue
+            try:
+                table = pq.read_table(path, columns=["prediction_id", "time"])
+            except (FileNotFoundError, pa.ArrowInvalid):
+                continue
+            times = table.column("time").cast(pa.int64()).to_numpy()
+            newest = int(times.max()) if len(times) else 0
+            if newest < oldest_ms:
+                self._disk_index[path] = _PartIndex(np.empty(0, np.int64), newest)
+                continue
+            ids = table.column("prediction_id").to_pylist()
+            hashes = np.sort(np.fromiter((hash(i) for i in ids), dtype=np.int64, count=len(ids)))
+            self._disk_index[path] = _PartIndex(hashes, newest)
 
     def replay_rows(
         self,

@@ -117,3 +117,31 @@ def test_a_real_server_process_stopped_with_sigterm_joins_after_its_restart(
         row = by_id[prediction.prediction_id]
         assert np.array_equal(np.asarray(row["features"], np.float32), rows[i].astype(np.float32))
         assert row["probability_up"] == prediction.probability_up
+
+
+def test_find_recent_indexes_the_log_once_and_sees_new_parts(tmp_path: Path):
+    """The disk lookup behind the join: ids from any part within the retention, also parts
+    written after the first lookup and rows memory let go; none from too old a part."""
+    rows = np.arange(12, dtype=np.float32).reshape(4, 3)
+    now = int(time.time() * 1000)
+    writer = PredictionLog(tmp_path, max_rows=4)  # memory holds one batch of 4 at most
+    for batch in range(20):
+        ids = [f"b{batch}-{i}" for i in range(4)]
+        old = batch == 0  # the first batch is older than the reader's retention
+        when = now - (7200_000 if old else (20 - batch) * 1000)
+        writer.record(ids, rows, [0.5] * 4, [3] * 4, "model_1", 1, time_ms=when)
+        writer.flush()
+    reader = PredictionLog(tmp_path, max_age_seconds=3600)
+    try:
+        found = reader.find_recent("b7-2")
+        assert found is not None and np.array_equal(found.features, rows[2])
+        assert reader.find_recent("b0-1") is None  # two hours old
+        assert reader.find_recent("never") is None
+        writer.record(["late-0"], rows[:1], [0.9], [1], "model_1", 1)
+        writer.flush()
+        assert reader.find_recent("late-0") is not None  # a part written after the index
+        # the writer's memory let b3 go long ago; its disk still answers
+        assert writer.get("b3-0") is None and writer.find_recent("b3-0") is not None
+    finally:
+        reader.close()
+        writer.close()
