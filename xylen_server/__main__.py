@@ -26,6 +26,7 @@ from pathlib import Path
 
 from xylen_server.errors import SettingsError
 from xylen_server.settings import Settings
+from xylen_server.tls import add_client_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     restore = actions.add_parser("restore", help="verify an archive and make it the serving model")
     restore.add_argument("archive", type=Path)
     restore.add_argument("--address", help="HOST:PORT of a running server to reload")
+    add_client_arguments(restore)
     rollback = actions.add_parser("rollback", help="serve a kept earlier version again")
     rollback.add_argument("--to", type=int, default=0, help="version (default: the parent)")
     rollback.add_argument("--address", help="HOST:PORT of a running server to roll back")
+    add_client_arguments(rollback)
     replay = commands.add_parser("replay", help="recompute a logged prediction bit-exactly")
     replay.add_argument("prediction_id")
     replay.add_argument("--log-dir", type=Path, help="prediction log (default: the server's)")
