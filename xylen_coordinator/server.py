@@ -59,11 +59,21 @@ async def build_server(
     ``PREDICT_TOKEN*``, ``ALLOW_INSECURE_ADMIN``: the model server's environment variables,
     :class:`~xylen_server.settings.Settings`); None serves plaintext with open RPCs, and only on
     loopback. Raises SettingsError before binding when the admin RPC (Feedback) would be open on
-    a non-loopback address.
+    a non-loopback address, or open at all while ``auth.token_file`` makes what it forwards
+    count as authenticated.
     """
     settings = security if security is not None else Settings()
     checks = ServerSecurity.from_settings(settings)
     check_exposure(checks, host)
+    laundering = checks.admin_open and not checks.mtls and not checks.allow_insecure_admin
+    if coordinator.config.auth.token and laundering:
+        # Anyone's outcome would reach the servers under the coordinator's token, and count as
+        # authenticated for their retrain gates.
+        raise SettingsError(
+            "auth.token_file makes forwarded outcomes authenticated on the model servers, "
+            "so the coordinator's own Feedback needs credentials too: set ADMIN_TOKEN or "
+            "ADMIN_TOKEN_FILE, use mutual TLS, or set ALLOW_INSECURE_ADMIN=true"
+        )
     credentials = server_credentials(
         settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
     )

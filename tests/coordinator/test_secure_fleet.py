@@ -195,3 +195,24 @@ def test_coordinator_port_with_tls_and_an_admin_token(secure_servers, certs, tok
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_coordinator_with_a_token_refuses_to_take_anonymous_feedback(
+    secure_servers, certs, token_file, tmp_path
+):
+    """Its token would make anyone's outcome authenticated on the servers: it needs credentials
+    of its own (or ALLOW_INSECURE_ADMIN) before it serves, even on loopback."""
+    config = _config(tmp_path / "config.yaml", secure_servers, certs, token_file)
+    command = [sys.executable, "-m", "xylen_coordinator", "serve", "--config", str(config),
+               "--port", "0"]  # fmt: skip
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        cwd=harness.REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        timeout=60,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "auth.token_file" in lines[0] and "ADMIN_TOKEN" in lines[0]
