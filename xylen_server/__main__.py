@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Serve one model over gRPC. Configured by environment variables: MODEL_NAME, "
         "MODEL_PATH, ONNX_ENABLED, LOG_LEVEL, GRPC_HOST, GRPC_PORT, SESSION_POOL_SIZE, "
         "SESSION_THREADS, MAX_BATCH_ROWS, BUY_THRESHOLD, SELL_THRESHOLD, FEEDBACK_DATA_DIR, "
-        "RETRAIN_*, ... (see README and xylen_server/settings.py).",
+        "RETRAIN_*, TLS_CERT_FILE, TLS_KEY_FILE, TLS_CLIENT_CA_FILE, ADMIN_TOKEN(_FILE), "
+        "ADMIN_IDENTITIES, PREDICT_TOKEN(_FILE), ALLOW_INSECURE_ADMIN, ... (see README and "
+        "xylen_server/settings.py).",
     )
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="serve the model over gRPC (the default)")
