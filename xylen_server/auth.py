@@ -17,8 +17,10 @@ Three kinds of RPC (:func:`method_kind`):
 A call without credentials where they are needed is UNAUTHENTICATED (reason
 ``MISSING_CREDENTIALS``); a wrong token, a predict token on an admin RPC or a certificate
 identity not allowed is PERMISSION_DENIED (``INVALID_TOKEN``, ``TOKEN_NOT_ADMIN``,
-``IDENTITY_NOT_ALLOWED``). Each refusal is logged with the method, the peer and the reason, never
-with the token sent or configured.
+``IDENTITY_NOT_ALLOWED``). Refusals are logged with the method, the peer and the reason, never
+with the token sent or configured; at most one line per method and reason every
+:data:`DENIAL_LOG_SECONDS` (the next line counts the ones left out), so a flood of refused
+calls cannot fill the disk. Every refusal is also counted by the metrics interceptor.
 
 The caller of an admin RPC is known to the handler as :func:`caller`: ``token:admin``,
 ``mtls:<identity>`` or :data:`ANONYMOUS`. Feedback stores it with the sample, and the retrain
@@ -35,6 +37,8 @@ import contextvars
 import hmac
 import ipaddress
 import logging
+import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +61,8 @@ ANONYMOUS = "anonymous"
 ADMIN_TOKEN_IDENTITY = "token:admin"
 """The caller who presented the admin token."""
 
+DENIAL_LOG_SECONDS = 10.0
+"""One log line per method and refusal reason at most this often."""
 AUTHORIZATION = "authorization"
 MAX_TOKEN_BYTES = 4096
 """Longest token read from a file or the environment."""
@@ -233,9 +239,25 @@ def _same(given: str, expected: str) -> bool:
 class AuthInterceptor(HandlerInterceptor):
     """Checks every guarded call's credentials before its handler runs (module docstring)."""
 
-    def __init__(self, security: ServerSecurity) -> None:
+    def __init__(self, security: ServerSecurity, log_every: float = DENIAL_LOG_SECONDS) -> None:
         super().__init__()
         self.security = security
+        self.log_every = log_every
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}
+        """(method, reason) -> (when it was last logged, refusals left out since)."""
+
+    def _log_denial(self, method: str, peer: str, exc: Unauthenticated | PermissionDenied) -> None:
+        key = (method, exc.reason)
+        now = time.monotonic()
+        last, left_out = self._logged.get(key, (-math.inf, 0))
+        if now - last < self.log_every:
+            self._logged[key] = (last, left_out + 1)
+            return
+        self._logged[key] = (now, 0)
+        more = f" (+{left_out} more since the last line)" if left_out else ""
+        logger.warning(
+            "denied %s to %s: %s %s%s", method, peer[:80], exc.code.name, exc.reason, more
+        )
 
     def authenticate(self, kind: str, context: Any) -> str:
         """The caller's identity, or raise Unauthenticated / PermissionDenied."""
@@ -301,13 +323,7 @@ class AuthInterceptor(HandlerInterceptor):
             try:
                 return self.authenticate(kind, context)
             except (Unauthenticated, PermissionDenied) as exc:
-                logger.warning(
-                    "denied %s to %s: %s %s",
-                    method,
-                    str(context.peer())[:80],
-                    exc.code.name,
-                    exc.reason,
-                )
+                self._log_denial(method, str(context.peer()), exc)
                 raise
 
         return check

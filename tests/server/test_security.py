@@ -328,3 +328,26 @@ def test_unusable_security_settings_stop_the_server_with_one_line(models_root, e
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_a_flood_of_refused_calls_logs_one_line_and_counts_every_call(
+    models_root, tmp_path, caplog
+):
+    settings = server_settings(
+        models_root, feedback_data_dir=tmp_path / "data", admin_token=ADMIN_TOKEN
+    )
+    server = InProcessServer(settings)
+    try:
+        stub = _stub(server, None)
+        with caplog.at_level(logging.INFO):
+            for _ in range(50):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Retrain(pb.RetrainRequest(), timeout=10)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        method = "/xylen.v1.ModelService/Retrain"
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("denied")]
+        assert len(lines) == 1 and lines[0].startswith(f"denied {method} to ipv4:127.0.0.1:")
+        assert "UNAUTHENTICATED MISSING_CREDENTIALS" in lines[0]
+        assert server.running.recorder.calls(method, "UNAUTHENTICATED") == 50
+    finally:
+        server.close()
