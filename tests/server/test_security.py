@@ -19,6 +19,7 @@ import pytest
 from errorinfo import error_info
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import REPO, InProcessServer, feature_input, server_settings
+from learning_helpers import wait_for
 from server.api.test_grpcurl import grpcurl
 
 from xylen.v1 import model_service_pb2 as pb
@@ -348,6 +349,8 @@ def test_a_flood_of_refused_calls_logs_one_line_and_counts_every_call(
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("denied")]
         assert len(lines) == 1 and lines[0].startswith(f"denied {method} to ipv4:127.0.0.1:")
         assert "UNAUTHENTICATED MISSING_CREDENTIALS" in lines[0]
+        # Counted after the status went out: give the last call's bookkeeping a moment.
+        wait_for(lambda: server.running.recorder.calls(method, "UNAUTHENTICATED") >= 50, 10)
         assert server.running.recorder.calls(method, "UNAUTHENTICATED") == 50
     finally:
         server.close()
