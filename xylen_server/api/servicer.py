@@ -16,6 +16,7 @@ import grpc
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen_server import auth
 from xylen_server.api import messages
 from xylen_server.errors import InvalidArgument
 from xylen_server.learning.feedback import FeedbackLoop
@@ -112,6 +113,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             underlying_log_return=outcome.underlying_log_return
             if outcome.HasField("underlying_log_return")
             else None,
+            source=auth.caller(),
         )
         return messages.feedback_response(request.prediction_id, stored)
 

@@ -21,6 +21,7 @@ FEEDBACK_STORE_UNAVAILABLE) so callers retry, and the next Feedback tries to ope
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import sqlite3
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from training.labels import label_from_return
+from xylen_server.auth import ANONYMOUS
 from xylen_server.errors import InvalidArgument, NotFound, Unavailable
 from xylen_server.learning.feedback_store import AppendResult, FeedbackStore
 from xylen_server.learning.prediction_log import LoggedPrediction, PredictionLog
@@ -149,9 +151,11 @@ class FeedbackLoop:
         features: Sequence[float] | None,
         side: int = 0,
         underlying_log_return: float | None = None,
+        source: str = ANONYMOUS,
     ) -> AppendResult:
         """Validate, join to the logged prediction and store durably; idempotent by id.
-        ``close_time`` is ``(seconds, nanos)`` since the epoch (see :func:`build_record`).
+        ``close_time`` is ``(seconds, nanos)`` since the epoch (see :func:`build_record`);
+        ``source`` is the caller (:func:`xylen_server.auth.caller`), stored with the sample.
 
         The prediction is looked up in memory first, then (an id no longer held there: the
         server restarted, or memory was full) in the on-disk prediction log, as long as it is
@@ -179,6 +183,8 @@ class FeedbackLoop:
             max_id_bytes=self.settings.feedback_max_id_bytes,
             max_clock_skew_seconds=self.settings.feedback_max_clock_skew_seconds,
         )
+        if source != record.source:
+            record = dataclasses.replace(record, source=source[:_MAX_SOURCE_CHARS])
         result = await store.append_async(record)
         if not result.duplicate:
             self.new_samples += 1
@@ -236,6 +242,8 @@ def _ms(moment: datetime) -> int:
 EARLIEST_CLOSE_TIME_S = 946_684_800
 """2000-01-01T00:00:00Z: an outcome closed before it is a mistake (no market this server
 learns from traded then; Binance opened in 2017)."""
+_MAX_SOURCE_CHARS = 200
+"""A source is an identity from a certificate or a fixed label; kept short whatever it is."""
 _F32_MAX = float(np.finfo(np.float32).max)
 _SHOWN_ID_CHARS = 64
 
@@ -338,8 +346,8 @@ def build_record(
             close_ms,
             now_ms,
             label,
-            side,
-            underlying_log_return,
+            side=side,
+            underlying_log_return=underlying_log_return,
         )
     if row is None:
         if prediction_id in already_stored:
@@ -367,8 +375,8 @@ def build_record(
         close_ms,
         now_ms,
         label,
-        side,
-        underlying_log_return,
+        side=side,
+        underlying_log_return=underlying_log_return,
     )
 
 

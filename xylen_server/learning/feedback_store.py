@@ -40,12 +40,12 @@ from training.metadata import fsync_dir
 from xylen_server.durable import sqlite_connect
 from xylen_server.errors import Unavailable
 from xylen_server.learning.samples import (
-    ADDED_COLUMNS,
     DB_NAME,
     PARTS_DIR,
     SAMPLE_COLUMNS,
     SQL_SCHEMA,
     FeedbackRecord,
+    add_missing_columns,
     compacted_until,
     part_files,
     read_samples,
@@ -62,7 +62,9 @@ logger = logging.getLogger(__name__)
 _INSERT_ID = "INSERT INTO stored_ids VALUES (?)"
 _LOOKUP_CHUNK = 500
 """Ids looked up per query (SQLite allows 32766 parameters; smaller keeps each query quick)."""
-_INSERT_SAMPLE = f"INSERT INTO samples ({SAMPLE_COLUMNS}) VALUES ({', '.join('?' * 14)})"
+_INSERT_SAMPLE = "INSERT INTO samples ({}) VALUES ({})".format(
+    SAMPLE_COLUMNS, ", ".join("?" for _ in SAMPLE_COLUMNS.split(","))
+)
 _FAILED_RETRY_SECONDS = 1.0
 """A compaction that failed is tried again no sooner than this (a full disk stays full)."""
 
@@ -242,10 +244,7 @@ class FeedbackStore:
         db = sqlite_connect(self.db_path)
         try:
             db.executescript(SQL_SCHEMA)
-            have = {row[1] for row in db.execute("PRAGMA table_info(samples)")}
-            for name, kind in ADDED_COLUMNS:
-                if name not in have:  # a store written before the column existed
-                    db.execute(f"ALTER TABLE samples ADD COLUMN {name} {kind}")
+            add_missing_columns(db)  # a store written before a column existed
             compacted = compacted_until(self.directory)
             # A crash between a part's rename and the delete of its rows: the part has them.
             db.execute("DELETE FROM samples WHERE seq <= ?", (compacted,))

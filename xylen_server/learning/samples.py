@@ -16,9 +16,12 @@ SQLite tables (:data:`SQL_SCHEMA`):
   ``model_version`` (NULL when the prediction was no longer in the prediction log),
   ``features`` (BLOB: the float32 row, little-endian), ``probability_up`` and ``signal``
   (NULL likewise), ``pnl``, ``realized_return``, ``close_time_ms`` and ``received_time_ms``
-  (UTC milliseconds since the epoch), then (added later, so a store written before has them
-  NULL) ``label`` (the training label, see below), ``side`` (``xylen.v1.TradeSide`` value) and
-  ``underlying_log_return`` (as the outcome sent it; NULL when it was derived from the side).
+  (UTC milliseconds since the epoch), ``source`` (who sent the outcome: ``token:admin``,
+  ``mtls:<identity>``, or ``anonymous`` from an unauthenticated caller; NULL for samples
+  stored before sources were recorded, which count as anonymous), then (added later, so a
+  store written before has them NULL) ``label`` (the training label, see below), ``side``
+  (``xylen.v1.TradeSide`` value) and ``underlying_log_return`` (as the outcome sent it; NULL
+  when it was derived from the side).
 
 Compaction writes the samples with ``seq`` lo..hi to ``part-<lo>-<hi>.parquet`` (through an
 fsynced ``.tmp`` file renamed into place), then deletes them from ``samples``. Rows of
@@ -30,7 +33,8 @@ Parquet columns (:data:`SCHEMA`, one row per prediction id): ``prediction_id`` s
 per row, in the model's ``feature_names`` order, so models with different feature sets share
 one dataset), ``probability_up`` float64 (nullable), ``signal`` int32 (``xylen.v1.Signal``
 value, nullable), ``pnl`` float64, ``realized_return`` float64, ``close_time`` and
-``received_time`` timestamp[ms, UTC], ``label`` int8, ``side`` int32 (nullable),
+``received_time`` timestamp[ms, UTC], ``label`` int8, ``source`` string (nullable; missing
+from parts written before it was recorded, read as null), ``side`` int32 (nullable),
 ``underlying_log_return`` float64 (nullable).
 
 ``label`` is the training label of the predicted bar, computed when the outcome is stored by
@@ -56,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from xylen_server.auth import ANONYMOUS
 from xylen_server.durable import sqlite_connect
 
 if TYPE_CHECKING:
@@ -78,6 +83,7 @@ CREATE TABLE IF NOT EXISTS samples (
     realized_return REAL NOT NULL,
     close_time_ms INTEGER NOT NULL,
     received_time_ms INTEGER NOT NULL,
+    source TEXT,
     label INTEGER,
     side INTEGER,
     underlying_log_return REAL
@@ -87,7 +93,8 @@ CREATE TABLE IF NOT EXISTS samples (
 
 SAMPLE_COLUMNS = (
     "seq, prediction_id, model_name, model_version, features, probability_up, signal, pnl, "
-    "realized_return, close_time_ms, received_time_ms, label, side, underlying_log_return"
+    "realized_return, close_time_ms, received_time_ms, source, label, side, "
+    "underlying_log_return"
 )
 """The columns of ``samples``, in :func:`sample_row`'s order."""
 
@@ -104,15 +111,22 @@ SCHEMA = pa.schema(
         pa.field("close_time", pa.timestamp("ms", tz="UTC"), nullable=False),
         pa.field("received_time", pa.timestamp("ms", tz="UTC"), nullable=False),
         pa.field("label", pa.int8(), nullable=False),
+        pa.field("source", pa.string()),
         pa.field("side", pa.int32()),
         pa.field("underlying_log_return", pa.float64()),
     ]
 )
 
-ADDED_COLUMNS = (("label", "INTEGER"), ("side", "INTEGER"), ("underlying_log_return", "REAL"))
-"""Columns of ``samples`` added after the first release: a store opened from before gets them
-(``ALTER TABLE ... ADD COLUMN``), NULL in its old rows."""
 """The Parquet schema of the training samples."""
+
+ADDED_COLUMNS = (
+    ("source", "TEXT"),
+    ("label", "INTEGER"),
+    ("side", "INTEGER"),
+    ("underlying_log_return", "REAL"),
+)
+"""Columns of ``samples`` added after the first release, in :data:`SQL_SCHEMA` order: a store
+opened from before gets them (:func:`add_missing_columns`), NULL in its old rows."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +149,9 @@ class FeedbackRecord:
     label: int
     """The training label of the predicted bar (1 up, 0 not): ``label_from_return`` of the
     underlying's move over the model's horizon, net of its fee (never the trade's profit)."""
+    source: str = ANONYMOUS
+    """Who sent it (:func:`xylen_server.auth.caller`): the gate scores only on samples from
+    authenticated callers."""
     side: int = 0
     """``xylen.v1.TradeSide`` value of the trade (0: not sent)."""
     underlying_log_return: float | None = None
@@ -172,6 +189,7 @@ def sample_row(seq: int, record: FeedbackRecord) -> tuple[Any, ...]:
         record.realized_return,
         record.close_time_ms,
         record.received_time_ms,
+        record.source,
         record.label,
         record.side,
         record.underlying_log_return,
@@ -190,6 +208,7 @@ def _table(
     returns: Sequence[float],
     close_ms: Sequence[int],
     received_ms: Sequence[int],
+    sources: Sequence[str | None],
     labels: Sequence[int | None],
     sides: Sequence[int | None],
     underlying: Sequence[float | None],
@@ -213,6 +232,7 @@ def _table(
             pa.array(close_ms, pa.int64()).cast(SCHEMA.field("close_time").type),
             pa.array(received_ms, pa.int64()).cast(SCHEMA.field("received_time").type),
             pa.array(label, pa.int8()),
+            pa.array(sources, pa.string()),
             pa.array(sides, pa.int32()),
             pa.array(underlying, pa.float64()),
         ],
@@ -243,6 +263,7 @@ def records_table(records: Sequence[FeedbackRecord]) -> pa.Table:
         column("realized_return"),
         column("close_time_ms"),
         column("received_time_ms"),
+        column("source"),
         column("label"),
         column("side"),
         column("underlying_log_return"),
@@ -270,6 +291,7 @@ def uncompacted(db: sqlite3.Connection, after_seq: int = 0) -> tuple[pa.Table, i
         rets,
         close,
         received,
+        sources,
         labels,
         sides,
         underlying,
@@ -287,6 +309,7 @@ def uncompacted(db: sqlite3.Connection, after_seq: int = 0) -> tuple[pa.Table, i
         rets,
         close,
         received,
+        sources,
         labels,
         sides,
         underlying,
@@ -332,6 +355,15 @@ def read_part(path: Path) -> pa.Table:
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(table.num_rows, SCHEMA.field(name).type))
     return table.select(SCHEMA.names).cast(SCHEMA)
+
+
+def add_missing_columns(db: sqlite3.Connection) -> None:
+    """Give a ``samples`` table created before a column of :data:`ADDED_COLUMNS` existed that
+    column (``source``; ``label``, ``side``, ``underlying_log_return``), NULL in its rows."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(samples)")}
+    for name, kind in ADDED_COLUMNS:
+        if name not in columns:
+            db.execute(f"ALTER TABLE samples ADD COLUMN {name} {kind}")
 
 
 def part_files(directory: Path) -> list[Path]:

@@ -16,14 +16,18 @@ from training.metadata import ModelMetadata
 from training.trainers import MODEL_CLASSES, make_model
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen_server.auth import with_token
+
+ADMIN_TOKEN = "continued-test-admin-token"
 
 
 @pytest.mark.parametrize("model_type", ["xgboost", "catboost"])
 def test_continued_training_through_the_gate(tmp_path: Path, candles, feature_rows, model_type):
     write_model(tmp_path / "models", "model_1", model_type, candles, trees=30)
-    server = InProcessServer(learning_settings(tmp_path))
+    # Outcomes from an authenticated caller: the gate scores only on those.
+    server = InProcessServer(learning_settings(tmp_path, admin_token=ADMIN_TOKEN))
     try:
-        with grpc.insecure_channel(server.address) as channel:
+        with with_token(grpc.insecure_channel(server.address), ADMIN_TOKEN) as channel:
             stub = pb_grpc.ModelServiceStub(channel)
             rows = feature_rows[:800]
             send_samples(stub, rows, learnable_labels(rows), model_type)

@@ -20,8 +20,11 @@ from training.generator import generate
 from training.metadata import ModelMetadata, history_files, sha256_file
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen_server.auth import with_token
 from xylen_server.learning.job import JobFailed
 from xylen_server.learning.job.run import history_rows
+
+ADMIN_TOKEN = "history-test-admin-token"
 
 
 @pytest.fixture
@@ -51,8 +54,8 @@ def elsewhere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def _full_retrain(root: Path, feature_rows) -> tuple[pb_grpc.ModelServiceStub, InProcessServer]:
-    server = InProcessServer(learning_settings(root))
-    channel = grpc.insecure_channel(server.address)
+    server = InProcessServer(learning_settings(root, admin_token=ADMIN_TOKEN))
+    channel = with_token(grpc.insecure_channel(server.address), ADMIN_TOKEN)
     stub = pb_grpc.ModelServiceStub(channel)
     rows = feature_rows[:400]
     send_samples(stub, rows, learnable_labels(rows), "hist")

@@ -28,7 +28,9 @@ def test_a_store_from_before_the_label_columns_opens_and_keeps_its_samples(tmp_p
     part_record = FeedbackRecord(
         "old-part", "model_1", 1, features, None, None, 1.0, 0.02, 1_700_000_000_000, 1, 1
     )
-    old_part = records_table([part_record]).drop_columns(["side", "underlying_log_return"])
+    old_part = records_table([part_record]).drop_columns(
+        ["source", "side", "underlying_log_return"]
+    )
     (tmp_path / PARTS_DIR).mkdir()
     pq.write_table(
         old_part, tmp_path / PARTS_DIR / "part-00000000000000000001-00000000000000000001.parquet"
@@ -45,8 +47,9 @@ def test_a_store_from_before_the_label_columns_opens_and_keeps_its_samples(tmp_p
     db.close()
 
     new = FeedbackRecord(
-        "new", "model_1", 1, features, 0.6, 1, 5.0, 0.03, 1_700_000_000_002, 3, 0, 2, -0.03
-    )
+        "new", "model_1", 1, features, 0.6, 1, 5.0, 0.03, 1_700_000_000_002, 3,
+        label=0, side=2, underlying_log_return=-0.03,
+    )  # fmt: skip
     with FeedbackStore(tmp_path) as store:
         assert store.append(new).duplicate is False
         assert store.append(part_record).duplicate is True
