@@ -132,7 +132,9 @@ def test_xgboost_json_and_catboost_cbm_are_imported_with_parity(
         from catboost import CatBoostClassifier, Pool
 
         source = tmp_path / "outside.cbm"
-        model = CatBoostClassifier(iterations=40, depth=4, verbose=0, thread_count=1)
+        model = CatBoostClassifier(
+            iterations=40, depth=4, verbose=0, thread_count=1, allow_writing_files=False
+        )
         model.fit(Pool(x, y, feature_names=NAMES))
         model.save_model(str(source))
         expected = model.predict_proba(feature_rows[2000:2050])[:, 1]
