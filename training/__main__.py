@@ -133,7 +133,7 @@ def _pct(value: float | None) -> str:
 
 def _bp(value: float | None) -> str:
     """A log return in basis points."""
-    return "n/a" if value is None else f"{value * 1e4:+.1f} bp"
+    return "n/a" if value is None else f"{value * 1e4:+.2f} bp"
 
 
 def _count(value: int | None) -> str:
