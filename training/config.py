@@ -131,6 +131,14 @@ class TrainConfig:
                 "need 0 < signal_min_share <= signal_max_share <= 0.5, got "
                 f"{self.signal_min_share} and {self.signal_max_share}"
             )
+        owners = [("", self.lookback_periods)]
+        owners += [(f"model {m.name}: ", m.lookback_periods) for m in self.models]
+        for owner, value in owners:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(
+                    f"{owner}LOOKBACK_PERIODS must be a whole number of candles, "
+                    f"got {str(value)[:40]!r}"
+                )
         for spec in self.models:
             try:
                 self.feature_set(spec)

@@ -70,7 +70,7 @@ def _shares(min_share: float, max_share: float) -> np.ndarray:
             f"need 0 < min_share <= max_share <= 0.5, got {min_share} and {max_share}"
         )
     count = math.floor((max_share - min_share) / SHARE_STEP + 1e-9) + 1
-    return min_share + SHARE_STEP * np.arange(count)
+    return np.round(min_share + SHARE_STEP * np.arange(count), 9)
 
 
 def _side(
@@ -82,7 +82,7 @@ def _side(
     best: tuple[float, float, float] | None = None
     floor: tuple[float, float, float] | None = None
     for share in shares:
-        k = max(1, math.ceil(share * n))
+        k = max(1, math.ceil(share * n - 1e-9))
         threshold = float(ranked_p[k - 1])
         acted = proba >= threshold if top else proba <= threshold  # ties act together
         mean = float(net[acted].mean())
