@@ -55,8 +55,7 @@ data: $(STAMP)
 
 train: $(STAMP) $(PROTO_STAMP)
 	@if [ "$(DATA)" = "$(DATA_DIR)" ] && [ ! -d "$(DATA_DIR)" ]; then $(MAKE) --no-print-directory data; fi
-	$(PY) -m training train --data $(DATA) --models-dir $(MODELS_DIR) $(TRAIN_SETS) \
-		$(foreach m,$(ONLY),--only $(m))
+	$(PY) -m training train --data $(DATA) --models-dir $(MODELS_DIR) $(strip $(TRAIN_SETS) $(foreach m,$(ONLY),--only $(m)))
 
 # The main job: trains the default models first if they are not there.
 demo: $(STAMP) $(PROTO_STAMP)

@@ -99,7 +99,7 @@ class TrainConfig:
     threshold: float = 0.0
     lookback_periods: int | None = None
     features: tuple[str, ...] | None = None
-    signal_min_share: float = 0.125
+    signal_min_share: float = 0.15
     signal_max_share: float = 0.40
     models_dir: str = "models"
     seed: int = 42

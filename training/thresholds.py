@@ -42,7 +42,7 @@ from training.labels import net_log_return
 #: Name and version of the rule above, stored with the thresholds.
 RULE = "best-validation-net-return/v1"
 #: Fewest / most validation bars each side may act on (see the module docstring).
-MIN_SHARE = 0.125
+MIN_SHARE = 0.15
 MAX_SHARE = 0.40
 #: Step between candidate shares.
 SHARE_STEP = 0.025

@@ -10,6 +10,8 @@ import pytest
 
 from training.labels import net_log_return
 from training.thresholds import (
+    MAX_SHARE,
+    MIN_SHARE,
     MIN_VALIDATION_ROWS,
     RULE,
     SHARE_STEP,
@@ -83,9 +85,9 @@ def test_probabilities_far_below_one_half_still_give_both_signals() -> None:
     assert old[1].mean() > 0.95 and old[0].mean() < 0.01
     chosen = choose_thresholds(p, r, fee=FEE)
     is_buy, is_sell, is_hold = signal_masks(p, chosen["buy"], chosen["sell"])
-    assert 0.125 <= is_buy.mean() <= 0.4 + SHARE_STEP
-    assert 0.125 <= is_sell.mean() <= 0.4 + SHARE_STEP
-    assert is_hold.mean() >= 0.2 - 2 * SHARE_STEP
+    assert MIN_SHARE <= is_buy.mean() <= MAX_SHARE + SHARE_STEP
+    assert MIN_SHARE <= is_sell.mean() <= MAX_SHARE + SHARE_STEP
+    assert is_hold.mean() >= 1 - 2 * (MAX_SHARE + SHARE_STEP)
     assert chosen["sell"] < chosen["buy"]
 
 
@@ -97,7 +99,7 @@ def test_sell_side_is_the_mirror_on_short_returns() -> None:
     low = np.argsort(p)
     r[low[int(n * 0.15) : int(n * 0.3)]] = -0.01  # shorts earn only from the 15th to 30th %
     chosen = choose_thresholds(p, r, fee=FEE)
-    shares = [0.125 + SHARE_STEP * k for k in range(12)]
+    shares = [MIN_SHARE + SHARE_STEP * k for k in range(11)]
     sell, mean = _brute_force(p, net_log_return(r, fee=FEE, side=-1), shares, top=False)
     assert chosen["sell"] == sell
     assert chosen["validation"]["sell_edge"] is True
