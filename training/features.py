@@ -19,6 +19,7 @@ Ratios never produce NaN or inf: a zero denominator gives the documented neutral
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -380,6 +381,16 @@ class FeatureSet:
             LOOKBACK_PERIODS if lookback is None else int(lookback),
         )
 
+    @functools.cached_property
+    def plan(self) -> tuple[tuple[FeatureSpec, tuple[int, ...]], ...]:
+        """The indicators to run and the output column of each of their outputs (-1: unused)."""
+        column = {name: i for i, name in enumerate(self.names)}
+        return tuple(
+            (spec, tuple(column.get(name, -1) for name in spec.outputs))
+            for spec in FEATURES
+            if not column.keys().isdisjoint(spec.outputs)
+        )
+
     @property
     def min_lookback(self) -> int:
         return max(history_needed(_SPEC_OF[n]) for n in self.names)
@@ -422,16 +433,11 @@ def _compute_rows(
     """Features of the last ``m - lookback + 1`` candles of ``m`` candles."""
     ctx = _Ctx(candles, selection.lookback)
     out = np.empty((ctx.rows, len(selection.names)), dtype=np.float64)
-    column = {name: i for i, name in enumerate(selection.names)}
-    wanted = set(selection.names)
-    for spec in FEATURES:
-        if wanted.isdisjoint(spec.outputs):
-            continue
-        for name, values in zip(
-            spec.outputs, _INDICATORS[spec.indicator](ctx, **spec.kwargs), strict=True
-        ):
-            if name in column:
-                out[:, column[name]] = values
+    for spec, columns in selection.plan:
+        outputs = _INDICATORS[spec.indicator](ctx, **spec.kwargs)
+        for column, values in zip(columns, outputs, strict=True):
+            if column >= 0:
+                out[:, column] = values
     return out
 
 

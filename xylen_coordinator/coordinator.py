@@ -257,7 +257,8 @@ class AsyncCoordinator:
         weights = self._weights(snapshot)
         # Combine only probabilities that mean the same thing (label_plan), with thresholds
         # that follow the members' own (member_thresholds).
-        await asyncio.gather(*(c.learnt(budget) for c in clients))
+        if any(c.learning for c in clients):  # just turned SERVING: its label is on the way
+            await asyncio.gather(*(c.learnt(budget) for c in clients))
         for name, answer in fanned.answers.items():
             if answer.response.predictions:
                 snapshot.clients[name].notice_version(answer.response.predictions[0].model_version)

@@ -281,6 +281,11 @@ class EndpointClient:
         self.info = info
         self.features_hash = info.features_hash
 
+    @property
+    def learning(self) -> bool:
+        """A model-info request is in flight."""
+        return self._learning is not None and not self._learning.done()
+
     async def learnt(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for a model-info request in flight."""
         learning = self._learning
