@@ -15,7 +15,7 @@ DATA ?= $(DATA_DIR)
 TRAIN_VARS := LOOKBACK_PERIODS FEATURES TRAIN_START_DATE TRAIN_END_DATE VALIDATION_END_DATE TEST_END_DATE
 TRAIN_SETS = $(foreach v,$(TRAIN_VARS),$(if $($(v)),--set '$(v)=$($(v))'))
 
-.PHONY: demo test proto lint train data bench deploy clean venv
+.PHONY: demo test proto lint train data bench deploy clean venv certs
 
 venv: $(STAMP)
 
@@ -72,6 +72,10 @@ lint: $(STAMP) $(PROTO_STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf breaking --against ".git#ref=$$(git merge-base HEAD main 2>/dev/null || git rev-parse HEAD)"
+
+# A local CA plus server (127.0.0.1, ::1, localhost) and client certificates for TLS / mTLS.
+certs: $(STAMP)
+	$(PY) -m xylen_server.devtools.certs --out run/certs
 
 bench: $(STAMP) $(PROTO_STAMP)
 	$(PY) -m bench

@@ -128,11 +128,15 @@ class AsyncCoordinator:
                 old is not None
                 and old.endpoint.address == endpoint.address
                 and old.transport == config.transport
+                and old.tls == config.tls.client()
+                and old.token == config.auth.token
             ):
                 old.endpoint = endpoint  # new weight or other attributes, same connection
                 clients[endpoint.name] = old
             else:
-                client = EndpointClient(endpoint, config.transport)
+                client = EndpointClient(
+                    endpoint, config.transport, config.tls.client(), config.auth.token
+                )
                 client.start()
                 clients[endpoint.name] = client
         return clients
