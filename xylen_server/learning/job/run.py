@@ -88,7 +88,7 @@ def history_rows(meta: ModelMetadata, model_dir: Path) -> tuple[np.ndarray, np.n
             )
     klines = load_klines([f.path for f in files], interval=meta.interval or None)
     candles = features.candles_from_frame(klines.frame)
-    x = features.compute_features(candles)
+    x = features.FeatureSet.of(meta.feature_names, meta.lookback).compute(candles)
     y = binary_labels(
         candles["open_time"],
         candles["close"],
