@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     imported.add_argument("--horizon", type=int, help="label horizon in bars (default: training's)")
     imported.add_argument("--fee", type=float, help="round-trip fee fraction of the label")
     imported.add_argument("--label-threshold", type=float, help="net return labelled up")
+    imported.add_argument(
+        "--lookback", type=int, help="candles a feature row needs (default LOOKBACK_PERIODS)"
+    )
     imported.add_argument("--symbol", default="", help="e.g. BTCUSDT")
     imported.add_argument("--interval", default="", help="e.g. 1h")
     replay = commands.add_parser("replay", help="recompute a logged prediction bit-exactly")

@@ -137,6 +137,7 @@ def _import(settings: Settings, args: argparse.Namespace) -> int:
             ("horizon", args.horizon),
             ("fee", args.fee),
             ("label_threshold", args.label_threshold),
+            ("lookback", args.lookback),
         )
         if value is not None
     }

@@ -6,10 +6,11 @@ it is taken on trust:
 
 * it must be a binary classifier of P(up) (LightGBM ``binary``, XGBoost ``binary:logistic``,
   CatBoost ``Logloss``/``CrossEntropy``);
-* its feature names, in order, must be :data:`training.features.FEATURE_NAMES`, the features
-  the server computes; anything else (other names, another order or count, unnamed features) is
-  refused with one line naming the first difference, since serving it would feed each tree
-  the wrong column;
+* its feature names must be features :mod:`training.features` defines (a selection of
+  :data:`~training.features.FEATURE_NAMES` in any order, the seed's ``FEATURES``, computed over
+  ``--lookback`` candles, the seed's ``LOOKBACK_PERIODS``); unnamed or foreign features, a
+  feature named twice or a lookback too short for them are refused with one line naming the
+  problem, since the server could not compute what each tree expects;
 * the directory is written by the training code's own writer
   (:func:`training.trainers.write_model_dir`: native file, sha256 checksums, feature importance,
   ``metadata.json``, ONNX through the project's exporter) into a staging directory, then loaded
@@ -112,8 +113,11 @@ _BINARY = {"lightgbm": ("binary",), "xgboost": ("binary:logistic",)}
 _BINARY_CATBOOST = ("Logloss", "CrossEntropy")
 
 
-def check_booster(model_type: str, names: list[str], objective: str) -> None:
-    """Refuse a booster that is not a P(up) classifier over exactly the served features."""
+def check_booster(
+    model_type: str, names: list[str], objective: str, lookback: int
+) -> features.FeatureSet:
+    """The feature selection a booster takes, or a refusal of one that is not a P(up)
+    classifier over features the server computes."""
     allowed = _BINARY.get(model_type, _BINARY_CATBOOST)
     if objective not in allowed:
         raise InvalidArgument(
@@ -121,23 +125,29 @@ def check_booster(model_type: str, names: list[str], objective: str) -> None:
             f"classifier ({' or '.join(allowed)}); its output would not be P(up)",
             reason="NOT_A_BINARY_CLASSIFIER",
         )
-    expected = list(features.FEATURE_NAMES)
-    if names == expected:
-        return
-    if len(names) != len(expected):
-        problem = f"it has {len(names)} features, the server computes {len(expected)}"
-    else:
-        i = next(i for i, (a, b) in enumerate(zip(names, expected, strict=True)) if a != b)
-        problem = f"feature {i} is {names[i][:60]!r}, the server computes {expected[i]!r} there"
-        if names[i] in expected:
-            problem += " (another order)"
-        elif not any(n in expected for n in names):
-            problem += " (no feature name matches: an unnamed or foreign feature set)"
-    raise InvalidArgument(
-        f"feature mismatch: {problem}; a model must take training/features.py FEATURE_NAMES "
-        "in order",
-        reason="FEATURE_MISMATCH",
-    )
+    defined = set(features.FEATURE_NAMES)
+    unknown = [n for n in names if n not in defined]
+    if unknown or not names:
+        shown = ", ".join(repr(n[:40]) for n in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        problem = (
+            f"{len(unknown)} of its {len(names)} features are not defined in "
+            f"training/features.py ({shown})"
+            if names
+            else "it names no features"
+        )
+        if unknown and all(n.startswith(("Column_", "f")) or n.isdigit() for n in unknown):
+            problem += "; the booster was trained without feature names"
+        raise InvalidArgument(
+            f"feature mismatch: {problem}; a model must take features named as in "
+            "training/features.py FEATURE_NAMES (any subset and order)",
+            reason="FEATURE_MISMATCH",
+        )
+    try:
+        return features.FeatureSet.of(names, lookback)
+    except features.FeatureError as exc:
+        raise InvalidArgument(
+            f"feature mismatch: {str(exc)[:240]}", reason="FEATURE_MISMATCH"
+        ) from None
 
 
 def import_model(
@@ -150,6 +160,7 @@ def import_model(
     label_threshold: float = TrainConfig.threshold,
     symbol: str = "",
     interval: str = "",
+    lookback: int | None = None,
 ) -> Imported:
     """Check ``source``, write it as ``settings.model_dir`` version 1 (or the next after kept
     versions), converted, verified and loaded as a server would; returns what was written."""
@@ -178,7 +189,9 @@ def import_model(
             reason="MODEL_EXISTS",
         )
     names, objective = booster_features(kind, source)
-    check_booster(kind, names, objective)
+    selection = check_booster(
+        kind, names, objective, features.LOOKBACK_PERIODS if lookback is None else lookback
+    )
     seconds["check"] = time.perf_counter() - started
 
     kept = settings.history_dir
@@ -189,9 +202,9 @@ def import_model(
         version=version,
         training_samples=0,
         trained_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        feature_names=list(features.FEATURE_NAMES),
-        lookback=features.LOOKBACK_PERIODS,
-        features_hash=features.feature_definitions_hash(),
+        feature_names=list(selection.names),
+        lookback=selection.lookback,
+        features_hash=selection.definitions_hash(),
         horizon=horizon,
         fee=fee,
         label_threshold=label_threshold,
@@ -239,7 +252,8 @@ def describe(imported: Imported) -> list[str]:
     return [
         f"imported {meta.model_type} model as {meta.name} v{meta.version} into "
         f"{imported.model_dir}",
-        f"  {len(meta.feature_names)} features match training/features.py; horizon "
+        f"  {len(meta.feature_names)} features defined in training/features.py, lookback "
+        f"{meta.lookback}; horizon "
         f"{meta.horizon} bar(s), fee {meta.fee:g}, label threshold {meta.label_threshold:g}",
         f"  ONNX parity {parity:.2g} (tolerance 1e-5)"
         if parity is not None

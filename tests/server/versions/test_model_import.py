@@ -23,7 +23,7 @@ from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_server.errors import FailedPrecondition, InvalidArgument
 from xylen_server.settings import Settings
-from xylen_server.versions.importer import import_model
+from xylen_server.versions.importer import check_booster, import_model
 
 NAMES = list(features.FEATURE_NAMES)
 
@@ -63,6 +63,7 @@ def test_a_flat_seed_lightgbm_model_is_imported_and_serves(tmp_path: Path, featu
     seconds = time.perf_counter() - started
     assert done.returncode == 0, done.stderr
     assert "imported lightgbm model as seed v1" in done.stdout
+    assert "25 features defined in training/features.py" in done.stdout
     print(f"import (CLI subprocess, LightGBM 40 trees): {seconds:.2f}s; {done.stdout.strip()}")
 
     meta = ModelMetadata.read(models / "seed")
@@ -90,26 +91,59 @@ def test_a_flat_seed_lightgbm_model_is_imported_and_serves(tmp_path: Path, featu
 @pytest.mark.parametrize(
     ("case", "names", "message"),
     [
-        ("unnamed", None, "feature 0 is 'Column_0'"),
-        ("reordered", [NAMES[1], NAMES[0], *NAMES[2:]], "(another order)"),
-        ("fewer", NAMES[:-1], f"it has {len(NAMES) - 1} features, the server computes"),
+        ("unnamed", None, "trained without feature names"),
+        ("foreign", ["close_price", *NAMES[1:]], "1 of its 25 features are not defined"),
     ],
 )
 def test_a_booster_with_other_features_is_refused(
     tmp_path: Path, feature_rows, case, names, message
 ):
     x = feature_rows[:600]
-    if names is not None and len(names) < len(NAMES):
-        x = x[:, : len(names)]
     seed_file = _seed_lightgbm(tmp_path / f"{case}.txt", x, learnable_labels(x), names)
     models = tmp_path / "models"
     done = _cli(str(seed_file), models=models, name="model_x")
     assert done.returncode == 1
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("xylen-server: error: feature mismatch: ") and message in line
-    assert len(line) < 300
+    assert len(line) < 400
     assert not (models / "model_x").exists()
     assert not list(models.glob(".import-*"))
+
+
+def test_a_feature_named_twice_or_a_lookback_too_short_is_refused():
+    for names, lookback, message in [
+        ([NAMES[0], NAMES[0], *NAMES[2:]], features.LOOKBACK_PERIODS, "names a feature twice"),
+        (NAMES, 3, "LOOKBACK_PERIODS=3 is shorter than the chosen features need"),
+    ]:
+        with pytest.raises(InvalidArgument) as refused:
+            check_booster("lightgbm", names, "binary", lookback)
+        assert refused.value.reason == "FEATURE_MISMATCH" and message in refused.value.message
+
+
+def test_a_subset_in_another_order_is_imported_with_its_own_selection(tmp_path: Path, feature_rows):
+    """The seed's FEATURES: any selection and order of the defined features serves, with the
+    lookback given; the metadata records the selection and its definitions hash."""
+    import lightgbm as lgb
+
+    picked = [7, 0, 3, 12, 1]
+    names = [NAMES[i] for i in picked]
+    x = np.ascontiguousarray(feature_rows[:1500][:, picked])
+    source = _seed_lightgbm(tmp_path / "subset.txt", x, learnable_labels(x), names)
+    settings = Settings(model_path=tmp_path / "models", model_name="subset")
+    imported = import_model(source, settings, lookback=features.LOOKBACK_PERIODS)
+    meta = ModelMetadata.read(imported.model_dir)
+    selection = features.FeatureSet.of(names, features.LOOKBACK_PERIODS)
+    assert meta.feature_names == names and meta.features_hash == selection.definitions_hash()
+
+    from xylen_server.serving.model_store import load_model
+
+    rows = np.ascontiguousarray(feature_rows[2000:2050][:, picked])
+    loaded = load_model(settings)
+    try:
+        served = np.asarray(loaded.engine.predict_proba(rows))
+    finally:
+        loaded.close()
+    assert np.abs(served - lgb.Booster(model_file=str(source)).predict(rows)).max() < 1e-5
 
 
 @pytest.mark.parametrize("model_type", ["xgboost", "catboost"])
