@@ -32,7 +32,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
-from xylen_coordinator.config import MAX_MESSAGE_BYTES, Endpoint, Transport
+from xylen_coordinator.breaker import Breaker
+from xylen_coordinator.config import MAX_MESSAGE_BYTES, Endpoint, OutlierDetection, Transport
+from xylen_coordinator.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ class MissingReason(StrEnum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     UNAVAILABLE = "UNAVAILABLE"
     ERROR = "ERROR"
+    REJECTED = "REJECTED"
+    EJECTED = "EJECTED"
 
 
 class VoteFailure(Exception):
@@ -202,7 +206,14 @@ class _Stream:
 class EndpointClient:
     """The coordinator's long-lived connection to one model server."""
 
-    def __init__(self, endpoint: Endpoint, transport: Transport) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        transport: Transport,
+        *,
+        outlier_detection: OutlierDetection | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.name = endpoint.name
         self.transport = transport
@@ -222,6 +233,19 @@ class EndpointClient:
         self._ids = itertools.count(1)
         self._closing = False
         self._learning: asyncio.Future[None] | None = None
+        self.reported_model_name = ""
+        """The model name the server gave in GetModelInfo."""
+        self.known_versions: set[int] = set()
+        """Model versions the server reported in GetModelInfo (the latest few)."""
+        self._last_refresh = -1.0
+        self.metrics = metrics or Metrics()
+        self.breaker = Breaker(
+            self.name,
+            outlier_detection or OutlierDetection(),
+            self._probe,
+            on_eject=lambda: self.metrics.ejected(self.name),
+            on_rejoin=lambda: self.metrics.rejoined(self.name),
+        )
 
     def start(self) -> None:
         """Start following the server's health (idempotent)."""
@@ -234,6 +258,10 @@ class EndpointClient:
             self.features_hash = ""
             if serving:
                 self._learning = asyncio.ensure_future(self._learn_features())
+                if self.breaker.ejected:
+                    # The server said SERVING again (restarted, reconnected): let it back in.
+                    logger.warning("%s rejoined: its health turned SERVING", self.name)
+                    self.breaker.reset()
         self.serving = serving
         self.health_detail = detail
         self.health_known.set()
@@ -270,9 +298,49 @@ class EndpointClient:
         """Ask the server which feature definitions its model uses (a swap keeps them: a server
         refuses models whose definitions differ from its code)."""
         try:
-            self.features_hash = (await self.model_info()).features_hash
+            info = await self.model_info()
         except grpc.aio.AioRpcError as error:
             logger.info("%s: no model info (%s); sending it candles", self.name, error.code().name)
+            return
+        self.features_hash = info.features_hash
+        self._learn_model(info)
+
+    def _learn_model(self, info: pb.ModelInfo) -> None:
+        self.reported_model_name = info.name
+        if info.version not in self.known_versions:
+            self.known_versions.add(info.version)
+            while len(self.known_versions) > 16:
+                self.known_versions.discard(min(self.known_versions))
+
+    @property
+    def expected_model_name(self) -> str:
+        """The model name every vote must carry: configured, else reported (empty: unknown)."""
+        return self.endpoint.model_name or self.reported_model_name
+
+    def refresh_model_info(self) -> None:
+        """Ask GetModelInfo again (a vote named a version not known yet: a swap?), at most once
+        a second."""
+        now = time.monotonic()
+        if now - self._last_refresh < 1.0 or (self._learning and not self._learning.done()):
+            return
+        self._last_refresh = now
+
+        async def refresh() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                self._learn_model(await self.model_info())
+
+        self._learning = asyncio.ensure_future(refresh())
+
+    async def _probe(self, timeout: float) -> str | None:
+        """grpc.health.v1 Check of an ejected server: None when SERVING, else why not."""
+        request = health_pb2.HealthCheckRequest(service=MODEL_SERVICE)
+        try:
+            response = await self._health.Check(request, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            return f"{error.code().name}"
+        if response.status != health_pb2.HealthCheckResponse.SERVING:
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return None
 
     def _open_stream(self) -> _Stream:
         stream = self._stream
@@ -332,6 +400,7 @@ class EndpointClient:
     async def close(self, grace: float = 1.0) -> None:
         """Half-close the stream, give answers in flight ``grace`` seconds, close the channel."""
         self._closing = True
+        await self.breaker.close()
         if self._stream is not None:
             await self._stream.close(grace)
         if self._watch is not None:

@@ -89,6 +89,8 @@ class PredictionRecord:
     """The ensemble's signal (BUY, SELL, HOLD): tells which way a trade's return points."""
     votes: dict[str, tuple[str, float]]
     """What each server voted: server name -> (its own prediction id, its probability)."""
+    created: float = 0.0
+    """When the prediction was made, epoch seconds (0: not known)."""
 
 
 @dataclass(frozen=True)
@@ -146,9 +148,12 @@ class Outbox:
 
     def find_prediction(self, prediction_id: str) -> PredictionRecord | None:
         row = self.db.execute(
-            "SELECT signal, votes FROM predictions WHERE prediction_id = ?", (prediction_id,)
+            "SELECT signal, votes, created FROM predictions WHERE prediction_id = ?",
+            (prediction_id,),
         ).fetchone()
-        return None if row is None else PredictionRecord(row[0], _decode_votes(row[1]))
+        if row is None:
+            return None
+        return PredictionRecord(row[0], _decode_votes(row[1]), float(row[2]))
 
     def enqueue(
         self,

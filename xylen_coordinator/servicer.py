@@ -11,6 +11,7 @@ from xylen.v1 import ensemble_service_pb2 as epb
 from xylen.v1 import ensemble_service_pb2_grpc as epb_grpc
 from xylen_coordinator import convert
 from xylen_coordinator.coordinator import AsyncCoordinator
+from xylen_server.errors import InvalidArgument
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -26,8 +27,15 @@ class EnsembleServicer(epb_grpc.EnsembleServiceServicer):
         self, request: epb.EnsembleServicePredictRequest, context: Context
     ) -> epb.EnsembleServicePredictResponse:
         timeout: float | None = None
-        if request.HasField("timeout") and request.timeout.ToNanoseconds() > 0:
-            timeout = request.timeout.ToNanoseconds() / 1e9
+        if request.HasField("timeout"):
+            seconds, nanos = request.timeout.seconds, request.timeout.nanos
+            if not -1_000_000_000 < nanos < 1_000_000_000 or seconds * nanos < 0:
+                raise InvalidArgument(
+                    "timeout is not a valid Duration (nanos out of range or of another sign)",
+                    reason="INVALID_TIMEOUT",
+                )
+            if request.timeout.ToNanoseconds() > 0:
+                timeout = request.timeout.ToNanoseconds() / 1e9
         remaining = context.time_remaining()
         if remaining is not None:
             budget = timeout or self.coordinator.config.deadline_ms / 1000
