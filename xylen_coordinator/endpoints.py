@@ -132,6 +132,13 @@ def failure_from_rpc_error(error: grpc.aio.AioRpcError) -> VoteFailure:
     return failure_from_status(error.code(), error.details() or "", _error_reason(error))
 
 
+def _core_broke(error: grpc.aio.AioRpcError) -> bool:
+    """The client's gRPC core ended the call (the connection broke under it), not the server."""
+    return (
+        error.code() == grpc.StatusCode.INTERNAL and error.details() == "Internal error from Core"
+    )
+
+
 class _Stream:
     """One open PredictStream and the requests waiting for their answers."""
 
@@ -179,8 +186,13 @@ class _Stream:
         except grpc.aio.AioRpcError as error:
             self.unimplemented = error.code() == grpc.StatusCode.UNIMPLEMENTED
             failure = failure_from_rpc_error(error)
-            if error.code() == grpc.StatusCode.UNAVAILABLE:
-                failure.message = f"connection lost: {error.details()}"
+            if error.code() == grpc.StatusCode.UNAVAILABLE or _core_broke(error):
+                # A killed server's stream can also end as INTERNAL "Internal error from Core".
+                failure = VoteFailure(
+                    MissingReason.UNAVAILABLE,
+                    f"connection lost: {error.details()}",
+                    code=grpc.StatusCode.UNAVAILABLE,
+                )
         except asyncio.CancelledError:
             failure = VoteFailure(MissingReason.UNAVAILABLE, "the coordinator closed the stream")
             raise

@@ -173,6 +173,8 @@ async def _reload(running: Running) -> None:
     """SIGHUP: swap to the model directory's model if it changed; a bad one is logged, kept out."""
     try:
         model, changed = await running.models.reload()
+    except ModelLoadError:
+        return  # logged where it was refused
     except Exception as exc:
         logger.error("reload refused, the served model stays: %s", exc)
         return
