@@ -57,20 +57,26 @@ class _Servicer(pb_grpc.ModelServiceServicer):
         owner = self.owner
         owner.info_calls += 1
         return pb.GetModelInfoResponse(
-            model_info=pb.ModelInfo(name=owner.info_name, version=owner.info_version)
+            model_info=pb.ModelInfo(
+                name=owner.info_name,
+                version=owner.info_version,
+                features_hash=owner.features_hash,
+            )
         )
 
 
 class LyingModelServer:
     """Answers every row with ``probability``, ``model_name`` and ``model_version``."""
 
-    def __init__(self, name: str, probability: float = 0.5) -> None:
+    def __init__(self, name: str, probability: float = 0.5, features_hash: str = "") -> None:
         self.info_name = name
         self.info_version = 1
         self.probability = probability
         self.model_name = name
         self.model_version = 1
         self.info_calls = 0
+        self.features_hash = features_hash
+        """Reported in GetModelInfo: the coordinator's own makes it send features."""
         self.ids = itertools.count(1)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
