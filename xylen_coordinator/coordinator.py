@@ -279,8 +279,9 @@ class AsyncCoordinator:
         budget = config.deadline_ms / 1000 if timeout is None or timeout <= 0 else timeout
         clients = list(snapshot.clients.values())
         # Windows become features once here when some server computes the same features.
-        shared = any(c.features_hash == FEATURES_HASH for c in clients)
-        fanned = await fan_out(clients, request, budget, featurized(request) if shared else None)
+        shared = [c.name for c in clients if c.features_hash == FEATURES_HASH]
+        computed = featurized(request) if shared else None
+        fanned = await fan_out(clients, request, budget, computed)
         for name in fanned.answers:
             self.metrics.vote(name)
         for missing in fanned.missing:
@@ -301,7 +302,7 @@ class AsyncCoordinator:
                 for name, answer in fanned.answers.items()
             }
             row = decide(self._next_id(), votes, weights, configured, config.thresholds, scores)
-            self._ledger.remember(row, now)
+            self._ledger.remember(row, now, *_row_features(request, computed, shared, i, clients))
             rows.append(row)
         return EnsembleResult(
             rows=tuple(rows),
@@ -408,3 +409,21 @@ class AsyncCoordinator:
         return {
             c.name: r for c, r in zip(clients, results, strict=True) if isinstance(r, pb.ModelInfo)
         }
+
+
+def _row_features(
+    request: pb.PredictRequest,
+    computed: pb.PredictRequest | None,
+    shared: Sequence[str],
+    row: int,
+    clients: Sequence[EndpointClient],
+) -> tuple[tuple[float, ...], tuple[str, ...]]:
+    """The feature row ``row`` was predicted on and the servers it holds for: every server for a
+    feature vector sent as such, the servers that were sent the coordinator's features for a
+    window (none when no server computes the same features)."""
+    item = request.inputs[row]
+    if item.HasField("features"):
+        return tuple(item.features.values), tuple(c.name for c in clients)
+    if computed is not None:
+        return tuple(computed.inputs[row].features.values), tuple(shared)
+    return (), ()

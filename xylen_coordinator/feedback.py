@@ -82,12 +82,22 @@ class Ledger:
 
     # -- predictions ------------------------------------------------------------------------
 
-    def remember(self, row: RowDecision, now: float) -> None:
-        """Keep ``row`` (decided at ``now``, epoch seconds) for the outcome that may follow."""
+    def remember(
+        self,
+        row: RowDecision,
+        now: float,
+        features: tuple[float, ...] = (),
+        feature_servers: tuple[str, ...] = (),
+    ) -> None:
+        """Keep ``row`` (decided at ``now``, epoch seconds) for the outcome that may follow,
+        with the ``features`` the voters in ``feature_servers`` predicted on, if known."""
+        voters = {v.server_name: (v.model_prediction_id, v.probability) for v in row.votes}
         record = PredictionRecord(
             row.signal.value,
-            {v.server_name: (v.model_prediction_id, v.probability) for v in row.votes},
+            voters,
             now,
+            features,
+            tuple(name for name in feature_servers if name in voters) if features else (),
         )
         self._records[row.prediction_id] = record
         if len(self._records) > _PREDICTION_MEMORY:

@@ -51,6 +51,13 @@ class _Servicer(pb_grpc.ModelServiceServicer):
                 response=self._predict(item.request),
             )
 
+    async def Feedback(self, request: pb.FeedbackRequest, context: Any) -> pb.FeedbackResponse:
+        owner = self.owner
+        if owner.forgot_predictions and not request.HasField("features"):
+            await context.abort(grpc.StatusCode.NOT_FOUND, "prediction unknown; send features")
+        owner.feedback.append(request)
+        return pb.FeedbackResponse(prediction_id=request.prediction_id, stored_samples=1)
+
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: Any
     ) -> pb.GetModelInfoResponse:
@@ -75,6 +82,9 @@ class LyingModelServer:
         self.model_name = name
         self.model_version = 1
         self.info_calls = 0
+        self.forgot_predictions = False
+        """Feedback without features is NOT_FOUND (as after a kill -9 lost the prediction)."""
+        self.feedback: list[pb.FeedbackRequest] = []
         self.features_hash = features_hash
         """Reported in GetModelInfo: the coordinator's own makes it send features."""
         self.ids = itertools.count(1)

@@ -292,15 +292,12 @@ def test_server_killed_mid_load(
     _check_answered(after)
     assert all(o.voters[-1] == "victim" for o in after.outcomes), "it rejoined"
     _check_feedback(states, acked)
-    # The victim: every outcome is delivered, except those whose prediction its kill -9 took
-    # with its unflushed prediction log (refused NOT_FOUND, kept in the outbox as failed).
-    after_ids = {o.prediction_id for o in after.outcomes}
+    # The victim too gets every outcome: those whose prediction its kill -9 took with its
+    # unflushed prediction log are sent again with the features they were predicted on.
     victim_states = {pid: s["victim"] for pid, s in states.items() if "victim" in s}
+    assert victim_states
     for pid, (state, _, error) in victim_states.items():
-        if pid in after_ids:
-            assert state == "delivered", (pid, state, error)
-        else:
-            assert state == "delivered" or error.startswith("NOT_FOUND"), (pid, state, error)
+        assert state == "delivered", (pid, state, error)
     counts = coordinator.metrics.counts("victim")
     assert sum(counts.missing.values()) == sum(n for (s, _), n in missing.items() if s == "victim")
     assert any(
