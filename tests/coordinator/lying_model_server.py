@@ -39,12 +39,16 @@ class _Servicer(pb_grpc.ModelServiceServicer):
         )
 
     async def Predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
+        if self.owner.delay:
+            await asyncio.sleep(self.owner.delay)
         return self._predict(request)
 
     async def PredictStream(
         self, request_iterator: AsyncIterator[pb.PredictStreamRequest], context: Any
     ) -> AsyncIterator[pb.PredictStreamResponse]:
         async for item in request_iterator:
+            if self.owner.delay:
+                await asyncio.sleep(self.owner.delay)
             yield pb.PredictStreamResponse(
                 request_id=item.request_id,
                 status=types_pb2.ItemStatus(code=0),
@@ -82,6 +86,8 @@ class LyingModelServer:
         self.model_name = name
         self.model_version = 1
         self.info_calls = 0
+        self.delay = 0.0
+        """Seconds to wait before answering each Predict (health stays SERVING)."""
         self.forgot_predictions = False
         """Feedback without features is NOT_FOUND (as after a kill -9 lost the prediction)."""
         self.feedback: list[pb.FeedbackRequest] = []
