@@ -1,7 +1,8 @@
 """Whether a server's answer can be counted as a vote (pure: no gRPC calls, no I/O).
 
 A server that answers a probability that is not finite or outside [0, 1], names another model
-than the one its endpoint serves, or a model version the coordinator was not told about, is
+than the one its endpoint serves, a model version the coordinator was not told about, or a
+prediction id too long to keep, is
 not counted: its vote is missing with reason REJECTED and one of the reasons below, so one
 lying server never fails an ensemble call nor moves its decision.
 """
@@ -16,6 +17,8 @@ from xylen.v1 import model_service_pb2 as pb
 
 #: Versions above this are absurd whatever the server says in GetModelInfo.
 MAX_MODEL_VERSION = 2**31 - 1
+#: Longest prediction id a server may give (UTF-8 bytes): it is kept in the outbox for good.
+MAX_PREDICTION_ID_BYTES = 256
 #: Longest piece of a server-chosen string quoted in a message.
 _QUOTE = 64
 
@@ -51,6 +54,12 @@ def check_answer(
             return Rejection(
                 "WRONG_MODEL_NAME",
                 f"row {row}: model {_quote(prediction.model_name)}, expected {_quote(model_name)}",
+            )
+        size = len(prediction.prediction_id.encode())
+        if size > MAX_PREDICTION_ID_BYTES:
+            return Rejection(
+                "PREDICTION_ID_TOO_LONG",
+                f"row {row}: prediction_id is {size} bytes, more than {MAX_PREDICTION_ID_BYTES}",
             )
         version = prediction.model_version
         if not 1 <= version <= MAX_MODEL_VERSION:

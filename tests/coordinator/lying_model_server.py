@@ -28,7 +28,7 @@ class _Servicer(pb_grpc.ModelServiceServicer):
         return pb.PredictResponse(
             predictions=[
                 pb.Prediction(
-                    prediction_id=f"{owner.info_name}-{next(owner.ids)}",
+                    prediction_id=f"{owner.info_name}-{next(owner.ids)}{owner.id_padding}",
                     probability_up=owner.probability,
                     signal=types_pb2.SIGNAL_HOLD,
                     model_name=owner.model_name,
@@ -86,6 +86,8 @@ class LyingModelServer:
         self.model_name = name
         self.model_version = 1
         self.info_calls = 0
+        self.id_padding = ""
+        """Appended to every prediction id."""
         self.delay = 0.0
         """Seconds to wait before answering each Predict (health stays SERVING)."""
         self.forgot_predictions = False
@@ -113,6 +115,7 @@ class LyingModelServer:
         return port
 
     def tell_the_truth(self) -> None:
+        self.id_padding = ""
         self.probability = 0.5
         self.model_name = self.info_name
         self.model_version = self.info_version

@@ -33,6 +33,7 @@ LIES: list[tuple[str, dict[str, object], str]] = [
     ("a version it never reported", {"model_version": 7}, "UNKNOWN_MODEL_VERSION"),
     ("version 0", {"model_version": 0}, "UNKNOWN_MODEL_VERSION"),
     ("an absurd version", {"model_version": 2**62}, "UNKNOWN_MODEL_VERSION"),
+    ("a 1 MiB prediction id", {"id_padding": "x" * 2**20}, "PREDICTION_ID_TOO_LONG"),
 ]
 
 
@@ -95,11 +96,14 @@ def test_each_lie_is_a_rejected_vote_over_grpc_in_the_response_log_and_counters(
         "PROBABILITY_OUT_OF_RANGE": 5,
         "WRONG_MODEL_NAME": 1,
         "UNKNOWN_MODEL_VERSION": 3,
+        "PREDICTION_ID_TOO_LONG": 1,
     }
     assert counters["liar"].votes >= 2 and counters["model_a"].votes >= len(LIES) + 2
     assert dict(counters["model_a"].missing_votes) == {}
     log = coordinator.log()
-    for reason in ("PROBABILITY_OUT_OF_RANGE", "WRONG_MODEL_NAME", "UNKNOWN_MODEL_VERSION"):
+    reasons = ("PROBABILITY_OUT_OF_RANGE", "WRONG_MODEL_NAME", "UNKNOWN_MODEL_VERSION",
+               "PREDICTION_ID_TOO_LONG")  # fmt: skip
+    for reason in reasons:
         assert f"vote of liar rejected, {reason}" in log
     # Five probability lies in a row make one log line, not five (a liar cannot fill the log).
     assert log.count("vote of liar rejected, PROBABILITY_OUT_OF_RANGE") == 1
