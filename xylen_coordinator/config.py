@@ -212,6 +212,9 @@ class Config:
     """Accepted only with TLS off."""
     outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
     """When a server that stops answering is left out, and how it rejoins."""
+    max_concurrent_predicts: int = 128
+    """EnsembleService.Predict calls worked on at once, >= 1; one more is refused at once with
+    RESOURCE_EXHAUSTED (reason OVERLOADED) instead of queueing past its deadline."""
     source: Path | None = field(default=None, metadata={"in_file": False})
     """File the configuration was read from, if any (not a key of the file)."""
 
@@ -514,6 +517,13 @@ def _outlier_detection(value: Any) -> OutlierDetection:
     )
 
 
+def _max_concurrent(section: _Section) -> int:
+    value = section.integer("max_concurrent_predicts")
+    if value < 1:
+        raise ConfigError(f"max_concurrent_predicts: must be >= 1, got {value}")
+    return value
+
+
 def parse_config(raw: Any, source: Path | None = None) -> Config:
     """Validate a decoded YAML document into a :class:`Config` (raises :class:`ConfigError`)."""
     if not isinstance(raw, Mapping):
@@ -538,6 +548,7 @@ def parse_config(raw: Any, source: Path | None = None) -> Config:
         transport=_transport(section.raw.get("transport")),
         tls=_tls(section.raw.get("tls")),
         outlier_detection=_outlier_detection(section.raw.get("outlier_detection")),
+        max_concurrent_predicts=_max_concurrent(section),
         source=source,
     )
 
