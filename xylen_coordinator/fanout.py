@@ -129,16 +129,26 @@ def _collect(
     return Missing(client.name, MissingReason.ERROR, f"{type(error).__name__}: {error}")
 
 
+def _silent(item: Answer | Missing) -> bool:
+    return isinstance(item, Missing) and item.reason in _NO_ANSWER
+
+
 def _account(
     clients: Sequence[EndpointClient],
     asked: Sequence[EndpointClient],
     outcome: dict[str, Answer | Missing],
 ) -> None:
     """Tell each asked server's breaker whether it answered; a server that did not may be
-    ejected unless too many endpoints are ejected already."""
+    ejected unless too many endpoints are ejected already.
+
+    A server is an outlier only against peers that answered: when none of the asked servers
+    answered in time, the cause is more likely here (an overloaded coordinator, a deadline too
+    short for anyone) than in each of them, and nobody's count moves."""
+    if all(_silent(outcome[c.name]) for c in asked):
+        return
     for client in asked:
         item = outcome[client.name]
-        if isinstance(item, Missing) and item.reason in _NO_ANSWER:
+        if isinstance(item, Missing) and _silent(item):
             fraction = client.breaker.settings.max_ejected_fraction
             limit = max(1, int(len(clients) * fraction))
             ejected = sum(1 for c in clients if c.breaker.ejected)

@@ -82,6 +82,7 @@ class LoadReport:
         return (
             f"c={self.concurrency:<4} calls={self.calls:<6} answered={self.answered:<6} "
             f"errors={sum(self.errors.values()):<4} sheds={self.sheds:<4} "
+            f"{dict(self.errors) if self.errors else ''} "
             f"p50={self.percentile_ms(50):7.1f}ms p99={self.percentile_ms(99):7.1f}ms "
             f"rate={rate:7.1f}/s"
         )

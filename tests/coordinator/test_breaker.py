@@ -17,6 +17,7 @@ from xylen.v1 import types_pb2
 from xylen_coordinator import AsyncCoordinator, MissingReason
 from xylen_coordinator.breaker import Breaker
 from xylen_coordinator.config import OutlierDetection
+from xylen_server.errors import Unavailable
 
 SETTINGS = OutlierDetection(
     consecutive_failures=2, base_ejection_seconds=0.05, max_ejection_seconds=0.2,
@@ -104,6 +105,41 @@ def test_at_most_half_the_endpoints_are_ejected(tmp_path: Path) -> None:
             assert sorted(later) == sorted(
                 [MissingReason.EJECTED, MissingReason.EJECTED, MissingReason.DEADLINE_EXCEEDED]
             )
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_nobody_is_ejected_when_no_server_answered(tmp_path: Path) -> None:
+    """When every asked server misses the deadline, the cause is as likely the coordinator
+    (overloaded) or the deadline: no server is an outlier and none is ejected."""
+    servers = [LyingModelServer(f"m{i}") for i in range(2)]
+    try:
+        for server in servers:
+            server.delay = 3.0
+        config = write_config(
+            tmp_path / "config.yaml",
+            [endpoint(f"m{i}", s.port, 1.0) for i, s in enumerate(servers)],
+            deadline_ms=200,
+            outlier_detection={"consecutive_failures": 1},
+        )
+        inputs = [pb.PredictInput(features=types_pb2.FeatureVector(values=[0.0]))]
+
+        async def scenario() -> tuple[list[str], list[bool]]:
+            async with AsyncCoordinator(config) as coordinator:
+                assert await coordinator.wait_serving(timeout=10)
+                messages = []
+                for _ in range(3):
+                    try:
+                        await coordinator.predict(inputs)
+                    except Unavailable as error:
+                        messages.append(error.message)
+                return messages, [e.ejected for e in coordinator.endpoints()]
+
+        messages, ejected = asyncio.run(scenario())
+        assert len(messages) == 3 and ejected == [False, False]
+        for message in messages:
+            assert message.count("DEADLINE_EXCEEDED") == 2 and "EJECTED" not in message
     finally:
         for server in servers:
             server.close()
