@@ -11,7 +11,7 @@ MODELS_DIR ?= models
 # Training inputs for `make train`: the offline default dataset, or DATA=path/to/zips.
 DATA ?= $(DATA_DIR)
 
-.PHONY: demo test proto lint train data bench deploy clean venv
+.PHONY: demo test proto lint train data bench deploy clean venv certs
 
 venv: $(STAMP)
 
@@ -68,6 +68,10 @@ lint: $(STAMP) $(PROTO_STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf breaking --against ".git#ref=$$(git merge-base HEAD main 2>/dev/null || git rev-parse HEAD)"
+
+# A local CA plus server (127.0.0.1, ::1, localhost) and client certificates for TLS / mTLS.
+certs: $(STAMP)
+	$(PY) -m xylen_server.devtools.certs --out run/certs
 
 bench: $(STAMP) $(PROTO_STAMP)
 	$(PY) -m bench

@@ -137,6 +137,8 @@ class AsyncCoordinator:
                 old is not None
                 and old.endpoint.address == endpoint.address
                 and old.transport == config.transport
+                and old.tls == config.tls.client()
+                and old.token == config.auth.token
             ):
                 old.endpoint = endpoint  # new weight or other attributes, same connection
                 old.breaker.settings = config.outlier_detection
@@ -147,6 +149,8 @@ class AsyncCoordinator:
                 client = EndpointClient(
                     endpoint,
                     config.transport,
+                    config.tls.client(),
+                    config.auth.token,
                     outlier_detection=config.outlier_detection,
                     metrics=self.metrics,
                 )

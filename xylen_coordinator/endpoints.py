@@ -35,6 +35,8 @@ from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_coordinator.breaker import Breaker
 from xylen_coordinator.config import MAX_MESSAGE_BYTES, Endpoint, OutlierDetection, Transport
 from xylen_coordinator.metrics import Metrics
+from xylen_server.auth import bearer_metadata
+from xylen_server.tls import ClientTls, open_aio_channel
 
 logger = logging.getLogger(__name__)
 
@@ -142,13 +144,15 @@ def _core_broke(error: grpc.aio.AioRpcError) -> bool:
 class _Stream:
     """One open PredictStream and the requests waiting for their answers."""
 
-    def __init__(self, stub: pb_grpc.ModelServiceStub, name: str) -> None:
+    def __init__(
+        self, stub: pb_grpc.ModelServiceStub, name: str, metadata: tuple[tuple[str, str], ...]
+    ) -> None:
         self.name = name
         self._to_send: asyncio.Queue[pb.PredictStreamRequest | None] = asyncio.Queue()
         self.pending: dict[str, tuple[asyncio.Future[Answer], float]] = {}
         self.closed = False
         self.unimplemented = False
-        self._call = stub.PredictStream(self._requests())
+        self._call = stub.PredictStream(self._requests(), metadata=metadata)
         self._reader = asyncio.create_task(self._read(), name=f"stream-reader-{name}")
 
     async def _requests(self) -> AsyncIterator[pb.PredictStreamRequest]:
@@ -222,6 +226,8 @@ class EndpointClient:
         self,
         endpoint: Endpoint,
         transport: Transport,
+        tls: ClientTls | None = None,
+        token: str = "",
         *,
         outlier_detection: OutlierDetection | None = None,
         metrics: Metrics | None = None,
@@ -229,9 +235,10 @@ class EndpointClient:
         self.endpoint = endpoint
         self.name = endpoint.name
         self.transport = transport
-        self.channel = grpc.aio.insecure_channel(
-            endpoint.address, options=channel_options(transport)
-        )
+        self.tls = tls
+        self.token = token
+        self._metadata = bearer_metadata(token)
+        self.channel = open_aio_channel(endpoint.address, tls, channel_options(transport))
         self.stub = pb_grpc.ModelServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.serving = False
@@ -360,7 +367,7 @@ class EndpointClient:
             if stream is not None and stream.unimplemented:
                 logger.warning("%s has no PredictStream; using unary Predict", self.name)
                 self._use_stream = False
-            stream = _Stream(self.stub, self.name)
+            stream = _Stream(self.stub, self.name, self._metadata)
             self._stream = stream
         return stream
 
@@ -385,7 +392,7 @@ class EndpointClient:
     async def _unary(self, request: pb.PredictRequest, timeout: float) -> Answer:
         started = time.perf_counter()
         try:
-            response = await self.stub.Predict(request, timeout=timeout)
+            response = await self.stub.Predict(request, timeout=timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise failure_from_rpc_error(error) from None
         return Answer(response, time.perf_counter() - started)
@@ -402,11 +409,13 @@ class EndpointClient:
 
     async def feedback(self, request: pb.FeedbackRequest, timeout: float) -> pb.FeedbackResponse:
         """Forward one outcome to the server's Feedback RPC (raises ``grpc.aio.AioRpcError``)."""
-        return await self.stub.Feedback(request, timeout=timeout)
+        return await self.stub.Feedback(request, timeout=timeout, metadata=self._metadata)
 
     async def model_info(self, timeout: float = 2.0) -> pb.ModelInfo:
         """The server's GetModelInfo (raises ``grpc.aio.AioRpcError``)."""
-        response = await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
+        response = await self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata
+        )
         return response.model_info
 
     async def close(self, grace: float = 1.0) -> None:

@@ -79,7 +79,8 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
         ("retraining.feedback_delay_seconds", -1, "retraining.feedback_delay_seconds"),
         ("retraining.send_feedback", True, "retraining.send_feedback: unknown key"),
         ("transport.keepalive_time_ms", 1000, "transport.keepalive_time_ms"),
-        ("tls.enabled", True, "tls.enabled: TLS"),
+        ("tls.enabled", True, "tls.ca_file: required when tls.enabled"),
+        ("tls.enabled", "yes", "tls.enabled: must be true or false"),
         ("feedback_queue.retry_initial_seconds", 0, "feedback_queue.retry_initial_seconds"),
     ],
 )

@@ -16,6 +16,7 @@ import grpc
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen_server import auth
 from xylen_server.api import messages
 from xylen_server.errors import InvalidArgument
 from xylen_server.learning.feedback import FeedbackLoop
@@ -108,6 +109,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             if outcome.HasField("close_time")
             else None,
             list(request.features.values) if request.HasField("features") else None,
+            source=auth.caller(),
         )
         return messages.feedback_response(request.prediction_id, stored)
 
