@@ -23,6 +23,7 @@ The modules:
 * ``client`` -- :class:`Coordinator`, the synchronous library on a background event loop.
 * ``convert`` -- results as EnsembleService protobuf messages.
 * ``servicer`` -- the EnsembleService gRPC handlers.
+* ``undecodable`` -- request bytes that do not parse: INVALID_ARGUMENT, not UNKNOWN.
 * ``server`` -- the gRPC server: health, reflection, SIGHUP reload, graceful SIGTERM.
 * ``candles`` -- kline files read into candle columns (CLI and demo only; needs polars).
 * ``__main__`` -- the ``xylen-coordinator`` command: ``serve`` and ``predict``.

@@ -168,3 +168,30 @@ def test_every_bad_input_gets_a_proper_status_with_a_bounded_message(
     log = coordinator.log()
     assert "Traceback" not in log
     assert "x" * 1000 not in log
+
+
+def test_undecodable_bytes_are_invalid_argument_without_a_traceback(
+    coordinator: CoordinatorProcess,
+) -> None:
+    channel = grpc.insecure_channel(f"127.0.0.1:{coordinator.port}")
+    try:
+        for method in ("Predict", "Feedback", "GetEnsembleInfo"):
+            raw = channel.unary_unary(
+                f"/xylen.v1.EnsembleService/{method}",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
+            for garbage in (b"\xff\xff\xff\x0f\x01", b"\x0a\xff\xff\xff\xff\x0f" + b"x" * 1000):
+                code, message, reason = _refusal(lambda r=raw, g=garbage: r(g, timeout=10))
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, message)
+                assert reason == "UNDECODABLE_REQUEST" and len(message) < 200
+    finally:
+        channel.close()
+    window = harness.window_input(harness.synthetic_candles(200, seed=3), 150)
+    answer = coordinator.stub.Predict(
+        epb.EnsembleServicePredictRequest(inputs=[window]), timeout=10
+    )
+    assert len(answer.predictions[0].votes) == 1
+    log = coordinator.log()
+    assert "Traceback" not in log and "DecodeError" not in log
+    assert log.count("undecodable request refused") == 1  # the first; then every 1000th
