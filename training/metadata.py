@@ -102,6 +102,11 @@ class ModelMetadata:
     checksums: dict[str, str] = field(default_factory=dict)
     """sha256 of model files by file name (the native file at least); the server verifies them
     before loading, since some libraries crash rather than fail on a truncated file."""
+    signal_thresholds: dict[str, Any] = field(default_factory=dict)
+    """The model's BUY / SELL probability thresholds and how they were chosen
+    (:mod:`training.thresholds`): ``buy``, ``sell``, ``rule``, ``min_share``, ``max_share`` and
+    the ``validation`` figures behind them. Empty in models trained before thresholds were
+    chosen per model: the server then applies its defaults (0.55 / 0.45)."""
 
     def __post_init__(self) -> None:
         if self.model_type not in NATIVE_FILES:
@@ -114,6 +119,18 @@ class ModelMetadata:
             raise MetadataError("feature_names is empty")
         if self.lookback < 1:
             raise MetadataError(f"lookback must be >= 1, got {self.lookback}")
+        if self.signal_thresholds:
+            buy = self.signal_thresholds.get("buy")
+            sell = self.signal_thresholds.get("sell")
+            numbers = all(
+                isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
+                for v in (buy, sell)
+            )
+            if not (numbers and sell < buy):  # type: ignore[operator]
+                raise MetadataError(
+                    "signal_thresholds needs numbers 0 <= sell < buy <= 1, got "
+                    f"buy={str(buy)[:20]} sell={str(sell)[:20]}"
+                )
 
     @property
     def native_file(self) -> str:

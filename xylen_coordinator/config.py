@@ -73,14 +73,22 @@ class Quorum:
     """Fewest votes for a decision, >= 1."""
 
 
+THRESHOLD_SOURCES = ("members", "fixed")
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Signal thresholds applied to the ensemble probability (same rule as the servers)."""
 
     buy: float = 0.55
-    """P(up) at or above which the signal is BUY."""
+    """P(up) at or above which the signal is BUY (``source: fixed``; with ``members``, the
+    value used for a member whose own thresholds are not known)."""
     sell: float = 0.45
-    """P(up) at or below which the signal is SELL."""
+    """P(up) at or below which the signal is SELL (as ``buy``)."""
+    source: str = "members"
+    """``members``: the voters' own thresholds (each chosen on its model's validation data,
+    GetModelInfo), weighted like their probabilities, so the ensemble follows the members'
+    rule; ``fixed``: ``buy`` and ``sell``."""
 
 
 @dataclass(frozen=True)
@@ -408,7 +416,12 @@ def _thresholds(value: Any) -> Thresholds:
     sell = section.number("sell")
     if not 0 <= sell < buy <= 1:
         raise ConfigError(f"{key}: need 0 <= sell < buy <= 1, got sell={sell} buy={buy}")
-    return Thresholds(buy=buy, sell=sell)
+    source = section.string("source")
+    if source not in THRESHOLD_SOURCES:
+        raise ConfigError(
+            f"{key}.source: must be one of {', '.join(THRESHOLD_SOURCES)}, got {source[:40]!r}"
+        )
+    return Thresholds(buy=buy, sell=sell, source=source)
 
 
 def _weights(value: Any) -> Weights:

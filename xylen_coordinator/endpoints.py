@@ -244,6 +244,9 @@ class EndpointClient:
         self.serving = False
         self.features_hash = ""
         """The server's ModelInfo.features_hash, learnt each time it turns SERVING."""
+        self.info: pb.ModelInfo | None = None
+        """The server's ModelInfo, learnt each time it turns SERVING or answers with a model
+        version other than the one learnt (its label definition and thresholds)."""
         self.health_detail = "health not known yet"
         self.health_known = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
@@ -275,6 +278,7 @@ class EndpointClient:
         if serving != self.serving:
             logger.info("%s (%s): %s", self.name, self.endpoint.address, detail)
             self.features_hash = ""
+            self.info = None
             if serving:
                 self._learning = asyncio.ensure_future(self._learn_features())
                 if self.breaker.ejected:
@@ -321,6 +325,7 @@ class EndpointClient:
         except grpc.aio.AioRpcError as error:
             logger.info("%s: no model info (%s); sending it candles", self.name, error.code().name)
             return
+        self.info = info
         self.features_hash = info.features_hash
         self._learn_model(info)
 
@@ -344,11 +349,7 @@ class EndpointClient:
             return
         self._last_refresh = now
 
-        async def refresh() -> None:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                self._learn_model(await self.model_info())
-
-        self._learning = asyncio.ensure_future(refresh())
+        self._learning = asyncio.ensure_future(self._learn_features())
 
     async def _probe(self, timeout: float) -> str | None:
         """grpc.health.v1 Check of an ejected server: None when SERVING, else why not."""
@@ -360,6 +361,41 @@ class EndpointClient:
         if response.status != health_pb2.HealthCheckResponse.SERVING:
             return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
         return None
+
+    @property
+    def learning(self) -> bool:
+        """A model-info request is in flight."""
+        return self._learning is not None and not self._learning.done()
+
+    async def learnt(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for a model-info request in flight."""
+        learning = self._learning
+        if learning is not None and not learning.done():
+            await asyncio.wait([learning], timeout=timeout)
+
+    def notice_version(self, version: int) -> None:
+        """Learn the model info again when the server answered with another model version
+        (a swap, a rollback or a restore may bring other thresholds)."""
+        info = self.info
+        learning = self._learning
+        if info is None or info.version == version or (learning and not learning.done()):
+            return
+        self._learning = asyncio.ensure_future(self._learn_features())
+
+    @property
+    def label(self) -> tuple[int, float, float] | None:
+        """What the server's probability means: (horizon, fee, label threshold); None while
+        its model info is not known."""
+        info = self.info
+        return None if info is None else (info.horizon, info.fee, info.label_threshold)
+
+    @property
+    def thresholds(self) -> tuple[float, float] | None:
+        """The (buy, sell) thresholds the server applies to its own model; None when unknown."""
+        info = self.info
+        if info is None or not info.sell_threshold < info.buy_threshold:
+            return None
+        return info.buy_threshold, info.sell_threshold
 
     def _open_stream(self) -> _Stream:
         stream = self._stream

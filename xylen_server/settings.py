@@ -68,6 +68,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "bool": _parse_bool,
     "Path": Path,
     "Path | None": Path,
+    "float | None": _parse_float,
 }
 
 
@@ -101,10 +102,13 @@ class Settings:
     """Largest gRPC message received or sent."""
     max_stream_in_flight: int = env("MAX_STREAM_IN_FLIGHT", 64, minimum=1)
     """Items of one PredictStream processed at once."""
-    buy_threshold: float = env("BUY_THRESHOLD", 0.55, minimum=0.0, maximum=1.0)
-    """P(up) at or above which the signal is BUY."""
-    sell_threshold: float = env("SELL_THRESHOLD", 0.45, minimum=0.0, maximum=1.0)
-    """P(up) at or below which the signal is SELL (below ``buy_threshold``)."""
+    buy_threshold: float | None = env("BUY_THRESHOLD", None, minimum=0.0, maximum=1.0)
+    """P(up) at or above which the signal is BUY. Unset: the model's own threshold (chosen on
+    its validation data, in its metadata), or 0.55 for a model without one
+    (:func:`xylen_server.signals.resolve_thresholds`)."""
+    sell_threshold: float | None = env("SELL_THRESHOLD", None, minimum=0.0, maximum=1.0)
+    """P(up) at or below which the signal is SELL (below the BUY threshold). Unset: the
+    model's own, or 0.45."""
     shutdown_grace_seconds: float = env("SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0)
     """Time in-flight calls get to finish after SIGTERM."""
     parity_probe_rows: int = env("PARITY_PROBE_ROWS", 2048, minimum=1)
@@ -224,7 +228,11 @@ class Settings:
             raise SettingsError(
                 f"MODEL_NAME must be a plain directory name, got {self.model_name!r}"
             )
-        if not self.sell_threshold < self.buy_threshold:
+        if (
+            self.sell_threshold is not None
+            and self.buy_threshold is not None
+            and not self.sell_threshold < self.buy_threshold
+        ):
             raise SettingsError(
                 "need SELL_THRESHOLD < BUY_THRESHOLD, got "
                 f"SELL_THRESHOLD={self.sell_threshold} BUY_THRESHOLD={self.buy_threshold}"
@@ -291,7 +299,7 @@ def _check_bounds(metadata: Mapping[str, Any], value: Any) -> None:
     if choices is not None and value not in choices:
         raise SettingsError(f"{var} must be one of {', '.join(choices)}, got {value!r}")
     low, high, above = metadata["minimum"], metadata["maximum"], metadata["above"]
-    if low is None and high is None and above is None:
+    if value is None or (low is None and high is None and above is None):
         return
     if not math.isfinite(value):
         raise SettingsError(f"{var} must be a finite number, got {value}")
