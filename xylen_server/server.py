@@ -24,6 +24,7 @@ import grpc
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen_server.api.admission import AdmissionInterceptor
 from xylen_server.api.interceptors import MetricsInterceptor
 from xylen_server.api.metrics import Recorder
 from xylen_server.api.servicer import ModelServicer
@@ -54,6 +55,7 @@ class Running:
     feedback: FeedbackLoop
     models: ModelManager
     retrainer: Retrainer
+    admission: AdmissionInterceptor | None = None
 
     async def load(self) -> LoadedModel:
         """Load, check and warm the model (off the loop), serve it, start the learning loop
@@ -88,11 +90,15 @@ async def build_server(
     ``credentials`` are passed in by the caller (TLS/mTLS); None serves plaintext.
     """
     recorder = recorder or Recorder()
+    admission = AdmissionInterceptor(settings, recorder)
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor(recorder), ErrorStatusInterceptor()],
+        # Outermost first: metrics count every answer, errors become status + ErrorInfo, and
+        # admission (decoding, shedding, limits) runs before any handler.
+        interceptors=[MetricsInterceptor(recorder), ErrorStatusInterceptor(), admission],
         options=server_options(settings.max_message_bytes),
     )
     predictor = Predictor(settings)
+    predictor.on_dropped = recorder.event
     feedback = FeedbackLoop(settings)
     predictor.on_answer = feedback.record
     models = ModelManager(settings, predictor)
@@ -103,7 +109,7 @@ async def build_server(
     health = Health(server, (SERVICE_NAME,))
     port = bind(server, f"{settings.host}:{settings.grpc_port}", credentials)
     running = Running(
-        settings, server, port, predictor, health, recorder, feedback, models, retrainer
+        settings, server, port, predictor, health, recorder, feedback, models, retrainer, admission
     )
     await health.set(False)
     return running

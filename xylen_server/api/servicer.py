@@ -9,6 +9,7 @@ becomes its status by the :class:`~xylen_server.errors.ErrorStatusInterceptor`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
@@ -16,7 +17,7 @@ import grpc
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
-from xylen_server.api import messages
+from xylen_server.api import limits, messages
 from xylen_server.errors import InvalidArgument
 from xylen_server.learning.feedback import FeedbackLoop
 from xylen_server.learning.retrainer import Retrainer
@@ -43,35 +44,51 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self.retrainer = retrainer
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
-        return messages.predict_response(await self.predictor.predict(request))
+        result = await self.predictor.predict(request, deadline=_deadline(context))
+        return messages.predict_response(result)
 
-    async def _stream_item(self, item: pb.PredictStreamRequest) -> pb.PredictStreamResponse:
+    async def _stream_item(
+        self, item: pb.PredictStreamRequest, deadline: float | None
+    ) -> pb.PredictStreamResponse:
+        request_id = item.request_id
         try:
-            if not item.request_id:
+            if not request_id:
                 raise InvalidArgument(
                     "every stream item needs a request_id", reason="MISSING_REQUEST_ID"
                 )
-            seconds = item.timeout.ToNanoseconds() / 1e9 if item.HasField("timeout") else 0.0
-            result = await self.predictor.predict_within(item.request, seconds)
-            return messages.stream_answer(item.request_id, result)
+            try:
+                limits.check_request_id(request_id, self.settings)
+            except InvalidArgument:
+                request_id = ""  # never echo an over-long id back
+                raise
+            seconds = limits.timeout_seconds(item)
+            limits.check_predict(item.request, self.settings)
+            if seconds > 0:
+                item_deadline = time.monotonic() + seconds
+                deadline = item_deadline if deadline is None else min(deadline, item_deadline)
+            result = await self.predictor.predict_within(item.request, seconds, deadline)
+            return messages.stream_answer(request_id, result)
         except Exception as exc:  # one bad item is its own answer, never the stream's end
-            return messages.stream_error(item.request_id, exc)
+            return messages.stream_error(request_id, exc)
 
     async def PredictStream(
         self, request_iterator: AsyncIterator[pb.PredictStreamRequest], context: Context
     ) -> AsyncIterator[pb.PredictStreamResponse]:
-        """Reads items as they come, answers each as soon as it is done (up to
-        ``max_stream_in_flight`` at once), and ends after the client half-closes and every
-        item is answered."""
+        """Reads items as they come, answers each as soon as it is done, and ends after the
+        client half-closes and every item is answered.
+
+        At most ``max_stream_in_flight`` items are held at once, from the moment one is read
+        until its answer has been written: a client that stops reading its answers stops the
+        server reading its requests (HTTP/2 flow control does the rest), so neither side's
+        queue grows without bound.
+        """
         answers: asyncio.Queue[pb.PredictStreamResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.settings.max_stream_in_flight)
         tasks: set[asyncio.Task[None]] = set()
+        deadline = _deadline(context)
 
         async def answer(item: pb.PredictStreamRequest) -> None:
-            try:
-                answers.put_nowait(await self._stream_item(item))
-            finally:
-                slots.release()
+            answers.put_nowait(await self._stream_item(item, deadline))
 
         async def read() -> None:
             try:
@@ -88,7 +105,8 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         reader = asyncio.create_task(read())
         try:
             while (response := await answers.get()) is not None:
-                yield response
+                yield response  # returns once grpc has taken the message
+                slots.release()
             await reader  # surfaces a broken request stream as the call's error
         finally:
             reader.cancel()
@@ -147,3 +165,9 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
 
     def _info(self, model: Any) -> pb.ModelInfo:
         return messages.model_info(model, self.settings, self.retrainer.status)
+
+
+def _deadline(context: Context) -> float | None:
+    """The call's deadline on the ``time.monotonic`` clock, or None when it has none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
