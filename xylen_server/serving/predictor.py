@@ -87,8 +87,9 @@ class Predictor:
         self.on_answer: Callable[[Result], None] | None = None
         """Called with every answered batch before it is returned (the prediction log)."""
         self.on_dropped: Callable[[str], None] | None = None
-        """Called (on any thread) with ``"expired"`` for each batch dropped unrun because its
-        deadline had passed (the metrics)."""
+        """Called (on any thread) for each batch dropped unrun: ``"expired"`` when its deadline
+        had passed, ``"cancelled"`` when its call was cancelled while it waited for a worker
+        (the metrics)."""
 
     @property
     def model(self) -> LoadedModel:
@@ -191,12 +192,16 @@ class Predictor:
         if self._fits_the_loop(model, request):
             probabilities, rows, seconds = self._run(model, request, on_loop=True)
         else:
-            loop = asyncio.get_running_loop()
             served.inflight += 1
+            work = model.engine.executor.submit(self._run, model, request, False, deadline)
             try:
-                probabilities, rows, seconds = await loop.run_in_executor(
-                    model.engine.executor, self._run, model, request, False, deadline
-                )
+                probabilities, rows, seconds = await asyncio.wrap_future(work)
+            except asyncio.CancelledError:
+                # The call was cancelled (its caller left or its deadline passed): work not yet
+                # started is dropped; cancel() is False only when it is running already.
+                if work.cancel() and self.on_dropped is not None:
+                    self.on_dropped("cancelled")
+                raise
             finally:
                 served.leave()
         ids = [f"{self._id_prefix}-{next(self._counter):x}" for _ in range(len(probabilities))]

@@ -1,0 +1,173 @@
+"""Under load: bounded concurrency and queue (RESOURCE_EXHAUSTED at once beyond them), work
+whose deadline passed dropped unrun, and a PredictStream client that never reads its answers
+holding the server's memory to a bound."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from errorinfo import error_info
+from harness import (
+    InProcessServer,
+    feature_input,
+    health_status,
+    server_settings,
+    start_server,
+    window_input,
+)
+
+from xylen.v1 import model_service_pb2 as pb
+from xylen.v1 import model_service_pb2_grpc as pb_grpc
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def slow_server(models_root: Path, tmp_path: Path) -> Iterator[InProcessServer]:
+    """Two calls at once, two waiting, 40 ms an inference."""
+    running = InProcessServer(
+        server_settings(
+            models_root,
+            max_concurrent_rpcs=2,
+            max_queued_rpcs=2,
+            inference_delay_ms=40.0,
+            feedback_data_dir=tmp_path / "data",
+        )
+    )
+    yield running
+    running.close()
+
+
+def test_over_the_limit_calls_are_shed_at_once_and_the_server_stays_healthy(
+    slow_server, feature_rows
+):
+    request = pb.PredictRequest(inputs=[feature_input(feature_rows[0])])
+    with grpc.insecure_channel(slow_server.address) as channel:
+        stub = pb_grpc.ModelServiceStub(channel)
+        futures = [stub.Predict.future(request, timeout=30) for _ in range(40)]
+        codes: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        for future in futures:
+            try:
+                future.result()
+                codes["OK"] += 1
+            except grpc.RpcError as error:
+                codes[error.code().name] += 1
+                reasons[error_info(error).reason] += 1
+        assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, codes
+        assert codes["OK"] >= 4  # the running and the queued calls are all answered
+        assert reasons == Counter({"OVERLOADED": codes["RESOURCE_EXHAUSTED"]})
+        assert slow_server.running.recorder.events("shed") == codes["RESOURCE_EXHAUSTED"]
+        # after the burst: nothing running or waiting, health SERVING, calls answered
+        admission = slow_server.running.admission
+        assert admission is not None
+        assert (admission.running, admission.queued, admission.inflight_bytes) == (0, 0, 0)
+        assert health_status(channel) == 1
+        assert len(stub.Predict(request, timeout=10).predictions) == 1
+
+
+def test_calls_whose_deadline_passed_are_dropped_unworked(models_root, tmp_path, feature_rows):
+    running = InProcessServer(
+        server_settings(
+            models_root,
+            max_concurrent_rpcs=64,
+            max_queued_rpcs=64,
+            inference_delay_ms=50.0,
+            pool_size=1,
+            feedback_data_dir=tmp_path / "data",
+        )
+    )
+    answered = []
+    on_answer = running.running.predictor.on_answer
+
+    def count(result):
+        answered.append(result)
+        if on_answer is not None:
+            on_answer(result)
+
+    running.running.predictor.on_answer = count
+    try:
+        request = pb.PredictRequest(inputs=[feature_input(feature_rows[0])])
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.ModelServiceStub(channel)
+            futures = [stub.Predict.future(request, timeout=0.2) for _ in range(60)]
+            codes = Counter()
+            for future in futures:
+                try:
+                    future.result()
+                    codes["OK"] += 1
+                except grpc.RpcError as error:
+                    codes[error.code().name] += 1
+            # one worker, 50 ms each, 200 ms deadlines: only a handful can be served in time
+            assert codes["DEADLINE_EXCEEDED"] >= 40, codes
+            # the rest are dropped unrun, not worked off after their callers left
+            health = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+            assert health.model_info.name == "model_1"
+            deadline = time.monotonic() + 10
+            while (
+                time.monotonic() < deadline
+                and len(answered)
+                + running.running.recorder.events("expired")
+                + running.running.recorder.events("cancelled")
+                < 60
+            ):
+                time.sleep(0.05)
+        dropped = running.running.recorder.events("expired") + running.running.recorder.events(
+            "cancelled"
+        )
+        print("answered", len(answered), "dropped", dropped, codes)
+        assert dropped >= 40
+        assert len(answered) <= 60 - 40
+    finally:
+        running.close()
+
+
+def test_a_stream_client_that_never_reads_does_not_grow_the_server(models_root, candles, tmp_path):
+    server = start_server(
+        models_root, env={"FEEDBACK_DATA_DIR": str(tmp_path / "data"), "MAX_STREAM_IN_FLIGHT": "8"}
+    )
+    sent = 0
+    stop = threading.Event()
+    window = window_input(candles, 500)
+    # a big request makes a big answer queue grow fast if nothing bounds it
+    item = pb.PredictStreamRequest(request=pb.PredictRequest(inputs=[window] * 64))
+
+    def items() -> Iterator[pb.PredictStreamRequest]:
+        nonlocal sent
+        while not stop.is_set() and sent < 200_000:
+            sent += 1
+            item.request_id = str(sent)
+            yield item
+
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ModelServiceStub(channel)
+            stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+            idle = _rss_kib(server.proc.pid)
+            call = stub.PredictStream(items(), timeout=60)  # never read
+            time.sleep(8)
+            loaded = _rss_kib(server.proc.pid)
+            sent_while_stalled = sent
+            time.sleep(2)
+            assert sent - sent_while_stalled < 50  # the server stopped reading: backpressure
+            call.cancel()
+            stop.set()
+            # still serving, and memory did not follow the requests
+            assert len(stub.Predict(pb.PredictRequest(inputs=[window]), timeout=10).predictions)
+        growth_mib = (loaded - idle) / 1024
+        print(f"stream never read: sent {sent}, RSS {idle // 1024} -> {loaded // 1024} MiB")
+        assert growth_mib < 100, (idle, loaded, sent)
+    finally:
+        stop.set()
+        assert server.stop() == 0
