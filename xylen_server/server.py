@@ -95,7 +95,10 @@ async def build_server(
         # Outermost first: metrics count every answer, errors become status + ErrorInfo, and
         # admission (decoding, shedding, limits) runs before any handler.
         interceptors=[MetricsInterceptor(recorder), ErrorStatusInterceptor(), admission],
-        options=server_options(settings.max_message_bytes),
+        options=server_options(settings.max_message_bytes) + admission.core_options,
+        # grpc's own cap, counted when a call arrives (before its task waits for the loop):
+        # above it a call is refused RESOURCE_EXHAUSTED at once, without ErrorInfo.
+        maximum_concurrent_rpcs=admission.call_limit,
     )
     predictor = Predictor(settings)
     predictor.on_dropped = recorder.event

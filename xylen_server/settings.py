@@ -126,9 +126,11 @@ class Settings:
     only the last ``lookback`` are used)."""
     max_concurrent_rpcs: int = env("MAX_CONCURRENT_RPCS", 64, minimum=1)
     """Unary calls worked on at once; more wait in the queue below."""
-    max_queued_rpcs: int = env("MAX_QUEUED_RPCS", 256, minimum=0)
+    max_queued_rpcs: int = env("MAX_QUEUED_RPCS", 64, minimum=0)
     """Unary calls waiting for a slot; one more is refused at once with RESOURCE_EXHAUSTED
-    (reason OVERLOADED). A queued call whose deadline passes is dropped unworked."""
+    (reason OVERLOADED). A queued call whose deadline passes is dropped unworked. grpc refuses
+    any call beyond ``MAX_CONCURRENT_RPCS + MAX_QUEUED_RPCS + MAX_CONCURRENT_STREAMS`` as it
+    arrives."""
     max_concurrent_streams: int = env("MAX_CONCURRENT_STREAMS", 64, minimum=1)
     """Streaming calls (PredictStream, WatchRetrain, health Watch, reflection) open at once
     (RESOURCE_EXHAUSTED TOO_MANY_STREAMS above)."""

@@ -16,6 +16,10 @@ interceptors, so its refusals get their status, ErrorInfo and count like any oth
   are bounded by ``MAX_INFLIGHT_BYTES`` (reason BYTES_IN_FLIGHT). A call whose deadline has
   passed or that was cancelled while it waited is dropped before it runs (counters
   ``expired`` / ``cancelled``). grpc.health.v1 Check is never queued, so probes stay answered.
+- **Calls arriving.** grpc itself refuses a call beyond running + queued + streams
+  (:attr:`AdmissionInterceptor.call_limit`) the moment it arrives (RESOURCE_EXHAUSTED, no
+  ErrorInfo): calls accepted wait on the event loop before any handler sees them, and this
+  bound keeps that wait and its memory short.
 - **Streams.** At most ``MAX_CONCURRENT_STREAMS`` streaming calls are open at once (reason
   TOO_MANY_STREAMS).
 - **Field limits.** :func:`xylen_server.api.limits.check_request` on every unary request.
@@ -98,6 +102,26 @@ class AdmissionInterceptor(HandlerInterceptor):
         self.inflight_bytes = 0
         """Request bytes of the unary calls admitted (running or queued)."""
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def call_limit(self) -> int:
+        """Calls of every kind the server accepts at once: running, queued and streams. grpc
+        enforces it as a call arrives (``maximum_concurrent_rpcs``), so a flood is refused
+        before its calls wait on the event loop, where this interceptor cannot see them yet."""
+        s = self.settings
+        return s.max_concurrent_rpcs + s.max_queued_rpcs + s.max_concurrent_streams
+
+    @property
+    def core_options(self) -> list[tuple[str, int]]:
+        """Bounds on the calls grpc's core holds before the server takes them up at all (when
+        the event loop is saturated, that is where calls wait): beyond ``call_limit`` waiting,
+        or beyond ``MAX_QUEUED_RPCS`` waiting for over a second, a new call is refused
+        RESOURCE_EXHAUSTED at once."""
+        return [
+            ("grpc.server.max_pending_requests", max(1, self.settings.max_queued_rpcs)),
+            ("grpc.server.max_pending_requests_hard_limit", self.call_limit),
+            ("grpc.server_max_unrequested_time_in_server", 1),
+        ]
 
     @property
     def queued(self) -> int:
