@@ -107,7 +107,7 @@ async def build_server(
     models = ModelManager(settings, predictor)
     retrainer = Retrainer(settings, feedback, models)
     pb_grpc.add_ModelServiceServicer_to_server(
-        ModelServicer(predictor, feedback, models, retrainer), server
+        ModelServicer(predictor, feedback, models, retrainer, admission), server
     )
     health = Health(server, (SERVICE_NAME,))
     port = bind(server, f"{settings.host}:{settings.grpc_port}", credentials)

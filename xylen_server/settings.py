@@ -135,9 +135,10 @@ class Settings:
     """Streaming calls (PredictStream, WatchRetrain, health Watch, reflection) open at once
     (RESOURCE_EXHAUSTED TOO_MANY_STREAMS above)."""
     max_inflight_bytes: int = env("MAX_INFLIGHT_BYTES", 64 * 1024 * 1024, minimum=1024)
-    """Request bytes of the unary calls admitted (running or queued) at once; a call that
-    would pass it is refused with RESOURCE_EXHAUSTED (BYTES_IN_FLIGHT). One call alone is
-    always admitted up to ``MAX_MESSAGE_BYTES``."""
+    """Request bytes of the unary calls admitted (running or queued) and of the PredictStream
+    items held (read, not yet answered) at once; a call or item that would pass it is refused
+    with RESOURCE_EXHAUSTED (BYTES_IN_FLIGHT). One alone is always admitted up to
+    ``MAX_MESSAGE_BYTES``."""
     model_max_file_bytes: int = env("MODEL_MAX_FILE_BYTES", 256 * 1024 * 1024, minimum=1024)
     """Largest file a model directory may hold (native model, ONNX); a bigger one is refused
     before it is read or hashed (metadata.json: at most 1 MiB)."""

@@ -213,6 +213,25 @@ class AdmissionInterceptor(HandlerInterceptor):
                 raise _refuse_undecodable(item)
             yield item.message
 
+    # -- bytes of stream items -----------------------------------------------------------------
+
+    def take_bytes(self, size: int) -> None:
+        """Charge one stream item's ``size`` to the bytes-in-flight budget (give it back with
+        :meth:`give_bytes` once its answer is written), or RESOURCE_EXHAUSTED BYTES_IN_FLIGHT."""
+        limit = self.settings.max_inflight_bytes
+        if self.inflight_bytes and self.inflight_bytes + size > limit:
+            self.recorder.event("shed")
+            raise ResourceExhausted(
+                f"{self.inflight_bytes} request bytes are in flight; {size} more would pass "
+                f"MAX_INFLIGHT_BYTES ({limit}); retry later",
+                reason="BYTES_IN_FLIGHT",
+                limit=limit,
+            )
+        self.inflight_bytes += size
+
+    def give_bytes(self, size: int) -> None:
+        self.inflight_bytes -= size
+
     # -- unary admission ------------------------------------------------------------------------
 
     async def _acquire(self, size: int, context: grpc.aio.ServicerContext[Any, Any]) -> None:

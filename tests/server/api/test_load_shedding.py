@@ -171,3 +171,43 @@ def test_a_stream_client_that_never_reads_does_not_grow_the_server(models_root, 
     finally:
         stop.set()
         assert server.stop() == 0
+
+
+def test_bytes_in_flight_are_bounded_for_calls_and_stream_items(
+    models_root, tmp_path, feature_rows
+):
+    running = InProcessServer(
+        server_settings(
+            models_root,
+            max_inflight_bytes=1024,
+            inference_delay_ms=300.0,
+            feedback_data_dir=tmp_path / "data",
+        )
+    )
+    rows = [feature_input(row) for row in feature_rows[:8]]  # ~1.7 kB: one alone is admitted
+    request = pb.PredictRequest(inputs=rows)
+    assert request.ByteSize() > 1024
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.ModelServiceStub(channel)
+            first = stub.Predict.future(request, timeout=30)
+            time.sleep(0.1)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Predict(request, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error_info(caught.value).reason == "BYTES_IN_FLIGHT"
+            assert "MAX_INFLIGHT_BYTES" in caught.value.details()
+            assert len(first.result().predictions) == 8
+
+            items = [pb.PredictStreamRequest(request_id=f"s{i}", request=request) for i in range(3)]
+            answers = {a.request_id: a for a in stub.PredictStream(iter(items), timeout=30)}
+            assert set(answers) == {"s0", "s1", "s2"}
+            refused = [a for a in answers.values() if a.status.reason == "BYTES_IN_FLIGHT"]
+            served = [a for a in answers.values() if a.status.code == 0]
+            assert len(served) >= 1 and len(refused) >= 1 and len(served) + len(refused) == 3
+            assert all(len(a.response.predictions) == 8 for a in served)
+            admission = running.running.admission
+            assert admission is not None and admission.inflight_bytes == 0
+            assert len(stub.Predict(request, timeout=30).predictions) == 8
+    finally:
+        running.close()
