@@ -24,7 +24,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +135,13 @@ class ModelMetadata:
             parsed_at = datetime.fromisoformat(self.trained_at.replace("Z", "+00:00"))
         except ValueError:
             raise MetadataError(f"trained_at {self.trained_at!r} is not an ISO-8601 time") from None
-        if parsed_at.tzinfo is not None and parsed_at.utcoffset() is None:
-            raise MetadataError(f"trained_at {self.trained_at!r} has no usable offset")
+        try:
+            if parsed_at.tzinfo is not None:
+                parsed_at = parsed_at.astimezone(UTC)
+        except (OverflowError, ValueError):
+            parsed_at = parsed_at.replace(year=1)
+        if not 1970 <= parsed_at.year <= 9998:
+            raise MetadataError(f"trained_at {self.trained_at!r} is outside 1970..9998 (UTC)")
         if not isinstance(self.feature_names, list) or not self.feature_names:
             raise MetadataError("feature_names must be a non-empty list")
         if len(self.feature_names) > 4096:

@@ -50,6 +50,8 @@ BAD_METADATA: dict[str, Callable[[dict], None]] = {
     "trained_at-int": _edit("trained_at", 5),
     "trained_at-garbage": _edit("trained_at", "yesterday"),
     "trained_at-year-10000": _edit("trained_at", "10000-01-01T00:00:00Z"),
+    "trained_at-overflow": _edit("trained_at", "9999-12-31T23:00:00-05:00"),
+    "trained_at-year-1": _edit("trained_at", "0001-01-01T00:00:00+05:00"),
     "horizon-string": _edit("horizon", "four"),
     "horizon-zero": _edit("horizon", 0),
     "parent_version-string": _edit("parent_version", "abc"),
