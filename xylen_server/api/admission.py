@@ -100,7 +100,8 @@ class AdmissionInterceptor(HandlerInterceptor):
         self.streams = 0
         """Streaming calls open now."""
         self.inflight_bytes = 0
-        """Request bytes of the unary calls admitted (running or queued)."""
+        """Request bytes of the unary calls admitted (running or queued) and of the stream
+        items held (:meth:`take_bytes`)."""
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property

@@ -8,13 +8,16 @@ bytes, that the log holds no traceback and a counter went up instead.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from errorinfo import error_info
-from harness import feature_input, window_input
+from harness import InProcessServer, feature_input, server_settings, window_input
 
 from xylen.v1 import model_service_pb2 as pb
+from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen.v1 import types_pb2
 
 PREDICT = "/xylen.v1.ModelService/Predict"
@@ -32,6 +35,29 @@ GARBAGE = [b"\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x12\x05ab", b"\x08" 
 LONG = "x" * 100_000
 #: An error message quoting the caller's text in full would be longer than this.
 SHORT = 400
+
+
+@pytest.fixture(scope="module")
+def server(
+    models_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[InProcessServer]:
+    """This module's own server, with its own feedback store (the shared default directory may
+    be held by another test's server process)."""
+    data = tmp_path_factory.mktemp("bad-input-data")
+    running = InProcessServer(server_settings(models_root, feedback_data_dir=data))
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def channel(server: InProcessServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.address) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel: grpc.Channel) -> pb_grpc.ModelServiceStub:
+    return pb_grpc.ModelServiceStub(channel)
 
 
 def _refusal(call, *args, **kwargs) -> grpc.RpcError:
