@@ -10,8 +10,12 @@ DATA_DIR ?= data/default
 MODELS_DIR ?= models
 # Training inputs for `make train`: the offline default dataset, or DATA=path/to/zips.
 DATA ?= $(DATA_DIR)
+# Training settings `make train VAR=value` passes on (as --set VAR=value; the environment works
+# too): e.g. make train LOOKBACK_PERIODS=61 FEATURES=log_return_1,rsi_14,realized_vol_60
+TRAIN_VARS := LOOKBACK_PERIODS FEATURES TRAIN_START_DATE TRAIN_END_DATE VALIDATION_END_DATE TEST_END_DATE
+TRAIN_SETS = $(foreach v,$(TRAIN_VARS),$(if $($(v)),--set '$(v)=$($(v))'))
 
-.PHONY: demo test proto lint train data bench deploy clean venv
+.PHONY: demo test proto lint train data bench deploy clean venv certs
 
 venv: $(STAMP)
 
@@ -51,7 +55,7 @@ data: $(STAMP)
 
 train: $(STAMP) $(PROTO_STAMP)
 	@if [ "$(DATA)" = "$(DATA_DIR)" ] && [ ! -d "$(DATA_DIR)" ]; then $(MAKE) --no-print-directory data; fi
-	$(PY) -m training train --data $(DATA) --models-dir $(MODELS_DIR)
+	$(PY) -m training train --data $(DATA) --models-dir $(MODELS_DIR) $(strip $(TRAIN_SETS) $(foreach m,$(ONLY),--only $(m)))
 
 # The main job: trains the default models first if they are not there.
 demo: $(STAMP) $(PROTO_STAMP)
@@ -68,6 +72,10 @@ lint: $(STAMP) $(PROTO_STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf breaking --against ".git#ref=$$(git merge-base HEAD main 2>/dev/null || git rev-parse HEAD)"
+
+# A local CA plus server (127.0.0.1, ::1, localhost) and client certificates for TLS / mTLS.
+certs: $(STAMP)
+	$(PY) -m xylen_server.devtools.certs --out run/certs
 
 bench: $(STAMP) $(PROTO_STAMP)
 	$(PY) -m bench

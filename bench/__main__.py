@@ -1,6 +1,6 @@
 """``make bench``: every benchmark, one after another, printing labelled figures.
 
-``python -m bench [server|training|feedback|coordinator|learning|load ...]`` runs a subset.
+``python -m bench [server|training|feedback|coordinator|learning|security|load ...]`` runs a subset.
 Figures are measured side by side within each section; on shared machines compare the ratios.
 """
 
@@ -16,6 +16,7 @@ SECTIONS = {
     "feedback": "bench.bench_feedback",
     "coordinator": "bench.bench_coordinator",
     "learning": "bench.bench_learning",
+    "security": "bench.bench_security",
     "load": "bench.bench_load",
 }
 

@@ -37,8 +37,11 @@ from bench.bench_server import Process, build_model, start_xylen
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen.v1 import types_pb2
+from xylen_server.auth import ADMIN_TOKEN_IDENTITY, bearer_metadata, with_token
 from xylen_server.learning.job import JobSpec
 from xylen_server.learning.samples import FeedbackRecord, records_table
+
+ADMIN_TOKEN = "bench-admin-token"
 
 
 def _labels(rows: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -61,9 +64,16 @@ def _request(pid: str, row: np.ndarray, label: int, close: datetime) -> pb.Feedb
 
 
 async def _feed(
-    address: str, rows: np.ndarray, count: int | None, seconds: float, prefix: str
+    address: str,
+    rows: np.ndarray,
+    count: int | None,
+    seconds: float,
+    prefix: str,
+    token: str = "",
 ) -> int:
-    """Send Feedback from 32 concurrent tasks (``count`` records, or for ``seconds``)."""
+    """Send Feedback from 32 concurrent tasks (``count`` records, or for ``seconds``), with the
+    admin ``token`` if given (the gate scores only on authenticated outcomes)."""
+    metadata = bearer_metadata(token)
     labels = _labels(rows)
     start = datetime.now(UTC) - timedelta(seconds=(count or 10**6) + 1)
     sent = 0
@@ -79,7 +89,10 @@ async def _feed(
             ):
                 j = i % len(rows)
                 await stub.Feedback(
-                    _request(f"{prefix}-{i}", rows[j], int(labels[j]), start + timedelta(seconds=i))
+                    _request(
+                        f"{prefix}-{i}", rows[j], int(labels[j]), start + timedelta(seconds=i)
+                    ),
+                    metadata=metadata,
                 )
                 sent += 1
                 i += 32
@@ -170,6 +183,7 @@ def _samples_parquet(path: Path, rows: np.ndarray, n: int, seed: int) -> None:
             0.01 if labels[i] else -0.01,
             now - (n - i) * 1000,
             now - (n - i) * 1000,
+            source=ADMIN_TOKEN_IDENTITY,  # authenticated: the gate scores on them
         )
         for i in range(n)
     ]
@@ -239,13 +253,17 @@ def predict_under_learning(root: Path, rows: np.ndarray, seconds: float) -> None
     print("Predict at batch 1 (unary, one caller), p50 / p99:")
     server: Process = start_xylen(
         root / "models",
-        {"FEEDBACK_DATA_DIR": str(root / "data-predict"), "RETRAIN_AUTO": "false"},
+        {
+            "FEEDBACK_DATA_DIR": str(root / "data-predict"),
+            "RETRAIN_AUTO": "false",
+            "ADMIN_TOKEN": ADMIN_TOKEN,
+        },
     )
     try:
         address = f"127.0.0.1:{server.port}"
-        asyncio.run(_feed(address, rows, 10_000, 600, "p"))
-        with grpc.insecure_channel(address) as channel:
-            stub = pb_grpc.ModelServiceStub(channel)
+        asyncio.run(_feed(address, rows, 10_000, 600, "p", ADMIN_TOKEN))
+        with grpc.insecure_channel(address) as plain:
+            stub = pb_grpc.ModelServiceStub(with_token(plain, ADMIN_TOKEN))
             request = pb.PredictRequest(
                 inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=rows[7].tolist()))]
             )

@@ -128,10 +128,12 @@ def start_server(
     env: Mapping[str, str] | None = None,
     wait: bool = True,
     log_dir: Path | None = None,
+    tls: Any = None,
 ) -> ServerProcess:
-    """A real server process on a free loopback port (run from the repo root)."""
+    """A real server process on a free loopback port (run from the repo root); ``tls`` (a
+    :class:`~xylen_server.tls.ClientTls`) dials one that serves TLS."""
     return launcher.start_server(
-        model_path, model_name, env=env, wait=wait, log_dir=log_dir, cwd=REPO
+        model_path, model_name, env=env, wait=wait, log_dir=log_dir, cwd=REPO, tls=tls
     )
 
 

@@ -117,6 +117,11 @@ class ModelMetadata:
     checksums: dict[str, str] = field(default_factory=dict)
     """sha256 of model files by file name (the native file at least); the server verifies them
     before loading, since some libraries crash rather than fail on a truncated file."""
+    signal_thresholds: dict[str, Any] = field(default_factory=dict)
+    """The model's BUY / SELL probability thresholds and how they were chosen
+    (:mod:`training.thresholds`): ``buy``, ``sell``, ``rule``, ``min_share``, ``max_share`` and
+    the ``validation`` figures behind them. Empty in models trained before thresholds were
+    chosen per model: the server then applies its defaults (0.55 / 0.45)."""
 
     def __post_init__(self) -> None:
         """The schema: every field's type and range, checked when the metadata is read, so a
@@ -176,6 +181,21 @@ class ModelMetadata:
                 and all(c in "0123456789abcdef" for c in digest)
             ):
                 raise MetadataError(f"checksums[{file!r}] is not a sha256 hex digest")
+        if not isinstance(self.signal_thresholds, dict):
+            raise MetadataError("signal_thresholds must be a JSON object")
+        _json_value(self.signal_thresholds, "signal_thresholds", 1)
+        if self.signal_thresholds:
+            buy = self.signal_thresholds.get("buy")
+            sell = self.signal_thresholds.get("sell")
+            numbers = all(
+                isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
+                for v in (buy, sell)
+            )
+            if not (numbers and sell < buy):  # type: ignore[operator]
+                raise MetadataError(
+                    "signal_thresholds needs numbers 0 <= sell < buy <= 1, got "
+                    f"buy={str(buy)[:20]} sell={str(sell)[:20]}"
+                )
 
     @property
     def native_file(self) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from xylen_coordinator.config import ConfigError, load_config
 from xylen_coordinator.coordinator import AsyncCoordinator
 from xylen_coordinator.report import format_result
-from xylen_server.errors import XylenError
+from xylen_server.errors import SettingsError, XylenError
 
 #: Candles sent per window when no server reports its lookback.
 _DEFAULT_LOOKBACK = 100
@@ -30,7 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve xylen.v1.EnsembleService over gRPC")
     serve.add_argument("--config", type=Path, required=True, help="config.yaml")
-    serve.add_argument("--host", default="[::]", help="address to bind (default every interface)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default loopback; TLS and credentials come from the environment: "
+        "TLS_CERT_FILE, TLS_KEY_FILE, TLS_CLIENT_CA_FILE, ADMIN_TOKEN(_FILE), ADMIN_IDENTITIES, "
+        "PREDICT_TOKEN(_FILE), ALLOW_INSECURE_ADMIN, as for xylen-server)",
+    )
     serve.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
     serve.add_argument(
         "--watch",
@@ -93,11 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             from xylen_coordinator.server import serve
+            from xylen_server.settings import Settings
 
+            security = Settings.from_env()
             coordinator = AsyncCoordinator(load_config(args.config))
-            return asyncio.run(serve(coordinator, args.host, args.port, args.watch, args.grace))
+            return asyncio.run(
+                serve(coordinator, args.host, args.port, args.watch, args.grace, security)
+            )
         return asyncio.run(_predict(args))
-    except ConfigError as exc:
+    except (ConfigError, SettingsError) as exc:
         print(f"xylen-coordinator: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

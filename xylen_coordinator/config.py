@@ -23,7 +23,10 @@ from typing import Any
 
 import yaml
 
+from xylen_server.auth import read_token
+from xylen_server.errors import SettingsError
 from xylen_server.settings import Settings
+from xylen_server.tls import ClientTls
 
 #: Largest gRPC message the coordinator sends or receives: the model servers' own default.
 MAX_MESSAGE_BYTES = Settings.max_message_bytes
@@ -67,14 +70,22 @@ class Quorum:
     """Fewest votes for a decision, >= 1."""
 
 
+THRESHOLD_SOURCES = ("members", "fixed")
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Signal thresholds applied to the ensemble probability (same rule as the servers)."""
 
     buy: float = 0.55
-    """P(up) at or above which the signal is BUY."""
+    """P(up) at or above which the signal is BUY (``source: fixed``; with ``members``, the
+    value used for a member whose own thresholds are not known)."""
     sell: float = 0.45
-    """P(up) at or below which the signal is SELL."""
+    """P(up) at or below which the signal is SELL (as ``buy``)."""
+    source: str = "members"
+    """``members``: the voters' own thresholds (each chosen on its model's validation data,
+    GetModelInfo), weighted like their probabilities, so the ensemble follows the members'
+    rule; ``fixed``: ``buy`` and ``sell``."""
 
 
 @dataclass(frozen=True)
@@ -147,18 +158,43 @@ class Transport:
 
 @dataclass(frozen=True)
 class Tls:
-    """The ``tls`` section. The coordinator dials the model servers in plaintext: only
-    ``enabled: false`` is accepted (``true`` is a :class:`ConfigError`); the file names are
-    checked to be strings and not used."""
+    """The ``tls`` section: how the coordinator dials the model servers. ``enabled: false``
+    (the default) is plaintext; ``true`` needs ``ca_file`` and may add a client certificate and
+    key (mutual TLS; both or neither). Relative paths are relative to the config file; every
+    file is read and checked at load."""
 
     enabled: bool = False
-    """Must be false."""
+    """Dial the model servers over TLS."""
     ca_file: str = ""
     """PEM file of the CA that signed the servers' certificates."""
     cert_file: str = ""
     """PEM client certificate, for mTLS."""
     key_file: str = ""
     """PEM client key, for mTLS."""
+    server_name: str = ""
+    """Name to check the servers' certificates against instead of each endpoint's host."""
+
+    def client(self) -> ClientTls | None:
+        """The channel options of :mod:`xylen_server.tls` (None: plaintext)."""
+        if not self.enabled:
+            return None
+        return ClientTls(
+            ca=Path(self.ca_file),
+            cert=Path(self.cert_file) if self.cert_file else None,
+            key=Path(self.key_file) if self.key_file else None,
+            server_name=self.server_name,
+        )
+
+
+@dataclass(frozen=True)
+class Auth:
+    """The ``auth`` section: the credentials the coordinator presents to the model servers (their
+    admin token, for forwarding Feedback, and accepted by their Predict when it is guarded)."""
+
+    token_file: str = ""
+    """File holding the bearer token (one line), relative to the config file; empty: none."""
+    token: str = field(default="", repr=False, metadata={"in_file": False})
+    """The token read from ``token_file`` at load (not a key of the file)."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +218,9 @@ class Config:
     transport: Transport = field(default_factory=Transport)
     """Channel and stream settings."""
     tls: Tls = field(default_factory=Tls)
-    """Accepted only with TLS off."""
+    """TLS (and mutual TLS) towards the model servers."""
+    auth: Auth = field(default_factory=Auth)
+    """Credentials sent to the model servers."""
     source: Path | None = field(default=None, metadata={"in_file": False})
     """File the configuration was read from, if any (not a key of the file)."""
 
@@ -336,7 +374,12 @@ def _thresholds(value: Any) -> Thresholds:
     sell = section.number("sell")
     if not 0 <= sell < buy <= 1:
         raise ConfigError(f"{key}: need 0 <= sell < buy <= 1, got sell={sell} buy={buy}")
-    return Thresholds(buy=buy, sell=sell)
+    source = section.string("source")
+    if source not in THRESHOLD_SOURCES:
+        raise ConfigError(
+            f"{key}.source: must be one of {', '.join(THRESHOLD_SOURCES)}, got {source[:40]!r}"
+        )
+    return Thresholds(buy=buy, sell=sell, source=source)
 
 
 def _weights(value: Any) -> Weights:
@@ -433,18 +476,48 @@ def _transport(value: Any) -> Transport:
     return Transport(**values)
 
 
-def _tls(value: Any) -> Tls:
+def _relative(name: str, base: Path | None) -> str:
+    if not name or base is None or Path(name).is_absolute():
+        return name
+    return str(base / name)
+
+
+def _tls(value: Any, base: Path | None) -> Tls:
     key = "tls"
     section = _Section(value, key, Tls)
     tls = Tls(
         enabled=section.boolean("enabled"),
-        ca_file=section.string("ca_file"),
-        cert_file=section.string("cert_file"),
-        key_file=section.string("key_file"),
+        ca_file=_relative(section.string("ca_file"), base),
+        cert_file=_relative(section.string("cert_file"), base),
+        key_file=_relative(section.string("key_file"), base),
+        server_name=section.string("server_name"),
     )
-    if tls.enabled:
-        raise ConfigError(f"{key}.enabled: TLS towards the model servers is not supported yet")
+    if not tls.enabled:
+        return tls
+    if not tls.ca_file:
+        raise ConfigError(f"{key}.ca_file: required when tls.enabled is true")
+    if bool(tls.cert_file) != bool(tls.key_file):
+        raise ConfigError(f"{key}.cert_file: a client certificate and key_file go together")
+    client = tls.client()
+    assert client is not None
+    try:
+        client.credentials()  # every file readable and PEM, now rather than at the first call
+    except SettingsError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
     return tls
+
+
+def _auth(value: Any, base: Path | None) -> Auth:
+    key = "auth"
+    section = _Section(value, key, Auth)
+    token_file = _relative(section.string("token_file"), base)
+    if not token_file:
+        return Auth()
+    try:
+        token = read_token("", Path(token_file), "auth.token")
+    except SettingsError as exc:
+        raise ConfigError(f"{key}.token_file: {exc}") from None
+    return Auth(token_file=token_file, token=token)
 
 
 def parse_config(raw: Any, source: Path | None = None) -> Config:
@@ -469,7 +542,8 @@ def parse_config(raw: Any, source: Path | None = None) -> Config:
         retraining=_retraining(section.raw.get("retraining")),
         feedback_queue=_feedback_queue(section.raw.get("feedback_queue"), base),
         transport=_transport(section.raw.get("transport")),
-        tls=_tls(section.raw.get("tls")),
+        tls=_tls(section.raw.get("tls"), base),
+        auth=_auth(section.raw.get("auth"), base),
         source=source,
     )
 

@@ -36,6 +36,8 @@ def predict_response(result: EnsembleResult) -> epb.EnsembleServicePredictRespon
             probability_up=row.probability,
             signal=TO_PROTO[row.signal],
             disagreement=row.disagreement,
+            buy_threshold=row.buy_threshold,
+            sell_threshold=row.sell_threshold,
         )
         for vote in row.votes:
             message = prediction.votes.add(
@@ -48,6 +50,7 @@ def predict_response(result: EnsembleResult) -> epb.EnsembleServicePredictRespon
                 model_name=vote.model_name,
                 model_version=vote.model_version,
                 model_prediction_id=vote.model_prediction_id,
+                left_out_reason=vote.left_out,
             )
             message.latency.FromNanoseconds(int(vote.latency_seconds * 1e9))
             if vote.adaptive is not None:
@@ -78,6 +81,7 @@ def info_response(
         weight_mode=WEIGHT_MODES[config.weights.mode],
         buy_threshold=config.thresholds.buy,
         sell_threshold=config.thresholds.sell,
+        threshold_source=config.thresholds.source,
         quorum_weight_fraction=config.quorum.min_weight_fraction,
         quorum_min_votes=config.quorum.min_votes,
         pending_feedback=pending,

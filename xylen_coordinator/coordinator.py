@@ -33,7 +33,12 @@ from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import Config, load_config
 from xylen_coordinator.decision import Vote, decide
 from xylen_coordinator.endpoints import EndpointClient
-from xylen_coordinator.ensemble import AdaptiveWeights, quorum_shortfall
+from xylen_coordinator.ensemble import (
+    AdaptiveWeights,
+    label_plan,
+    member_thresholds,
+    quorum_shortfall,
+)
 from xylen_coordinator.fanout import FanOutResult, fan_out
 from xylen_coordinator.featurize import FEATURES_HASH, featurized
 from xylen_coordinator.feedback import Ledger
@@ -123,11 +128,15 @@ class AsyncCoordinator:
                 old is not None
                 and old.endpoint.address == endpoint.address
                 and old.transport == config.transport
+                and old.tls == config.tls.client()
+                and old.token == config.auth.token
             ):
                 old.endpoint = endpoint  # new weight or other attributes, same connection
                 clients[endpoint.name] = old
             else:
-                client = EndpointClient(endpoint, config.transport)
+                client = EndpointClient(
+                    endpoint, config.transport, config.tls.client(), config.auth.token
+                )
                 client.start()
                 clients[endpoint.name] = client
         return clients
@@ -250,6 +259,29 @@ class AsyncCoordinator:
         self._check_quorum(snapshot, fanned)
         configured = snapshot.configured_weights
         weights = self._weights(snapshot)
+        # Combine only probabilities that mean the same thing (label_plan), with thresholds
+        # that follow the members' own (member_thresholds).
+        if any(c.learning for c in clients):  # just turned SERVING: its label is on the way
+            await asyncio.gather(*(c.learnt(budget) for c in clients))
+        for name, answer in fanned.answers.items():
+            if answer.response.predictions:
+                snapshot.clients[name].notice_version(answer.response.predictions[0].model_version)
+        _, left_out = label_plan({c.name: c.label for c in clients}, configured)
+        weights = {name: 0.0 if name in left_out else w for name, w in weights.items()}
+        if not any(weights.get(name, 0.0) > 0 for name in fanned.answers):
+            raise Unavailable(
+                "no decision: no server whose probability means what the ensemble's does voted"
+                f" ({'; '.join(f'{n}: {r}' for n, r in left_out.items())[:400]})",
+                reason="NO_QUORUM",
+                voted=",".join(fanned.answers),
+            )
+        thresholds = config.thresholds
+        if thresholds.source == "members":
+            thresholds = member_thresholds(
+                {name: weights.get(name, 0.0) for name in fanned.answers},
+                {c.name: c.thresholds for c in clients},
+                thresholds,
+            )
         scores = None
         if config.weights.mode == "adaptive":
             scores = {name: self.adaptive.score(name) for name in configured}
@@ -260,7 +292,7 @@ class AsyncCoordinator:
                 name: Vote(answer.response.predictions[i], answer.latency)
                 for name, answer in fanned.answers.items()
             }
-            row = decide(self._next_id(), votes, weights, configured, config.thresholds, scores)
+            row = decide(self._next_id(), votes, weights, configured, thresholds, scores, left_out)
             self._ledger.remember(row, now)
             rows.append(row)
         return EnsembleResult(

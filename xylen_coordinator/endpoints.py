@@ -33,6 +33,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_coordinator.config import MAX_MESSAGE_BYTES, Endpoint, Transport
+from xylen_server.auth import bearer_metadata
+from xylen_server.tls import ClientTls, open_aio_channel
 
 logger = logging.getLogger(__name__)
 
@@ -131,13 +133,15 @@ def failure_from_rpc_error(error: grpc.aio.AioRpcError) -> VoteFailure:
 class _Stream:
     """One open PredictStream and the requests waiting for their answers."""
 
-    def __init__(self, stub: pb_grpc.ModelServiceStub, name: str) -> None:
+    def __init__(
+        self, stub: pb_grpc.ModelServiceStub, name: str, metadata: tuple[tuple[str, str], ...]
+    ) -> None:
         self.name = name
         self._to_send: asyncio.Queue[pb.PredictStreamRequest | None] = asyncio.Queue()
         self.pending: dict[str, tuple[asyncio.Future[Answer], float]] = {}
         self.closed = False
         self.unimplemented = False
-        self._call = stub.PredictStream(self._requests())
+        self._call = stub.PredictStream(self._requests(), metadata=metadata)
         self._reader = asyncio.create_task(self._read(), name=f"stream-reader-{name}")
 
     async def _requests(self) -> AsyncIterator[pb.PredictStreamRequest]:
@@ -202,18 +206,28 @@ class _Stream:
 class EndpointClient:
     """The coordinator's long-lived connection to one model server."""
 
-    def __init__(self, endpoint: Endpoint, transport: Transport) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        transport: Transport,
+        tls: ClientTls | None = None,
+        token: str = "",
+    ) -> None:
         self.endpoint = endpoint
         self.name = endpoint.name
         self.transport = transport
-        self.channel = grpc.aio.insecure_channel(
-            endpoint.address, options=channel_options(transport)
-        )
+        self.tls = tls
+        self.token = token
+        self._metadata = bearer_metadata(token)
+        self.channel = open_aio_channel(endpoint.address, tls, channel_options(transport))
         self.stub = pb_grpc.ModelServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.serving = False
         self.features_hash = ""
         """The server's ModelInfo.features_hash, learnt each time it turns SERVING."""
+        self.info: pb.ModelInfo | None = None
+        """The server's ModelInfo, learnt each time it turns SERVING or answers with a model
+        version other than the one learnt (its label definition and thresholds)."""
         self.health_detail = "health not known yet"
         self.health_known = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
@@ -232,6 +246,7 @@ class EndpointClient:
         if serving != self.serving:
             logger.info("%s (%s): %s", self.name, self.endpoint.address, detail)
             self.features_hash = ""
+            self.info = None
             if serving:
                 self._learning = asyncio.ensure_future(self._learn_features())
         self.serving = serving
@@ -270,9 +285,47 @@ class EndpointClient:
         """Ask the server which feature definitions its model uses (a swap keeps them: a server
         refuses models whose definitions differ from its code)."""
         try:
-            self.features_hash = (await self.model_info()).features_hash
+            info = await self.model_info()
         except grpc.aio.AioRpcError as error:
             logger.info("%s: no model info (%s); sending it candles", self.name, error.code().name)
+            return
+        self.info = info
+        self.features_hash = info.features_hash
+
+    @property
+    def learning(self) -> bool:
+        """A model-info request is in flight."""
+        return self._learning is not None and not self._learning.done()
+
+    async def learnt(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for a model-info request in flight."""
+        learning = self._learning
+        if learning is not None and not learning.done():
+            await asyncio.wait([learning], timeout=timeout)
+
+    def notice_version(self, version: int) -> None:
+        """Learn the model info again when the server answered with another model version
+        (a swap, a rollback or a restore may bring other thresholds)."""
+        info = self.info
+        learning = self._learning
+        if info is None or info.version == version or (learning and not learning.done()):
+            return
+        self._learning = asyncio.ensure_future(self._learn_features())
+
+    @property
+    def label(self) -> tuple[int, float, float] | None:
+        """What the server's probability means: (horizon, fee, label threshold); None while
+        its model info is not known."""
+        info = self.info
+        return None if info is None else (info.horizon, info.fee, info.label_threshold)
+
+    @property
+    def thresholds(self) -> tuple[float, float] | None:
+        """The (buy, sell) thresholds the server applies to its own model; None when unknown."""
+        info = self.info
+        if info is None or not info.sell_threshold < info.buy_threshold:
+            return None
+        return info.buy_threshold, info.sell_threshold
 
     def _open_stream(self) -> _Stream:
         stream = self._stream
@@ -280,7 +333,7 @@ class EndpointClient:
             if stream is not None and stream.unimplemented:
                 logger.warning("%s has no PredictStream; using unary Predict", self.name)
                 self._use_stream = False
-            stream = _Stream(self.stub, self.name)
+            stream = _Stream(self.stub, self.name, self._metadata)
             self._stream = stream
         return stream
 
@@ -305,7 +358,7 @@ class EndpointClient:
     async def _unary(self, request: pb.PredictRequest, timeout: float) -> Answer:
         started = time.perf_counter()
         try:
-            response = await self.stub.Predict(request, timeout=timeout)
+            response = await self.stub.Predict(request, timeout=timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise failure_from_rpc_error(error) from None
         return Answer(response, time.perf_counter() - started)
@@ -322,11 +375,13 @@ class EndpointClient:
 
     async def feedback(self, request: pb.FeedbackRequest, timeout: float) -> pb.FeedbackResponse:
         """Forward one outcome to the server's Feedback RPC (raises ``grpc.aio.AioRpcError``)."""
-        return await self.stub.Feedback(request, timeout=timeout)
+        return await self.stub.Feedback(request, timeout=timeout, metadata=self._metadata)
 
     async def model_info(self, timeout: float = 2.0) -> pb.ModelInfo:
         """The server's GetModelInfo (raises ``grpc.aio.AioRpcError``)."""
-        response = await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
+        response = await self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata
+        )
         return response.model_info
 
     async def close(self, grace: float = 1.0) -> None:

@@ -42,6 +42,8 @@ class VoteInfo:
     """Round trip of this server's answer as the coordinator saw it."""
     adaptive: AdaptiveScore | None
     """Why the weight is what it is (adaptive mode only)."""
+    left_out: str = ""
+    """Why this vote was not combined (its probability means something else), or empty."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class RowDecision:
     disagreement: float
     """Weighted standard deviation of the votes (0 = unanimous, at most 0.5)."""
     votes: tuple[VoteInfo, ...]
+    buy_threshold: float = 0.55
+    """The threshold :attr:`signal` was decided with (see ``thresholds.source``)."""
+    sell_threshold: float = 0.45
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,11 @@ from xylen.v1 import ensemble_service_pb2_grpc as epb_grpc
 from xylen_coordinator.config import MAX_MESSAGE_BYTES, ConfigError
 from xylen_coordinator.coordinator import AsyncCoordinator
 from xylen_coordinator.servicer import EnsembleServicer
-from xylen_server.errors import ErrorStatusInterceptor
+from xylen_server.auth import AuthInterceptor, ServerSecurity, check_exposure
+from xylen_server.errors import ErrorStatusInterceptor, SettingsError
 from xylen_server.health import Health, bind, server_options
+from xylen_server.settings import Settings
+from xylen_server.tls import server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +47,43 @@ class Running:
         await self.health.set(serving)
 
 
-async def build_server(coordinator: AsyncCoordinator, host: str, port: int) -> Running:
-    """Build (not start) a plaintext server for ``coordinator`` on ``host:port``."""
+async def build_server(
+    coordinator: AsyncCoordinator,
+    host: str,
+    port: int,
+    security: Settings | None = None,
+) -> Running:
+    """Build (not start) a server for ``coordinator`` on ``host:port``.
+
+    ``security`` holds the server-side TLS and credential settings (``TLS_*``, ``ADMIN_*``,
+    ``PREDICT_TOKEN*``, ``ALLOW_INSECURE_ADMIN``: the model server's environment variables,
+    :class:`~xylen_server.settings.Settings`); None serves plaintext with open RPCs, and only on
+    loopback. Raises SettingsError before binding when the admin RPC (Feedback) would be open on
+    a non-loopback address, or open at all while ``auth.token_file`` makes what it forwards
+    count as authenticated.
+    """
+    settings = security if security is not None else Settings()
+    checks = ServerSecurity.from_settings(settings)
+    check_exposure(checks, host)
+    laundering = checks.admin_open and not checks.mtls and not checks.allow_insecure_admin
+    if coordinator.config.auth.token and laundering:
+        # Anyone's outcome would reach the servers under the coordinator's token, and count as
+        # authenticated for their retrain gates.
+        raise SettingsError(
+            "auth.token_file makes forwarded outcomes authenticated on the model servers, "
+            "so the coordinator's own Feedback needs credentials too: set ADMIN_TOKEN or "
+            "ADMIN_TOKEN_FILE, use mutual TLS, or set ALLOW_INSECURE_ADMIN=true"
+        )
+    credentials = server_credentials(
+        settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    )
     server = grpc.aio.server(
-        interceptors=[ErrorStatusInterceptor()], options=server_options(MAX_MESSAGE_BYTES)
+        interceptors=[ErrorStatusInterceptor(), AuthInterceptor(checks)],
+        options=server_options(MAX_MESSAGE_BYTES),
     )
     epb_grpc.add_EnsembleServiceServicer_to_server(EnsembleServicer(coordinator), server)
     health = Health(server, (SERVICE_NAME,))
-    bound = bind(server, f"{host}:{port}", None)
+    bound = bind(server, f"{host}:{port}", credentials)
     running = Running(server, bound, health)
     await running.set_serving(False)
     return running
@@ -99,13 +132,18 @@ async def _watch_file(coordinator: AsyncCoordinator, interval: float) -> None:
 
 async def serve(
     coordinator: AsyncCoordinator,
-    host: str = "[::]",
+    host: str = "127.0.0.1",
     port: int = 50051,
     watch_seconds: float = 0.0,
     grace_seconds: float = 5.0,
+    security: Settings | None = None,
 ) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
-    running = await build_server(coordinator, host, port)
+    try:
+        running = await build_server(coordinator, host, port, security)
+    except SettingsError as exc:
+        print(f"xylen-coordinator: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     await running.server.start()
     print(f"xylen-coordinator listening on port {running.port}", flush=True)
     await coordinator.start()

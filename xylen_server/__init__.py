@@ -12,6 +12,8 @@ Root (import-light, shared with the coordinator):
     ``health``     server options, grpc.health.v1, reflection, binding a port
     ``durable``    SQLite opened in WAL mode with synchronous=FULL (the feedback store, and
                    the coordinator's outbox)
+    ``tls``        TLS credentials from PEM files; one way to dial for every client
+    ``auth``       who may call what: tokens, mTLS identities, the interceptor, the loopback rule
 ``serving/``       inputs, the session pool, native engines, parity, the model store, the predictor
 ``versions/``      the hot swap, the history of kept versions, the ``model`` CLI
 ``learning/``      feedback samples and their store, the prediction log, feedback validation,

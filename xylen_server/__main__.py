@@ -26,6 +26,7 @@ from pathlib import Path
 
 from xylen_server.errors import SettingsError
 from xylen_server.settings import Settings
+from xylen_server.tls import add_client_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Serve one model over gRPC. Configured by environment variables: MODEL_NAME, "
         "MODEL_PATH, ONNX_ENABLED, LOG_LEVEL, GRPC_HOST, GRPC_PORT, SESSION_POOL_SIZE, "
         "SESSION_THREADS, MAX_BATCH_ROWS, BUY_THRESHOLD, SELL_THRESHOLD, FEEDBACK_DATA_DIR, "
-        "RETRAIN_*, ... (see README and xylen_server/settings.py).",
+        "RETRAIN_*, TLS_CERT_FILE, TLS_KEY_FILE, TLS_CLIENT_CA_FILE, ADMIN_TOKEN(_FILE), "
+        "ADMIN_IDENTITIES, PREDICT_TOKEN(_FILE), ALLOW_INSECURE_ADMIN, ... (see README and "
+        "xylen_server/settings.py).",
     )
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="serve the model over gRPC (the default)")
@@ -47,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     restore = actions.add_parser("restore", help="verify an archive and make it the serving model")
     restore.add_argument("archive", type=Path)
     restore.add_argument("--address", help="HOST:PORT of a running server to reload")
+    add_client_arguments(restore)
     rollback = actions.add_parser("rollback", help="serve a kept earlier version again")
     rollback.add_argument("--to", type=int, default=0, help="version (default: the parent)")
     rollback.add_argument("--address", help="HOST:PORT of a running server to roll back")
+    add_client_arguments(rollback)
     replay = commands.add_parser("replay", help="recompute a logged prediction bit-exactly")
     replay.add_argument("prediction_id")
     replay.add_argument("--log-dir", type=Path, help="prediction log (default: the server's)")

@@ -13,6 +13,8 @@ The tree (each class fixes a canonical gRPC code; ``reason`` is the stable UPPER
     │   └── SettingsError   FAILED_PRECONDITION  an environment variable it cannot use
     ├── ResourceExhausted   RESOURCE_EXHAUSTED   over a limit (rows, bytes, in flight)
     ├── Unavailable         UNAVAILABLE          not now: loading, shutting down, no quorum
+    ├── Unauthenticated     UNAUTHENTICATED      no credentials where the RPC needs them
+    ├── PermissionDenied    PERMISSION_DENIED    a wrong token, or an identity not allowed
     └── DeadlineExceeded    DEADLINE_EXCEEDED    the caller's time ran out
 
 :class:`ErrorStatusInterceptor` maps whatever a handler raises: a :class:`XylenError` becomes
@@ -116,6 +118,21 @@ class Unavailable(XylenError):
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "UNAVAILABLE"
+
+
+class Unauthenticated(XylenError):
+    """The RPC needs credentials (a bearer token or an allowed mTLS identity) and the call
+    carried none."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "MISSING_CREDENTIALS"
+
+
+class PermissionDenied(XylenError):
+    """The call's credentials are wrong or do not allow this RPC."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
 
 
 class DeadlineExceeded(XylenError):

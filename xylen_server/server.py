@@ -28,13 +28,15 @@ from xylen_server.api.admission import AdmissionInterceptor
 from xylen_server.api.interceptors import MetricsInterceptor
 from xylen_server.api.metrics import Recorder
 from xylen_server.api.servicer import ModelServicer
-from xylen_server.errors import ErrorStatusInterceptor, ModelLoadError
+from xylen_server.auth import AuthInterceptor, ServerSecurity, check_exposure
+from xylen_server.errors import ErrorStatusInterceptor, ModelLoadError, SettingsError
 from xylen_server.health import Health, bind, server_options
 from xylen_server.learning.feedback import FeedbackLoop
 from xylen_server.learning.retrainer import Retrainer
 from xylen_server.serving.model_store import LoadedModel, load_model
 from xylen_server.serving.predictor import Predictor
 from xylen_server.settings import Settings
+from xylen_server.tls import server_credentials
 from xylen_server.versions.swap import ModelManager
 
 logger = logging.getLogger(__name__)
@@ -87,14 +89,30 @@ async def build_server(
 ) -> Running:
     """Build (not start) a server on ``settings.host:settings.grpc_port``, NOT_SERVING.
 
-    ``credentials`` are passed in by the caller (TLS/mTLS); None serves plaintext.
+    TLS comes from ``TLS_CERT_FILE``/``TLS_KEY_FILE`` (mutual with ``TLS_CLIENT_CA_FILE``)
+    unless ``credentials`` are passed in; neither serves plaintext. Credentials for the calls
+    are checked by :class:`~xylen_server.auth.AuthInterceptor`. Raises SettingsError (before
+    anything is bound) for unusable TLS or token files and for admin RPCs that would be open on
+    a non-loopback address.
     """
+    security = ServerSecurity.from_settings(settings)
+    check_exposure(security, settings.host)
+    if credentials is None:
+        credentials = server_credentials(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+        )
     recorder = recorder or Recorder()
     admission = AdmissionInterceptor(settings, recorder)
     server = grpc.aio.server(
-        # Outermost first: metrics count every answer, errors become status + ErrorInfo, and
-        # admission (decoding, shedding, limits) runs before any handler.
-        interceptors=[MetricsInterceptor(recorder), ErrorStatusInterceptor(), admission],
+        # Outermost first: metrics count every answer, errors become status + ErrorInfo,
+        # credentials are checked, and admission (decoding, shedding, limits) runs before any
+        # handler.
+        interceptors=[
+            MetricsInterceptor(recorder),
+            ErrorStatusInterceptor(),
+            AuthInterceptor(security),
+            admission,
+        ],
         options=server_options(settings.max_message_bytes) + admission.core_options,
         # grpc's own cap, counted when a call arrives (before its task waits for the loop):
         # above it a call is refused RESOURCE_EXHAUSTED at once, without ErrorInfo.
@@ -132,7 +150,11 @@ async def start(settings: Settings, credentials: grpc.ServerCredentials | None =
 
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
-    running = await build_server(settings)
+    try:
+        running = await build_server(settings)
+    except SettingsError as exc:
+        print(f"xylen-server: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     await running.server.start()
     logger.info(
         "listening on %s:%d (NOT_SERVING until the model is ready)", settings.host, running.port

@@ -31,12 +31,13 @@ def env(
     maximum: float | None = None,
     above: float | None = None,
     choices: tuple[str, ...] | None = None,
+    secret: bool = False,
 ) -> Any:
     """A settings field read from the environment variable ``name``: ``minimum`` and
     ``maximum`` are inclusive bounds, ``above`` an exclusive lower one, ``choices`` the allowed
-    words."""
+    words; a ``secret`` is left out of the settings' repr (and so out of any log)."""
     bounds = {"minimum": minimum, "maximum": maximum, "above": above, "choices": choices}
-    return field(default=default, metadata={"env": name, **bounds})
+    return field(default=default, repr=not secret, metadata={"env": name, **bounds})
 
 
 def _parse_bool(raw: str) -> bool:
@@ -67,6 +68,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "bool": _parse_bool,
     "Path": Path,
     "Path | None": Path,
+    "float | None": _parse_float,
 }
 
 
@@ -82,8 +84,9 @@ class Settings:
     """Serve from ONNX Runtime sessions (true) or the native booster (false)."""
     log_level: str = env("LOG_LEVEL", "INFO", choices=LOG_LEVELS)
     """DEBUG, INFO, WARNING, ERROR or CRITICAL (case-insensitive)."""
-    host: str = env("GRPC_HOST", "[::]")
-    """Address the gRPC server binds (``[::]`` is every interface)."""
+    host: str = env("GRPC_HOST", "127.0.0.1")
+    """Address the gRPC server binds: loopback unless told otherwise (``[::]`` or ``0.0.0.0``
+    is every interface, which needs admin credentials or ``ALLOW_INSECURE_ADMIN``)."""
     grpc_port: int = env("GRPC_PORT", 8001, minimum=0, maximum=65535)
     """gRPC port; 0 picks a free port (printed at start)."""
     metrics_port: int = env("METRICS_PORT", 9001, minimum=0, maximum=65535)
@@ -99,10 +102,13 @@ class Settings:
     """Largest gRPC message received or sent."""
     max_stream_in_flight: int = env("MAX_STREAM_IN_FLIGHT", 64, minimum=1)
     """Items of one PredictStream processed at once."""
-    buy_threshold: float = env("BUY_THRESHOLD", 0.55, minimum=0.0, maximum=1.0)
-    """P(up) at or above which the signal is BUY."""
-    sell_threshold: float = env("SELL_THRESHOLD", 0.45, minimum=0.0, maximum=1.0)
-    """P(up) at or below which the signal is SELL (below ``buy_threshold``)."""
+    buy_threshold: float | None = env("BUY_THRESHOLD", None, minimum=0.0, maximum=1.0)
+    """P(up) at or above which the signal is BUY. Unset: the model's own threshold (chosen on
+    its validation data, in its metadata), or 0.55 for a model without one
+    (:func:`xylen_server.signals.resolve_thresholds`)."""
+    sell_threshold: float | None = env("SELL_THRESHOLD", None, minimum=0.0, maximum=1.0)
+    """P(up) at or below which the signal is SELL (below the BUY threshold). Unset: the
+    model's own, or 0.45."""
     shutdown_grace_seconds: float = env("SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0)
     """Time in-flight calls get to finish after SIGTERM."""
     parity_probe_rows: int = env("PARITY_PROBE_ROWS", 2048, minimum=1)
@@ -221,6 +227,29 @@ class Settings:
     retrain_schedule_seconds: float = env("RETRAIN_SCHEDULE_SECONDS", 0.0, minimum=0.0)
     """Also retrain this often (0 disables the schedule)."""
 
+    # -- who gets in: TLS and credentials (xylen_server.tls, xylen_server.auth) -----------------
+    tls_cert_file: Path | None = env("TLS_CERT_FILE", None)
+    """PEM certificate chain of this server; with ``TLS_KEY_FILE`` every gRPC port speaks TLS."""
+    tls_key_file: Path | None = env("TLS_KEY_FILE", None)
+    """PEM private key of ``TLS_CERT_FILE``."""
+    tls_client_ca_file: Path | None = env("TLS_CLIENT_CA_FILE", None)
+    """PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)."""
+    admin_token: str = env("ADMIN_TOKEN", "", secret=True)
+    """Bearer token of the admin and state-changing RPCs (Feedback, Retrain, RollbackModel,
+    ReloadModel; the coordinator's Feedback): ``authorization: Bearer <token>``."""
+    admin_token_file: Path | None = env("ADMIN_TOKEN_FILE", None)
+    """File holding the admin token (one line), instead of ``ADMIN_TOKEN``."""
+    admin_identities: str = env("ADMIN_IDENTITIES", "")
+    """Comma-separated mTLS client identities (certificate subject CN or a SAN) allowed the
+    admin RPCs without a token."""
+    predict_token: str = env("PREDICT_TOKEN", "", secret=True)
+    """When set, Predict, PredictStream, GetModelInfo, WatchRetrain and ListModelVersions need
+    this bearer token (or the admin credentials); unset they are open."""
+    predict_token_file: Path | None = env("PREDICT_TOKEN_FILE", None)
+    """File holding the predict token, instead of ``PREDICT_TOKEN``."""
+    allow_insecure_admin: bool = env("ALLOW_INSECURE_ADMIN", False)
+    """Start even with the admin RPCs open (no token, no mTLS) on a non-loopback address."""
+
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_bounds(f.metadata, getattr(self, f.name))
@@ -228,7 +257,11 @@ class Settings:
             raise SettingsError(
                 f"MODEL_NAME must be a plain directory name, got {self.model_name!r}"
             )
-        if not self.sell_threshold < self.buy_threshold:
+        if (
+            self.sell_threshold is not None
+            and self.buy_threshold is not None
+            and not self.sell_threshold < self.buy_threshold
+        ):
             raise SettingsError(
                 "need SELL_THRESHOLD < BUY_THRESHOLD, got "
                 f"SELL_THRESHOLD={self.sell_threshold} BUY_THRESHOLD={self.buy_threshold}"
@@ -295,7 +328,7 @@ def _check_bounds(metadata: Mapping[str, Any], value: Any) -> None:
     if choices is not None and value not in choices:
         raise SettingsError(f"{var} must be one of {', '.join(choices)}, got {value!r}")
     low, high, above = metadata["minimum"], metadata["maximum"], metadata["above"]
-    if low is None and high is None and above is None:
+    if value is None or (low is None and high is None and above is None):
         return
     if not math.isfinite(value):
         raise SettingsError(f"{var} must be a finite number, got {value}")

@@ -72,6 +72,7 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
         ("quorum.min_weight_fraction", 1.5, "quorum.min_weight_fraction"),
         ("quorum.min_votes", 3, "quorum.min_votes: must be in 1..2"),
         ("thresholds.buy", 0.4, "thresholds: need 0 <= sell < buy <= 1"),
+        ("thresholds.source", "median", "thresholds.source: must be one of members, fixed"),
         ("weights.mode", "magic", "weights.mode"),
         ("weights.adaptive.floor", 0, "weights.adaptive.floor"),
         ("weights.adaptive.cap", 0.1, "weights.adaptive.cap"),
@@ -79,7 +80,8 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
         ("retraining.feedback_delay_seconds", -1, "retraining.feedback_delay_seconds"),
         ("retraining.send_feedback", True, "retraining.send_feedback: unknown key"),
         ("transport.keepalive_time_ms", 1000, "transport.keepalive_time_ms"),
-        ("tls.enabled", True, "tls.enabled: TLS"),
+        ("tls.enabled", True, "tls.ca_file: required when tls.enabled"),
+        ("tls.enabled", "yes", "tls.enabled: must be true or false"),
         ("feedback_queue.retry_initial_seconds", 0, "feedback_queue.retry_initial_seconds"),
     ],
 )

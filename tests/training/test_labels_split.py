@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from training.features import LOOKBACK_PERIODS
-from training.labels import binary_labels, forward_log_return
+from training.labels import binary_labels, forward_log_return, label_from_return
 from training.split import date_ms, min_gap_bars, time_split, walk_forward
 
 H = 3_600_000
@@ -34,6 +34,18 @@ def test_fee_and_threshold() -> None:
     assert binary_labels(times, close, horizon=1, step_ms=H, threshold=0.01)[1] == 0.0
     with pytest.raises(ValueError):
         binary_labels(times, close, horizon=0, step_ms=H)
+
+
+def test_one_rule_for_candles_and_returns() -> None:
+    times = H * np.arange(5, dtype=np.int64)
+    close = np.array([100.0, 100.05, 100.5, 99.0, 99.0])
+    from_candles = binary_labels(times, close, horizon=1, step_ms=H, fee=0.001)
+    returns = forward_log_return(times, close, 1, H)
+    from_returns = label_from_return(returns, fee=0.001)
+    np.testing.assert_array_equal(from_candles, from_returns)  # NaN at the end included
+    assert label_from_return(-0.02, fee=0.001) == 0.0  # a profitable short is a down move
+    with pytest.raises(ValueError):
+        label_from_return(0.01, fee=1.0)
 
 
 def test_split_keeps_the_gap() -> None:

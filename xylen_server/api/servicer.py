@@ -17,6 +17,7 @@ import grpc
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen_server import auth
 from xylen_server.api import limits, messages
 from xylen_server.api.admission import AdmissionInterceptor
 from xylen_server.errors import InvalidArgument, ResourceExhausted
@@ -161,6 +162,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             if outcome.HasField("close_time")
             else None,
             list(request.features.values) if request.HasField("features") else None,
+            source=auth.caller(),
         )
         return messages.feedback_response(request.prediction_id, stored)
 

@@ -11,6 +11,11 @@
    then the ensemble again, with model_1's new version voting.
 4. Everything stopped with SIGTERM; each process must exit 0.
 
+The servers listen on loopback in plaintext, with a fresh admin token (``<run dir>/admin.token``,
+passed as ``ADMIN_TOKEN_FILE``): the coordinator's ``auth`` section and the learning cycle send
+it, and the retrain gate trusts only such authenticated outcomes. For TLS, see ``make certs``
+and the README.
+
 Expects the default models (``make train``) under ``models/`` and the default data under
 ``data/default`` (``make data``); ``make demo`` makes both first. The servers serve a copy of
 the models under the run directory, so the demo's retraining leaves ``models/`` as trained.
@@ -19,6 +24,8 @@ the models under the run directory, so the demo's retraining leaves ``models/`` 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import shutil
 import signal
 import sys
@@ -43,6 +50,21 @@ MODELS = ("model_1", "model_2", "model_3", "model_4")
 WEIGHTS = {"model_1": 0.4, "model_2": 0.3, "model_3": 0.2, "model_4": 0.1}
 SIGNALS = {v: k.removeprefix("SIGNAL_") for k, v in types_pb2.Signal.items()}
 CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+TOKEN_FILE = "admin.token"
+
+
+def write_token(path: Path) -> None:
+    """A fresh random admin token, readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_urlsafe(32) + "\n")
+
+
+def server_env(run_dir: Path) -> dict[str, str]:
+    """The demo servers' environment: loopback, plaintext, the admin token from its file."""
+    return {"ADMIN_TOKEN_FILE": str((run_dir / TOKEN_FILE).resolve())}
 
 
 def heading(text: str) -> None:
@@ -74,6 +96,12 @@ def single_server(server: ServerProcess, candles: dict[str, np.ndarray], rows: n
             f"  {info.name} v{info.version} {pb.ModelType.Name(info.model_type)} "
             f"engine={pb.Engine.Name(info.engine)} trained on {info.training_samples} rows, "
             f"{len(info.feature_names)} features, lookback {info.lookback} candles"
+        )
+        print(
+            f"  p_up = P(up over {info.horizon} bar(s) net of fee {info.fee:g}); "
+            f"BUY at >= {info.buy_threshold:.4f}, SELL at <= {info.sell_threshold:.4f} "
+            f"({pb.ThresholdSource.Name(info.threshold_source)}"
+            f"{': ' + info.threshold_rule if info.threshold_rule else ''})"
         )
 
         heading("Predict (unary): by feature vector and by candle window")
@@ -108,7 +136,7 @@ def single_server(server: ServerProcess, candles: dict[str, np.ndarray], rows: n
                 print(f"  {answer.request_id:<28} {code} {status.reason}: {status.message}")
 
 
-def write_config(path: Path, servers: dict[str, ServerProcess]) -> Path:
+def write_config(path: Path, servers: dict[str, ServerProcess], token_file: Path) -> Path:
     config = {
         "model_endpoints": [
             {
@@ -126,6 +154,7 @@ def write_config(path: Path, servers: dict[str, ServerProcess]) -> Path:
             "send_feedback_to_models": False,
             "feedback_delay_seconds": 0,
         },
+        "auth": {"token_file": str(token_file.resolve())},
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -135,7 +164,7 @@ def ensemble(
     servers: dict[str, ServerProcess], run_dir: Path, candles: dict[str, np.ndarray], models: Path
 ) -> None:
     last = len(candles["close"]) - 1
-    config = write_config(run_dir / "config.yaml", servers)
+    config = write_config(run_dir / "config.yaml", servers, run_dir / TOKEN_FILE)
     with Coordinator(config) as coordinator:
         if not coordinator.wait_serving(timeout=60):
             raise RuntimeError("the four servers did not all become SERVING")
@@ -154,12 +183,15 @@ def ensemble(
         print(format_result(coordinator.predict([candle_window(candles, last)])))
 
         heading("restart model_3 on the same port: it votes again")
-        servers["model_3"] = start_server(models, "model_3", port=victim.port, log_dir=run_dir)
+        servers["model_3"] = start_server(
+            models, "model_3", port=victim.port, log_dir=run_dir, env=server_env(run_dir)
+        )
         coordinator.wait_serving(["model_3"], timeout=60)
         print(format_result(coordinator.predict([candle_window(candles, last)])))
 
         heading("continuous learning on model_1: outcomes in, retrain, gate, hot swap")
-        run_cycle(servers["model_1"].address)
+        token = (run_dir / TOKEN_FILE).read_text().strip()
+        run_cycle(servers["model_1"].address, token=token)
 
         heading("the ensemble after the swap: model_1 votes with its new version")
         print(format_result(coordinator.predict([candle_window(candles, last)])))
@@ -189,12 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         f"data: {len(rows)} candles from {args.data}; models: {args.models}; logs: {args.run_dir}"
     )
 
+    write_token(args.run_dir / TOKEN_FILE)
+    env = server_env(args.run_dir)
     servers: dict[str, ServerProcess] = {}
     try:
-        servers["model_1"] = start_server(models, "model_1", log_dir=args.run_dir)
+        servers["model_1"] = start_server(models, "model_1", log_dir=args.run_dir, env=env)
         single_server(servers["model_1"], candles, rows)
         for name in MODELS[1:]:
-            servers[name] = start_server(models, name, log_dir=args.run_dir, wait=False)
+            servers[name] = start_server(models, name, log_dir=args.run_dir, wait=False, env=env)
         for name in MODELS[1:]:
             servers[name].wait_serving()
         ensemble(servers, args.run_dir, candles, models)

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen_server.tls import ClientTls, open_channel
 
 LISTENING = "xylen-server listening on port "
 
@@ -37,13 +38,15 @@ class ServerProcess:
     proc: subprocess.Popen[str]
     port: int
     log_path: Path
+    tls: ClientTls | None = None
+    """How to dial it when it serves TLS (None: plaintext)."""
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.address)
+        return open_channel(self.address, self.tls)
 
     def stub(self, channel: grpc.Channel) -> pb_grpc.ModelServiceStub:
         return pb_grpc.ModelServiceStub(channel)
@@ -88,8 +91,10 @@ def start_server(
     wait: bool = True,
     log_dir: Path | None = None,
     cwd: Path | None = None,
+    tls: ClientTls | None = None,
 ) -> ServerProcess:
-    """Start a server for ``model_path/model_name`` on 127.0.0.1 (port 0: a free one)."""
+    """Start a server for ``model_path/model_name`` on 127.0.0.1 (port 0: a free one);
+    ``tls`` is how to dial it when ``env`` makes it serve TLS."""
     full_env = dict(os.environ)
     full_env.update(
         MODEL_PATH=str(model_path),
@@ -119,7 +124,7 @@ def start_server(
         raise RuntimeError(
             f"server did not start (exit {proc.returncode}):\n{line}{log_path.read_text()}"
         )
-    server = ServerProcess(proc, int(line[len(LISTENING) :]), log_path)
+    server = ServerProcess(proc, int(line[len(LISTENING) :]), log_path, tls)
     if wait:
         server.wait_serving()
     return server

@@ -31,6 +31,7 @@ import numpy as np
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen.v1 import types_pb2
+from xylen_server.auth import with_token
 
 _FINAL = (pb.TRAINING_STATE_SUCCEEDED, pb.TRAINING_STATE_FAILED, pb.TRAINING_STATE_REJECTED)
 
@@ -71,6 +72,7 @@ def run_cycle(
     seed: int = 7,
     timeout: float = 300.0,
     out: Callable[[str], object] = print,
+    token: str = "",
 ) -> None:
     """Run and print one cycle against the server at ``address``.
 
@@ -85,6 +87,8 @@ def run_cycle(
         seed: seed of the generated candles and simulated outcomes.
         timeout: seconds to wait for the retrain job to end.
         out: where each printed line goes (``print`` by default).
+        token: the server's admin token, sent with every call: the gate scores candidates only
+            on outcomes from authenticated callers, so anonymous outcomes cannot be promoted.
 
     Raises:
         grpc.RpcError: when the server refuses a call (e.g. FAILED_PRECONDITION with reason
@@ -94,7 +98,7 @@ def run_cycle(
     rows = demo_rows(samples + 1, seed)
     probe, rows = rows[-1], rows[:-1]
     with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.ModelServiceStub(channel)
+        stub = pb_grpc.ModelServiceStub(with_token(channel, token))
         info = stub.GetModelInfo(pb.GetModelInfoRequest()).model_info
         out(f"[learning] {info.name} v{info.version} serving on {address}")
 

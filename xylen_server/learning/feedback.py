@@ -20,6 +20,7 @@ FEEDBACK_STORE_UNAVAILABLE) so callers retry, and the next Feedback tries to ope
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sqlite3
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from xylen_server.auth import ANONYMOUS
 from xylen_server.errors import InvalidArgument, NotFound, Unavailable
 from xylen_server.learning.feedback_store import AppendResult, FeedbackStore
 from xylen_server.learning.prediction_log import PredictionLog
@@ -140,9 +142,11 @@ class FeedbackLoop:
         realized_return: float,
         close_time: tuple[int, int] | None,
         features: Sequence[float] | None,
+        source: str = ANONYMOUS,
     ) -> AppendResult:
         """Validate, join to the logged prediction and store durably; idempotent by id.
-        ``close_time`` is ``(seconds, nanos)`` since the epoch (see :func:`build_record`)."""
+        ``close_time`` is ``(seconds, nanos)`` since the epoch (see :func:`build_record`);
+        ``source`` is the caller (:func:`xylen_server.auth.caller`), stored with the sample."""
         store = self.require_store()
         record = build_record(
             prediction_id=prediction_id,
@@ -157,6 +161,8 @@ class FeedbackLoop:
             max_id_bytes=self.settings.feedback_max_id_bytes,
             max_clock_skew_seconds=self.settings.feedback_max_clock_skew_seconds,
         )
+        if source != record.source:
+            record = dataclasses.replace(record, source=source[:_MAX_SOURCE_CHARS])
         result = await store.append_async(record)
         if not result.duplicate:
             self.new_samples += 1
@@ -214,6 +220,8 @@ def _ms(moment: datetime) -> int:
 EARLIEST_CLOSE_TIME_S = 946_684_800
 """2000-01-01T00:00:00Z: an outcome closed before it is a mistake (no market this server
 learns from traded then; Binance opened in 2017)."""
+_MAX_SOURCE_CHARS = 200
+"""A source is an identity from a certificate or a fixed label; kept short whatever it is."""
 _F32_MAX = float(np.finfo(np.float32).max)
 _SHOWN_ID_CHARS = 64
 

@@ -42,8 +42,10 @@ from xylen_server.errors import Unavailable
 from xylen_server.learning.samples import (
     DB_NAME,
     PARTS_DIR,
+    SAMPLE_COLUMNS,
     SQL_SCHEMA,
     FeedbackRecord,
+    add_source_column,
     compacted_until,
     part_files,
     read_samples,
@@ -60,7 +62,7 @@ logger = logging.getLogger(__name__)
 _INSERT_ID = "INSERT INTO stored_ids VALUES (?)"
 _LOOKUP_CHUNK = 500
 """Ids looked up per query (SQLite allows 32766 parameters; smaller keeps each query quick)."""
-_INSERT_SAMPLE = "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_SAMPLE = f"INSERT INTO samples ({SAMPLE_COLUMNS}) VALUES ({', '.join('?' * 12)})"
 _FAILED_RETRY_SECONDS = 1.0
 """A compaction that failed is tried again no sooner than this (a full disk stays full)."""
 
@@ -240,6 +242,7 @@ class FeedbackStore:
         db = sqlite_connect(self.db_path)
         try:
             db.executescript(SQL_SCHEMA)
+            add_source_column(db)
             compacted = compacted_until(self.directory)
             # A crash between a part's rename and the delete of its rows: the part has them.
             db.execute("DELETE FROM samples WHERE seq <= ?", (compacted,))

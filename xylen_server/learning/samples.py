@@ -16,7 +16,9 @@ SQLite tables (:data:`SQL_SCHEMA`):
   ``model_version`` (NULL when the prediction was no longer in the prediction log),
   ``features`` (BLOB: the float32 row, little-endian), ``probability_up`` and ``signal``
   (NULL likewise), ``pnl``, ``realized_return``, ``close_time_ms`` and ``received_time_ms``
-  (UTC milliseconds since the epoch).
+  (UTC milliseconds since the epoch), ``source`` (who sent the outcome: ``token:admin``,
+  ``mtls:<identity>``, or ``anonymous`` from an unauthenticated caller; NULL for samples
+  stored before sources were recorded, which count as anonymous).
 
 Compaction writes the samples with ``seq`` lo..hi to ``part-<lo>-<hi>.parquet`` (through an
 fsynced ``.tmp`` file renamed into place), then deletes them from ``samples``. Rows of
@@ -28,7 +30,8 @@ Parquet columns (:data:`SCHEMA`, one row per prediction id): ``prediction_id`` s
 per row, in the model's ``feature_names`` order, so models with different feature sets share
 one dataset), ``probability_up`` float64 (nullable), ``signal`` int32 (``xylen.v1.Signal``
 value, nullable), ``pnl`` float64, ``realized_return`` float64, ``close_time`` and
-``received_time`` timestamp[ms, UTC], ``label`` int8 (1 if ``realized_return > 0`` else 0).
+``received_time`` timestamp[ms, UTC], ``label`` int8 (1 if ``realized_return > 0`` else 0),
+``source`` string (nullable; missing from parts written before it was recorded, read as null).
 
 :func:`read_samples` is how the server and the retrain job read it, safely while the server
 keeps appending and compacting.
@@ -46,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from xylen_server.auth import ANONYMOUS
 from xylen_server.durable import sqlite_connect
 
 if TYPE_CHECKING:
@@ -67,14 +71,15 @@ CREATE TABLE IF NOT EXISTS samples (
     pnl REAL NOT NULL,
     realized_return REAL NOT NULL,
     close_time_ms INTEGER NOT NULL,
-    received_time_ms INTEGER NOT NULL
+    received_time_ms INTEGER NOT NULL,
+    source TEXT
 );
 """
 """The SQLite tables of a samples directory (see the module docstring)."""
 
 SAMPLE_COLUMNS = (
     "seq, prediction_id, model_name, model_version, features, probability_up, signal, pnl, "
-    "realized_return, close_time_ms, received_time_ms"
+    "realized_return, close_time_ms, received_time_ms, source"
 )
 """The columns of ``samples``, in :func:`sample_row`'s order."""
 
@@ -91,6 +96,7 @@ SCHEMA = pa.schema(
         pa.field("close_time", pa.timestamp("ms", tz="UTC"), nullable=False),
         pa.field("received_time", pa.timestamp("ms", tz="UTC"), nullable=False),
         pa.field("label", pa.int8(), nullable=False),
+        pa.field("source", pa.string()),
     ]
 )
 """The Parquet schema of the training samples."""
@@ -113,6 +119,9 @@ class FeedbackRecord:
     """When the trade closed, UTC milliseconds since the epoch."""
     received_time_ms: int
     """When the server accepted the outcome, UTC milliseconds since the epoch."""
+    source: str = ANONYMOUS
+    """Who sent it (:func:`xylen_server.auth.caller`): the gate scores only on samples from
+    authenticated callers."""
 
     @property
     def label(self) -> int:
@@ -143,6 +152,7 @@ def sample_row(seq: int, record: FeedbackRecord) -> tuple[Any, ...]:
         record.realized_return,
         record.close_time_ms,
         record.received_time_ms,
+        record.source,
     )
 
 
@@ -158,6 +168,7 @@ def _table(
     returns: Sequence[float],
     close_ms: Sequence[int],
     received_ms: Sequence[int],
+    sources: Sequence[str | None],
 ) -> pa.Table:
     offsets = np.zeros(len(ids) + 1, dtype=np.int32)
     np.cumsum(np.asarray(widths, dtype=np.int32), out=offsets[1:])
@@ -175,6 +186,7 @@ def _table(
             pa.array(close_ms, pa.int64()).cast(SCHEMA.field("close_time").type),
             pa.array(received_ms, pa.int64()).cast(SCHEMA.field("received_time").type),
             pa.array((realized > 0).astype(np.int8), pa.int8()),
+            pa.array(sources, pa.string()),
         ],
         schema=SCHEMA,
     )
@@ -203,6 +215,7 @@ def records_table(records: Sequence[FeedbackRecord]) -> pa.Table:
         column("realized_return"),
         column("close_time_ms"),
         column("received_time_ms"),
+        column("source"),
     )
 
 
@@ -215,7 +228,7 @@ def uncompacted(db: sqlite3.Connection, after_seq: int = 0) -> tuple[pa.Table, i
     ).fetchall()
     if not rows:
         return records_table([]), 0, 0
-    seqs, ids, names, versions, blobs, probs, signals, pnls, rets, close, received = zip(
+    seqs, ids, names, versions, blobs, probs, signals, pnls, rets, close, received, sources = zip(
         *rows, strict=True
     )
     flat = np.frombuffer(b"".join(blobs), dtype="<f4")
@@ -231,6 +244,7 @@ def uncompacted(db: sqlite3.Connection, after_seq: int = 0) -> tuple[pa.Table, i
         rets,
         close,
         received,
+        sources,
     )
     return table, seqs[0], seqs[-1]
 
@@ -262,6 +276,13 @@ def read_samples(directory: Path) -> pl.DataFrame:
     frame = pl.from_arrow(pa.concat_tables([*tables, recent]))
     assert isinstance(frame, pl.DataFrame)
     return frame.unique(subset="prediction_id", keep="first", maintain_order=True)
+
+
+def add_source_column(db: sqlite3.Connection) -> None:
+    """Give a ``samples`` table created before sources were recorded its ``source`` column."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(samples)")}
+    if "source" not in columns:
+        db.execute("ALTER TABLE samples ADD COLUMN source TEXT")
 
 
 def part_files(directory: Path) -> list[Path]:

@@ -160,7 +160,11 @@ class Predictor:
         started = time.perf_counter()
         meta = model.meta
         rows = feature_matrix(
-            request.inputs, len(meta.feature_names), meta.lookback, self.settings.max_batch_rows
+            request.inputs,
+            len(meta.feature_names),
+            meta.lookback,
+            self.settings.max_batch_rows,
+            model.feature_set,
         )
         if on_loop:
             probabilities = model.engine.predict_on_loop(rows)
@@ -205,8 +209,8 @@ class Predictor:
             finally:
                 served.leave()
         ids = [f"{self._id_prefix}-{next(self._counter):x}" for _ in range(len(probabilities))]
-        settings = self.settings
-        signals = signal_numbers(probabilities, settings.buy_threshold, settings.sell_threshold)
+        thresholds = model.thresholds
+        signals = signal_numbers(probabilities, thresholds.buy, thresholds.sell)
         result = Result(model, probabilities, signals, ids, seconds, rows)
         if self.on_answer is not None:
             self.on_answer(result)

@@ -14,8 +14,10 @@ from pathlib import Path
 import grpc
 
 from training.metadata import MetadataError, ModelMetadata
+from xylen_server.auth import read_token, with_token
 from xylen_server.errors import XylenError
 from xylen_server.settings import Settings
+from xylen_server.tls import client_from_arguments, open_channel
 from xylen_server.versions import history as model_history
 
 
@@ -25,11 +27,17 @@ def error(message: str, code: int = 1) -> int:
     return code
 
 
-def _stub(address: str):  # type: ignore[no-untyped-def]
+def _stub(settings: Settings, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """A channel to ``--address`` with the command's TLS options and the admin token (from
+    ``--token-file``, else the server's own ADMIN_TOKEN / ADMIN_TOKEN_FILE)."""
     from xylen.v1 import model_service_pb2_grpc as pb_grpc
 
-    channel = grpc.insecure_channel(address)
-    return channel, pb_grpc.ModelServiceStub(channel)
+    if args.token_file is not None:
+        token = read_token("", args.token_file, "--token")
+    else:
+        token = read_token(settings.admin_token, settings.admin_token_file, "ADMIN_TOKEN")
+    channel = open_channel(args.address, client_from_arguments(args))
+    return channel, pb_grpc.ModelServiceStub(with_token(channel, token))
 
 
 def _describe(meta: ModelMetadata) -> str:
@@ -47,8 +55,8 @@ def model_command(settings: Settings, args: argparse.Namespace) -> int:
         if args.action == "backup":
             return _backup(settings, args.out, args.version)
         if args.action == "restore":
-            return _restore(settings, args.archive, args.address)
-        return _rollback(settings, args.to, args.address)
+            return _restore(settings, args.archive, args)
+        return _rollback(settings, args.to, args)
     except XylenError as exc:
         return error(exc.message)
     except grpc.RpcError as exc:
@@ -76,13 +84,14 @@ def _backup(settings: Settings, out: Path, version: int) -> int:
     return 0
 
 
-def _restore(settings: Settings, archive: Path, address: str | None) -> int:
+def _restore(settings: Settings, archive: Path, args: argparse.Namespace) -> int:
+    address = args.address
     meta = model_history.restore(archive, settings.model_path, settings.model_name)
     print(f"verified and restored {_describe(meta)} into {settings.model_dir}")
     if address:
         from xylen.v1 import model_service_pb2 as pb
 
-        channel, stub = _stub(address)
+        channel, stub = _stub(settings, args)
         with channel:
             response = stub.ReloadModel(pb.ReloadModelRequest(), timeout=300)
         print(
@@ -94,11 +103,12 @@ def _restore(settings: Settings, archive: Path, address: str | None) -> int:
     return 0
 
 
-def _rollback(settings: Settings, version: int, address: str | None) -> int:
+def _rollback(settings: Settings, version: int, args: argparse.Namespace) -> int:
+    address = args.address
     if address:
         from xylen.v1 import model_service_pb2 as pb
 
-        channel, stub = _stub(address)
+        channel, stub = _stub(settings, args)
         with channel:
             response = stub.RollbackModel(pb.RollbackModelRequest(version=version), timeout=300)
         print(

@@ -13,10 +13,10 @@ from xylen_server.devtools.learning_demo import run_cycle
 
 def test_run_cycle_prints_a_promotion_while_requests_keep_flowing(tmp_path: Path, candles):
     write_model(tmp_path / "models", "model_1", "lightgbm", candles, trees=30)
-    server = InProcessServer(learning_settings(tmp_path))
+    server = InProcessServer(learning_settings(tmp_path, admin_token="demo-token"))
     lines: list[str] = []
     try:
-        run_cycle(server.address, samples=400, out=lines.append)
+        run_cycle(server.address, samples=400, out=lines.append, token="demo-token")
     finally:
         server.close()
     text = "\n".join(lines)

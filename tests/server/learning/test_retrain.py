@@ -25,6 +25,9 @@ from learning_helpers import (
 from training.metadata import ModelMetadata
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen_server.auth import with_token
+
+ADMIN_TOKEN = "retrain-test-admin-token"
 
 
 @pytest.fixture
@@ -34,8 +37,10 @@ def make_server(tmp_path: Path, candles) -> Iterator:
     channels: list[grpc.Channel] = []
 
     def make(**overrides: object) -> tuple[InProcessServer, pb_grpc.ModelServiceStub]:
+        # Outcomes from an authenticated caller: the gate scores only on those.
+        overrides.setdefault("admin_token", ADMIN_TOKEN)
         server = InProcessServer(learning_settings(tmp_path, **overrides))
-        channel = grpc.insecure_channel(server.address)
+        channel = with_token(grpc.insecure_channel(server.address), ADMIN_TOKEN)
         servers.append(server)
         channels.append(channel)
         return server, pb_grpc.ModelServiceStub(channel)

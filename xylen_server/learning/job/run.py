@@ -2,8 +2,14 @@
 
 Samples: feedback rows of this model's feature width, ordered by close time. *New* samples are
 those received after the serving model's cut-off (``metadata.data.feedback.received_until_ms``).
-The held-out window is the most recent ``holdout_fraction`` of the new samples; it is never
-trained on.
+
+What the gate trusts: the held-out window is the most recent ``holdout_fraction`` of the new
+samples *from authenticated callers* (admin token or allowed mTLS identity; their ``source`` is
+not ``anonymous``, see :mod:`xylen_server.auth`). Samples from unauthenticated callers (possible
+only while the admin RPCs are open: loopback or ``ALLOW_INSECURE_ADMIN``) may be trained on but
+are never scored on, so nobody can promote a model by also writing the answers it is graded
+against; with no trusted new sample the job fails and the serving model stays. The window is
+never trained on, nor is any untrusted sample newer than its start (no look-ahead).
 
 * incremental: the serving model continues training (:meth:`TreeModel.finetune
   <training.trainers.TreeModel.finetune>`) on the new samples before the window, early-stopped
@@ -42,6 +48,7 @@ from training.trainers import (
     make_model,
     write_model_dir,
 )
+from xylen_server.auth import ANONYMOUS
 from xylen_server.learning.gate import GateError, gate
 from xylen_server.learning.job import JobFailed, JobSpec, progress
 from xylen_server.learning.samples import read_samples
@@ -72,7 +79,7 @@ def history_rows(meta: ModelMetadata) -> tuple[np.ndarray, np.ndarray, str]:
         return (*empty, f"history files missing ({missing[0]}, ...)")
     klines = load_klines(files, interval=meta.interval or None)
     candles = features.candles_from_frame(klines.frame)
-    x = features.compute_features(candles)
+    x = features.FeatureSet.of(meta.feature_names, meta.lookback).compute(candles)
     y = binary_labels(
         candles["open_time"],
         candles["close"],
@@ -146,6 +153,12 @@ def _full(spec: JobSpec, meta: ModelMetadata, x: np.ndarray, y: np.ndarray) -> T
     return model
 
 
+def _trusted() -> pl.Expr:
+    """Samples from authenticated callers (a source other than anonymous; NULL is a sample
+    stored before sources were recorded, untrusted)."""
+    return pl.col("source").is_not_null() & (pl.col("source") != ANONYMOUS)
+
+
 def run(spec: JobSpec) -> dict[str, Any]:
     """Do the job; returns the result (also for a failure, with ``status: failed``)."""
     started = time.perf_counter()
@@ -154,8 +167,10 @@ def run(spec: JobSpec) -> dict[str, Any]:
     width = len(meta.feature_names)
     progress("snapshot", "reading the feedback samples")
     frame = read_samples(Path(spec.samples))
-    frame = frame.filter(pl.col("features").list.len() == width).sort(
-        ["close_time", "received_time"]
+    frame = (
+        frame.filter(pl.col("features").list.len() == width)
+        .sort(["close_time", "received_time"])
+        .with_row_index("_row")
     )
     received = frame.get_column("received_time").dt.epoch("ms").to_numpy()
     new = frame.filter(pl.Series(received > spec.cutoff_ms))
@@ -165,8 +180,20 @@ def run(spec: JobSpec) -> dict[str, Any]:
             f"too few samples: {new.height} new samples of this model's {width} features since "
             f"its cut-off, need at least {required}"
         )
-    n_holdout = max(1, math.ceil(new.height * spec.holdout_fraction))
-    holdout = new.tail(n_holdout)
+    trusted_new = new.filter(_trusted())
+    if trusted_new.height == 0:
+        raise JobFailed(
+            f"no trusted samples to score on: all {new.height} new samples came from "
+            "unauthenticated callers, and the gate scores candidates only on feedback from "
+            "authenticated ones; the serving model stays"
+        )
+    n_holdout = max(1, math.ceil(trusted_new.height * spec.holdout_fraction))
+    holdout = trusted_new.tail(n_holdout)
+    start = int(holdout.get_column("_row").min())  # type: ignore[arg-type]
+    # Never trained on: the window, nor an untrusted sample newer than the window's start.
+    excluded = pl.col("prediction_id").is_in(holdout.get_column("prediction_id").implode()) | (
+        ~_trusted() & (pl.col("_row") >= start)
+    )
     x_ho = feature_matrix(holdout, width)
     y_ho = holdout.get_column("label").to_numpy().astype(np.int64)
     _check_classes("held-out", y_ho)
@@ -178,11 +205,10 @@ def run(spec: JobSpec) -> dict[str, Any]:
         progress("training", f"{meta.model_type} has no continued training; training in full")
     note = ""
     if mode == "incremental":
-        pool = new.head(new.height - n_holdout)
+        pool = new.filter(~excluded)
         x, y = feature_matrix(pool, width), pool.get_column("label").to_numpy().astype(np.int64)
     else:
-        holdout_ids = set(holdout.get_column("prediction_id").to_list())
-        pool = frame.filter(~pl.col("prediction_id").is_in(list(holdout_ids)))
+        pool = frame.filter(~excluded)
         x_fb = feature_matrix(pool, width)
         y_fb = pool.get_column("label").to_numpy().astype(np.int64)
         x_hist, y_hist, note = history_rows(meta)
@@ -190,8 +216,8 @@ def run(spec: JobSpec) -> dict[str, Any]:
     _check_classes("training", y)
     progress(
         "training",
-        f"{mode} on {len(y)} rows ({new.height} new samples, {n_holdout} held out)"
-        + (f"; {note}" if note else ""),
+        f"{mode} on {len(y)} rows ({new.height} new samples, {trusted_new.height} from "
+        f"authenticated callers, {n_holdout} of those held out)" + (f"; {note}" if note else ""),
     )
     try:
         if mode == "incremental":
