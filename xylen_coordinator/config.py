@@ -50,6 +50,9 @@ class Endpoint:
     """Static weight of its vote, >= 0 (renormalised over the servers that voted)."""
     enabled: bool = True
     """False keeps the endpoint configured but out of the ensemble."""
+    model_name: str = ""
+    """Model the server must name in every vote; a vote naming another is rejected. Empty: the
+    name the server gives in GetModelInfo when it turns SERVING."""
 
     @property
     def address(self) -> str:
@@ -157,6 +160,30 @@ class Transport:
 
 
 @dataclass(frozen=True)
+class OutlierDetection:
+    """Ejecting a server that stops answering, so that it costs one deadline and not every call.
+
+    After ``consecutive_failures`` timeouts or connection failures in a row the server is left
+    out (a missing vote, reason EJECTED) for ``base_ejection_seconds``, doubled for each
+    ejection in a row up to ``max_ejection_seconds``; then a grpc.health.v1 Check probes it and
+    it rejoins when the check answers SERVING within ``probe_timeout_ms`` (on probation: one
+    more failure ejects it again; an answer clears its record)."""
+
+    enabled: bool = True
+    """False: never eject (every call waits for a hung server until the deadline)."""
+    consecutive_failures: int = 3
+    """Timeouts or connection failures in a row that eject a server, >= 1."""
+    base_ejection_seconds: float = 2.0
+    """First ejection period, > 0."""
+    max_ejection_seconds: float = 30.0
+    """Longest ejection period, >= base_ejection_seconds."""
+    probe_timeout_ms: int = 500
+    """Deadline of the health probe of an ejected server, >= 1."""
+    max_ejected_fraction: float = 0.5
+    """Most of the enabled endpoints ejected at once (at least one), in (0, 1]."""
+
+
+@dataclass(frozen=True)
 class Tls:
     """The ``tls`` section: how the coordinator dials the model servers. ``enabled: false``
     (the default) is plaintext; ``true`` needs ``ca_file`` and may add a client certificate and
@@ -221,6 +248,11 @@ class Config:
     """TLS (and mutual TLS) towards the model servers."""
     auth: Auth = field(default_factory=Auth)
     """Credentials sent to the model servers."""
+    outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
+    """When a server that stops answering is left out, and how it rejoins."""
+    max_concurrent_predicts: int = 128
+    """EnsembleService.Predict calls worked on at once, >= 1; one more is refused at once with
+    RESOURCE_EXHAUSTED (reason OVERLOADED) instead of queueing past its deadline."""
     source: Path | None = field(default=None, metadata={"in_file": False})
     """File the configuration was read from, if any (not a key of the file)."""
 
@@ -322,7 +354,17 @@ def _endpoint(value: Any, key: str) -> Endpoint:
     if weight < 0:
         raise ConfigError(f"{key}.weight: must not be negative, got {weight}")
     enabled = section.boolean("enabled")
-    return Endpoint(name=name, host=host.strip(), port=port, weight=weight, enabled=enabled)
+    model_name = section.string("model_name")
+    if len(model_name) > 256:
+        raise ConfigError(f"{key}.model_name: must be at most 256 characters")
+    return Endpoint(
+        name=name,
+        host=host.strip(),
+        port=port,
+        weight=weight,
+        enabled=enabled,
+        model_name=model_name,
+    )
 
 
 def _endpoints(value: Any) -> tuple[Endpoint, ...]:
@@ -507,6 +549,41 @@ def _tls(value: Any, base: Path | None) -> Tls:
     return tls
 
 
+def _outlier_detection(value: Any) -> OutlierDetection:
+    key = "outlier_detection"
+    section = _Section(value, key, OutlierDetection)
+    failures = section.integer("consecutive_failures")
+    if failures < 1:
+        raise ConfigError(f"{key}.consecutive_failures: must be >= 1, got {failures}")
+    base = section.number("base_ejection_seconds")
+    if base <= 0:
+        raise ConfigError(f"{key}.base_ejection_seconds: must be > 0, got {base}")
+    longest = section.number("max_ejection_seconds")
+    if longest < base:
+        raise ConfigError(f"{key}.max_ejection_seconds: must be >= base_ejection_seconds")
+    probe = section.integer("probe_timeout_ms")
+    if probe < 1:
+        raise ConfigError(f"{key}.probe_timeout_ms: must be >= 1, got {probe}")
+    fraction = section.number("max_ejected_fraction")
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"{key}.max_ejected_fraction: must be in (0, 1], got {fraction}")
+    return OutlierDetection(
+        enabled=section.boolean("enabled"),
+        consecutive_failures=failures,
+        base_ejection_seconds=base,
+        max_ejection_seconds=longest,
+        probe_timeout_ms=probe,
+        max_ejected_fraction=fraction,
+    )
+
+
+def _max_concurrent(section: _Section) -> int:
+    value = section.integer("max_concurrent_predicts")
+    if value < 1:
+        raise ConfigError(f"max_concurrent_predicts: must be >= 1, got {value}")
+    return value
+
+
 def _auth(value: Any, base: Path | None) -> Auth:
     key = "auth"
     section = _Section(value, key, Auth)
@@ -544,6 +621,8 @@ def parse_config(raw: Any, source: Path | None = None) -> Config:
         transport=_transport(section.raw.get("transport")),
         tls=_tls(section.raw.get("tls"), base),
         auth=_auth(section.raw.get("auth"), base),
+        outlier_detection=_outlier_detection(section.raw.get("outlier_detection")),
+        max_concurrent_predicts=_max_concurrent(section),
         source=source,
     )
 

@@ -14,6 +14,8 @@ MISSING_REASONS = {
     MissingReason.DEADLINE_EXCEEDED: epb.MISSING_REASON_DEADLINE_EXCEEDED,
     MissingReason.UNAVAILABLE: epb.MISSING_REASON_UNAVAILABLE,
     MissingReason.ERROR: epb.MISSING_REASON_ERROR,
+    MissingReason.REJECTED: epb.MISSING_REASON_REJECTED,
+    MissingReason.EJECTED: epb.MISSING_REASON_EJECTED,
 }
 WEIGHT_MODES = {"static": epb.WEIGHT_MODE_STATIC, "adaptive": epb.WEIGHT_MODE_ADAPTIVE}
 
@@ -98,4 +100,12 @@ def info_response(
         )
         if state.adaptive is not None:
             info.adaptive.CopyFrom(adaptive_proto(state.adaptive))
+        info.ejected = state.ejected
+        if state.counts is not None:
+            counters = info.counters
+            counters.votes = state.counts.votes
+            counters.missing_votes.update(state.counts.missing)
+            counters.rejected_votes.update(state.counts.rejected)
+            counters.ejections = state.counts.ejections
+            counters.rejoins = state.counts.rejoins
     return response

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -42,11 +43,22 @@ from xylen_coordinator.ensemble import (
 from xylen_coordinator.fanout import FanOutResult, fan_out
 from xylen_coordinator.featurize import FEATURES_HASH, featurized
 from xylen_coordinator.feedback import Ledger
+from xylen_coordinator.metrics import Metrics
 from xylen_coordinator.report import describe_missing
 from xylen_coordinator.results import EndpointState, EnsembleResult, FeedbackAck, RowDecision
-from xylen_server.errors import FailedPrecondition, InvalidArgument, Unavailable
+from xylen_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 
 logger = logging.getLogger(__name__)
+
+#: Longest time budget a caller may ask for one fan-out.
+MAX_TIMEOUT_SECONDS = 3600.0
+#: Most inputs in one call: the model servers' own default MAX_BATCH_ROWS.
+MAX_BATCH_INPUTS = 4096
 
 #: Status codes that mean the request itself is bad: passed through when every server says so.
 _CLIENT_ERRORS = {"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "OUT_OF_RANGE"}
@@ -73,6 +85,8 @@ class AsyncCoordinator:
         self._snapshot: _Snapshot | None = None
         self.adaptive = AdaptiveWeights(self._initial.weights.adaptive)
         self._ledger = Ledger(self.adaptive)
+        self.metrics = Metrics()
+        """Votes, missing votes by reason, ejections and rejoins, by endpoint."""
         self._retiring: set[asyncio.Task[None]] = set()
         self._retiring_clients: list[EndpointClient] = []
         self._reload_lock = asyncio.Lock()
@@ -132,10 +146,18 @@ class AsyncCoordinator:
                 and old.token == config.auth.token
             ):
                 old.endpoint = endpoint  # new weight or other attributes, same connection
+                old.breaker.settings = config.outlier_detection
+                if not config.outlier_detection.enabled:
+                    old.breaker.reset()
                 clients[endpoint.name] = old
             else:
                 client = EndpointClient(
-                    endpoint, config.transport, config.tls.client(), config.auth.token
+                    endpoint,
+                    config.transport,
+                    config.tls.client(),
+                    config.auth.token,
+                    outlier_detection=config.outlier_detection,
+                    metrics=self.metrics,
                 )
                 client.start()
                 clients[endpoint.name] = client
@@ -251,11 +273,30 @@ class AsyncCoordinator:
             raise InvalidArgument(
                 "the batch is empty; send at least one input", reason="EMPTY_BATCH"
             )
+        if len(request.inputs) > MAX_BATCH_INPUTS:
+            raise ResourceExhausted(
+                f"{len(request.inputs)} inputs in one call; at most {MAX_BATCH_INPUTS}",
+                reason="BATCH_TOO_LARGE",
+                limit=MAX_BATCH_INPUTS,
+            )
+        if timeout is not None and not (math.isfinite(timeout) and timeout <= MAX_TIMEOUT_SECONDS):
+            raise InvalidArgument(
+                f"timeout must be a finite number of seconds up to {MAX_TIMEOUT_SECONDS:g}, "
+                f"got {timeout:.6g}",
+                reason="INVALID_TIMEOUT",
+            )
         budget = config.deadline_ms / 1000 if timeout is None or timeout <= 0 else timeout
         clients = list(snapshot.clients.values())
         # Windows become features once here when some server computes the same features.
-        shared = any(c.features_hash == FEATURES_HASH for c in clients)
-        fanned = await fan_out(clients, request, budget, featurized(request) if shared else None)
+        shared = [c.name for c in clients if c.features_hash == FEATURES_HASH]
+        computed = featurized(request) if shared else None
+        fanned = await fan_out(clients, request, budget, computed)
+        for name in fanned.answers:
+            self.metrics.vote(name)
+        for missing in fanned.missing:
+            self.metrics.missing(
+                missing.server_name, missing.reason.value, missing.error_reason, missing.message
+            )
         self._check_quorum(snapshot, fanned)
         configured = snapshot.configured_weights
         weights = self._weights(snapshot)
@@ -293,7 +334,7 @@ class AsyncCoordinator:
                 for name, answer in fanned.answers.items()
             }
             row = decide(self._next_id(), votes, weights, configured, thresholds, scores, left_out)
-            self._ledger.remember(row, now)
+            self._ledger.remember(row, now, *_row_features(request, computed, shared, i, clients))
             rows.append(row)
         return EnsembleResult(
             rows=tuple(rows),
@@ -389,6 +430,8 @@ class AsyncCoordinator:
                     weight=endpoint.weight * (score.multiplier if score else 1.0),
                     adaptive=score,
                     sends_features=bool(client and client.features_hash == FEATURES_HASH),
+                    ejected=bool(client and client.breaker.ejected),
+                    counts=self.metrics.counts(endpoint.name),
                 )
             )
         return states
@@ -402,3 +445,21 @@ class AsyncCoordinator:
         return {
             c.name: r for c, r in zip(clients, results, strict=True) if isinstance(r, pb.ModelInfo)
         }
+
+
+def _row_features(
+    request: pb.PredictRequest,
+    computed: pb.PredictRequest | None,
+    shared: Sequence[str],
+    row: int,
+    clients: Sequence[EndpointClient],
+) -> tuple[tuple[float, ...], tuple[str, ...]]:
+    """The feature row ``row`` was predicted on and the servers it holds for: every server for a
+    feature vector sent as such, the servers that were sent the coordinator's features for a
+    window (none when no server computes the same features)."""
+    item = request.inputs[row]
+    if item.HasField("features"):
+        return tuple(item.features.values), tuple(c.name for c in clients)
+    if computed is not None:
+        return tuple(computed.inputs[row].features.values), tuple(shared)
+    return (), ()

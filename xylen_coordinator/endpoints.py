@@ -32,7 +32,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
-from xylen_coordinator.config import MAX_MESSAGE_BYTES, Endpoint, Transport
+from xylen_coordinator.breaker import Breaker
+from xylen_coordinator.config import MAX_MESSAGE_BYTES, Endpoint, OutlierDetection, Transport
+from xylen_coordinator.metrics import Metrics
 from xylen_server.auth import bearer_metadata
 from xylen_server.tls import ClientTls, open_aio_channel
 
@@ -48,6 +50,8 @@ class MissingReason(StrEnum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     UNAVAILABLE = "UNAVAILABLE"
     ERROR = "ERROR"
+    REJECTED = "REJECTED"
+    EJECTED = "EJECTED"
 
 
 class VoteFailure(Exception):
@@ -130,6 +134,13 @@ def failure_from_rpc_error(error: grpc.aio.AioRpcError) -> VoteFailure:
     return failure_from_status(error.code(), error.details() or "", _error_reason(error))
 
 
+def _core_broke(error: grpc.aio.AioRpcError) -> bool:
+    """The client's gRPC core ended the call (the connection broke under it), not the server."""
+    return (
+        error.code() == grpc.StatusCode.INTERNAL and error.details() == "Internal error from Core"
+    )
+
+
 class _Stream:
     """One open PredictStream and the requests waiting for their answers."""
 
@@ -179,8 +190,13 @@ class _Stream:
         except grpc.aio.AioRpcError as error:
             self.unimplemented = error.code() == grpc.StatusCode.UNIMPLEMENTED
             failure = failure_from_rpc_error(error)
-            if error.code() == grpc.StatusCode.UNAVAILABLE:
-                failure.message = f"connection lost: {error.details()}"
+            if error.code() == grpc.StatusCode.UNAVAILABLE or _core_broke(error):
+                # A killed server's stream can also end as INTERNAL "Internal error from Core".
+                failure = VoteFailure(
+                    MissingReason.UNAVAILABLE,
+                    f"connection lost: {error.details()}",
+                    code=grpc.StatusCode.UNAVAILABLE,
+                )
         except asyncio.CancelledError:
             failure = VoteFailure(MissingReason.UNAVAILABLE, "the coordinator closed the stream")
             raise
@@ -212,6 +228,9 @@ class EndpointClient:
         transport: Transport,
         tls: ClientTls | None = None,
         token: str = "",
+        *,
+        outlier_detection: OutlierDetection | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.name = endpoint.name
@@ -236,6 +255,19 @@ class EndpointClient:
         self._ids = itertools.count(1)
         self._closing = False
         self._learning: asyncio.Future[None] | None = None
+        self.reported_model_name = ""
+        """The model name the server gave in GetModelInfo."""
+        self.known_versions: set[int] = set()
+        """Model versions the server reported in GetModelInfo (the latest few)."""
+        self._last_refresh = -1.0
+        self.metrics = metrics or Metrics()
+        self.breaker = Breaker(
+            self.name,
+            outlier_detection or OutlierDetection(),
+            self._probe,
+            on_eject=lambda: self.metrics.ejected(self.name),
+            on_rejoin=lambda: self.metrics.rejoined(self.name),
+        )
 
     def start(self) -> None:
         """Start following the server's health (idempotent)."""
@@ -249,6 +281,10 @@ class EndpointClient:
             self.info = None
             if serving:
                 self._learning = asyncio.ensure_future(self._learn_features())
+                if self.breaker.ejected:
+                    # The server said SERVING again (restarted, reconnected): let it back in.
+                    logger.warning("%s rejoined: its health turned SERVING", self.name)
+                    self.breaker.reset()
         self.serving = serving
         self.health_detail = detail
         self.health_known.set()
@@ -291,6 +327,40 @@ class EndpointClient:
             return
         self.info = info
         self.features_hash = info.features_hash
+        self._learn_model(info)
+
+    def _learn_model(self, info: pb.ModelInfo) -> None:
+        self.reported_model_name = info.name
+        if info.version not in self.known_versions:
+            self.known_versions.add(info.version)
+            while len(self.known_versions) > 16:
+                self.known_versions.discard(min(self.known_versions))
+
+    @property
+    def expected_model_name(self) -> str:
+        """The model name every vote must carry: configured, else reported (empty: unknown)."""
+        return self.endpoint.model_name or self.reported_model_name
+
+    def refresh_model_info(self) -> None:
+        """Ask GetModelInfo again (a vote named a version not known yet: a swap?), at most once
+        a second."""
+        now = time.monotonic()
+        if now - self._last_refresh < 1.0 or (self._learning and not self._learning.done()):
+            return
+        self._last_refresh = now
+
+        self._learning = asyncio.ensure_future(self._learn_features())
+
+    async def _probe(self, timeout: float) -> str | None:
+        """grpc.health.v1 Check of an ejected server: None when SERVING, else why not."""
+        request = health_pb2.HealthCheckRequest(service=MODEL_SERVICE)
+        try:
+            response = await self._health.Check(request, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            return f"{error.code().name}"
+        if response.status != health_pb2.HealthCheckResponse.SERVING:
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return None
 
     @property
     def learning(self) -> bool:
@@ -387,6 +457,7 @@ class EndpointClient:
     async def close(self, grace: float = 1.0) -> None:
         """Half-close the stream, give answers in flight ``grace`` seconds, close the channel."""
         self._closing = True
+        await self.breaker.close()
         if self._stream is not None:
             await self._stream.close(grace)
         if self._watch is not None:

@@ -8,6 +8,7 @@ from datetime import datetime
 from xylen_coordinator.endpoints import MissingReason
 from xylen_coordinator.ensemble import AdaptiveScore, Signal
 from xylen_coordinator.fanout import Missing
+from xylen_coordinator.metrics import EndpointCounts
 
 __all__ = [
     "EndpointState",
@@ -111,3 +112,7 @@ class EndpointState:
     sends_features: bool = False
     """True when the server computes this coordinator's features, so candle windows reach it
     as feature vectors computed once here."""
+    ejected: bool = False
+    """Outlier detection has taken it out of the ensemble for now."""
+    counts: EndpointCounts | None = None
+    """Its votes, missing votes, ejections and rejoins since the coordinator started."""

@@ -24,6 +24,7 @@ from xylen.v1 import ensemble_service_pb2_grpc as epb_grpc
 from xylen_coordinator.config import MAX_MESSAGE_BYTES, ConfigError
 from xylen_coordinator.coordinator import AsyncCoordinator
 from xylen_coordinator.servicer import EnsembleServicer
+from xylen_coordinator.undecodable import UndecodableInterceptor
 from xylen_server.auth import AuthInterceptor, ServerSecurity, check_exposure
 from xylen_server.errors import ErrorStatusInterceptor, SettingsError
 from xylen_server.health import Health, bind, server_options
@@ -78,7 +79,11 @@ async def build_server(
         settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
     )
     server = grpc.aio.server(
-        interceptors=[ErrorStatusInterceptor(), AuthInterceptor(checks)],
+        interceptors=[
+            ErrorStatusInterceptor(),
+            AuthInterceptor(checks),
+            UndecodableInterceptor(f"/{SERVICE_NAME}/"),
+        ],
         options=server_options(MAX_MESSAGE_BYTES),
     )
     epb_grpc.add_EnsembleServiceServicer_to_server(EnsembleServicer(coordinator), server)

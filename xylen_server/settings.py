@@ -120,6 +120,35 @@ class Settings:
     inference_delay_ms: float = env("INFERENCE_DELAY_MS", 0.0, minimum=0.0)
     """Test-only: an artificial delay added to every inference."""
 
+    # -- limits on requests and load (what bad input and too much load get) ------------------
+    max_name_bytes: int = env("MAX_NAME_BYTES", 128, minimum=1, maximum=65536)
+    """Longest ``model_name`` or retrain ``job_id`` a request may carry (UTF-8 bytes;
+    INVALID_ARGUMENT NAME_TOO_LONG above)."""
+    max_request_id_bytes: int = env("MAX_REQUEST_ID_BYTES", 128, minimum=1, maximum=65536)
+    """Longest PredictStream ``request_id`` (UTF-8 bytes; the item is answered
+    REQUEST_ID_TOO_LONG, with the id left out of the answer)."""
+    max_window_candles: int = env("MAX_WINDOW_CANDLES", 1000, minimum=1)
+    """Most candles one CandleWindow may carry (RESOURCE_EXHAUSTED WINDOW_TOO_LONG above;
+    only the last ``lookback`` are used)."""
+    max_concurrent_rpcs: int = env("MAX_CONCURRENT_RPCS", 64, minimum=1)
+    """Unary calls worked on at once; more wait in the queue below."""
+    max_queued_rpcs: int = env("MAX_QUEUED_RPCS", 64, minimum=0)
+    """Unary calls waiting for a slot; one more is refused at once with RESOURCE_EXHAUSTED
+    (reason OVERLOADED). A queued call whose deadline passes is dropped unworked. grpc refuses
+    any call beyond ``MAX_CONCURRENT_RPCS + MAX_QUEUED_RPCS + MAX_CONCURRENT_STREAMS`` as it
+    arrives."""
+    max_concurrent_streams: int = env("MAX_CONCURRENT_STREAMS", 64, minimum=1)
+    """Streaming calls (PredictStream, WatchRetrain, health Watch, reflection) open at once
+    (RESOURCE_EXHAUSTED TOO_MANY_STREAMS above)."""
+    max_inflight_bytes: int = env("MAX_INFLIGHT_BYTES", 64 * 1024 * 1024, minimum=1024)
+    """Request bytes of the unary calls admitted (running or queued) and of the PredictStream
+    items held (read, not yet answered) at once; a call or item that would pass it is refused
+    with RESOURCE_EXHAUSTED (BYTES_IN_FLIGHT). One alone is always admitted up to
+    ``MAX_MESSAGE_BYTES``."""
+    model_max_file_bytes: int = env("MODEL_MAX_FILE_BYTES", 256 * 1024 * 1024, minimum=1024)
+    """Largest file a model directory may hold (native model, ONNX); a bigger one is refused
+    before it is read or hashed (metadata.json: at most 1 MiB)."""
+
     # -- continuous learning: feedback storage ----------------------------------------------
     feedback_data_dir: Path | None = env("FEEDBACK_DATA_DIR", None)
     """Root of the learning data; this server's lives in ``<dir>/<MODEL_NAME>/``

@@ -311,13 +311,17 @@ def build_record(
     now_ms = time.time_ns() // 1_000_000 if now is None else _ms(now)
     skew_ms = int(max_clock_skew_seconds * 1000)
     close_ms = _close_ms(close_time, now_ms + skew_ms)
-    label = outcome_label(
-        realized_return=realized_return,
-        side=side,
-        underlying_log_return=underlying_log_return,
-        fee=fee,
-        threshold=label_threshold,
-    )
+
+    def label() -> int:
+        """Last, so a request's other faults are named first."""
+        return outcome_label(
+            realized_return=realized_return,
+            side=side,
+            underlying_log_return=underlying_log_return,
+            fee=fee,
+            threshold=label_threshold,
+        )
+
     row = None if features is None else _feature_row(features)
     if logged is None and prediction_log is not None:
         logged = prediction_log.get(prediction_id)
@@ -345,7 +349,7 @@ def build_record(
             float(realized_return),
             close_ms,
             now_ms,
-            label,
+            label(),
             side=side,
             underlying_log_return=underlying_log_return,
         )
@@ -374,7 +378,7 @@ def build_record(
         float(realized_return),
         close_ms,
         now_ms,
-        label,
+        label(),
         side=side,
         underlying_log_return=underlying_log_return,
     )

@@ -1,6 +1,9 @@
 """Loading a model directory into something that can serve, or refusing to.
 
-A model is served only when its metadata matches the feature code, its native file loads, its
+A model directory from outside is checked before anything in it is parsed: only model files,
+each a regular file of bounded size (:func:`training.metadata.check_model_dir`), and a
+``metadata.json`` that passes the schema (:class:`training.metadata.ModelMetadata`). A model is
+served only when its metadata matches the feature code, its native file loads, its
 ONNX conversion (made now unless a current ``model.onnx`` sits beside it) agrees with the native
 booster on the parity probe within 1e-5, and the warm-up produced finite probabilities.
 """
@@ -16,7 +19,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from training import features
-from training.metadata import ONNX_FILE, PARITY_TOLERANCE, MetadataError, ModelMetadata
+from training.metadata import (
+    ONNX_FILE,
+    PARITY_TOLERANCE,
+    MetadataError,
+    ModelMetadata,
+    check_model_dir,
+)
 from xylen_server.errors import ModelLoadError
 from xylen_server.serving.native import Engine, NativeModel
 from xylen_server.serving.parity import max_difference, probe_rows
@@ -78,9 +87,9 @@ def served_thresholds(meta: ModelMetadata, settings: Settings) -> SignalThreshol
         raise ModelLoadError(f"model {meta.name!r}: {exc}") from None
 
 
-def verify_checksums(meta: ModelMetadata, model_dir: Path) -> None:
+def verify_checksums(meta: ModelMetadata, model_dir: Path, max_bytes: int) -> None:
     """Every file the metadata lists a sha256 for must still have it."""
-    problem = meta.checksum_problem(model_dir)
+    problem = meta.checksum_problem(model_dir, max_bytes)
     if problem is not None:
         raise ModelLoadError(f"model {meta.name!r}: {problem}")
 
@@ -144,9 +153,10 @@ def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel
             f"model {settings.model_name!r} not found: {model_dir} is not a directory"
         )
     try:
+        check_model_dir(model_dir, settings.model_max_file_bytes)
         meta = ModelMetadata.read(model_dir)
     except MetadataError as exc:
-        raise ModelLoadError(f"model {settings.model_name!r}: {exc}") from exc
+        raise ModelLoadError(f"model {settings.model_name!r}: {exc}") from None
     if meta.name != settings.model_name:
         logger.warning("metadata names the model %r, served as %r", meta.name, settings.model_name)
     check_features(meta)
@@ -154,7 +164,7 @@ def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel
     native_path = model_dir / meta.native_file
     if not native_path.is_file():
         raise ModelLoadError(f"model {meta.name!r}: native model file {native_path} is missing")
-    verify_checksums(meta, model_dir)
+    verify_checksums(meta, model_dir, settings.model_max_file_bytes)
     try:
         native = NativeModel(meta, model_dir, settings.pool_size)
     except Exception as exc:  # every library has its own error for a corrupt file

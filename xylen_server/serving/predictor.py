@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xylen.v1 import model_service_pb2 as pb
-from xylen_server.errors import DeadlineExceeded, NotFound, Unavailable
+from xylen_server.errors import SHOWN_CHARS, DeadlineExceeded, NotFound, Unavailable, shown
 from xylen_server.serving.inputs import feature_matrix
 from xylen_server.serving.model_store import LoadedModel
 from xylen_server.settings import Settings
@@ -69,9 +69,9 @@ def check_model_name(requested: str, served: str) -> None:
     """A request naming a model must name the one this server serves (empty: any)."""
     if requested and requested != served:
         raise NotFound(
-            f"model {requested!r} is not served here; this server serves {served!r}",
+            f"model {shown(requested)} is not served here; this server serves {served!r}",
             reason="MODEL_NOT_FOUND",
-            model_name=requested,
+            model_name=requested[:SHOWN_CHARS],
         )
 
 
@@ -86,6 +86,10 @@ class Predictor:
         self._counter = itertools.count(1)
         self.on_answer: Callable[[Result], None] | None = None
         """Called with every answered batch before it is returned (the prediction log)."""
+        self.on_dropped: Callable[[str], None] | None = None
+        """Called (on any thread) for each batch dropped unrun: ``"expired"`` when its deadline
+        had passed, ``"cancelled"`` when its call was cancelled while it waited for a worker
+        (the metrics)."""
 
     @property
     def model(self) -> LoadedModel:
@@ -134,10 +138,25 @@ class Predictor:
         await asyncio.get_running_loop().run_in_executor(None, previous.model.close)
         return previous.model
 
+    def _drop_if_expired(self, deadline: float | None) -> None:
+        """Abandoned work is not done: DEADLINE_EXCEEDED when ``deadline`` (monotonic) passed."""
+        if deadline is not None and time.monotonic() >= deadline:
+            if self.on_dropped is not None:
+                self.on_dropped("expired")
+            raise DeadlineExceeded(
+                "the call's deadline passed before its inference ran; it was dropped unrun",
+                reason="DEADLINE_PASSED_BEFORE_WORK",
+            )
+
     def _run(
-        self, model: LoadedModel, request: pb.PredictRequest, on_loop: bool = False
+        self,
+        model: LoadedModel,
+        request: pb.PredictRequest,
+        on_loop: bool = False,
+        deadline: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray, float]:
         """Validate, featurise and infer; returns P(up), the feature rows and the time."""
+        self._drop_if_expired(deadline)  # on the worker: it may have waited for a thread
         started = time.perf_counter()
         meta = model.meta
         rows = feature_matrix(
@@ -164,22 +183,29 @@ class Predictor:
             and all(item.HasField("features") for item in inputs)
         )
 
-    async def predict(self, request: pb.PredictRequest) -> Result:
-        """Answer one Predict request on the served model, off the event loop."""
+    async def predict(self, request: pb.PredictRequest, deadline: float | None = None) -> Result:
+        """Answer one Predict request on the served model, off the event loop. Work whose
+        ``deadline`` (``time.monotonic``) has passed is dropped before the thread hop and
+        again before inference (DEADLINE_EXCEEDED)."""
         served = self._served
         if served is None:
             raise Unavailable("the model is still loading; retry shortly", reason="MODEL_LOADING")
         model = served.model
         check_model_name(request.model_name, model.meta.name)
+        self._drop_if_expired(deadline)
         if self._fits_the_loop(model, request):
             probabilities, rows, seconds = self._run(model, request, on_loop=True)
         else:
-            loop = asyncio.get_running_loop()
             served.inflight += 1
+            work = model.engine.executor.submit(self._run, model, request, False, deadline)
             try:
-                probabilities, rows, seconds = await loop.run_in_executor(
-                    model.engine.executor, self._run, model, request
-                )
+                probabilities, rows, seconds = await asyncio.wrap_future(work)
+            except asyncio.CancelledError:
+                # The call was cancelled (its caller left or its deadline passed): work not yet
+                # started is dropped; cancel() is False only when it is running already.
+                if work.cancel() and self.on_dropped is not None:
+                    self.on_dropped("cancelled")
+                raise
             finally:
                 served.leave()
         ids = [f"{self._id_prefix}-{next(self._counter):x}" for _ in range(len(probabilities))]
@@ -190,13 +216,15 @@ class Predictor:
             self.on_answer(result)
         return result
 
-    async def predict_within(self, request: pb.PredictRequest, seconds: float) -> Result:
+    async def predict_within(
+        self, request: pb.PredictRequest, seconds: float, deadline: float | None = None
+    ) -> Result:
         """:meth:`predict` within ``seconds`` (0: no limit of its own); DEADLINE_EXCEEDED
-        (reason ITEM_DEADLINE_EXCEEDED) when it runs out."""
+        (reason ITEM_DEADLINE_EXCEEDED) when it runs out. ``deadline`` as for :meth:`predict`."""
         if seconds <= 0:
-            return await self.predict(request)
+            return await self.predict(request, deadline)
         try:
-            return await asyncio.wait_for(self.predict(request), seconds)
+            return await asyncio.wait_for(self.predict(request, deadline), seconds)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"the item exceeded its {seconds * 1000:.0f} ms timeout",
