@@ -21,10 +21,13 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from opentelemetry import context as otel_context
 
 from xylen.v1 import model_service_pb2 as pb
+from xylen_server import telemetry
 from xylen_server.errors import DeadlineExceeded, NotFound, Unavailable
 from xylen_server.serving.inputs import feature_matrix
 from xylen_server.serving.model_store import LoadedModel
@@ -47,6 +50,10 @@ class Result:
     seconds: float
     rows: np.ndarray
     """The float32 feature matrix the model ran on (kept by the prediction log)."""
+    waited: float = 0.0
+    """Seconds the batch waited for a worker thread (and its session); 0 on the loop."""
+    on_loop: bool = False
+    """True when the batch ran on the event loop's own session, not the pool's."""
 
 
 class _Served:
@@ -135,11 +142,22 @@ class Predictor:
         return previous.model
 
     def _run(
-        self, model: LoadedModel, request: pb.PredictRequest, on_loop: bool = False
-    ) -> tuple[np.ndarray, np.ndarray, float]:
-        """Validate, featurise and infer; returns P(up), the feature rows and the time."""
+        self,
+        model: LoadedModel,
+        request: pb.PredictRequest,
+        on_loop: bool = False,
+        submitted: float = 0.0,
+        parent: Any = None,
+    ) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """Validate, featurise and infer; returns P(up), the feature rows, the time it took and
+        the time it waited since ``submitted`` (a ``perf_counter`` reading; 0: not queued).
+        ``parent`` is the trace context to open the featurise and inference spans under (None:
+        tracing off, no span)."""
         started = time.perf_counter()
+        waited = started - submitted if submitted else 0.0
         meta = model.meta
+        if parent is not None:
+            return self._run_traced(model, request, on_loop, started, waited, parent)
         rows = feature_matrix(
             request.inputs, len(meta.feature_names), meta.lookback, self.settings.max_batch_rows
         )
@@ -149,7 +167,36 @@ class Predictor:
             if self.settings.inference_delay_ms:
                 time.sleep(self.settings.inference_delay_ms / 1000.0)
             probabilities = model.engine.predict_proba(rows)
-        return probabilities, rows, time.perf_counter() - started
+        return probabilities, rows, time.perf_counter() - started, waited
+
+    def _run_traced(
+        self,
+        model: LoadedModel,
+        request: pb.PredictRequest,
+        on_loop: bool,
+        started: float,
+        waited: float,
+        parent: Any,
+    ) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """:meth:`_run` with a span for each step (tracing on)."""
+        tracer = telemetry.tracer(__name__)
+        meta = model.meta
+        with tracer.start_as_current_span("featurise", context=parent) as span:
+            rows = feature_matrix(
+                request.inputs, len(meta.feature_names), meta.lookback, self.settings.max_batch_rows
+            )
+            span.set_attribute("xylen.rows", int(rows.shape[0]))
+        with tracer.start_as_current_span("inference", context=parent) as span:
+            span.set_attribute("xylen.on_loop", on_loop)
+            span.set_attribute("xylen.model_version", meta.version)
+            span.set_attribute("xylen.waited_us", round(waited * 1e6, 1))
+            if on_loop:
+                probabilities = model.engine.predict_on_loop(rows)
+            else:
+                if self.settings.inference_delay_ms:
+                    time.sleep(self.settings.inference_delay_ms / 1000.0)
+                probabilities = model.engine.predict_proba(rows)
+        return probabilities, rows, time.perf_counter() - started, waited
 
     def _fits_the_loop(self, model: LoadedModel, request: pb.PredictRequest) -> bool:
         """A few feature vectors of a cheap model cost less on the loop than a thread hop."""
@@ -167,23 +214,35 @@ class Predictor:
             raise Unavailable("the model is still loading; retry shortly", reason="MODEL_LOADING")
         model = served.model
         check_model_name(request.model_name, model.meta.name)
-        if self._fits_the_loop(model, request):
-            probabilities, rows, seconds = self._run(model, request, on_loop=True)
+        parent = otel_context.get_current() if telemetry.tracing_enabled() else None
+        on_loop = self._fits_the_loop(model, request)
+        if on_loop:
+            probabilities, rows, seconds, waited = self._run(model, request, True, 0.0, parent)
         else:
             loop = asyncio.get_running_loop()
             served.inflight += 1
             try:
-                probabilities, rows, seconds = await loop.run_in_executor(
-                    model.engine.executor, self._run, model, request
+                probabilities, rows, seconds, waited = await loop.run_in_executor(
+                    model.engine.executor,
+                    self._run,
+                    model,
+                    request,
+                    False,
+                    time.perf_counter(),
+                    parent,
                 )
             finally:
                 served.leave()
         ids = [f"{self._id_prefix}-{next(self._counter):x}" for _ in range(len(probabilities))]
         settings = self.settings
         signals = signal_numbers(probabilities, settings.buy_threshold, settings.sell_threshold)
-        result = Result(model, probabilities, signals, ids, seconds, rows)
+        result = Result(model, probabilities, signals, ids, seconds, rows, waited, on_loop)
         if self.on_answer is not None:
-            self.on_answer(result)
+            if parent is None:
+                self.on_answer(result)
+            else:
+                with telemetry.tracer(__name__).start_as_current_span("log", context=parent):
+                    self.on_answer(result)
         return result
 
     async def predict_within(self, request: pb.PredictRequest, seconds: float) -> Result:
