@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import Config, load_config
@@ -39,7 +40,7 @@ from xylen_coordinator.featurize import FEATURES_HASH, featurized
 from xylen_coordinator.feedback import Ledger
 from xylen_coordinator.report import describe_missing
 from xylen_coordinator.results import EndpointState, EnsembleResult, FeedbackAck, RowDecision
-from xylen_server.errors import FailedPrecondition, InvalidArgument, Unavailable
+from xylen_server.errors import FailedPrecondition, InvalidArgument, Unavailable, XylenError
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ class AsyncCoordinator:
         self._id_prefix = os.urandom(5).hex()
         self._ids = itertools.count(1)
         self._started = False
+        self.observer: Any = None
+        """Told about every fan-out and decision (``fanned(result, outcome)``,
+        ``decided(result)``): the metrics of ``xylen-coordinator serve``; None: nobody."""
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -251,7 +255,15 @@ class AsyncCoordinator:
         # Windows become features once here when some server computes the same features.
         shared = any(c.features_hash == FEATURES_HASH for c in clients)
         fanned = await fan_out(clients, request, budget, featurized(request) if shared else None)
-        self._check_quorum(snapshot, fanned)
+        observer = self.observer
+        try:
+            self._check_quorum(snapshot, fanned)
+        except XylenError as exc:
+            if observer is not None:
+                observer.fanned(fanned, "no_quorum" if exc.reason == "NO_QUORUM" else "refused")
+            raise
+        if observer is not None:
+            observer.fanned(fanned, "ok")
         configured = snapshot.configured_weights
         weights = self._weights(snapshot)
         scores = None
@@ -267,12 +279,15 @@ class AsyncCoordinator:
             row = decide(self._next_id(), votes, weights, configured, config.thresholds, scores)
             self._ledger.remember(row, now)
             rows.append(row)
-        return EnsembleResult(
+        result = EnsembleResult(
             rows=tuple(rows),
             missing=tuple(fanned.missing),
             weight_mode=config.weights.mode,
             duration_seconds=time.perf_counter() - started,
         )
+        if observer is not None:
+            observer.decided(result)
+        return result
 
     def _next_id(self) -> str:
         return f"ens-{self._id_prefix}-{next(self._ids):x}"
@@ -325,6 +340,10 @@ class AsyncCoordinator:
             realized_return=realized_return,
             close_time=close_time,
         )
+
+    def delivery_retries(self) -> int:
+        """Feedback deliveries that failed and were rescheduled since the start."""
+        return self._ledger.delivery_retries()
 
     async def pending_feedback(self) -> int:
         """Outcomes not yet delivered to every target."""

@@ -7,8 +7,8 @@ Metrics. Each server owns one :class:`Meters`: an OpenTelemetry ``MeterProvider`
 reader is the SDK's ``PrometheusMetricReader`` on a registry of its own (so several servers in one
 process, as in the tests, never share series). Instruments are created from ``Meters.meter``;
 Prometheus names follow from the OpenTelemetry names and units (``rpc.server.duration`` in
-``s`` becomes ``rpc_server_duration_seconds``, a counter gets ``_total``). Every histogram
-(they all measure seconds) uses :data:`LATENCY_BUCKETS` (100 us to 1 s, 1-2.5-5 steps).
+``s`` becomes ``rpc_server_duration_seconds``, a counter gets ``_total``). Every histogram of
+seconds uses :data:`LATENCY_BUCKETS` (100 us to 1 s, 1-2.5-5 steps).
 
 HTTP. :class:`MetricsHttp` is an asyncio server on the event loop with two routes, ``GET
 /metrics`` and ``GET /health`` (JSON); anything else is 404, anything but GET/HEAD 405. It binds
@@ -29,7 +29,7 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,10 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 )
 
 
+#: Bucket bounds of the ensemble's disagreement (a weighted standard deviation, 0 .. 0.5).
+SPREAD_BUCKETS: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+
+
 class Meters:
     """One server's meter provider, its Prometheus registry and the process's own series."""
 
@@ -80,8 +84,13 @@ class Meters:
             views=[
                 View(
                     instrument_type=Histogram,
+                    instrument_unit="s",
                     aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS),
-                )
+                ),
+                View(
+                    instrument_name="*disagreement",
+                    aggregation=ExplicitBucketHistogramAggregation(SPREAD_BUCKETS),
+                ),
             ],
         )
         self.meter: Meter = self.provider.get_meter(service_name)
@@ -204,9 +213,16 @@ class MetricsHttp:
     ``/metrics`` is rendered on a worker thread so a scrape never holds the loop.
     """
 
-    def __init__(self, meters: Meters, health: Callable[[], tuple[Mapping[str, Any], bool]]):
+    def __init__(
+        self,
+        meters: Meters,
+        health: Callable[[], tuple[Mapping[str, Any], bool]],
+        refresh: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.meters = meters
         self.health = health
+        self.refresh = refresh
+        """Awaited on the loop before ``/metrics`` and ``/health`` are answered."""
         self._server: asyncio.base_events.Server | None = None
         self.port = 0
 
@@ -235,6 +251,8 @@ class MetricsHttp:
         if method not in ("GET", "HEAD"):
             return Page(405, "text/plain", b"only GET\n")
         path = path.split("?", 1)[0]
+        if path in ("/metrics", "/health") and self.refresh is not None:
+            await self.refresh()
         if path == "/metrics":
             body = await asyncio.get_running_loop().run_in_executor(None, self.meters.render)
             return Page(200, CONTENT_TYPE_LATEST, body)
