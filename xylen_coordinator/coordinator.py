@@ -40,6 +40,7 @@ from xylen_coordinator.featurize import FEATURES_HASH, featurized
 from xylen_coordinator.feedback import Ledger
 from xylen_coordinator.report import describe_missing
 from xylen_coordinator.results import EndpointState, EnsembleResult, FeedbackAck, RowDecision
+from xylen_server import telemetry
 from xylen_server.errors import FailedPrecondition, InvalidArgument, Unavailable, XylenError
 
 logger = logging.getLogger(__name__)
@@ -254,7 +255,21 @@ class AsyncCoordinator:
         clients = list(snapshot.clients.values())
         # Windows become features once here when some server computes the same features.
         shared = any(c.features_hash == FEATURES_HASH for c in clients)
-        fanned = await fan_out(clients, request, budget, featurized(request) if shared else None)
+        if telemetry.tracing_enabled():
+            with telemetry.tracer(__name__).start_as_current_span("ensemble fan-out") as span:
+                fanned = await fan_out(
+                    clients, request, budget, featurized(request) if shared else None
+                )
+                span.set_attribute("xylen.voted", sorted(fanned.answers))
+                for missing in fanned.missing:  # the missing votes, visible in the trace
+                    span.add_event(
+                        "missing vote",
+                        {"xylen.endpoint": missing.server_name, "xylen.reason": missing.reason},
+                    )
+        else:
+            fanned = await fan_out(
+                clients, request, budget, featurized(request) if shared else None
+            )
         observer = self.observer
         try:
             self._check_quorum(snapshot, fanned)

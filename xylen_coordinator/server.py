@@ -28,7 +28,7 @@ from xylen_server.auth import AuthInterceptor, ServerSecurity, check_exposure
 from xylen_server.errors import ErrorStatusInterceptor, SettingsError
 from xylen_server.health import Health, bind, server_options
 from xylen_server.settings import Settings
-from xylen_server.telemetry import MetricsHttp, tracer_provider, tracing_enabled
+from xylen_server.telemetry import MetricsHttp, server_tracing_interceptor, tracing_enabled
 from xylen_server.tls import server_credentials
 
 logger = logging.getLogger(__name__)
@@ -88,9 +88,7 @@ async def build_server(
         AuthInterceptor(checks),
     ]
     if tracing_enabled():
-        from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
-        interceptors.insert(0, aio_server_interceptor(tracer_provider=tracer_provider()))
+        interceptors.insert(0, server_tracing_interceptor())
     server = grpc.aio.server(interceptors=interceptors, options=server_options(MAX_MESSAGE_BYTES))
     epb_grpc.add_EnsembleServiceServicer_to_server(EnsembleServicer(coordinator), server)
     health = Health(server, (SERVICE_NAME,))

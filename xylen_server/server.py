@@ -36,7 +36,7 @@ from xylen_server.learning.retrainer import Retrainer
 from xylen_server.serving.model_store import LoadedModel, load_model
 from xylen_server.serving.predictor import Predictor, Result
 from xylen_server.settings import Settings
-from xylen_server.telemetry import MetricsHttp, tracer_provider, tracing_enabled
+from xylen_server.telemetry import MetricsHttp, server_tracing_interceptor, tracing_enabled
 from xylen_server.tls import server_credentials
 from xylen_server.versions.swap import ModelManager
 
@@ -115,9 +115,7 @@ async def build_server(
         AuthInterceptor(security),
     ]
     if tracing_enabled():
-        from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
-        interceptors.insert(0, aio_server_interceptor(tracer_provider=tracer_provider()))
+        interceptors.insert(0, server_tracing_interceptor())
     server = grpc.aio.server(
         interceptors=interceptors, options=server_options(settings.max_message_bytes)
     )

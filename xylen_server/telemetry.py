@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import Histogram, MeterProvider
@@ -354,6 +354,30 @@ def configure_tracing(service_name: str, environ: Mapping[str, str] | None = Non
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     install_tracer_provider(provider)
     return True
+
+
+def server_tracing_interceptor() -> Any:
+    """The contrib gRPC server interceptor (a SERVER span per call, the caller's context taken
+    from the metadata) for the xylen services. grpc.health.v1 and reflection are left out: they
+    are probes, and Watch writes with ``context.write``, a shape the interceptor cannot wrap."""
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+    return aio_server_interceptor(
+        tracer_provider=_provider, filter_=filters.negate(filters.service_prefix("grpc."))
+    )
+
+
+def inject_context(context: Any = None) -> dict[str, str]:
+    """The trace context (default: the current one) as W3C headers (``traceparent``...), to
+    send along."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=context)
+    return carrier
+
+
+def extract_context(carrier: Mapping[str, str]) -> Any:
+    """The trace context a caller sent with :func:`inject_context` (empty: the current one)."""
+    return propagate.extract(dict(carrier))
 
 
 def install_tracer_provider(provider: Any) -> None:

@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
+from opentelemetry.trace import SpanKind
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
-from xylen_server import auth
+from xylen_server import auth, telemetry
 from xylen_server.api import messages
 from xylen_server.errors import InvalidArgument
 from xylen_server.learning.feedback import FeedbackLoop
@@ -47,6 +48,21 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         return messages.predict_response(await self.predictor.predict(request))
 
     async def _stream_item(self, item: pb.PredictStreamRequest) -> pb.PredictStreamResponse:
+        if item.trace_context and telemetry.tracing_enabled():
+            # One stream carries many items: each brings its caller's trace context.
+            with telemetry.tracer(__name__).start_as_current_span(
+                "xylen.v1.ModelService/PredictStream item",
+                context=telemetry.extract_context(item.trace_context),
+                kind=SpanKind.SERVER,
+            ) as span:
+                span.set_attribute("xylen.request_id", item.request_id[:64])
+                span.set_attribute("xylen.model", self.settings.model_name)
+                answer = await self._answer_item(item)
+                span.set_attribute("xylen.status_code", answer.status.code)
+                return answer
+        return await self._answer_item(item)
+
+    async def _answer_item(self, item: pb.PredictStreamRequest) -> pb.PredictStreamResponse:
         try:
             if not item.request_id:
                 raise InvalidArgument(
