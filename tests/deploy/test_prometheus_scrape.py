@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -118,6 +119,35 @@ class Prometheus:
         return self.proc.wait(30)
 
 
+#: Series that exist only once their event happened (none happens in this test).
+AFTER_AN_EVENT = {
+    "xylen_rpc_sheds_total",
+    "xylen_rpc_errors_total",
+    "xylen_coordinator_missing_votes_total",
+    "xylen_training_last_duration_seconds",
+    "xylen_training_samples",
+    "xylen_session_wait_duration_seconds_bucket",
+}
+
+
+def check_dashboard(prometheus: Prometheus) -> None:
+    """Every query of the Grafana dashboard is valid PromQL for this Prometheus, and every
+    series it reads is one the server or coordinator exports."""
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "xylen.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) >= 17
+    names = prometheus.get("/api/v1/label/__name__/values")
+    assert isinstance(names, dict)
+    exported = set(names["data"])
+    for expr in exprs:
+        promql = expr.replace("$__rate_interval", "1m")
+        answer = prometheus.get("/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+        assert isinstance(answer, dict) and answer["status"] == "success", (expr, answer)
+        read = set(re.findall(r"\b((?:xylen|rpc|process)_[a-z_]+)\{", expr))
+        assert read, expr
+        assert read - exported <= AFTER_AN_EVENT, (expr, read - exported)
+
+
 @pytest.fixture
 def fleet(tmp_path: Path, candles) -> Iterator[tuple[harness.ServerProcess, Coordinator]]:
     models = tmp_path / "models"
@@ -208,5 +238,6 @@ def test_prometheus_scrapes_the_server_and_coordinator(
         assert len(loaded) == 7 and "XylenPredictLatencyHigh" in loaded
         firing = prometheus.get("/api/v1/alerts")
         assert isinstance(firing, dict) and firing["data"]["alerts"] == []
+        check_dashboard(prometheus)
     finally:
         assert prometheus.stop() == 0
