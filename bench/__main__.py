@@ -1,6 +1,7 @@
 """``make bench``: every benchmark, one after another, printing labelled figures.
 
-``python -m bench [server|training|feedback|coordinator|learning|security ...]`` runs a subset.
+``python -m bench [server|training|feedback|coordinator|learning|security|telemetry ...]`` runs a
+subset.
 Figures are measured side by side within each section; on shared machines compare the ratios.
 """
 
@@ -17,6 +18,7 @@ SECTIONS = {
     "coordinator": "bench.bench_coordinator",
     "learning": "bench.bench_learning",
     "security": "bench.bench_security",
+    "telemetry": "bench.bench_telemetry",
 }
 
 

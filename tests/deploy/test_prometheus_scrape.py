@@ -126,7 +126,6 @@ AFTER_AN_EVENT = {
     "xylen_coordinator_missing_votes_total",
     "xylen_training_last_duration_seconds",
     "xylen_training_samples",
-    "xylen_session_wait_duration_seconds_bucket",
 }
 
 

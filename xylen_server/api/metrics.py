@@ -1,7 +1,8 @@
 """The one place that records measurements of the RPCs: every call by method, final status code
 and ErrorInfo reason with its duration, the calls and streams in flight, and refused (shed)
-calls. The counts are kept here for the tests; with :class:`RpcInstruments` attached the same
-calls also go to OpenTelemetry (and from there to ``/metrics``) without touching the call sites.
+calls. The counts are kept here (the tests read them; :class:`RpcInstruments` exports them at
+scrape time); with :class:`RpcInstruments` attached each call's duration also goes to an
+OpenTelemetry histogram, and from there to ``/metrics``, without touching the call sites.
 
 Names follow the OpenTelemetry RPC semantic conventions where they exist
 (``rpc.server.duration``, ``rpc.system``, ``rpc.service``, ``rpc.method``,
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 
 def split_method(method: str) -> tuple[str, str]:
@@ -26,63 +29,109 @@ def split_method(method: str) -> tuple[str, str]:
 
 
 class RpcInstruments:
-    """The OpenTelemetry instruments of the RPCs of one server."""
+    """The OpenTelemetry instruments of the RPCs of one server.
 
-    def __init__(self, meter: Meter, model: str = "") -> None:
+    Only the latency histogram is recorded per call (one SDK call costs several microseconds);
+    the counts (calls, errors, sheds, in flight, open streams) are the :class:`Recorder`'s own
+    and are read by observable instruments when ``/metrics`` is scraped."""
+
+    def __init__(self, meter: Meter, recorder: Recorder, model: str = "") -> None:
         self.model = model
+        self.recorder = recorder
         self.duration = meter.create_histogram(
             "rpc.server.duration",
             unit="s",
             description="Time from the call's arrival to its final status, by RPC and status.",
         )
-        self.requests = meter.create_counter(
-            "rpc.server.requests", description="Calls answered, by RPC and status code."
+        meter.create_observable_counter(
+            "rpc.server.requests",
+            [self._requests],
+            description="Calls answered, by RPC and status code.",
         )
-        self.errors = meter.create_counter(
+        meter.create_observable_counter(
             "xylen.rpc.errors",
+            [self._errors],
             description="Calls answered with an error, by RPC, status code and ErrorInfo reason.",
         )
-        self.active = meter.create_up_down_counter(
-            "rpc.server.active_requests", description="Calls in flight (unary and streaming)."
+        meter.create_observable_up_down_counter(
+            "rpc.server.active_requests",
+            [self._active],
+            description="Calls in flight (unary and streaming).",
         )
-        self.streams = meter.create_up_down_counter(
-            "xylen.rpc.open_streams", description="Streaming calls open now."
+        meter.create_observable_up_down_counter(
+            "xylen.rpc.open_streams", [self._streams], description="Streaming calls open now."
         )
-        self.sheds = meter.create_counter(
+        meter.create_observable_counter(
             "xylen.rpc.sheds",
+            [self._sheds],
             description="Calls refused before their handler ran, by RPC and reason.",
         )
-        self._attributes: dict[str, dict[str, str]] = {}
+        self._attributes: dict[tuple[str, str], dict[str, str]] = {}
 
-    def attributes(self, method: str) -> dict[str, str]:
-        found = self._attributes.get(method)
+    def attributes(self, method: str, code: str = "") -> dict[str, str]:
+        """The attributes of ``method`` (and status ``code``), built once and kept."""
+        key = (method, code)
+        found = self._attributes.get(key)
         if found is None:
             service, name = split_method(method)
             found = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
             if self.model:
                 found["model"] = self.model
-            self._attributes[method] = found
+            if code:
+                found["rpc.grpc.status_code"] = code
+            self._attributes[key] = found
         return found
+
+    def _requests(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(n, self.attributes(method, code))
+            for (method, code), n in self.recorder.snapshot(self.recorder._calls).items()
+        ]
+
+    def _errors(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(n, {**self.attributes(method, code), "reason": reason})
+            for (method, code, reason), n in self.recorder.snapshot(self.recorder._reasons).items()
+        ]
+
+    def _active(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(n, self.attributes(method))
+            for method, n in self.recorder.snapshot(self.recorder._active).items()
+        ]
+
+    def _streams(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(n, self.attributes(method))
+            for method, n in self.recorder.snapshot(self.recorder._streams).items()
+        ]
+
+    def _sheds(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(n, {**self.attributes(method), "reason": reason})
+            for (method, reason), n in self.recorder.snapshot(self.recorder._sheds).items()
+        ]
 
 
 @dataclass
 class Recorder:
-    """Counts RPCs by method and status code (and feeds :class:`RpcInstruments` when set)."""
+    """Counts RPCs by method, status code and reason, and the calls and streams in flight
+    (and times them into :class:`RpcInstruments` when set)."""
 
     instruments: RpcInstruments | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _calls: Counter[tuple[str, str]] = field(default_factory=Counter)
-    _reasons: Counter[tuple[str, str]] = field(default_factory=Counter)
+    _reasons: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     _sheds: Counter[tuple[str, str]] = field(default_factory=Counter)
+    _active: Counter[str] = field(default_factory=Counter)
+    _streams: Counter[str] = field(default_factory=Counter)
 
     def started(self, method: str, streaming: bool) -> None:
         """A call arrived (and, ``streaming``, opened a stream)."""
-        instruments = self.instruments
-        if instruments is not None:
-            attributes = instruments.attributes(method)
-            instruments.active.add(1, attributes)
+        with self._lock:
+            self._active[method] += 1
             if streaming:
-                instruments.streams.add(1, attributes)
+                self._streams[method] += 1
 
     def rpc(
         self,
@@ -98,30 +147,25 @@ class Recorder:
         with self._lock:
             self._calls[(method, code)] += 1
             if code != "OK":
-                self._reasons[(method, reason or code)] += 1
+                self._reasons[(method, code, reason or code)] += 1
+            if seconds is not None:
+                self._active[method] -= 1
+                if streaming:
+                    self._streams[method] -= 1
         instruments = self.instruments
-        if instruments is None:
-            return
-        attributes = instruments.attributes(method)
-        if seconds is not None:
-            instruments.active.add(-1, attributes)
-            if streaming:
-                instruments.streams.add(-1, attributes)
-        with_code = {**attributes, "rpc.grpc.status_code": code}
-        instruments.requests.add(1, with_code)
-        if seconds is not None:
-            instruments.duration.record(seconds, with_code)
-        if code != "OK":
-            instruments.errors.add(1, {**with_code, "reason": reason or code})
+        if instruments is not None and seconds is not None:
+            instruments.duration.record(seconds, instruments.attributes(method, code))
 
     def shed(self, method: str, reason: str) -> None:
         """A call refused before its handler ran (admission control, an undecodable message).
         The hook for the server's load shedding: whatever refuses a call calls this."""
         with self._lock:
             self._sheds[(method, reason)] += 1
-        instruments = self.instruments
-        if instruments is not None:
-            instruments.sheds.add(1, {**instruments.attributes(method), "reason": reason})
+
+    def snapshot(self, counts: Counter[Any]) -> dict[Any, int]:
+        """A copy of one of the counts, taken under the lock (for the observable instruments)."""
+        with self._lock:
+            return dict(counts)
 
     def calls(self, method: str, code: str | None = None) -> int:
         with self._lock:
@@ -130,7 +174,7 @@ class Recorder:
     def errors(self, method: str, reason: str) -> int:
         """Calls of ``method`` that ended with ErrorInfo ``reason``."""
         with self._lock:
-            return self._reasons[(method, reason)]
+            return sum(n for (m, _, r), n in self._reasons.items() if m == method and r == reason)
 
     def sheds(self, method: str, reason: str | None = None) -> int:
         with self._lock:

@@ -12,8 +12,9 @@ Series (Prometheus names; OpenTelemetry names and units in :meth:`ServerTelemetr
 ``xylen_rpc_sheds_total``                   calls refused before their handler ran
 ``xylen_predict_rows_total``                rows answered by Predict and PredictStream
 ``xylen_predict_executions_total``          batches by ``where`` (``loop`` or ``pool``)
-``xylen_inference_duration_seconds``        featurise + inference per batch, by ``where``
-``xylen_session_wait_duration_seconds``     time a pool batch waited for a worker and session
+``xylen_inference_time_seconds_total``      featurise + inference time summed, by ``where``
+                                            (divide by executions for the mean)
+``xylen_session_wait_time_seconds_total``   time pool batches waited for a worker and session
 ``xylen_model_info``                        1, labels ``model_name``/``model_type``/
                                             ``model_version``/``engine``
 ``xylen_model_version``, ``xylen_model_serving``  the version number; 1 when SERVING
@@ -80,24 +81,14 @@ class ServerTelemetry:
         self.retrainer = retrainer
         self.serving = serving
         meter = self.meters.meter
-        recorder.instruments = RpcInstruments(meter, settings.model_name)
-        self._rows = meter.create_counter(
-            "xylen.predict.rows", description="Rows answered by Predict and PredictStream."
-        )
-        self._executions = meter.create_counter(
-            "xylen.predict.executions",
-            description="Batches run, by where: on the event loop or on the session pool.",
-        )
-        self._inference = meter.create_histogram(
-            "xylen.inference.duration",
-            unit="s",
-            description="Featurise and inference time of one batch, by where it ran.",
-        )
-        self._wait = meter.create_histogram(
-            "xylen.session.wait.duration",
-            unit="s",
-            description="Time a batch waited for a worker thread and its session.",
-        )
+        recorder.instruments = RpcInstruments(meter, recorder, settings.model_name)
+        # Counted here in plain integers (the loop's thread only), read at scrape time.
+        # Times are summed, not put in histograms: an SDK histogram record costs several
+        # microseconds, and the RPC latency histogram already has the distribution.
+        self._rows = {True: 0, False: 0}
+        self._batches = {True: 0, False: 0}
+        self._inference = {True: 0.0, False: 0.0}
+        self._waited = 0.0
         self._where = {
             True: {"where": "loop", "model": settings.model_name},
             False: {"where": "pool", "model": settings.model_name},
@@ -106,12 +97,11 @@ class ServerTelemetry:
 
     def answered(self, result: Result) -> None:
         """One answered batch (called by the predictor for every batch, on the loop)."""
-        attributes = self._where[result.on_loop]
-        self._rows.add(len(result.probabilities), attributes)
-        self._executions.add(1, attributes)
-        self._inference.record(result.seconds, attributes)
-        if not result.on_loop:
-            self._wait.record(result.waited, attributes)
+        on_loop = result.on_loop
+        self._rows[on_loop] += len(result.probabilities)
+        self._batches[on_loop] += 1
+        self._inference[on_loop] += result.seconds
+        self._waited += result.waited
 
     # -- observed at collection time ---------------------------------------------------------
 
@@ -133,7 +123,23 @@ class ServerTelemetry:
         for name, unit, description, callback in gauges:
             meter.create_observable_gauge(name, [callback], unit=unit, description=description)
         counters: list[tuple[str, str, Callback]] = [
+            ("xylen.predict.rows", "Rows answered by Predict and PredictStream.", self._rows_done),
+            (
+                "xylen.predict.executions",
+                "Batches run, by where: on the event loop or on the session pool.",
+                self._executions,
+            ),
             ("xylen.training.jobs", "Finished retrain jobs by result.", self._jobs),
+            (
+                "xylen.inference.time",
+                "Featurise and inference time summed over batches, by where they ran.",
+                self._inference_time,
+            ),
+            (
+                "xylen.session.wait.time",
+                "Time pool batches waited for a worker thread and its session, summed.",
+                self._wait_time,
+            ),
             (
                 "xylen.feedback.acknowledged",
                 "Feedback records acknowledged (committed), duplicates included.",
@@ -142,7 +148,20 @@ class ServerTelemetry:
             ("xylen.model.swaps", "Hot swaps by kind.", self._swaps),
         ]
         for name, description, callback in counters:
-            meter.create_observable_counter(name, [callback], description=description)
+            unit = "s" if name.endswith(".time") else ""
+            meter.create_observable_counter(name, [callback], unit=unit, description=description)
+
+    def _rows_done(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(n, self._where[on_loop]) for on_loop, n in self._rows.items()]
+
+    def _executions(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(n, self._where[on_loop]) for on_loop, n in self._batches.items()]
+
+    def _inference_time(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(s, self._where[on_loop]) for on_loop, s in self._inference.items()]
+
+    def _wait_time(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self._waited, self._where[False])]
 
     def _model(self) -> Any:
         return self.predictor.model if self.predictor.ready else None
