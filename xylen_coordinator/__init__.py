@@ -21,6 +21,7 @@ The modules:
 * ``convert`` -- results as EnsembleService protobuf messages.
 * ``servicer`` -- the EnsembleService gRPC handlers.
 * ``server`` -- the gRPC server: health, reflection, SIGHUP reload, graceful SIGTERM.
+* ``telemetry`` -- its metrics (``/metrics``, ``/health``), imported only when it serves.
 * ``candles`` -- kline files read into candle columns (CLI and demo only; needs polars).
 * ``__main__`` -- the ``xylen-coordinator`` command: ``serve`` and ``predict``.
 """
