@@ -10,6 +10,10 @@ DATA_DIR ?= data/default
 MODELS_DIR ?= models
 # Training inputs for `make train`: the offline default dataset, or DATA=path/to/zips.
 DATA ?= $(DATA_DIR)
+# Training settings `make train VAR=value` passes on (as --set VAR=value; the environment works
+# too): e.g. make train LOOKBACK_PERIODS=61 FEATURES=log_return_1,rsi_14,realized_vol_60
+TRAIN_VARS := LOOKBACK_PERIODS FEATURES TRAIN_START_DATE TRAIN_END_DATE VALIDATION_END_DATE TEST_END_DATE
+TRAIN_SETS = $(foreach v,$(TRAIN_VARS),$(if $($(v)),--set '$(v)=$($(v))'))
 
 .PHONY: demo test proto lint train data bench deploy clean venv certs
 
@@ -51,7 +55,7 @@ data: $(STAMP)
 
 train: $(STAMP) $(PROTO_STAMP)
 	@if [ "$(DATA)" = "$(DATA_DIR)" ] && [ ! -d "$(DATA_DIR)" ]; then $(MAKE) --no-print-directory data; fi
-	$(PY) -m training train --data $(DATA) --models-dir $(MODELS_DIR)
+	$(PY) -m training train --data $(DATA) --models-dir $(MODELS_DIR) $(strip $(TRAIN_SETS) $(foreach m,$(ONLY),--only $(m)))
 
 # The main job: trains the default models first if they are not there.
 demo: $(STAMP) $(PROTO_STAMP)

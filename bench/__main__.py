@@ -1,7 +1,7 @@
 """``make bench``: every benchmark, one after another, printing labelled figures.
 
-``python -m bench [server|training|feedback|coordinator|learning|security|telemetry ...]`` runs a
-subset.
+``python -m bench [server|training|feedback|coordinator|learning|security|fleet|load|telemetry
+...]`` runs a subset.
 Figures are measured side by side within each section; on shared machines compare the ratios.
 """
 
@@ -18,6 +18,8 @@ SECTIONS = {
     "coordinator": "bench.bench_coordinator",
     "learning": "bench.bench_learning",
     "security": "bench.bench_security",
+    "fleet": "bench.bench_fleet",
+    "load": "bench.bench_load",
     "telemetry": "bench.bench_telemetry",
 }
 

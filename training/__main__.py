@@ -3,7 +3,10 @@
 * ``generate --out data/default`` writes the deterministic offline dataset.
 * ``data --symbol BTCUSDT --interval 1h --start 2024-01 --end 2024-12`` downloads Binance Vision
   monthly zips and their CHECKSUMs.
-* ``train --data DIR --models-dir models`` trains the default set (model_1..model_4).
+* ``train --data DIR --models-dir models`` trains the default set (model_1..model_4) and prints,
+  per model and on the test period: AUC, accuracy, precision, recall, the signal thresholds, the
+  BUY / SELL / HOLD mix and the hit rate and mean net return of BUY and SELL against the base
+  rate, and the top features by importance.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from training.config import ConfigError, load_config, parse_override
 from training.klines import DataError
+from training.metadata import ModelMetadata
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -70,16 +74,70 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for meta in metas:
-        valid = meta.metrics["validation"]
-        test = meta.metrics.get("test", {})
-        print(
-            f"{meta.name}: {meta.model_type} v{meta.version} horizon={meta.horizon} "
-            f"samples={meta.training_samples} best_iteration={meta.metrics['best_iteration']} "
-            f"valid AUC={_fmt(valid['model']['auc'])} "
-            f"test AUC={_fmt(test.get('model', {}).get('auc'))} "
-            f"(previous-return baseline {_fmt(test.get('previous_return', {}).get('auc'))})"
-        )
+        print(model_summary(meta))
     return 0
+
+
+def model_summary(meta: ModelMetadata) -> str:
+    """What a training run says about one model: its classification metrics and signal on the
+    test period (beside the base rates), the thresholds and the top features."""
+    m = meta.metrics
+    valid = m["validation"]["model"]
+    test = m.get("test", {}).get("model", {})
+    prev = m.get("test", {}).get("previous_return", {})
+    t = meta.signal_thresholds
+    lines = [
+        f"{meta.name}: {meta.model_type} v{meta.version} horizon={meta.horizon} "
+        f"fee={meta.fee:g} lookback={meta.lookback} features={len(meta.feature_names)} "
+        f"samples={meta.training_samples} best_iteration={m['best_iteration']}",
+        f"  test ({_count(test.get('samples'))} bars, up-rate {_pct(test.get('positive_rate'))}): "
+        f"AUC {_fmt(test.get('auc'))} (validation {_fmt(valid['auc'])}, previous-return "
+        f"baseline {_fmt(prev.get('auc'))}); at P(up) > 0.5: accuracy {_pct(test.get('accuracy'))} "
+        f"precision {_pct(test.get('precision'))} recall {_pct(test.get('recall'))}",
+    ]
+    if t:
+        v = t.get("validation", {})
+        lines.append(
+            f"  thresholds ({t.get('rule')}, on validation): BUY at P(up) >= {t['buy']:.4f} "
+            f"({_pct(v.get('buy_share'))} of bars, mean net {_bp(v.get('buy_mean_net_return'))}"
+            f"{'' if v.get('buy_edge') else ', no edge'}), SELL at <= {t['sell']:.4f} "
+            f"({_pct(v.get('sell_share'))}, mean net {_bp(v.get('sell_mean_net_return'))}"
+            f"{'' if v.get('sell_edge') else ', no edge'})"
+        )
+    report = m.get("signals", {}).get("test", {})
+    if report.get("samples"):
+        share = report["share"]
+        lines.append(
+            f"  test signal mix: BUY {_pct(share['BUY'])}  SELL {_pct(share['SELL'])}  "
+            f"HOLD {_pct(share['HOLD'])}"
+        )
+        for side, word in (("buy", "BUY (long)"), ("sell", "SELL (short)")):
+            r = report[side]
+            lines.append(
+                f"  test {word}: {r['count']} bars, hit rate {_pct(r['hit_rate'])} vs base "
+                f"{_pct(r['base_hit_rate'])}, mean net return {_bp(r['mean_net_return'])} vs "
+                f"base {_bp(r['base_mean_net_return'])} (fee {meta.fee:g} included)"
+            )
+    top = m.get("top_features") or []
+    if top:
+        lines.append(
+            "  top features (share of gain): "
+            + ", ".join(f"{name} {share:.1%}" for name, share in top)
+        )
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _bp(value: float | None) -> str:
+    """A log return in basis points."""
+    return "n/a" if value is None else f"{value * 1e4:+.2f} bp"
+
+
+def _count(value: int | None) -> str:
+    return "?" if value is None else str(value)
 
 
 def _fmt(value: float | None) -> str:

@@ -19,6 +19,7 @@ Ratios never produce NaN or inf: a zero denominator gives the documented neutral
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -113,17 +114,21 @@ FEATURES: tuple[FeatureSpec, ...] = (
 FEATURE_NAMES: tuple[str, ...] = tuple(name for spec in FEATURES for name in spec.outputs)
 
 
-def feature_definitions_hash() -> str:
-    """sha256 hex of a canonical description of the feature definitions.
+def feature_definitions_hash(
+    names: tuple[str, ...] | list[str] | None = None, lookback: int | None = None
+) -> str:
+    """sha256 hex of a canonical description of the feature definitions, and of the selection
+    a model uses (its feature ``names`` in order and its ``lookback``; default: all features
+    over :data:`LOOKBACK_PERIODS`).
 
     A model records this at training time; the server refuses a model whose hash differs.
     """
     canonical = {
         "version": FEATURES_VERSION,
-        "lookback": LOOKBACK_PERIODS,
+        "lookback": LOOKBACK_PERIODS if lookback is None else int(lookback),
         "candle_fields": list(CANDLE_FIELDS),
         "features": [[s.indicator, [list(p) for p in s.params], list(s.outputs)] for s in FEATURES],
-        "feature_names": list(FEATURE_NAMES),
+        "feature_names": list(FEATURE_NAMES if names is None else names),
         "zero_division_defaults": ZERO_DIVISION_DEFAULTS,
         "flat_std": _FLAT_STD,
     }
@@ -132,8 +137,8 @@ def feature_definitions_hash() -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Building blocks. Each works on 1-D arrays of length m (m >= LOOKBACK_PERIODS) and returns the
-# values for the last ``rows = m - LOOKBACK_PERIODS + 1`` positions.
+# Building blocks. Each works on 1-D arrays of length m (m >= lookback) and returns the values
+# for the last ``rows = m - lookback + 1`` positions (lookback >= the spec's history_needed).
 
 
 def _div(num: FloatArray, den: FloatArray, default: float) -> FloatArray:
@@ -167,7 +172,7 @@ def _log_ratio(a: FloatArray, b: FloatArray) -> FloatArray:
 class _Ctx:
     """The candle arrays of one computation and shared intermediate series."""
 
-    def __init__(self, c: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, c: Mapping[str, np.ndarray], lookback: int = LOOKBACK_PERIODS) -> None:
         self.open = np.asarray(c["open"], dtype=np.float64)
         self.high = np.asarray(c["high"], dtype=np.float64)
         self.low = np.asarray(c["low"], dtype=np.float64)
@@ -177,7 +182,7 @@ class _Ctx:
         self.taker_buy = np.asarray(c["taker_buy_base_volume"], dtype=np.float64)
         self.open_time = np.asarray(c["open_time"], dtype=np.int64)
         self.m = len(self.close)
-        self.rows = self.m - LOOKBACK_PERIODS + 1
+        self.rows = self.m - lookback + 1
         self._ret1: FloatArray | None = None
 
     def last(self, x: FloatArray) -> FloatArray:
@@ -305,45 +310,157 @@ _INDICATORS: dict[str, Callable[..., list[FloatArray]]] = {
 }
 
 
-def _compute_rows(candles: Mapping[str, np.ndarray]) -> FloatArray:
-    """Features of the last ``m - LOOKBACK_PERIODS + 1`` candles of ``m`` candles."""
-    ctx = _Ctx(candles)
-    out = np.empty((ctx.rows, len(FEATURE_NAMES)), dtype=np.float64)
-    col = 0
-    for spec in FEATURES:
-        for values in _INDICATORS[spec.indicator](ctx, **spec.kwargs):
-            out[:, col] = values
-            col += 1
-    return out
+def history_needed(spec: FeatureSpec) -> int:
+    """Candles one row of ``spec`` reads: the least lookback that computes it exactly."""
+    k = spec.kwargs
+    match spec.indicator:
+        case "log_return":
+            return int(k["periods"]) + 1
+        case "rsi" | "atr" | "realized_volatility":
+            return int(k["period"]) + 1
+        case "macd":  # slow FIR EMA, then the signal FIR EMA over it
+            return int(k["taps"]) + int(k["signal_taps"]) - 1
+        case "bollinger" | "volume_zscore" | "taker_buy_ratio" | "vwap_distance":
+            return int(k["period"])
+        case _:
+            return 1
 
 
-def compute_features(candles: Mapping[str, np.ndarray]) -> FloatArray:
-    """Feature matrix ``(n, len(FEATURE_NAMES))`` of a time-ordered candle series.
+_SPEC_OF: dict[str, FeatureSpec] = {name: spec for spec in FEATURES for name in spec.outputs}
 
-    Rows with fewer than ``LOOKBACK_PERIODS`` candles of history are NaN. Row ``i`` depends only
-    on candles ``i - LOOKBACK_PERIODS + 1 .. i``. Computed in chunks so memory stays O(n).
+
+class FeatureError(ValueError):
+    """A feature selection names an unknown feature or a lookback too short for it."""
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """The features one model uses: a subset (and order) of :data:`FEATURE_NAMES` computed
+    over windows of ``lookback`` candles (the seed's ``FEATURES`` and ``LOOKBACK_PERIODS``).
+
+    Values do not depend on ``lookback`` beyond what each feature needs (every definition is a
+    finite window), so a model trained with any selection computes, in the server, exactly what
+    training computed. The selection is part of :meth:`definitions_hash`.
     """
-    n = len(candles["close"])
-    out = np.full((n, len(FEATURE_NAMES)), np.nan, dtype=np.float64)
-    first = LOOKBACK_PERIODS - 1
-    for start in range(first, n, _CHUNK_ROWS):
-        stop = min(start + _CHUNK_ROWS, n)
-        lo = start - first
-        chunk = {name: candles[name][lo:stop] for name in CANDLE_FIELDS}
-        out[start:stop] = _compute_rows(chunk)
+
+    names: tuple[str, ...] = FEATURE_NAMES
+    lookback: int = LOOKBACK_PERIODS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", tuple(self.names))
+        if not self.names:
+            raise FeatureError("FEATURES is empty; name at least one feature")
+        unknown = [n for n in self.names if n not in _SPEC_OF]
+        if unknown:
+            shown = ", ".join(repr(n[:40]) for n in unknown[:5])
+            raise FeatureError(
+                f"FEATURES names unknown features {shown}; the defined ones are "
+                f"{', '.join(FEATURE_NAMES)}"
+            )
+        if len(set(self.names)) != len(self.names):
+            raise FeatureError("FEATURES names a feature twice")
+        need = self.min_lookback
+        if self.lookback < need:
+            short = sorted(
+                (
+                    f"{n} needs {history_needed(_SPEC_OF[n])}"
+                    for n in self.names
+                    if history_needed(_SPEC_OF[n]) > self.lookback
+                ),
+            )
+            raise FeatureError(
+                f"LOOKBACK_PERIODS={self.lookback} is shorter than the chosen features need "
+                f"({need}): {', '.join(short[:6])}"
+            )
+
+    @classmethod
+    def of(cls, names: list[str] | tuple[str, ...] | None, lookback: int | None) -> FeatureSet:
+        """The selection with defaults for what is None."""
+        return cls(
+            FEATURE_NAMES if names is None else tuple(names),
+            LOOKBACK_PERIODS if lookback is None else int(lookback),
+        )
+
+    @functools.cached_property
+    def plan(self) -> tuple[tuple[FeatureSpec, tuple[int, ...]], ...]:
+        """The indicators to run and the output column of each of their outputs (-1: unused)."""
+        column = {name: i for i, name in enumerate(self.names)}
+        return tuple(
+            (spec, tuple(column.get(name, -1) for name in spec.outputs))
+            for spec in FEATURES
+            if not column.keys().isdisjoint(spec.outputs)
+        )
+
+    @property
+    def min_lookback(self) -> int:
+        return max(history_needed(_SPEC_OF[n]) for n in self.names)
+
+    @property
+    def is_default(self) -> bool:
+        return self.names == FEATURE_NAMES and self.lookback == LOOKBACK_PERIODS
+
+    def definitions_hash(self) -> str:
+        return feature_definitions_hash(self.names, self.lookback)
+
+    def compute(self, candles: Mapping[str, np.ndarray]) -> FloatArray:
+        """Feature matrix ``(n, len(names))``; rows with less than ``lookback`` candles of
+        history are NaN. Row ``i`` depends only on candles ``i - lookback + 1 .. i``."""
+        n = len(candles["close"])
+        out = np.full((n, len(self.names)), np.nan, dtype=np.float64)
+        first = self.lookback - 1
+        for start in range(first, n, _CHUNK_ROWS):
+            stop = min(start + _CHUNK_ROWS, n)
+            lo = start - first
+            chunk = {name: candles[name][lo:stop] for name in CANDLE_FIELDS}
+            out[start:stop] = _compute_rows(chunk, self)
+        return out
+
+    def window(self, candles: Mapping[str, np.ndarray]) -> FloatArray:
+        """Features of the last candle of a window, from its last ``lookback`` candles."""
+        n = len(candles["close"])
+        if n < self.lookback:
+            raise ValueError(f"a feature window needs {self.lookback} candles, got {n}")
+        lo = n - self.lookback
+        return _compute_rows({name: candles[name][lo:] for name in CANDLE_FIELDS}, self)[0]
+
+
+DEFAULT_FEATURE_SET = FeatureSet()
+
+
+def _compute_rows(
+    candles: Mapping[str, np.ndarray], selection: FeatureSet = DEFAULT_FEATURE_SET
+) -> FloatArray:
+    """Features of the last ``m - lookback + 1`` candles of ``m`` candles."""
+    ctx = _Ctx(candles, selection.lookback)
+    out = np.empty((ctx.rows, len(selection.names)), dtype=np.float64)
+    for spec, columns in selection.plan:
+        outputs = _INDICATORS[spec.indicator](ctx, **spec.kwargs)
+        for column, values in zip(columns, outputs, strict=True):
+            if column >= 0:
+                out[:, column] = values
     return out
 
 
-def window_features(candles: Mapping[str, np.ndarray]) -> FloatArray:
-    """Features of the last candle of a window, from its last ``LOOKBACK_PERIODS`` candles.
+def compute_features(
+    candles: Mapping[str, np.ndarray], selection: FeatureSet = DEFAULT_FEATURE_SET
+) -> FloatArray:
+    """Feature matrix ``(n, len(selection.names))`` of a time-ordered candle series (default:
+    every feature over :data:`LOOKBACK_PERIODS`).
+
+    Rows with fewer than ``lookback`` candles of history are NaN. Row ``i`` depends only on
+    candles ``i - lookback + 1 .. i``. Computed in chunks so memory stays O(n).
+    """
+    return selection.compute(candles)
+
+
+def window_features(
+    candles: Mapping[str, np.ndarray], selection: FeatureSet = DEFAULT_FEATURE_SET
+) -> FloatArray:
+    """Features of the last candle of a window, from its last ``lookback`` candles.
 
     The server's online path; equals ``compute_features(series)[i]`` for the window ending at i.
     """
-    n = len(candles["close"])
-    if n < LOOKBACK_PERIODS:
-        raise ValueError(f"a feature window needs {LOOKBACK_PERIODS} candles, got {n}")
-    lo = n - LOOKBACK_PERIODS
-    return _compute_rows({name: candles[name][lo:] for name in CANDLE_FIELDS})[0]
+    return selection.window(candles)
 
 
 def candles_from_frame(df: pl.DataFrame) -> dict[str, np.ndarray]:

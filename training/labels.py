@@ -32,6 +32,19 @@ def forward_log_return(
     return out
 
 
+def net_log_return(
+    log_return: np.ndarray | float, *, fee: float = 0.0, side: int = 1
+) -> np.ndarray:
+    """The log return of a round trip net of the ``fee`` (a fraction of the notional, netted as
+    ``log(1 - fee)``): ``side=1`` a long over the move ``log_return``, ``side=-1`` a short over
+    it (the move's opposite). NaN where the move is unknown. The netting the label uses."""
+    if not 0.0 <= fee < 1.0:
+        raise ValueError(f"fee must be a fraction in [0, 1), got {fee}")
+    if side not in (1, -1):
+        raise ValueError(f"side must be 1 (long) or -1 (short), got {side}")
+    return side * np.asarray(log_return, dtype=np.float64) + math.log1p(-fee)
+
+
 def label_from_return(
     log_return: np.ndarray | float, *, fee: float = 0.0, threshold: float = 0.0
 ) -> np.ndarray:
@@ -43,9 +56,7 @@ def label_from_return(
     retrain learns from labels of the same definition the model was trained on. The label is about
     the underlying's move, not the trade's profit: a profitable short is a down move (label 0).
     """
-    if not 0.0 <= fee < 1.0:
-        raise ValueError(f"fee must be a fraction in [0, 1), got {fee}")
-    net = np.asarray(log_return, dtype=np.float64) + math.log1p(-fee)
+    net = net_log_return(log_return, fee=fee)
     labels = np.where(net > threshold, 1.0, 0.0)
     labels[np.isnan(net)] = np.nan
     return labels

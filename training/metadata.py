@@ -16,12 +16,15 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,18 @@ NATIVE_FILES: dict[str, str] = {
     "catboost": "catboost_model.cbm",
 }
 MODEL_TYPES = tuple(NATIVE_FILES)
+#: The only files a model directory may hold (names starting with "." are ignored: the
+#: temporary files of an interrupted atomic write).
+MODEL_FILES = frozenset({METADATA_FILE, ONNX_FILE, FEATURE_IMPORTANCE_FILE, *NATIVE_FILES.values()})
+#: Largest ``metadata.json`` and ``feature_importance.csv`` read.
+MAX_SMALL_FILE_BYTES = 1 << 20
+#: Default largest native model or ONNX file (the server's ``MODEL_MAX_FILE_BYTES``).
+MAX_MODEL_FILE_BYTES = 256 << 20
+#: Deepest nesting of ``data``, ``metrics`` and ``params``.
+MAX_METADATA_DEPTH = 16
+#: Longest name, symbol, interval, hash or ``trained_at`` text.
+MAX_METADATA_TEXT = 128
+_MAX_INT = 2**53
 
 #: Name of the ONNX graph's input: float32 ``[batch, features]`` (batch dimension dynamic).
 INPUT_NAME = "input"
@@ -102,31 +117,105 @@ class ModelMetadata:
     checksums: dict[str, str] = field(default_factory=dict)
     """sha256 of model files by file name (the native file at least); the server verifies them
     before loading, since some libraries crash rather than fail on a truncated file."""
+    signal_thresholds: dict[str, Any] = field(default_factory=dict)
+    """The model's BUY / SELL probability thresholds and how they were chosen
+    (:mod:`training.thresholds`): ``buy``, ``sell``, ``rule``, ``min_share``, ``max_share`` and
+    the ``validation`` figures behind them. Empty in models trained before thresholds were
+    chosen per model: the server then applies its defaults (0.55 / 0.45)."""
 
     def __post_init__(self) -> None:
+        """The schema: every field's type and range, checked when the metadata is read, so a
+        bad file is refused at load rather than failing later (GetModelInfo, a swap)."""
+        _text(self.name, "name")
+        if "/" in self.name or "\\" in self.name or self.name in (".", ".."):
+            raise MetadataError(f"name must be a plain directory name, got {self.name[:64]!r}")
         if self.model_type not in NATIVE_FILES:
             raise MetadataError(
-                f"model_type {self.model_type!r} is not one of {', '.join(MODEL_TYPES)}"
+                f"model_type {str(self.model_type)[:64]!r} is not one of {', '.join(MODEL_TYPES)}"
             )
-        if self.version < 1:
-            raise MetadataError(f"version must be >= 1, got {self.version}")
-        if not self.feature_names:
-            raise MetadataError("feature_names is empty")
-        if self.lookback < 1:
-            raise MetadataError(f"lookback must be >= 1, got {self.lookback}")
+        _integer(self.version, "version", 1)
+        _integer(self.training_samples, "training_samples", 0)
+        _text(self.trained_at, "trained_at")
+        try:
+            parsed_at = datetime.fromisoformat(self.trained_at.replace("Z", "+00:00"))
+        except ValueError:
+            raise MetadataError(f"trained_at {self.trained_at!r} is not an ISO-8601 time") from None
+        try:
+            if parsed_at.tzinfo is not None:
+                parsed_at = parsed_at.astimezone(UTC)
+        except (OverflowError, ValueError):
+            parsed_at = parsed_at.replace(year=1)
+        if not 1970 <= parsed_at.year <= 9998:
+            raise MetadataError(f"trained_at {self.trained_at!r} is outside 1970..9998 (UTC)")
+        if not isinstance(self.feature_names, list) or not self.feature_names:
+            raise MetadataError("feature_names must be a non-empty list")
+        if len(self.feature_names) > 4096:
+            raise MetadataError(f"feature_names has {len(self.feature_names)} entries (max 4096)")
+        for name in self.feature_names:
+            _text(name, "feature_names[]")
+        _integer(self.lookback, "lookback", 1, 1_000_000)
+        _text(self.features_hash, "features_hash")
+        if self.parent_version is not None:
+            _integer(self.parent_version, "parent_version", 0)
+        _integer(self.horizon, "horizon", 1, 1_000_000)
+        _number(self.fee, "fee")
+        _number(self.label_threshold, "label_threshold")
+        _text(self.symbol, "symbol", allow_empty=True)
+        _text(self.interval, "interval", allow_empty=True)
+        for key in ("data", "metrics", "params"):
+            value = getattr(self, key)
+            if not isinstance(value, dict):
+                raise MetadataError(f"{key} must be a JSON object, got {type(value).__name__}")
+            _json_value(value, key, 1)
+        if not isinstance(self.checksums, dict):
+            raise MetadataError("checksums must be a JSON object")
+        for file, digest in self.checksums.items():
+            if not isinstance(file, str) or file not in MODEL_FILES - {METADATA_FILE}:
+                raise MetadataError(
+                    f"checksums name {str(file)[:64]!r}, not a model file "
+                    f"({', '.join(sorted(MODEL_FILES - {METADATA_FILE}))})"
+                )
+            if not (
+                isinstance(digest, str)
+                and len(digest) == 64
+                and all(c in "0123456789abcdef" for c in digest)
+            ):
+                raise MetadataError(f"checksums[{file!r}] is not a sha256 hex digest")
+        if not isinstance(self.signal_thresholds, dict):
+            raise MetadataError("signal_thresholds must be a JSON object")
+        _json_value(self.signal_thresholds, "signal_thresholds", 1)
+        if self.signal_thresholds:
+            buy = self.signal_thresholds.get("buy")
+            sell = self.signal_thresholds.get("sell")
+            numbers = all(
+                isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
+                for v in (buy, sell)
+            )
+            if not (numbers and sell < buy):  # type: ignore[operator]
+                raise MetadataError(
+                    "signal_thresholds needs numbers 0 <= sell < buy <= 1, got "
+                    f"buy={str(buy)[:20]} sell={str(sell)[:20]}"
+                )
 
     @property
     def native_file(self) -> str:
         """File name of the native model inside the model directory."""
         return NATIVE_FILES[self.model_type]
 
-    def checksum_problem(self, model_dir: str | os.PathLike[str]) -> str | None:
-        """What is wrong with the files :attr:`checksums` lists, or None when all match."""
+    def checksum_problem(
+        self, model_dir: str | os.PathLike[str], max_bytes: int = MAX_MODEL_FILE_BYTES
+    ) -> str | None:
+        """What is wrong with the files :attr:`checksums` lists, or None when all match. Only
+        regular files inside ``model_dir`` (the schema allows model file names only), never
+        bigger than ``max_bytes``, are read."""
         for name, expected in self.checksums.items():
             path = Path(model_dir) / name
-            if not path.is_file():
+            if not path.exists() and not path.is_symlink():
                 return f"{path} is missing"
-            actual = sha256_file(path)
+            try:
+                actual = sha256_regular_file(path, max_bytes)
+            except MetadataError as exc:
+                return str(exc)
             if actual != expected:
                 return f"{path} is corrupt (sha256 {actual[:12]}, metadata says {expected[:12]})"
         return None
@@ -143,17 +232,20 @@ class ModelMetadata:
         try:
             return cls(**raw)
         except TypeError as exc:  # a required key is missing
-            raise MetadataError(str(exc)) from exc
+            raise MetadataError(str(exc)[:200]) from None
 
     @classmethod
     def read(cls, model_dir: str | os.PathLike[str]) -> ModelMetadata:
         path = Path(model_dir) / METADATA_FILE
+        if not path.exists() and not path.is_symlink():
+            raise MetadataError(f"metadata file {path} is missing")
+        data = read_regular_file(path, MAX_SMALL_FILE_BYTES)
         try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise MetadataError(f"metadata file {path} is missing") from exc
-        except (OSError, ValueError) as exc:
-            raise MetadataError(f"metadata file {path} is unreadable: {exc}") from exc
+            raw = json.loads(data)
+        except RecursionError:
+            raise MetadataError(f"metadata file {path} is nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise MetadataError(f"metadata file {path} is not valid JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise MetadataError(f"metadata file {path} does not hold a JSON object")
         return cls.from_dict(raw)
@@ -163,6 +255,122 @@ class ModelMetadata:
         path = Path(model_dir) / METADATA_FILE
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path
+
+
+def _text(value: object, field: str, allow_empty: bool = False) -> None:
+    if not isinstance(value, str):
+        raise MetadataError(f"{field} must be a string, got {type(value).__name__}")
+    if not value and not allow_empty:
+        raise MetadataError(f"{field} is empty")
+    if len(value) > MAX_METADATA_TEXT:
+        raise MetadataError(f"{field} is {len(value)} characters (max {MAX_METADATA_TEXT})")
+
+
+def _integer(value: object, field: str, low: int, high: int = _MAX_INT) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise MetadataError(f"{field} must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise MetadataError(f"{field} must lie in [{low}, {high}], got {value}")
+
+
+def _number(value: object, field: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise MetadataError(f"{field} must be a number, got {type(value).__name__}")
+    if not math.isfinite(float(value)):  # type: ignore[arg-type]
+        raise MetadataError(f"{field} must be finite, got {value}")
+
+
+def _json_value(value: object, field: str, depth: int) -> None:
+    """Plain JSON (objects with string keys, lists, strings, numbers, booleans, null), at most
+    :data:`MAX_METADATA_DEPTH` deep."""
+    if depth > MAX_METADATA_DEPTH:
+        raise MetadataError(f"{field} is nested deeper than {MAX_METADATA_DEPTH} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise MetadataError(f"{field} has a key that is not a string")
+            _json_value(item, field, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _json_value(item, field, depth + 1)
+    elif value is not None and not isinstance(value, str | int | float | np.number | np.bool_):
+        raise MetadataError(f"{field} holds a {type(value).__name__}, not a JSON value")
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of the regular file ``path``: never following a symbolic link
+    and never blocking (a FIFO or device in its place is refused, not waited on)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise MetadataError(f"{path} is a symbolic link; model files must be plain") from None
+        raise MetadataError(f"{path} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MetadataError(f"{path} is not a regular file")
+    return fd
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of the regular file ``path`` (see :func:`_open_regular`), at most
+    ``max_bytes`` of them, or MetadataError."""
+    fd = _open_regular(path)
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > max_bytes:
+            raise MetadataError(f"{path} is {size} bytes, over the limit of {max_bytes}")
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise MetadataError(f"{path} is over the limit of {max_bytes} bytes")
+    return data
+
+
+def sha256_regular_file(path: Path, max_bytes: int) -> str:
+    """:func:`sha256_file` of a regular file of at most ``max_bytes`` (MetadataError else)."""
+    fd = _open_regular(path)
+    digest = hashlib.sha256()
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > max_bytes:
+            raise MetadataError(f"{path} is {size} bytes, over the limit of {max_bytes}")
+        read = 0
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            read += len(block)
+            if read > max_bytes:
+                raise MetadataError(f"{path} is over the limit of {max_bytes} bytes")
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_model_dir(model_dir: Path, max_file_bytes: int = MAX_MODEL_FILE_BYTES) -> None:
+    """A model directory from outside holds only model files (:data:`MODEL_FILES`), each a
+    regular file (no link, FIFO, device or directory) of bounded size; MetadataError naming
+    the first that is not. Names starting with "." are left alone (and never read)."""
+    try:
+        entries = sorted(os.scandir(model_dir), key=lambda e: e.name)
+    except OSError as exc:
+        raise MetadataError(f"{model_dir} cannot be listed: {exc.strerror}") from None
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.name not in MODEL_FILES:
+            raise MetadataError(
+                f"{model_dir} holds {entry.name[:64]!r}, not a model file "
+                f"(allowed: {', '.join(sorted(MODEL_FILES))})"
+            )
+        if not entry.is_file(follow_symlinks=False):
+            raise MetadataError(f"{model_dir}/{entry.name} is not a regular file")
+        limit = (
+            MAX_SMALL_FILE_BYTES
+            if entry.name in (METADATA_FILE, FEATURE_IMPORTANCE_FILE)
+            else max_file_bytes
+        )
+        size = entry.stat(follow_symlinks=False).st_size
+        if size > limit:
+            raise MetadataError(
+                f"{model_dir}/{entry.name} is {size} bytes, over the limit of {limit}"
+            )
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

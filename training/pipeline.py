@@ -8,7 +8,7 @@ model exactly as it was.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,13 +22,22 @@ from training.evaluate import (
     evaluate_split,
     find_lookahead,
 )
+from training.features import FeatureSet
 from training.klines import Klines, load_klines
-from training.labels import binary_labels
+from training.labels import forward_log_return, label_from_return
 from training.metadata import (
     MetadataError,
     ModelMetadata,
 )
-from training.split import TimeSplit, iso_ms, min_gap_bars, time_split, walk_forward
+from training.split import (
+    TimeSplit,
+    fraction_split,
+    iso_ms,
+    min_gap_bars,
+    time_split,
+    walk_forward,
+)
+from training.thresholds import ThresholdError, choose_thresholds, signal_report
 from training.trainers import MIN_TRAINING_SAMPLES, make_model, write_model_dir
 
 logger = logging.getLogger(__name__)
@@ -40,6 +49,10 @@ class TrainingError(RuntimeError):
     """Training cannot produce a trustworthy model (the message names the problem)."""
 
 
+#: Features listed (with their share of the importance) in the metadata's metrics and printed.
+TOP_FEATURES = 5
+
+
 @dataclass(frozen=True)
 class PreparedData:
     """Candles and their features, shared by every model trained on the same data."""
@@ -47,7 +60,17 @@ class PreparedData:
     klines: Klines
     candles: dict[str, np.ndarray]
     features: np.ndarray
+    """Every defined feature over the default lookback (the baselines read it)."""
     step_ms: int
+    _matrices: dict[FeatureSet, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def matrix(self, selection: FeatureSet) -> np.ndarray:
+        """The features of one model's selection (``FEATURES`` over ``LOOKBACK_PERIODS``)."""
+        if selection.is_default:
+            return self.features
+        if selection not in self._matrices:
+            self._matrices[selection] = selection.compute(self.candles)
+        return self._matrices[selection]
 
 
 def prepare_data(config: TrainConfig) -> PreparedData:
@@ -72,12 +95,27 @@ def check_no_lookahead(candles: dict[str, np.ndarray], rows: int = 1_000) -> Non
         raise TrainingError(f"features look into the future: {', '.join(leaking)}")
 
 
-def _split(config: TrainConfig, data: PreparedData, usable: np.ndarray, horizon: int) -> TimeSplit:
-    gap = max(config.gap_bars or 0, min_gap_bars(horizon, features.LOOKBACK_PERIODS))
+def _split(
+    config: TrainConfig, data: PreparedData, usable: np.ndarray, horizon: int, lookback: int
+) -> TimeSplit:
+    gap = max(config.gap_bars or 0, min_gap_bars(horizon, lookback))
+    if config.train_end_date is None:
+        try:
+            return fraction_split(
+                data.candles["open_time"],
+                usable,
+                train_fraction=config.train_fraction,
+                validation_fraction=config.validation_fraction,
+                step_ms=data.step_ms,
+                gap_bars=gap,
+                train_start=config.train_start_date,
+            )
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
     return time_split(
         data.candles["open_time"],
         usable,
-        train_start=config.train_start_date,
+        train_start=config.train_start_date or iso_ms(int(data.candles["open_time"][0]))[:10],
         train_end=config.train_end_date,
         step_ms=data.step_ms,
         gap_bars=gap,
@@ -109,12 +147,13 @@ def _check_trainable(name: str, split: TimeSplit, y: np.ndarray) -> None:
 
 def _fit_and_score(
     spec: ModelSpec, config: TrainConfig, data: PreparedData, y: np.ndarray, split: TimeSplit
-) -> tuple[Any, dict[str, Any]]:
-    x = data.features
+) -> tuple[Any, dict[str, Any], dict[str, np.ndarray]]:
+    selection = config.feature_set(spec)
+    x = data.matrix(selection)
     model = make_model(
         spec.model_type,
         config.model_params(spec),
-        feature_names=list(features.FEATURE_NAMES),
+        feature_names=list(selection.names),
         seed=config.seed,
         num_threads=config.num_threads,
     )
@@ -122,16 +161,17 @@ def _fit_and_score(
     model.fit(x[tr], y[tr], x[va], y[va])
     periods = {"validation": split.validation, "test": split.test}
     proba = {p: model.predict_proba(x[rows]) for p, rows in periods.items() if len(rows)}
-    prev = x[:, _PREV_RETURN]
+    prev = data.features[:, _PREV_RETURN]
     baselines = {p: baseline_probabilities(y[tr], prev[tr], prev[periods[p]]) for p in proba}
     labels = {p: y[periods[p]] for p in proba}
-    return model, evaluate_split(proba, labels, baselines)
+    return model, evaluate_split(proba, labels, baselines), proba
 
 
 def _walk_forward(
     spec: ModelSpec, config: TrainConfig, data: PreparedData, y: np.ndarray, usable: np.ndarray
 ) -> list[dict[str, Any]]:
-    gap = max(config.gap_bars or 0, min_gap_bars(_horizon(spec, config), features.LOOKBACK_PERIODS))
+    lookback = config.feature_set(spec).lookback
+    gap = max(config.gap_bars or 0, min_gap_bars(_horizon(spec, config), lookback))
     folds = []
     for k, split in enumerate(
         walk_forward(
@@ -143,7 +183,7 @@ def _walk_forward(
         )
     ):
         _check_trainable(f"{spec.name} walk-forward fold {k}", split, y)
-        _, report = _fit_and_score(spec, config, data, y, split)
+        _, report, _ = _fit_and_score(spec, config, data, y, split)
         folds.append({"fold": k, "bounds": _bounds(split), **report})
     return folds
 
@@ -183,19 +223,42 @@ def train_model(
     fee = spec.fee if spec.fee is not None else config.fee
     threshold = spec.threshold if spec.threshold is not None else config.threshold
     candles = data.candles
-    y = binary_labels(
-        candles["open_time"],
-        candles["close"],
-        horizon=horizon,
-        step_ms=data.step_ms,
-        fee=fee,
-        threshold=threshold,
-    )
-    usable = np.isfinite(data.features).all(axis=1) & np.isfinite(y)
-    split = _split(config, data, usable, horizon)
+    selection = config.feature_set(spec)
+    moves = forward_log_return(candles["open_time"], candles["close"], horizon, data.step_ms)
+    y = label_from_return(moves, fee=fee, threshold=threshold)
+    usable = np.isfinite(data.matrix(selection)).all(axis=1) & np.isfinite(y)
+    split = _split(config, data, usable, horizon, selection.lookback)
     _check_trainable(spec.name, split, y)
 
-    model, metrics = _fit_and_score(spec, config, data, y, split)
+    model, metrics, proba = _fit_and_score(spec, config, data, y, split)
+    try:
+        thresholds = choose_thresholds(
+            proba["validation"],
+            moves[split.validation],
+            fee=fee,
+            min_share=config.signal_min_share,
+            max_share=config.signal_max_share,
+        )
+    except ThresholdError as exc:
+        raise TrainingError(f"{spec.name}: {exc}") from None
+    metrics["signals"] = {
+        period: signal_report(
+            proba[period],
+            moves[rows],
+            buy=thresholds["buy"],
+            sell=thresholds["sell"],
+            fee=fee,
+            label_threshold=threshold,
+        )
+        for period, rows in (("validation", split.validation), ("test", split.test))
+        if period in proba
+    }
+    importance = model.feature_importance()
+    total = sum(importance.values()) or 1.0
+    metrics["top_features"] = [
+        [name, gain / total]
+        for name, gain in sorted(importance.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_FEATURES]
+    ]
     metrics["best_iteration"] = model.best_iteration
     metrics["bounds"] = _bounds(split)
     if config.walk_forward_folds > 0:
@@ -212,9 +275,9 @@ def train_model(
         parent_version=previous,
         training_samples=len(split.train),
         trained_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        feature_names=list(features.FEATURE_NAMES),
-        lookback=features.LOOKBACK_PERIODS,
-        features_hash=features.feature_definitions_hash(),
+        feature_names=list(selection.names),
+        lookback=selection.lookback,
+        features_hash=selection.definitions_hash(),
         horizon=horizon,
         fee=fee,
         label_threshold=threshold,
@@ -229,6 +292,7 @@ def train_model(
         },
         metrics=metrics,
         params={**model.params, "seed": config.seed, "num_threads": config.num_threads},
+        signal_thresholds=thresholds,
     )
     meta = write_model_dir(target, model, meta)
     logger.info(

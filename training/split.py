@@ -4,7 +4,8 @@ Between periods lies a gap of at least ``horizon + lookback`` bars, so no traini
 a candle that a validation feature reads, and no two periods share a feature window.
 ``TRAIN_START_DATE`` / ``TRAIN_END_DATE`` (the names operators configure) bound the training
 period (both dates inclusive); the rest of the data after the gap is halved into validation and
-test unless their ends are given.
+test unless their ends are given. Without training dates the data's own span is split by
+fraction (:func:`fraction_split`, 60 / 20 / 20 by default), so any data trains as it is.
 Walk-forward folds repeat this on consecutive blocks with an expanding training window.
 """
 
@@ -86,6 +87,40 @@ def time_split(
         "train": train,
         "validation": (valid_start, valid_end),
         "test": (valid_end + gap_ms, last),
+    }
+    return split_by_bounds(open_time, usable, bounds, gap_ms)
+
+
+def fraction_split(
+    open_time: np.ndarray,
+    usable: np.ndarray,
+    *,
+    train_fraction: float,
+    validation_fraction: float,
+    step_ms: int,
+    gap_bars: int,
+    train_start: str | None = None,
+) -> TimeSplit:
+    """Split the span of the usable rows (from ``train_start`` when given) by time: the first
+    ``train_fraction`` trains, the next ``validation_fraction`` validates, the rest tests; each
+    later period starts after a gap of ``gap_bars`` taken from its own share."""
+    open_time = np.asarray(open_time, dtype=np.int64)
+    rows = usable.copy()
+    if train_start:
+        rows &= open_time >= date_ms(train_start)
+    if not rows.any():
+        where = f" from TRAIN_START_DATE {train_start}" if train_start else ""
+        raise ValueError(f"no usable rows{where} to split")
+    start = int(open_time[rows].min())
+    end = int(open_time[rows].max()) + step_ms
+    span = end - start
+    train_end = start + int(span * train_fraction)
+    valid_end = start + int(span * (train_fraction + validation_fraction))
+    gap_ms = gap_bars * step_ms
+    bounds = {
+        "train": (start, train_end),
+        "validation": (train_end + gap_ms, valid_end),
+        "test": (valid_end + gap_ms, end),
     }
     return split_by_bounds(open_time, usable, bounds, gap_ms)
 

@@ -10,6 +10,9 @@ The modules:
 * ``endpoints`` -- one model server: its channel, health watch and PredictStream.
 * ``featurize`` -- candle windows turned into features once, for servers that compute the same.
 * ``fanout`` -- one request to every serving endpoint under one deadline; who voted, who not.
+* ``trust`` -- pure: whether an answer can be counted (probability range, model name, version).
+* ``breaker`` -- outlier detection: eject a server that stops answering, probe it, let it back.
+* ``metrics`` -- per-endpoint counters: votes, missing votes by reason, ejections, rejoins.
 * ``ensemble`` -- pure arithmetic: combine votes, the quorum rule, adaptive weights.
 * ``decision`` -- pure: one row's votes to its decision, every vote explained.
 * ``feedback`` -- the feedback path: predictions remembered, outcomes validated, scored, queued.
@@ -20,6 +23,7 @@ The modules:
 * ``client`` -- :class:`Coordinator`, the synchronous library on a background event loop.
 * ``convert`` -- results as EnsembleService protobuf messages.
 * ``servicer`` -- the EnsembleService gRPC handlers.
+* ``undecodable`` -- request bytes that do not parse: INVALID_ARGUMENT, not UNKNOWN.
 * ``server`` -- the gRPC server: health, reflection, SIGHUP reload, graceful SIGTERM.
 * ``telemetry`` -- its metrics (``/metrics``, ``/health``), imported only when it serves.
 * ``candles`` -- kline files read into candle columns (CLI and demo only; needs polars).

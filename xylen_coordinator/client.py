@@ -103,6 +103,10 @@ class Coordinator:
         """Outcomes not yet delivered to every target."""
         return self._call(self.aio.pending_feedback())
 
+    def delivery_states(self, prediction_id: str) -> dict[str, tuple[str, int, str]]:
+        """Server name -> (state, attempts, last error) of one outcome's deliveries."""
+        return self._call(self.aio.delivery_states(prediction_id))
+
     def close(self) -> None:
         """Close the channels and the outbox, then stop the background loop."""
         if self._loop.is_closed():

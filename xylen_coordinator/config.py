@@ -50,6 +50,9 @@ class Endpoint:
     """Static weight of its vote, >= 0 (renormalised over the servers that voted)."""
     enabled: bool = True
     """False keeps the endpoint configured but out of the ensemble."""
+    model_name: str = ""
+    """Model the server must name in every vote; a vote naming another is rejected. Empty: the
+    name the server gives in GetModelInfo when it turns SERVING."""
 
     @property
     def address(self) -> str:
@@ -70,14 +73,22 @@ class Quorum:
     """Fewest votes for a decision, >= 1."""
 
 
+THRESHOLD_SOURCES = ("members", "fixed")
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Signal thresholds applied to the ensemble probability (same rule as the servers)."""
 
     buy: float = 0.55
-    """P(up) at or above which the signal is BUY."""
+    """P(up) at or above which the signal is BUY (``source: fixed``; with ``members``, the
+    value used for a member whose own thresholds are not known)."""
     sell: float = 0.45
-    """P(up) at or below which the signal is SELL."""
+    """P(up) at or below which the signal is SELL (as ``buy``)."""
+    source: str = "members"
+    """``members``: the voters' own thresholds (each chosen on its model's validation data,
+    GetModelInfo), weighted like their probabilities, so the ensemble follows the members'
+    rule; ``fixed``: ``buy`` and ``sell``."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,30 @@ class Transport:
 
 
 @dataclass(frozen=True)
+class OutlierDetection:
+    """Ejecting a server that stops answering, so that it costs one deadline and not every call.
+
+    After ``consecutive_failures`` timeouts or connection failures in a row the server is left
+    out (a missing vote, reason EJECTED) for ``base_ejection_seconds``, doubled for each
+    ejection in a row up to ``max_ejection_seconds``; then a grpc.health.v1 Check probes it and
+    it rejoins when the check answers SERVING within ``probe_timeout_ms`` (on probation: one
+    more failure ejects it again; an answer clears its record)."""
+
+    enabled: bool = True
+    """False: never eject (every call waits for a hung server until the deadline)."""
+    consecutive_failures: int = 3
+    """Timeouts or connection failures in a row that eject a server, >= 1."""
+    base_ejection_seconds: float = 2.0
+    """First ejection period, > 0."""
+    max_ejection_seconds: float = 30.0
+    """Longest ejection period, >= base_ejection_seconds."""
+    probe_timeout_ms: int = 500
+    """Deadline of the health probe of an ejected server, >= 1."""
+    max_ejected_fraction: float = 0.5
+    """Most of the enabled endpoints ejected at once (at least one), in (0, 1]."""
+
+
+@dataclass(frozen=True)
 class Tls:
     """The ``tls`` section: how the coordinator dials the model servers. ``enabled: false``
     (the default) is plaintext; ``true`` needs ``ca_file`` and may add a client certificate and
@@ -213,6 +248,11 @@ class Config:
     """TLS (and mutual TLS) towards the model servers."""
     auth: Auth = field(default_factory=Auth)
     """Credentials sent to the model servers."""
+    outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
+    """When a server that stops answering is left out, and how it rejoins."""
+    max_concurrent_predicts: int = 128
+    """EnsembleService.Predict calls worked on at once, >= 1; one more is refused at once with
+    RESOURCE_EXHAUSTED (reason OVERLOADED) instead of queueing past its deadline."""
     source: Path | None = field(default=None, metadata={"in_file": False})
     """File the configuration was read from, if any (not a key of the file)."""
 
@@ -314,7 +354,17 @@ def _endpoint(value: Any, key: str) -> Endpoint:
     if weight < 0:
         raise ConfigError(f"{key}.weight: must not be negative, got {weight}")
     enabled = section.boolean("enabled")
-    return Endpoint(name=name, host=host.strip(), port=port, weight=weight, enabled=enabled)
+    model_name = section.string("model_name")
+    if len(model_name) > 256:
+        raise ConfigError(f"{key}.model_name: must be at most 256 characters")
+    return Endpoint(
+        name=name,
+        host=host.strip(),
+        port=port,
+        weight=weight,
+        enabled=enabled,
+        model_name=model_name,
+    )
 
 
 def _endpoints(value: Any) -> tuple[Endpoint, ...]:
@@ -366,7 +416,12 @@ def _thresholds(value: Any) -> Thresholds:
     sell = section.number("sell")
     if not 0 <= sell < buy <= 1:
         raise ConfigError(f"{key}: need 0 <= sell < buy <= 1, got sell={sell} buy={buy}")
-    return Thresholds(buy=buy, sell=sell)
+    source = section.string("source")
+    if source not in THRESHOLD_SOURCES:
+        raise ConfigError(
+            f"{key}.source: must be one of {', '.join(THRESHOLD_SOURCES)}, got {source[:40]!r}"
+        )
+    return Thresholds(buy=buy, sell=sell, source=source)
 
 
 def _weights(value: Any) -> Weights:
@@ -494,6 +549,41 @@ def _tls(value: Any, base: Path | None) -> Tls:
     return tls
 
 
+def _outlier_detection(value: Any) -> OutlierDetection:
+    key = "outlier_detection"
+    section = _Section(value, key, OutlierDetection)
+    failures = section.integer("consecutive_failures")
+    if failures < 1:
+        raise ConfigError(f"{key}.consecutive_failures: must be >= 1, got {failures}")
+    base = section.number("base_ejection_seconds")
+    if base <= 0:
+        raise ConfigError(f"{key}.base_ejection_seconds: must be > 0, got {base}")
+    longest = section.number("max_ejection_seconds")
+    if longest < base:
+        raise ConfigError(f"{key}.max_ejection_seconds: must be >= base_ejection_seconds")
+    probe = section.integer("probe_timeout_ms")
+    if probe < 1:
+        raise ConfigError(f"{key}.probe_timeout_ms: must be >= 1, got {probe}")
+    fraction = section.number("max_ejected_fraction")
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"{key}.max_ejected_fraction: must be in (0, 1], got {fraction}")
+    return OutlierDetection(
+        enabled=section.boolean("enabled"),
+        consecutive_failures=failures,
+        base_ejection_seconds=base,
+        max_ejection_seconds=longest,
+        probe_timeout_ms=probe,
+        max_ejected_fraction=fraction,
+    )
+
+
+def _max_concurrent(section: _Section) -> int:
+    value = section.integer("max_concurrent_predicts")
+    if value < 1:
+        raise ConfigError(f"max_concurrent_predicts: must be >= 1, got {value}")
+    return value
+
+
 def _auth(value: Any, base: Path | None) -> Auth:
     key = "auth"
     section = _Section(value, key, Auth)
@@ -531,6 +621,8 @@ def parse_config(raw: Any, source: Path | None = None) -> Config:
         transport=_transport(section.raw.get("transport")),
         tls=_tls(section.raw.get("tls"), base),
         auth=_auth(section.raw.get("auth"), base),
+        outlier_detection=_outlier_detection(section.raw.get("outlier_detection")),
+        max_concurrent_predicts=_max_concurrent(section),
         source=source,
     )
 

@@ -14,6 +14,8 @@ MISSING_REASONS = {
     MissingReason.DEADLINE_EXCEEDED: epb.MISSING_REASON_DEADLINE_EXCEEDED,
     MissingReason.UNAVAILABLE: epb.MISSING_REASON_UNAVAILABLE,
     MissingReason.ERROR: epb.MISSING_REASON_ERROR,
+    MissingReason.REJECTED: epb.MISSING_REASON_REJECTED,
+    MissingReason.EJECTED: epb.MISSING_REASON_EJECTED,
 }
 WEIGHT_MODES = {"static": epb.WEIGHT_MODE_STATIC, "adaptive": epb.WEIGHT_MODE_ADAPTIVE}
 
@@ -36,6 +38,8 @@ def predict_response(result: EnsembleResult) -> epb.EnsembleServicePredictRespon
             probability_up=row.probability,
             signal=TO_PROTO[row.signal],
             disagreement=row.disagreement,
+            buy_threshold=row.buy_threshold,
+            sell_threshold=row.sell_threshold,
         )
         for vote in row.votes:
             message = prediction.votes.add(
@@ -48,6 +52,7 @@ def predict_response(result: EnsembleResult) -> epb.EnsembleServicePredictRespon
                 model_name=vote.model_name,
                 model_version=vote.model_version,
                 model_prediction_id=vote.model_prediction_id,
+                left_out_reason=vote.left_out,
             )
             message.latency.FromNanoseconds(int(vote.latency_seconds * 1e9))
             if vote.adaptive is not None:
@@ -78,6 +83,7 @@ def info_response(
         weight_mode=WEIGHT_MODES[config.weights.mode],
         buy_threshold=config.thresholds.buy,
         sell_threshold=config.thresholds.sell,
+        threshold_source=config.thresholds.source,
         quorum_weight_fraction=config.quorum.min_weight_fraction,
         quorum_min_votes=config.quorum.min_votes,
         pending_feedback=pending,
@@ -94,4 +100,12 @@ def info_response(
         )
         if state.adaptive is not None:
             info.adaptive.CopyFrom(adaptive_proto(state.adaptive))
+        info.ejected = state.ejected
+        if state.counts is not None:
+            counters = info.counters
+            counters.votes = state.counts.votes
+            counters.missing_votes.update(state.counts.missing)
+            counters.rejected_votes.update(state.counts.rejected)
+            counters.ejections = state.counts.ejections
+            counters.rejoins = state.counts.rejoins
     return response

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -34,16 +35,33 @@ from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import Config, load_config
 from xylen_coordinator.decision import Vote, decide
 from xylen_coordinator.endpoints import EndpointClient
-from xylen_coordinator.ensemble import AdaptiveWeights, quorum_shortfall
+from xylen_coordinator.ensemble import (
+    AdaptiveWeights,
+    label_plan,
+    member_thresholds,
+    quorum_shortfall,
+)
 from xylen_coordinator.fanout import FanOutResult, fan_out
 from xylen_coordinator.featurize import FEATURES_HASH, featurized
 from xylen_coordinator.feedback import Ledger
+from xylen_coordinator.metrics import Metrics
 from xylen_coordinator.report import describe_missing
 from xylen_coordinator.results import EndpointState, EnsembleResult, FeedbackAck, RowDecision
 from xylen_server import telemetry
-from xylen_server.errors import FailedPrecondition, InvalidArgument, Unavailable, XylenError
+from xylen_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    XylenError,
+)
 
 logger = logging.getLogger(__name__)
+
+#: Longest time budget a caller may ask for one fan-out.
+MAX_TIMEOUT_SECONDS = 3600.0
+#: Most inputs in one call: the model servers' own default MAX_BATCH_ROWS.
+MAX_BATCH_INPUTS = 4096
 
 #: Status codes that mean the request itself is bad: passed through when every server says so.
 _CLIENT_ERRORS = {"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "OUT_OF_RANGE"}
@@ -70,6 +88,8 @@ class AsyncCoordinator:
         self._snapshot: _Snapshot | None = None
         self.adaptive = AdaptiveWeights(self._initial.weights.adaptive)
         self._ledger = Ledger(self.adaptive)
+        self.metrics = Metrics()
+        """Votes, missing votes by reason, ejections and rejoins, by endpoint."""
         self._retiring: set[asyncio.Task[None]] = set()
         self._retiring_clients: list[EndpointClient] = []
         self._reload_lock = asyncio.Lock()
@@ -132,10 +152,18 @@ class AsyncCoordinator:
                 and old.token == config.auth.token
             ):
                 old.endpoint = endpoint  # new weight or other attributes, same connection
+                old.breaker.settings = config.outlier_detection
+                if not config.outlier_detection.enabled:
+                    old.breaker.reset()
                 clients[endpoint.name] = old
             else:
                 client = EndpointClient(
-                    endpoint, config.transport, config.tls.client(), config.auth.token
+                    endpoint,
+                    config.transport,
+                    config.tls.client(),
+                    config.auth.token,
+                    outlier_detection=config.outlier_detection,
+                    metrics=self.metrics,
                 )
                 client.start()
                 clients[endpoint.name] = client
@@ -251,15 +279,26 @@ class AsyncCoordinator:
             raise InvalidArgument(
                 "the batch is empty; send at least one input", reason="EMPTY_BATCH"
             )
+        if len(request.inputs) > MAX_BATCH_INPUTS:
+            raise ResourceExhausted(
+                f"{len(request.inputs)} inputs in one call; at most {MAX_BATCH_INPUTS}",
+                reason="BATCH_TOO_LARGE",
+                limit=MAX_BATCH_INPUTS,
+            )
+        if timeout is not None and not (math.isfinite(timeout) and timeout <= MAX_TIMEOUT_SECONDS):
+            raise InvalidArgument(
+                f"timeout must be a finite number of seconds up to {MAX_TIMEOUT_SECONDS:g}, "
+                f"got {timeout:.6g}",
+                reason="INVALID_TIMEOUT",
+            )
         budget = config.deadline_ms / 1000 if timeout is None or timeout <= 0 else timeout
         clients = list(snapshot.clients.values())
         # Windows become features once here when some server computes the same features.
-        shared = any(c.features_hash == FEATURES_HASH for c in clients)
+        shared = [c.name for c in clients if c.features_hash == FEATURES_HASH]
+        computed = featurized(request) if shared else None
         if telemetry.tracing_enabled():
             with telemetry.tracer(__name__).start_as_current_span("ensemble fan-out") as span:
-                fanned = await fan_out(
-                    clients, request, budget, featurized(request) if shared else None
-                )
+                fanned = await fan_out(clients, request, budget, computed)
                 span.set_attribute("xylen.voted", sorted(fanned.answers))
                 for missing in fanned.missing:  # the missing votes, visible in the trace
                     span.add_event(
@@ -267,8 +306,12 @@ class AsyncCoordinator:
                         {"xylen.endpoint": missing.server_name, "xylen.reason": missing.reason},
                     )
         else:
-            fanned = await fan_out(
-                clients, request, budget, featurized(request) if shared else None
+            fanned = await fan_out(clients, request, budget, computed)
+        for name in fanned.answers:
+            self.metrics.vote(name)
+        for missing in fanned.missing:
+            self.metrics.missing(
+                missing.server_name, missing.reason.value, missing.error_reason, missing.message
             )
         observer = self.observer
         try:
@@ -281,6 +324,29 @@ class AsyncCoordinator:
             observer.fanned(fanned, "ok")
         configured = snapshot.configured_weights
         weights = self._weights(snapshot)
+        # Combine only probabilities that mean the same thing (label_plan), with thresholds
+        # that follow the members' own (member_thresholds).
+        if any(c.learning for c in clients):  # just turned SERVING: its label is on the way
+            await asyncio.gather(*(c.learnt(budget) for c in clients))
+        for name, answer in fanned.answers.items():
+            if answer.response.predictions:
+                snapshot.clients[name].notice_version(answer.response.predictions[0].model_version)
+        _, left_out = label_plan({c.name: c.label for c in clients}, configured)
+        weights = {name: 0.0 if name in left_out else w for name, w in weights.items()}
+        if not any(weights.get(name, 0.0) > 0 for name in fanned.answers):
+            raise Unavailable(
+                "no decision: no server whose probability means what the ensemble's does voted"
+                f" ({'; '.join(f'{n}: {r}' for n, r in left_out.items())[:400]})",
+                reason="NO_QUORUM",
+                voted=",".join(fanned.answers),
+            )
+        thresholds = config.thresholds
+        if thresholds.source == "members":
+            thresholds = member_thresholds(
+                {name: weights.get(name, 0.0) for name in fanned.answers},
+                {c.name: c.thresholds for c in clients},
+                thresholds,
+            )
         scores = None
         if config.weights.mode == "adaptive":
             scores = {name: self.adaptive.score(name) for name in configured}
@@ -291,8 +357,8 @@ class AsyncCoordinator:
                 name: Vote(answer.response.predictions[i], answer.latency)
                 for name, answer in fanned.answers.items()
             }
-            row = decide(self._next_id(), votes, weights, configured, config.thresholds, scores)
-            self._ledger.remember(row, now)
+            row = decide(self._next_id(), votes, weights, configured, thresholds, scores, left_out)
+            self._ledger.remember(row, now, *_row_features(request, computed, shared, i, clients))
             rows.append(row)
         result = EnsembleResult(
             rows=tuple(rows),
@@ -391,6 +457,8 @@ class AsyncCoordinator:
                     weight=endpoint.weight * (score.multiplier if score else 1.0),
                     adaptive=score,
                     sends_features=bool(client and client.features_hash == FEATURES_HASH),
+                    ejected=bool(client and client.breaker.ejected),
+                    counts=self.metrics.counts(endpoint.name),
                 )
             )
         return states
@@ -404,3 +472,21 @@ class AsyncCoordinator:
         return {
             c.name: r for c, r in zip(clients, results, strict=True) if isinstance(r, pb.ModelInfo)
         }
+
+
+def _row_features(
+    request: pb.PredictRequest,
+    computed: pb.PredictRequest | None,
+    shared: Sequence[str],
+    row: int,
+    clients: Sequence[EndpointClient],
+) -> tuple[tuple[float, ...], tuple[str, ...]]:
+    """The feature row ``row`` was predicted on and the servers it holds for: every server for a
+    feature vector sent as such, the servers that were sent the coordinator's features for a
+    window (none when no server computes the same features)."""
+    item = request.inputs[row]
+    if item.HasField("features"):
+        return tuple(item.features.values), tuple(c.name for c in clients)
+    if computed is not None:
+        return tuple(computed.inputs[row].features.values), tuple(shared)
+    return (), ()

@@ -34,6 +34,7 @@ def decide(
     configured_weights: Mapping[str, float],
     thresholds: Thresholds,
     scores: Mapping[str, AdaptiveScore] | None = None,
+    left_out: Mapping[str, str] | None = None,
 ) -> RowDecision:
     """The ensemble's decision ``prediction_id`` on one row from ``votes`` (voter name -> vote,
     in the order they are reported).
@@ -41,7 +42,9 @@ def decide(
     ``weights`` are the weights in force (the configured ones, times each model's multiplier in
     adaptive mode), ``configured_weights`` the configured ones and ``scores`` each voter's
     adaptive record (adaptive mode only). A vote whose own signal is unspecified or unknown
-    reads as HOLD. Raises :class:`~xylen_server.errors.Unavailable` (reason ``NO_QUORUM``)
+    reads as HOLD. ``left_out`` names the voters whose probability means something else (weight
+    0 in ``weights``) with the reason their vote reports (:func:`~xylen_coordinator.ensemble.
+    label_plan`). Raises :class:`~xylen_server.errors.Unavailable` (reason ``NO_QUORUM``)
     when no voter has a positive weight.
     """
     probabilities = {name: vote.prediction.probability_up for name, vote in votes.items()}
@@ -71,7 +74,10 @@ def decide(
                 model_prediction_id=vote.prediction.prediction_id,
                 latency_seconds=vote.latency_seconds,
                 adaptive=None if scores is None else scores[name],
+                left_out=(left_out or {}).get(name, ""),
             )
             for name, vote in votes.items()
         ),
+        buy_threshold=thresholds.buy,
+        sell_threshold=thresholds.sell,
     )

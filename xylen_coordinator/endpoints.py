@@ -33,7 +33,9 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_contex
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
-from xylen_coordinator.config import MAX_MESSAGE_BYTES, Endpoint, Transport
+from xylen_coordinator.breaker import Breaker
+from xylen_coordinator.config import MAX_MESSAGE_BYTES, Endpoint, OutlierDetection, Transport
+from xylen_coordinator.metrics import Metrics
 from xylen_server import telemetry
 from xylen_server.auth import bearer_metadata
 from xylen_server.tls import ClientTls, open_aio_channel
@@ -50,6 +52,8 @@ class MissingReason(StrEnum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     UNAVAILABLE = "UNAVAILABLE"
     ERROR = "ERROR"
+    REJECTED = "REJECTED"
+    EJECTED = "EJECTED"
 
 
 class VoteFailure(Exception):
@@ -132,6 +136,13 @@ def failure_from_rpc_error(error: grpc.aio.AioRpcError) -> VoteFailure:
     return failure_from_status(error.code(), error.details() or "", _error_reason(error))
 
 
+def _core_broke(error: grpc.aio.AioRpcError) -> bool:
+    """The client's gRPC core ended the call (the connection broke under it), not the server."""
+    return (
+        error.code() == grpc.StatusCode.INTERNAL and error.details() == "Internal error from Core"
+    )
+
+
 class _Stream:
     """One open PredictStream and the requests waiting for their answers."""
 
@@ -181,8 +192,13 @@ class _Stream:
         except grpc.aio.AioRpcError as error:
             self.unimplemented = error.code() == grpc.StatusCode.UNIMPLEMENTED
             failure = failure_from_rpc_error(error)
-            if error.code() == grpc.StatusCode.UNAVAILABLE:
-                failure.message = f"connection lost: {error.details()}"
+            if error.code() == grpc.StatusCode.UNAVAILABLE or _core_broke(error):
+                # A killed server's stream can also end as INTERNAL "Internal error from Core".
+                failure = VoteFailure(
+                    MissingReason.UNAVAILABLE,
+                    f"connection lost: {error.details()}",
+                    code=grpc.StatusCode.UNAVAILABLE,
+                )
         except asyncio.CancelledError:
             failure = VoteFailure(MissingReason.UNAVAILABLE, "the coordinator closed the stream")
             raise
@@ -214,6 +230,9 @@ class EndpointClient:
         transport: Transport,
         tls: ClientTls | None = None,
         token: str = "",
+        *,
+        outlier_detection: OutlierDetection | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.name = endpoint.name
@@ -227,6 +246,9 @@ class EndpointClient:
         self.serving = False
         self.features_hash = ""
         """The server's ModelInfo.features_hash, learnt each time it turns SERVING."""
+        self.info: pb.ModelInfo | None = None
+        """The server's ModelInfo, learnt each time it turns SERVING or answers with a model
+        version other than the one learnt (its label definition and thresholds)."""
         self.health_detail = "health not known yet"
         self.health_known = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
@@ -235,6 +257,19 @@ class EndpointClient:
         self._ids = itertools.count(1)
         self._closing = False
         self._learning: asyncio.Future[None] | None = None
+        self.reported_model_name = ""
+        """The model name the server gave in GetModelInfo."""
+        self.known_versions: set[int] = set()
+        """Model versions the server reported in GetModelInfo (the latest few)."""
+        self._last_refresh = -1.0
+        self.metrics = metrics or Metrics()
+        self.breaker = Breaker(
+            self.name,
+            outlier_detection or OutlierDetection(),
+            self._probe,
+            on_eject=lambda: self.metrics.ejected(self.name),
+            on_rejoin=lambda: self.metrics.rejoined(self.name),
+        )
 
     def start(self) -> None:
         """Start following the server's health (idempotent)."""
@@ -245,8 +280,13 @@ class EndpointClient:
         if serving != self.serving:
             logger.info("%s (%s): %s", self.name, self.endpoint.address, detail)
             self.features_hash = ""
+            self.info = None
             if serving:
                 self._learning = asyncio.ensure_future(self._learn_features())
+                if self.breaker.ejected:
+                    # The server said SERVING again (restarted, reconnected): let it back in.
+                    logger.warning("%s rejoined: its health turned SERVING", self.name)
+                    self.breaker.reset()
         self.serving = serving
         self.health_detail = detail
         self.health_known.set()
@@ -283,9 +323,81 @@ class EndpointClient:
         """Ask the server which feature definitions its model uses (a swap keeps them: a server
         refuses models whose definitions differ from its code)."""
         try:
-            self.features_hash = (await self.model_info()).features_hash
+            info = await self.model_info()
         except grpc.aio.AioRpcError as error:
             logger.info("%s: no model info (%s); sending it candles", self.name, error.code().name)
+            return
+        self.info = info
+        self.features_hash = info.features_hash
+        self._learn_model(info)
+
+    def _learn_model(self, info: pb.ModelInfo) -> None:
+        self.reported_model_name = info.name
+        if info.version not in self.known_versions:
+            self.known_versions.add(info.version)
+            while len(self.known_versions) > 16:
+                self.known_versions.discard(min(self.known_versions))
+
+    @property
+    def expected_model_name(self) -> str:
+        """The model name every vote must carry: configured, else reported (empty: unknown)."""
+        return self.endpoint.model_name or self.reported_model_name
+
+    def refresh_model_info(self) -> None:
+        """Ask GetModelInfo again (a vote named a version not known yet: a swap?), at most once
+        a second."""
+        now = time.monotonic()
+        if now - self._last_refresh < 1.0 or (self._learning and not self._learning.done()):
+            return
+        self._last_refresh = now
+
+        self._learning = asyncio.ensure_future(self._learn_features())
+
+    async def _probe(self, timeout: float) -> str | None:
+        """grpc.health.v1 Check of an ejected server: None when SERVING, else why not."""
+        request = health_pb2.HealthCheckRequest(service=MODEL_SERVICE)
+        try:
+            response = await self._health.Check(request, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            return f"{error.code().name}"
+        if response.status != health_pb2.HealthCheckResponse.SERVING:
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return None
+
+    @property
+    def learning(self) -> bool:
+        """A model-info request is in flight."""
+        return self._learning is not None and not self._learning.done()
+
+    async def learnt(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for a model-info request in flight."""
+        learning = self._learning
+        if learning is not None and not learning.done():
+            await asyncio.wait([learning], timeout=timeout)
+
+    def notice_version(self, version: int) -> None:
+        """Learn the model info again when the server answered with another model version
+        (a swap, a rollback or a restore may bring other thresholds)."""
+        info = self.info
+        learning = self._learning
+        if info is None or info.version == version or (learning and not learning.done()):
+            return
+        self._learning = asyncio.ensure_future(self._learn_features())
+
+    @property
+    def label(self) -> tuple[int, float, float] | None:
+        """What the server's probability means: (horizon, fee, label threshold); None while
+        its model info is not known."""
+        info = self.info
+        return None if info is None else (info.horizon, info.fee, info.label_threshold)
+
+    @property
+    def thresholds(self) -> tuple[float, float] | None:
+        """The (buy, sell) thresholds the server applies to its own model; None when unknown."""
+        info = self.info
+        if info is None or not info.sell_threshold < info.buy_threshold:
+            return None
+        return info.buy_threshold, info.sell_threshold
 
     def _open_stream(self) -> _Stream:
         stream = self._stream
@@ -371,6 +483,7 @@ class EndpointClient:
     async def close(self, grace: float = 1.0) -> None:
         """Half-close the stream, give answers in flight ``grace`` seconds, close the channel."""
         self._closing = True
+        await self.breaker.close()
         if self._stream is not None:
             await self._stream.close(grace)
         if self._watch is not None:

@@ -3,6 +3,9 @@
 * :func:`combine` -- the weighted mean of the voters' up-probabilities with the weights
   renormalised over those who voted, the signal from the thresholds, and the disagreement (the
   weighted standard deviation of the votes).
+* :func:`label_plan` -- which voters' probabilities mean the same thing (same horizon, fee and
+  label threshold) and may be combined; the others are left out with the reason.
+* :func:`member_thresholds` -- the ensemble's BUY / SELL thresholds from its members' own.
 * :func:`quorum_shortfall` -- whether enough servers voted to answer at all.
 * :class:`AdaptiveWeights` -- each model's live record on matured outcomes (exponentially
   decayed Brier score and hit rate) and the multiplier it earns, within a floor and a cap.
@@ -69,6 +72,73 @@ def combine(
         disagreement=math.sqrt(variance),
         weights=normalised,
     )
+
+
+#: What a model's probability means: (horizon in bars, round-trip fee, label threshold).
+Label = tuple[int, float, float]
+
+
+def describe_label(label: Label) -> str:
+    horizon, fee, threshold = label
+    return (
+        f"P(up over {horizon} bar{'s' if horizon != 1 else ''} net of fee {fee:g} > {threshold:g})"
+    )
+
+
+def label_plan(
+    labels: Mapping[str, Label | None], configured: Mapping[str, float]
+) -> tuple[Label | None, dict[str, str]]:
+    """The label definition the ensemble combines and the servers left out (name -> reason).
+
+    Probabilities are only averaged when they answer the same question. Among the servers
+    whose model info is known (``labels``: name -> label, None when unknown), the definition
+    carrying the most configured weight wins (ties: the shorter horizon, then the smaller fee
+    and label threshold); a server of another definition is left out of the combination and its
+    vote says why. A server whose definition is not known yet is not left out. Computed over
+    every configured server, not this call's voters, so a server going down never changes what
+    the ensemble's probability means.
+    """
+    totals: dict[Label, float] = {}
+    for name, label in labels.items():
+        if label is not None:
+            totals[label] = totals.get(label, 0.0) + configured.get(name, 0.0)
+    if not totals:
+        return None, {}
+    chosen = max(totals, key=lambda k: (totals[k], -k[0], -k[1], -k[2]))
+    left_out = {
+        name: (
+            f"not combined: its probability is {describe_label(label)}, the ensemble's is "
+            f"{describe_label(chosen)}"
+        )
+        for name, label in labels.items()
+        if label is not None and label != chosen
+    }
+    return chosen, left_out
+
+
+def member_thresholds(
+    weights: Mapping[str, float],
+    members: Mapping[str, tuple[float, float] | None],
+    fallback: Thresholds,
+) -> Thresholds:
+    """The ensemble's thresholds from its voters' own: each voter's (buy, sell) weighted by its
+    share of the combination (``weights``, renormalised over the positive ones), a voter with
+    unknown thresholds counting with ``fallback``'s. The ensemble probability is the same
+    weighted mean of the voters' probabilities, so it crosses the mean threshold where its
+    members (weighted) cross their own: each member's threshold keeps the meaning its rule gave
+    it (``training.thresholds``). ``fallback`` itself when no voter has a positive weight."""
+    total = math.fsum(w for w in weights.values() if w > 0)
+    if total <= 0:
+        return fallback
+    buy = sell = 0.0
+    for name, weight in weights.items():
+        if weight <= 0:
+            continue
+        own = members.get(name)
+        b, s = own if own is not None else (fallback.buy, fallback.sell)
+        buy += weight / total * b
+        sell += weight / total * s
+    return Thresholds(buy=buy, sell=sell, source=fallback.source)
 
 
 def quorum_shortfall(

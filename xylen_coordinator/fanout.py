@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.endpoints import Answer, EndpointClient, MissingReason, VoteFailure
 from xylen_coordinator.featurize import FEATURES_HASH
+from xylen_coordinator.trust import check_answer
+
+#: Missing votes that mean the server did not answer: they count towards its ejection.
+_NO_ANSWER = (MissingReason.DEADLINE_EXCEEDED, MissingReason.UNAVAILABLE)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,11 @@ async def fan_out(
                 client.name, MissingReason.NOT_SERVING, client.health_detail
             )
             continue
+        if client.breaker.ejected:
+            outcome[client.name] = Missing(
+                client.name, MissingReason.EJECTED, client.breaker.describe()
+            )
+            continue
         send = request
         if featurized is not None and client.features_hash == FEATURES_HASH:
             send = featurized
@@ -70,6 +79,7 @@ async def fan_out(
     rows = len(request.inputs)
     for client, future in asked:
         outcome[client.name] = _collect(client, future, future in done, rows, timeout)
+    _account(clients, [client for client, _ in asked], outcome)
     for client in clients:
         item = outcome[client.name]
         if isinstance(item, Missing):
@@ -102,6 +112,11 @@ def _collect(
                 MissingReason.ERROR,
                 f"answered {len(answer.response.predictions)} rows for {rows} inputs",
             )
+        rejection = check_answer(answer.response, client.expected_model_name, client.known_versions)
+        if rejection is not None:
+            if rejection.reason == "UNKNOWN_MODEL_VERSION":
+                client.refresh_model_info()  # perhaps a swap: the next calls may count it
+            return Missing(client.name, MissingReason.REJECTED, rejection.message, rejection.reason)
         return answer
     if isinstance(error, VoteFailure):
         return Missing(
@@ -112,3 +127,31 @@ def _collect(
             error.code.name if error.code is not None else "",
         )
     return Missing(client.name, MissingReason.ERROR, f"{type(error).__name__}: {error}")
+
+
+def _silent(item: Answer | Missing) -> bool:
+    return isinstance(item, Missing) and item.reason in _NO_ANSWER
+
+
+def _account(
+    clients: Sequence[EndpointClient],
+    asked: Sequence[EndpointClient],
+    outcome: dict[str, Answer | Missing],
+) -> None:
+    """Tell each asked server's breaker whether it answered; a server that did not may be
+    ejected unless too many endpoints are ejected already.
+
+    A server is an outlier only against peers that answered: when none of the asked servers
+    answered in time, the cause is more likely here (an overloaded coordinator, a deadline too
+    short for anyone) than in each of them, and nobody's count moves."""
+    if all(_silent(outcome[c.name]) for c in asked):
+        return
+    for client in asked:
+        item = outcome[client.name]
+        if isinstance(item, Missing) and _silent(item):
+            fraction = client.breaker.settings.max_ejected_fraction
+            limit = max(1, int(len(clients) * fraction))
+            ejected = sum(1 for c in clients if c.breaker.ejected)
+            client.breaker.failure(item.message, may_eject=ejected < limit)
+        else:
+            client.breaker.success()

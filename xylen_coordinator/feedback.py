@@ -31,8 +31,15 @@ logger = logging.getLogger(__name__)
 
 #: Ensemble predictions remembered in memory for Feedback (older ones are read from disk).
 _PREDICTION_MEMORY = 100_000
-#: Largest clock skew tolerated on an outcome's close_time.
-_FUTURE_SKEW = timedelta(minutes=1)
+#: Largest clock skew tolerated on an outcome's close_time: the model servers' default
+#: (FEEDBACK_MAX_CLOCK_SKEW_SECONDS), so that no outcome acknowledged here is refused there.
+_FUTURE_SKEW = timedelta(seconds=5)
+#: Earliest close_time accepted (2000-01-01T00:00:00Z), as the model servers' Feedback.
+_EARLIEST_CLOSE_S = 946_684_800
+#: Longest prediction id accepted (UTF-8 bytes): the coordinator's own are about 25.
+MAX_PREDICTION_ID_BYTES = 128
+#: Characters of a prediction id quoted in an error message.
+_SHOWN_ID_CHARS = 40
 
 
 class Ledger:
@@ -79,11 +86,22 @@ class Ledger:
 
     # -- predictions ------------------------------------------------------------------------
 
-    def remember(self, row: RowDecision, now: float) -> None:
-        """Keep ``row`` (decided at ``now``, epoch seconds) for the outcome that may follow."""
+    def remember(
+        self,
+        row: RowDecision,
+        now: float,
+        features: tuple[float, ...] = (),
+        feature_servers: tuple[str, ...] = (),
+    ) -> None:
+        """Keep ``row`` (decided at ``now``, epoch seconds) for the outcome that may follow,
+        with the ``features`` the voters in ``feature_servers`` predicted on, if known."""
+        voters = {v.server_name: (v.model_prediction_id, v.probability) for v in row.votes}
         record = PredictionRecord(
             row.signal.value,
-            {v.server_name: (v.model_prediction_id, v.probability) for v in row.votes},
+            voters,
+            now,
+            features,
+            tuple(name for name in feature_servers if name in voters) if features else (),
         )
         self._records[row.prediction_id] = record
         if len(self._records) > _PREDICTION_MEMORY:
@@ -131,15 +149,22 @@ class Ledger:
                 raise InvalidArgument("realized_return is required", reason="INVALID_OUTCOME")
             outcome = pb.TradeOutcome(pnl=pnl, realized_return=realized_return)
             outcome.close_time.FromDatetime(close_time or datetime.now(UTC))
-        _validate_outcome(prediction_id, outcome)
+        close = _validate_outcome(prediction_id, outcome)
         record = self._records.get(prediction_id)
         if record is None:
             record = await outbox.run(outbox.find_prediction, prediction_id)
         if record is None:
+            shown = prediction_id[:_SHOWN_ID_CHARS]
             raise NotFound(
-                f"no ensemble prediction {prediction_id!r} is known to this coordinator",
+                f"no ensemble prediction {shown!r} is known to this coordinator",
                 reason="PREDICTION_NOT_FOUND",
-                prediction_id=prediction_id,
+                prediction_id=shown,
+            )
+        if record.created and close < record.created - _FUTURE_SKEW.total_seconds():
+            raise InvalidArgument(
+                "outcome.close_time is before the prediction was made",
+                reason="INVALID_OUTCOME",
+                field="close_time",
             )
         received = time.time()
         due = received + retraining.feedback_delay_seconds
@@ -186,9 +211,19 @@ class Ledger:
         return await self._outbox.run(self._outbox.delivery_states, prediction_id)
 
 
-def _validate_outcome(prediction_id: str, outcome: pb.TradeOutcome) -> None:
+def _validate_outcome(prediction_id: str, outcome: pb.TradeOutcome) -> float:
+    """Refuse what a model server's Feedback would refuse; returns close_time in epoch
+    seconds."""
     if not prediction_id:
         raise InvalidArgument("prediction_id is required", reason="MISSING_PREDICTION_ID")
+    size = len(prediction_id.encode())
+    if size > MAX_PREDICTION_ID_BYTES:
+        raise InvalidArgument(
+            f"prediction_id is {size} bytes, longer than {MAX_PREDICTION_ID_BYTES}",
+            reason="PREDICTION_ID_TOO_LONG",
+            limit=MAX_PREDICTION_ID_BYTES,
+            size=size,
+        )
     for name in ("pnl", "realized_return"):
         value = getattr(outcome, name)
         if not math.isfinite(value):
@@ -199,10 +234,24 @@ def _validate_outcome(prediction_id: str, outcome: pb.TradeOutcome) -> None:
         raise InvalidArgument(
             "outcome.close_time is required", reason="INVALID_OUTCOME", field="close_time"
         )
-    close = outcome.close_time.ToDatetime(tzinfo=UTC)
-    if close > datetime.now(UTC) + _FUTURE_SKEW:
+    seconds, nanos = outcome.close_time.seconds, outcome.close_time.nanos
+    if not 0 <= nanos < 1_000_000_000:
         raise InvalidArgument(
-            f"outcome.close_time {close.isoformat()} is in the future",
+            f"outcome.close_time.nanos must lie in [0, 999999999], got {nanos}",
+            reason="INVALID_OUTCOME",
+            field="close_time",
+        )
+    if seconds < _EARLIEST_CLOSE_S:
+        raise InvalidArgument(
+            f"outcome.close_time ({seconds} s since the epoch) is before 2000-01-01",
+            reason="INVALID_OUTCOME",
+            field="close_time",
+        )
+    close = seconds + nanos / 1e9
+    if close > (datetime.now(UTC) + _FUTURE_SKEW).timestamp():
+        raise InvalidArgument(
+            f"outcome.close_time ({seconds} s since the epoch) is in the future",
             reason="OUTCOME_IN_FUTURE",
             field="close_time",
         )
+    return close

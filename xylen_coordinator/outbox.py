@@ -89,6 +89,13 @@ class PredictionRecord:
     """The ensemble's signal (BUY, SELL, HOLD): tells which way a trade's return points."""
     votes: dict[str, tuple[str, float]]
     """What each server voted: server name -> (its own prediction id, its probability)."""
+    created: float = 0.0
+    """When the prediction was made, epoch seconds (0: not known)."""
+    features: tuple[float, ...] = ()
+    """The feature row the servers in ``feature_servers`` predicted on (empty: not known)."""
+    feature_servers: tuple[str, ...] = ()
+    """Servers whose features are ``features``: sent to them with an outcome when they no
+    longer hold the prediction (a kill -9 took their unflushed prediction log)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,8 @@ class Delivery:
     model_prediction_id: str
     outcome: bytes
     attempts: int
+    features: tuple[float, ...] = ()
+    """The prediction's feature row for this server, if the coordinator knows it."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,10 @@ class Outbox:
     def _open(self) -> None:
         db = sqlite_connect(self.path)  # WAL, synchronous=FULL: as the server's feedback store
         db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(predictions)")}
+        if "features" not in columns:  # an outbox written before features were kept
+            with db:
+                db.execute("ALTER TABLE predictions ADD COLUMN features TEXT NOT NULL DEFAULT ''")
         self._db = db
 
     @property
@@ -138,17 +151,28 @@ class Outbox:
 
     def write_predictions(self, rows: Iterable[tuple[str, float, PredictionRecord]]) -> None:
         encoded = [
-            (pid, created, record.signal, json.dumps(record.votes)) for pid, created, record in rows
+            (pid, created, record.signal, json.dumps(record.votes), _encode_features(record))
+            for pid, created, record in rows
         ]
         with self.db:
             self.db.execute("BEGIN")
-            self.db.executemany("INSERT OR IGNORE INTO predictions VALUES (?, ?, ?, ?)", encoded)
+            self.db.executemany(
+                "INSERT OR IGNORE INTO predictions (prediction_id, created, signal, votes, "
+                "features) VALUES (?, ?, ?, ?, ?)",
+                encoded,
+            )
 
     def find_prediction(self, prediction_id: str) -> PredictionRecord | None:
         row = self.db.execute(
-            "SELECT signal, votes FROM predictions WHERE prediction_id = ?", (prediction_id,)
+            "SELECT signal, votes, created, features FROM predictions WHERE prediction_id = ?",
+            (prediction_id,),
         ).fetchone()
-        return None if row is None else PredictionRecord(row[0], _decode_votes(row[1]))
+        if row is None:
+            return None
+        features, servers = _decode_features(row[3])
+        return PredictionRecord(
+            row[0], _decode_votes(row[1]), float(row[2]), features, tuple(servers)
+        )
 
     def enqueue(
         self,
@@ -178,12 +202,18 @@ class Outbox:
 
     def due(self, now: float, limit: int = 256) -> list[Delivery]:
         rows = self.db.execute(
-            "SELECT d.prediction_id, d.server_name, d.model_prediction_id, o.outcome, d.attempts "
-            "FROM deliveries d JOIN outcomes o USING (prediction_id) "
+            "SELECT d.prediction_id, d.server_name, d.model_prediction_id, o.outcome, d.attempts, "
+            "p.features FROM deliveries d JOIN outcomes o USING (prediction_id) "
+            "LEFT JOIN predictions p ON p.prediction_id = d.prediction_id "
             "WHERE d.state = 'pending' AND d.due <= ? ORDER BY d.due LIMIT ?",
             (now, limit),
         ).fetchall()
-        return [Delivery(*row) for row in rows]
+        deliveries = []
+        for pid, server, model_pid, outcome, attempts, encoded in rows:
+            features, servers = _decode_features(encoded or "")
+            known = features if server in servers else ()
+            deliveries.append(Delivery(pid, server, model_pid, outcome, attempts, known))
+        return deliveries
 
     def next_due(self) -> float | None:
         row = self.db.execute("SELECT MIN(due) FROM deliveries WHERE state = 'pending'").fetchone()
@@ -235,6 +265,19 @@ class Outbox:
     async def close(self) -> None:
         await self.run(self._close)
         self._executor.shutdown(wait=True)
+
+
+def _encode_features(record: PredictionRecord) -> str:
+    if not record.features or not record.feature_servers:
+        return ""
+    return json.dumps({"values": record.features, "servers": record.feature_servers})
+
+
+def _decode_features(text: str) -> tuple[tuple[float, ...], list[str]]:
+    if not text:
+        return (), []
+    raw = json.loads(text)
+    return tuple(float(v) for v in raw["values"]), [str(s) for s in raw["servers"]]
 
 
 def _decode_votes(text: str) -> dict[str, tuple[str, float]]:
@@ -305,7 +348,20 @@ class Forwarder:
             outcome=pb.TradeOutcome.FromString(delivery.outcome),
         )
         try:
-            await client.feedback(request, self.settings.call_timeout_seconds)
+            try:
+                await client.feedback(request, self.settings.call_timeout_seconds)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.NOT_FOUND or not delivery.features:
+                    raise
+                # The server lost the prediction (a kill -9 before its log was flushed): the
+                # features it was made on let it take the outcome all the same.
+                logger.info(
+                    "feedback %s: %s no longer holds the prediction; sending its features",
+                    delivery.prediction_id,
+                    delivery.server_name,
+                )
+                request.features.values.extend(delivery.features)
+                await client.feedback(request, self.settings.call_timeout_seconds)
         except grpc.aio.AioRpcError as error:
             text = f"{error.code().name}: {error.details()}"
             if error.code() == grpc.StatusCode.ALREADY_EXISTS:

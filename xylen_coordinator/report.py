@@ -17,7 +17,8 @@ def format_result(result: EnsembleResult, times: list[int] | None = None) -> str
         if times is not None:
             when = " @ " + datetime.fromtimestamp(times[n] / 1000, UTC).strftime("%Y-%m-%d %H:%M")
         lines.append(
-            f"{row.signal.value:<4} p_up={row.probability:.4f} disagreement={row.disagreement:.4f}"
+            f"{row.signal.value:<4} p_up={row.probability:.4f} (BUY >= {row.buy_threshold:.4f}, "
+            f"SELL <= {row.sell_threshold:.4f}) disagreement={row.disagreement:.4f}"
             f"{when}  id={row.prediction_id}"
         )
         lines.append(
@@ -30,6 +31,8 @@ def format_result(result: EnsembleResult, times: list[int] | None = None) -> str
                 f"{v.normalized_weight:>8.3f}  {v.model_name:<12}{v.model_version:>4}"
                 f"{v.latency_seconds * 1000:>8.1f}ms"
             )
+            if v.left_out:
+                lines.append(f"    {v.server_name} {v.left_out}")
     voted = len(result.voters)
     lines.append(
         f"{voted} of {voted + len(result.missing)} servers voted in "

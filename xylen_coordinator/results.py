@@ -8,6 +8,7 @@ from datetime import datetime
 from xylen_coordinator.endpoints import MissingReason
 from xylen_coordinator.ensemble import AdaptiveScore, Signal
 from xylen_coordinator.fanout import Missing
+from xylen_coordinator.metrics import EndpointCounts
 
 __all__ = [
     "EndpointState",
@@ -42,6 +43,8 @@ class VoteInfo:
     """Round trip of this server's answer as the coordinator saw it."""
     adaptive: AdaptiveScore | None
     """Why the weight is what it is (adaptive mode only)."""
+    left_out: str = ""
+    """Why this vote was not combined (its probability means something else), or empty."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class RowDecision:
     disagreement: float
     """Weighted standard deviation of the votes (0 = unanimous, at most 0.5)."""
     votes: tuple[VoteInfo, ...]
+    buy_threshold: float = 0.55
+    """The threshold :attr:`signal` was decided with (see ``thresholds.source``)."""
+    sell_threshold: float = 0.45
 
 
 @dataclass(frozen=True)
@@ -106,3 +112,7 @@ class EndpointState:
     sends_features: bool = False
     """True when the server computes this coordinator's features, so candle windows reach it
     as feature vectors computed once here."""
+    ejected: bool = False
+    """Outlier detection has taken it out of the ensemble for now."""
+    counts: EndpointCounts | None = None
+    """Its votes, missing votes, ejections and rejoins since the coordinator started."""

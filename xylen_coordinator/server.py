@@ -24,6 +24,7 @@ from xylen.v1 import ensemble_service_pb2_grpc as epb_grpc
 from xylen_coordinator.config import MAX_MESSAGE_BYTES, ConfigError
 from xylen_coordinator.coordinator import AsyncCoordinator
 from xylen_coordinator.servicer import EnsembleServicer
+from xylen_coordinator.undecodable import UndecodableInterceptor
 from xylen_server.auth import AuthInterceptor, ServerSecurity, check_exposure
 from xylen_server.errors import ErrorStatusInterceptor, SettingsError
 from xylen_server.health import Health, bind, server_options
@@ -86,6 +87,7 @@ async def build_server(
     interceptors: list[grpc.aio.ServerInterceptor] = [
         ErrorStatusInterceptor(),
         AuthInterceptor(checks),
+        UndecodableInterceptor(f"/{SERVICE_NAME}/"),
     ]
     if tracing_enabled():
         interceptors.insert(0, server_tracing_interceptor())

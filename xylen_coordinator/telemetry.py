@@ -7,6 +7,7 @@
 ``xylen_coordinator_predict_duration_seconds``   one ensemble call, fan-out to decision
 ``xylen_coordinator_endpoint_duration_seconds``  each server's round trip (``endpoint``)
 ``xylen_coordinator_missing_votes_total``        votes missing by ``endpoint`` and ``reason``
+``xylen_coordinator_ejections_total``            outlier detection's ejections by ``endpoint``
 ``xylen_coordinator_decisions_total``            decided rows by ``signal``
 ``xylen_coordinator_disagreement``               histogram of the votes' weighted spread
 ``xylen_coordinator_weight``                     the weight each ``endpoint`` gets now
@@ -54,9 +55,15 @@ class CoordinatorTelemetry:
             unit="s",
             description="Each server's round trip as the coordinator saw it.",
         )
-        self._missing = meter.create_counter(
+        meter.create_observable_counter(
             "xylen.coordinator.missing_votes",
+            [self._missing],
             description="Votes missing from ensemble calls, by endpoint and reason.",
+        )
+        meter.create_observable_counter(
+            "xylen.coordinator.ejections",
+            [self._ejections],
+            description="Times outlier detection ejected an endpoint.",
         )
         self._decisions = meter.create_counter(
             "xylen.coordinator.decisions", description="Decided rows by signal."
@@ -102,8 +109,6 @@ class CoordinatorTelemetry:
         self._predictions.add(1, {"outcome": outcome})
         for name, answer in fanned.answers.items():
             self._endpoint.record(answer.latency, self._attributes(name))
-        for missing in fanned.missing:
-            self._missing.add(1, {"endpoint": missing.server_name, "reason": str(missing.reason)})
 
     def decided(self, result: EnsembleResult) -> None:
         self._duration.record(result.duration_seconds)
@@ -118,6 +123,22 @@ class CoordinatorTelemetry:
         # A closed or missing outbox keeps the last figure.
         with contextlib.suppress(Exception):
             self.pending = await self.coordinator.pending_feedback()
+
+    def _missing(self, _options: CallbackOptions) -> Iterable[Observation]:
+        """From the coordinator's own per-endpoint counters (:mod:`xylen_coordinator.metrics`)."""
+        metrics = self.coordinator.metrics
+        return [
+            Observation(n, {"endpoint": e.name, "reason": reason})
+            for e in self.coordinator.endpoints()
+            for reason, n in metrics.counts(e.name).missing.items()
+        ]
+
+    def _ejections(self, _options: CallbackOptions) -> Iterable[Observation]:
+        metrics = self.coordinator.metrics
+        return [
+            Observation(metrics.counts(e.name).ejections, self._attributes(e.name))
+            for e in self.coordinator.endpoints()
+        ]
 
     def _weights(self, _options: CallbackOptions) -> Iterable[Observation]:
         return [

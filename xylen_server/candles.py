@@ -16,6 +16,11 @@ from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_server.errors import InvalidArgument
 
+#: google.protobuf.Timestamp's documented range: 0001-01-01T00:00:00Z ..
+#: 9999-12-31T23:59:59Z, nanos in [0, 999999999].
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+
 
 def window_columns(
     candles: Sequence[types_pb2.Candle], lookback: int, row: int
@@ -23,7 +28,8 @@ def window_columns(
     """The last ``lookback`` candles of a validated window as the columns the features read
     (``open_time`` int64 epoch ms, the rest float64), oldest first.
 
-    Every candle of the window must have an open time, strictly increasing; the last
+    Every candle of the window must have an open time (a valid Timestamp), strictly
+    increasing; the last
     ``lookback`` must be finite and consistent (0 < low <= open, close <= high, volume >= 0,
     0 <= taker buy volume <= volume). ``row`` is the window's index in the request, for the
     error's metadata.
@@ -42,6 +48,18 @@ def window_columns(
             raise InvalidArgument(
                 f"row {row} candle {position} has no open_time",
                 reason="MISSING_OPEN_TIME",
+                row=row,
+                candle=position,
+            )
+        stamp = candle.open_time
+        if not (
+            MIN_TIMESTAMP_SECONDS <= stamp.seconds <= MAX_TIMESTAMP_SECONDS
+            and 0 <= stamp.nanos <= 999_999_999
+        ):
+            raise InvalidArgument(
+                f"row {row} candle {position} has an open_time outside "
+                "0001-01-01..9999-12-31 or nanos outside [0, 999999999]",
+                reason="INVALID_TIMESTAMP",
                 row=row,
                 candle=position,
             )

@@ -143,6 +143,19 @@ class DeadlineExceeded(XylenError):
     reason = "DEADLINE_EXCEEDED"
 
 
+#: Longest piece of a caller's own text an error message may quote.
+SHOWN_CHARS = 64
+
+
+def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` as an error message may quote it: repr'd, never longer than ``limit``
+    characters plus an ellipsis, so untrusted input cannot crowd the real reason out of the
+    trailers."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str, dict[str, str]]:
     if isinstance(exc, XylenError):
         return exc.code, exc.reason, exc.message, exc.metadata

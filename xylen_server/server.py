@@ -24,6 +24,7 @@ import grpc
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen_server.api.admission import AdmissionInterceptor
 from xylen_server.api.interceptors import MetricsInterceptor
 from xylen_server.api.metrics import Recorder
 from xylen_server.api.servicer import ModelServicer
@@ -58,6 +59,7 @@ class Running:
     feedback: FeedbackLoop
     models: ModelManager
     retrainer: Retrainer
+    admission: AdmissionInterceptor | None = None
     telemetry: ServerTelemetry | None = None
     """The metrics (None with METRICS_ENABLED=false)."""
     metrics_http: MetricsHttp | None = None
@@ -109,28 +111,38 @@ async def build_server(
             settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
         )
     recorder = recorder or Recorder()
+    admission = AdmissionInterceptor(settings, recorder)
+    # Outermost first: (spans,) metrics count every answer, errors become status + ErrorInfo,
+    # credentials are checked, and admission (decoding, shedding, limits) runs before any
+    # handler.
     interceptors: list[grpc.aio.ServerInterceptor] = [
         MetricsInterceptor(recorder),
         ErrorStatusInterceptor(),
         AuthInterceptor(security),
+        admission,
     ]
     if tracing_enabled():
         interceptors.insert(0, server_tracing_interceptor())
     server = grpc.aio.server(
-        interceptors=interceptors, options=server_options(settings.max_message_bytes)
+        interceptors=interceptors,
+        options=server_options(settings.max_message_bytes) + admission.core_options,
+        # grpc's own cap, counted when a call arrives (before its task waits for the loop):
+        # above it a call is refused RESOURCE_EXHAUSTED at once, without ErrorInfo.
+        maximum_concurrent_rpcs=admission.call_limit,
     )
     predictor = Predictor(settings)
+    predictor.on_dropped = recorder.event
     feedback = FeedbackLoop(settings)
     predictor.on_answer = feedback.record
     models = ModelManager(settings, predictor)
     retrainer = Retrainer(settings, feedback, models)
     pb_grpc.add_ModelServiceServicer_to_server(
-        ModelServicer(predictor, feedback, models, retrainer), server
+        ModelServicer(predictor, feedback, models, retrainer, admission), server
     )
     health = Health(server, (SERVICE_NAME,))
     port = bind(server, f"{settings.host}:{settings.grpc_port}", credentials)
     running = Running(
-        settings, server, port, predictor, health, recorder, feedback, models, retrainer
+        settings, server, port, predictor, health, recorder, feedback, models, retrainer, admission
     )
     if settings.metrics_enabled:
         telemetry = ServerTelemetry(
@@ -222,6 +234,8 @@ async def _reload(running: Running) -> None:
     """SIGHUP: swap to the model directory's model if it changed; a bad one is logged, kept out."""
     try:
         model, changed = await running.models.reload()
+    except ModelLoadError:
+        return  # logged where it was refused
     except Exception as exc:
         logger.error("reload refused, the served model stays: %s", exc)
         return

@@ -68,6 +68,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "bool": _parse_bool,
     "Path": Path,
     "Path | None": Path,
+    "float | None": _parse_float,
 }
 
 
@@ -105,10 +106,13 @@ class Settings:
     """Largest gRPC message received or sent."""
     max_stream_in_flight: int = env("MAX_STREAM_IN_FLIGHT", 64, minimum=1)
     """Items of one PredictStream processed at once."""
-    buy_threshold: float = env("BUY_THRESHOLD", 0.55, minimum=0.0, maximum=1.0)
-    """P(up) at or above which the signal is BUY."""
-    sell_threshold: float = env("SELL_THRESHOLD", 0.45, minimum=0.0, maximum=1.0)
-    """P(up) at or below which the signal is SELL (below ``buy_threshold``)."""
+    buy_threshold: float | None = env("BUY_THRESHOLD", None, minimum=0.0, maximum=1.0)
+    """P(up) at or above which the signal is BUY. Unset: the model's own threshold (chosen on
+    its validation data, in its metadata), or 0.55 for a model without one
+    (:func:`xylen_server.signals.resolve_thresholds`)."""
+    sell_threshold: float | None = env("SELL_THRESHOLD", None, minimum=0.0, maximum=1.0)
+    """P(up) at or below which the signal is SELL (below the BUY threshold). Unset: the
+    model's own, or 0.45."""
     shutdown_grace_seconds: float = env("SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0)
     """Time in-flight calls get to finish after SIGTERM."""
     parity_probe_rows: int = env("PARITY_PROBE_ROWS", 2048, minimum=1)
@@ -119,6 +123,35 @@ class Settings:
     candle window, runs on the pool's threads. 0 always offloads."""
     inference_delay_ms: float = env("INFERENCE_DELAY_MS", 0.0, minimum=0.0)
     """Test-only: an artificial delay added to every inference."""
+
+    # -- limits on requests and load (what bad input and too much load get) ------------------
+    max_name_bytes: int = env("MAX_NAME_BYTES", 128, minimum=1, maximum=65536)
+    """Longest ``model_name`` or retrain ``job_id`` a request may carry (UTF-8 bytes;
+    INVALID_ARGUMENT NAME_TOO_LONG above)."""
+    max_request_id_bytes: int = env("MAX_REQUEST_ID_BYTES", 128, minimum=1, maximum=65536)
+    """Longest PredictStream ``request_id`` (UTF-8 bytes; the item is answered
+    REQUEST_ID_TOO_LONG, with the id left out of the answer)."""
+    max_window_candles: int = env("MAX_WINDOW_CANDLES", 1000, minimum=1)
+    """Most candles one CandleWindow may carry (RESOURCE_EXHAUSTED WINDOW_TOO_LONG above;
+    only the last ``lookback`` are used)."""
+    max_concurrent_rpcs: int = env("MAX_CONCURRENT_RPCS", 64, minimum=1)
+    """Unary calls worked on at once; more wait in the queue below."""
+    max_queued_rpcs: int = env("MAX_QUEUED_RPCS", 64, minimum=0)
+    """Unary calls waiting for a slot; one more is refused at once with RESOURCE_EXHAUSTED
+    (reason OVERLOADED). A queued call whose deadline passes is dropped unworked. grpc refuses
+    any call beyond ``MAX_CONCURRENT_RPCS + MAX_QUEUED_RPCS + MAX_CONCURRENT_STREAMS`` as it
+    arrives."""
+    max_concurrent_streams: int = env("MAX_CONCURRENT_STREAMS", 64, minimum=1)
+    """Streaming calls (PredictStream, WatchRetrain, health Watch, reflection) open at once
+    (RESOURCE_EXHAUSTED TOO_MANY_STREAMS above)."""
+    max_inflight_bytes: int = env("MAX_INFLIGHT_BYTES", 64 * 1024 * 1024, minimum=1024)
+    """Request bytes of the unary calls admitted (running or queued) and of the PredictStream
+    items held (read, not yet answered) at once; a call or item that would pass it is refused
+    with RESOURCE_EXHAUSTED (BYTES_IN_FLIGHT). One alone is always admitted up to
+    ``MAX_MESSAGE_BYTES``."""
+    model_max_file_bytes: int = env("MODEL_MAX_FILE_BYTES", 256 * 1024 * 1024, minimum=1024)
+    """Largest file a model directory may hold (native model, ONNX); a bigger one is refused
+    before it is read or hashed (metadata.json: at most 1 MiB)."""
 
     # -- continuous learning: feedback storage ----------------------------------------------
     feedback_data_dir: Path | None = env("FEEDBACK_DATA_DIR", None)
@@ -228,7 +261,11 @@ class Settings:
             raise SettingsError(
                 f"MODEL_NAME must be a plain directory name, got {self.model_name!r}"
             )
-        if not self.sell_threshold < self.buy_threshold:
+        if (
+            self.sell_threshold is not None
+            and self.buy_threshold is not None
+            and not self.sell_threshold < self.buy_threshold
+        ):
             raise SettingsError(
                 "need SELL_THRESHOLD < BUY_THRESHOLD, got "
                 f"SELL_THRESHOLD={self.sell_threshold} BUY_THRESHOLD={self.buy_threshold}"
@@ -295,7 +332,7 @@ def _check_bounds(metadata: Mapping[str, Any], value: Any) -> None:
     if choices is not None and value not in choices:
         raise SettingsError(f"{var} must be one of {', '.join(choices)}, got {value!r}")
     low, high, above = metadata["minimum"], metadata["maximum"], metadata["above"]
-    if low is None and high is None and above is None:
+    if value is None or (low is None and high is None and above is None):
         return
     if not math.isfinite(value):
         raise SettingsError(f"{var} must be a finite number, got {value}")

@@ -2,12 +2,20 @@
 
 ``P(up) >= buy`` is BUY, ``P(up) <= sell`` is SELL, anything between is HOLD. A server applies it
 to its model's probability, the coordinator to the ensemble's.
+
+Where the thresholds come from (:func:`resolve_thresholds`): the model's own, chosen on its
+validation data by the rule in :mod:`training.thresholds` and written to its metadata
+(``signal_thresholds``); ``BUY_THRESHOLD`` / ``SELL_THRESHOLD`` override either; a model trained
+before thresholds were chosen per model gets :data:`DEFAULT_BUY_THRESHOLD` /
+:data:`DEFAULT_SELL_THRESHOLD`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from xylen.v1 import types_pb2
 
@@ -31,6 +39,61 @@ TO_PROTO: dict[Signal, types_pb2.Signal.ValueType] = {
     Signal.HOLD: types_pb2.SIGNAL_HOLD,
 }
 FROM_PROTO: dict[int, Signal] = {number: signal for signal, number in TO_PROTO.items()}
+
+
+#: Thresholds of a model whose metadata has none (models trained before per-model thresholds).
+DEFAULT_BUY_THRESHOLD = 0.55
+DEFAULT_SELL_THRESHOLD = 0.45
+
+
+class ThresholdSource(StrEnum):
+    """Where a served model's thresholds come from."""
+
+    DEFAULT = "default"
+    """The model has none: :data:`DEFAULT_BUY_THRESHOLD` / :data:`DEFAULT_SELL_THRESHOLD`."""
+    MODEL = "model"
+    """The model's metadata (chosen on its validation data)."""
+    ENVIRONMENT = "environment"
+    """``BUY_THRESHOLD`` and/or ``SELL_THRESHOLD`` (the other one from the model or default)."""
+
+
+@dataclass(frozen=True)
+class SignalThresholds:
+    """The thresholds a server applies to its model's probability."""
+
+    buy: float
+    sell: float
+    source: ThresholdSource
+    rule: str = ""
+    """How the model's own thresholds were chosen (empty when it has none)."""
+
+
+def resolve_thresholds(
+    model: Mapping[str, Any] | None,
+    buy_override: float | None = None,
+    sell_override: float | None = None,
+) -> SignalThresholds:
+    """The thresholds to serve: the overrides (``BUY_THRESHOLD`` / ``SELL_THRESHOLD``) where
+    set, else the model's own (its metadata's ``signal_thresholds``), else the defaults.
+    Raises ValueError naming both values when they would not keep SELL below BUY."""
+    own = model if model and "buy" in model and "sell" in model else None
+    buy = float(own["buy"]) if own is not None else DEFAULT_BUY_THRESHOLD
+    sell = float(own["sell"]) if own is not None else DEFAULT_SELL_THRESHOLD
+    source = ThresholdSource.MODEL if own is not None else ThresholdSource.DEFAULT
+    if buy_override is not None or sell_override is not None:
+        source = ThresholdSource.ENVIRONMENT
+    buy = buy if buy_override is None else buy_override
+    sell = sell if sell_override is None else sell_override
+    if not sell < buy:
+        origin = "the model's" if own is not None else "the default"
+        raise ValueError(
+            f"SELL threshold {sell:g} is not below BUY threshold {buy:g} "
+            f"(BUY_THRESHOLD {'unset' if buy_override is None else buy_override}, "
+            f"SELL_THRESHOLD {'unset' if sell_override is None else sell_override}, "
+            f"otherwise {origin})"
+        )
+    rule = str(own.get("rule", ""))[:80] if own is not None else ""
+    return SignalThresholds(buy, sell, source, rule)
 
 
 def signal_for(probability: float, buy_threshold: float, sell_threshold: float) -> Signal:

@@ -72,6 +72,7 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
         ("quorum.min_weight_fraction", 1.5, "quorum.min_weight_fraction"),
         ("quorum.min_votes", 3, "quorum.min_votes: must be in 1..2"),
         ("thresholds.buy", 0.4, "thresholds: need 0 <= sell < buy <= 1"),
+        ("thresholds.source", "median", "thresholds.source: must be one of members, fixed"),
         ("weights.mode", "magic", "weights.mode"),
         ("weights.adaptive.floor", 0, "weights.adaptive.floor"),
         ("weights.adaptive.cap", 0.1, "weights.adaptive.cap"),

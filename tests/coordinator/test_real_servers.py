@@ -129,7 +129,13 @@ def test_slow_server_excluded_by_the_deadline(
     slow = harness.start_server(fleet_models, "model_4", env={"INFERENCE_DELAY_MS": "1500"})
     try:
         endpoints = [*four_endpoints(four_servers)[:3], endpoint("slow_4", slow.port, 0.1)]
-        config = write_config(tmp_path / "config.yaml", endpoints, deadline_ms=400)
+        # Outlier detection off: this is about the deadline (ejection: test_faults.py).
+        config = write_config(
+            tmp_path / "config.yaml",
+            endpoints,
+            deadline_ms=400,
+            outlier_detection={"enabled": False},
+        )
         inp = [harness.window_input(fleet_candles, 420)]
         with Coordinator(config) as coordinator:
             results = [coordinator.predict(inp) for _ in range(3)]

@@ -180,17 +180,17 @@ def test_prometheus_scrapes_the_server_and_coordinator(
         prometheus.wait(
             lambda: prometheus.value('xylen_model_info{model_version="1"}') == 1, "v1 info"
         )
+        with grpc.insecure_channel(f"127.0.0.1:{coordinator.port}") as channel:
+            ensemble = epb_grpc.EnsembleServiceStub(channel)
+            for row in feature_rows[20:25]:
+                request = epb.EnsembleServicePredictRequest(inputs=[harness.feature_input(row)])
+                assert len(ensemble.Predict(request, timeout=10).predictions) == 1
         with server.channel() as channel:
             stub = server.stub(channel)
             for row in feature_rows[:20]:
                 stub.Predict(pb.PredictRequest(inputs=[harness.feature_input(row)]))
             moved = stub.RollbackModel(pb.RollbackModelRequest(version=2))
             assert moved.model_info.version == 2
-        with grpc.insecure_channel(f"127.0.0.1:{coordinator.port}") as channel:
-            ensemble = epb_grpc.EnsembleServiceStub(channel)
-            for row in feature_rows[20:25]:
-                request = epb.EnsembleServicePredictRequest(inputs=[harness.feature_input(row)])
-                assert len(ensemble.Predict(request, timeout=10).predictions) == 1
 
         ok = 'job="xylen-server",rpc_method="Predict",rpc_grpc_status_code="OK"'
         prometheus.wait(

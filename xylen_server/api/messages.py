@@ -11,6 +11,7 @@ from xylen_server.learning.feedback_store import AppendResult
 from xylen_server.serving.model_store import LoadedModel
 from xylen_server.serving.predictor import Result
 from xylen_server.settings import Settings
+from xylen_server.signals import ThresholdSource
 from xylen_server.versions.history import KeptVersion
 
 MODEL_TYPES = {
@@ -19,6 +20,11 @@ MODEL_TYPES = {
     "catboost": pb.MODEL_TYPE_CATBOOST,
 }
 ENGINES = {"onnx": pb.ENGINE_ONNX, "native": pb.ENGINE_NATIVE}
+THRESHOLD_SOURCES = {
+    ThresholdSource.DEFAULT: pb.THRESHOLD_SOURCE_DEFAULT,
+    ThresholdSource.MODEL: pb.THRESHOLD_SOURCE_MODEL,
+    ThresholdSource.ENVIRONMENT: pb.THRESHOLD_SOURCE_ENVIRONMENT,
+}
 
 
 def predict_response(result: Result) -> pb.PredictResponse:
@@ -82,9 +88,13 @@ def model_info(
         engine=ENGINES[model.engine.engine],
         training_status=status or pb.TrainingStatus(state=pb.TRAINING_STATE_IDLE),
         horizon=meta.horizon,
-        buy_threshold=settings.buy_threshold,
-        sell_threshold=settings.sell_threshold,
+        buy_threshold=model.thresholds.buy,
+        sell_threshold=model.thresholds.sell,
         features_hash=meta.features_hash,
+        threshold_source=THRESHOLD_SOURCES[model.thresholds.source],
+        threshold_rule=model.thresholds.rule,
+        fee=meta.fee,
+        label_threshold=meta.label_threshold,
     )
     info.train_time.FromDatetime(trained_at(meta.trained_at))
     return info

@@ -1,8 +1,9 @@
 """The one place that records measurements of the RPCs: every call by method, final status code
-and ErrorInfo reason with its duration, the calls and streams in flight, and refused (shed)
-calls. The counts are kept here (the tests read them; :class:`RpcInstruments` exports them at
-scrape time); with :class:`RpcInstruments` attached each call's duration also goes to an
-OpenTelemetry histogram, and from there to ``/metrics``, without touching the call sites.
+and ErrorInfo reason with its duration, the calls and streams in flight, and admission's events
+(undecodable bytes, sheds, expired or cancelled work). The counts are kept here (the tests read
+them; :class:`RpcInstruments` exports them at scrape time); with :class:`RpcInstruments`
+attached each call's duration also goes to an OpenTelemetry histogram, and from there to
+``/metrics``, without touching the call sites.
 
 Names follow the OpenTelemetry RPC semantic conventions where they exist
 (``rpc.server.duration``, ``rpc.system``, ``rpc.service``, ``rpc.method``,
@@ -64,7 +65,13 @@ class RpcInstruments:
         meter.create_observable_counter(
             "xylen.rpc.sheds",
             [self._sheds],
-            description="Calls refused before their handler ran, by RPC and reason.",
+            description="Calls shed at admission (too many in flight or queued).",
+        )
+        meter.create_observable_counter(
+            "xylen.rpc.events",
+            [self._events],
+            description="Admission events: undecodable requests, sheds, work dropped unrun "
+            "because its deadline passed (expired) or its call was cancelled.",
         )
         self._attributes: dict[tuple[str, str], dict[str, str]] = {}
 
@@ -107,24 +114,38 @@ class RpcInstruments:
         ]
 
     def _sheds(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self.recorder.events("shed"))]
+
+    def _events(self, _options: CallbackOptions) -> Iterable[Observation]:
         return [
-            Observation(n, {**self.attributes(method), "reason": reason})
-            for (method, reason), n in self.recorder.snapshot(self.recorder._sheds).items()
+            Observation(n, {"event": name})
+            for name, n in self.recorder.snapshot(self.recorder._events).items()
         ]
 
 
 @dataclass
 class Recorder:
-    """Counts RPCs by method, status code and reason, and the calls and streams in flight
-    (and times them into :class:`RpcInstruments` when set)."""
+    """Counts RPCs by method, status code and reason, the calls and streams in flight, and
+    named events (see :meth:`event`); times them into :class:`RpcInstruments` when set."""
 
     instruments: RpcInstruments | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _calls: Counter[tuple[str, str]] = field(default_factory=Counter)
     _reasons: Counter[tuple[str, str, str]] = field(default_factory=Counter)
-    _sheds: Counter[tuple[str, str]] = field(default_factory=Counter)
     _active: Counter[str] = field(default_factory=Counter)
     _streams: Counter[str] = field(default_factory=Counter)
+    _events: Counter[str] = field(default_factory=Counter)
+
+    def event(self, name: str) -> None:
+        """Count one event of ``name``: ``undecodable`` request bytes, a call ``shed`` at
+        admission, work dropped unrun because its deadline passed (``expired``) or its call
+        was ``cancelled``."""
+        with self._lock:
+            self._events[name] += 1
+
+    def events(self, name: str) -> int:
+        with self._lock:
+            return self._events[name]
 
     def started(self, method: str, streaming: bool) -> None:
         """A call arrived (and, ``streaming``, opened a stream)."""
@@ -156,12 +177,6 @@ class Recorder:
         if instruments is not None and seconds is not None:
             instruments.duration.record(seconds, instruments.attributes(method, code))
 
-    def shed(self, method: str, reason: str) -> None:
-        """A call refused before its handler ran (admission control, an undecodable message).
-        The hook for the server's load shedding: whatever refuses a call calls this."""
-        with self._lock:
-            self._sheds[(method, reason)] += 1
-
     def snapshot(self, counts: Counter[Any]) -> dict[Any, int]:
         """A copy of one of the counts, taken under the lock (for the observable instruments)."""
         with self._lock:
@@ -175,9 +190,3 @@ class Recorder:
         """Calls of ``method`` that ended with ErrorInfo ``reason``."""
         with self._lock:
             return sum(n for (m, _, r), n in self._reasons.items() if m == method and r == reason)
-
-    def sheds(self, method: str, reason: str | None = None) -> int:
-        with self._lock:
-            return sum(
-                n for (m, r), n in self._sheds.items() if m == method and reason in (None, r)
-            )

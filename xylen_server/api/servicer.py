@@ -9,6 +9,7 @@ becomes its status by the :class:`~xylen_server.errors.ErrorStatusInterceptor`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
@@ -18,8 +19,9 @@ from opentelemetry.trace import SpanKind
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_server import auth, telemetry
-from xylen_server.api import messages
-from xylen_server.errors import InvalidArgument
+from xylen_server.api import limits, messages
+from xylen_server.api.admission import AdmissionInterceptor
+from xylen_server.errors import InvalidArgument, ResourceExhausted
 from xylen_server.learning.feedback import FeedbackLoop
 from xylen_server.learning.retrainer import Retrainer
 from xylen_server.serving.predictor import Predictor
@@ -37,7 +39,10 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         feedback: FeedbackLoop,
         models: ModelManager,
         retrainer: Retrainer,
+        admission: AdmissionInterceptor | None = None,
     ) -> None:
+        self.admission = admission
+        """Charges stream items to the bytes-in-flight budget (None: no budget)."""
         self.predictor = predictor
         self.settings = predictor.settings
         self.feedback = feedback
@@ -45,9 +50,12 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self.retrainer = retrainer
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
-        return messages.predict_response(await self.predictor.predict(request))
+        result = await self.predictor.predict(request, deadline=_deadline(context))
+        return messages.predict_response(result)
 
-    async def _stream_item(self, item: pb.PredictStreamRequest) -> pb.PredictStreamResponse:
+    async def _stream_item(
+        self, item: pb.PredictStreamRequest, deadline: float | None
+    ) -> pb.PredictStreamResponse:
         if item.trace_context and telemetry.tracing_enabled():
             # One stream carries many items: each brings its caller's trace context.
             with telemetry.tracer(__name__).start_as_current_span(
@@ -57,44 +65,84 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             ) as span:
                 span.set_attribute("xylen.request_id", item.request_id[:64])
                 span.set_attribute("xylen.model", self.settings.model_name)
-                answer = await self._answer_item(item)
+                answer = await self._answer_item(item, deadline)
                 span.set_attribute("xylen.status_code", answer.status.code)
                 return answer
-        return await self._answer_item(item)
+        return await self._answer_item(item, deadline)
 
-    async def _answer_item(self, item: pb.PredictStreamRequest) -> pb.PredictStreamResponse:
+    async def _answer_item(
+        self, item: pb.PredictStreamRequest, deadline: float | None
+    ) -> pb.PredictStreamResponse:
+        request_id = item.request_id
         try:
-            if not item.request_id:
+            if not request_id:
                 raise InvalidArgument(
                     "every stream item needs a request_id", reason="MISSING_REQUEST_ID"
                 )
-            seconds = item.timeout.ToNanoseconds() / 1e9 if item.HasField("timeout") else 0.0
-            result = await self.predictor.predict_within(item.request, seconds)
-            return messages.stream_answer(item.request_id, result)
+            try:
+                limits.check_request_id(request_id, self.settings)
+            except InvalidArgument:
+                request_id = ""  # never echo an over-long id back
+                raise
+            seconds = limits.timeout_seconds(item)
+            limits.check_predict(item.request, self.settings)
+            if seconds > 0:
+                item_deadline = time.monotonic() + seconds
+                deadline = item_deadline if deadline is None else min(deadline, item_deadline)
+            result = await self.predictor.predict_within(item.request, seconds, deadline)
+            return messages.stream_answer(request_id, result)
         except Exception as exc:  # one bad item is its own answer, never the stream's end
-            return messages.stream_error(item.request_id, exc)
+            return messages.stream_error(request_id, exc)
+
+    def _echoed_id(self, item: pb.PredictStreamRequest) -> str:
+        """The item's request_id to echo in an answer: empty when it is over its limit."""
+        try:
+            limits.check_request_id(item.request_id, self.settings)
+        except InvalidArgument:
+            return ""
+        return item.request_id
 
     async def PredictStream(
         self, request_iterator: AsyncIterator[pb.PredictStreamRequest], context: Context
     ) -> AsyncIterator[pb.PredictStreamResponse]:
-        """Reads items as they come, answers each as soon as it is done (up to
-        ``max_stream_in_flight`` at once), and ends after the client half-closes and every
-        item is answered."""
+        """Reads items as they come, answers each as soon as it is done, and ends after the
+        client half-closes and every item is answered.
+
+        At most ``max_stream_in_flight`` items are held at once, from the moment one is read
+        until its answer has been written: a client that stops reading its answers stops the
+        server reading its requests (HTTP/2 flow control does the rest), so neither side's
+        queue grows without bound. Each item's bytes count against ``MAX_INFLIGHT_BYTES``
+        for as long; an item that would pass it is answered RESOURCE_EXHAUSTED
+        (BYTES_IN_FLIGHT) on its own.
+        """
         answers: asyncio.Queue[pb.PredictStreamResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.settings.max_stream_in_flight)
         tasks: set[asyncio.Task[None]] = set()
+        deadline = _deadline(context)
 
-        async def answer(item: pb.PredictStreamRequest) -> None:
-            try:
-                answers.put_nowait(await self._stream_item(item))
-            finally:
-                slots.release()
+        admission = self.admission
+        held: dict[int, int] = {}  # id(answer) -> bytes its item holds until it is written
+        outstanding = 0  # bytes taken from the budget by this stream and not given back
+
+        async def answer(item: pb.PredictStreamRequest, size: int) -> None:
+            response = await self._stream_item(item, deadline)
+            held[id(response)] = size
+            answers.put_nowait(response)
 
         async def read() -> None:
+            nonlocal outstanding
             try:
                 async for item in request_iterator:
                     await slots.acquire()
-                    task = asyncio.create_task(answer(item))
+                    size = item.ByteSize() if admission is not None else 0
+                    if admission is not None:
+                        try:
+                            admission.take_bytes(size)
+                        except ResourceExhausted as exc:  # this item only; the stream goes on
+                            answers.put_nowait(messages.stream_error(self._echoed_id(item), exc))
+                            continue
+                        outstanding += size
+                    task = asyncio.create_task(answer(item, size))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 if tasks:
@@ -105,12 +153,19 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         reader = asyncio.create_task(read())
         try:
             while (response := await answers.get()) is not None:
-                yield response
+                yield response  # returns once grpc has taken the message
+                slots.release()
+                size = held.pop(id(response), 0)
+                if admission is not None and size:
+                    admission.give_bytes(size)
+                    outstanding -= size
             await reader  # surfaces a broken request stream as the call's error
         finally:
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+            if admission is not None:
+                admission.give_bytes(outstanding)
 
     async def Feedback(self, request: pb.FeedbackRequest, context: Context) -> pb.FeedbackResponse:
         """Acknowledged (OK) only once the record is committed (fsynced); the same id twice is
@@ -165,3 +220,9 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
 
     def _info(self, model: Any) -> pb.ModelInfo:
         return messages.model_info(model, self.settings, self.retrainer.status)
+
+
+def _deadline(context: Context) -> float | None:
+    """The call's deadline on the ``time.monotonic`` clock, or None when it has none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining

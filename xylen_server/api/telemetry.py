@@ -9,7 +9,9 @@ Series (Prometheus names; OpenTelemetry names and units in :meth:`ServerTelemetr
 ``rpc_server_requests_total``               calls by RPC and status code
 ``xylen_rpc_errors_total``                  calls that failed, by RPC, code and ErrorInfo reason
 ``rpc_server_active_requests``              calls in flight; ``xylen_rpc_open_streams`` streams
-``xylen_rpc_sheds_total``                   calls refused before their handler ran
+``xylen_rpc_sheds_total``                   calls shed at admission (too many in flight)
+``xylen_rpc_events_total``                  admission's events by ``event``: undecodable,
+                                            shed, expired, cancelled
 ``xylen_predict_rows_total``                rows answered by Predict and PredictStream
 ``xylen_predict_executions_total``          batches by ``where`` (``loop`` or ``pool``)
 ``xylen_inference_time_seconds_total``      featurise + inference time summed, by ``where``

@@ -97,6 +97,12 @@ def single_server(server: ServerProcess, candles: dict[str, np.ndarray], rows: n
             f"engine={pb.Engine.Name(info.engine)} trained on {info.training_samples} rows, "
             f"{len(info.feature_names)} features, lookback {info.lookback} candles"
         )
+        print(
+            f"  p_up = P(up over {info.horizon} bar(s) net of fee {info.fee:g}); "
+            f"BUY at >= {info.buy_threshold:.4f}, SELL at <= {info.sell_threshold:.4f} "
+            f"({pb.ThresholdSource.Name(info.threshold_source)}"
+            f"{': ' + info.threshold_rule if info.threshold_rule else ''})"
+        )
 
         heading("Predict (unary): by feature vector and by candle window")
         by_features = stub.Predict(pb.PredictRequest(inputs=[feature_vector(rows[last])]))

@@ -43,7 +43,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from xylen.v1 import model_service_pb2 as pb
-from xylen_server.errors import FailedPrecondition, NotFound
+from xylen_server.errors import FailedPrecondition, NotFound, shown
 from xylen_server.learning.feedback import FeedbackLoop, feedback_cutoff_ms
 from xylen_server.learning.job import JobSpec
 from xylen_server.serving.model_store import LoadedModel
@@ -377,7 +377,9 @@ class Retrainer:
         try:
             status = self.history.get(job_id, self.status) if job_id else self.status
             if job_id and job_id not in self.history:
-                raise NotFound(f"no retrain job {job_id!r} on this server", reason="JOB_NOT_FOUND")
+                raise NotFound(
+                    f"no retrain job {shown(job_id)} on this server", reason="JOB_NOT_FOUND"
+                )
             yield status
             if status.state not in _FINAL and status.state != pb.TRAINING_STATE_IDLE:
                 target = status.job_id

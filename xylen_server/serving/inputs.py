@@ -23,9 +23,16 @@ _F32_MAX = float(np.finfo(np.float32).max)
 
 
 def feature_matrix(
-    inputs: Sequence[pb.PredictInput], n_features: int, lookback: int, max_rows: int
+    inputs: Sequence[pb.PredictInput],
+    n_features: int,
+    lookback: int,
+    max_rows: int,
+    selection: features.FeatureSet | None = None,
 ) -> np.ndarray:
-    """A validated float32 (rows, n_features) matrix for the request's inputs."""
+    """A validated float32 (rows, n_features) matrix for the request's inputs; candle windows
+    become the model's features (``selection``, default every feature over ``lookback``)."""
+    if selection is None:
+        selection = features.FeatureSet.of(None, lookback)
     if not inputs:
         raise InvalidArgument(
             "the request has no inputs; send at least one row", reason="EMPTY_BATCH"
@@ -52,39 +59,41 @@ def feature_matrix(
                 )
             matrix[index] = values
         elif kind == "candles":
-            matrix[index] = candle_features(item.candles.candles, lookback, index)
+            matrix[index] = candle_features(item.candles.candles, selection, index)
         else:
             raise InvalidArgument(
                 f"row {index} has neither features nor candles", reason="MISSING_INPUT", row=index
             )
     # One pass catches NaN (never <=), infinities and values float32 cannot hold.
     if not (np.abs(matrix) <= _F32_MAX).all():
-        _refuse_values(matrix)
+        _refuse_values(matrix, selection.names)
     return model_input(matrix)
 
 
-def _refuse_values(matrix: np.ndarray) -> None:
+def _refuse_values(matrix: np.ndarray, names: Sequence[str]) -> None:
     """Raise the error for the first value that is not finite or does not fit float32."""
     if not np.isfinite(matrix).all():
         row, column = (int(v) for v in np.argwhere(~np.isfinite(matrix))[0])
         raise InvalidArgument(
-            f"row {row} feature {features.FEATURE_NAMES[column]!r} is {matrix[row, column]}; "
+            f"row {row} feature {names[column]!r} is {matrix[row, column]}; "
             "feature values must be finite",
             reason="NON_FINITE_FEATURE",
             row=row,
-            feature=features.FEATURE_NAMES[column],
+            feature=names[column],
         )
     row, column = (int(v) for v in np.argwhere(np.abs(matrix) > _F32_MAX)[0])
     raise InvalidArgument(
-        f"row {row} feature {features.FEATURE_NAMES[column]!r} is {matrix[row, column]:g}, "
+        f"row {row} feature {names[column]!r} is {matrix[row, column]:g}, "
         "outside the float32 range the model runs in",
         reason="FEATURE_OUT_OF_RANGE",
         row=row,
-        feature=features.FEATURE_NAMES[column],
+        feature=names[column],
     )
 
 
-def candle_features(candles: Sequence[types_pb2.Candle], lookback: int, row: int) -> np.ndarray:
-    """Features (float64) of the last candle of a window, validated by
+def candle_features(
+    candles: Sequence[types_pb2.Candle], selection: features.FeatureSet, row: int
+) -> np.ndarray:
+    """The model's features (float64) of the last candle of a window, validated by
     :func:`~xylen_server.candles.window_columns`."""
-    return features.window_features(window_columns(candles, lookback, row))
+    return selection.window(window_columns(candles, selection.lookback, row))

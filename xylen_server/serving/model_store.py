@@ -1,6 +1,9 @@
 """Loading a model directory into something that can serve, or refusing to.
 
-A model is served only when its metadata matches the feature code, its native file loads, its
+A model directory from outside is checked before anything in it is parsed: only model files,
+each a regular file of bounded size (:func:`training.metadata.check_model_dir`), and a
+``metadata.json`` that passes the schema (:class:`training.metadata.ModelMetadata`). A model is
+served only when its metadata matches the feature code, its native file loads, its
 ONNX conversion (made now unless a current ``model.onnx`` sits beside it) agrees with the native
 booster on the parity probe within 1e-5, and the warm-up produced finite probabilities.
 """
@@ -16,11 +19,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from training import features
-from training.metadata import ONNX_FILE, PARITY_TOLERANCE, MetadataError, ModelMetadata
+from training.metadata import (
+    ONNX_FILE,
+    PARITY_TOLERANCE,
+    MetadataError,
+    ModelMetadata,
+    check_model_dir,
+)
 from xylen_server.errors import ModelLoadError
 from xylen_server.serving.native import Engine, NativeModel
 from xylen_server.serving.parity import max_difference, probe_rows
 from xylen_server.settings import Settings
+from xylen_server.signals import SignalThresholds, resolve_thresholds
 
 if TYPE_CHECKING:
     import onnx
@@ -40,34 +50,46 @@ class LoadedModel:
     """Median time of a one-row inference, measured at warm-up."""
     loop_max_rows: int
     """Largest batch of feature vectors run on the event loop (see Settings.loop_budget_us)."""
+    thresholds: SignalThresholds
+    """BUY / SELL thresholds served with this model (its own, overridden by the settings)."""
+    feature_set: features.FeatureSet
+    """The features the model takes (its ``feature_names`` over its ``lookback``)."""
 
     def close(self) -> None:
         self.engine.close()
 
 
-def check_features(meta: ModelMetadata) -> None:
-    """Refuse a model trained with feature definitions other than the ones this code computes."""
-    if list(meta.feature_names) != list(features.FEATURE_NAMES):
+def check_features(meta: ModelMetadata) -> features.FeatureSet:
+    """The model's features (a subset and order of the defined ones over its lookback), or a
+    refusal of a model trained with feature definitions other than the ones this code computes."""
+    try:
+        selection = features.FeatureSet.of(meta.feature_names, meta.lookback)
+    except features.FeatureError as exc:
         raise ModelLoadError(
-            f"model {meta.name} expects features {meta.feature_names}, this server computes "
-            f"{list(features.FEATURE_NAMES)}; retrain the model"
-        )
-    if meta.lookback != features.LOOKBACK_PERIODS:
-        raise ModelLoadError(
-            f"model {meta.name} has lookback {meta.lookback}, this server computes features "
-            f"over {features.LOOKBACK_PERIODS} candles; retrain the model"
-        )
-    expected = features.feature_definitions_hash()
+            f"model {meta.name}: {str(exc)[:300]} (from its metadata); retrain the model"
+        ) from None
+    expected = selection.definitions_hash()
     if meta.features_hash != expected:
         raise ModelLoadError(
             f"model {meta.name} was trained with feature definitions {meta.features_hash[:12]}, "
             f"this server has {expected[:12]}; retrain the model"
         )
+    return selection
 
 
-def verify_checksums(meta: ModelMetadata, model_dir: Path) -> None:
+def served_thresholds(meta: ModelMetadata, settings: Settings) -> SignalThresholds:
+    """The model's own thresholds with ``BUY_THRESHOLD`` / ``SELL_THRESHOLD`` over them."""
+    try:
+        return resolve_thresholds(
+            meta.signal_thresholds, settings.buy_threshold, settings.sell_threshold
+        )
+    except ValueError as exc:
+        raise ModelLoadError(f"model {meta.name!r}: {exc}") from None
+
+
+def verify_checksums(meta: ModelMetadata, model_dir: Path, max_bytes: int) -> None:
     """Every file the metadata lists a sha256 for must still have it."""
-    problem = meta.checksum_problem(model_dir)
+    problem = meta.checksum_problem(model_dir, max_bytes)
     if problem is not None:
         raise ModelLoadError(f"model {meta.name!r}: {problem}")
 
@@ -111,7 +133,15 @@ def _loaded(
 ) -> LoadedModel:
     row_cost_us = _warm_up(engine, len(meta.feature_names), settings.pool_size)
     loop_max_rows = int(settings.loop_budget_us // row_cost_us) if row_cost_us > 0 else 0
-    return LoadedModel(meta, engine, difference, row_cost_us, min(loop_max_rows, 64))
+    return LoadedModel(
+        meta,
+        engine,
+        difference,
+        row_cost_us,
+        min(loop_max_rows, 64),
+        served_thresholds(meta, settings),
+        features.FeatureSet.of(meta.feature_names, meta.lookback),
+    )
 
 
 def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel:
@@ -123,16 +153,18 @@ def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel
             f"model {settings.model_name!r} not found: {model_dir} is not a directory"
         )
     try:
+        check_model_dir(model_dir, settings.model_max_file_bytes)
         meta = ModelMetadata.read(model_dir)
     except MetadataError as exc:
-        raise ModelLoadError(f"model {settings.model_name!r}: {exc}") from exc
+        raise ModelLoadError(f"model {settings.model_name!r}: {exc}") from None
     if meta.name != settings.model_name:
         logger.warning("metadata names the model %r, served as %r", meta.name, settings.model_name)
     check_features(meta)
+    served_thresholds(meta, settings)  # refuse a bad override before the slow part
     native_path = model_dir / meta.native_file
     if not native_path.is_file():
         raise ModelLoadError(f"model {meta.name!r}: native model file {native_path} is missing")
-    verify_checksums(meta, model_dir)
+    verify_checksums(meta, model_dir, settings.model_max_file_bytes)
     try:
         native = NativeModel(meta, model_dir, settings.pool_size)
     except Exception as exc:  # every library has its own error for a corrupt file

@@ -28,7 +28,7 @@ from opentelemetry import context as otel_context
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen_server import telemetry
-from xylen_server.errors import DeadlineExceeded, NotFound, Unavailable
+from xylen_server.errors import SHOWN_CHARS, DeadlineExceeded, NotFound, Unavailable, shown
 from xylen_server.serving.inputs import feature_matrix
 from xylen_server.serving.model_store import LoadedModel
 from xylen_server.settings import Settings
@@ -76,9 +76,9 @@ def check_model_name(requested: str, served: str) -> None:
     """A request naming a model must name the one this server serves (empty: any)."""
     if requested and requested != served:
         raise NotFound(
-            f"model {requested!r} is not served here; this server serves {served!r}",
+            f"model {shown(requested)} is not served here; this server serves {served!r}",
             reason="MODEL_NOT_FOUND",
-            model_name=requested,
+            model_name=requested[:SHOWN_CHARS],
         )
 
 
@@ -93,6 +93,10 @@ class Predictor:
         self._counter = itertools.count(1)
         self.on_answer: Callable[[Result], None] | None = None
         """Called with every answered batch before it is returned (the prediction log)."""
+        self.on_dropped: Callable[[str], None] | None = None
+        """Called (on any thread) for each batch dropped unrun: ``"expired"`` when its deadline
+        had passed, ``"cancelled"`` when its call was cancelled while it waited for a worker
+        (the metrics)."""
 
     @property
     def model(self) -> LoadedModel:
@@ -141,11 +145,22 @@ class Predictor:
         await asyncio.get_running_loop().run_in_executor(None, previous.model.close)
         return previous.model
 
+    def _drop_if_expired(self, deadline: float | None) -> None:
+        """Abandoned work is not done: DEADLINE_EXCEEDED when ``deadline`` (monotonic) passed."""
+        if deadline is not None and time.monotonic() >= deadline:
+            if self.on_dropped is not None:
+                self.on_dropped("expired")
+            raise DeadlineExceeded(
+                "the call's deadline passed before its inference ran; it was dropped unrun",
+                reason="DEADLINE_PASSED_BEFORE_WORK",
+            )
+
     def _run(
         self,
         model: LoadedModel,
         request: pb.PredictRequest,
         on_loop: bool = False,
+        deadline: float | None = None,
         submitted: float = 0.0,
         parent: Any = None,
     ) -> tuple[np.ndarray, np.ndarray, float, float]:
@@ -153,13 +168,18 @@ class Predictor:
         the time it waited since ``submitted`` (a ``perf_counter`` reading; 0: not queued).
         ``parent`` is the trace context to open the featurise and inference spans under (None:
         tracing off, no span)."""
+        self._drop_if_expired(deadline)  # on the worker: it may have waited for a thread
         started = time.perf_counter()
         waited = started - submitted if submitted else 0.0
         meta = model.meta
         if parent is not None:
             return self._run_traced(model, request, on_loop, started, waited, parent)
         rows = feature_matrix(
-            request.inputs, len(meta.feature_names), meta.lookback, self.settings.max_batch_rows
+            request.inputs,
+            len(meta.feature_names),
+            meta.lookback,
+            self.settings.max_batch_rows,
+            model.feature_set,
         )
         if on_loop:
             probabilities = model.engine.predict_on_loop(rows)
@@ -183,7 +203,11 @@ class Predictor:
         meta = model.meta
         with tracer.start_as_current_span("featurise", context=parent) as span:
             rows = feature_matrix(
-                request.inputs, len(meta.feature_names), meta.lookback, self.settings.max_batch_rows
+                request.inputs,
+                len(meta.feature_names),
+                meta.lookback,
+                self.settings.max_batch_rows,
+                model.feature_set,
             )
             span.set_attribute("xylen.rows", int(rows.shape[0]))
         with tracer.start_as_current_span("inference", context=parent) as span:
@@ -207,35 +231,40 @@ class Predictor:
             and all(item.HasField("features") for item in inputs)
         )
 
-    async def predict(self, request: pb.PredictRequest) -> Result:
-        """Answer one Predict request on the served model, off the event loop."""
+    async def predict(self, request: pb.PredictRequest, deadline: float | None = None) -> Result:
+        """Answer one Predict request on the served model, off the event loop. Work whose
+        ``deadline`` (``time.monotonic``) has passed is dropped before the thread hop and
+        again before inference (DEADLINE_EXCEEDED)."""
         served = self._served
         if served is None:
             raise Unavailable("the model is still loading; retry shortly", reason="MODEL_LOADING")
         model = served.model
         check_model_name(request.model_name, model.meta.name)
+        self._drop_if_expired(deadline)
         parent = otel_context.get_current() if telemetry.tracing_enabled() else None
         on_loop = self._fits_the_loop(model, request)
         if on_loop:
-            probabilities, rows, seconds, waited = self._run(model, request, True, 0.0, parent)
+            probabilities, rows, seconds, waited = self._run(
+                model, request, True, None, 0.0, parent
+            )
         else:
-            loop = asyncio.get_running_loop()
             served.inflight += 1
+            work = model.engine.executor.submit(
+                self._run, model, request, False, deadline, time.perf_counter(), parent
+            )
             try:
-                probabilities, rows, seconds, waited = await loop.run_in_executor(
-                    model.engine.executor,
-                    self._run,
-                    model,
-                    request,
-                    False,
-                    time.perf_counter(),
-                    parent,
-                )
+                probabilities, rows, seconds, waited = await asyncio.wrap_future(work)
+            except asyncio.CancelledError:
+                # The call was cancelled (its caller left or its deadline passed): work not yet
+                # started is dropped; cancel() is False only when it is running already.
+                if work.cancel() and self.on_dropped is not None:
+                    self.on_dropped("cancelled")
+                raise
             finally:
                 served.leave()
         ids = [f"{self._id_prefix}-{next(self._counter):x}" for _ in range(len(probabilities))]
-        settings = self.settings
-        signals = signal_numbers(probabilities, settings.buy_threshold, settings.sell_threshold)
+        thresholds = model.thresholds
+        signals = signal_numbers(probabilities, thresholds.buy, thresholds.sell)
         result = Result(model, probabilities, signals, ids, seconds, rows, waited, on_loop)
         if self.on_answer is not None:
             if parent is None:
@@ -245,13 +274,15 @@ class Predictor:
                     self.on_answer(result)
         return result
 
-    async def predict_within(self, request: pb.PredictRequest, seconds: float) -> Result:
+    async def predict_within(
+        self, request: pb.PredictRequest, seconds: float, deadline: float | None = None
+    ) -> Result:
         """:meth:`predict` within ``seconds`` (0: no limit of its own); DEADLINE_EXCEEDED
-        (reason ITEM_DEADLINE_EXCEEDED) when it runs out."""
+        (reason ITEM_DEADLINE_EXCEEDED) when it runs out. ``deadline`` as for :meth:`predict`."""
         if seconds <= 0:
-            return await self.predict(request)
+            return await self.predict(request, deadline)
         try:
-            return await asyncio.wait_for(self.predict(request), seconds)
+            return await asyncio.wait_for(self.predict(request, deadline), seconds)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"the item exceeded its {seconds * 1000:.0f} ms timeout",

@@ -34,10 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.metadata import (
+    MAX_MODEL_FILE_BYTES,
+    MAX_SMALL_FILE_BYTES,
     METADATA_FILE,
+    MODEL_FILES,
     MetadataError,
     ModelMetadata,
     atomic_directory,
+    check_model_dir,
     sha256_file,
 )
 from xylen_server.errors import FailedPrecondition, HistoryError, VersionNotFound
@@ -65,9 +69,10 @@ def history_dir(model_path: Path, name: str) -> Path:
 def verify_model_dir(model_dir: Path) -> ModelMetadata:
     """Read the metadata and check every file it lists a sha256 for; raises HistoryError."""
     try:
+        check_model_dir(model_dir)
         meta = ModelMetadata.read(model_dir)
     except MetadataError as exc:
-        raise HistoryError(str(exc)) from exc
+        raise HistoryError(str(exc)) from None
     if not meta.checksums:
         raise HistoryError(f"{model_dir}: metadata lists no checksums; cannot verify the model")
     problem = meta.checksum_problem(model_dir)
@@ -216,12 +221,14 @@ def verify_archive(archive_path: Path, into: Path) -> ModelMetadata:
         manifest_member = next((m for m in members if m.name == MANIFEST_FILE), None)
         if manifest_member is None:
             raise HistoryError(f"{archive_path} has no {MANIFEST_FILE}")
+        if not manifest_member.isfile() or manifest_member.size > MAX_SMALL_FILE_BYTES:
+            raise HistoryError(f"{archive_path}: {MANIFEST_FILE} is not a small plain file")
         try:
             manifest = json.load(tar.extractfile(manifest_member))  # type: ignore[arg-type]
             prefix = f"{manifest['name']}-v{int(manifest['version'])}/"
             expected: dict[str, str] = dict(manifest["files"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise HistoryError(f"{archive_path}: unreadable manifest: {exc}") from exc
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise HistoryError(f"{archive_path}: unreadable manifest: {str(exc)[:200]}") from None
         seen: set[str] = set()
         for member in members:
             if member.name == MANIFEST_FILE:
@@ -230,7 +237,14 @@ def verify_archive(archive_path: Path, into: Path) -> ModelMetadata:
             if not member.isfile() or not name or "/" in name or name.startswith("."):
                 raise HistoryError(f"{archive_path}: unexpected entry {member.name!r}")
             if name not in expected:
-                raise HistoryError(f"{archive_path}: {name} is not in the manifest")
+                raise HistoryError(f"{archive_path}: {name[:64]!r} is not in the manifest")
+            if name not in MODEL_FILES:
+                raise HistoryError(f"{archive_path}: {name[:64]!r} is not a model file")
+            limit = MAX_SMALL_FILE_BYTES if name == METADATA_FILE else MAX_MODEL_FILE_BYTES
+            if member.size > limit:
+                raise HistoryError(
+                    f"{archive_path}: {name} is {member.size} bytes, over the limit of {limit}"
+                )
             source = tar.extractfile(member)
             assert source is not None
             with source, open(into / name, "wb") as target:

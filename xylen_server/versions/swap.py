@@ -107,12 +107,21 @@ class ModelManager:
         async with self.lock:
             current = self.predictor.model
             try:
-                meta = ModelMetadata.read(self.settings.model_dir)
-            except MetadataError as exc:
-                raise ModelLoadError(f"cannot reload: {exc}") from exc
-            if meta.version == current.meta.version and meta.checksums == current.meta.checksums:
-                return current, False
-            loaded = await self._thread(load_model, self.settings)
+                try:
+                    meta = ModelMetadata.read(self.settings.model_dir)
+                except MetadataError as exc:
+                    raise ModelLoadError(f"cannot reload: {exc}") from exc
+                if (
+                    meta.version == current.meta.version
+                    and meta.checksums == current.meta.checksums
+                ):
+                    return current, False
+                loaded = await self._thread(load_model, self.settings)
+            except ModelLoadError as exc:
+                logger.error(
+                    "reload refused, v%d keeps serving: %s", current.meta.version, str(exc)[:500]
+                )
+                raise
             assert isinstance(loaded, LoadedModel)
             await self._thread(self.keep_serving_version)
             await self._swap(loaded, "reloaded", "reloaded")

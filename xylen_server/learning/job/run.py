@@ -79,7 +79,7 @@ def history_rows(meta: ModelMetadata) -> tuple[np.ndarray, np.ndarray, str]:
         return (*empty, f"history files missing ({missing[0]}, ...)")
     klines = load_klines(files, interval=meta.interval or None)
     candles = features.candles_from_frame(klines.frame)
-    x = features.compute_features(candles)
+    x = features.FeatureSet.of(meta.feature_names, meta.lookback).compute(candles)
     y = binary_labels(
         candles["open_time"],
         candles["close"],

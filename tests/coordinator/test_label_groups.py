@@ -1,0 +1,139 @@
+"""The ensemble combines only probabilities that mean the same thing, and its thresholds follow
+its members' own: by hand (pure functions) and over real servers."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import harness
+import pytest
+from coordinator.helpers import endpoint, write_config
+
+from training.metadata import ModelMetadata
+from xylen_coordinator import Coordinator
+from xylen_coordinator.config import Thresholds
+from xylen_coordinator.ensemble import label_plan, member_thresholds
+from xylen_server.signals import signal_for
+
+H1 = (1, 0.001, 0.0)
+H4 = (4, 0.001, 0.0)
+
+
+def test_the_label_with_the_most_weight_is_combined_the_rest_left_out() -> None:
+    labels = {"a": H1, "b": H1, "c": H4, "d": None}
+    chosen, left_out = label_plan(labels, {"a": 0.3, "b": 0.2, "c": 0.4, "d": 0.1})
+    assert chosen == H1  # 0.5 of the weight against 0.4
+    assert set(left_out) == {"c"}  # an unknown label is not left out
+    assert "over 4 bars" in left_out["c"] and "over 1 bar net of fee 0.001" in left_out["c"]
+    # Equal weight: the shorter horizon; a different fee is another meaning too.
+    chosen, left_out = label_plan({"a": H1, "c": H4}, {"a": 1.0, "c": 1.0})
+    assert chosen == H1 and set(left_out) == {"c"}
+    chosen, left_out = label_plan({"a": H1, "f": (1, 0.0, 0.0)}, {"a": 1.0, "f": 2.0})
+    assert chosen == (1, 0.0, 0.0) and set(left_out) == {"a"}
+    assert label_plan({"a": None}, {"a": 1.0}) == (None, {})
+
+
+def test_member_thresholds_are_weighted_like_the_probabilities() -> None:
+    fallback = Thresholds(buy=0.55, sell=0.45)
+    got = member_thresholds(
+        {"a": 0.5, "b": 0.3, "c": 0.0, "d": 0.2},
+        {"a": (0.6, 0.4), "b": (0.7, 0.3), "c": (0.9, 0.1), "d": None},
+        fallback,
+    )
+    # c has weight 0 (left out); d's thresholds are unknown: the fallback stands in for them.
+    assert got.buy == pytest.approx(0.5 * 0.6 + 0.3 * 0.7 + 0.2 * 0.55)
+    assert got.sell == pytest.approx(0.5 * 0.4 + 0.3 * 0.3 + 0.2 * 0.45)
+    assert member_thresholds({"a": 0.0}, {"a": (0.6, 0.4)}, fallback) == fallback
+
+
+def test_votes_left_out_and_thresholds_reach_the_contract() -> None:
+    from xylen_coordinator.convert import predict_response
+    from xylen_coordinator.results import EnsembleResult, RowDecision, VoteInfo
+    from xylen_server.signals import Signal
+
+    vote = VoteInfo("h4", 0.7, Signal.BUY, 0.0, 0.0, 0.2, "h4", 1, "p-1", 0.001, None, "why")
+    row = RowDecision("ens-1", 0.5, Signal.HOLD, 0.0, (vote,), 0.61, 0.37)
+    message = predict_response(EnsembleResult((row,), (), "static", 0.01)).predictions[0]
+    assert (message.buy_threshold, message.sell_threshold) == (0.61, 0.37)
+    assert message.votes[0].left_out_reason == "why"
+
+
+def _model(root: Path, name: str, seed: int, **changes: object) -> None:
+    harness.write_model(root, name, trees=20, seed=seed)
+    meta = ModelMetadata.read(root / name)
+    dataclasses.replace(meta, **changes).write(root / name)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def three_servers(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, harness.ServerProcess]]:
+    root = tmp_path_factory.mktemp("label-groups")
+    _model(root, "h1a", 1, fee=0.001, signal_thresholds={"buy": 0.6, "sell": 0.4, "rule": "t"})
+    _model(root, "h1b", 2, fee=0.001, signal_thresholds={"buy": 0.7, "sell": 0.3, "rule": "t"})
+    _model(root, "h4", 3, fee=0.001, horizon=4, signal_thresholds={"buy": 0.5, "sell": 0.2})
+    servers = {name: harness.start_server(root, name, wait=False) for name in ("h1a", "h1b", "h4")}
+    try:
+        for process in servers.values():
+            process.wait_serving()
+        yield servers
+    finally:
+        for process in servers.values():
+            process.stop()
+
+
+def _config(path: Path, servers: dict[str, harness.ServerProcess], **sections: object) -> Path:
+    weights = {"h1a": 0.5, "h1b": 0.3, "h4": 0.2}
+    return write_config(
+        path, [endpoint(n, servers[n].port, w) for n, w in weights.items()], **sections
+    )
+
+
+def _wait_for_info(coordinator: Coordinator) -> None:
+    deadline = time.monotonic() + 10
+    while not all(state.sends_features for state in coordinator.endpoints()):
+        assert time.monotonic() < deadline, "servers never reported their model info"
+        time.sleep(0.05)
+
+
+def test_real_servers_of_another_horizon_are_left_out(
+    three_servers: dict[str, harness.ServerProcess],
+    fleet_candles: dict,
+    tmp_path: Path,
+) -> None:
+    with Coordinator(_config(tmp_path / "config.yaml", three_servers)) as coordinator:
+        assert coordinator.wait_serving(timeout=30)
+        _wait_for_info(coordinator)
+        result = coordinator.predict([harness.window_input(fleet_candles, e) for e in (300, 599)])
+    for row in result.rows:
+        votes = {v.server_name: v for v in row.votes}
+        assert set(votes) == {"h1a", "h1b", "h4"}  # every vote is reported ...
+        assert votes["h4"].normalized_weight == 0.0 and votes["h4"].weight == 0.0
+        assert "over 4 bars" in votes["h4"].left_out  # ... and says why it was not combined
+        assert votes["h1a"].left_out == votes["h1b"].left_out == ""
+        p = (0.5 * votes["h1a"].probability + 0.3 * votes["h1b"].probability) / 0.8
+        assert row.probability == pytest.approx(p, abs=1e-12)
+        assert row.buy_threshold == pytest.approx((0.5 * 0.6 + 0.3 * 0.7) / 0.8)
+        assert row.sell_threshold == pytest.approx((0.5 * 0.4 + 0.3 * 0.3) / 0.8)
+        assert row.signal is signal_for(row.probability, row.buy_threshold, row.sell_threshold)
+
+
+def test_fixed_thresholds_when_configured(
+    three_servers: dict[str, harness.ServerProcess],
+    fleet_candles: dict,
+    tmp_path: Path,
+) -> None:
+    config = _config(
+        tmp_path / "config.yaml",
+        three_servers,
+        thresholds={"source": "fixed", "buy": 0.52, "sell": 0.48},
+    )
+    with Coordinator(config) as coordinator:
+        assert coordinator.wait_serving(timeout=30)
+        _wait_for_info(coordinator)
+        row = coordinator.predict([harness.window_input(fleet_candles, 400)]).decision
+    assert (row.buy_threshold, row.sell_threshold) == (0.52, 0.48)
+    assert row.signal is signal_for(row.probability, 0.52, 0.48)
