@@ -140,7 +140,18 @@ def test_metrics_move_with_the_calls_and_parse_as_prometheus_text(versions_root,
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
-def test_feedback_and_streams_are_counted(server, stub, feature_rows):
+def test_feedback_and_streams_are_counted(versions_root, feature_rows):
+    # Its own server and feedback store: the shared default directory may be held by another
+    # test's server.
+    server = InProcessServer(learning_settings(versions_root))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            feedback_and_streams(server, pb_grpc.ModelServiceStub(channel), feature_rows)
+    finally:
+        server.close()
+
+
+def feedback_and_streams(server, stub, feature_rows):
     port = server.running.metrics_port
     answer = stub.Predict(pb.PredictRequest(inputs=[feature_input(feature_rows[0])]))
     before = scrape(port)
