@@ -351,7 +351,17 @@ def configure_tracing(service_name: str, environ: Mapping[str, str] | None = Non
     else:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        # An unreachable collector must not hold up SIGTERM: each export (and the flush at
+        # exit) gives up after OTEL_EXPORTER_OTLP_TIMEOUT, 2 s unless set.
+        timeout = None
+        if not (
+            environ.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+            or environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+        ):
+            timeout = 2.0
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(timeout=timeout), export_timeout_millis=2000)
+        )
     install_tracer_provider(provider)
     return True
 
