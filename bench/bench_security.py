@@ -41,6 +41,7 @@ def _start(model_root: Path, extra: dict[str, str], tls: ClientTls | None) -> Pr
         MODEL_NAME="model_1",
         GRPC_HOST="127.0.0.1",
         GRPC_PORT="0",
+        METRICS_PORT="0",
         LOG_LEVEL="WARNING",
         FEEDBACK_DATA_DIR=str(model_root.parent / f"data-{len(extra)}-{tls is not None}"),
         **extra,

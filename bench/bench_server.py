@@ -172,6 +172,7 @@ def start_xylen(
         MODEL_NAME="model_1",
         GRPC_HOST="127.0.0.1",
         GRPC_PORT="0",
+        METRICS_PORT="0",
         LOG_LEVEL="WARNING",
         **(extra or {}),
     )

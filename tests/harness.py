@@ -143,6 +143,7 @@ def server_settings(models_root: Path, **overrides: object) -> Settings:
         "model_name": "model_1",
         "host": "127.0.0.1",
         "grpc_port": 0,
+        "metrics_port": 0,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -138,7 +138,9 @@ import asyncio
 from pathlib import Path
 from xylen_server.server import start
 from xylen_server.settings import Settings
-settings = Settings(model_path=Path({str(tmp_path)!r}), host="127.0.0.1", grpc_port=0)
+settings = Settings(
+    model_path=Path({str(tmp_path)!r}), host="127.0.0.1", grpc_port=0, metrics_port=0
+)
 async def main():
     running = await start(settings)
     await running.stop(0)

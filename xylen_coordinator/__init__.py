@@ -25,6 +25,7 @@ The modules:
 * ``servicer`` -- the EnsembleService gRPC handlers.
 * ``undecodable`` -- request bytes that do not parse: INVALID_ARGUMENT, not UNKNOWN.
 * ``server`` -- the gRPC server: health, reflection, SIGHUP reload, graceful SIGTERM.
+* ``telemetry`` -- its metrics (``/metrics``, ``/health``), imported only when it serves.
 * ``candles`` -- kline files read into candle columns (CLI and demo only; needs polars).
 * ``__main__`` -- the ``xylen-coordinator`` command: ``serve`` and ``predict``.
 """

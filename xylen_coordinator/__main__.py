@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--grace", type=float, default=5.0, help="seconds in-flight calls get after SIGTERM"
     )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="HTTP port of /metrics and /health on --host (default 9000, or a free one when "
+        "--port is 0; -1: no metrics)",
+    )
     predict = commands.add_parser("predict", help="one ensemble decision on the latest candles")
     predict.add_argument("--config", type=Path, required=True, help="config.yaml")
     predict.add_argument(
@@ -100,11 +107,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from xylen_coordinator.server import serve
             from xylen_server.settings import Settings
+            from xylen_server.telemetry import configure_tracing
 
             security = Settings.from_env()
+            configure_tracing("xylen-coordinator")
             coordinator = AsyncCoordinator(load_config(args.config))
+            metrics_port = args.metrics_port
+            if metrics_port is None:
+                metrics_port = 0 if args.port == 0 else 9000
             return asyncio.run(
-                serve(coordinator, args.host, args.port, args.watch, args.grace, security)
+                serve(
+                    coordinator,
+                    args.host,
+                    args.port,
+                    args.watch,
+                    args.grace,
+                    security,
+                    None if metrics_port < 0 else metrics_port,
+                )
             )
         return asyncio.run(_predict(args))
     except (ConfigError, SettingsError) as exc:

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import Config, load_config
@@ -46,11 +47,13 @@ from xylen_coordinator.feedback import Ledger
 from xylen_coordinator.metrics import Metrics
 from xylen_coordinator.report import describe_missing
 from xylen_coordinator.results import EndpointState, EnsembleResult, FeedbackAck, RowDecision
+from xylen_server import telemetry
 from xylen_server.errors import (
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
     Unavailable,
+    XylenError,
 )
 
 logger = logging.getLogger(__name__)
@@ -93,6 +96,9 @@ class AsyncCoordinator:
         self._id_prefix = os.urandom(5).hex()
         self._ids = itertools.count(1)
         self._started = False
+        self.observer: Any = None
+        """Told about every fan-out and decision (``fanned(result, outcome)``,
+        ``decided(result)``): the metrics of ``xylen-coordinator serve``; None: nobody."""
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -290,14 +296,32 @@ class AsyncCoordinator:
         # Windows become features once here when some server computes the same features.
         shared = [c.name for c in clients if c.features_hash == FEATURES_HASH]
         computed = featurized(request) if shared else None
-        fanned = await fan_out(clients, request, budget, computed)
+        if telemetry.tracing_enabled():
+            with telemetry.tracer(__name__).start_as_current_span("ensemble fan-out") as span:
+                fanned = await fan_out(clients, request, budget, computed)
+                span.set_attribute("xylen.voted", sorted(fanned.answers))
+                for missing in fanned.missing:  # the missing votes, visible in the trace
+                    span.add_event(
+                        "missing vote",
+                        {"xylen.endpoint": missing.server_name, "xylen.reason": missing.reason},
+                    )
+        else:
+            fanned = await fan_out(clients, request, budget, computed)
         for name in fanned.answers:
             self.metrics.vote(name)
         for missing in fanned.missing:
             self.metrics.missing(
                 missing.server_name, missing.reason.value, missing.error_reason, missing.message
             )
-        self._check_quorum(snapshot, fanned)
+        observer = self.observer
+        try:
+            self._check_quorum(snapshot, fanned)
+        except XylenError as exc:
+            if observer is not None:
+                observer.fanned(fanned, "no_quorum" if exc.reason == "NO_QUORUM" else "refused")
+            raise
+        if observer is not None:
+            observer.fanned(fanned, "ok")
         configured = snapshot.configured_weights
         weights = self._weights(snapshot)
         # Combine only probabilities that mean the same thing (label_plan), with thresholds
@@ -336,12 +360,15 @@ class AsyncCoordinator:
             row = decide(self._next_id(), votes, weights, configured, thresholds, scores, left_out)
             self._ledger.remember(row, now, *_row_features(request, computed, shared, i, clients))
             rows.append(row)
-        return EnsembleResult(
+        result = EnsembleResult(
             rows=tuple(rows),
             missing=tuple(fanned.missing),
             weight_mode=config.weights.mode,
             duration_seconds=time.perf_counter() - started,
         )
+        if observer is not None:
+            observer.decided(result)
+        return result
 
     def _next_id(self) -> str:
         return f"ens-{self._id_prefix}-{next(self._ids):x}"
@@ -398,6 +425,10 @@ class AsyncCoordinator:
             side=side,
             underlying_log_return=underlying_log_return,
         )
+
+    def delivery_retries(self) -> int:
+        """Feedback deliveries that failed and were rescheduled since the start."""
+        return self._ledger.delivery_retries()
 
     async def pending_feedback(self) -> int:
         """Outcomes not yet delivered to every target."""

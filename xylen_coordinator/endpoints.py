@@ -29,12 +29,14 @@ from enum import StrEnum
 import grpc
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_coordinator.breaker import Breaker
 from xylen_coordinator.config import MAX_MESSAGE_BYTES, Endpoint, OutlierDetection, Transport
 from xylen_coordinator.metrics import Metrics
+from xylen_server import telemetry
 from xylen_server.auth import bearer_metadata
 from xylen_server.tls import ClientTls, open_aio_channel
 
@@ -421,14 +423,38 @@ class EndpointClient:
                 item = pb.PredictStreamRequest(
                     request_id=str(next(self._ids)), request=request, timeout=budget
                 )
+                if telemetry.tracing_enabled():
+                    self._trace(item, future)
                 stream.send(item, future)
                 return future
         return asyncio.ensure_future(self._unary(request, timeout))
 
+    def _trace(self, item: pb.PredictStreamRequest, future: asyncio.Future[Answer]) -> None:
+        """A client span for this server's vote, ended with the answer, whose context travels
+        with the stream item (the stream itself outlives every call)."""
+        span = telemetry.tracer(__name__).start_span(
+            "xylen.v1.ModelService/PredictStream item",
+            kind=SpanKind.CLIENT,
+            attributes={"xylen.endpoint": self.name, "xylen.request_id": item.request_id},
+        )
+        item.trace_context.update(telemetry.inject_context(set_span_in_context(span)))
+
+        def done(answered: asyncio.Future[Answer]) -> None:
+            if answered.cancelled():
+                span.set_status(Status(StatusCode.ERROR, "no answer in time"))
+            elif answered.exception() is not None:
+                span.set_status(Status(StatusCode.ERROR, str(answered.exception())[:200]))
+            span.end()
+
+        future.add_done_callback(done)
+
     async def _unary(self, request: pb.PredictRequest, timeout: float) -> Answer:
         started = time.perf_counter()
+        metadata = self._metadata
+        if telemetry.tracing_enabled():
+            metadata = (*metadata, *telemetry.inject_context().items())
         try:
-            response = await self.stub.Predict(request, timeout=timeout, metadata=self._metadata)
+            response = await self.stub.Predict(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as error:
             raise failure_from_rpc_error(error) from None
         return Answer(response, time.perf_counter() - started)

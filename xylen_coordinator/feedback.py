@@ -54,6 +54,10 @@ class Ledger:
         self._unwritten: list[tuple[str, float, PredictionRecord]] = []
         self._flusher: asyncio.Task[None] | None = None
 
+    def delivery_retries(self) -> int:
+        """Deliveries that failed and were rescheduled since the outbox opened."""
+        return 0 if self._forwarder is None else self._forwarder.retries
+
     async def open(
         self,
         settings: FeedbackQueueSettings,

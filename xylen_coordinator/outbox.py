@@ -319,6 +319,8 @@ class Forwarder:
         self._clients = clients
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.retries = 0
+        """Deliveries that failed and were rescheduled since the start (the metrics)."""
 
     def start(self) -> None:
         if self._task is None:
@@ -397,6 +399,7 @@ class Forwarder:
         return delivery, "delivered", None, ""
 
     def _retry(self, delivery: Delivery, error: str) -> tuple[Delivery, str, float | None, str]:
+        self.retries += 1
         delay = min(
             self.settings.retry_max_seconds,
             self.settings.retry_initial_seconds * 2 ** min(delivery.attempts, 30),

@@ -29,6 +29,7 @@ from xylen_server.auth import AuthInterceptor, ServerSecurity, check_exposure
 from xylen_server.errors import ErrorStatusInterceptor, SettingsError
 from xylen_server.health import Health, bind, server_options
 from xylen_server.settings import Settings
+from xylen_server.telemetry import MetricsHttp, server_tracing_interceptor, tracing_enabled
 from xylen_server.tls import server_credentials
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ class Running:
     server: grpc.aio.Server
     port: int
     health: Health
+    metrics_http: MetricsHttp | None = None
+    """``/metrics`` and ``/health`` (None: metrics off)."""
+    metrics_port: int = 0
 
     async def set_serving(self, serving: bool) -> None:
         await self.health.set(serving)
@@ -53,6 +57,7 @@ async def build_server(
     host: str,
     port: int,
     security: Settings | None = None,
+    metrics_port: int | None = None,
 ) -> Running:
     """Build (not start) a server for ``coordinator`` on ``host:port``.
 
@@ -61,7 +66,8 @@ async def build_server(
     :class:`~xylen_server.settings.Settings`); None serves plaintext with open RPCs, and only on
     loopback. Raises SettingsError before binding when the admin RPC (Feedback) would be open on
     a non-loopback address, or open at all while ``auth.token_file`` makes what it forwards
-    count as authenticated.
+    count as authenticated. ``metrics_port`` (0: a free one; None: none) serves ``/metrics``
+    and ``/health`` on ``host``; a port that cannot be bound is a SettingsError too.
     """
     settings = security if security is not None else Settings()
     checks = ServerSecurity.from_settings(settings)
@@ -78,18 +84,25 @@ async def build_server(
     credentials = server_credentials(
         settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
     )
-    server = grpc.aio.server(
-        interceptors=[
-            ErrorStatusInterceptor(),
-            AuthInterceptor(checks),
-            UndecodableInterceptor(f"/{SERVICE_NAME}/"),
-        ],
-        options=server_options(MAX_MESSAGE_BYTES),
-    )
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        ErrorStatusInterceptor(),
+        AuthInterceptor(checks),
+        UndecodableInterceptor(f"/{SERVICE_NAME}/"),
+    ]
+    if tracing_enabled():
+        interceptors.insert(0, server_tracing_interceptor())
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(MAX_MESSAGE_BYTES))
     epb_grpc.add_EnsembleServiceServicer_to_server(EnsembleServicer(coordinator), server)
     health = Health(server, (SERVICE_NAME,))
     bound = bind(server, f"{host}:{port}", credentials)
     running = Running(server, bound, health)
+    if metrics_port is not None:
+        from xylen_coordinator.telemetry import CoordinatorTelemetry
+
+        telemetry = CoordinatorTelemetry(coordinator)
+        coordinator.observer = telemetry
+        running.metrics_http = MetricsHttp(telemetry.meters, telemetry.health, telemetry.refresh)
+        running.metrics_port = await running.metrics_http.start(host, metrics_port)
     await running.set_serving(False)
     return running
 
@@ -142,15 +155,18 @@ async def serve(
     watch_seconds: float = 0.0,
     grace_seconds: float = 5.0,
     security: Settings | None = None,
+    metrics_port: int | None = None,
 ) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
     try:
-        running = await build_server(coordinator, host, port, security)
+        running = await build_server(coordinator, host, port, security, metrics_port)
     except SettingsError as exc:
         print(f"xylen-coordinator: error: {exc}", file=sys.stderr, flush=True)
         return 2
     await running.server.start()
     print(f"xylen-coordinator listening on port {running.port}", flush=True)
+    if running.metrics_http is not None:
+        print(f"xylen-coordinator metrics on port {running.metrics_port}", flush=True)
     await coordinator.start()
     await running.set_serving(True)
     logger.info(
@@ -182,6 +198,8 @@ async def serve(
             await watcher
     await running.set_serving(False)
     await running.server.stop(grace_seconds)
+    if running.metrics_http is not None:
+        await running.metrics_http.stop()
     await coordinator.close()
     logger.info("stopped cleanly")
     return 0

@@ -14,6 +14,7 @@ Root (import-light, shared with the coordinator):
                    the coordinator's outbox)
     ``tls``        TLS credentials from PEM files; one way to dial for every client
     ``auth``       who may call what: tokens, mTLS identities, the interceptor, the loopback rule
+    ``telemetry``  meters, the ``/metrics`` and ``/health`` endpoint, process series, tracing
 ``serving/``       inputs, the session pool, native engines, parity, the model store, the predictor
 ``versions/``      the hot swap, the history of kept versions, the ``model`` CLI
 ``learning/``      feedback samples and their store, the prediction log, feedback validation,

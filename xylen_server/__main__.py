@@ -97,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return replay_command(settings, args.prediction_id, args.log_dir)
     from xylen_server.server import serve  # after logging is set up; imports are heavy
+    from xylen_server.telemetry import configure_tracing
 
+    try:
+        configure_tracing("xylen-server")
+    except SettingsError as exc:
+        print(f"xylen-server: error: {exc}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(serve(settings))
     except OSError as exc:

@@ -31,6 +31,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, TypeAlias
 
 import grpc
@@ -198,8 +199,19 @@ _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 _PASS_THROUGH = (grpc.aio.AbortError, asyncio.CancelledError)
 
 
+#: The ErrorInfo reason of the call being answered, for the metrics interceptor that wraps this
+#: one (same task, so the same context): set here, read and reset there.
+error_reason: ContextVar[str] = ContextVar("xylen_error_reason", default="")
+
+
 async def _abort(context: _Context, exc: Exception) -> None:
-    await context.abort_with_status(to_grpc_status(exc))  # type: ignore[attr-defined]
+    status = to_rpc_status(exc)
+    error_reason.set(_classify_reason(exc))
+    await context.abort_with_status(rpc_status.to_status(status))  # type: ignore[attr-defined]
+
+
+def _classify_reason(exc: BaseException) -> str:
+    return exc.reason if isinstance(exc, XylenError) else "INTERNAL"
 
 
 def _wrap_unary(behavior: Callable[[Any, _Context], Awaitable[Any]]) -> Any:

@@ -34,6 +34,8 @@ class Health:
     def __init__(self, server: grpc.aio.Server, services: Sequence[str]) -> None:
         self.servicer = health.aio.HealthServicer()
         self.services = ("", *services)
+        self.serving = False
+        """What the last :meth:`set` reported (read by ``/health`` and the metrics)."""
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
         reflection.enable_server_reflection(
             (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -46,6 +48,7 @@ class Health:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        self.serving = serving
         for name in self.services:
             await self.servicer.set(name, status)
 

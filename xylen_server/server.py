@@ -28,14 +28,16 @@ from xylen_server.api.admission import AdmissionInterceptor
 from xylen_server.api.interceptors import MetricsInterceptor
 from xylen_server.api.metrics import Recorder
 from xylen_server.api.servicer import ModelServicer
+from xylen_server.api.telemetry import ServerTelemetry
 from xylen_server.auth import AuthInterceptor, ServerSecurity, check_exposure
 from xylen_server.errors import ErrorStatusInterceptor, ModelLoadError, SettingsError
 from xylen_server.health import Health, bind, server_options
 from xylen_server.learning.feedback import FeedbackLoop
 from xylen_server.learning.retrainer import Retrainer
 from xylen_server.serving.model_store import LoadedModel, load_model
-from xylen_server.serving.predictor import Predictor
+from xylen_server.serving.predictor import Predictor, Result
 from xylen_server.settings import Settings
+from xylen_server.telemetry import MetricsHttp, server_tracing_interceptor, tracing_enabled
 from xylen_server.tls import server_credentials
 from xylen_server.versions.swap import ModelManager
 
@@ -58,6 +60,11 @@ class Running:
     models: ModelManager
     retrainer: Retrainer
     admission: AdmissionInterceptor | None = None
+    telemetry: ServerTelemetry | None = None
+    """The metrics (None with METRICS_ENABLED=false)."""
+    metrics_http: MetricsHttp | None = None
+    """``/metrics`` and ``/health`` on :attr:`metrics_port`."""
+    metrics_port: int = 0
 
     async def load(self) -> LoadedModel:
         """Load, check and warm the model (off the loop), serve it, start the learning loop
@@ -76,6 +83,8 @@ class Running:
         retrain, flush the prediction log, close the feedback store and the model."""
         await self.health.set(False)
         await self.server.stop(grace_seconds)
+        if self.metrics_http is not None:
+            await self.metrics_http.stop()
         await self.retrainer.close()
         await asyncio.get_running_loop().run_in_executor(None, self.feedback.close)
         if self.predictor.ready:
@@ -103,16 +112,19 @@ async def build_server(
         )
     recorder = recorder or Recorder()
     admission = AdmissionInterceptor(settings, recorder)
+    # Outermost first: (spans,) metrics count every answer, errors become status + ErrorInfo,
+    # credentials are checked, and admission (decoding, shedding, limits) runs before any
+    # handler.
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        MetricsInterceptor(recorder),
+        ErrorStatusInterceptor(),
+        AuthInterceptor(security),
+        admission,
+    ]
+    if tracing_enabled():
+        interceptors.insert(0, server_tracing_interceptor())
     server = grpc.aio.server(
-        # Outermost first: metrics count every answer, errors become status + ErrorInfo,
-        # credentials are checked, and admission (decoding, shedding, limits) runs before any
-        # handler.
-        interceptors=[
-            MetricsInterceptor(recorder),
-            ErrorStatusInterceptor(),
-            AuthInterceptor(security),
-            admission,
-        ],
+        interceptors=interceptors,
         options=server_options(settings.max_message_bytes) + admission.core_options,
         # grpc's own cap, counted when a call arrives (before its task waits for the loop):
         # above it a call is refused RESOURCE_EXHAUSTED at once, without ErrorInfo.
@@ -132,6 +144,22 @@ async def build_server(
     running = Running(
         settings, server, port, predictor, health, recorder, feedback, models, retrainer, admission
     )
+    if settings.metrics_enabled:
+        telemetry = ServerTelemetry(
+            settings, recorder, predictor, feedback, models, retrainer, lambda: health.serving
+        )
+        record, answered = feedback.record, telemetry.answered
+
+        def on_answer(result: Result) -> None:
+            record(result)
+            answered(result)
+
+        predictor.on_answer = on_answer
+        running.telemetry = telemetry
+        running.metrics_http = MetricsHttp(telemetry.meters, telemetry.health)
+        running.metrics_port = await running.metrics_http.start(
+            settings.host, settings.metrics_port
+        )
     await health.set(False)
     return running
 
@@ -160,6 +188,8 @@ async def serve(settings: Settings) -> int:
         "listening on %s:%d (NOT_SERVING until the model is ready)", settings.host, running.port
     )
     print(f"xylen-server listening on port {running.port}", flush=True)
+    if running.metrics_http is not None:
+        print(f"xylen-server metrics on port {running.metrics_port}", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

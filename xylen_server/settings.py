@@ -90,7 +90,11 @@ class Settings:
     grpc_port: int = env("GRPC_PORT", 8001, minimum=0, maximum=65535)
     """gRPC port; 0 picks a free port (printed at start)."""
     metrics_port: int = env("METRICS_PORT", 9001, minimum=0, maximum=65535)
-    """HTTP port of the metrics endpoint (not served yet: the number is validated and kept)."""
+    """HTTP port of ``/metrics`` (Prometheus text) and ``/health`` (JSON), on ``GRPC_HOST``;
+    0 picks a free port (printed at start). The one setting of the mapping: server N of the
+    fleet serves gRPC on 800N and metrics on 900N (README, Metrics)."""
+    metrics_enabled: bool = env("METRICS_ENABLED", True)
+    """Record metrics and serve the metrics port; false turns both off (benchmarks compare)."""
     pool_size: int = env("SESSION_POOL_SIZE", 2, minimum=1)
     """Inference sessions (and worker threads) in the pool."""
     session_threads: int = env("SESSION_THREADS", 1, minimum=1)

@@ -29,6 +29,7 @@ def run_to_exit(
         "MODEL_NAME": "model_1",
         "GRPC_HOST": "127.0.0.1",
         "GRPC_PORT": "0",
+        "METRICS_PORT": "0",
         **env,
     }
     return subprocess.run(

@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
+from opentelemetry.trace import SpanKind
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
-from xylen_server import auth
+from xylen_server import auth, telemetry
 from xylen_server.api import limits, messages
 from xylen_server.api.admission import AdmissionInterceptor
 from xylen_server.errors import InvalidArgument, ResourceExhausted
@@ -53,6 +54,23 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         return messages.predict_response(result)
 
     async def _stream_item(
+        self, item: pb.PredictStreamRequest, deadline: float | None
+    ) -> pb.PredictStreamResponse:
+        if item.trace_context and telemetry.tracing_enabled():
+            # One stream carries many items: each brings its caller's trace context.
+            with telemetry.tracer(__name__).start_as_current_span(
+                "xylen.v1.ModelService/PredictStream item",
+                context=telemetry.extract_context(item.trace_context),
+                kind=SpanKind.SERVER,
+            ) as span:
+                span.set_attribute("xylen.request_id", item.request_id[:64])
+                span.set_attribute("xylen.model", self.settings.model_name)
+                answer = await self._answer_item(item, deadline)
+                span.set_attribute("xylen.status_code", answer.status.code)
+                return answer
+        return await self._answer_item(item, deadline)
+
+    async def _answer_item(
         self, item: pb.PredictStreamRequest, deadline: float | None
     ) -> pb.PredictStreamResponse:
         request_id = item.request_id

@@ -23,6 +23,7 @@ from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_server.tls import ClientTls, open_channel
 
 LISTENING = "xylen-server listening on port "
+METRICS = "xylen-server metrics on port "
 
 
 def health_status(channel: grpc.Channel, service: str = "", timeout: float = 2.0) -> int:
@@ -40,6 +41,12 @@ class ServerProcess:
     log_path: Path
     tls: ClientTls | None = None
     """How to dial it when it serves TLS (None: plaintext)."""
+    metrics_port: int = 0
+    """Port of its ``/metrics`` and ``/health`` (0: metrics off)."""
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
 
     @property
     def address(self) -> str:
@@ -101,6 +108,7 @@ def start_server(
         MODEL_NAME=model_name,
         GRPC_HOST="127.0.0.1",
         GRPC_PORT=str(port),
+        METRICS_PORT="0",
         PYTHONUNBUFFERED="1",
     )
     full_env.setdefault("LOG_LEVEL", "INFO")
@@ -124,7 +132,12 @@ def start_server(
         raise RuntimeError(
             f"server did not start (exit {proc.returncode}):\n{line}{log_path.read_text()}"
         )
-    server = ServerProcess(proc, int(line[len(LISTENING) :]), log_path, tls)
+    metrics_port = 0
+    if full_env.get("METRICS_ENABLED", "true").lower() not in ("0", "false", "no", "off"):
+        metrics_line = proc.stdout.readline()
+        if metrics_line.startswith(METRICS):
+            metrics_port = int(metrics_line[len(METRICS) :])
+    server = ServerProcess(proc, int(line[len(LISTENING) :]), log_path, tls, metrics_port)
     if wait:
         server.wait_serving()
     return server

@@ -89,6 +89,8 @@ class FeedbackLoop:
         self.arrived = 0
         """Samples received since the last retrain job ended or the model changed (what the
         sample-count trigger reads, so a refused retrain waits for new evidence)."""
+        self.acknowledged = 0
+        """Feedback records acknowledged (committed; duplicates included) since the start."""
         self.on_stored: list[Callable[[], None]] = []
         """Called after every newly stored sample (the automatic retrain triggers)."""
 
@@ -186,6 +188,7 @@ class FeedbackLoop:
         if source != record.source:
             record = dataclasses.replace(record, source=source[:_MAX_SOURCE_CHARS])
         result = await store.append_async(record)
+        self.acknowledged += 1
         if not result.duplicate:
             self.new_samples += 1
             self.arrived += 1
@@ -213,6 +216,11 @@ class FeedbackLoop:
         frame = store.read_samples()
         received = frame.get_column("received_time").dt.epoch("ms")
         return int((received > cutoff_ms).sum())
+
+    def stored_count(self) -> int | None:
+        """Samples stored so far, or None while the store is not open (never opens it)."""
+        store = self._store
+        return None if store is None else store.count()
 
     def reset(self, new_samples: int) -> None:
         """After a model change: count against the new model, start the live record again."""

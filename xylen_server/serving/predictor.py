@@ -21,10 +21,13 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from opentelemetry import context as otel_context
 
 from xylen.v1 import model_service_pb2 as pb
+from xylen_server import telemetry
 from xylen_server.errors import SHOWN_CHARS, DeadlineExceeded, NotFound, Unavailable, shown
 from xylen_server.serving.inputs import feature_matrix
 from xylen_server.serving.model_store import LoadedModel
@@ -47,6 +50,10 @@ class Result:
     seconds: float
     rows: np.ndarray
     """The float32 feature matrix the model ran on (kept by the prediction log)."""
+    waited: float = 0.0
+    """Seconds the batch waited for a worker thread (and its session); 0 on the loop."""
+    on_loop: bool = False
+    """True when the batch ran on the event loop's own session, not the pool's."""
 
 
 class _Served:
@@ -154,11 +161,19 @@ class Predictor:
         request: pb.PredictRequest,
         on_loop: bool = False,
         deadline: float | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, float]:
-        """Validate, featurise and infer; returns P(up), the feature rows and the time."""
+        submitted: float = 0.0,
+        parent: Any = None,
+    ) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """Validate, featurise and infer; returns P(up), the feature rows, the time it took and
+        the time it waited since ``submitted`` (a ``perf_counter`` reading; 0: not queued).
+        ``parent`` is the trace context to open the featurise and inference spans under (None:
+        tracing off, no span)."""
         self._drop_if_expired(deadline)  # on the worker: it may have waited for a thread
         started = time.perf_counter()
+        waited = started - submitted if submitted else 0.0
         meta = model.meta
+        if parent is not None:
+            return self._run_traced(model, request, on_loop, started, waited, parent)
         rows = feature_matrix(
             request.inputs,
             len(meta.feature_names),
@@ -172,7 +187,40 @@ class Predictor:
             if self.settings.inference_delay_ms:
                 time.sleep(self.settings.inference_delay_ms / 1000.0)
             probabilities = model.engine.predict_proba(rows)
-        return probabilities, rows, time.perf_counter() - started
+        return probabilities, rows, time.perf_counter() - started, waited
+
+    def _run_traced(
+        self,
+        model: LoadedModel,
+        request: pb.PredictRequest,
+        on_loop: bool,
+        started: float,
+        waited: float,
+        parent: Any,
+    ) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """:meth:`_run` with a span for each step (tracing on)."""
+        tracer = telemetry.tracer(__name__)
+        meta = model.meta
+        with tracer.start_as_current_span("featurise", context=parent) as span:
+            rows = feature_matrix(
+                request.inputs,
+                len(meta.feature_names),
+                meta.lookback,
+                self.settings.max_batch_rows,
+                model.feature_set,
+            )
+            span.set_attribute("xylen.rows", int(rows.shape[0]))
+        with tracer.start_as_current_span("inference", context=parent) as span:
+            span.set_attribute("xylen.on_loop", on_loop)
+            span.set_attribute("xylen.model_version", meta.version)
+            span.set_attribute("xylen.waited_us", round(waited * 1e6, 1))
+            if on_loop:
+                probabilities = model.engine.predict_on_loop(rows)
+            else:
+                if self.settings.inference_delay_ms:
+                    time.sleep(self.settings.inference_delay_ms / 1000.0)
+                probabilities = model.engine.predict_proba(rows)
+        return probabilities, rows, time.perf_counter() - started, waited
 
     def _fits_the_loop(self, model: LoadedModel, request: pb.PredictRequest) -> bool:
         """A few feature vectors of a cheap model cost less on the loop than a thread hop."""
@@ -193,13 +241,19 @@ class Predictor:
         model = served.model
         check_model_name(request.model_name, model.meta.name)
         self._drop_if_expired(deadline)
-        if self._fits_the_loop(model, request):
-            probabilities, rows, seconds = self._run(model, request, on_loop=True)
+        parent = otel_context.get_current() if telemetry.tracing_enabled() else None
+        on_loop = self._fits_the_loop(model, request)
+        if on_loop:
+            probabilities, rows, seconds, waited = self._run(
+                model, request, True, None, 0.0, parent
+            )
         else:
             served.inflight += 1
-            work = model.engine.executor.submit(self._run, model, request, False, deadline)
+            work = model.engine.executor.submit(
+                self._run, model, request, False, deadline, time.perf_counter(), parent
+            )
             try:
-                probabilities, rows, seconds = await asyncio.wrap_future(work)
+                probabilities, rows, seconds, waited = await asyncio.wrap_future(work)
             except asyncio.CancelledError:
                 # The call was cancelled (its caller left or its deadline passed): work not yet
                 # started is dropped; cancel() is False only when it is running already.
@@ -211,9 +265,13 @@ class Predictor:
         ids = [f"{self._id_prefix}-{next(self._counter):x}" for _ in range(len(probabilities))]
         thresholds = model.thresholds
         signals = signal_numbers(probabilities, thresholds.buy, thresholds.sell)
-        result = Result(model, probabilities, signals, ids, seconds, rows)
+        result = Result(model, probabilities, signals, ids, seconds, rows, waited, on_loop)
         if self.on_answer is not None:
-            self.on_answer(result)
+            if parent is None:
+                self.on_answer(result)
+            else:
+                with telemetry.tracer(__name__).start_as_current_span("log", context=parent):
+                    self.on_answer(result)
         return result
 
     async def predict_within(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class ModelManager:
         self.predictor = predictor
         self.history = settings.history_dir
         self.lock = asyncio.Lock()
+        self.swaps: Counter[str] = Counter()
+        """Swaps done, by kind: ``promoted``, ``rolled_back``, ``reloaded`` (the metrics)."""
         self.on_change: list[Callable[[LoadedModel], Awaitable[None]]] = []
         """Awaited on the loop after every swap with the model now served."""
 
@@ -51,9 +54,10 @@ class ModelManager:
         except (MetadataError, OSError) as exc:
             logger.warning("could not keep the serving version in %s: %s", self.history, exc)
 
-    async def _swap(self, loaded: LoadedModel, why: str) -> None:
+    async def _swap(self, loaded: LoadedModel, why: str, kind: str) -> None:
         previous = self.predictor.model.meta.version if self.predictor.ready else None
         await self.predictor.swap(loaded, self.settings.shutdown_grace_seconds)
+        self.swaps[kind] += 1
         logger.info(
             "%s: now serving %s v%d (was v%s)", why, loaded.meta.name, loaded.meta.version, previous
         )
@@ -76,7 +80,7 @@ class ModelManager:
                 raise
             assert isinstance(loaded, LoadedModel)
             await self._thread(model_history.install_serving, kept, self.settings.model_dir)
-            await self._swap(loaded, "promoted")
+            await self._swap(loaded, "promoted", "promoted")
             return loaded
 
     async def rollback(self, version: int) -> tuple[LoadedModel, int]:
@@ -93,7 +97,7 @@ class ModelManager:
             loaded = await self._thread(load_model, self.settings, kept.path)
             assert isinstance(loaded, LoadedModel)
             await self._thread(model_history.install_serving, kept.path, self.settings.model_dir)
-            await self._swap(loaded, f"rolled back to v{version}")
+            await self._swap(loaded, f"rolled back to v{version}", "rolled_back")
             return loaded, current.version
 
     async def reload(self) -> tuple[LoadedModel, bool]:
@@ -120,7 +124,7 @@ class ModelManager:
                 raise
             assert isinstance(loaded, LoadedModel)
             await self._thread(self.keep_serving_version)
-            await self._swap(loaded, "reloaded")
+            await self._swap(loaded, "reloaded", "reloaded")
             return loaded, True
 
     async def kept_versions(self) -> list[model_history.KeptVersion]:

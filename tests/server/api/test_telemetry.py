@@ -1,0 +1,190 @@
+"""The metrics port of a real server: ``/metrics`` in the Prometheus text format (parsed with
+``prometheus_client.parser``) moves with the calls made, and ``/health`` answers JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from errorinfo import error_info
+from harness import InProcessServer, feature_input, write_model
+from learning_helpers import add_version, learning_settings
+from prometheus_client.parser import text_string_to_metric_families
+
+from xylen.v1 import model_service_pb2 as pb
+from xylen.v1 import model_service_pb2_grpc as pb_grpc
+
+PREDICT = {"rpc_method": "Predict", "rpc_service": "xylen.v1.ModelService"}
+
+
+def get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def scrape(port: int) -> dict[str, list[tuple[str, dict[str, str], float]]]:
+    """Every sample of ``/metrics`` by family name: (sample name, labels, value)."""
+    status, content_type, text = get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200 and content_type.startswith("text/plain; version=")
+    families = {}
+    for family in text_string_to_metric_families(text):
+        families[family.name] = [(s.name, s.labels, s.value) for s in family.samples]
+    return families
+
+
+def value(families, sample: str, **labels: str) -> float:
+    """Sum of the samples named ``sample`` whose labels include ``labels``."""
+    family = sample.removesuffix("_total").removesuffix("_count").removesuffix("_sum")
+    family = family.removesuffix("_bucket")
+    return sum(
+        v
+        for name, got, v in families.get(family, [])
+        if name == sample and all(got.get(k) == want for k, want in labels.items())
+    )
+
+
+def eventually(check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "the metrics did not move"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def versions_root(tmp_path: Path, candles) -> Path:
+    models = tmp_path / "models"
+    write_model(models, "model_1", "lightgbm", candles, trees=30)
+    add_version(models, 2, seed=2)
+    return tmp_path
+
+
+def test_metrics_move_with_the_calls_and_parse_as_prometheus_text(versions_root, feature_rows):
+    server = InProcessServer(learning_settings(versions_root))
+    port = server.running.metrics_port
+    assert port > 0
+    try:
+        before = scrape(port)
+        assert value(before, "rpc_server_requests_total", **PREDICT) == 0
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ModelServiceStub(channel)
+            for row in feature_rows[:7]:
+                stub.Predict(pb.PredictRequest(inputs=[feature_input(row)]))
+            stub.Predict(pb.PredictRequest(inputs=[feature_input(r) for r in feature_rows[:300]]))
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Predict(pb.PredictRequest(inputs=[feature_input([1.0, 2.0])]))
+            assert error_info(caught.value).reason == "FEATURE_COUNT_MISMATCH"
+            moved = stub.RollbackModel(pb.RollbackModelRequest(version=2))
+            assert moved.model_info.version == 2
+
+        def settled() -> bool:
+            now = scrape(port)
+            return value(now, "rpc_server_requests_total", rpc_method="RollbackModel") == 1
+
+        eventually(settled)
+        after = scrape(port)
+        ok = {**PREDICT, "rpc_grpc_status_code": "OK", "model": "model_1"}
+        assert value(after, "rpc_server_requests_total", **ok) == 8
+        assert value(after, "rpc_server_duration_seconds_count", **ok) == 8
+        assert value(after, "rpc_server_duration_seconds_sum", **ok) > 0
+        buckets = [
+            labels["le"]
+            for name, labels, _ in after["rpc_server_duration_seconds"]
+            if name.endswith("_bucket")
+            and labels["rpc_grpc_status_code"] == "OK"
+            and labels["rpc_method"] == "Predict"
+        ]
+        assert buckets[0] == "0.0001" and "1.0" in buckets and buckets[-1] == "+Inf"
+        bad = {**PREDICT, "rpc_grpc_status_code": "INVALID_ARGUMENT"}
+        assert value(after, "xylen_rpc_errors_total", reason="FEATURE_COUNT_MISMATCH", **bad) == 1
+        assert value(after, "xylen_predict_rows_total") == 7 + 300
+        assert value(after, "xylen_predict_executions_total", where="loop") == 7
+        assert value(after, "xylen_predict_executions_total", where="pool") == 1
+        assert value(after, "xylen_session_wait_time_seconds_total", where="pool") > 0
+        assert value(after, "xylen_inference_time_seconds_total", where="loop") > 0
+        assert value(after, "xylen_inference_time_seconds_total", where="pool") > 0
+        assert value(after, "rpc_server_active_requests", **PREDICT) == 0
+        info = after["xylen_model_info"]
+        assert [(labels["model_version"], v) for _, labels, v in info] == [("2", 1.0)]
+        assert info[0][1]["model_type"] == "lightgbm" and info[0][1]["engine"] == "onnx"
+        assert value(after, "xylen_model_version") == 2
+        assert value(after, "xylen_model_serving") == 1
+        assert value(after, "xylen_model_swaps_total", kind="rolled_back") == 1
+        assert value(after, "xylen_model_swaps_total", kind="promoted") == 0
+        assert value(after, "xylen_training_state", state="idle") == 1
+        assert value(after, "xylen_training_state", state="running") == 0
+        assert value(after, "xylen_training_jobs_total", result="failed") == 0
+        assert value(after, "process_memory_rss_bytes") > 10e6
+        assert value(after, "process_memory_limit_bytes") > value(after, "process_memory_rss_bytes")
+        assert value(after, "process_cpu_time_seconds_total") > 0
+
+        status, content_type, text = get(f"http://127.0.0.1:{port}/health")
+        health = json.loads(text)
+        assert (status, content_type) == (200, "application/json")
+        assert health["status"] == "SERVING"
+        assert (health["model_name"], health["model_version"]) == ("model_1", 2)
+        assert health["model_type"] == "lightgbm" and health["engine"] == "onnx"
+        assert health["training_samples"] > 0 and health["trained_at"].endswith("Z")
+        assert health["training_state"] == "idle"
+        assert get(f"http://127.0.0.1:{port}/nothing")[0] == 404
+    finally:
+        server.close()
+    with pytest.raises(OSError):  # the port closes with the server
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_feedback_and_streams_are_counted(versions_root, feature_rows):
+    # Its own server and feedback store: the shared default directory may be held by another
+    # test's server.
+    server = InProcessServer(learning_settings(versions_root))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            feedback_and_streams(server, pb_grpc.ModelServiceStub(channel), feature_rows)
+    finally:
+        server.close()
+
+
+def feedback_and_streams(server, stub, feature_rows):
+    port = server.running.metrics_port
+    answer = stub.Predict(pb.PredictRequest(inputs=[feature_input(feature_rows[0])]))
+    before = scrape(port)
+    stream = "PredictStream"
+    requests = [
+        pb.PredictStreamRequest(
+            request_id=str(i), request=pb.PredictRequest(inputs=[feature_input(r)])
+        )
+        for i, r in enumerate(feature_rows[:3])
+    ]
+    answers = list(stub.PredictStream(iter(requests)))
+    assert [a.status.code for a in answers] == [0, 0, 0]
+    outcome = pb.TradeOutcome(pnl=1.0, realized_return=0.01)
+    outcome.close_time.GetCurrentTime()
+    prediction_id = answer.predictions[0].prediction_id
+    stub.Feedback(pb.FeedbackRequest(prediction_id=prediction_id, outcome=outcome))
+    stub.Feedback(pb.FeedbackRequest(prediction_id=prediction_id, outcome=outcome))
+
+    def moved() -> bool:
+        now = scrape(port)
+        return (
+            value(now, "rpc_server_requests_total", rpc_method="Feedback")
+            == value(before, "rpc_server_requests_total", rpc_method="Feedback") + 2
+            and value(now, "rpc_server_requests_total", rpc_method=stream) == 1
+        )
+
+    eventually(moved)
+    after = scrape(port)
+    assert (
+        value(after, "xylen_feedback_acknowledged_total")
+        - value(before, "xylen_feedback_acknowledged_total")
+        == 2
+    )
+    assert value(after, "xylen_training_samples") == value(before, "xylen_training_samples") + 1
+    assert value(after, "xylen_predict_rows_total") - value(before, "xylen_predict_rows_total") == 3
+    assert value(after, "xylen_rpc_open_streams", rpc_method=stream) == 0
