@@ -15,7 +15,7 @@ DATA ?= $(DATA_DIR)
 TRAIN_VARS := LOOKBACK_PERIODS FEATURES TRAIN_START_DATE TRAIN_END_DATE VALIDATION_END_DATE TEST_END_DATE
 TRAIN_SETS = $(foreach v,$(TRAIN_VARS),$(if $($(v)),--set '$(v)=$($(v))'))
 
-.PHONY: demo test proto lint train data bench deploy clean venv certs
+.PHONY: demo test proto lint train data bench deploy clean venv certs up down status proto-go models-ready
 
 venv: $(STAMP)
 
@@ -79,6 +79,37 @@ certs: $(STAMP)
 
 bench: $(STAMP) $(PROTO_STAMP)
 	$(PY) -m bench
+
+# -- deployment (README "Deploying") ------------------------------------------------------------
+# `make deploy`: the compose stack (compose.yaml) in a container engine. `make up` / `down` /
+# `status`: the same servers and coordinator as local processes on the same ports (run/stack/).
+STACK_DIR ?= run/stack
+SECRETS_DIR := run/secrets
+
+models-ready: $(STAMP) $(PROTO_STAMP)
+	@test -d $(DATA_DIR) || $(MAKE) --no-print-directory data
+	@for m in model_1 model_2 model_3 model_4; do \
+		test -f $(MODELS_DIR)/$$m/metadata.json || { $(MAKE) --no-print-directory train; break; }; \
+	done
+
+deploy: models-ready
+	@if ! docker info >/dev/null 2>&1 || ! docker compose version >/dev/null 2>&1; then \
+		echo "make deploy: no working container engine here (\`docker info\` and \`docker compose version\` must succeed)." >&2; \
+		echo "Run the same stack as local processes instead: make up (then make status, make down)." >&2; \
+		exit 1; \
+	fi
+	@mkdir -p $(SECRETS_DIR)
+	@test -s $(SECRETS_DIR)/admin.token || (umask 077 && $(PY) -c 'import secrets; print(secrets.token_urlsafe(32))' > $(SECRETS_DIR)/admin.token)
+	docker compose up -d --build --wait
+
+up: models-ready
+	$(PY) -m xylen_server.devtools.stack up --run-dir $(STACK_DIR) --models $(MODELS_DIR)
+
+down: $(STAMP)
+	$(PY) -m xylen_server.devtools.stack down --run-dir $(STACK_DIR) --models $(MODELS_DIR)
+
+status: $(STAMP)
+	$(PY) -m xylen_server.devtools.stack status --run-dir $(STACK_DIR) --models $(MODELS_DIR)
 
 clean:
 	rm -rf $(VENV) xylen .pytest_cache .mypy_cache .ruff_cache run bench-results
