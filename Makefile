@@ -92,12 +92,13 @@ models-ready: $(STAMP) $(PROTO_STAMP)
 		test -f $(MODELS_DIR)/$$m/metadata.json || { $(MAKE) --no-print-directory train; break; }; \
 	done
 
-deploy: models-ready
+deploy: $(STAMP)
 	@if ! docker info >/dev/null 2>&1 || ! docker compose version >/dev/null 2>&1; then \
 		echo "make deploy: no working container engine here (\`docker info\` and \`docker compose version\` must succeed)." >&2; \
 		echo "Run the same stack as local processes instead: make up (then make status, make down)." >&2; \
 		exit 1; \
 	fi
+	@$(MAKE) --no-print-directory models-ready
 	@mkdir -p $(SECRETS_DIR)
 	@test -s $(SECRETS_DIR)/admin.token || (umask 077 && $(PY) -c 'import secrets; print(secrets.token_urlsafe(32))' > $(SECRETS_DIR)/admin.token)
 	docker compose up -d --build --wait
