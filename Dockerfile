@@ -6,7 +6,8 @@
 #
 #   docker build -t xylen .
 #   docker run --read-only --tmpfs /tmp -v "$PWD/models:/models" -v xylen-data:/data \
-#     -v "$PWD/run/secrets/admin.token:/run/secrets/admin_token:ro" -p 127.0.0.1:8001:8001 xylen
+#     -v "$PWD/run/secrets/admin.token:/run/secrets/admin_token:ro" \
+#     -e ADMIN_TOKEN_FILE=/run/secrets/admin_token -p 127.0.0.1:8001:8001 xylen
 #
 # The image listens on 0.0.0.0 (GRPC_HOST), so the server refuses to start unless the admin RPCs
 # are protected: pass -e ADMIN_TOKEN_FILE=/run/secrets/admin_token (compose does, from a secret).

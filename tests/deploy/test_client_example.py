@@ -23,7 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def two_servers(fleet_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list]:
     logs = tmp_path_factory.mktemp("client-example")
     servers = [
-        harness.start_server(fleet_models, name, wait=False, log_dir=logs)
+        # their own feedback stores: the session's four_servers may hold the default ones
+        harness.start_server(
+            fleet_models,
+            name,
+            wait=False,
+            log_dir=logs,
+            env={"FEEDBACK_DATA_DIR": str(logs / "data")},
+        )
         for name in ("model_1", "model_2")
     ]
     try:

@@ -49,7 +49,9 @@ def test_the_go_client_predicts_what_the_python_stub_predicts(
     ]
     client = go_dir / "bin" / "xylen-client"
 
-    server = harness.start_server(fleet_models, "model_2", log_dir=tmp_path)
+    server = harness.start_server(
+        fleet_models, "model_2", log_dir=tmp_path, env={"FEEDBACK_DATA_DIR": str(tmp_path / "data")}
+    )
     try:
         rows = [list(map(float, feature_rows[i])) for i in (10, 20)]
         args = [",".join(repr(v) for v in row) for row in rows]

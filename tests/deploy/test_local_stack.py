@@ -72,11 +72,11 @@ class StackCli:
                 str(self.run_dir),
                 "--models",
                 str(self.models),
-                "--port-map",
-                mapping,
                 "--no-prometheus",
                 "--timeout",
                 "240",
+                # only up is told the ports: status and down use the ones it kept
+                *(["--port-map", mapping] if command == "up" else []),
             ],
             cwd=ROOT,
             capture_output=True,
@@ -85,7 +85,7 @@ class StackCli:
         )
 
     def pids(self) -> dict[str, int]:
-        return dict(json.loads((self.run_dir / "stack.json").read_text()))
+        return dict(json.loads((self.run_dir / "stack.json").read_text())["pids"])
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ binary and ``deploy/prometheus/prometheus.yml`` exist.
 ``up`` starts what is not running (so after a crash it restarts just the missing part), waits
 until every part is healthy and prints where each listens; ``down`` sends SIGTERM (SIGKILL after
 the grace time) and waits until nothing is left; ``status`` prints each part's pid and health
-and exits 0 only when all are healthy. ``--port-map 8001=18001,...`` moves ports (tests).
+and exits 0 only when all are healthy. ``--port-map 8001=18001,...`` moves ports (tests);
+``status`` and ``down`` use the map ``up`` was given (kept in ``run/stack/stack.json``).
 """
 
 from __future__ import annotations
@@ -216,14 +217,22 @@ class Stack:
     # -- state ----------------------------------------------------------------------------------
 
     def state(self) -> dict[str, int]:
+        """Part name -> pid of what ``up`` started (``stack.json``)."""
+        return dict(self._saved().get("pids", {}))
+
+    def _saved(self) -> dict[str, Any]:
         try:
             return dict(json.loads((self.run_dir / STATE_FILE).read_text()))
         except FileNotFoundError:
             return {}
 
+    def saved_port_map(self) -> dict[int, int]:
+        """The ``--port-map`` the running stack was started with."""
+        return {int(a): int(b) for a, b in self._saved().get("port_map", {}).items()}
+
     def save(self, pids: Mapping[str, int]) -> None:
-        path = self.run_dir / STATE_FILE
-        path.write_text(json.dumps(dict(pids), indent=1))
+        state = {"pids": dict(pids), "port_map": {str(a): b for a, b in self.port_map.items()}}
+        (self.run_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
 
     def healthy(self, part: Part) -> bool:
         if part.kind == "http":
@@ -347,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         for a, b in (item.split("=") for item in args.port_map.split(",") if item.strip())
     }
     stack = Stack(args.root, args.run_dir, args.models, port_map, not args.no_prometheus)
+    if args.command != "up" and not port_map:
+        stack.port_map = stack.saved_port_map()  # status / down: the ports up used
     if args.command == "up":
         missing = [
             name
