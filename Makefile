@@ -15,7 +15,7 @@ DATA ?= $(DATA_DIR)
 TRAIN_VARS := LOOKBACK_PERIODS FEATURES TRAIN_START_DATE TRAIN_END_DATE VALIDATION_END_DATE TEST_END_DATE
 TRAIN_SETS = $(foreach v,$(TRAIN_VARS),$(if $($(v)),--set '$(v)=$($(v))'))
 
-.PHONY: demo test proto lint train data bench deploy clean venv certs
+.PHONY: demo test proto lint train data bench deploy clean venv certs up down status proto-go models-ready
 
 venv: $(STAMP)
 
@@ -79,6 +79,53 @@ certs: $(STAMP)
 
 bench: $(STAMP) $(PROTO_STAMP)
 	$(PY) -m bench
+
+# Go stubs of protos/xylen/v1 for their go_package, in a GOPATH layout under GO_DIR (Debian:
+# apt-get install golang golang-google-grpc-dev golang-goprotobuf-dev golang-google-protobuf-dev),
+# and the Go client example built against them (examples/go/client).
+GO_DIR ?= run/go
+GOPATH_XYLEN = $(abspath $(GO_DIR)):/usr/share/gocode
+# Debian's protoc-gen-go is golang/protobuf 1.3: its own well-known types, not grpc_tools' go_package.
+GO_WKT = Mgoogle/protobuf/timestamp.proto=github.com/golang/protobuf/ptypes/timestamp,Mgoogle/protobuf/duration.proto=github.com/golang/protobuf/ptypes/duration
+proto-go: $(STAMP)
+	@command -v protoc-gen-go >/dev/null || { echo "make proto-go: protoc-gen-go not on PATH (Debian: golang-goprotobuf-dev)" >&2; exit 1; }
+	rm -rf $(GO_DIR)/src/github.com/xylen-dev/xylen/gen/go
+	mkdir -p $(GO_DIR)/src $(GO_DIR)/bin
+	$(PY) -m grpc_tools.protoc -I protos --go_out=plugins=grpc,$(GO_WKT):$(GO_DIR)/src $(PROTO_SRC)
+	GOPATH=$(GOPATH_XYLEN) GO111MODULE=off go build -o $(GO_DIR)/bin/xylen-client ./examples/go/client
+	@echo "Go stubs in $(GO_DIR)/src/github.com/xylen-dev/xylen/gen/go/xylen/v1; client: $(GO_DIR)/bin/xylen-client -addr 127.0.0.1:8001"
+
+# -- deployment (README "Deploying") ------------------------------------------------------------
+# `make deploy`: the compose stack (compose.yaml) in a container engine. `make up` / `down` /
+# `status`: the same servers and coordinator as local processes on the same ports (run/stack/).
+STACK_DIR ?= run/stack
+SECRETS_DIR := run/secrets
+
+models-ready: $(STAMP) $(PROTO_STAMP)
+	@test -d $(DATA_DIR) || $(MAKE) --no-print-directory data
+	@for m in model_1 model_2 model_3 model_4; do \
+		test -f $(MODELS_DIR)/$$m/metadata.json || { $(MAKE) --no-print-directory train; break; }; \
+	done
+
+deploy: $(STAMP)
+	@if ! docker info >/dev/null 2>&1 || ! docker compose version >/dev/null 2>&1; then \
+		echo "make deploy: no working container engine here (\`docker info\` and \`docker compose version\` must succeed)." >&2; \
+		echo "Run the same stack as local processes instead: make up (then make status, make down)." >&2; \
+		exit 1; \
+	fi
+	@$(MAKE) --no-print-directory models-ready
+	@mkdir -p $(SECRETS_DIR)
+	@test -s $(SECRETS_DIR)/admin.token || (umask 077 && $(PY) -c 'import secrets; print(secrets.token_urlsafe(32))' > $(SECRETS_DIR)/admin.token)
+	docker compose up -d --build --wait
+
+up: models-ready
+	$(PY) -m xylen_server.devtools.stack up --run-dir $(STACK_DIR) --models $(MODELS_DIR)
+
+down: $(STAMP)
+	$(PY) -m xylen_server.devtools.stack down --run-dir $(STACK_DIR) --models $(MODELS_DIR)
+
+status: $(STAMP)
+	$(PY) -m xylen_server.devtools.stack status --run-dir $(STACK_DIR) --models $(MODELS_DIR)
 
 clean:
 	rm -rf $(VENV) xylen .pytest_cache .mypy_cache .ruff_cache run bench-results

@@ -1,8 +1,9 @@
 """xylen coordinator: one weighted ensemble decision from many model servers, within a deadline.
 
 The library API: :class:`AsyncCoordinator` (asyncio: ``predict``, ``feedback``, ``reload``,
-``endpoints``), :class:`Coordinator` (the same, synchronous), :func:`load_config` /
-:class:`Config`, the results, and :func:`combine`, the pure ensemble arithmetic.
+``endpoints``), :class:`Coordinator` (the same, synchronous), :class:`ModelClient` (one model
+server, blocking), :func:`load_config` / :class:`Config`, the results, and :func:`combine`, the
+pure ensemble arithmetic.
 
 The modules:
 
@@ -21,6 +22,7 @@ The modules:
 * ``report`` -- results as text for the CLI and the demo.
 * ``coordinator`` -- :class:`AsyncCoordinator`, the asyncio library that ties them together.
 * ``client`` -- :class:`Coordinator`, the synchronous library on a background event loop.
+* ``model_client`` -- :class:`ModelClient`, a small blocking client of one model server.
 * ``convert`` -- results as EnsembleService protobuf messages.
 * ``servicer`` -- the EnsembleService gRPC handlers.
 * ``undecodable`` -- request bytes that do not parse: INVALID_ARGUMENT, not UNKNOWN.
@@ -34,6 +36,7 @@ from xylen_coordinator.client import Coordinator
 from xylen_coordinator.config import Config, ConfigError, load_config
 from xylen_coordinator.coordinator import AsyncCoordinator
 from xylen_coordinator.ensemble import Decision, Signal, combine
+from xylen_coordinator.model_client import ModelCallError, ModelClient
 from xylen_coordinator.report import describe_missing
 from xylen_coordinator.results import (
     EndpointState,
@@ -56,6 +59,8 @@ __all__ = [
     "FeedbackAck",
     "Missing",
     "MissingReason",
+    "ModelCallError",
+    "ModelClient",
     "RowDecision",
     "Signal",
     "VoteInfo",
