@@ -81,17 +81,23 @@ bench: $(STAMP) $(PROTO_STAMP)
 	$(PY) -m bench
 
 # Go stubs of protos/xylen/v1 for their go_package, in a GOPATH layout under GO_DIR (Debian:
-# apt-get install golang golang-google-grpc-dev golang-goprotobuf-dev golang-google-protobuf-dev),
+# apt-get install golang golang-google-grpc-dev golang-google-protobuf-dev),
 # and the Go client example built against them (examples/go/client).
 GO_DIR ?= run/go
 GOPATH_XYLEN = $(abspath $(GO_DIR)):/usr/share/gocode
-# Debian's protoc-gen-go is golang/protobuf 1.3: its own well-known types, not grpc_tools' go_package.
-GO_WKT = Mgoogle/protobuf/timestamp.proto=github.com/golang/protobuf/ptypes/timestamp,Mgoogle/protobuf/duration.proto=github.com/golang/protobuf/ptypes/duration
+# The generators are built from Debian's sources (golang-google-protobuf-dev 1.28, which knows
+# proto3 `optional`, and golang-google-grpc-dev's protoc-gen-go-grpc), in GOPATH mode: no module proxy.
+GO_SRC = /usr/share/gocode/src
 proto-go: $(STAMP)
-	@command -v protoc-gen-go >/dev/null || { echo "make proto-go: protoc-gen-go not on PATH (Debian: golang-goprotobuf-dev)" >&2; exit 1; }
+	@test -d $(GO_SRC)/google.golang.org/protobuf/cmd/protoc-gen-go -a -d $(GO_SRC)/google.golang.org/grpc/cmd/protoc-gen-go-grpc \
+		|| { echo "make proto-go: Go generator sources missing (Debian: golang-google-protobuf-dev golang-google-grpc-dev)" >&2; exit 1; }
 	rm -rf $(GO_DIR)/src/github.com/xylen-dev/xylen/gen/go
 	mkdir -p $(GO_DIR)/src $(GO_DIR)/bin
-	$(PY) -m grpc_tools.protoc -I protos --go_out=plugins=grpc,$(GO_WKT):$(GO_DIR)/src $(PROTO_SRC)
+	GOPATH=$(GOPATH_XYLEN) GO111MODULE=off go build -o $(GO_DIR)/bin/protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go
+	GOPATH=$(GOPATH_XYLEN) GO111MODULE=off go build -o $(GO_DIR)/bin/protoc-gen-go-grpc google.golang.org/grpc/cmd/protoc-gen-go-grpc
+	$(PY) -m grpc_tools.protoc -I protos \
+		--plugin=protoc-gen-go=$(GO_DIR)/bin/protoc-gen-go --plugin=protoc-gen-go-grpc=$(GO_DIR)/bin/protoc-gen-go-grpc \
+		--go_out=$(GO_DIR)/src --go-grpc_out=$(GO_DIR)/src $(PROTO_SRC)
 	GOPATH=$(GOPATH_XYLEN) GO111MODULE=off go build -o $(GO_DIR)/bin/xylen-client ./examples/go/client
 	@echo "Go stubs in $(GO_DIR)/src/github.com/xylen-dev/xylen/gen/go/xylen/v1; client: $(GO_DIR)/bin/xylen-client -addr 127.0.0.1:8001"
 

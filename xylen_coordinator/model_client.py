@@ -8,7 +8,7 @@
         info = model.info()                       # xylen.v1.ModelInfo
         (p,) = model.predict([[0.0] * len(info.feature_names)])
         print(p.model_name, p.model_version, p.probability_up, p.signal)
-        model.feedback(p.prediction_id, realized_return=0.004)   # admin: needs the token
+        model.feedback(p.prediction_id, underlying_log_return=0.004)  # admin: needs the token
 
 Rows are feature vectors in ``info().feature_names`` order, or ready ``PredictInput`` messages
 (a candle window: :func:`xylen_server.candles.window_input`). A refused call raises
@@ -116,14 +116,20 @@ class ModelClient:
         self,
         prediction_id: str,
         *,
-        realized_return: float,
+        underlying_log_return: float | None = None,
+        side: pb.TradeSide.ValueType = pb.TRADE_SIDE_UNSPECIFIED,
+        realized_return: float = 0.0,
         pnl: float = 0.0,
         close_time: datetime | None = None,
         timeout: float | None = None,
     ) -> pb.FeedbackResponse:
         """Feedback: the outcome of a prediction, closed at ``close_time`` (default now); an admin
-        RPC where credentials are set."""
-        outcome = pb.TradeOutcome(pnl=pnl, realized_return=realized_return)
+        RPC where credentials are set. The server labels it from the underlying's move over the
+        model's horizon: ``underlying_log_return``, or ``side`` with the trade's
+        ``realized_return`` (see ``TradeOutcome`` in the contract)."""
+        outcome = pb.TradeOutcome(pnl=pnl, realized_return=realized_return, side=side)
+        if underlying_log_return is not None:
+            outcome.underlying_log_return = underlying_log_return
         outcome.close_time.FromDatetime(close_time or datetime.now(UTC))
         request = pb.FeedbackRequest(prediction_id=prediction_id, outcome=outcome)
         return self._call("Feedback", request, timeout)  # type: ignore[no-any-return]

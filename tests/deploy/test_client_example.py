@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator import ModelCallError, ModelClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,8 +57,15 @@ def test_model_client_predicts_and_raises_the_servers_refusal(
             model.predict([[1.0, 2.0]])
         assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert refused.value.reason == "FEATURE_COUNT_MISMATCH"
-        ack = model.feedback(predictions[0].prediction_id, realized_return=0.004)
+        ack = model.feedback(predictions[0].prediction_id, underlying_log_return=0.004)
         assert ack.prediction_id == predictions[0].prediction_id and not ack.duplicate
+        short = model.feedback(
+            predictions[1].prediction_id, side=pb.TRADE_SIDE_SHORT, realized_return=0.01
+        )
+        assert short.stored_samples == ack.stored_samples + 1
+        with pytest.raises(ModelCallError) as unlabelled:
+            model.feedback(predictions[1].prediction_id, realized_return=0.01)
+        assert unlabelled.value.reason == "MISSING_UNDERLYING_MOVE"
     with ModelClient("127.0.0.1:1", timeout=0.5) as nobody:
         assert not nobody.serving()
         with pytest.raises(ModelCallError) as unreachable:

@@ -17,12 +17,16 @@ from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
-GRPC_GO = Path("/usr/share/gocode/src/google.golang.org/grpc")
+GO_SRC = Path("/usr/share/gocode/src")
+GENERATORS = (
+    "google.golang.org/protobuf/cmd/protoc-gen-go",
+    "google.golang.org/grpc/cmd/protoc-gen-go-grpc",
+)
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("go") is None or shutil.which("protoc-gen-go") is None or not GRPC_GO.is_dir(),
+    shutil.which("go") is None or not all((GO_SRC / g).is_dir() for g in GENERATORS),
     reason="no Go toolchain with grpc-go (apt-get install golang golang-google-grpc-dev "
-    "golang-goprotobuf-dev golang-google-protobuf-dev)",
+    "golang-google-protobuf-dev)",
 )
 
 
@@ -44,7 +48,9 @@ def test_the_go_client_predicts_what_the_python_stub_predicts(
     stubs = go_dir / "src/github.com/xylen-dev/xylen/gen/go/xylen/v1"
     assert sorted(p.name for p in stubs.glob("*.pb.go")) == [
         "ensemble_service.pb.go",
+        "ensemble_service_grpc.pb.go",
         "model_service.pb.go",
+        "model_service_grpc.pb.go",
         "types.pb.go",
     ]
     client = go_dir / "bin" / "xylen-client"

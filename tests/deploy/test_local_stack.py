@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,6 +111,11 @@ def test_up_serves_the_ensemble_survives_a_kill_restarts_and_down_leaves_nothing
     for i in range(1, 5):
         assert f"gRPC 127.0.0.1:{stack.port_map[8000 + i]}" in up.stdout, up.stdout
     assert "coordinator      pid" in up.stdout and f"127.0.0.1:{coordinator_port}" in up.stdout
+    # metrics where compose.yaml's Prometheus scrapes them: 900N for servers, 9000 coordinator
+    for port in (stack.port_map[9000], stack.port_map[9002]):
+        assert f"metrics 127.0.0.1:{port}" in up.stdout, up.stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            assert answer.status == 200 and b"# TYPE" in answer.read()
 
     # the same environment as compose: deploy/xylen.env and the per-service variables
     pids = stack.pids()

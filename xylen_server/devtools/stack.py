@@ -168,6 +168,11 @@ class Stack:
         command[command.index("--config") + 1] = str(self.run_dir / "coordinator.yaml")
         command[command.index("--host") + 1] = "127.0.0.1"
         command[command.index("--port") + 1] = str(port)
+        listens = [f"gRPC 127.0.0.1:{port}"]
+        if "--metrics-port" in command:
+            at = command.index("--metrics-port") + 1
+            command[at] = str(self.port(command[at]))
+            listens.append(f"metrics 127.0.0.1:{command[at]}")
         env = dict(base)
         env.update(GRPC_HOST="127.0.0.1")
         address = f"127.0.0.1:{port}"
@@ -177,7 +182,7 @@ class Stack:
                 [sys.executable, "-m", "xylen_coordinator", *command],
                 env,
                 address,
-                listens=[f"gRPC {address}"],
+                listens=listens,
             )
         )
         config = self.root / "deploy" / "prometheus" / "prometheus.yml"
