@@ -147,7 +147,7 @@ class FeedbackLoop:
         """Validate, join to the logged prediction and store durably; idempotent by id.
         ``close_time`` is ``(seconds, nanos)`` since the epoch (see :func:`build_record`);
         ``source`` is the caller (:func:`xylen_server.auth.caller`), stored with the sample."""
-        store = self.require_store()
+        store = self.store  # bad input is INVALID_ARGUMENT even while the store is down
         record = build_record(
             prediction_id=prediction_id,
             pnl=pnl,
@@ -157,10 +157,12 @@ class FeedbackLoop:
             prediction_log=self.log,
             model_name=model.meta.name,
             feature_count=len(model.meta.feature_names),
-            already_stored=store,
+            already_stored=store if store is not None else _StoreDown(self),
             max_id_bytes=self.settings.feedback_max_id_bytes,
             max_clock_skew_seconds=self.settings.feedback_max_clock_skew_seconds,
         )
+        if store is None:
+            store = self.require_store()
         if source != record.source:
             record = dataclasses.replace(record, source=source[:_MAX_SOURCE_CHARS])
         result = await store.append_async(record)
@@ -209,6 +211,18 @@ class FeedbackLoop:
             if self._store is not None:
                 self._store.close()
             self._closed = True
+
+
+class _StoreDown:
+    """``already_stored`` while the store cannot be opened: whether an id is stored is
+    unknown, so asking answers UNAVAILABLE (not NOT_FOUND)."""
+
+    def __init__(self, loop: FeedbackLoop) -> None:
+        self._loop = loop
+
+    def __contains__(self, prediction_id: object) -> bool:
+        self._loop.require_store()
+        return False
 
 
 def _ms(moment: datetime) -> int:
