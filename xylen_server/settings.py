@@ -169,6 +169,9 @@ class Settings:
     )
     """How far in the future an outcome's close_time may be before Feedback refuses it
     (OUTCOME_IN_FUTURE)."""
+    feedback_slow_commit_ms: float = env("FEEDBACK_SLOW_COMMIT_MS", 100.0, minimum=0.0)
+    """A feedback commit (its transaction and fsync) slower than this is a slow disk: counted
+    and logged (one warning at most every 10 s, with the count and the slowest); 0: never."""
     prediction_log_dir: Path | None = env("PREDICTION_LOG_DIR", None)
     """Parquet history of every prediction (for the Feedback join and ``replay``); unset means
     ``<FEEDBACK_DATA_DIR>/<MODEL_NAME>/prediction_log``."""

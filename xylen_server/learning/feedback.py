@@ -116,6 +116,7 @@ class FeedbackLoop:
                         self.settings.learning_dir,
                         group_commit=self.settings.feedback_group_commit,
                         compact_rows=self.settings.feedback_compact_rows,
+                        slow_commit_ms=self.settings.feedback_slow_commit_ms,
                     )
                     self._store_error = ""
                 except (RuntimeError, OSError, sqlite3.Error) as exc:
