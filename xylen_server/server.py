@@ -17,7 +17,7 @@ import asyncio
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import grpc
@@ -34,6 +34,7 @@ from xylen_server.errors import ErrorStatusInterceptor, ModelLoadError, Settings
 from xylen_server.health import Health, bind, server_options
 from xylen_server.learning.feedback import FeedbackLoop
 from xylen_server.learning.retrainer import Retrainer
+from xylen_server.memory import trim_periodically
 from xylen_server.serving.model_store import LoadedModel, load_model
 from xylen_server.serving.predictor import Predictor, Result
 from xylen_server.settings import Settings
@@ -65,6 +66,8 @@ class Running:
     metrics_http: MetricsHttp | None = None
     """``/metrics`` and ``/health`` on :attr:`metrics_port`."""
     metrics_port: int = 0
+    trimming: asyncio.Task[None] | None = field(default=None, repr=False)
+    """Gives freed memory back to the system every ``MEMORY_TRIM_INTERVAL_SECONDS``."""
 
     async def load(self) -> LoadedModel:
         """Load, check and warm the model (off the loop), serve it, start the learning loop
@@ -75,6 +78,9 @@ class Running:
         await loop.run_in_executor(None, self.models.keep_serving_version)
         await self.retrainer.start_up(model)
         await self.health.set(True)
+        self.trimming = asyncio.ensure_future(
+            trim_periodically(self.settings.memory_trim_interval_seconds)
+        )
         logger.info("SERVING %s v%d on port %d", model.meta.name, model.meta.version, self.port)
         return model
 
@@ -82,6 +88,8 @@ class Running:
         """NOT_SERVING, let calls in flight finish for ``grace_seconds``, cancel a running
         retrain, flush the prediction log, close the feedback store and the model."""
         await self.health.set(False)
+        if self.trimming is not None:
+            self.trimming.cancel()
         await self.server.stop(grace_seconds)
         if self.metrics_http is not None:
             await self.metrics_http.stop()

@@ -149,6 +149,9 @@ class Settings:
     items held (read, not yet answered) at once; a call or item that would pass it is refused
     with RESOURCE_EXHAUSTED (BYTES_IN_FLIGHT). One alone is always admitted up to
     ``MAX_MESSAGE_BYTES``."""
+    memory_trim_interval_seconds: float = env("MEMORY_TRIM_INTERVAL_SECONDS", 30.0, minimum=0.0)
+    """Every this often the C allocator is asked to give freed memory back to the system
+    (``malloc_trim``, glibc), so RSS comes back down after a burst of large requests; 0: never."""
     model_max_file_bytes: int = env("MODEL_MAX_FILE_BYTES", 256 * 1024 * 1024, minimum=1024)
     """Largest file a model directory may hold (native model, ONNX); a bigger one is refused
     before it is read or hashed (metadata.json: at most 1 MiB)."""
@@ -173,6 +176,9 @@ class Settings:
     )
     """How far in the future an outcome's close_time may be before Feedback refuses it
     (OUTCOME_IN_FUTURE)."""
+    feedback_slow_commit_ms: float = env("FEEDBACK_SLOW_COMMIT_MS", 100.0, minimum=0.0)
+    """A feedback commit (its transaction and fsync) slower than this is a slow disk: counted
+    and logged (one warning at most every 10 s, with the count and the slowest); 0: never."""
     prediction_log_dir: Path | None = env("PREDICTION_LOG_DIR", None)
     """Parquet history of every prediction (for the Feedback join and ``replay``); unset means
     ``<FEEDBACK_DATA_DIR>/<MODEL_NAME>/prediction_log``."""

@@ -125,6 +125,7 @@ class FeedbackLoop:
                         self.settings.learning_dir,
                         group_commit=self.settings.feedback_group_commit,
                         compact_rows=self.settings.feedback_compact_rows,
+                        slow_commit_ms=self.settings.feedback_slow_commit_ms,
                     )
                     self._store_error = ""
                 except (RuntimeError, OSError, sqlite3.Error) as exc:
@@ -161,10 +162,11 @@ class FeedbackLoop:
 
         The prediction is looked up in memory first, then (an id no longer held there: the
         server restarted, or memory was full) in the on-disk prediction log, as long as it is
-        within ``PREDICTION_LOG_MAX_AGE_SECONDS``; the disk read runs off the event loop."""
-        store = self.require_store()
+        within ``PREDICTION_LOG_MAX_AGE_SECONDS``; the disk read runs off the event loop. Bad
+        input is INVALID_ARGUMENT even while the store is down."""
+        store = self.store
         logged = self.log.get(prediction_id)
-        if logged is None and prediction_id not in store:
+        if logged is None and store is not None and prediction_id not in store:
             logged = await asyncio.to_thread(self.log.find_recent, prediction_id)
         meta = model.meta
         record = build_record(
@@ -181,10 +183,12 @@ class FeedbackLoop:
             underlying_log_return=underlying_log_return,
             fee=meta.fee,
             label_threshold=meta.label_threshold,
-            already_stored=store,
+            already_stored=store if store is not None else _StoreDown(self),
             max_id_bytes=self.settings.feedback_max_id_bytes,
             max_clock_skew_seconds=self.settings.feedback_max_clock_skew_seconds,
         )
+        if store is None:
+            store = self.require_store()
         if source != record.source:
             record = dataclasses.replace(record, source=source[:_MAX_SOURCE_CHARS])
         result = await store.append_async(record)
@@ -239,6 +243,18 @@ class FeedbackLoop:
             if self._store is not None:
                 self._store.close()
             self._closed = True
+
+
+class _StoreDown:
+    """``already_stored`` while the store cannot be opened: whether an id is stored is
+    unknown, so asking answers UNAVAILABLE (not NOT_FOUND)."""
+
+    def __init__(self, loop: FeedbackLoop) -> None:
+        self._loop = loop
+
+    def __contains__(self, prediction_id: object) -> bool:
+        self._loop.require_store()
+        return False
 
 
 def _ms(moment: datetime) -> int:

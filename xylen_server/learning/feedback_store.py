@@ -29,6 +29,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,8 @@ _INSERT_SAMPLE = "INSERT INTO samples ({}) VALUES ({})".format(
 )
 _FAILED_RETRY_SECONDS = 1.0
 """A compaction that failed is tried again no sooner than this (a full disk stays full)."""
+_SLOW_LOG_SECONDS = 10.0
+"""At most one slow-commit warning this often (a slow disk would otherwise log per commit)."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,7 @@ class FeedbackStore:
         compact_rows: int = Settings.feedback_compact_rows,
         compact_on_close: bool = True,
         fault_hook: Callable[[str], None] | None = None,
+        slow_commit_ms: float = Settings.feedback_slow_commit_ms,
     ) -> None:
         """
         Args:
@@ -177,6 +181,8 @@ class FeedbackStore:
             compact_on_close: compact everything at :meth:`close`.
             fault_hook: test-only; called with the name of each compaction step
                 (``part_written``, ``part_renamed``, ``rows_deleted``) to inject crashes.
+            slow_commit_ms: a commit slower than this is counted in ``slow_commits`` and
+                logged (``FEEDBACK_SLOW_COMMIT_MS``; 0: never).
         """
         self.directory = Path(directory)
         self.db_path = self.directory / DB_NAME
@@ -188,6 +194,14 @@ class FeedbackStore:
         self.commit_count = 0
         """Transactions committed (fsynced) so far; group commit makes it far below the
         appends (the benchmark and tests read it)."""
+        self.commit_seconds = 0.0
+        """Time spent in successful commits (transaction and fsync), summed."""
+        self.slowest_commit_seconds = 0.0
+        self.slow_commits = 0
+        """Commits slower than ``slow_commit_ms``: a slow disk shows here and in the log."""
+        self._slow_seconds = slow_commit_ms / 1000.0
+        self._slow_logged_at = 0.0  # time.monotonic() of the last slow-commit warning
+        self._slow_unlogged = 0  # slow commits since that warning
 
         self._lock = threading.Lock()  # queue, counts, closing
         self._wake = threading.Condition(self._lock)
@@ -360,6 +374,7 @@ class FeedbackStore:
         seq = self._next_seq
         rows = []
         new = []
+        started = time.perf_counter()
         try:
             db = self._connect()
             db.execute("BEGIN IMMEDIATE")  # the one writer: nothing changes until COMMIT
@@ -379,6 +394,7 @@ class FeedbackStore:
             raise
         self._next_seq = seq
         self.commit_count += 1
+        self._timed(time.perf_counter() - started, len(batch))
         with self._lock:
             before = self._count
             self._count += len(rows)
@@ -388,6 +404,29 @@ class FeedbackStore:
             if stored:
                 before += 1
             entry.waiter.result = AppendResult(not stored, before if stored else total)
+
+    def _timed(self, seconds: float, records: int) -> None:
+        """Account one commit's time; warn (rate-limited) when the disk makes it slow."""
+        self.commit_seconds += seconds
+        self.slowest_commit_seconds = max(self.slowest_commit_seconds, seconds)
+        if not self._slow_seconds or seconds < self._slow_seconds:
+            return
+        self.slow_commits += 1
+        self._slow_unlogged += 1
+        now = time.monotonic()
+        if now - self._slow_logged_at >= _SLOW_LOG_SECONDS:
+            logger.warning(
+                "slow feedback disk: %d commits over %.0f ms since the last warning, this one "
+                "%.0f ms for %d records (slowest so far %.0f ms) in %s",
+                self._slow_unlogged,
+                self._slow_seconds * 1000,
+                seconds * 1000,
+                records,
+                self.slowest_commit_seconds * 1000,
+                self.db_path,
+            )
+            self._slow_logged_at = now
+            self._slow_unlogged = 0
 
     # -- compaction -----------------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ and halves throughput, so the loop does it itself and is never held for longer t
 The served model is one reference, read once per request, so a hot swap (replacing the
 reference) never changes the model under a request that already started: every row of a batch
 is answered by the same version. A request that leaves the event loop for a worker thread counts
-itself in its model's ``inflight`` (plain integer arithmetic on the loop thread, no lock), and
+itself in its model's ``inflight`` (plain integer arithmetic on the loop thread, no lock) until
+its inference has ended, also when its call was cancelled while the worker ran it, and
 :meth:`Predictor.swap` closes the replaced model only once that count is back at zero. Batches
 run on the loop itself never yield, so they cannot straddle a swap.
 """
@@ -15,6 +16,8 @@ run on the loop itself never yield, so they cannot straddle a swap.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import itertools
 import logging
 import os
@@ -70,6 +73,18 @@ class _Served:
         self.inflight -= 1
         if self.inflight == 0 and self.drained is not None:
             self.drained.set()
+
+
+def _leave_when_done(
+    work: concurrent.futures.Future[Any], served: _Served, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Release ``served`` on ``loop`` (where ``inflight`` is counted) once ``work`` ends."""
+
+    def done(_: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to drain
+            loop.call_soon_threadsafe(served.leave)
+
+    work.add_done_callback(done)
 
 
 def check_model_name(requested: str, served: str) -> None:
@@ -252,16 +267,24 @@ class Predictor:
             work = model.engine.executor.submit(
                 self._run, model, request, False, deadline, time.perf_counter(), parent
             )
+            worker_holds = False
             try:
                 probabilities, rows, seconds, waited = await asyncio.wrap_future(work)
             except asyncio.CancelledError:
                 # The call was cancelled (its caller left or its deadline passed): work not yet
-                # started is dropped; cancel() is False only when it is running already.
-                if work.cancel() and self.on_dropped is not None:
-                    self.on_dropped("cancelled")
+                # started is dropped; cancel() is False only when it is running already, and
+                # then the worker keeps the model held until it is done (a swap must not close
+                # a model a worker thread is still running).
+                if work.cancel():
+                    if self.on_dropped is not None:
+                        self.on_dropped("cancelled")
+                elif not work.done():
+                    worker_holds = True
+                    _leave_when_done(work, served, asyncio.get_running_loop())
                 raise
             finally:
-                served.leave()
+                if not worker_holds:
+                    served.leave()
         ids = [f"{self._id_prefix}-{next(self._counter):x}" for _ in range(len(probabilities))]
         thresholds = model.thresholds
         signals = signal_numbers(probabilities, thresholds.buy, thresholds.sell)
