@@ -164,7 +164,7 @@ def feedback_and_streams(server, stub, feature_rows):
     ]
     answers = list(stub.PredictStream(iter(requests)))
     assert [a.status.code for a in answers] == [0, 0, 0]
-    outcome = pb.TradeOutcome(pnl=1.0, realized_return=0.01)
+    outcome = pb.TradeOutcome(pnl=1.0, realized_return=0.01, side=pb.TRADE_SIDE_LONG)
     outcome.close_time.GetCurrentTime()
     prediction_id = answer.predictions[0].prediction_id
     stub.Feedback(pb.FeedbackRequest(prediction_id=prediction_id, outcome=outcome))
