@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from training.calibration import apply as calibrate
 from xylen.v1 import model_service_pb2 as pb
 from xylen_server.errors import SHOWN_CHARS, DeadlineExceeded, NotFound, Unavailable, shown
 from xylen_server.serving.inputs import feature_matrix
@@ -40,13 +41,16 @@ class Result:
 
     model: LoadedModel
     probabilities: np.ndarray
-    """P(up) per row, float64."""
+    """Calibrated P(up) per row, float64 (the engine's output through the model's
+    ``calibration``; :mod:`training.calibration`)."""
     signals: list[int]
     """``xylen.v1.Signal`` number per row, from the thresholds (:mod:`xylen_server.signals`)."""
     prediction_ids: list[str]
     seconds: float
     rows: np.ndarray
     """The float32 feature matrix the model ran on (kept by the prediction log)."""
+    raw_probabilities: np.ndarray | None = None
+    """The engine's P(up) before calibration (the same array when the model has none)."""
 
 
 class _Served:
@@ -209,9 +213,12 @@ class Predictor:
             finally:
                 served.leave()
         ids = [f"{self._id_prefix}-{next(self._counter):x}" for _ in range(len(probabilities))]
+        # After the engine (whose ONNX/native parity is checked on raw outputs): the served
+        # probability is calibrated, and the thresholds are on the calibrated scale.
+        calibrated = calibrate(model.meta.calibration, probabilities)
         thresholds = model.thresholds
-        signals = signal_numbers(probabilities, thresholds.buy, thresholds.sell)
-        result = Result(model, probabilities, signals, ids, seconds, rows)
+        signals = signal_numbers(calibrated, thresholds.buy, thresholds.sell)
+        result = Result(model, calibrated, signals, ids, seconds, rows, probabilities)
         if self.on_answer is not None:
             self.on_answer(result)
         return result
