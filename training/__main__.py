@@ -95,10 +95,19 @@ def model_summary(meta: ModelMetadata) -> str:
         f"baseline {_fmt(prev.get('auc'))}); at P(up) > 0.5: accuracy {_pct(test.get('accuracy'))} "
         f"precision {_pct(test.get('precision'))} recall {_pct(test.get('recall'))}",
     ]
+    cal = m.get("calibration", {}).get("test", {})
+    if meta.calibration and cal.get("samples"):
+        lines.append(
+            f"  calibration ({meta.calibration['method']} a={meta.calibration['a']:.4f} "
+            f"b={meta.calibration['b']:+.4f}, fitted on validation), test: Brier "
+            f"{cal['brier_raw']:.4f} -> {cal['brier_calibrated']:.4f}, ECE (10 bins) "
+            f"{cal['ece_raw']:.4f} -> {cal['ece_calibrated']:.4f}"
+        )
     if t:
         v = t.get("validation", {})
         lines.append(
-            f"  thresholds ({t.get('rule')}, on validation): BUY at P(up) >= {t['buy']:.4f} "
+            f"  thresholds ({t.get('rule')}, on validation, calibrated P(up)): "
+            f"BUY at P(up) >= {t['buy']:.4f} "
             f"({_pct(v.get('buy_share'))} of bars, mean net {_bp(v.get('buy_mean_net_return'))}"
             f"{'' if v.get('buy_edge') else ', no edge'}), SELL at <= {t['sell']:.4f} "
             f"({_pct(v.get('sell_share'))}, mean net {_bp(v.get('sell_mean_net_return'))}"

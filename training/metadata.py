@@ -30,6 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from training.calibration import CalibrationError
+from training.calibration import check as check_calibration
+
 METADATA_FILE = "metadata.json"
 ONNX_FILE = "model.onnx"
 FEATURE_IMPORTANCE_FILE = "feature_importance.csv"
@@ -122,6 +125,11 @@ class ModelMetadata:
     (:mod:`training.thresholds`): ``buy``, ``sell``, ``rule``, ``min_share``, ``max_share`` and
     the ``validation`` figures behind them. Empty in models trained before thresholds were
     chosen per model: the server then applies its defaults (0.55 / 0.45)."""
+    calibration: dict[str, Any] = field(default_factory=dict)
+    """The map from the engine's raw P(up) to the served, calibrated one
+    (:mod:`training.calibration`): ``method`` ``"platt"``, ``a`` > 0, ``b``, and the
+    ``validation`` figures it was fitted on. ``signal_thresholds`` are on the calibrated scale.
+    Empty in models trained before calibration: the identity."""
 
     def __post_init__(self) -> None:
         """The schema: every field's type and range, checked when the metadata is read, so a
@@ -196,6 +204,13 @@ class ModelMetadata:
                     "signal_thresholds needs numbers 0 <= sell < buy <= 1, got "
                     f"buy={str(buy)[:20]} sell={str(sell)[:20]}"
                 )
+        if not isinstance(self.calibration, dict):
+            raise MetadataError("calibration must be a JSON object")
+        _json_value(self.calibration, "calibration", 1)
+        try:
+            check_calibration(self.calibration)
+        except CalibrationError as exc:
+            raise MetadataError(str(exc)) from None
 
     @property
     def native_file(self) -> str:

@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 
 from training import features
+from training.calibration import CalibrationError, fit_platt
+from training.calibration import apply as apply_calibration
+from training.calibration import report as calibration_report
 from training.config import ModelSpec, TrainConfig
 from training.evaluate import (
     baseline_probabilities,
@@ -230,7 +233,19 @@ def train_model(
     split = _split(config, data, usable, horizon, selection.lookback)
     _check_trainable(spec.name, split, y)
 
-    model, metrics, proba = _fit_and_score(spec, config, data, y, split)
+    model, metrics, raw = _fit_and_score(spec, config, data, y, split)
+    # Calibrate on the validation split, then choose the thresholds on the calibrated scale
+    # (a strictly increasing map: the same bars are selected as on the raw scale).
+    try:
+        fitted = fit_platt(raw["validation"], y[split.validation])
+    except CalibrationError as exc:
+        raise TrainingError(f"{spec.name}: {exc}") from None
+    periods = {"validation": split.validation, "test": split.test}
+    fitted["validation"] = calibration_report(raw["validation"], y[split.validation], fitted)
+    metrics["calibration"] = {
+        period: calibration_report(raw[period], y[periods[period]], fitted) for period in raw
+    }
+    proba = {period: apply_calibration(fitted, p) for period, p in raw.items()}
     try:
         thresholds = choose_thresholds(
             proba["validation"],
@@ -297,6 +312,7 @@ def train_model(
         metrics=metrics,
         params={**model.params, "seed": config.seed, "num_threads": config.num_threads},
         signal_thresholds=thresholds,
+        calibration=fitted,
     )
     meta = write_model_dir(target, model, meta)
     logger.info(

@@ -149,12 +149,12 @@ def test_models_with_different_lookback_and_features_serve_side_by_side(
             offline = F.FeatureSet(SUBSET, SHORT).compute(candles)[ends]
             native = MODEL_CLASSES["lightgbm"].load(trained / "short", list(SUBSET))
             expected = native.predict_proba(offline.astype(np.float32))
-            got = [p.probability_up for p in by_window.predictions]
+            got = [p.raw_probability_up for p in by_window.predictions]  # before calibration
             assert got == pytest.approx(expected.tolist(), abs=1e-5)
             by_vector = short.Predict(
                 pb.PredictRequest(inputs=[harness.feature_input(row) for row in offline])
             )
-            assert [p.probability_up for p in by_vector.predictions] == got
+            assert [p.raw_probability_up for p in by_vector.predictions] == got
 
             # The full model, beside it, still needs its 100 candles and its 25 features.
             with pytest.raises(grpc.RpcError) as caught:

@@ -38,9 +38,18 @@ def predict_response(result: Result) -> pb.PredictResponse:
                 signal=signal,  # type: ignore[arg-type]
                 model_name=name,
                 model_version=version,
+                raw_probability_up=raw,
             )
-            for prediction_id, probability, signal in zip(
-                result.prediction_ids, result.probabilities.tolist(), result.signals, strict=True
+            for prediction_id, probability, signal, raw in zip(
+                result.prediction_ids,
+                result.probabilities.tolist(),
+                result.signals,
+                (
+                    result.probabilities
+                    if result.raw_probabilities is None
+                    else result.raw_probabilities
+                ).tolist(),
+                strict=True,
             )
         ]
     )
@@ -95,6 +104,9 @@ def model_info(
         threshold_rule=model.thresholds.rule,
         fee=meta.fee,
         label_threshold=meta.label_threshold,
+        calibration_method=meta.calibration.get("method", "identity"),
+        calibration_a=float(meta.calibration.get("a", 1.0)),
+        calibration_b=float(meta.calibration.get("b", 0.0)),
     )
     info.train_time.FromDatetime(trained_at(meta.trained_at))
     return info

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from opentelemetry import context as otel_context
 
+from training.calibration import apply as calibrate
 from xylen.v1 import model_service_pb2 as pb
 from xylen_server import telemetry
 from xylen_server.errors import SHOWN_CHARS, DeadlineExceeded, NotFound, Unavailable, shown
@@ -46,7 +47,8 @@ class Result:
 
     model: LoadedModel
     probabilities: np.ndarray
-    """P(up) per row, float64."""
+    """Calibrated P(up) per row, float64 (the engine's output through the model's
+    ``calibration``; :mod:`training.calibration`)."""
     signals: list[int]
     """``xylen.v1.Signal`` number per row, from the thresholds (:mod:`xylen_server.signals`)."""
     prediction_ids: list[str]
@@ -57,6 +59,8 @@ class Result:
     """Seconds the batch waited for a worker thread (and its session); 0 on the loop."""
     on_loop: bool = False
     """True when the batch ran on the event loop's own session, not the pool's."""
+    raw_probabilities: np.ndarray | None = None
+    """The engine's P(up) before calibration (the same array when the model has none)."""
 
 
 class _Served:
@@ -286,9 +290,14 @@ class Predictor:
                 if not worker_holds:
                     served.leave()
         ids = [f"{self._id_prefix}-{next(self._counter):x}" for _ in range(len(probabilities))]
+        # After the engine (whose ONNX/native parity is checked on raw outputs): the served
+        # probability is calibrated, and the thresholds are on the calibrated scale.
+        calibrated = calibrate(model.meta.calibration, probabilities)
         thresholds = model.thresholds
-        signals = signal_numbers(probabilities, thresholds.buy, thresholds.sell)
-        result = Result(model, probabilities, signals, ids, seconds, rows, waited, on_loop)
+        signals = signal_numbers(calibrated, thresholds.buy, thresholds.sell)
+        result = Result(
+            model, calibrated, signals, ids, seconds, rows, waited, on_loop, probabilities
+        )
         if self.on_answer is not None:
             if parent is None:
                 self.on_answer(result)

@@ -22,6 +22,14 @@ Both models are then scored on the window by the gate (:func:`~xylen_server.lear
 only a passing candidate is written (:func:`training.trainers.write_model_dir`). Too few samples,
 a single class, a failed fit or non-finite output end the job with ``status: failed`` and a
 reason; the serving model is never touched by this process (it only reads it).
+
+Calibration and thresholds: a candidate keeps its parent's ``calibration`` (the Platt map of
+:mod:`training.calibration`) and ``signal_thresholds`` unchanged; they are not refitted. The
+only recent rows with trusted labels are the gate's held-out window, and fitting the map on the
+rows the candidate is graded on would grade it on its own answers; the thresholds are on the
+parent's calibrated scale and stay consistent only with the parent's map. The price: if a
+retrain shifts the raw scores, the candidate's served probabilities are calibrated by the
+parent's map until the model is trained again with ``make train`` (which refits both).
 """
 
 from __future__ import annotations
