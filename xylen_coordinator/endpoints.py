@@ -43,6 +43,16 @@ from xylen_server.tls import ClientTls, open_aio_channel
 logger = logging.getLogger(__name__)
 
 MODEL_SERVICE = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
+#: GetModelInfo requests that votes naming unknown model versions may cause at once ...
+CONFIRM_BURST = 4
+#: ... and then per second, so a server lying about its version cannot make the coordinator
+#: ask it in a loop.
+CONFIRM_PER_SECOND = 1.0
+
+
+def _short(text: str, limit: int = 64) -> str:
+    """``text`` quoted, cut to ``limit`` characters (a server-chosen string in a message)."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 class MissingReason(StrEnum):
@@ -261,7 +271,8 @@ class EndpointClient:
         """The model name the server gave in GetModelInfo."""
         self.known_versions: set[int] = set()
         """Model versions the server reported in GetModelInfo (the latest few)."""
-        self._last_refresh = -1.0
+        self._confirm_tokens = float(CONFIRM_BURST)
+        self._confirm_stamp = time.monotonic()
         self.metrics = metrics or Metrics()
         self.breaker = Breaker(
             self.name,
@@ -343,15 +354,55 @@ class EndpointClient:
         """The model name every vote must carry: configured, else reported (empty: unknown)."""
         return self.endpoint.model_name or self.reported_model_name
 
-    def refresh_model_info(self) -> None:
-        """Ask GetModelInfo again (a vote named a version not known yet: a swap?), at most once
-        a second."""
+    def _take_confirm_token(self) -> bool:
+        """A token of the bucket that bounds the GetModelInfo calls unknown versions cause
+        (:data:`CONFIRM_BURST` at once, then :data:`CONFIRM_PER_SECOND`)."""
         now = time.monotonic()
-        if now - self._last_refresh < 1.0 or (self._learning and not self._learning.done()):
-            return
-        self._last_refresh = now
+        elapsed, self._confirm_stamp = now - self._confirm_stamp, now
+        self._confirm_tokens = min(
+            float(CONFIRM_BURST), self._confirm_tokens + elapsed * CONFIRM_PER_SECOND
+        )
+        if self._confirm_tokens < 1.0:
+            return False
+        self._confirm_tokens -= 1.0
+        return True
 
-        self._learning = asyncio.ensure_future(self._learn_features())
+    def _confirmed(self, name: str, version: int) -> bool:
+        info = self.info
+        return version in self.known_versions and info is not None and info.name == name
+
+    async def confirm_version(self, name: str, version: int) -> str | None:
+        """Ask the server's GetModelInfo whether it serves model ``name`` at ``version`` (a
+        vote carried a version not known yet: a swap, a rollback, a restore?).
+
+        None when it does (``version`` is then in :attr:`known_versions`), else why not, in a
+        short message. Single-flight: a request already in flight is awaited, not doubled; a
+        server that keeps naming versions it does not confirm gets at most
+        :data:`CONFIRM_PER_SECOND` requests a second (after a burst of :data:`CONFIRM_BURST`).
+        The caller bounds the wait (the request itself goes on, shielded)."""
+        for _ in range(2):  # one in flight may predate the swap: then ask once more
+            if self._confirmed(name, version):
+                return None
+            learning = self._learning
+            if learning is None or learning.done():
+                if not self._take_confirm_token():
+                    return "GetModelInfo not asked again so soon"
+                learning = self._learning = asyncio.ensure_future(self._learn_features())
+                fresh = True
+            else:
+                fresh = False
+            try:
+                await asyncio.shield(learning)
+            except Exception as error:
+                return f"GetModelInfo failed: {type(error).__name__}"
+            if fresh:
+                break
+        if self._confirmed(name, version):
+            return None
+        info = self.info
+        if info is None:
+            return "GetModelInfo did not answer"
+        return f"GetModelInfo reports {_short(info.name)} version {info.version}"
 
     async def _probe(self, timeout: float) -> str | None:
         """grpc.health.v1 Check of an ejected server: None when SERVING, else why not."""

@@ -8,13 +8,14 @@ decides what the votes are worth (quorum, weights).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.endpoints import Answer, EndpointClient, MissingReason, VoteFailure
 from xylen_coordinator.featurize import FEATURES_HASH
-from xylen_coordinator.trust import check_answer
+from xylen_coordinator.trust import MAX_MODEL_VERSION, check_answer
 
 #: Missing votes that mean the server did not answer: they count towards its ejection.
 _NO_ANSWER = (MissingReason.DEADLINE_EXCEEDED, MissingReason.UNAVAILABLE)
@@ -69,16 +70,32 @@ async def fan_out(
             send = featurized
         asked.append((client, client.submit(send, timeout)))
     done: set[asyncio.Future[Answer]] = set()
+    rows = len(request.inputs)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    # An answer naming a model version not known yet is checked with its server's GetModelInfo
+    # as soon as it arrives (a hot swap), within what is left of the deadline.
+    confirming: dict[str, asyncio.Task[str | None]] = {}
+    for client, future in asked:
+        future.add_done_callback(functools.partial(_confirm_unknown, client, rows, confirming))
     if asked:
         try:
             done, _ = await asyncio.wait([future for _, future in asked], timeout=timeout)
+            for client, future in asked:  # in case a callback has not run yet
+                if future in done:
+                    _confirm_unknown(client, rows, confirming, future)
+            if confirming:
+                await asyncio.wait(confirming.values(), timeout=max(0.0, deadline - loop.time()))
         except asyncio.CancelledError:
             for client, future in asked:
                 client.forget(future)
+            for task in confirming.values():
+                task.cancel()
             raise
-    rows = len(request.inputs)
     for client, future in asked:
-        outcome[client.name] = _collect(client, future, future in done, rows, timeout)
+        outcome[client.name] = _collect(
+            client, future, future in done, rows, timeout, confirming.get(client.name)
+        )
     _account(clients, [client for client, _ in asked], outcome)
     for client in clients:
         item = outcome[client.name]
@@ -95,6 +112,7 @@ def _collect(
     finished: bool,
     rows: int,
     timeout: float,
+    confirmation: asyncio.Task[str | None] | None = None,
 ) -> Answer | Missing:
     if not finished:
         client.forget(future)
@@ -113,11 +131,15 @@ def _collect(
                 f"answered {len(answer.response.predictions)} rows for {rows} inputs",
             )
         rejection = check_answer(answer.response, client.expected_model_name, client.known_versions)
-        if rejection is not None:
-            if rejection.reason == "UNKNOWN_MODEL_VERSION":
-                client.refresh_model_info()  # perhaps a swap: the next calls may count it
-            return Missing(client.name, MissingReason.REJECTED, rejection.message, rejection.reason)
-        return answer
+        if rejection is None:
+            return answer
+        message = rejection.message
+        if rejection.reason == "UNKNOWN_MODEL_VERSION" and confirmation is not None:
+            if not confirmation.done():
+                message += "; GetModelInfo did not answer within the deadline"
+            elif (why := confirmation.result()) is not None:
+                message += f"; {why}"
+        return Missing(client.name, MissingReason.REJECTED, message, rejection.reason)
     if isinstance(error, VoteFailure):
         return Missing(
             client.name,
@@ -127,6 +149,31 @@ def _collect(
             error.code.name if error.code is not None else "",
         )
     return Missing(client.name, MissingReason.ERROR, f"{type(error).__name__}: {error}")
+
+
+def _confirm_unknown(
+    client: EndpointClient,
+    rows: int,
+    confirming: dict[str, asyncio.Task[str | None]],
+    answered: asyncio.Future[Answer],
+) -> None:
+    """When ``answered`` carries a model version ``client`` was not told about (and nothing
+    else wrong), start asking the server whether it serves that version now (once per call)."""
+    if client.name in confirming or answered.cancelled() or answered.exception() is not None:
+        return
+    predictions = answered.result().response.predictions
+    if len(predictions) != rows:
+        return
+    rejection = check_answer(answered.result().response, client.expected_model_name,
+                             client.known_versions)  # fmt: skip
+    if rejection is None or rejection.reason != "UNKNOWN_MODEL_VERSION":
+        return
+    unknown = next((p for p in predictions if p.model_version not in client.known_versions), None)
+    if unknown is None or not 1 <= unknown.model_version <= MAX_MODEL_VERSION:
+        return  # absurd: no server can confirm it
+    confirming[client.name] = asyncio.ensure_future(
+        client.confirm_version(unknown.model_name, unknown.model_version)
+    )
 
 
 def _silent(item: Answer | Missing) -> bool:

@@ -4,7 +4,9 @@ A server that answers a probability that is not finite or outside [0, 1], names 
 than the one its endpoint serves, a model version the coordinator was not told about, or a
 prediction id too long to keep, is
 not counted: its vote is missing with reason REJECTED and one of the reasons below, so one
-lying server never fails an ensemble call nor moves its decision.
+lying server never fails an ensemble call nor moves its decision. (The fan-out first checks a
+version not known yet with the server's GetModelInfo during the call, see
+:meth:`~xylen_coordinator.endpoints.EndpointClient.confirm_version`: a hot swap drops no vote.)
 """
 
 from __future__ import annotations
