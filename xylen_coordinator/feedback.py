@@ -13,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import FeedbackQueueSettings, Retraining
@@ -26,6 +25,8 @@ from xylen_coordinator.ensemble import AdaptiveWeights
 from xylen_coordinator.outbox import Forwarder, Outbox, PredictionRecord, with_decision_side
 from xylen_coordinator.results import FeedbackAck, RowDecision
 from xylen_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from xylen_server.outcomes import check_finite, check_prediction_id, check_side, close_time_ms
+from xylen_server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +34,10 @@ logger = logging.getLogger(__name__)
 _PREDICTION_MEMORY = 100_000
 #: Largest clock skew tolerated on an outcome's close_time: the model servers' default
 #: (FEEDBACK_MAX_CLOCK_SKEW_SECONDS), so that no outcome acknowledged here is refused there.
-_FUTURE_SKEW = timedelta(seconds=5)
-#: Earliest close_time accepted (2000-01-01T00:00:00Z), as the model servers' Feedback.
-_EARLIEST_CLOSE_S = 946_684_800
-#: Longest prediction id accepted (UTF-8 bytes): the coordinator's own are about 25.
-MAX_PREDICTION_ID_BYTES = 128
+_FUTURE_SKEW_S = Settings.feedback_max_clock_skew_seconds
+#: Longest prediction id accepted (UTF-8 bytes; the coordinator's own are about 25): the model
+#: servers' default (FEEDBACK_MAX_ID_BYTES).
+MAX_PREDICTION_ID_BYTES = Settings.feedback_max_id_bytes
 #: Characters of a prediction id quoted in an error message.
 _SHOWN_ID_CHARS = 40
 
@@ -169,7 +169,7 @@ class Ledger:
                 reason="PREDICTION_NOT_FOUND",
                 prediction_id=shown,
             )
-        if record.created and close < record.created - _FUTURE_SKEW.total_seconds():
+        if record.created and close < record.created - _FUTURE_SKEW_S:
             raise InvalidArgument(
                 "outcome.close_time is before the prediction was made",
                 reason="INVALID_OUTCOME",
@@ -253,52 +253,16 @@ def _went_up(outcome: pb.TradeOutcome) -> bool | None:
 
 
 def _validate_outcome(prediction_id: str, outcome: pb.TradeOutcome) -> float:
-    """Refuse what a model server's Feedback would refuse; returns close_time in epoch
-    seconds."""
-    if not prediction_id:
-        raise InvalidArgument("prediction_id is required", reason="MISSING_PREDICTION_ID")
-    size = len(prediction_id.encode())
-    if size > MAX_PREDICTION_ID_BYTES:
-        raise InvalidArgument(
-            f"prediction_id is {size} bytes, longer than {MAX_PREDICTION_ID_BYTES}",
-            reason="PREDICTION_ID_TOO_LONG",
-            limit=MAX_PREDICTION_ID_BYTES,
-            size=size,
-        )
-    if outcome.side not in (0, pb.TradeSide.TRADE_SIDE_LONG, pb.TradeSide.TRADE_SIDE_SHORT):
-        raise InvalidArgument(
-            f"outcome.side {outcome.side} is not a TradeSide (1 LONG, 2 SHORT)",
-            reason="INVALID_OUTCOME",
-            field="side",
-        )
+    """Refuse what a model server's Feedback would refuse (the same checks,
+    :mod:`xylen_server.outcomes`); returns close_time in epoch seconds."""
+    check_prediction_id(prediction_id, MAX_PREDICTION_ID_BYTES)
+    check_side(outcome.side)
     for name in ("pnl", "realized_return", "underlying_log_return"):
-        value = getattr(outcome, name)
-        if not math.isfinite(value):
-            raise InvalidArgument(
-                f"outcome.{name} must be finite, got {value}", reason="INVALID_OUTCOME", field=name
-            )
-    if not outcome.HasField("close_time"):
-        raise InvalidArgument(
-            "outcome.close_time is required", reason="INVALID_OUTCOME", field="close_time"
-        )
-    seconds, nanos = outcome.close_time.seconds, outcome.close_time.nanos
-    if not 0 <= nanos < 1_000_000_000:
-        raise InvalidArgument(
-            f"outcome.close_time.nanos must lie in [0, 999999999], got {nanos}",
-            reason="INVALID_OUTCOME",
-            field="close_time",
-        )
-    if seconds < _EARLIEST_CLOSE_S:
-        raise InvalidArgument(
-            f"outcome.close_time ({seconds} s since the epoch) is before 2000-01-01",
-            reason="INVALID_OUTCOME",
-            field="close_time",
-        )
-    close = seconds + nanos / 1e9
-    if close > (datetime.now(UTC) + _FUTURE_SKEW).timestamp():
-        raise InvalidArgument(
-            f"outcome.close_time ({seconds} s since the epoch) is in the future",
-            reason="OUTCOME_IN_FUTURE",
-            field="close_time",
-        )
-    return close
+        check_finite(name, getattr(outcome, name))
+    close_time = (
+        (outcome.close_time.seconds, outcome.close_time.nanos)
+        if outcome.HasField("close_time")
+        else None
+    )
+    latest_ms = int((time.time() + _FUTURE_SKEW_S) * 1000)
+    return close_time_ms(close_time, latest_ms) / 1000

@@ -40,6 +40,13 @@ from xylen_server.errors import InvalidArgument, NotFound, Unavailable
 from xylen_server.learning.feedback_store import AppendResult, FeedbackStore
 from xylen_server.learning.prediction_log import LoggedPrediction, PredictionLog
 from xylen_server.learning.samples import FeedbackRecord
+from xylen_server.outcomes import (
+    SIDE_LONG,
+    check_finite,
+    check_prediction_id,
+    check_side,
+    close_time_ms,
+)
 from xylen_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -48,11 +55,6 @@ if TYPE_CHECKING:
     from xylen_server.serving.predictor import Result
 
 logger = logging.getLogger(__name__)
-
-SIDE_LONG = 1
-"""``xylen.v1.TradeSide.TRADE_SIDE_LONG``."""
-SIDE_SHORT = 2
-"""``xylen.v1.TradeSide.TRADE_SIDE_SHORT``."""
 
 CUTOFF_KEY = "received_until_ms"
 """``metadata.data["feedback"][CUTOFF_KEY]``: the newest feedback a retrained model has seen."""
@@ -263,9 +265,6 @@ def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
-EARLIEST_CLOSE_TIME_S = 946_684_800
-"""2000-01-01T00:00:00Z: an outcome closed before it is a mistake (no market this server
-learns from traded then; Binance opened in 2017)."""
 _MAX_SOURCE_CHARS = 200
 """A source is an identity from a certificate or a fixed label; kept short whatever it is."""
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -310,7 +309,8 @@ def build_record(
         pnl, realized_return: the outcome; both finite.
         close_time: when the trade closed, ``(seconds, nanos)`` since the Unix epoch as
             ``google.protobuf.Timestamp`` carries them; None when unset. From
-            :data:`EARLIEST_CLOSE_TIME_S` to now plus the allowed clock skew.
+            :data:`~xylen_server.outcomes.EARLIEST_CLOSE_TIME_S` to now plus the allowed clock
+            skew.
         features: the request's feature row, or None when it carried none; finite and within
             float32 range, as Predict requires.
         prediction_log: where predictions are remembered in memory (None: none, or the
@@ -326,15 +326,12 @@ def build_record(
         max_clock_skew_seconds: how far in the future ``close_time`` may be.
         now: the current time (tests).
     """
-    _check_id(prediction_id, max_id_bytes)
-    for name, value in (("pnl", pnl), ("realized_return", realized_return)):
-        if not math.isfinite(value):
-            raise InvalidArgument(
-                f"outcome.{name} must be finite, got {value}", reason="INVALID_OUTCOME", field=name
-            )
+    check_prediction_id(prediction_id, max_id_bytes)
+    check_finite("pnl", pnl)
+    check_finite("realized_return", realized_return)
     now_ms = time.time_ns() // 1_000_000 if now is None else _ms(now)
     skew_ms = int(max_clock_skew_seconds * 1000)
-    close_ms = _close_ms(close_time, now_ms + skew_ms)
+    close_ms = close_time_ms(close_time, now_ms + skew_ms)
 
     def label() -> int:
         """Last, so a request's other faults are named first."""
@@ -428,19 +425,9 @@ def outcome_label(
     whether the price rose: INVALID_ARGUMENT ``MISSING_UNDERLYING_MOVE`` naming both fields,
     rather than a label of another meaning in the training data.
     """
-    if side not in (0, SIDE_LONG, SIDE_SHORT):
-        raise InvalidArgument(
-            f"outcome.side {side} is not a TradeSide (1 LONG, 2 SHORT)",
-            reason="INVALID_OUTCOME",
-            field="side",
-        )
+    check_side(side)
     if underlying_log_return is not None:
-        if not math.isfinite(underlying_log_return):
-            raise InvalidArgument(
-                f"outcome.underlying_log_return must be finite, got {underlying_log_return}",
-                reason="INVALID_OUTCOME",
-                field="underlying_log_return",
-            )
+        check_finite("underlying_log_return", underlying_log_return)
         move = underlying_log_return
     elif side:
         simple = realized_return if side == SIDE_LONG else -realized_return
@@ -461,47 +448,6 @@ def outcome_label(
             field="underlying_log_return",
         )
     return int(label_from_return(move, fee=fee, threshold=threshold))
-
-
-def _check_id(prediction_id: str, max_id_bytes: int) -> None:
-    if not prediction_id:
-        raise InvalidArgument("prediction_id is required", reason="MISSING_PREDICTION_ID")
-    size = len(prediction_id.encode())
-    if size > max_id_bytes:
-        raise InvalidArgument(
-            f"prediction_id is {size} bytes, longer than FEEDBACK_MAX_ID_BYTES ({max_id_bytes})",
-            reason="PREDICTION_ID_TOO_LONG",
-            limit=max_id_bytes,
-            size=size,
-        )
-
-
-def _close_ms(close_time: tuple[int, int] | None, latest_ms: int) -> int:
-    """The close time in UTC ms, or INVALID_ARGUMENT when unset, malformed or out of range."""
-    if close_time is None:
-        raise InvalidArgument(
-            "outcome.close_time is required", reason="INVALID_OUTCOME", field="close_time"
-        )
-    seconds, nanos = close_time
-    if not 0 <= nanos < 1_000_000_000:
-        raise InvalidArgument(
-            f"outcome.close_time.nanos must lie in [0, 999999999], got {nanos}",
-            reason="INVALID_OUTCOME",
-            field="close_time",
-        )
-    if seconds < EARLIEST_CLOSE_TIME_S:
-        raise InvalidArgument(
-            f"outcome.close_time ({seconds} s since the epoch) is before 2000-01-01",
-            reason="INVALID_OUTCOME",
-            field="close_time",
-        )
-    close_ms = seconds * 1000 + nanos // 1_000_000
-    if close_ms > latest_ms:
-        raise InvalidArgument(
-            f"outcome.close_time ({seconds} s since the epoch) is in the future",
-            reason="OUTCOME_IN_FUTURE",
-        )
-    return close_ms
 
 
 def _feature_row(features: Sequence[float]) -> np.ndarray:
