@@ -3,42 +3,24 @@ UNDECODABLE_REQUEST) with a short message, not grpc's UNKNOWN with the exception
 traceback in the log per call (an unauthenticated way to fill the disk).
 
 grpc's Python server calls a method's request deserializer before any interceptor sees the call
-and answers UNKNOWN when it raises. :class:`UndecodableInterceptor` swaps in a deserializer that
-never raises: bytes that do not parse become an :class:`Undecodable` marker, which the wrapped
-handler refuses as :class:`~xylen_server.errors.InvalidArgument` (mapped to status by the
-ErrorStatusInterceptor outside it). Each one is counted; the log gets the first and every
-1000th.
+and answers UNKNOWN when it raises. :class:`UndecodableInterceptor` swaps in the model server's
+deserializer that never raises (:mod:`xylen_server.decoding`, as its admission does): bytes that
+do not parse become an :class:`~xylen_server.decoding.Undecodable` marker, which the wrapped
+handler refuses with the same error (mapped to status by the ErrorStatusInterceptor outside
+it). Each one is counted; the log gets the first and every 1000th.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
-from xylen_server.errors import HandlerInterceptor, InvalidArgument
+from xylen_server.decoding import Undecodable, refusal, tolerant
+from xylen_server.errors import HandlerInterceptor
 
 logger = logging.getLogger(__name__)
-
-
-class Undecodable:
-    """What the wrapped deserializer returns for bytes it cannot parse."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-
-def _safe(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def decode(data: bytes) -> Any:
-        try:
-            return deserialize(data)
-        except (DecodeError, ValueError, TypeError, RuntimeError):
-            return Undecodable(len(data))
-
-    return decode
 
 
 class UndecodableInterceptor(HandlerInterceptor):
@@ -66,13 +48,9 @@ class UndecodableInterceptor(HandlerInterceptor):
                         method,
                         request.size,
                     )
-                raise InvalidArgument(
-                    f"the request is not a valid {method.rsplit('/', 1)[-1]} message "
-                    f"({request.size} bytes)",
-                    reason="UNDECODABLE_REQUEST",
-                )
+                raise refusal(request)
             return await behavior(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
-            checked, _safe(handler.request_deserializer), handler.response_serializer
+            checked, tolerant(handler.request_deserializer), handler.response_serializer
         )

@@ -7,7 +7,7 @@ interceptors, so its refusals get their status, ErrorInfo and count like any oth
 - **Undecodable bytes.** grpc's Python server answers a request whose deserializer raises with
   UNKNOWN, the exception's name and a logged traceback per call. The interceptor wraps every
   method's deserializer so that it never raises: bytes that do not parse become
-  :class:`_Undecodable`, and the call is answered INVALID_ARGUMENT (reason
+  :class:`~xylen_server.decoding.Undecodable`, and the call is answered INVALID_ARGUMENT (reason
   UNDECODABLE_REQUEST) with a short message; the ``undecodable`` counter goes up, the log stays
   quiet. A stream's undecodable message ends the stream the same way.
 - **Load shedding (unary calls).** At most ``MAX_CONCURRENT_RPCS`` run at once and
@@ -33,14 +33,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from xylen_server.api.limits import check_request
 from xylen_server.api.metrics import Recorder
+from xylen_server.decoding import Undecodable, refusal, tolerant
 from xylen_server.errors import (
     DeadlineExceeded,
     HandlerInterceptor,
-    InvalidArgument,
     ResourceExhausted,
     wrap_behaviors,
 )
@@ -48,15 +47,6 @@ from xylen_server.settings import Settings
 
 #: Methods never queued or shed: a load balancer's probe must be answered under load.
 UNQUEUED = frozenset({"/grpc.health.v1.Health/Check"})
-
-
-class _Undecodable:
-    """What the wrapped deserializer returns for bytes it cannot parse."""
-
-    __slots__ = ("size",)
-
-    def __init__(self, size: int) -> None:
-        self.size = size
 
 
 class _Sized:
@@ -67,25 +57,6 @@ class _Sized:
     def __init__(self, message: Any, size: int) -> None:
         self.message = message
         self.size = size
-
-
-def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def decode(data: bytes) -> Any:
-        try:
-            return _Sized(deserialize(data), len(data))
-        except (DecodeError, ValueError, TypeError, RuntimeError):
-            # upb raises DecodeError; other deserializers their own. Never UNKNOWN.
-            return _Undecodable(len(data))
-
-    return decode
-
-
-def _refuse_undecodable(raw: _Undecodable) -> InvalidArgument:
-    return InvalidArgument(
-        f"the request message ({raw.size} bytes) could not be decoded as the method's request type",
-        reason="UNDECODABLE_REQUEST",
-        size=raw.size,
-    )
 
 
 class AdmissionInterceptor(HandlerInterceptor):
@@ -136,9 +107,9 @@ class AdmissionInterceptor(HandlerInterceptor):
 
         def unary(behavior: Any) -> Any:
             async def admitted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if isinstance(request, _Undecodable):
+                if isinstance(request, Undecodable):
                     self.recorder.event("undecodable")
-                    raise _refuse_undecodable(request)
+                    raise refusal(request)
                 message, size = request.message, request.size
                 if not queued:
                     return await behavior(message, context)
@@ -155,9 +126,9 @@ class AdmissionInterceptor(HandlerInterceptor):
             async def admitted(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                if isinstance(request, _Undecodable):
+                if isinstance(request, Undecodable):
                     self.recorder.event("undecodable")
-                    raise _refuse_undecodable(request)
+                    raise refusal(request)
                 self._open_stream()
                 try:
                     async for response in behavior(self._unwrap(request), context):
@@ -172,9 +143,9 @@ class AdmissionInterceptor(HandlerInterceptor):
                 return unary(behavior)
 
             async def admitted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if isinstance(request, _Undecodable):
+                if isinstance(request, Undecodable):
                     self.recorder.event("undecodable")
-                    raise _refuse_undecodable(request)
+                    raise refusal(request)
                 self._open_stream()
                 try:
                     return await behavior(self._unwrap(request), context)
@@ -184,7 +155,7 @@ class AdmissionInterceptor(HandlerInterceptor):
             return admitted
 
         wrapped = wrap_behaviors(handler, coroutine, streaming)
-        return _with_deserializer(wrapped, _safe_deserializer(de))
+        return _with_deserializer(wrapped, tolerant(de, _Sized))
 
     # -- streams --------------------------------------------------------------------------------
 
@@ -209,9 +180,9 @@ class AdmissionInterceptor(HandlerInterceptor):
 
     async def _messages(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async for item in requests:
-            if isinstance(item, _Undecodable):
+            if isinstance(item, Undecodable):
                 self.recorder.event("undecodable")
-                raise _refuse_undecodable(item)
+                raise refusal(item)
             yield item.message
 
     # -- bytes of stream items -----------------------------------------------------------------
