@@ -94,9 +94,9 @@ class TreeModel(ABC):
     def native_file(self) -> str:
         return NATIVE_FILES[self.model_type]
 
-    @abstractmethod
     def fit(self, x: np.ndarray, y: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray) -> None:
         """Fit on (x, y), stopping early on the validation log loss."""
+        self._train(x, y, x_valid, y_valid, *self._rounds())
 
     def finetune(
         self,
@@ -113,9 +113,10 @@ class TreeModel(ABC):
         set is given)."""
         if not self.can_finetune:
             raise NotImplementedError(f"{self.model_type} models have no continued training here")
-        self._continue(x, y, x_valid, y_valid, rounds, patience)
+        self._train(x, y, x_valid, y_valid, rounds, patience, start=self._fitted())
 
-    def _continue(
+    @abstractmethod
+    def _train(
         self,
         x: np.ndarray,
         y: np.ndarray,
@@ -123,8 +124,15 @@ class TreeModel(ABC):
         y_valid: np.ndarray | None,
         rounds: int,
         patience: int,
+        start: Any = None,
     ) -> None:
-        raise NotImplementedError
+        """Up to ``rounds`` boosting rounds on (x, y), after the trees of ``start`` (the
+        library's own model object, :meth:`_fitted`) when given, early-stopped after
+        ``patience`` rounds on the validation set when there is one."""
+
+    @abstractmethod
+    def _fitted(self) -> Any:
+        """The library's model object holding the trees (what :meth:`finetune` continues)."""
 
     @abstractmethod
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -187,7 +195,7 @@ class LightGBMModel(TreeModel):
         y_valid: np.ndarray | None,
         rounds: int,
         patience: int,
-        init_model: Any = None,
+        start: Any = None,
     ) -> None:
         import lightgbm as lgb
 
@@ -201,7 +209,7 @@ class LightGBMModel(TreeModel):
             self._train_params(),
             train,
             num_boost_round=rounds,
-            init_model=init_model,
+            init_model=start,
             valid_sets=valid_sets,
             callbacks=callbacks,
         )
@@ -210,19 +218,8 @@ class LightGBMModel(TreeModel):
         best = booster.model_to_string(num_iteration=self.best_iteration)
         self.booster = lgb.Booster(model_str=best)
 
-    def fit(self, x: np.ndarray, y: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray) -> None:
-        self._train(x, y, x_valid, y_valid, *self._rounds())
-
-    def _continue(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        x_valid: np.ndarray | None,
-        y_valid: np.ndarray | None,
-        rounds: int,
-        patience: int,
-    ) -> None:
-        self._train(x, y, x_valid, y_valid, rounds, patience, init_model=self.booster)
+    def _fitted(self) -> Any:
+        return self.booster
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.booster.predict(as_features(x)), dtype=np.float64)
@@ -253,9 +250,9 @@ class XGBoostModel(TreeModel):
         y_valid: np.ndarray | None,
         rounds: int,
         patience: int,
-        xgb_model: Any = None,
+        start: Any = None,
     ) -> None:
-        """``rounds`` boosting rounds on (x, y), after the trees of ``xgb_model`` when given
+        """``rounds`` boosting rounds on (x, y), after the trees of ``start`` when given
         (XGBoost's continued training), early-stopped on the validation set when there is one."""
         import xgboost as xgb
 
@@ -280,9 +277,9 @@ class XGBoostModel(TreeModel):
             evals=evals,
             early_stopping_rounds=patience if evals else None,
             verbose_eval=False,
-            xgb_model=xgb_model,
+            xgb_model=start,
         )
-        # best_iteration counts the trees of xgb_model too; keep the trees up to it, so the
+        # best_iteration counts the trees of start too; keep the trees up to it, so the
         # file, ONNX and server agree.
         if evals:
             self.best_iteration = int(booster.best_iteration) + 1
@@ -291,19 +288,8 @@ class XGBoostModel(TreeModel):
             self.best_iteration = booster.num_boosted_rounds()
             self.booster = booster
 
-    def fit(self, x: np.ndarray, y: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray) -> None:
-        self._train(x, y, x_valid, y_valid, *self._rounds())
-
-    def _continue(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        x_valid: np.ndarray | None,
-        y_valid: np.ndarray | None,
-        rounds: int,
-        patience: int,
-    ) -> None:
-        self._train(x, y, x_valid, y_valid, rounds, patience, xgb_model=self.booster)
+    def _fitted(self) -> Any:
+        return self.booster
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         import xgboost as xgb
@@ -338,9 +324,9 @@ class CatBoostModel(TreeModel):
         y_valid: np.ndarray | None,
         rounds: int,
         patience: int,
-        init_model: Any = None,
+        start: Any = None,
     ) -> None:
-        """``rounds`` iterations on (x, y), after the trees of ``init_model`` when given
+        """``rounds`` iterations on (x, y), after the trees of ``start`` when given
         (CatBoost's continued training), keeping the best iteration on the validation set
         when there is one."""
         from catboost import CatBoostClassifier, Pool
@@ -367,24 +353,13 @@ class CatBoostModel(TreeModel):
         model.fit(
             Pool(as_features(x), np.asarray(y, dtype=np.int64), feature_names=names),
             eval_set=eval_set,
-            init_model=init_model,
+            init_model=start,
         )
         self.model = model
         self.best_iteration = int(model.tree_count_)
 
-    def fit(self, x: np.ndarray, y: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray) -> None:
-        self._train(x, y, x_valid, y_valid, *self._rounds())
-
-    def _continue(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        x_valid: np.ndarray | None,
-        y_valid: np.ndarray | None,
-        rounds: int,
-        patience: int,
-    ) -> None:
-        self._train(x, y, x_valid, y_valid, rounds, patience, init_model=self.model)
+    def _fitted(self) -> Any:
+        return self.model
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         proba = self.model.predict_proba(as_features(x), thread_count=self.num_threads)
