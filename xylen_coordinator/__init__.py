@@ -9,6 +9,8 @@ The modules:
 
 * ``config`` -- config.yaml read and validated into one frozen :class:`Config`.
 * ``endpoints`` -- one model server: its channel, health watch and PredictStream.
+* ``replicas`` -- one model (one vote): its replicas (listed, or what its host resolves to),
+  one ``endpoints`` client each, requests spread round robin over the SERVING ones.
 * ``featurize`` -- candle windows turned into features once, for servers that compute the same.
 * ``fanout`` -- one request to every serving endpoint under one deadline; who voted, who not.
 * ``trust`` -- pure: whether an answer can be counted (probability range, model name, version).

@@ -53,6 +53,11 @@ class Endpoint:
     model_name: str = ""
     """Model the server must name in every vote; a vote naming another is rejected. Empty: the
     name the server gives in GetModelInfo when it turns SERVING."""
+    replicas: tuple[str, ...] = ()
+    """Optional. The replicas of this model as ``host:port`` addresses (``[::1]:8001`` for IPv6),
+    dialled instead of every address ``host`` resolves to. Either way the model has one vote,
+    spread over its replicas that are SERVING; ``host`` stays the name checked against their TLS
+    certificates."""
 
     @property
     def address(self) -> str:
@@ -157,6 +162,9 @@ class Transport:
     """First delay before reconnecting to a server that went away."""
     reconnect_backoff_max_ms: int = 2_000
     """Longest delay between reconnection attempts."""
+    resolve_interval_seconds: float = 30.0
+    """How often an endpoint's ``host`` name is resolved again: its replicas are the addresses it
+    resolves to (a Kubernetes headless Service: one per ready pod), > 0."""
 
 
 @dataclass(frozen=True)
@@ -364,7 +372,40 @@ def _endpoint(value: Any, key: str) -> Endpoint:
         weight=weight,
         enabled=enabled,
         model_name=model_name,
+        replicas=_replicas(section.raw.get("replicas", []), f"{key}.replicas"),
     )
+
+
+#: Most replicas listed for one endpoint.
+MAX_REPLICAS = 64
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``host:port`` or ``[v6]:port``; None when it is neither."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        return None  # an IPv6 literal needs its brackets
+    if not host or any(c.isspace() for c in host) or "[" in host or "]" in host:
+        return None
+    return host, int(port)
+
+
+def _replicas(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_REPLICAS:
+        raise ConfigError(f"{key}: must be a list of at most {MAX_REPLICAS} host:port addresses")
+    seen: set[str] = set()
+    for i, address in enumerate(value):
+        if not isinstance(address, str) or len(address) > 300 or split_address(address) is None:
+            shown = repr(address)[:60]
+            raise ConfigError(f"{key}[{i}]: must be host:port ([v6]:port for IPv6), got {shown}")
+        if address in seen:
+            raise ConfigError(f"{key}[{i}]: {address} is listed twice")
+        seen.add(address)
+    return tuple(value)
 
 
 def _endpoints(value: Any) -> tuple[Endpoint, ...]:
@@ -507,6 +548,10 @@ def _transport(value: Any) -> Transport:
         if number < 1:
             raise ConfigError(f"{key}.{name}: must be >= 1, got {number}")
         values[name] = number
+    interval = section.number("resolve_interval_seconds")
+    if interval <= 0:
+        raise ConfigError(f"{key}.resolve_interval_seconds: must be > 0, got {interval}")
+    values["resolve_interval_seconds"] = interval
     if values["keepalive_time_ms"] < 5000:
         raise ConfigError(
             f"{key}.keepalive_time_ms: must be >= 5000 (the servers refuse faster pings)"

@@ -34,7 +34,6 @@ from typing import Any
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import Config, load_config
 from xylen_coordinator.decision import Vote, decide
-from xylen_coordinator.endpoints import EndpointClient
 from xylen_coordinator.ensemble import (
     AdaptiveWeights,
     label_plan,
@@ -45,6 +44,7 @@ from xylen_coordinator.fanout import FanOutResult, fan_out
 from xylen_coordinator.featurize import FEATURES_HASH, featurized
 from xylen_coordinator.feedback import Ledger
 from xylen_coordinator.metrics import Metrics
+from xylen_coordinator.replicas import ReplicaSet
 from xylen_coordinator.report import describe_missing
 from xylen_coordinator.results import EndpointState, EnsembleResult, FeedbackAck, RowDecision
 from xylen_server import telemetry
@@ -72,7 +72,7 @@ class _Snapshot:
     """The configuration and the clients of its enabled endpoints, swapped as one."""
 
     config: Config
-    clients: Mapping[str, EndpointClient]
+    clients: Mapping[str, ReplicaSet]
     """Enabled endpoints only, in configuration order."""
 
     @property
@@ -91,7 +91,7 @@ class AsyncCoordinator:
         self.metrics = Metrics()
         """Votes, missing votes by reason, ejections and rejoins, by endpoint."""
         self._retiring: set[asyncio.Task[None]] = set()
-        self._retiring_clients: list[EndpointClient] = []
+        self._retiring_clients: list[ReplicaSet] = []
         self._reload_lock = asyncio.Lock()
         self._id_prefix = os.urandom(5).hex()
         self._ids = itertools.count(1)
@@ -139,25 +139,24 @@ class AsyncCoordinator:
             await client.close(grace=0.5)
 
     def _make_clients(
-        self, config: Config, reuse: Mapping[str, EndpointClient]
-    ) -> dict[str, EndpointClient]:
-        clients: dict[str, EndpointClient] = {}
+        self, config: Config, reuse: Mapping[str, ReplicaSet]
+    ) -> dict[str, ReplicaSet]:
+        clients: dict[str, ReplicaSet] = {}
         for endpoint in config.enabled_endpoints:
             old = reuse.get(endpoint.name)
             if (
                 old is not None
                 and old.endpoint.address == endpoint.address
+                and old.endpoint.replicas == endpoint.replicas
                 and old.transport == config.transport
                 and old.tls == config.tls.client()
                 and old.token == config.auth.token
             ):
                 old.endpoint = endpoint  # new weight or other attributes, same connection
-                old.breaker.settings = config.outlier_detection
-                if not config.outlier_detection.enabled:
-                    old.breaker.reset()
+                old.set_outlier_detection(config.outlier_detection)
                 clients[endpoint.name] = old
             else:
-                client = EndpointClient(
+                client = ReplicaSet(
                     endpoint,
                     config.transport,
                     config.tls.client(),
@@ -169,7 +168,7 @@ class AsyncCoordinator:
                 clients[endpoint.name] = client
         return clients
 
-    def _current_clients(self) -> Mapping[str, EndpointClient]:
+    def _current_clients(self) -> Mapping[str, ReplicaSet]:
         return self._snapshot.clients if self._snapshot else {}
 
     async def wait_health_known(self, timeout: float) -> None:
@@ -234,7 +233,7 @@ class AsyncCoordinator:
                 await self.wait_health_known(2.0)
             return new
 
-    def _retire(self, client: EndpointClient, grace: float) -> None:
+    def _retire(self, client: ReplicaSet, grace: float) -> None:
         self._retiring_clients.append(client)
 
         async def retire() -> None:
@@ -483,7 +482,7 @@ def _row_features(
     computed: pb.PredictRequest | None,
     shared: Sequence[str],
     row: int,
-    clients: Sequence[EndpointClient],
+    clients: Sequence[ReplicaSet],
 ) -> tuple[tuple[float, ...], tuple[str, ...]]:
     """The feature row ``row`` was predicted on and the servers it holds for: every server for a
     feature vector sent as such, the servers that were sent the coordinator's features for a

@@ -22,7 +22,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -243,8 +243,11 @@ class EndpointClient:
         *,
         outlier_detection: OutlierDetection | None = None,
         metrics: Metrics | None = None,
+        on_serving: Callable[[], None] = lambda: None,
     ) -> None:
         self.endpoint = endpoint
+        self._on_serving = on_serving
+        """Called each time the server's health turns SERVING (its replica set listens)."""
         self.name = endpoint.name
         self.transport = transport
         self.tls = tls
@@ -298,6 +301,7 @@ class EndpointClient:
                     # The server said SERVING again (restarted, reconnected): let it back in.
                     logger.warning("%s rejoined: its health turned SERVING", self.name)
                     self.breaker.reset()
+                self._on_serving()
         self.serving = serving
         self.health_detail = detail
         self.health_known.set()

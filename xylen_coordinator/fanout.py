@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from xylen.v1 import model_service_pb2 as pb
-from xylen_coordinator.endpoints import Answer, EndpointClient, MissingReason, VoteFailure
+from xylen_coordinator.endpoints import Answer, MissingReason, VoteFailure
 from xylen_coordinator.featurize import FEATURES_HASH
+from xylen_coordinator.replicas import ReplicaSet
 from xylen_coordinator.trust import MAX_MODEL_VERSION, check_answer
 
 #: Missing votes that mean the server did not answer: they count towards its ejection.
@@ -43,7 +44,7 @@ class FanOutResult:
 
 
 async def fan_out(
-    clients: Sequence[EndpointClient],
+    clients: Sequence[ReplicaSet],
     request: pb.PredictRequest,
     timeout: float,
     featurized: pb.PredictRequest | None = None,
@@ -52,7 +53,7 @@ async def fan_out(
     seconds. ``featurized`` (the request with its candle windows replaced by their features)
     goes instead to the clients whose server computes the same features."""
     result = FanOutResult()
-    asked: list[tuple[EndpointClient, asyncio.Future[Answer]]] = []
+    asked: list[tuple[ReplicaSet, asyncio.Future[Answer]]] = []
     outcome: dict[str, Answer | Missing] = {}
     for client in clients:
         if not client.serving:
@@ -107,7 +108,7 @@ async def fan_out(
 
 
 def _collect(
-    client: EndpointClient,
+    client: ReplicaSet,
     future: asyncio.Future[Answer],
     finished: bool,
     rows: int,
@@ -152,7 +153,7 @@ def _collect(
 
 
 def _confirm_unknown(
-    client: EndpointClient,
+    client: ReplicaSet,
     rows: int,
     confirming: dict[str, asyncio.Task[str | None]],
     answered: asyncio.Future[Answer],
@@ -181,8 +182,8 @@ def _silent(item: Answer | Missing) -> bool:
 
 
 def _account(
-    clients: Sequence[EndpointClient],
-    asked: Sequence[EndpointClient],
+    clients: Sequence[ReplicaSet],
+    asked: Sequence[ReplicaSet],
     outcome: dict[str, Answer | Missing],
 ) -> None:
     """Tell each asked server's breaker whether it answered; a server that did not may be

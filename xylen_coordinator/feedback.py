@@ -20,9 +20,9 @@ from datetime import UTC, datetime
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import FeedbackQueueSettings, Retraining
-from xylen_coordinator.endpoints import EndpointClient
 from xylen_coordinator.ensemble import AdaptiveWeights
 from xylen_coordinator.outbox import Forwarder, Outbox, PredictionRecord, with_decision_side
+from xylen_coordinator.replicas import ReplicaSet
 from xylen_coordinator.results import FeedbackAck, RowDecision
 from xylen_server.errors import FailedPrecondition, InvalidArgument, NotFound
 from xylen_server.outcomes import check_finite, check_prediction_id, check_side, close_time_ms
@@ -61,7 +61,7 @@ class Ledger:
     async def open(
         self,
         settings: FeedbackQueueSettings,
-        clients: Callable[[], Mapping[str, EndpointClient]],
+        clients: Callable[[], Mapping[str, ReplicaSet]],
     ) -> None:
         """Open the outbox, score every outcome it holds (rebuilding the adaptive weights), and
         start forwarding to ``clients()`` and writing the prediction log."""

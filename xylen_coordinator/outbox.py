@@ -35,7 +35,7 @@ import grpc
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import FeedbackQueueSettings
-from xylen_coordinator.endpoints import EndpointClient
+from xylen_coordinator.replicas import ReplicaSet
 from xylen_server.durable import sqlite_connect
 
 logger = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ class Forwarder:
         self,
         outbox: Outbox,
         settings: FeedbackQueueSettings,
-        clients: Callable[[], Mapping[str, EndpointClient]],
+        clients: Callable[[], Mapping[str, ReplicaSet]],
     ) -> None:
         self.outbox = outbox
         self.settings = settings
