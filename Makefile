@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROTO_SRC := $(wildcard protos/xylen/v1/*.proto)
+# The Open Inference Protocol (KServe v2), vendored as published (protos/xylen/inference/README.md).
+PROTO_VENDORED := $(wildcard protos/xylen/inference/*.proto)
 PROTO_STAMP := xylen/v1/.generated-stamp
 DATA_DIR ?= data/default
 MODELS_DIR ?= models
@@ -23,21 +25,28 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
+	# Triton's client for the Open Inference Protocol tests (README "KServe v2 / Triton clients"):
+	# no tritonclient release admits grpcio 1.76 in its metadata (2.71's grpc extra says < 1.68)
+	# although it works against it, so it goes in without its dependencies (pyproject cannot say
+	# --no-deps): numpy, protobuf, packaging and urllib3 are already pinned here, python-rapidjson
+	# is its one missing import, and ml-dtypes (it says <= 0.5.4; onnx brings 0.7) is only
+	# read for BF16 tensors.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'tritonclient[grpc]==2.71.0' 'python-rapidjson==1.25'
 	touch $@
 
 proto: $(PROTO_STAMP)
 
 # Stubs are generated, never committed or edited: xylen/v1/*_pb2*.py(i) from protos/xylen/v1/*.proto.
-$(PROTO_STAMP): $(STAMP) $(PROTO_SRC)
+$(PROTO_STAMP): $(STAMP) $(PROTO_SRC) $(PROTO_VENDORED)
 	rm -rf xylen
-	mkdir -p xylen/v1
+	mkdir -p xylen/v1 xylen/inference
 	$(PY) -m grpc_tools.protoc -I protos \
 		--python_out=. --grpc_python_out=. \
 		--mypy_out=. --mypy_grpc_out=. \
 		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
 		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
-		$(PROTO_SRC)
-	touch xylen/__init__.py xylen/v1/__init__.py xylen/py.typed
+		$(PROTO_SRC) $(PROTO_VENDORED)
+	touch xylen/__init__.py xylen/v1/__init__.py xylen/inference/__init__.py xylen/py.typed
 	touch $@
 
 # `make data` writes the offline default; with START (and SYMBOL, INTERVAL, END) it downloads
