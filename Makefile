@@ -11,6 +11,8 @@ PROTO_STAMP := xylen/v1/.generated-stamp
 DATA_DIR ?= data/default
 MODELS_DIR ?= models
 # Training inputs for `make train`: the offline default dataset, or DATA=path/to/zips.
+# CLUSTER=local (or DASK_SCHEDULER=tcp://host:8786 in the environment) trains on Dask
+# (README "Training on Dask").
 DATA ?= $(DATA_DIR)
 # Training settings `make train VAR=value` passes on (as --set VAR=value; the environment works
 # too): e.g. make train LOOKBACK_PERIODS=61 FEATURES=log_return_1,rsi_14,realized_vol_60
@@ -64,7 +66,7 @@ data: $(STAMP)
 
 train: $(STAMP) $(PROTO_STAMP)
 	@if [ "$(DATA)" = "$(DATA_DIR)" ] && [ ! -d "$(DATA_DIR)" ]; then $(MAKE) --no-print-directory data; fi
-	$(PY) -m training train --data $(DATA) --models-dir $(MODELS_DIR) $(strip $(TRAIN_SETS) $(foreach m,$(ONLY),--only $(m)))
+	$(PY) -m training train --data $(DATA) --models-dir $(MODELS_DIR) $(strip $(TRAIN_SETS) $(foreach m,$(ONLY),--only $(m)) $(if $(CLUSTER),--cluster $(CLUSTER)))
 
 # The main job: trains the default models first if they are not there.
 demo: $(STAMP) $(PROTO_STAMP)
