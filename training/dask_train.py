@@ -14,15 +14,18 @@
    partitions' features equal the concatenated series' features, bit for bit).
 2. **The split** is decided on the client from each row's open time and usability (two small
    columns), by the same :mod:`training.split` functions as a single-process run.
-3. **The fit** runs on the workers over the training rows, which never leave them.
-   LightGBM (``DaskLGBMClassifier``, data-parallel) trains the configured rounds and the client
-   then picks the best iteration exactly as early stopping would (the first round after which
-   the validation log loss did not improve for ``early_stopping_rounds``), keeping only those
-   trees; XGBoost (``xgboost.dask.train``) early-stops on the validation rows itself.
-4. **Everything after the fit** is :func:`training.pipeline.finish_model`, as in a
-   single-process run: Platt calibration and thresholds on the validation rows (gathered to the
-   client: calibration and the threshold search need them in one place), the signal report,
-   metadata, the native file, ``model.onnx`` and its parity check against the booster.
+3. **The fit** runs on the workers; feature rows never leave them. LightGBM
+   (``DaskLGBMClassifier``, data-parallel) trains the configured rounds, each worker sums the
+   log loss of its validation rows after every round, and the client keeps the trees up to the
+   round early stopping would have kept (the best, the search ending ``early_stopping_rounds``
+   rounds without improvement); XGBoost (``xgboost.dask.train``) early-stops on the validation
+   rows itself.
+4. **Predictions** of the validation and test rows are made where the rows are, by the model
+   class's own ``predict_proba``; only the probabilities come to the client.
+5. **Everything after the fit** is :func:`training.pipeline.finish_model`, as in a
+   single-process run: Platt calibration and thresholds on the validation probabilities, the
+   signal report, metadata, the native file, ``model.onnx`` and its parity check against the
+   booster. The client holds one value per bar of a few columns, never a feature matrix.
 
 CatBoost has no Dask training (there is no ``catboost.dask``): a CatBoost model in the set is
 trained in the client process on the whole series, as plain ``make train`` does, with a warning
@@ -66,7 +69,7 @@ from training.pipeline import (
     _split,
     finish_model,
 )
-from training.trainers import LightGBMModel, XGBoostModel, as_features, make_model
+from training.trainers import LightGBMModel, TreeModel, XGBoostModel, as_features, make_model
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +232,9 @@ def train_model_dask(
     client: Any, spec: ModelSpec, config: TrainConfig, models_dir: Path
 ) -> ModelMetadata:
     """Train one LightGBM or XGBoost model on the cluster of ``client`` and write its model
-    directory exactly as :func:`training.pipeline.train_model` does."""
+    directory exactly as :func:`training.pipeline.train_model` does. Feature rows stay on the
+    workers; the client holds one value per bar of a few columns (open time, usability, label,
+    forward return, previous return) and the probabilities of the validation and test bars."""
     _check_dask_spec(spec, config)
     files = [str(p) for p in kline_files(config.data)]
     horizon = _horizon(spec, config)
@@ -265,27 +270,20 @@ def train_model_dask(
     y = np.concatenate([s[2] for s in summaries])
     moves = np.concatenate([s[3] for s in summaries])
     prev = np.concatenate([s[4] for s in summaries])
+    offsets = np.cumsum([0] + [len(s[0]) for s in summaries])
+    del summaries
     klines = _klines(metas, open_time)
     step = interval_ms(klines.interval)
     shim = PreparedData(klines, {"open_time": open_time}, np.empty((0, 0)), step)
     split = _split(config, shim, usable, horizon, selection.lookback)
     _check_trainable(spec.name, split, y)
 
-    offsets = np.cumsum([0] + [len(s[0]) for s in summaries])
-
     def local(rows: np.ndarray) -> list[np.ndarray]:
         return [rows[(rows >= lo) & (rows < hi)] - lo for lo, hi in itertools.pairwise(offsets)]
 
-    def gathered(rows: np.ndarray) -> np.ndarray:
-        pieces = [
-            client.submit(_rows, p, r, "x")
-            for p, r in zip(parts, local(rows), strict=True)
-            if len(r)
-        ]
-        return np.concatenate(client.gather(pieces))
-
-    train_x, train_y = _dask_arrays(client, parts, local(split.train), len(selection.names))
-    valid_x = gathered(split.validation)
+    n_features = len(selection.names)
+    train_x, train_y = _dask_arrays(client, parts, local(split.train), n_features)
+    valid_x, valid_y = _dask_arrays(client, parts, local(split.validation), n_features)
     model = make_model(
         spec.model_type,
         config.model_params(spec),
@@ -294,15 +292,18 @@ def train_model_dask(
         num_threads=1,
     )
     if isinstance(model, LightGBMModel):
-        _fit_lightgbm(client, model, train_x, train_y, valid_x, y[split.validation])
+        _fit_lightgbm(client, model, train_x, train_y, parts, local(split.validation))
     else:
         assert isinstance(model, XGBoostModel)
-        _fit_xgboost(client, model, train_x, train_y, valid_x, y[split.validation])
+        _fit_xgboost(client, model, train_x, train_y, valid_x, valid_y)
     model.params = {**model.params, "dask_workers": len(client.scheduler_info()["workers"])}
+    blob = _serialise(model)
     periods = {"validation": split.validation, "test": split.test}
-    proba = {"validation": model.predict_proba(valid_x)}
-    if len(split.test):
-        proba["test"] = model.predict_proba(gathered(split.test))
+    proba = {
+        period: _predicted(client, parts, local(rows), spec.model_type, blob, model.feature_names)
+        for period, rows in periods.items()
+        if len(rows)
+    }
     tr = split.train
     baselines = {p: baseline_probabilities(y[tr], prev[tr], prev[periods[p]]) for p in proba}
     labels = {p: y[periods[p]] for p in proba}
@@ -311,6 +312,50 @@ def train_model_dask(
     return finish_model(
         spec, config, model, metrics, proba, y, moves, split, open_time, klines, step, models_dir
     )
+
+
+def _serialise(model: TreeModel) -> bytes:
+    """The model's trees as bytes a worker turns back into the same booster."""
+    if isinstance(model, LightGBMModel):
+        return str(model.booster.model_to_string()).encode()
+    assert isinstance(model, XGBoostModel)
+    return bytes(model.booster.save_raw("json"))
+
+
+def _predict_rows(
+    part: Part, rows: np.ndarray, model_type: str, blob: bytes, feature_names: list[str]
+) -> np.ndarray:
+    """P(up) of ``rows`` of ``part`` by the model in ``blob``, through the model class's own
+    ``predict_proba`` (what a single-process run calls). Runs on a worker."""
+    model = make_model(model_type, feature_names=feature_names, num_threads=1)
+    if isinstance(model, LightGBMModel):
+        import lightgbm as lgb
+
+        model.booster = lgb.Booster(model_str=blob.decode())
+    else:
+        import xgboost as xgb
+
+        assert isinstance(model, XGBoostModel)
+        model.booster = xgb.Booster(model_file=bytearray(blob))
+    return model.predict_proba(part.x[rows])
+
+
+def _predicted(
+    client: Any,
+    parts: list[Any],
+    rows: list[np.ndarray],
+    model_type: str,
+    blob: bytes,
+    feature_names: list[str],
+) -> np.ndarray:
+    """P(up) of the rows of every partition, computed where they are, in row order."""
+    shipped = client.scatter(blob, broadcast=True, hash=False)
+    pieces = [
+        client.submit(_predict_rows, p, r, model_type, shipped, feature_names)
+        for p, r in zip(parts, rows, strict=True)
+        if len(r)
+    ]
+    return np.concatenate(client.gather(pieces))
 
 
 def _klines(
@@ -361,11 +406,12 @@ def _fit_lightgbm(
     model: LightGBMModel,
     x: Any,
     y: Any,
-    valid_x: np.ndarray,
-    valid_y: np.ndarray,
+    parts: list[Any],
+    valid_rows: list[np.ndarray],
 ) -> None:
     """``lightgbm.dask`` over the configured rounds, then the trees up to the round early
-    stopping on the validation log loss would have stopped at."""
+    stopping on the validation log loss would have stopped at (each worker sums the loss of
+    its own validation rows after every round; the client adds them up)."""
     import lightgbm as lgb
     from lightgbm.dask import DaskLGBMClassifier
 
@@ -376,21 +422,40 @@ def _fit_lightgbm(
     estimator = DaskLGBMClassifier(client=client, n_estimators=rounds, **params)
     estimator.fit(x, y.astype(np.int64), feature_name=model.feature_names)
     booster = estimator.to_local().booster_
-    best = _early_stop(booster, valid_x, valid_y, patience)
+    shipped = client.scatter(str(booster.model_to_string()), broadcast=True, hash=False)
+    losses = client.gather(
+        [
+            client.submit(_round_losses, p, r, shipped)
+            for p, r in zip(parts, valid_rows, strict=True)
+            if len(r)
+        ]
+    )
+    best = early_stopping_round(np.sum(losses, axis=0), patience)
     model.best_iteration = best
     model.booster = lgb.Booster(model_str=booster.model_to_string(num_iteration=best))
 
 
-def _early_stop(booster: Any, x: np.ndarray, y: np.ndarray, patience: int) -> int:
-    """The iteration ``lgb.early_stopping(patience)`` keeps: the best validation log loss, the
-    search ending ``patience`` rounds without improvement."""
-    total = booster.current_iteration()
+def _round_losses(part: Part, rows: np.ndarray, model_str: str) -> np.ndarray:
+    """The summed binary log loss of ``rows`` of ``part`` after each boosting round of the
+    LightGBM model in ``model_str``. Runs on a worker."""
+    import lightgbm as lgb
+
+    booster = lgb.Booster(model_str=model_str)
+    x, y = part.x[rows], part.y[rows]
     score = np.zeros(len(x))
-    best, best_loss = 0, np.inf
-    for k in range(total):
+    losses = np.empty(booster.current_iteration())
+    for k in range(len(losses)):
         score += booster.predict(x, raw_score=True, start_iteration=k, num_iteration=1)
         p = np.clip(1.0 / (1.0 + np.exp(-score)), 1e-15, 1 - 1e-15)
-        loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+        losses[k] = -np.sum(y * np.log(p) + (1 - y) * np.log(1 - p))
+    return losses
+
+
+def early_stopping_round(losses: np.ndarray, patience: int) -> int:
+    """The round ``lgb.early_stopping(patience)`` keeps given the validation loss after each
+    round: the best one, the search ending ``patience`` rounds without improvement."""
+    best, best_loss = 0, np.inf
+    for k, loss in enumerate(losses):
         if loss < best_loss:
             best, best_loss = k + 1, loss
         elif k + 1 - best >= patience:
@@ -403,11 +468,10 @@ def _fit_xgboost(
     model: XGBoostModel,
     x: Any,
     y: Any,
-    valid_x: np.ndarray,
-    valid_y: np.ndarray,
+    valid_x: Any,
+    valid_y: Any,
 ) -> None:
-    """``xgboost.dask.train`` with early stopping on the validation rows."""
-    import dask.array as da
+    """``xgboost.dask.train`` with early stopping on the validation rows (on the workers)."""
     from xgboost import dask as dxgb
 
     rounds, patience = model._rounds()
@@ -422,12 +486,7 @@ def _fit_xgboost(
     }
     names = model.feature_names
     train = dxgb.DaskDMatrix(client, x, y, feature_names=names)
-    valid = dxgb.DaskDMatrix(
-        client,
-        da.from_array(valid_x, chunks=(max(1, len(valid_x) // 2 + 1), valid_x.shape[1])),
-        da.from_array(valid_y, chunks=max(1, len(valid_y) // 2 + 1)),
-        feature_names=names,
-    )
+    valid = dxgb.DaskDMatrix(client, valid_x, valid_y, feature_names=names)
     output = dxgb.train(
         client,
         params,

@@ -166,3 +166,34 @@ def test_catboost_falls_back_to_this_process(year, tmp_path, caplog):
     assert meta.model_type == "catboost" and (tmp_path / "model_3" / "model.onnx").exists()
     assert "trained_on" not in meta.metrics
     assert "catboost has no Dask training" in caplog.text
+
+
+def test_lightgbm_round_choice_is_early_stoppings(candles):
+    """The client's pick from the workers' per-round validation losses is the iteration
+    ``lgb.early_stopping`` keeps when it watches the same validation rows."""
+    import lightgbm as lgb
+
+    from training.dask_train import Part, _round_losses, early_stopping_round
+
+    x, _ = harness.training_rows(candles)
+    # A label the features partly explain (30% flipped), so the best round is well inside.
+    flip = np.random.default_rng(0).random(len(x)) < 0.3
+    y = ((x[:, 0] > np.median(x[:, 0])) ^ flip).astype(np.int64)
+    train, valid = slice(0, 2000), slice(2100, None)
+    params = {"objective": "binary", "verbose": -1, "learning_rate": 0.1, "num_leaves": 15}
+    params |= {"deterministic": True, "force_row_wise": True, "num_threads": 1, "seed": 3}
+    stopped = lgb.train(
+        params,
+        lgb.Dataset(x[train], y[train]),
+        num_boost_round=200,
+        valid_sets=[lgb.Dataset(x[valid], y[valid])],
+        callbacks=[lgb.early_stopping(10, verbose=False)],
+    )
+    full = lgb.train(params, lgb.Dataset(x[train], y[train]), num_boost_round=200)
+    rows = np.arange(len(y[valid]))
+    halves = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]  # two workers' validation rows
+    empty = np.empty(0)
+    part = Part(x[valid], y[valid].astype(float), empty, empty, empty, None, None, "", "1h")  # type: ignore[arg-type]
+    losses = sum(_round_losses(part, r, full.model_to_string()) for r in halves)
+    assert 1 < stopped.best_iteration < 200
+    assert early_stopping_round(losses, 10) == stopped.best_iteration
