@@ -9,8 +9,8 @@ is ``ru_maxrss`` of that process (client and scheduler) plus each worker process
 the worker before the cluster closes (Dask: the sum over processes; the largest single process
 is what has to fit one machine's or one worker's memory). CPU time likewise sums every process.
 
-``python -m bench dask`` (or ``python -m bench.bench_dask``) runs it alone; on 2 cores it
-takes about 4-6 minutes.
+``python -m bench dask`` (or ``python -m bench.bench_dask``) runs it alone; its runs take about
+185 CPU-seconds, about 4 minutes on a quiet 2-core machine (20 minutes under a load of 22).
 """
 
 from __future__ import annotations
