@@ -5,10 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROTO_SRC := $(wildcard protos/xylen/v1/*.proto)
+# The Open Inference Protocol (KServe v2), vendored as published (protos/xylen/inference/README.md).
+PROTO_VENDORED := $(wildcard protos/xylen/inference/*.proto)
 PROTO_STAMP := xylen/v1/.generated-stamp
 DATA_DIR ?= data/default
 MODELS_DIR ?= models
 # Training inputs for `make train`: the offline default dataset, or DATA=path/to/zips.
+# CLUSTER=local (or DASK_SCHEDULER=tcp://host:8786 in the environment) trains on Dask
+# (README "Training on Dask").
 DATA ?= $(DATA_DIR)
 # Training settings `make train VAR=value` passes on (as --set VAR=value; the environment works
 # too): e.g. make train LOOKBACK_PERIODS=61 FEATURES=log_return_1,rsi_14,realized_vol_60
@@ -23,21 +27,28 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
+	# Triton's client for the Open Inference Protocol tests (README "KServe v2 / Triton clients"):
+	# no tritonclient release admits grpcio 1.76 in its metadata (2.71's grpc extra says < 1.68)
+	# although it works against it, so it goes in without its dependencies (pyproject cannot say
+	# --no-deps): numpy, protobuf, packaging and urllib3 are already pinned here, python-rapidjson
+	# is its one missing import, and ml-dtypes (it says <= 0.5.4; onnx brings 0.7) is only
+	# read for BF16 tensors.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'tritonclient[grpc]==2.71.0' 'python-rapidjson==1.25'
 	touch $@
 
 proto: $(PROTO_STAMP)
 
 # Stubs are generated, never committed or edited: xylen/v1/*_pb2*.py(i) from protos/xylen/v1/*.proto.
-$(PROTO_STAMP): $(STAMP) $(PROTO_SRC)
+$(PROTO_STAMP): $(STAMP) $(PROTO_SRC) $(PROTO_VENDORED)
 	rm -rf xylen
-	mkdir -p xylen/v1
+	mkdir -p xylen/v1 xylen/inference
 	$(PY) -m grpc_tools.protoc -I protos \
 		--python_out=. --grpc_python_out=. \
 		--mypy_out=. --mypy_grpc_out=. \
 		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
 		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
-		$(PROTO_SRC)
-	touch xylen/__init__.py xylen/v1/__init__.py xylen/py.typed
+		$(PROTO_SRC) $(PROTO_VENDORED)
+	touch xylen/__init__.py xylen/v1/__init__.py xylen/inference/__init__.py xylen/py.typed
 	touch $@
 
 # `make data` writes the offline default; with START (and SYMBOL, INTERVAL, END) it downloads
@@ -55,7 +66,7 @@ data: $(STAMP)
 
 train: $(STAMP) $(PROTO_STAMP)
 	@if [ "$(DATA)" = "$(DATA_DIR)" ] && [ ! -d "$(DATA_DIR)" ]; then $(MAKE) --no-print-directory data; fi
-	$(PY) -m training train --data $(DATA) --models-dir $(MODELS_DIR) $(strip $(TRAIN_SETS) $(foreach m,$(ONLY),--only $(m)))
+	$(PY) -m training train --data $(DATA) --models-dir $(MODELS_DIR) $(strip $(TRAIN_SETS) $(foreach m,$(ONLY),--only $(m)) $(if $(CLUSTER),--cluster $(CLUSTER)))
 
 # The main job: trains the default models first if they are not there.
 demo: $(STAMP) $(PROTO_STAMP)

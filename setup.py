@@ -19,19 +19,24 @@ OUT = ROOT / "xylen" / "v1"
 
 
 def generate_stubs() -> None:
-    sources = sorted(PROTOS.glob("xylen/v1/*.proto"))
+    # xylen/v1 and the vendored Open Inference Protocol (protos/xylen/inference/README.md).
+    sources = sorted(PROTOS.glob("xylen/v1/*.proto")) + sorted(
+        PROTOS.glob("xylen/inference/*.proto")
+    )
     if not sources:  # an sdist without protos/ already carries the stubs
         return
     newest = max(p.stat().st_mtime for p in sources)
-    targets = [OUT / f"{p.stem}_pb2.py" for p in sources] + [
-        OUT / f"{p.stem}_pb2_grpc.py" for p in sources
+    outs = [ROOT / p.parent.relative_to(PROTOS) for p in sources]
+    targets = [out / f"{p.stem}_pb2.py" for p, out in zip(sources, outs, strict=True)] + [
+        out / f"{p.stem}_pb2_grpc.py" for p, out in zip(sources, outs, strict=True)
     ]
     if all(t.exists() and t.stat().st_mtime >= newest for t in targets):
         return
     import grpc_tools
     from grpc_tools import protoc
 
-    OUT.mkdir(parents=True, exist_ok=True)
+    for out in {OUT, *outs}:
+        out.mkdir(parents=True, exist_ok=True)
     include = Path(grpc_tools.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",
@@ -42,10 +47,11 @@ def generate_stubs() -> None:
         *(str(p) for p in sources),
     ]
     if protoc.main(args) != 0:
-        raise SystemExit("setup.py: grpc_tools.protoc failed on protos/xylen/v1")
+        raise SystemExit("setup.py: grpc_tools.protoc failed on protos/xylen")
     for marker in (
         ROOT / "xylen" / "__init__.py",
         OUT / "__init__.py",
+        ROOT / "xylen" / "inference" / "__init__.py",
         ROOT / "xylen" / "py.typed",
     ):
         marker.touch()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,7 +70,15 @@ def _train(args: argparse.Namespace) -> int:
             overrides[key] = value
     try:
         config = load_config(args.config, overrides)
-        metas = train_models(config, args.only or None, Path(config.models_dir))
+        scheduler = args.scheduler or os.environ.get("DASK_SCHEDULER") or None
+        if args.cluster or scheduler:
+            from training.dask_train import train_models_dask
+
+            metas = train_models_dask(
+                config, args.only or None, Path(config.models_dir), args.cluster, scheduler
+            )
+        else:
+            metas = train_models(config, args.only or None, Path(config.models_dir))
     except (TrainingError, DataError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -190,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--horizon", type=int)
     train.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    train.add_argument(
+        "--cluster",
+        choices=["local"],
+        help="train LightGBM/XGBoost on Dask: a LocalCluster of DASK_WORKERS (2) processes",
+    )
+    train.add_argument(
+        "--scheduler", help="train on the Dask scheduler at this address (env DASK_SCHEDULER)"
     )
     train.set_defaults(func=_train)
     return parser

@@ -41,7 +41,7 @@ from training.split import (
     walk_forward,
 )
 from training.thresholds import ThresholdError, choose_thresholds, signal_report
-from training.trainers import MIN_TRAINING_SAMPLES, make_model, write_model_dir
+from training.trainers import MIN_TRAINING_SAMPLES, TreeModel, make_model, write_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +234,38 @@ def train_model(
     _check_trainable(spec.name, split, y)
 
     model, metrics, raw = _fit_and_score(spec, config, data, y, split)
+    if config.walk_forward_folds > 0:
+        metrics["walk_forward"] = _walk_forward(spec, config, data, y, usable)
+    return finish_model(
+        spec, config, model, metrics, raw, y, moves, split,
+        data.candles["open_time"], data.klines, data.step_ms, models_dir,
+    )  # fmt: skip
+
+
+def finish_model(
+    spec: ModelSpec,
+    config: TrainConfig,
+    model: TreeModel,
+    metrics: dict[str, Any],
+    raw: dict[str, np.ndarray],
+    y: np.ndarray,
+    moves: np.ndarray,
+    split: TimeSplit,
+    open_time: np.ndarray,
+    klines: Klines,
+    step_ms: int,
+    models_dir: Path,
+) -> ModelMetadata:
+    """Everything after the fit, shared by :func:`train_model` and the Dask path
+    (:mod:`training.dask_train`): calibrate on validation, choose the thresholds, report the
+    signals and top features, and write the model directory atomically. ``raw`` holds the
+    model's P(up) of the validation (and test) rows, ``metrics`` their evaluation; ``y``,
+    ``moves`` and ``open_time`` are indexed like ``split``; only ``klines``' symbol, interval,
+    files and report are read."""
+    horizon = _horizon(spec, config)
+    fee = spec.fee if spec.fee is not None else config.fee
+    threshold = spec.threshold if spec.threshold is not None else config.threshold
+    selection = config.feature_set(spec)
     # Calibrate on the validation split, then choose the thresholds on the calibrated scale
     # (a strictly increasing map: the same bars are selected as on the raw scale).
     try:
@@ -276,13 +308,10 @@ def train_model(
     ]
     metrics["best_iteration"] = model.best_iteration
     metrics["bounds"] = _bounds(split)
-    if config.walk_forward_folds > 0:
-        metrics["walk_forward"] = _walk_forward(spec, config, data, y, usable)
 
     target = Path(models_dir) / spec.name
     previous = _previous_version(target)
     used = np.concatenate([split.train, split.validation, split.test])
-    klines = data.klines
     meta = ModelMetadata(
         name=spec.name,
         model_type=spec.model_type,
@@ -299,8 +328,8 @@ def train_model(
         symbol=klines.symbol or config.symbol,
         interval=klines.interval,
         data={
-            "start": iso_ms(int(candles["open_time"][used].min())),
-            "end": iso_ms(int(candles["open_time"][used].max()) + data.step_ms),
+            "start": iso_ms(int(open_time[used].min())),
+            "end": iso_ms(int(open_time[used].max()) + step_ms),
             # Absolute: a retrain started from any working directory finds its history.
             "files": [
                 {"path": str(Path(f.path).resolve()), "sha256": f.sha256, "rows": f.rows}

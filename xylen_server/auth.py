@@ -10,9 +10,11 @@ Three kinds of RPC (:func:`method_kind`):
   allowed only on a loopback address, behind mutual TLS, or with ``ALLOW_INSECURE_ADMIN=true``
   (:func:`check_exposure` stops the process at start otherwise).
 * **read**: every other xylen RPC (Predict, PredictStream, GetModelInfo, WatchRetrain,
-  ListModelVersions, GetEnsembleInfo). Open unless ``PREDICT_TOKEN`` is set; then they need it
-  (or the admin credentials).
-* **open**: grpc.health.v1 and reflection, so probes and grpcurl keep working.
+  ListModelVersions, GetEnsembleInfo), and the Open Inference Protocol's ModelInfer,
+  ModelReady, ModelMetadata and ServerMetadata. Open unless ``PREDICT_TOKEN`` is set; then they
+  need it (or the admin credentials).
+* **open**: grpc.health.v1, reflection and the Open Inference Protocol's ServerLive and
+  ServerReady, so probes and grpcurl keep working.
 
 A call without credentials where they are needed is UNAUTHENTICATED (reason
 ``MISSING_CREDENTIALS``); a wrong token, a predict token on an admin RPC or a certificate
@@ -78,6 +80,12 @@ ADMIN_METHODS = frozenset(
 )
 """Admin and state-changing RPCs: they need the admin credentials."""
 _GUARDED_PREFIX = "/xylen.v1."
+INFERENCE_READ_METHODS = frozenset(
+    f"/inference.GRPCInferenceService/{name}"
+    for name in ("ModelReady", "ModelMetadata", "ModelInfer", "ServerMetadata")
+)
+"""The Open Inference Protocol's RPCs that say something about the model or run it: read, like
+Predict; its ServerLive and ServerReady stay open, like grpc.health.v1."""
 
 _CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("xylen_caller", default=ANONYMOUS)
 
@@ -96,7 +104,7 @@ def method_kind(method: str) -> str:
     """``admin``, ``read`` or ``open`` for a full method name (see the module docstring)."""
     if method in ADMIN_METHODS:
         return "admin"
-    if method.startswith(_GUARDED_PREFIX):
+    if method.startswith(_GUARDED_PREFIX) or method in INFERENCE_READ_METHODS:
         return "read"
     return "open"
 

@@ -24,6 +24,7 @@ import grpc
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen_server.api import inference_v2
 from xylen_server.api.admission import AdmissionInterceptor
 from xylen_server.api.interceptors import MetricsInterceptor
 from xylen_server.api.metrics import Recorder
@@ -147,7 +148,9 @@ async def build_server(
     pb_grpc.add_ModelServiceServicer_to_server(
         ModelServicer(predictor, feedback, models, retrainer, admission), server
     )
-    health = Health(server, (SERVICE_NAME,))
+    health = Health(server, (SERVICE_NAME, inference_v2.SERVICE_NAME))
+    # The Open Inference Protocol (KServe v2) beside it: same port, predictor and interceptors.
+    inference_v2.add_to_server(server, predictor, lambda: health.serving)
     port = bind(server, f"{settings.host}:{settings.grpc_port}", credentials)
     running = Running(
         settings, server, port, predictor, health, recorder, feedback, models, retrainer, admission
