@@ -100,6 +100,22 @@ class Running:
     """A worker's channels to the other workers."""
     following: asyncio.Task[None] | None = field(default=None, repr=False)
     """A worker other than the owner: checks the model directory every FOLLOW_SECONDS."""
+    deferred_bind: tuple[str, grpc.ServerCredentials | None] | None = field(
+        default=None, repr=False
+    )
+    """A worker's public address, bound by :meth:`open` once the model is loaded."""
+    started: bool = False
+
+    async def open(self) -> None:
+        """Bind the public port if that was deferred, and start the server(s)."""
+        if self.deferred_bind is not None:
+            address, credentials = self.deferred_bind
+            self.port = bind(self.server, address, credentials)
+            self.deferred_bind = None
+        await self.server.start()
+        self.started = True
+        if self.internal is not None:
+            await self.internal.start()
 
     @property
     def owner(self) -> bool:
@@ -199,10 +215,15 @@ async def build_server(
         _forward_to_owner(servicer, links)
     pb_grpc.add_ModelServiceServicer_to_server(servicer, server)
     health = Health(server, (SERVICE_NAME,), gated=worker)
-    port = bind(server, f"{settings.host}:{settings.grpc_port}", credentials)
+    address = f"{settings.host}:{settings.grpc_port}"
+    # A worker joins the shared port only once its model is ready (Running.open): a socket in
+    # the SO_REUSEPORT group takes its share of new connections from the moment it listens.
+    port = settings.grpc_port if worker else bind(server, address, credentials)
     running = Running(
         settings, server, port, predictor, health, recorder, feedback, models, retrainer, admission
     )
+    if worker:
+        running.deferred_bind = (address, credentials)
     if links is not None:
         running.links = links
         running.internal = _internal_server(running, servicer, links)
@@ -248,13 +269,11 @@ async def serve(settings: Settings) -> int:
     except SettingsError as exc:
         print(f"xylen-server: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    await running.server.start()
-    if running.internal is not None:
-        await running.internal.start()
-    logger.info(
-        "listening on %s:%d (NOT_SERVING until the model is ready)", settings.host, running.port
-    )
-    if running.links is None:  # a worker's supervisor prints its own
+    if running.deferred_bind is None:
+        await running.open()
+        logger.info(
+            "listening on %s:%d (NOT_SERVING until the model is ready)", settings.host, running.port
+        )
         print(f"xylen-server listening on port {running.port}", flush=True)
         if running.metrics_http is not None:
             print(f"xylen-server metrics on port {running.metrics_port}", flush=True)
@@ -275,15 +294,26 @@ async def serve(settings: Settings) -> int:
     if loading not in done:
         logger.info("stopped while loading the model")
         loading.cancel()
-        await running.server.stop(0)
+        if running.started:
+            await running.server.stop(0)
         return 0
     try:
         loading.result()
     except ModelLoadError as exc:
         print(f"xylen-server: error: {exc}", file=sys.stderr, flush=True)
-        await running.server.stop(0)
+        if running.started:
+            await running.server.stop(0)
         return 2
 
+    if running.deferred_bind is not None:  # a worker: now it joins the port
+        try:
+            await running.open()
+        except OSError as exc:
+            print(f"xylen-server: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        logger.info(
+            "worker %d listening on %s:%d", settings.worker_index, settings.host, running.port
+        )
     if running.links is not None:
         print(READY, flush=True)
     reloads: set[asyncio.Task[Any]] = set()
