@@ -238,7 +238,8 @@ def test_the_owner_alone_writes_the_prediction_log_directory(two: ServerProcess,
 
 def test_a_swap_reaches_both_workers(two: ServerProcess, root: Path):
     """ReloadModel (on whichever worker takes it) after a new version is put in place, then
-    RollbackModel: right after each answer, GetModelInfo on many connections agrees."""
+    RollbackModel: right after each answer, GetModelInfo on many connections agrees; then
+    SIGHUP after another version is put in place."""
     staging = root / "staging"
     write_model(staging, "model_1", "lightgbm", trees=12, version=2, seed=2)
     live = root / "models" / "model_1"
@@ -259,6 +260,12 @@ def test_a_swap_reaches_both_workers(two: ServerProcess, root: Path):
     rolled = one_call(two, lambda s: s.RollbackModel(pb.RollbackModelRequest(), timeout=120))
     assert rolled.model_info.version == 1 and rolled.previous_version == 2
     assert versions() == {1}
+    # SIGHUP to the supervisor: every worker serves what the directory now holds.
+    write_model(root / "staging3", "model_1", "lightgbm", trees=12, version=3, seed=3)
+    shutil.move(str(live), str(root / "v1-model_1"))
+    shutil.move(str(root / "staging3" / "model_1"), str(live))
+    two.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: versions() == {3}, what="both workers on v3 after SIGHUP")
     per_worker = counts(two, "GetModelInfo")
     assert set(per_worker) == {"0", "1"}
 
@@ -319,3 +326,60 @@ def test_sigterm_drains_both_workers_and_exits_zero(root: Path):
     log = server.log()
     assert log.count("stopped cleanly") == 2
     assert "workers exited [0, 0]" in log
+
+
+def status_counts(server: ServerProcess, method: str) -> dict[tuple[str, str], float]:
+    """Calls of ``method`` so far by (worker, status code), from the merged /metrics."""
+    _, body = get(f"{server.metrics_url}/metrics")
+    found: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "rpc_server_requests_total" and labels.get("rpc_method") == method:
+                key = (labels["worker"], labels["rpc_grpc_status_code"])
+                found[key] = found.get(key, 0) + sample.value
+    return found
+
+
+def test_forwarded_feedback_keeps_the_callers_credentials(root: Path):
+    """With an admin token, Feedback is refused on either worker without it, and stored with
+    the caller's identity (token:admin) whichever worker took it and forwarded it."""
+    from xylen_server.learning.samples import read_samples
+
+    token = "workers-test-token"
+    data = root / "auth-data"
+    server = start_server(
+        root / "models",
+        env={
+            "WORKERS": "2",
+            "FEEDBACK_DATA_DIR": str(data),
+            "RETRAIN_AUTO": "false",
+            "PARITY_PROBE_ROWS": "256",
+            "ADMIN_TOKEN": token,
+        },
+        log_dir=root / "auth-logs",
+    )
+    try:
+        bearer = (("authorization", f"Bearer {token}"),)
+        stored = 0
+        for _ in range(200):
+            pid = one_call(server, predict).predictions[0].prediction_id
+            with pytest.raises(grpc.RpcError) as refused:
+                one_call(server, lambda s, pid=pid: s.Feedback(feedback(pid, 0.01), timeout=30))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            reply = one_call(
+                server,
+                lambda s, pid=pid: s.Feedback(feedback(pid, 0.01), metadata=bearer, timeout=30),
+            )
+            assert reply.duplicate is False
+            stored += 1
+            seen = status_counts(server, "Feedback")
+            if all(seen.get((w, c), 0) > 0 for w in "01" for c in ("OK", "UNAUTHENTICATED")):
+                break
+        else:
+            raise AssertionError(f"Feedback did not reach both workers: {seen}")
+    finally:
+        assert server.stop() == 0
+    samples = read_samples(data / "model_1")
+    assert samples.height == stored
+    assert set(samples.get_column("source").to_list()) == {"token:admin"}
