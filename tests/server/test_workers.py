@@ -278,6 +278,15 @@ def test_a_worker_killed_is_restarted_while_the_other_answers(two: ServerProcess
     # connection goes to a listening worker: the other, then also the new one once it is ready
     # (a restarted worker joins the port only after its model is loaded).
     wait_until(lambda: not alive(victim), what="the victim to die")
+
+    def probe() -> int:
+        with grpc.insecure_channel(two.address, options=OWN_CONNECTION) as channel:
+            return health_status(channel)
+
+    # Not every worker is ready: the survivor answers calls but health says NOT_SERVING.
+    wait_until(lambda: fleet(two)["serving"] is False, what="/health to say not serving")
+    assert probe() == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert get(f"{two.metrics_url}/health")[0] == 503
     answered = 0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -296,8 +305,7 @@ def test_a_worker_killed_is_restarted_while_the_other_answers(two: ServerProcess
     assert after["workers"][0]["pid"] == before[0]["pid"]
     log = two.log()
     assert f"worker 1 (pid {victim}) died (signal 9)" in log
-    with grpc.insecure_channel(two.address, options=OWN_CONNECTION) as channel:
-        assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+    assert probe() == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_sigterm_drains_both_workers_and_exits_zero(root: Path):
