@@ -225,7 +225,9 @@ def test_feedback_for_a_prediction_answered_by_either_worker_is_joined(two: Serv
     assert other["health"]["feedback_samples"] is None  # the other never opens the store
 
 
-def test_the_owner_alone_writes_the_prediction_log_directory(two: ServerProcess, root: Path):
+def test_each_worker_writes_its_prediction_log_parts_to_a_directory_of_its_own(
+    two: ServerProcess, root: Path
+):
     """Each worker's Parquet parts go to a directory of its own (worker 0: the usual one)."""
     one_call(two, predict)
     base = root / "data" / "model_1" / "prediction_log"
