@@ -269,6 +269,11 @@ async def serve(settings: Settings) -> int:
     except SettingsError as exc:
         print(f"xylen-server: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    # Handlers first: whoever read the port below may send SIGTERM at once.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     if running.deferred_bind is None:
         await running.open()
         logger.info(
@@ -277,11 +282,6 @@ async def serve(settings: Settings) -> int:
         print(f"xylen-server listening on port {running.port}", flush=True)
         if running.metrics_http is not None:
             print(f"xylen-server metrics on port {running.metrics_port}", flush=True)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     supervisor: asyncio.Task[None] | None = None
     if running.links is not None:
         supervisor = asyncio.ensure_future(_obey_supervisor(running, stop))

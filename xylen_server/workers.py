@@ -355,7 +355,8 @@ class Supervisor:
         self.held.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
         codes = [w.proc.returncode for w in self.workers if w.proc is not None]
-        if self.exit_code == 0 and any(code != 0 for code in codes):
+        # -SIGTERM: a worker still starting, before its handler was installed (nothing in flight)
+        if self.exit_code == 0 and any(code not in (0, -signal.SIGTERM) for code in codes):
             self.exit_code = 1
         logger.info("stopped (workers exited %s)", codes)
         return self.exit_code

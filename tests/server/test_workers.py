@@ -279,7 +279,9 @@ def test_a_worker_killed_is_restarted_while_the_other_answers(two: ServerProcess
     # Connections the kernel had handed to the victim die with it; once it is gone, every new
     # connection goes to a listening worker: the other, then also the new one once it is ready
     # (a restarted worker joins the port only after its model is loaded).
-    wait_until(lambda: not alive(victim), what="the victim to die")
+    # Gone from /proc (reaped), not only a zombie main thread: the other threads of a killed
+    # process still hold its sockets until they have exited too.
+    wait_until(lambda: not Path(f"/proc/{victim}").exists(), what="the victim to be reaped")
 
     def probe() -> int:
         with grpc.insecure_channel(two.address, options=OWN_CONNECTION) as channel:
