@@ -42,6 +42,8 @@ COPY --from=build /opt/xylen /opt/xylen
 # container-specific ones: listen on all interfaces, models and data on volumes. No admin
 # credential is built in: give one (compose sets ADMIN_TOKEN_FILE to its secret) or the server,
 # listening beyond loopback with open admin RPCs, stops at start with one line and exit code 2.
+# WORKERS=auto: one server process per CPU the container is given (its cgroup quota, rounded
+# down, at least 1: `cpus: '0.5'` is one process, `cpus: '4'` four on one port).
 ENV PATH=/opt/xylen/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -56,7 +58,8 @@ ENV PATH=/opt/xylen/bin:$PATH \
     SESSION_POOL_SIZE=2 \
     SESSION_THREADS=1 \
     SHUTDOWN_GRACE_SECONDS=10 \
-    FEEDBACK_DATA_DIR=/data
+    FEEDBACK_DATA_DIR=/data \
+    WORKERS=auto
 VOLUME ["/models", "/data"]
 USER 10001:10001
 WORKDIR /data

@@ -1,7 +1,7 @@
 """``make bench``: every benchmark, one after another, printing labelled figures.
 
 ``python -m bench [server|training|feedback|coordinator|learning|security|fleet|load|telemetry
-dask ...]`` runs a subset.
+dask|workers ...]`` runs a subset.
 Figures are measured side by side within each section; on shared machines compare the ratios.
 """
 
@@ -22,6 +22,7 @@ SECTIONS = {
     "load": "bench.bench_load",
     "telemetry": "bench.bench_telemetry",
     "dask": "bench.bench_dask",
+    "workers": "bench.bench_workers",
 }
 
 

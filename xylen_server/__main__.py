@@ -83,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"xylen-server: error: {exc}", file=sys.stderr)
         return 2
+    who = f"[worker {settings.worker_index}] " if settings.worker_index >= 0 else ""
     logging.basicConfig(
         level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s",
         stream=sys.stderr,
     )
     if args.command == "model":
@@ -96,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         from xylen_server.learning.replay import replay_command
 
         return replay_command(settings, args.prediction_id, args.log_dir)
+    if settings.worker_index < 0:
+        from xylen_server.workers import supervise, worker_count
+
+        count = worker_count(settings.workers)
+        if count > 1:  # the supervisor: no gRPC object (nor grpc) in this process
+            return asyncio.run(supervise(settings, count))
     from xylen_server.server import serve  # after logging is set up; imports are heavy
     from xylen_server.telemetry import configure_tracing
 

@@ -95,6 +95,17 @@ def caller() -> str:
     return _CALLER.get()
 
 
+def acting_as(source: str) -> contextvars.Token[str]:
+    """Handle the rest of this call as made by ``source``: a call another worker of the same
+    server forwarded after its own credentials check (``xylen_server.server``). Undo with
+    ``_CALLER.reset`` through :func:`stop_acting`."""
+    return _CALLER.set(source)
+
+
+def stop_acting(token: contextvars.Token[str]) -> None:
+    _CALLER.reset(token)
+
+
 def is_trusted(source: str | None) -> bool:
     """Whether a sample from ``source`` came from an authenticated caller."""
     return bool(source) and source != ANONYMOUS

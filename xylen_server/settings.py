@@ -260,6 +260,19 @@ class Settings:
     allow_insecure_admin: bool = env("ALLOW_INSECURE_ADMIN", False)
     """Start even with the admin RPCs open (no token, no mTLS) on a non-loopback address."""
 
+    # -- every core: worker processes on one port (xylen_server.workers) --------------------
+    workers: str = env("WORKERS", "1")
+    """Server processes serving the one gRPC port (``SO_REUSEPORT``): a number, or ``auto``
+    for the CPUs this process may use (its affinity, capped by the cgroup CPU quota, rounded
+    down, at least 1: a container given ``cpus: '0.5'`` gets 1). With more than one, a
+    supervisor process holds the port, starts the workers (worker 0 owns the feedback store
+    and the retrain job), restarts one that dies, and serves the merged ``/metrics``."""
+    worker_index: int = env("WORKER_INDEX", -1, minimum=-1, maximum=1023)
+    """Set by the supervisor in each worker's environment: its index (0 is the owner of the
+    learning loop); -1, the default, is a server on its own."""
+    worker_run_dir: Path | None = env("WORKER_RUN_DIR", None)
+    """Set by the supervisor: the private (0700) directory of the workers' unix sockets."""
+
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_bounds(f.metadata, getattr(self, f.name))
@@ -280,6 +293,11 @@ class Settings:
             raise SettingsError(
                 f"RETRAIN_TRIGGER_NEW_SAMPLES must be 0 (off) or at least "
                 f"{MIN_TRAINING_SAMPLES}, got {self.retrain_trigger_new_samples}"
+            )
+        workers = self.workers.strip().lower()
+        if workers != "auto" and not (workers.isdigit() and 1 <= int(workers) <= 1024):
+            raise SettingsError(
+                f"WORKERS must be a number from 1 to 1024 or auto, got {self.workers[:40]!r}"
             )
         if not 0.0 < self.retrain_holdout_fraction < 0.9:
             raise SettingsError(

@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import propagate, trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -206,6 +206,12 @@ _REASONS = {
 }
 
 
+class Renders(Protocol):
+    """What ``/metrics`` shows: :class:`Meters`, or a supervisor's merge of its workers'."""
+
+    def render(self) -> bytes: ...
+
+
 class MetricsHttp:
     """``GET /metrics`` (Prometheus text) and ``GET /health`` (JSON) on the event loop.
 
@@ -215,7 +221,7 @@ class MetricsHttp:
 
     def __init__(
         self,
-        meters: Meters,
+        meters: Renders,
         health: Callable[[], tuple[Mapping[str, Any], bool]],
         refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
@@ -240,6 +246,14 @@ class MetricsHttp:
             ) from exc
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
+
+    async def start_unix(self, path: Path) -> None:
+        """Listen on the unix socket ``path`` instead (a worker's endpoint, scraped by its
+        supervisor: xylen_server.workers)."""
+        path.unlink(missing_ok=True)
+        self._server = await asyncio.start_unix_server(
+            self._serve, str(path), limit=_MAX_HEAD_BYTES
+        )
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Awaitable, Callable, Container, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -95,6 +95,12 @@ class FeedbackLoop:
         """Feedback records acknowledged (committed; duplicates included) since the start."""
         self.on_stored: list[Callable[[], None]] = []
         """Called after every newly stored sample (the automatic retrain triggers)."""
+        self.owns_store = True
+        """False in a worker that is not the owner of the learning loop (WORKERS > 1): it never
+        opens the store (its Feedback calls go to the owner)."""
+        self.find_elsewhere: Callable[[str], Awaitable[LoggedPrediction | None]] | None = None
+        """The owner of several workers: asks the other workers' prediction logs for an id
+        this process did not answer (before the on-disk log)."""
 
     # -- Predict --------------------------------------------------------------------------------
 
@@ -118,7 +124,7 @@ class FeedbackLoop:
         opened now (the next use tries again: another process may let go, a disk may be
         freed)."""
         store = self._store
-        if store is not None or self._closed:
+        if store is not None or self._closed or not self.owns_store:
             return store
         with self._store_lock:
             if self._store is None and not self._closed:
@@ -168,6 +174,8 @@ class FeedbackLoop:
         input is INVALID_ARGUMENT even while the store is down."""
         store = self.store
         logged = self.log.get(prediction_id)
+        if logged is None and self.find_elsewhere is not None:
+            logged = await self.find_elsewhere(prediction_id)
         if logged is None and store is not None and prediction_id not in store:
             logged = await asyncio.to_thread(self.log.find_recent, prediction_id)
         meta = model.meta
