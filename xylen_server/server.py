@@ -219,7 +219,8 @@ async def build_server(
     # The Open Inference Protocol (KServe v2) beside it: same port, predictor and interceptors.
     inference_v2.add_to_server(server, predictor, lambda: health.serving)
     # An IPv6 literal (GRPC_HOST=::1) needs brackets in a gRPC address.
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    bare = settings.host.strip("[]")
+    host = f"[{bare}]" if ":" in bare else bare
     address = f"{host}:{settings.grpc_port}"
     # A worker joins the shared port only once its model is ready (Running.open): a socket in
     # the SO_REUSEPORT group takes its share of new connections from the moment it listens.

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -204,6 +205,25 @@ def test_sigterm_turns_health_to_not_serving_while_draining(models_root, tmp_pat
         assert statuses - {health_pb2.HealthCheckResponse.SERVING}, statuses
         assert len(call.result().predictions) == 1
     assert server.proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_server_serves_on_ipv6_loopback(models_root, tmp_path, feature_rows, host):
+    """GRPC_HOST=::1 (bare or bracketed) binds the IPv6 loopback: the gRPC address is bracketed."""
+    server = start_server(models_root, env={"GRPC_HOST": host}, log_dir=tmp_path)
+    try:
+        assert server.address == f"[::1]:{server.port}"
+        with server.channel() as channel:
+            answer = server.stub(channel).Predict(
+                pb.PredictRequest(inputs=[feature_input(feature_rows[0])]),
+                timeout=30,
+            )
+        assert len(answer.predictions) == 1
+        with urllib.request.urlopen(f"{server.metrics_url}/health", timeout=10) as response:
+            assert json.loads(response.read())["model_version"] >= 1
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0
 
 
 def test_console_script_is_installed():

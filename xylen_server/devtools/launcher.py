@@ -43,14 +43,21 @@ class ServerProcess:
     """How to dial it when it serves TLS (None: plaintext)."""
     metrics_port: int = 0
     """Port of its ``/metrics`` and ``/health`` (0: metrics off)."""
+    host: str = "127.0.0.1"
+    """Its ``GRPC_HOST`` (a loopback address; an IPv6 literal is bracketed when dialled)."""
+
+    @property
+    def dial_host(self) -> str:
+        bare = self.host.strip("[]")
+        return f"[{bare}]" if ":" in bare else bare
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}"
+        return f"http://{self.dial_host}:{self.metrics_port}"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.dial_host}:{self.port}"
 
     def channel(self) -> grpc.Channel:
         return open_channel(self.address, self.tls)
@@ -137,7 +144,9 @@ def start_server(
         metrics_line = proc.stdout.readline()
         if metrics_line.startswith(METRICS):
             metrics_port = int(metrics_line[len(METRICS) :])
-    server = ServerProcess(proc, int(line[len(LISTENING) :]), log_path, tls, metrics_port)
+    server = ServerProcess(
+        proc, int(line[len(LISTENING) :]), log_path, tls, metrics_port, full_env["GRPC_HOST"]
+    )
     if wait:
         server.wait_serving()
     return server
