@@ -105,6 +105,8 @@ def start_fleet(
 ) -> Fleet:
     """Copy ``models`` into ``run_dir``, set the clock to ``start_ms`` and start the servers
     (``learning[name]``: automatic retraining on) and the coordinator."""
+    run_dir = run_dir.resolve()
+    models = models.resolve()
     if run_dir.exists():
         shutil.rmtree(run_dir)
     (run_dir / "models").mkdir(parents=True)

@@ -120,6 +120,13 @@ def build(
                 "retrains": [{k: v for k, v in e.items() if k != "job_id"} for e in p.retrains],
                 "swaps": p.swaps,
                 "adaptive_at_end": p.adaptive,
+                "decision_columns": ["open_time", "ensemble adaptive", "ensemble static"]
+                + [f"{name} alone" for name in p.members],
+                "decisions": [
+                    [d.open_time, d.signal, static_signal(d, p.members)]
+                    + [d.votes[name]["signal"] for name in p.members]
+                    for d in p.decisions
+                ],
                 "signals": {
                     s: sum(1 for d in p.decisions if d.signal == s) for s in ("BUY", "SELL", "HOLD")
                 },
