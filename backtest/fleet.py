@@ -73,6 +73,19 @@ class Fleet:
         pids["coordinator"] = self.coordinator.pid
         return pids
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system, their finished children's included: a server's retrain
+        jobs) each process has used so far, from /proc; {} where /proc is absent."""
+        out = {}
+        for name, pid in self.pids().items():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+            out[name] = ticks / os.sysconf("SC_CLK_TCK")
+        return out
+
     def stop(self) -> dict[str, int]:
         """SIGTERM to every process (coordinator first); their exit codes."""
         for channel in self.channels:

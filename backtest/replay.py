@@ -73,6 +73,7 @@ class Timings:
     startup: float = 0.0
     """Starting the four servers and the coordinator (copy, load, parity check, warm-up)."""
     total: float = 0.0
+    """Start-up and the bars (not the shutdown)."""
 
 
 @dataclass
@@ -101,6 +102,8 @@ class PassResult:
     exit_codes: dict[str, int] = field(default_factory=dict)
     adaptive: dict[str, dict[str, float]] = field(default_factory=dict)
     """Each endpoint's adaptive record at the end (GetEnsembleInfo)."""
+    cpu: dict[str, float] = field(default_factory=dict)
+    """CPU seconds of each process over the bars (start-up excluded); "replay": this one."""
 
 
 def close_time_ms(open_time: int, step_ms: int) -> int:
@@ -153,7 +156,10 @@ def run_pass(
         forward_feedback=learning,
     )
     timings.startup = time.perf_counter() - began
+    cpu_start = fleet.cpu_seconds()
+    own_start = _own_cpu()
     adaptive: dict[str, dict[str, float]] = {}
+    cpu: dict[str, float] = {}
     decisions: list[Decision] = []
     retrains: list[dict[str, Any]] = []
     swaps: list[dict[str, Any]] = []
@@ -269,10 +275,20 @@ def run_pass(
             }
             for e in info.endpoints
         }
+        timings.total = time.perf_counter() - began
+        cpu_end = fleet.cpu_seconds()
+        cpu = {n: round(cpu_end[n] - cpu_start.get(n, 0.0), 2) for n in cpu_end}
+        cpu["replay"] = round(_own_cpu() - own_start, 2)
     finally:
         exit_codes = fleet.stop()
-    timings.total = time.perf_counter() - began
-    return PassResult(name, decisions, retrains, swaps, members, timings, exit_codes, adaptive)
+    return PassResult(name, decisions, retrains, swaps, members, timings, exit_codes, adaptive, cpu)
+
+
+def _own_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _progress(

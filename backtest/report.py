@@ -147,6 +147,7 @@ def timings(passes: Sequence[PassResult]) -> dict[str, Any]:
             else 0.0,
             **{k: round(v, 3) for k, v in vars(p.timings).items()},
             "exit_codes": p.exit_codes,
+            "cpu_seconds": p.cpu,
         }
         for p in passes
     }
@@ -230,7 +231,8 @@ def markdown(report: Mapping[str, Any], timing: Mapping[str, Any]) -> str:
             f"{t['coordinator']:.1f} s, slowest server round trip {t['votes']:.1f} s), "
             f"feedback {t['feedback']:.1f} s, retrain checks {t['retrain_checks']:.1f} s, "
             f"retraining {t['retraining']:.1f} s, replay's own {t['local']:.1f} s, "
-            f"start-up {t['startup']:.1f} s"
+            f"start-up {t['startup']:.1f} s; CPU seconds over the bars: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in t["cpu_seconds"].items())
         )
     return "\n".join(lines) + "\n"
 
