@@ -1,7 +1,7 @@
 """``make bench``: every benchmark, one after another, printing labelled figures.
 
 ``python -m bench [server|training|feedback|coordinator|learning|security|fleet|load|telemetry
-...]`` runs a subset.
+replay ...]`` runs a subset.
 Figures are measured side by side within each section; on shared machines compare the ratios.
 """
 
@@ -21,6 +21,7 @@ SECTIONS = {
     "fleet": "bench.bench_fleet",
     "load": "bench.bench_load",
     "telemetry": "bench.bench_telemetry",
+    "replay": "bench.bench_replay",
 }
 
 
