@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -182,6 +182,9 @@ def run_pass(
         if bars[0] < lookback - 1:
             raise ValueError(f"the first decision bar {bars[0]} has fewer than {lookback} candles")
         pending: dict[int, Decision] = {}
+        arrived = {n: 0 for n in names}
+        trigger = int((server_env or {}).get("RETRAIN_TRIGGER_NEW_SAMPLES", 1000))
+        loop_began = time.perf_counter()
         total = len(bars)
         for i, t in enumerate(bars):
             mark = time.perf_counter()
@@ -196,7 +199,14 @@ def run_pass(
                 _wait_delivered(ensemble, fleet)
                 timings.feedback += time.perf_counter() - mark
                 mark = time.perf_counter()
-                started = _check_retrains(stubs, learns, seen_jobs)
+                for n in arrived:
+                    arrived[n] += 1
+                # The sample-count trigger fires on the outcome that reaches it; every 100 bars
+                # a look catches any other trigger a server was configured with.
+                due = [n for n in names if learns[n] and (arrived[n] >= trigger or i % 100 == 0)]
+                started = _check_retrains(stubs, due, seen_jobs) if due else []
+                for n in started:
+                    arrived[n] = 0
                 timings.retrain_checks += time.perf_counter() - mark
                 if started:
                     mark = time.perf_counter()
@@ -264,7 +274,9 @@ def run_pass(
             pending[t] = decision
             timings.local += time.perf_counter() - mark
             if (progress is not None and (i + 1) % 250 == 0) or i + 1 == total:
-                _progress(progress, name, i + 1, total, time.perf_counter() - began, len(retrains))
+                _progress(
+                    progress, name, i + 1, total, time.perf_counter() - loop_began, len(retrains)
+                )
         info = ensemble.GetEnsembleInfo(epb.GetEnsembleInfoRequest(), timeout=30)
         adaptive = {
             e.name: {
@@ -349,13 +361,12 @@ def _wait_delivered(ensemble: Any, fleet: Fleet, timeout: float = 120.0) -> None
 
 
 def _check_retrains(
-    stubs: Mapping[str, Any], learns: Mapping[str, bool], seen: Mapping[str, str]
+    stubs: Mapping[str, Any], names: Sequence[str], seen: Mapping[str, str]
 ) -> list[str]:
-    """The servers on which a retrain job started since the last look."""
+    """Those of ``names`` on whose server a retrain job started since the last look."""
     started = []
-    for name, stub in stubs.items():
-        if not learns.get(name):
-            continue
+    for name in names:
+        stub = stubs[name]
         status = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).model_info.training_status
         if status.job_id and status.job_id != seen.get(name):
             started.append(name)
