@@ -146,6 +146,14 @@ def run_pass(
     # outcome (the ensemble's horizon) to every voter, which would label model_4's samples with
     # the wrong horizon, so it does not retrain in the replay (see README).
     learns = {n: learning for n in names}
+    # Before any process starts: the first and last windows end at their decision bars (the
+    # same check runs on every decision below).
+    from training.metadata import ModelMetadata
+
+    planned = max(ModelMetadata.read(models / n).lookback for n in names)
+    for t in (bars[0], bars[-1]):
+        window = window_fn(candles, t, planned)
+        check_window(window_open_times(window), int(open_time[t]), planned)
     fleet = start_fleet(
         models,
         run_dir / name,

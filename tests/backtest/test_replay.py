@@ -156,7 +156,17 @@ def leaky_window(candles: Mapping[str, np.ndarray], end: int, length: int) -> pb
     return window_input(candles, end + 1, length)
 
 
-def test_a_window_that_peeks_one_bar_ahead_is_caught(replay_models: Path, tmp_path: Path) -> None:
+def leaky_once(candles: Mapping[str, np.ndarray], end: int, length: int) -> pb.PredictInput:
+    """Honest except for one bar in the middle of the replay (bar 104), which peeks ahead."""
+    return window_input(candles, end + 1 if end == 104 else end, length)
+
+
+@pytest.mark.parametrize("window_fn", [leaky_window, leaky_once], ids=["every-bar", "one-bar"])
+def test_a_window_that_peeks_one_bar_ahead_is_caught(
+    replay_models: Path, tmp_path: Path, window_fn
+) -> None:
+    """Peeking on every bar is caught before any process starts; on one bar in the middle, by
+    the check every decision passes through, with the fleet running (and stopped after)."""
     with pytest.raises(LookAheadError, match="after the decision bar"):
         run(
             Path("independent-future"),
@@ -166,8 +176,9 @@ def test_a_window_that_peeks_one_bar_ahead_is_caught(replay_models: Path, tmp_pa
             progress=False,
             candles=independent_future(200),
             step_ms=HOUR_MS,
-            window_fn=leaky_window,
+            window_fn=window_fn,
         )
+    assert (tmp_path / "run" / "frozen").exists() == (window_fn is leaky_once)
     times = np.arange(100, dtype=np.int64) * HOUR_MS
     check_window(times, int(times[-1]), 100)  # the honest window passes
     with pytest.raises(LookAheadError):
