@@ -244,10 +244,14 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(12, 6.5), dpi=100)
+    bases = list(dict.fromkeys(name.split(" (")[0] for name in report["curves"]))
+    palette = plt.get_cmap("tab10")
     for name, curve in report["curves"].items():
-        style = "-" if "learning" in name or name == "buy and hold" else "--"
-        width = 2.0 if "ensemble" in name or name == "buy and hold" else 0.9
-        ax.plot(curve, style, linewidth=width, label=name)
+        base = name.split(" (")[0]
+        colour = "black" if base == "buy and hold" else palette(bases.index(base) % 10)
+        style = "--" if name.endswith("(frozen)") else "-"
+        width = 2.0 if "ensemble" in name or base == "buy and hold" else 0.9
+        ax.plot(curve, style, color=colour, linewidth=width, label=name)
     first = report["bars"]["first_open_time"]
     step = report["bars"]["interval_ms"]
     marked = set()
