@@ -96,6 +96,8 @@ def build(
             key = f"{name} ({result.name})"
             strategies[key] = metrics(padded, trades, horizon, bars_per_year).as_dict()
             strategies[key]["horizon"] = horizon
+            gross, _ = bar_returns(close, decided, sides, horizon, 0.0)
+            strategies[key]["return_before_fees"] = float(equity(gross)[-1] - 1.0)
             curves[key] = equity(padded).tolist()
     hold = buy_and_hold(close, bars[0], last, fee)
     strategies["buy and hold"] = metrics(
@@ -103,6 +105,7 @@ def build(
     ).as_dict()
     strategies["buy and hold"]["turnover"] = 2.0
     strategies["buy and hold"]["horizon"] = length - 1
+    strategies["buy and hold"]["return_before_fees"] = float(close[last] / close[bars[0]] - 1.0)
     curves["buy and hold"] = equity(hold).tolist()
     return {
         "settings": dict(settings),
@@ -187,14 +190,15 @@ def markdown(report: Mapping[str, Any], timing: Mapping[str, Any]) -> str:
         "after the model's horizon at the real close, net of the round-trip fee "
         f"{report['settings'].get('fee')}; Sharpe from bar returns x sqrt(bars per year).",
         "",
-        "| strategy | net return | Sharpe | max drawdown | hit rate | trades | turnover |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| strategy | net return | Sharpe | max drawdown | hit rate | trades | turnover "
+        "| return before fees |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in report["strategies"].items():
         lines.append(
             f"| {name} | {_pct(s['net_return'])} | {s['sharpe']:.2f} | "
             f"{100 * s['max_drawdown']:.2f}% | {100 * s['hit_rate']:.1f}% | {s['trades']} | "
-            f"{s['turnover']:.0f}x |"
+            f"{s['turnover']:.0f}x | {_pct(s['return_before_fees'])} |"
         )
     for name, p in report["passes"].items():
         lines += ["", f"## Pass `{name}`", "", f"Ensemble signals: {p['signals']}.", ""]
