@@ -236,7 +236,7 @@ def markdown(report: Mapping[str, Any], timing: Mapping[str, Any]) -> str:
             f"feedback {t['feedback']:.1f} s, retrain checks {t['retrain_checks']:.1f} s, "
             f"retraining {t['retraining']:.1f} s, replay's own {t['local']:.1f} s, "
             f"start-up {t['startup']:.1f} s; CPU seconds over the bars: "
-            + ", ".join(f"{k} {v:.1f}" for k, v in t["cpu_seconds"].items())
+            + ", ".join(f"{k} {v:.1f}" for k, v in t.get("cpu_seconds", {}).items())
         )
     return "\n".join(lines) + "\n"
 
