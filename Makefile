@@ -19,7 +19,7 @@ DATA ?= $(DATA_DIR)
 TRAIN_VARS := LOOKBACK_PERIODS FEATURES TRAIN_START_DATE TRAIN_END_DATE VALIDATION_END_DATE TEST_END_DATE
 TRAIN_SETS = $(foreach v,$(TRAIN_VARS),$(if $($(v)),--set '$(v)=$($(v))'))
 
-.PHONY: demo test proto lint train data bench deploy clean venv certs up down status proto-go models-ready
+.PHONY: demo test proto lint train data bench deploy clean venv certs up down status proto-go models-ready backtest
 
 venv: $(STAMP)
 
@@ -73,6 +73,16 @@ demo: $(STAMP) $(PROTO_STAMP)
 	@test -d $(DATA_DIR) || $(MAKE) --no-print-directory data
 	@test -f $(MODELS_DIR)/model_4/metadata.json || $(MAKE) --no-print-directory train
 	$(PY) -m xylen_server.devtools.demo --models $(MODELS_DIR) --data $(DATA_DIR)
+
+# Walk-forward replay of the four servers and the coordinator over candles (README "Backtest"):
+# the offline data's test period with the models of `make train`; DATA=<kline file or folder>
+# replays those candles (TRAIN_DATA=<klines>: train the four models on those first);
+# BACKTEST_ARGS passes more options (python -m backtest --help).
+# Other DATA without TRAIN_DATA trains on DATA itself and replays its test period.
+BACKTEST_TRAIN = $(or $(TRAIN_DATA),$(filter-out $(DATA_DIR),$(DATA)))
+backtest: $(STAMP) $(PROTO_STAMP)
+	@if [ "$(DATA)" = "$(DATA_DIR)" ]; then $(MAKE) --no-print-directory models-ready; fi
+	$(PY) -m backtest --data $(DATA) --models $(MODELS_DIR) $(if $(BACKTEST_TRAIN),--train-data $(BACKTEST_TRAIN)) $(BACKTEST_ARGS)
 
 test: $(STAMP) $(PROTO_STAMP)
 	$(PY) -m pytest -q

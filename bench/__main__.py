@@ -1,7 +1,7 @@
 """``make bench``: every benchmark, one after another, printing labelled figures.
 
 ``python -m bench [server|training|feedback|coordinator|learning|security|fleet|load|telemetry
-dask|workers ...]`` runs a subset.
+dask|workers|replay ...]`` runs a subset.
 Figures are measured side by side within each section; on shared machines compare the ratios.
 """
 
@@ -23,6 +23,7 @@ SECTIONS = {
     "telemetry": "bench.bench_telemetry",
     "dask": "bench.bench_dask",
     "workers": "bench.bench_workers",
+    "replay": "bench.bench_replay",
 }
 
 

@@ -2,6 +2,7 @@
 
 xylen-coordinator serve --config config.yaml [--port 50051] [--watch 2]
 xylen-coordinator predict --config config.yaml --candles BTCUSDT-1h-2024-01.zip [--rows 3]
+xylen-coordinator replay [--data data/default] [--models models] [...]   (python -m backtest)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from xylen_coordinator.config import ConfigError, load_config
 from xylen_coordinator.coordinator import AsyncCoordinator
 from xylen_coordinator.report import format_result
+from xylen_server.clock import ClockError
 from xylen_server.errors import SettingsError, XylenError
 
 #: Candles sent per window when no server reports its lookback.
@@ -62,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--rows", type=int, default=1, help="predict the last N candles")
     predict.add_argument("--timeout-ms", type=float, default=0.0, help="fan-out deadline")
+    commands.add_parser(
+        "replay",
+        help="walk-forward replay of servers and coordinator over historical candles "
+        "(python -m backtest --help for its options)",
+        add_help=False,
+    )
     return parser
 
 
@@ -97,6 +105,12 @@ async def _predict(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["replay"]:
+        # The replay starts its own servers and coordinator (backtest, beside this package).
+        from backtest.__main__ import main as replay
+
+        return replay(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -106,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             from xylen_coordinator.server import serve
+            from xylen_server import clock
             from xylen_server.settings import Settings
             from xylen_server.telemetry import configure_tracing
 
             security = Settings.from_env()
+            clock.use_file(security.clock_file)
             configure_tracing("xylen-coordinator")
             coordinator = AsyncCoordinator(load_config(args.config))
             metrics_port = args.metrics_port
@@ -127,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         return asyncio.run(_predict(args))
-    except (ConfigError, SettingsError) as exc:
+    except (ConfigError, SettingsError, ClockError) as exc:
         print(f"xylen-coordinator: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -47,7 +47,7 @@ from xylen_coordinator.metrics import Metrics
 from xylen_coordinator.replicas import ReplicaSet
 from xylen_coordinator.report import describe_missing
 from xylen_coordinator.results import EndpointState, EnsembleResult, FeedbackAck, RowDecision
-from xylen_server import telemetry
+from xylen_server import clock, telemetry
 from xylen_server.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -350,7 +350,7 @@ class AsyncCoordinator:
         if config.weights.mode == "adaptive":
             scores = {name: self.adaptive.score(name) for name in configured}
         rows: list[RowDecision] = []
-        now = time.time()
+        now = clock.now_seconds()
         for i in range(len(request.inputs)):
             votes = {
                 name: Vote(answer.response.predictions[i], answer.latency)

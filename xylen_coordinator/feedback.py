@@ -24,6 +24,7 @@ from xylen_coordinator.ensemble import AdaptiveWeights
 from xylen_coordinator.outbox import Forwarder, Outbox, PredictionRecord, with_decision_side
 from xylen_coordinator.replicas import ReplicaSet
 from xylen_coordinator.results import FeedbackAck, RowDecision
+from xylen_server import clock
 from xylen_server.errors import FailedPrecondition, InvalidArgument, NotFound
 from xylen_server.outcomes import check_finite, check_prediction_id, check_side, close_time_ms
 from xylen_server.settings import Settings
@@ -157,7 +158,9 @@ class Ledger:
             outcome = pb.TradeOutcome(pnl=pnl, realized_return=realized_return, side=side)  # type: ignore[arg-type]
             if underlying_log_return is not None:
                 outcome.underlying_log_return = underlying_log_return
-            outcome.close_time.FromDatetime(close_time or datetime.now(UTC))
+            outcome.close_time.FromDatetime(
+                close_time or datetime.fromtimestamp(clock.now_seconds(), UTC)
+            )
         close = _validate_outcome(prediction_id, outcome)
         record = self._records.get(prediction_id)
         if record is None:
@@ -264,5 +267,5 @@ def _validate_outcome(prediction_id: str, outcome: pb.TradeOutcome) -> float:
         if outcome.HasField("close_time")
         else None
     )
-    latest_ms = int((time.time() + _FUTURE_SKEW_S) * 1000)
+    latest_ms = clock.now_ms() + int(_FUTURE_SKEW_S * 1000)
     return close_time_ms(close_time, latest_ms) / 1000

@@ -194,6 +194,10 @@ class Settings:
         "PREDICTION_LOG_FLUSH_INTERVAL_SECONDS", 5.0, above=0.0
     )
     """... and at least this often."""
+    clock_file: Path | None = env("CLOCK_FILE", None)
+    """Replays only: read "now" for the learning loop (prediction times, Feedback's close-time
+    checks) from this file (epoch ms, written by ``backtest``) instead of the wall clock
+    (:mod:`xylen_server.clock`). Unset: the wall clock."""
 
     # -- continuous learning: versions and retraining ----------------------------------------
     model_history_keep: int = env("MODEL_HISTORY_KEEP", 5, minimum=1)

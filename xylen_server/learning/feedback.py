@@ -26,7 +26,6 @@ import logging
 import math
 import sqlite3
 import threading
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Container, Sequence
 from datetime import UTC, datetime
@@ -35,8 +34,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from training.labels import label_from_return
+from xylen_server import clock
 from xylen_server.auth import ANONYMOUS
-from xylen_server.errors import InvalidArgument, NotFound, Unavailable
+from xylen_server.errors import InvalidArgument, NotFound, SettingsError, Unavailable
 from xylen_server.learning.feedback_store import AppendResult, FeedbackStore
 from xylen_server.learning.prediction_log import LoggedPrediction, PredictionLog
 from xylen_server.learning.samples import FeedbackRecord
@@ -73,6 +73,10 @@ class FeedbackLoop:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        try:
+            clock.use_file(settings.clock_file)
+        except clock.ClockError as exc:
+            raise SettingsError(str(exc)) from None
         self.log = PredictionLog(
             settings.prediction_log_path,
             max_rows=settings.prediction_log_max_rows,
@@ -337,7 +341,7 @@ def build_record(
     check_prediction_id(prediction_id, max_id_bytes)
     check_finite("pnl", pnl)
     check_finite("realized_return", realized_return)
-    now_ms = time.time_ns() // 1_000_000 if now is None else _ms(now)
+    now_ms = clock.now_ms() if now is None else _ms(now)
     skew_ms = int(max_clock_skew_seconds * 1000)
     close_ms = close_time_ms(close_time, now_ms + skew_ms)
 

@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from training.metadata import fsync_dir
+from xylen_server import clock
 from xylen_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ class _PartIndex:
 
 
 def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
+    return clock.now_ms()
 
 
 class PredictionLog:

@@ -1,0 +1,1 @@
+"""Walk-forward replay of the whole stack over historical candles (``make backtest``)."""
