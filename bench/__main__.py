@@ -21,6 +21,7 @@ SECTIONS = {
     "fleet": "bench.bench_fleet",
     "load": "bench.bench_load",
     "telemetry": "bench.bench_telemetry",
+    "swaps": "bench.bench_swaps",
 }
 
 

@@ -81,6 +81,22 @@ __all__ = ["PARITY_TOLERANCE", "max_difference", "probe_rows", "split_thresholds
 # the server runs the same rows through its own sessions and compares.
 
 
+def _hide_optional_imports(model_type: str, converting: bool) -> None:
+    """Keep the child small (it runs beside the server, within the same container limit): the
+    libraries import scikit-learn, pandas and polars when they are installed, for features
+    neither the booster's predict nor its conversion needs. Measured peak RSS of the child:
+    LightGBM 173 -> 102 MiB, XGBoost 265 -> 124 MiB with a current model.onnx (its converter
+    needs scikit-learn). CatBoost reads ``sys.modules`` itself, so nothing is hidden there."""
+    import sys
+
+    hidden = {
+        "lightgbm": ("sklearn", "pandas", "polars"),
+        "xgboost": ("pandas", "polars") if converting else ("sklearn", "pandas", "polars"),
+    }.get(model_type, ())
+    for name in hidden:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]  # import name -> ImportError
+
+
 def _reference_main(argv: list[str]) -> int:
     """``python -m xylen_server.serving.parity MODEL_DIR OUT.npz ROWS``: see above."""
     import io
@@ -96,6 +112,9 @@ def _reference_main(argv: list[str]) -> int:
     try:
         meta = ModelMetadata.read(model_dir)
         native_path = model_dir / meta.native_file
+        from training.onnx_export import onnx_is_current
+
+        _hide_optional_imports(meta.model_type, converting=not onnx_is_current(model_dir, meta))
         from xylen_server.serving.native import NativeModel
 
         try:
@@ -104,7 +123,7 @@ def _reference_main(argv: list[str]) -> int:
             raise ModelLoadError(f"model {meta.name!r}: cannot load {native_path}: {exc}") from exc
         import onnx
 
-        from training.onnx_export import ConversionError, convert, export_onnx, onnx_is_current
+        from training.onnx_export import ConversionError, convert, export_onnx
 
         in_memory = b""
         try:
