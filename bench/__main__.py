@@ -22,6 +22,7 @@ SECTIONS = {
     "load": "bench.bench_load",
     "telemetry": "bench.bench_telemetry",
     "swaps": "bench.bench_swaps",
+    "memory": "bench.bench_memory",
 }
 
 
