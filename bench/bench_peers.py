@@ -268,10 +268,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 theirs = float(subprocess.run(
                     [str(peers_python), "-c", READ_RESPONSE], input=raw, capture_output=True, check=True,
                 ).stdout)  # fmt: skip
-                ours = (
+                our_p = (
                     reply.predictions[0].raw_probability_up or reply.predictions[0].probability_up
                 )
-                print(f"  {name}: P(up) {theirs:.6f}, xylen {ours:.6f}")
+                print(f"  {name}: P(up) {theirs:.6f}, xylen {our_p:.6f}")
             results: dict[tuple[str, int], dict[str, float]] = {}
             print(
                 f"== batch 1, medians of {args.rounds} rounds of {args.seconds:.0f}s per target and level =="
