@@ -60,6 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="MLServer parallel_workers configurations to measure",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    args.mlserver = args.mlserver.absolute()  # MLServer runs in its model folder
     if args.seconds <= 0 or args.rounds < 1 or not args.levels or min(args.levels) < 1:
         parser.error("--seconds, --rounds and --levels must be positive")
     return args
