@@ -80,6 +80,8 @@ ID_BYTES = 32
 id is held whole beside the ring (rare: only ids the caller made)."""
 _PROBES = 16
 """Most index entries one lookup or insert visits (open addressing, linear probing)."""
+_VECTOR_ROWS = 8
+"""Batches of more rows than this are indexed with numpy, one probe step for all rows."""
 
 
 def row_bytes(n_features: int) -> int:
@@ -329,29 +331,32 @@ class PredictionLog:
                 ring.table, ring.mask, ring.hashes, ring.ids, ring.long_ids
             )  # fmt: skip
             start = max(self._start, first + kept - capacity)
-            seq = first
-            for prediction_id in ids:
-                at = seq % capacity
-                key = hash(prediction_id)
-                hashes[at] = key
-                encoded = prediction_id.encode()
-                if len(encoded) > ID_BYTES or encoded.endswith(b"\0"):
-                    long_ids[at] = prediction_id
-                    inline[at] = b""
-                else:
-                    inline[at] = encoded
-                    if long_ids:
-                        long_ids.pop(at, None)
-                position = key & mask
-                for _ in range(_PROBES):
-                    entry = int(table[position]) - 1
-                    if entry < start or entry >= seq:  # empty, overwritten or forgotten
-                        break
-                    position = (position + 1) & mask
-                else:
-                    position = key & mask  # crowded: the oldest claim there loses its entry
-                table[position] = seq + 1
-                seq += 1
+            if kept > _VECTOR_ROWS:
+                seq = self._index_batch(ring, ids, first, start)
+            else:
+                seq = first
+                for prediction_id in ids:
+                    at = seq % capacity
+                    key = hash(prediction_id)
+                    hashes[at] = key
+                    encoded = prediction_id.encode()
+                    if len(encoded) > ID_BYTES or encoded.endswith(b"\0"):
+                        long_ids[at] = prediction_id
+                        inline[at] = b""
+                    else:
+                        inline[at] = encoded
+                        if long_ids:
+                            long_ids.pop(at, None)
+                    position = key & mask
+                    for _ in range(_PROBES):
+                        entry = int(table[position]) - 1
+                        if entry < start or entry >= seq:  # empty, overwritten or forgotten
+                            break
+                        position = (position + 1) & mask
+                    else:
+                        position = key & mask  # crowded: the oldest claim there loses its entry
+                    table[position] = seq + 1
+                    seq += 1
             self._next = seq
             self._start = start
             self._evict(now)
@@ -361,6 +366,46 @@ class PredictionLog:
             else:
                 self._unflushed = self._next  # memory only: nothing to write out
                 self._spilled.clear()
+
+    @staticmethod
+    def _index_batch(ring: _Ring, ids: Sequence[str], first: int, start: int) -> int:
+        """:meth:`record`'s id columns and index for a big batch, vectorised: the same probing
+        as one row at a time, one probe step for all rows at once. Returns the next seq."""
+        n = len(ids)
+        capacity, table, mask = ring.capacity, ring.table, ring.mask
+        seqs = np.arange(first, first + n, dtype=np.int64)
+        slots = seqs % capacity
+        keys = np.fromiter(map(hash, ids), dtype=np.int64, count=n)
+        ring.hashes[slots] = keys
+        encoded = [i.encode() for i in ids]
+        odd = [k for k, e in enumerate(encoded) if len(e) > ID_BYTES or e.endswith(b"\0")]
+        for k in odd:
+            encoded[k] = b""
+        ring.ids[slots] = encoded
+        if ring.long_ids:
+            for slot in slots.tolist():
+                ring.long_ids.pop(slot, None)
+        for k in odd:
+            ring.long_ids[int(slots[k])] = ids[k]
+        remaining = np.arange(n)
+        positions = keys & mask
+        for _ in range(_PROBES):
+            if not remaining.size:
+                break
+            wanted = positions[remaining]
+            free = table[wanted] - 1 < start  # empty, overwritten or forgotten
+            candidates = remaining[free]
+            # one row per free position (the first in the batch), the others probe on
+            _, first_of = np.unique(wanted[free], return_index=True)
+            winners = candidates[first_of]
+            table[positions[winners]] = seqs[winners] + 1
+            taken = np.zeros(n, dtype=bool)
+            taken[winners] = True
+            remaining = remaining[~taken[remaining]]
+            positions[remaining] = (positions[remaining] + 1) & mask
+        if remaining.size:  # crowded: the oldest claims there lose their entries
+            table[keys[remaining] & mask] = seqs[remaining] + 1
+        return first + n
 
     @property
     def spilled_pending(self) -> int:

@@ -68,25 +68,28 @@ def test_python_heap_does_not_grow_with_rows_once_the_ring_is_full() -> None:
     assert grown < 64 * 1024, grown  # 20,000 rows as dict entries would be ~26 MB
 
 
-def test_rows_answer_exactly_across_the_wrap() -> None:
-    log = PredictionLog(None, max_rows=64)
+@pytest.mark.parametrize("size", [5, 50])  # one row at a time, and the vectorised index
+def test_rows_answer_exactly_across_the_wrap(size: int) -> None:
+    log = PredictionLog(None, max_rows=64 * size // 5)
     for b in range(40):
-        record(log, b * 5, 5, version=b)
-    newest = 40 * 5
-    for i in range(newest - 64, newest):
+        record(log, b * size, size, version=b)
+    newest, held = 40 * size, 64 * size // 5
+    for i in range(newest - held, newest):
         row = log.get(f"0123456789ab-{i:x}")
         assert row is not None, i
-        _, features = rows((i // 5) * 5, 5)
-        assert np.array_equal(row.features, features[i % 5])
-        assert row.model_version == i // 5 and row.model_name == "model_1"
-    assert log.get(f"0123456789ab-{newest - 65:x}") is None
+        _, features = rows((i // size) * size, size)
+        assert np.array_equal(row.features, features[i % size])
+        assert row.model_version == i // size and row.model_name == "model_1"
+    assert log.get(f"0123456789ab-{newest - held - 1:x}") is None
 
 
-def test_long_and_unusual_ids_round_trip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("padding", [0, 20])  # one row at a time, and the vectorised index
+def test_long_and_unusual_ids_round_trip(tmp_path: Path, padding: int) -> None:
     long_id = "x" * (ID_BYTES + 40)
-    odd = ["é-" * 3, "ends-with-nul\0", long_id, "", "short"]
+    odd = ["é-" * 3, "ends-with-nul\0", long_id, "", "short"] + [f"p{i}" for i in range(padding)]
+    n = len(odd)
     with PredictionLog(tmp_path) as log:
-        log.record(odd, np.ones((5, 3), np.float32), [0.1] * 5, [1] * 5, "m", 1)
+        log.record(odd, np.ones((n, 3), np.float32), [0.1] * n, [1] * n, "m", 1)
         for prediction_id in odd:
             found = log.get(prediction_id)
             assert found is not None and found.prediction_id == prediction_id
