@@ -7,8 +7,10 @@ pre-serialized request bytes (one row, batch 1) sent with grpc.aio at 1, 8 and 3
 flight, responses taken as bytes, so the client's cost is identical for both. Each level runs
 the targets in turn for ``--rounds`` rounds and reports medians: p50, p99, calls/s, and the
 server's CPU time per call (its process tree, from /proc), then the ratios xylen/MLServer.
-MLServer is measured with ``parallel_workers`` 0 (inference on its event loop) and 1 (its
-default: one inference worker process), the better of the two being the comparison.
+MLServer is measured with ``parallel_workers=0`` (inference on its event loop): with its default
+of 1 inference worker process, MLServer 1.7.1 as it installs today (2026-12-07) never loads the
+model here (the worker dies with "There is no current event loop in thread 'MainThread'");
+``--workers 0,1`` measures both where it works, the better being the comparison.
 
     make bench-peers                      # installs MLServer into .venv-peers once; ~3 minutes
     python -m bench.bench_peers --mlserver .venv-peers/bin/mlserver --seconds 3
@@ -56,8 +58,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="calls in flight, comma separated",
     )  # fmt: skip
     parser.add_argument(
-        "--workers", type=lambda text: tuple(int(v) for v in text.split(",")), default=(0, 1),
-        help="MLServer parallel_workers configurations to measure",
+        "--workers", type=lambda text: tuple(int(v) for v in text.split(",")), default=(0,),
+        help="MLServer parallel_workers configurations to measure (1, its default, fails to "
+        "start here: its worker process dies with 'no current event loop'; try it elsewhere)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     args.mlserver = args.mlserver.absolute()  # MLServer runs in its model folder

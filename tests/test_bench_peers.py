@@ -10,10 +10,10 @@ import pytest
 from bench.bench_peers import LEVELS, mlserver_settings, model_settings, parse_args
 
 
-def test_defaults_measure_batch_one_at_1_8_and_32_in_flight_against_both_configs() -> None:
+def test_defaults_measure_batch_one_at_1_8_and_32_in_flight() -> None:
     args = parse_args([])
     assert args.levels == LEVELS == (1, 8, 32)
-    assert args.workers == (0, 1)
+    assert args.workers == (0,)  # MLServer's default of 1 worker process fails to start here
     assert args.mlserver.name == "mlserver" and args.mlserver.parent.parent.name == ".venv-peers"
 
 
