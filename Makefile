@@ -19,7 +19,7 @@ DATA ?= $(DATA_DIR)
 TRAIN_VARS := LOOKBACK_PERIODS FEATURES TRAIN_START_DATE TRAIN_END_DATE VALIDATION_END_DATE TEST_END_DATE
 TRAIN_SETS = $(foreach v,$(TRAIN_VARS),$(if $($(v)),--set '$(v)=$($(v))'))
 
-.PHONY: demo test proto lint train data bench deploy clean venv certs up down status proto-go models-ready backtest
+.PHONY: demo test proto lint train data bench bench-peers deploy clean venv certs up down status proto-go models-ready backtest
 
 venv: $(STAMP)
 
@@ -101,6 +101,16 @@ certs: $(STAMP)
 bench: $(STAMP) $(PROTO_STAMP)
 	$(PY) -m bench
 
+# Optional, not in `make test`: MLServer 1.7 with its LightGBM runtime in its own venv, served the
+# same LightGBM model and measured beside xylen's unary Predict (bench/bench_peers.py).
+PEERS_VENV := .venv-peers
+MLSERVER_VERSION := 1.7.1
+bench-peers: $(STAMP) $(PROTO_STAMP)
+	test -x $(PEERS_VENV)/bin/mlserver || { $(PYTHON) -m venv $(PEERS_VENV) && \
+		$(PEERS_VENV)/bin/pip install --quiet --disable-pip-version-check \
+			mlserver==$(MLSERVER_VERSION) mlserver-lightgbm==$(MLSERVER_VERSION); }
+	$(PY) -m bench.bench_peers --mlserver $(PEERS_VENV)/bin/mlserver
+
 # Go stubs of protos/xylen/v1 for their go_package, in a GOPATH layout under GO_DIR (Debian:
 # apt-get install golang golang-google-grpc-dev golang-google-protobuf-dev),
 # and the Go client example built against them (examples/go/client).
@@ -155,4 +165,4 @@ status: $(STAMP)
 	$(PY) -m xylen_server.devtools.stack status --run-dir $(STACK_DIR) --models $(MODELS_DIR)
 
 clean:
-	rm -rf $(VENV) xylen .pytest_cache .mypy_cache .ruff_cache run bench-results
+	rm -rf $(VENV) $(PEERS_VENV) xylen .pytest_cache .mypy_cache .ruff_cache run bench-results

@@ -1,7 +1,7 @@
 """``make bench``: every benchmark, one after another, printing labelled figures.
 
 ``python -m bench [server|training|feedback|coordinator|learning|security|fleet|load|telemetry
-dask|workers|replay ...]`` runs a subset.
+dask|workers|replay|swaps|memory ...]`` runs a subset.
 Figures are measured side by side within each section; on shared machines compare the ratios.
 """
 
@@ -24,6 +24,8 @@ SECTIONS = {
     "dask": "bench.bench_dask",
     "workers": "bench.bench_workers",
     "replay": "bench.bench_replay",
+    "swaps": "bench.bench_swaps",
+    "memory": "bench.bench_memory",
 }
 
 

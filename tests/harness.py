@@ -129,11 +129,19 @@ def start_server(
     wait: bool = True,
     log_dir: Path | None = None,
     tls: Any = None,
+    preexec: Any = None,
 ) -> ServerProcess:
     """A real server process on a free loopback port (run from the repo root); ``tls`` (a
     :class:`~xylen_server.tls.ClientTls`) dials one that serves TLS."""
     return launcher.start_server(
-        model_path, model_name, env=env, wait=wait, log_dir=log_dir, cwd=REPO, tls=tls
+        model_path,
+        model_name,
+        env=env,
+        wait=wait,
+        log_dir=log_dir,
+        cwd=REPO,
+        tls=tls,
+        preexec=preexec,
     )
 
 

@@ -194,6 +194,10 @@ class Settings:
         "PREDICTION_LOG_FLUSH_INTERVAL_SECONDS", 5.0, above=0.0
     )
     """... and at least this often."""
+    prediction_log_max_bytes: int = env("PREDICTION_LOG_MAX_BYTES", 64 * 1024 * 1024, minimum=1024)
+    """Most memory the in-memory predictions take (183 bytes a row with 25 features, see
+    :func:`xylen_server.learning.prediction_log.row_bytes`); with ``PREDICTION_LOG_MAX_ROWS``
+    the fewer rows of the two bind, so a server at the cap stays within a 256 MiB container."""
     clock_file: Path | None = env("CLOCK_FILE", None)
     """Replays only: read "now" for the learning loop (prediction times, Feedback's close-time
     checks) from this file (epoch ms, written by ``backtest``) instead of the wall clock

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,9 +106,11 @@ def start_server(
     log_dir: Path | None = None,
     cwd: Path | None = None,
     tls: ClientTls | None = None,
+    preexec: Callable[[], None] | None = None,
 ) -> ServerProcess:
     """Start a server for ``model_path/model_name`` on 127.0.0.1 (port 0: a free one);
-    ``tls`` is how to dial it when ``env`` makes it serve TLS."""
+    ``tls`` is how to dial it when ``env`` makes it serve TLS; ``preexec`` runs in the child
+    before it executes the server (e.g. joining a cgroup)."""
     full_env = dict(os.environ)
     full_env.update(
         MODEL_PATH=str(model_path),
@@ -131,6 +133,7 @@ def start_server(
             text=True,
             env=full_env,
             cwd=cwd,
+            preexec_fn=preexec,
         )
     assert proc.stdout is not None
     line = proc.stdout.readline()

@@ -83,6 +83,7 @@ class FeedbackLoop:
             max_age_seconds=settings.prediction_log_max_age_seconds,
             flush_rows=settings.prediction_log_flush_rows,
             flush_interval_seconds=settings.prediction_log_flush_interval_seconds,
+            max_bytes=settings.prediction_log_max_bytes,
         )
         self._store: FeedbackStore | None = None
         self._store_error = ""

@@ -28,11 +28,10 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -77,28 +76,78 @@ class LoggedPrediction:
     """``xylen.v1.Signal`` value."""
 
 
-class _Batch(NamedTuple):
-    """One Predict batch, kept whole: indexing rows costs one dict insert each (a NamedTuple:
-    building it is several times cheaper than a frozen dataclass)."""
+ID_BYTES = 32
+"""Bytes of a prediction id held inline per row (the server's own ids take 29 at most); a longer
+id is held whole beside the ring (rare: only ids the caller made)."""
+_PROBES = 16
+"""Most index entries one lookup or insert visits (open addressing, linear probing)."""
+_VECTOR_ROWS = 8
+"""Batches of more rows than this are indexed with numpy, one probe step for all rows."""
 
-    ids: Sequence[str]
-    time_ms: int
-    model_name: str
-    model_version: int
+
+def row_bytes(n_features: int) -> int:
+    """Memory one remembered prediction takes in the ring and its index, in bytes."""
+    return (
+        4 * n_features  # float32 features
+        + ID_BYTES  # id, inline
+        + 8  # id hash
+        + 8  # time ms
+        + 8  # model version
+        + 2  # model name (index into the few names seen)
+        + 8  # probability
+        + 1  # signal
+        + 2 * 8  # two index entries per row (the table is twice the ring)
+    )
+
+
+class _Ring:
+    """Preallocated column arrays for ``capacity`` rows of ``width`` features: row ``seq``
+    (a running count) lives in slot ``seq % capacity``. No Python object per row."""
+
+    def __init__(self, capacity: int, width: int) -> None:
+        self.capacity = capacity
+        self.width = width
+        self.features = np.zeros((capacity, width), dtype=np.float32)
+        self.ids = np.zeros(capacity, dtype=f"S{ID_BYTES}")
+        self.hashes = np.zeros(capacity, dtype=np.int64)
+        self.times = np.zeros(capacity, dtype=np.int64)
+        self.versions = np.zeros(capacity, dtype=np.int64)
+        self.names = np.zeros(capacity, dtype=np.uint16)
+        self.probabilities = np.zeros(capacity, dtype=np.float64)
+        self.signals = np.zeros(capacity, dtype=np.int8)
+        self.long_ids: dict[int, str] = {}
+        """slot -> whole id, for the ids that do not fit ``ID_BYTES`` inline."""
+        size = 1 << max(4, (2 * capacity - 1).bit_length())
+        self.mask = size - 1
+        self.table = np.zeros(size, dtype=np.int64)
+        """Open-addressing index: 0 empty, else 1 + the seq of a row (live or since overwritten,
+        told apart by the ring's window and the row's hash)."""
+
+    def nbytes(self) -> int:
+        arrays = (
+            self.features, self.ids, self.hashes, self.times, self.versions, self.names,
+            self.probabilities, self.signals, self.table,
+        )  # fmt: skip
+        return sum(a.nbytes for a in arrays)
+
+    def slots(self, first: int, stop: int) -> np.ndarray:
+        return np.arange(first, stop, dtype=np.int64) % self.capacity
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Rows copied out of the ring (or taken from a batch) for a part file."""
+
+    ids: list[str]
+    times: np.ndarray
+    names: list[str]
+    versions: np.ndarray
     features: np.ndarray
     probabilities: np.ndarray
     signals: np.ndarray
 
-    def row(self, index: int) -> LoggedPrediction:
-        return LoggedPrediction(
-            self.ids[index],
-            self.time_ms,
-            self.model_name,
-            self.model_version,
-            self.features[index],
-            float(self.probabilities[index]),
-            int(self.signals[index]),
-        )
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass(frozen=True)
@@ -120,6 +169,14 @@ def _now_ms() -> int:
 class PredictionLog:
     """Bounded in-memory index of recent predictions plus a Parquet history of all of them.
 
+    In memory the rows live in preallocated column arrays used as a ring (float32 features,
+    fixed-width ids, times, versions, outputs) with an open-addressing index of id hashes: no
+    Python object per row, :func:`row_bytes` each (183 bytes for 25 features; a dict of
+    per-batch objects took ~1.3 KiB), and at most ``max_rows`` rows or ``max_bytes`` bytes,
+    whichever is fewer rows. The rows not yet written out are read from the same ring; if the
+    flusher falls so far behind that the ring would overwrite them, they are first copied into
+    a pending Parquet table (``spilled_rows``), so the history never misses a row.
+
     ``directory=None`` keeps the log in memory only (nothing persisted). Thread-safe: ``record``
     and ``get`` may be called from any thread or the event loop.
     """
@@ -133,32 +190,48 @@ class PredictionLog:
         flush_rows: int = Settings.prediction_log_flush_rows,
         flush_interval_seconds: float = Settings.prediction_log_flush_interval_seconds,
         fsync: bool = True,
+        max_bytes: int = Settings.prediction_log_max_bytes,
     ) -> None:
         """
         Args:
             directory: where part files go (created if missing); None persists nothing.
-            max_rows: most rows kept in memory for :meth:`get` (oldest batches dropped first).
+            max_rows: most rows kept in memory for :meth:`get` (oldest dropped first).
             max_age_seconds: rows older than this are dropped from memory.
             flush_rows: the flusher writes as soon as this many rows are buffered.
             flush_interval_seconds: ... and at least this often while rows are buffered.
             fsync: fsync each part file before its rename (on the flusher thread, never on
                 the Predict path).
+            max_bytes: most bytes the in-memory rows and their index take (:func:`row_bytes`
+                a row); the ring holds ``min(max_rows, max_bytes // row_bytes)`` rows.
         """
-        if max_rows < 1 or flush_rows < 1 or flush_interval_seconds <= 0 or max_age_seconds <= 0:
-            raise ValueError("max_rows, flush_rows, flush interval and max age must be positive")
+        if (
+            max_rows < 1
+            or flush_rows < 1
+            or flush_interval_seconds <= 0
+            or max_age_seconds <= 0
+            or max_bytes < 1
+        ):
+            raise ValueError(
+                "max_rows, max_bytes, flush_rows, flush interval and max age must be positive"
+            )
         self.directory = Path(directory) if directory is not None else None
         self.max_rows = max_rows
+        self.max_bytes = max_bytes
         self.max_age_ms = int(max_age_seconds * 1000)
         self.flush_rows = flush_rows
         self.flush_interval = flush_interval_seconds
         self._fsync = fsync
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._index: dict[str, tuple[_Batch, int]] = {}
-        self._window: deque[_Batch] = deque()
-        self._window_rows = 0
-        self._pending: list[_Batch] = []
-        self._pending_rows = 0
+        self._ring: _Ring | None = None  # allocated at the first row (its width)
+        self._names: dict[str, int] = {}
+        self._name_list: list[str] = []
+        self._next = 1  # seq of the next row (0 marks an empty index entry)
+        self._start = 1  # oldest seq still answered from memory
+        self._unflushed = 1  # oldest seq not yet handed to the flusher
+        self._spilled: list[_Rows] = []
+        self.spilled_rows = 0
+        """Rows copied out of the ring before the flusher took them (it fell behind)."""
         self._flush_lock = threading.Lock()  # one writer of part files at a time
         self._disk_lock = threading.Lock()
         self._disk_index: dict[Path, _PartIndex] = {}
@@ -174,6 +247,15 @@ class PredictionLog:
             )
             self._thread.start()
 
+    def capacity_for(self, n_features: int) -> int:
+        """Rows the ring holds for rows of ``n_features``."""
+        return max(1, min(self.max_rows, self.max_bytes // row_bytes(n_features)))
+
+    def memory_bytes(self) -> int:
+        """Bytes the in-memory rows take now (the ring's arrays and index; 0 before a row)."""
+        ring = self._ring
+        return 0 if ring is None else ring.nbytes()
+
     # -- hot path ---------------------------------------------------------------------------
 
     def record(
@@ -186,60 +268,231 @@ class PredictionLog:
         model_version: int,
         time_ms: int | None = None,
     ) -> None:
-        """Remember one Predict batch. Cheap: no I/O; the arrays are kept, not copied, so the
-        caller must not modify them afterwards (``feature_matrix`` returns a fresh array)."""
-        batch = _Batch(
-            prediction_ids,
-            _now_ms() if time_ms is None else time_ms,
-            model_name,
-            model_version,
-            np.asarray(features, dtype=np.float32),
-            np.asarray(probabilities, dtype=np.float64),
-            np.asarray(signals, dtype=np.int32),
-        )
+        """Remember one Predict batch: its rows are copied into the ring (no I/O)."""
         rows = len(prediction_ids)
+        if rows == 0:
+            return
+        now = _now_ms() if time_ms is None else time_ms
+        matrix = np.asarray(features, dtype=np.float32).reshape(rows, -1)
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+        signals = np.asarray(signals, dtype=np.int8)
         with self._lock:
-            rows_of_batch = zip(itertools.repeat(batch), range(rows), strict=False)
-            self._index.update(zip(prediction_ids, rows_of_batch, strict=True))
-            self._window.append(batch)
-            self._window_rows += rows
-            self._evict(batch.time_ms)
+            ring = self._ring
+            if ring is None or ring.width != matrix.shape[1]:
+                self._spill_pending()
+                ring = self._ring = _Ring(self.capacity_for(matrix.shape[1]), matrix.shape[1])
+                self._start = self._unflushed = self._next
+            name = self._names.get(model_name)
+            if name is None:
+                name = self._names[model_name] = len(self._name_list)
+                self._name_list.append(model_name)
+            capacity = ring.capacity
+            if self._next + rows - self._unflushed > capacity:
+                self._spill_pending()
+            skip = max(0, rows - capacity)  # a batch bigger than the ring: only its tail stays
+            if skip:
+                self._spilled.append(
+                    _Rows(
+                        list(prediction_ids[:skip]),
+                        np.full(skip, now, dtype=np.int64),
+                        [model_name] * skip,
+                        np.full(skip, model_version, dtype=np.int64),
+                        matrix[:skip].copy(),
+                        probabilities[:skip].copy(),
+                        signals[:skip].copy(),
+                    )
+                )
+                self.spilled_rows += skip
+                self._next += skip
+                self._unflushed = self._next
+            first = self._next
+            kept = rows - skip
+            slot = first % capacity
+            end = slot + kept
+            where: int | slice | np.ndarray
+            if kept == 1:
+                where = slot
+            elif end <= capacity:
+                where = slice(slot, end)
+            else:
+                where = ring.slots(first, first + kept)
+            ids = prediction_ids[skip:] if skip else prediction_ids
+            if kept == 1:
+                ring.features[slot] = matrix[-1]
+                ring.probabilities[slot] = probabilities[-1]
+                ring.signals[slot] = signals[-1]
+            else:
+                ring.features[where] = matrix[skip:]
+                ring.probabilities[where] = probabilities[skip:]
+                ring.signals[where] = signals[skip:]
+            ring.times[where] = now
+            ring.versions[where] = model_version
+            ring.names[where] = name
+            table, mask, hashes, inline, long_ids = (
+                ring.table, ring.mask, ring.hashes, ring.ids, ring.long_ids
+            )  # fmt: skip
+            start = max(self._start, first + kept - capacity)
+            if kept > _VECTOR_ROWS:
+                seq = self._index_batch(ring, ids, first, start)
+            else:
+                seq = first
+                for prediction_id in ids:
+                    at = seq % capacity
+                    key = hash(prediction_id)
+                    hashes[at] = key
+                    encoded = prediction_id.encode()
+                    if len(encoded) > ID_BYTES or encoded.endswith(b"\0"):
+                        long_ids[at] = prediction_id
+                        inline[at] = b""
+                    else:
+                        inline[at] = encoded
+                        if long_ids:
+                            long_ids.pop(at, None)
+                    position = key & mask
+                    for _ in range(_PROBES):
+                        entry = int(table[position]) - 1
+                        if entry < start or entry >= seq:  # empty, overwritten or forgotten
+                            break
+                        position = (position + 1) & mask
+                    else:
+                        position = key & mask  # crowded: the oldest claim there loses its entry
+                    table[position] = seq + 1
+                    seq += 1
+            self._next = seq
+            self._start = start
+            self._evict(now)
             if self._thread is not None:
-                self._pending.append(batch)
-                self._pending_rows += rows
-                if self._pending_rows >= self.flush_rows:
+                if self._next - self._unflushed + self.spilled_pending >= self.flush_rows:
                     self._wake.notify()
+            else:
+                self._unflushed = self._next  # memory only: nothing to write out
+                self._spilled.clear()
+
+    @staticmethod
+    def _index_batch(ring: _Ring, ids: Sequence[str], first: int, start: int) -> int:
+        """:meth:`record`'s id columns and index for a big batch, vectorised: the same probing
+        as one row at a time, one probe step for all rows at once. Returns the next seq."""
+        n = len(ids)
+        capacity, table, mask = ring.capacity, ring.table, ring.mask
+        seqs = np.arange(first, first + n, dtype=np.int64)
+        slots = seqs % capacity
+        keys = np.fromiter(map(hash, ids), dtype=np.int64, count=n)
+        ring.hashes[slots] = keys
+        encoded = [i.encode() for i in ids]
+        odd = [k for k, e in enumerate(encoded) if len(e) > ID_BYTES or e.endswith(b"\0")]
+        for k in odd:
+            encoded[k] = b""
+        ring.ids[slots] = encoded
+        if ring.long_ids:
+            for slot in slots.tolist():
+                ring.long_ids.pop(slot, None)
+        for k in odd:
+            ring.long_ids[int(slots[k])] = ids[k]
+        remaining = np.arange(n)
+        positions = keys & mask
+        for _ in range(_PROBES):
+            if not remaining.size:
+                break
+            wanted = positions[remaining]
+            free = table[wanted] - 1 < start  # empty, overwritten or forgotten
+            candidates = remaining[free]
+            # one row per free position (the first in the batch), the others probe on
+            _, first_of = np.unique(wanted[free], return_index=True)
+            winners = candidates[first_of]
+            table[positions[winners]] = seqs[winners] + 1
+            taken = np.zeros(n, dtype=bool)
+            taken[winners] = True
+            remaining = remaining[~taken[remaining]]
+            positions[remaining] = (positions[remaining] + 1) & mask
+        if remaining.size:  # crowded: the oldest claims there lose their entries
+            table[keys[remaining] & mask] = seqs[remaining] + 1
+        return first + n
+
+    @property
+    def spilled_pending(self) -> int:
+        return sum(len(rows) for rows in self._spilled)
+
+    def _spill_pending(self) -> None:
+        """Copy the rows not yet written out of the ring into a pending table (the ring is
+        about to overwrite them or to be replaced); caller holds the lock."""
+        if self._thread is not None and self._ring is not None and self._next > self._unflushed:
+            rows = self._copy(self._unflushed, self._next)
+            self._spilled.append(rows)
+            self.spilled_rows += len(rows)
+        self._unflushed = self._next
+
+    def _copy(self, first: int, stop: int) -> _Rows:
+        """Rows ``[first, stop)`` of the ring, copied (caller holds the lock)."""
+        ring = self._ring
+        assert ring is not None
+        slots = ring.slots(first, stop)
+        inline = ring.ids[slots]
+        long_ids = ring.long_ids
+        ids = [
+            long_ids[int(slot)] if long_ids and int(slot) in long_ids else raw.decode()
+            for slot, raw in zip(slots, inline, strict=True)
+        ]
+        names = self._name_list
+        return _Rows(
+            ids,
+            ring.times[slots],
+            [names[i] for i in ring.names[slots]],
+            ring.versions[slots],
+            ring.features[slots],
+            ring.probabilities[slots],
+            ring.signals[slots],
+        )
 
     def _evict(self, now_ms: int) -> None:
-        """Drop the oldest batches beyond ``max_rows`` or ``max_age`` (the newest batch always
-        stays, so memory holds at most ``max_rows`` plus one batch); caller holds the lock."""
-        window = self._window
+        """Stop answering rows older than ``max_age``; caller holds the lock."""
+        ring = self._ring
+        if ring is None:
+            return
         oldest_allowed = now_ms - self.max_age_ms
-        while len(window) > 1 and (
-            self._window_rows > self.max_rows or window[0].time_ms < oldest_allowed
-        ):
-            batch = window.popleft()
-            self._window_rows -= len(batch.ids)
-            for prediction_id in batch.ids:
-                entry = self._index.get(prediction_id)
-                if entry is not None and entry[0] is batch:
-                    del self._index[prediction_id]
+        times, capacity = ring.times, ring.capacity
+        while self._start < self._next and times[self._start % capacity] < oldest_allowed:
+            self._start += 1
 
     # -- lookups ----------------------------------------------------------------------------
 
     def get(self, prediction_id: str) -> LoggedPrediction | None:
         """The logged row for ``prediction_id`` if it is still held in memory, else None."""
-        entry = self._index.get(prediction_id)
-        if entry is None:
-            return None
-        batch, index = entry
-        if batch.time_ms < _now_ms() - self.max_age_ms:
-            return None
-        return batch.row(index)
+        key = hash(prediction_id)
+        with self._lock:
+            ring = self._ring
+            if ring is None:
+                return None
+            capacity, table, mask = ring.capacity, ring.table, ring.mask
+            position = key & mask
+            for _ in range(_PROBES):
+                entry = int(table[position]) - 1
+                if entry < 0:
+                    return None
+                if self._start <= entry < self._next:
+                    at = entry % capacity
+                    if int(ring.hashes[at]) == key and self._id_at(ring, at) == prediction_id:
+                        if ring.times[at] < _now_ms() - self.max_age_ms:
+                            return None
+                        return LoggedPrediction(
+                            prediction_id,
+                            int(ring.times[at]),
+                            self._name_list[int(ring.names[at])],
+                            int(ring.versions[at]),
+                            ring.features[at].copy(),
+                            float(ring.probabilities[at]),
+                            int(ring.signals[at]),
+                        )
+                position = (position + 1) & mask
+        return None
+
+    @staticmethod
+    def _id_at(ring: _Ring, at: int) -> str:
+        whole = ring.long_ids.get(at) if ring.long_ids else None
+        return whole if whole is not None else bytes(ring.ids[at]).decode()
 
     def __len__(self) -> int:
         """Rows held in memory."""
-        return len(self._index)
+        return self._next - self._start
 
     def part_files(self) -> list[Path]:
         """Persisted part files, oldest first."""
@@ -350,15 +603,21 @@ class PredictionLog:
         buffered or the log is memory-only)."""
         with self._flush_lock:
             with self._lock:
-                batches, self._pending, self._pending_rows = self._pending, [], 0
-            if not batches or self.directory is None:
+                if self.directory is None:
+                    return None
+                taken = self._spilled
+                self._spilled = []
+                if self._next > self._unflushed:
+                    taken.append(self._copy(self._unflushed, self._next))
+                    self._unflushed = self._next
+            if not taken:
                 return None
-            return self._write_part(batches)
+            return self._write_part(taken)
 
-    def _write_part(self, batches: list[_Batch]) -> Path:
+    def _write_part(self, batches: list[_Rows]) -> Path:
         assert self.directory is not None
         table = _to_table(batches)
-        name = f"part-{batches[0].time_ms:013d}-{next(self._sequence):08d}.parquet"
+        name = f"part-{int(batches[0].times[0]):013d}-{next(self._sequence):08d}.parquet"
         final = self.directory / name
         temporary = final.with_name(name + ".tmp")
         pq.write_table(table, temporary, compression="snappy")
@@ -386,7 +645,10 @@ class PredictionLog:
         while True:
             with self._lock:
                 deadline = time.monotonic() + self.flush_interval
-                while not self._closed and self._pending_rows < self.flush_rows:
+                while (
+                    not self._closed
+                    and self._next - self._unflushed + self.spilled_pending < self.flush_rows
+                ):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
@@ -415,26 +677,28 @@ class PredictionLog:
         self.close()
 
 
-def _to_table(batches: list[_Batch]) -> pa.Table:
+def _to_table(batches: list[_Rows]) -> pa.Table:
     ids = [i for batch in batches for i in batch.ids]
-    counts = [len(batch.ids) for batch in batches]
-    matrices = [batch.features.reshape(len(batch.ids), -1) for batch in batches]
-    widths = np.repeat([m.shape[1] for m in matrices], counts)
+    widths = np.concatenate(
+        [np.full(len(batch), batch.features.shape[1], dtype=np.int32) for batch in batches]
+    )
     offsets = np.zeros(len(ids) + 1, dtype=np.int32)
     np.cumsum(widths, out=offsets[1:])
-    flat = np.concatenate([m.ravel() for m in matrices]) if matrices else np.empty(0, np.float32)
+    flat = np.concatenate([b.features.ravel() for b in batches])
     features = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.float32()))
     return pa.Table.from_arrays(
         [
             pa.array(ids, type=pa.string()),
-            pa.array(np.repeat([b.time_ms for b in batches], counts), type=pa.int64()).cast(
+            pa.array(np.concatenate([b.times for b in batches]), type=pa.int64()).cast(
                 pa.timestamp("ms", tz="UTC")
             ),
-            pa.array(np.repeat([b.model_name for b in batches], counts), type=pa.string()),
-            pa.array(np.repeat([b.model_version for b in batches], counts), type=pa.int64()),
+            pa.array([n for b in batches for n in b.names], type=pa.string()),
+            pa.array(np.concatenate([b.versions for b in batches]), type=pa.int64()),
             features,
             pa.array(np.concatenate([b.probabilities for b in batches]), type=pa.float64()),
-            pa.array(np.concatenate([b.signals for b in batches]), type=pa.int32()),
+            pa.array(
+                np.concatenate([b.signals for b in batches]).astype(np.int32), type=pa.int32()
+            ),
         ],
         schema=SCHEMA,
     )

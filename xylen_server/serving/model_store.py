@@ -6,15 +6,22 @@ each a regular file of bounded size (:func:`training.metadata.check_model_dir`),
 served only when its metadata matches the feature code, its native file loads, its
 ONNX conversion (made now unless a current ``model.onnx`` sits beside it) agrees with the native
 booster on the parity probe within 1e-5, and the warm-up produced finite probabilities.
+
+Serving ONNX, the native booster, the conversion and the probe run in a short-lived child
+process (:func:`native_reference`): this process loads only onnxruntime, so a LightGBM server
+holds no xgboost, catboost, scikit-learn, scipy, pandas, polars or onnx, and an XGBoost or
+CatBoost server does not keep its native library for a check it made once.
 """
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,12 +35,9 @@ from training.metadata import (
 )
 from xylen_server.errors import ModelLoadError
 from xylen_server.serving.native import Engine, NativeModel
-from xylen_server.serving.parity import max_difference, probe_rows
+from xylen_server.serving.parity import max_difference
 from xylen_server.settings import Settings
 from xylen_server.signals import SignalThresholds, resolve_thresholds
-
-if TYPE_CHECKING:
-    import onnx
 
 logger = logging.getLogger(__name__)
 
@@ -94,23 +98,53 @@ def verify_checksums(meta: ModelMetadata, model_dir: Path, max_bytes: int) -> No
         raise ModelLoadError(f"model {meta.name!r}: {problem}")
 
 
-def _onnx_model(meta: ModelMetadata, model_dir: Path) -> tuple[onnx.ModelProto, bytes]:
-    """The ONNX model (for the parity probe) and its bytes (for the sessions), read and parsed
-    once: this runs on every swap, inside the serving process."""
-    import onnx  # the converter stack loads with a model, never on the request path
-
-    from training.onnx_export import convert, export_onnx, onnx_is_current
-
-    if not onnx_is_current(model_dir, meta):
+def native_reference(
+    meta: ModelMetadata, model_dir: Path, n_rows: int, timeout: float = 600.0
+) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """The ONNX model's bytes, the parity probe rows and the native booster's probabilities on
+    them, made by a short-lived child process (:mod:`xylen_server.serving.parity`), so this
+    process never loads the native library, onnx or the converters. Blocking (seconds): call
+    it off the event loop. Raises ModelLoadError with the child's one line."""
+    with tempfile.TemporaryDirectory(prefix="xylen-parity-") as scratch:
+        out = Path(scratch) / "reference.npz"
         try:
-            path = export_onnx(model_dir)
-            logger.info("converted %s to %s", meta.native_file, path)
-        except PermissionError:
-            logger.warning("model directory %s is read-only; converting in memory", model_dir)
-            model = convert(meta, model_dir)
-            return model, model.SerializeToString()
-    data = (model_dir / ONNX_FILE).read_bytes()
-    return onnx.load_from_string(data), data
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "xylen_server.serving.parity",
+                    str(model_dir),
+                    str(out),
+                    str(n_rows),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise ModelLoadError(
+                f"model {meta.name!r}: the parity reference took over {timeout:.0f}s"
+            ) from None
+        if done.returncode != 0 or not out.is_file():
+            lines = done.stderr.decode(errors="replace").strip().splitlines()
+            why = lines[-1] if lines else f"exit status {done.returncode}"
+            if done.returncode < 0:
+                why = f"the native library crashed (signal {-done.returncode}) reading it"
+            if why.startswith(f"model {meta.name!r}"):
+                raise ModelLoadError(why[:1000])
+            raise ModelLoadError(
+                f"model {meta.name!r}: cannot load {meta.native_file}: {why}"[:1000]
+            )
+        with np.load(out) as data:
+            rows = np.asarray(data["rows"], dtype=np.float32)
+            reference = np.asarray(data["reference"], dtype=np.float64)
+            in_memory = data["onnx"].tobytes()
+    if in_memory:
+        logger.warning("model directory %s is read-only; converted in memory", model_dir)
+        return in_memory, rows, reference
+    return (model_dir / ONNX_FILE).read_bytes(), rows, reference
 
 
 def _warm_up(engine: Engine, n_features: int, workers: int) -> float:
@@ -165,13 +199,12 @@ def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel
     if not native_path.is_file():
         raise ModelLoadError(f"model {meta.name!r}: native model file {native_path} is missing")
     verify_checksums(meta, model_dir, settings.model_max_file_bytes)
-    try:
-        native = NativeModel(meta, model_dir, settings.pool_size)
-    except Exception as exc:  # every library has its own error for a corrupt file
-        raise ModelLoadError(f"model {meta.name!r}: cannot load {native_path}: {exc}") from exc
-
     n_features = len(meta.feature_names)
     if not settings.onnx_enabled:
+        try:
+            native = NativeModel(meta, model_dir, settings.pool_size)
+        except Exception as exc:  # every library has its own error for a corrupt file
+            raise ModelLoadError(f"model {meta.name!r}: cannot load {native_path}: {exc}") from exc
         loaded = _loaded(meta, native, None, settings)
         logger.info(
             "loaded %s v%d (native, %.1f us a row) in %.2fs",
@@ -182,28 +215,24 @@ def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel
         )
         return loaded
 
-    from training.onnx_export import ConversionError
     from xylen_server.serving.session_pool import SessionPool
 
+    model_bytes, rows, reference = native_reference(meta, model_dir, settings.parity_probe_rows)
     try:
-        try:
-            model, model_bytes = _onnx_model(meta, model_dir)
-            pool = SessionPool(model_bytes, settings.pool_size, settings.session_threads)
-        except ConversionError as exc:
-            raise ModelLoadError(f"model {meta.name!r}: {exc}") from exc
-        except Exception as exc:  # onnxruntime raises its own types for a corrupt graph
-            raise ModelLoadError(f"model {meta.name!r}: cannot load ONNX model: {exc}") from exc
-        rows = probe_rows(model, n_features, settings.parity_probe_rows)
-        difference = max_difference(native.predict_proba(rows), pool.predict_proba(rows))
-        if not difference <= PARITY_TOLERANCE:
-            pool.close()
-            raise ModelLoadError(
-                f"model {meta.name!r}: ONNX and native probabilities differ by {difference:.3g} "
-                f"on the parity probe (tolerance {PARITY_TOLERANCE:g}); refusing to serve"
-            )
-        loaded = _loaded(meta, pool, difference, settings)
-    finally:
-        native.close()
+        pool = SessionPool(model_bytes, settings.pool_size, settings.session_threads)
+    except Exception as exc:  # onnxruntime raises its own types for a corrupt graph
+        raise ModelLoadError(f"model {meta.name!r}: cannot load ONNX model: {exc}") from exc
+    if rows.shape[1:] != (n_features,):
+        pool.close()
+        raise ModelLoadError(f"model {meta.name!r}: the parity probe has the wrong width")
+    difference = max_difference(reference, pool.predict_proba(rows))
+    if not difference <= PARITY_TOLERANCE:
+        pool.close()
+        raise ModelLoadError(
+            f"model {meta.name!r}: ONNX and native probabilities differ by {difference:.3g} "
+            f"on the parity probe (tolerance {PARITY_TOLERANCE:g}); refusing to serve"
+        )
+    loaded = _loaded(meta, pool, difference, settings)
     logger.info(
         "loaded %s v%d (onnx, %d sessions x %d threads, parity %.2g, %.1f us a row) in %.2fs",
         meta.name,

@@ -1,18 +1,23 @@
-"""A pool of ONNX Runtime sessions, one per worker thread, so requests never share a lock.
+"""One ONNX Runtime session shared by a pool of worker threads and the event-loop thread.
 
-``InferenceSession.run`` releases the GIL, so with ``size`` sessions and ``size`` worker threads
-up to ``size`` inferences run truly in parallel while the event loop keeps serving. Each session
-gets ``threads`` intra-op threads; keep ``size * threads`` at or below the core count
-(onnxruntime's default of one thread per core *per session* oversubscribes the CPU).
+``InferenceSession.run`` is thread-safe and releases the GIL, so ``size`` worker threads run up
+to ``size`` inferences truly in parallel on one session while the event loop keeps serving
+(measured: the same CPU time per call as one session per thread). Each run gets ``threads``
+intra-op threads; keep ``size * threads`` at or below the core count (onnxruntime's default of
+one thread per core oversubscribes the CPU).
 
-One more session belongs to the event-loop thread alone (:meth:`predict_on_loop`): a single row
+One session, not one per thread: building a session holds the GIL for its whole construction
+(6-25 ms for a 500-tree model, in C++ that never releases it), so every session built during a
+hot swap is a pause of the event loop; one per swap is the least there can be. It also keeps
+one copy of the trees in memory instead of ``size + 1``.
+
+The event-loop thread calls the same session directly (:meth:`predict_on_loop`): a single row
 of a 500-tree model takes ~12 us, a hop to a worker thread ~80 us, so tiny batches that fit the
 loop's budget (see :mod:`xylen_server.serving.predictor`) run there without waiting for a worker.
 """
 
 from __future__ import annotations
 
-import queue
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -32,36 +37,24 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 
 class SessionPool:
-    """``size`` sessions of one ONNX model and the ``size`` threads that run them."""
+    """One session of an ONNX model and the ``size`` threads that run it."""
 
     engine = "onnx"
 
     def __init__(self, model_bytes: bytes, size: int, threads: int) -> None:
-        options = session_options(threads)
         self.size = size
-        self._idle: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
-        for _ in range(size):
-            session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-            self._idle.put(session)
-        self._loop_session = ort.InferenceSession(
-            model_bytes, options, providers=["CPUExecutionProvider"]
+        self._session = ort.InferenceSession(
+            model_bytes, session_options(threads), providers=["CPUExecutionProvider"]
         )
         self.executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="onnx")
 
     def predict_proba(self, rows: np.ndarray) -> np.ndarray:
-        """P(up) for a float32 (n, features) array. Thread-safe; blocks only if every session is
-        busy, which cannot happen from the pool's own ``size`` threads."""
-        session = self._idle.get()
-        try:
-            probabilities = session.run([PROBABILITIES_OUTPUT], {INPUT_NAME: rows})[0]
-        finally:
-            self._idle.put(session)
+        """P(up) for a float32 (n, features) array. Thread-safe, never waits for a lock."""
+        probabilities = self._session.run([PROBABILITIES_OUTPUT], {INPUT_NAME: rows})[0]
         return np.asarray(probabilities[:, 1], dtype=np.float64)
 
-    def predict_on_loop(self, rows: np.ndarray) -> np.ndarray:
-        """P(up) on the event-loop thread's own session (call it from that thread only)."""
-        probabilities = self._loop_session.run([PROBABILITIES_OUTPUT], {INPUT_NAME: rows})[0]
-        return np.asarray(probabilities[:, 1], dtype=np.float64)
+    # The session is shared and thread-safe: the loop thread runs it like any other.
+    predict_on_loop = predict_proba
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

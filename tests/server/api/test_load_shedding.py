@@ -173,7 +173,12 @@ def test_a_stream_client_that_never_reads_does_not_grow_the_server(
             assert len(stub.Predict(pb.PredictRequest(inputs=rows[:1]), timeout=10).predictions)
         growth_mib = (loaded - idle) / 1024
         print(f"stream never read: sent {sent}, RSS {idle // 1024} -> {loaded // 1024} MiB")
-        assert growth_mib < 120, (idle, loaded, sent)
+        # An unbounded answer queue reads ~30 items a second (330 in this window, > 300 MiB).
+        # 160 MiB, not the 120 it was: the idle level no longer holds the native libraries and
+        # the model load's freed heap (the parity reference runs in a child since 2026-12-07),
+        # which the first items used to reuse; the loaded level itself went down (measured
+        # 269-285 MiB against 305 before, idle 139-144 against 221).
+        assert growth_mib < 160, (idle, loaded, sent)
     finally:
         stop.set()
         assert server.stop() == 0
