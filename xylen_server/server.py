@@ -25,12 +25,12 @@ import grpc
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_server.api.admission import AdmissionInterceptor
-from xylen_server.api.interceptors import MetricsInterceptor
+from xylen_server.api.interceptors import CallInterceptor
 from xylen_server.api.metrics import Recorder
 from xylen_server.api.servicer import ModelServicer
 from xylen_server.api.telemetry import ServerTelemetry
 from xylen_server.auth import AuthInterceptor, ServerSecurity, check_exposure
-from xylen_server.errors import ErrorStatusInterceptor, ModelLoadError, SettingsError
+from xylen_server.errors import ModelLoadError, SettingsError
 from xylen_server.health import Health, bind, server_options
 from xylen_server.learning.feedback import FeedbackLoop
 from xylen_server.learning.retrainer import Retrainer
@@ -124,10 +124,7 @@ async def build_server(
     # credentials are checked, and admission (decoding, shedding, limits) runs before any
     # handler.
     interceptors: list[grpc.aio.ServerInterceptor] = [
-        MetricsInterceptor(recorder),
-        ErrorStatusInterceptor(),
-        AuthInterceptor(security),
-        admission,
+        CallInterceptor(recorder, AuthInterceptor(security), admission)
     ]
     if tracing_enabled():
         interceptors.insert(0, server_tracing_interceptor())
