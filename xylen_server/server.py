@@ -126,7 +126,7 @@ async def build_server(
     interceptors: list[grpc.aio.ServerInterceptor] = [
         CallInterceptor(recorder, AuthInterceptor(security), admission)
     ]
-    if tracing_enabled():
+    if tracing_enabled() and settings.trace_hooks:
         interceptors.insert(0, server_tracing_interceptor())
     server = grpc.aio.server(
         interceptors=interceptors,
