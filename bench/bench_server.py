@@ -3,10 +3,18 @@
 * in process: LightGBM ``Booster.predict``, LightGBM's single-row fast API and an ONNX Runtime
   session, at batch 1 and 1024;
 * over gRPC on loopback: a bare grpc.aio echo of the same request bytes (the floor), then
-  xylen Predict (unary) and PredictStream: p50/p99 at batch 1 and throughput at 1, 8, 32 in flight.
+  xylen Predict (unary) and PredictStream at batch 1, at 1, 8, 32 and 64 calls in flight, in
+  alternating short slices: p50/p99, requests/s, and the server's CPU per call (the server
+  process's user + system CPU time over its slices / the calls answered, every thread counted)
+  with calls per core-second, each against the echo's at the same concurrency. CPU per call
+  does not depend on how busy the machine is the way latency does.
 
-The model is what production serves: LightGBM, 500 trees x 31 leaves, on the 25 shared features
-of generated 1h candles. ``python -m bench.bench_server [--seconds S]``.
+Every xylen server starts through :func:`start_server` (one environment in, a SERVING process
+out), so a variant is one more environment. The model is what production serves: LightGBM, 500
+trees x 31 leaves, on the 25 shared features of generated 1h candles. ``python -m
+bench.bench_server [--seconds S] [--source TREE] [--skip-in-process]``: about a minute and a
+half on a quiet 2-core machine (model 3 s, in-process 30 s, over gRPC 45 s); ``--source``
+measures another checkout's ``xylen_server`` (e.g. main, for a before/after).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,9 +254,11 @@ async def _unary_slice(
     concurrency: int,
     seconds: float,
     latencies: list[float] | None = None,
+    errors: Counter[str] | None = None,
 ) -> int:
     """Calls answered by ``concurrency`` callers in a loop for ``seconds``; each call's
-    latency goes to ``latencies`` when given."""
+    latency goes to ``latencies`` when given, and each failed call's status to ``errors``
+    (without ``errors`` a failure ends the run)."""
     done = 0
     stop = time.perf_counter() + seconds
     clock = time.perf_counter
@@ -255,7 +266,13 @@ async def _unary_slice(
     async def worker() -> None:
         nonlocal done
         while (started := clock()) < stop:
-            await call()  # type: ignore[misc]
+            try:
+                await call()  # type: ignore[misc]
+            except grpc.RpcError as exc:
+                if errors is None:
+                    raise
+                errors[exc.code().name] += 1  # type: ignore[attr-defined]
+                continue
             if latencies is not None:
                 latencies.append(clock() - started)
             done += 1
@@ -321,6 +338,8 @@ class Load:
     seconds: float = 0.0
     cpu: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    """Failed calls by status code (not counted in ``calls``)."""
 
     @property
     def rps(self) -> float:
@@ -343,11 +362,12 @@ class Load:
 
 @dataclass
 class Target:
-    """A load to put on one server process: ``run(seconds, latencies) -> calls``."""
+    """A load to put on one server process: ``run(concurrency, seconds, load) -> calls``,
+    adding each call's latency and failure to ``load``."""
 
     label: str
     pid: int
-    run: Callable[[int, float, list[float]], Awaitable[int]]
+    run: Callable[[int, float, Load], Awaitable[int]]
 
 
 async def measure(
@@ -361,12 +381,12 @@ async def measure(
     loads = {(t.label, level): Load() for t in targets for level in levels}
     for level in levels:
         for target in targets:  # warm-up: connections, the first calls' allocations
-            await target.run(level, 0.1, [])
+            await target.run(level, 0.1, Load())
         for _ in range(max(1, round(seconds / slice_seconds))):
             for target in targets:
                 load = loads[(target.label, level)]
                 cpu, started = cpu_seconds(target.pid), time.perf_counter()
-                load.calls += await target.run(level, slice_seconds, load.latencies)
+                load.calls += await target.run(level, slice_seconds, load)
                 load.seconds += time.perf_counter() - started
                 load.cpu += cpu_seconds(target.pid) - cpu
     return loads
@@ -394,6 +414,7 @@ def report(
                 f"{p50 / base.percentile(0.5):>9.2f}x{load.rps:>8.0f}"
                 f"{load.rps / base.rps:>9.0%}{load.cpu_us:>12.0f}"
                 f"{load.cpu_us / base.cpu_us:>6.2f}x{load.per_core_second:>13.0f}"
+                + (f"  errors: {dict(load.errors)}" if load.errors else "")
             )
 
 
@@ -426,17 +447,21 @@ def over_grpc(
                     Target(
                         "bare grpc.aio echo (floor)",
                         echo.proc.pid,
-                        lambda c, s, out: _unary_slice(lambda: echo_call(payload), c, s, out),
+                        lambda c, s, load: _unary_slice(
+                            lambda: echo_call(payload), c, s, load.latencies, load.errors
+                        ),
                     ),
                     Target(
                         "xylen Predict (unary)",
                         xylen.proc.pid,
-                        lambda c, s, out: _unary_slice(lambda: stub.Predict(request), c, s, out),
+                        lambda c, s, load: _unary_slice(
+                            lambda: stub.Predict(request), c, s, load.latencies, load.errors
+                        ),
                     ),
                     Target(
                         "xylen PredictStream",
                         xylen.proc.pid,
-                        lambda c, s, out: _stream_slice(stub, request, c, s, out),
+                        lambda c, s, load: _stream_slice(stub, request, c, s, load.latencies),
                     ),
                 ]
                 return await measure(targets, LEVELS, seconds)

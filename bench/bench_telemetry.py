@@ -127,8 +127,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                             Target(
                                 name,
                                 servers[name][0].proc.pid,
-                                lambda c, s, out, stub=stub: _unary_slice(
-                                    lambda: stub.Predict(request), c, s, out
+                                lambda c, s, load, stub=stub: _unary_slice(
+                                    lambda: stub.Predict(request), c, s, load.latencies, load.errors
                                 ),
                             )
                         )
