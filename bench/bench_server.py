@@ -3,10 +3,18 @@
 * in process: LightGBM ``Booster.predict``, LightGBM's single-row fast API and an ONNX Runtime
   session, at batch 1 and 1024;
 * over gRPC on loopback: a bare grpc.aio echo of the same request bytes (the floor), then
-  xylen Predict (unary) and PredictStream: p50/p99 at batch 1 and throughput at 1, 8, 32 in flight.
+  xylen Predict (unary) and PredictStream at batch 1, at 1, 8, 32 and 64 calls in flight, in
+  alternating short slices: p50/p99, requests/s, and the server's CPU per call (the server
+  process's user + system CPU time over its slices / the calls answered, every thread counted)
+  with calls per core-second, each against the echo's at the same concurrency. CPU per call
+  does not depend on how busy the machine is the way latency does.
 
-The model is what production serves: LightGBM, 500 trees x 31 leaves, on the 25 shared features
-of generated 1h candles. ``python -m bench.bench_server [--seconds S]``.
+Every xylen server starts through :func:`start_server` (one environment in, a SERVING process
+out), so a variant is one more environment. The model is what production serves: LightGBM, 500
+trees x 31 leaves, on the 25 shared features of generated 1h candles. ``python -m
+bench.bench_server [--seconds S] [--source TREE] [--skip-in-process]``: about a minute and a
+half on a quiet 2-core machine (model 3 s, in-process 30 s, over gRPC 45 s); ``--source``
+measures another checkout's ``xylen_server`` (e.g. main, for a before/after).
 """
 
 from __future__ import annotations
@@ -14,12 +22,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import queue
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -157,16 +166,29 @@ class Process:
             raise RuntimeError(f"{command} did not start: {line}{self.log.read()}")
         self.port = int(line.rsplit(" ", 1)[1])
 
+    @property
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process (all its threads) has used so far."""
+        return cpu_seconds(self.proc.pid)
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
 
 
-def start_xylen(
-    model_root: Path, extra: dict[str, str] | None = None, source: Path = REPO
-) -> Process:
-    """A xylen server process; ``source`` is the tree whose ``xylen_server`` it runs."""
-    env = dict(
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (every thread), from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def xylen_env(model_root: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a bench xylen server serving ``model_root/model_1``."""
+    return dict(
         os.environ,
         MODEL_PATH=str(model_root),
         MODEL_NAME="model_1",
@@ -176,7 +198,13 @@ def start_xylen(
         LOG_LEVEL="WARNING",
         **(extra or {}),
     )
-    server = Process([sys.executable, "-m", "xylen_server"], env, "listening on port", source)
+
+
+def start_server(env: Mapping[str, str], source: Path = REPO) -> Process:
+    """A xylen server process started with exactly ``env``, once it reports SERVING;
+    ``source`` is the tree whose ``xylen_server`` it runs. Every server the bench measures
+    starts here (so a variant, e.g. with ``WORKERS=N``, is one more ``env``)."""
+    server = Process([sys.executable, "-m", "xylen_server"], dict(env), "listening on port", source)
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -189,7 +217,15 @@ def start_xylen(
             except grpc.RpcError:
                 pass
             time.sleep(0.05)
+    server.stop()
     raise RuntimeError("xylen server did not become SERVING")
+
+
+def start_xylen(
+    model_root: Path, extra: dict[str, str] | None = None, source: Path = REPO
+) -> Process:
+    """A xylen server process; ``source`` is the tree whose ``xylen_server`` it runs."""
+    return start_server(xylen_env(model_root, extra), source)
 
 
 def _interleaved_latency(
@@ -213,14 +249,32 @@ def _interleaved_latency(
     return out
 
 
-async def _unary_slice(call: Callable[[], object], concurrency: int, seconds: float) -> int:
+async def _unary_slice(
+    call: Callable[[], object],
+    concurrency: int,
+    seconds: float,
+    latencies: list[float] | None = None,
+    errors: Counter[str] | None = None,
+) -> int:
+    """Calls answered by ``concurrency`` callers in a loop for ``seconds``; each call's
+    latency goes to ``latencies`` when given, and each failed call's status to ``errors``
+    (without ``errors`` a failure ends the run)."""
     done = 0
     stop = time.perf_counter() + seconds
+    clock = time.perf_counter
 
     async def worker() -> None:
         nonlocal done
-        while time.perf_counter() < stop:
-            await call()  # type: ignore[misc]
+        while (started := clock()) < stop:
+            try:
+                await call()  # type: ignore[misc]
+            except grpc.RpcError as exc:
+                if errors is None:
+                    raise
+                errors[exc.code().name] += 1  # type: ignore[attr-defined]
+                continue
+            if latencies is not None:
+                latencies.append(clock() - started)
             done += 1
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -228,22 +282,36 @@ async def _unary_slice(call: Callable[[], object], concurrency: int, seconds: fl
 
 
 async def _stream_slice(
-    stub: pb_grpc.ModelServiceStub, request: pb.PredictRequest, concurrency: int, seconds: float
+    stub: pb_grpc.ModelServiceStub,
+    request: pb.PredictRequest,
+    concurrency: int,
+    seconds: float,
+    latencies: list[float] | None = None,
 ) -> int:
     """``concurrency`` items kept in flight on one PredictStream for ``seconds``."""
     call = stub.PredictStream()
     done = sent = 0
-    stop = time.perf_counter() + seconds
-    for _ in range(concurrency):
-        await call.write(pb.PredictStreamRequest(request_id=str(sent), request=request))
+    clock = time.perf_counter
+    stop = clock() + seconds
+    sent_at: dict[str, float] = {}
+
+    async def send() -> None:
+        nonlocal sent
+        key = str(sent)
+        sent_at[key] = clock()
+        await call.write(pb.PredictStreamRequest(request_id=key, request=request))
         sent += 1
+
+    for _ in range(concurrency):
+        await send()
     while done < sent:
         answer = await call.read()
         assert answer.status.code == 0, answer.status
+        if latencies is not None:
+            latencies.append(clock() - sent_at.pop(answer.request_id))
         done += 1
-        if time.perf_counter() < stop:
-            await call.write(pb.PredictStreamRequest(request_id=str(sent), request=request))
-            sent += 1
+        if clock() < stop:
+            await send()
     await call.done_writing()
     return done
 
@@ -262,79 +330,146 @@ async def _interleaved_throughput(
     return {name: counts[name] / elapsed[name] for name in slices}
 
 
-def over_grpc(model_root: Path, rows: np.ndarray, seconds: float) -> None:
+@dataclass
+class Load:
+    """One target at one concurrency: calls, wall time, server CPU time, call latencies."""
+
+    calls: int = 0
+    seconds: float = 0.0
+    cpu: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    """Failed calls by status code (not counted in ``calls``)."""
+
+    @property
+    def rps(self) -> float:
+        return self.calls / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_us(self) -> float:
+        """Server CPU (process CPU time, every thread) per call, microseconds."""
+        return self.cpu / self.calls * 1e6 if self.calls else 0.0
+
+    @property
+    def per_core_second(self) -> float:
+        """Calls per second of server CPU: what one core of this server answers."""
+        return self.calls / self.cpu if self.cpu else 0.0
+
+    def percentile(self, q: float) -> float:
+        values = sorted(self.latencies)
+        return values[min(len(values) - 1, int(len(values) * q))] * 1e6 if values else 0.0
+
+
+@dataclass
+class Target:
+    """A load to put on one server process: ``run(concurrency, seconds, load) -> calls``,
+    adding each call's latency and failure to ``load``."""
+
+    label: str
+    pid: int
+    run: Callable[[int, float, Load], Awaitable[int]]
+
+
+async def measure(
+    targets: Sequence[Target],
+    levels: Sequence[int],
+    seconds: float,
+    slice_seconds: float = 0.25,
+) -> dict[tuple[str, int], Load]:
+    """Every target at every concurrency level, in alternating short slices (so machine
+    noise hits all alike), with each server's CPU time read around its own slices."""
+    loads = {(t.label, level): Load() for t in targets for level in levels}
+    for level in levels:
+        for target in targets:  # warm-up: connections, the first calls' allocations
+            await target.run(level, 0.1, Load())
+        for _ in range(max(1, round(seconds / slice_seconds))):
+            for target in targets:
+                load = loads[(target.label, level)]
+                cpu, started = cpu_seconds(target.pid), time.perf_counter()
+                load.calls += await target.run(level, slice_seconds, load)
+                load.seconds += time.perf_counter() - started
+                load.cpu += cpu_seconds(target.pid) - cpu
+    return loads
+
+
+LEVELS = (1, 8, 32, 64)
+
+
+def report(
+    loads: dict[tuple[str, int], Load], labels: Sequence[str], floor: str, levels: Sequence[int]
+) -> None:
+    """One line per target and concurrency: latency, throughput and server CPU per call, each
+    against ``floor``'s at the same concurrency."""
+    print(
+        f"  {'target':<28}{'in flight':>9}{'p50 us':>9}{'p99 us':>9}{'p50/floor':>10}"
+        f"{'req/s':>8}{'of floor':>9}{'CPU us/call':>12}{'/floor':>7}{'calls/core-s':>13}"
+    )
+    for level in levels:
+        base = loads[(floor, level)]
+        for label in labels:
+            load = loads[(label, level)]
+            p50 = load.percentile(0.5)
+            print(
+                f"  {label:<28}{level:>9}{p50:>9.0f}{load.percentile(0.99):>9.0f}"
+                f"{p50 / base.percentile(0.5):>9.2f}x{load.rps:>8.0f}"
+                f"{load.rps / base.rps:>9.0%}{load.cpu_us:>12.0f}"
+                f"{load.cpu_us / base.cpu_us:>6.2f}x{load.per_core_second:>13.0f}"
+                + (f"  errors: {dict(load.errors)}" if load.errors else "")
+            )
+
+
+def over_grpc(
+    model_root: Path, rows: np.ndarray, seconds: float, source: Path = REPO
+) -> dict[tuple[str, int], Load]:
     request = pb.PredictRequest(
         inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=rows[0].tolist()))]
     )
     payload = request.SerializeToString()
     echo = Process([sys.executable, "-m", "bench.echo_server"], dict(os.environ), "echo listening")
-    xylen = start_xylen(model_root)
-    echo_address, xylen_address = f"127.0.0.1:{echo.port}", f"127.0.0.1:{xylen.port}"
+    xylen = start_server(xylen_env(model_root), source)
     try:
         print(
-            f"\n== over gRPC on loopback (grpcio {grpc.__version__}), batch 1, {len(payload)}-byte request,"
-            " targets measured in turn =="
+            f"\n== over gRPC on loopback (grpcio {grpc.__version__}), batch 1, "
+            f"{len(payload)}-byte request, asyncio client, targets measured in turn "
+            f"({seconds:.0f}s each per level) =="
         )
-        with grpc.insecure_channel(echo_address) as ec, grpc.insecure_channel(xylen_address) as xc:
-            echo_call = ec.unary_unary("/bench.Echo/Echo")
-            stub = pb_grpc.ModelServiceStub(xc)
-            outbox: queue.Queue[pb.PredictStreamRequest | None] = queue.Queue()
-            responses = stub.PredictStream(iter(outbox.get, None))
 
-            def ping() -> None:  # one item in flight on a long-lived stream
-                outbox.put(pb.PredictStreamRequest(request_id="x", request=request))
-                next(responses)
-
-            latency = _interleaved_latency(
-                {
-                    "echo": lambda: echo_call(payload),
-                    "unary": lambda: stub.Predict(request),
-                    "stream": ping,
-                },
-                seconds,
-            )
-            outbox.put(None)
-        floor = latency["echo"][0]
-        for key, label in (
-            ("echo", "bare grpc.aio echo (floor)"),
-            ("unary", "xylen Predict (unary)"),
-            ("stream", "xylen PredictStream (1 item)"),
-        ):
-            p50, p99 = latency[key]
-            print(
-                f"  {label:<30} p50 {p50:7.0f} us   p99 {p99:7.0f} us   p50 = {p50 / floor:.2f}x floor"
-            )
-
-        async def throughputs() -> None:
+        async def run() -> dict[tuple[str, int], Load]:
             async with (
-                grpc.aio.insecure_channel(echo_address) as ec,
-                grpc.aio.insecure_channel(xylen_address) as xc,
+                grpc.aio.insecure_channel(f"127.0.0.1:{echo.port}") as ec,
+                grpc.aio.insecure_channel(f"127.0.0.1:{xylen.port}") as xc,
             ):
                 echo_call = ec.unary_unary("/bench.Echo/Echo")
                 stub = pb_grpc.ModelServiceStub(xc)
-                print(
-                    "  throughput, requests/s (one client process, one HTTP/2 connection per target):"
-                )
-                for concurrency in (1, 8, 32):
-                    rps = await _interleaved_throughput(
-                        {
-                            "echo": lambda s, c=concurrency: _unary_slice(
-                                lambda: echo_call(payload), c, s
-                            ),
-                            "unary": lambda s, c=concurrency: _unary_slice(
-                                lambda: stub.Predict(request), c, s
-                            ),
-                            "stream": lambda s, c=concurrency: _stream_slice(stub, request, c, s),
-                        },
-                        seconds,
-                    )
-                    print(
-                        f"    concurrency {concurrency:>2}: echo {rps['echo']:6.0f}   Predict {rps['unary']:6.0f}"
-                        f" ({rps['unary'] / rps['echo']:.0%} of floor)   PredictStream {rps['stream']:6.0f}"
-                        f" ({rps['stream'] / rps['echo']:.0%} of floor)"
-                    )
+                answer = await stub.Predict(request)
+                assert len(answer.predictions) == 1
+                targets = [
+                    Target(
+                        "bare grpc.aio echo (floor)",
+                        echo.proc.pid,
+                        lambda c, s, load: _unary_slice(
+                            lambda: echo_call(payload), c, s, load.latencies, load.errors
+                        ),
+                    ),
+                    Target(
+                        "xylen Predict (unary)",
+                        xylen.proc.pid,
+                        lambda c, s, load: _unary_slice(
+                            lambda: stub.Predict(request), c, s, load.latencies, load.errors
+                        ),
+                    ),
+                    Target(
+                        "xylen PredictStream",
+                        xylen.proc.pid,
+                        lambda c, s, load: _stream_slice(stub, request, c, s, load.latencies),
+                    ),
+                ]
+                return await measure(targets, LEVELS, seconds)
 
-        asyncio.run(throughputs())
+        loads = asyncio.run(run())
+        labels = ["bare grpc.aio echo (floor)", "xylen Predict (unary)", "xylen PredictStream"]
+        report(loads, labels, labels[0], LEVELS)
+        return loads
     finally:
         echo.stop()
         xylen.stop()
@@ -343,6 +478,10 @@ def over_grpc(model_root: Path, rows: np.ndarray, seconds: float) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench.bench_server")
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument(
+        "--source", type=Path, default=REPO, help="the tree whose xylen_server to measure"
+    )
+    parser.add_argument("--skip-in-process", action="store_true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="xylen-bench-") as tmp:
         root = Path(tmp)
@@ -352,8 +491,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"model: 500 trees x 31 leaves, 25 features, built in {time.perf_counter() - started:.1f}s; "
             f"cores: {os.cpu_count()}"
         )
-        in_process(model_dir, rows, args.seconds)
-        over_grpc(root, rows, args.seconds)
+        if not args.skip_in_process:
+            in_process(model_dir, rows, args.seconds)
+        over_grpc(root, rows, args.seconds, args.source)
         print("  (shared, noisy machine: compare the ratios, measured in turn, not the absolutes)")
 
 

@@ -1,9 +1,12 @@
-"""What observability costs: Predict p50/p99 at batch 1 and throughput at 32 calls in flight,
-side by side on three server processes serving the same model, called in turn:
+"""What observability costs: Predict p50/p99 at batch 1 with 1 and 32 calls in flight,
+throughput at 32 and server CPU per call, side by side on four server processes serving the
+same model, called in turn (short alternating slices):
 
-* metrics off (``METRICS_ENABLED=false``: no metrics interceptor timing, no metrics port);
-* metrics on (the default: the interceptor, the OpenTelemetry instruments, ``/metrics`` served);
-* metrics and tracing on (``OTEL_TRACES_EXPORTER=otlp`` to a loopback port where nothing
+* metrics off (``METRICS_ENABLED=false``: no metrics instruments, no metrics port);
+* metrics on (the default: counts, the latency histogram, ``/metrics`` served), tracing off;
+* no trace hooks (metrics on, ``TRACE_HOOKS=false``: Predict built without the one flag read
+  that tracing off costs), the baseline of "tracing off costs nothing";
+* tracing on (metrics on, ``OTEL_TRACES_EXPORTER=otlp`` to a loopback port where nothing
   listens: every call records its server span and its featurise, inference and log spans into
   the batch processor, whose exports fail and are dropped; a real collector adds its network
   cost on the exporter's thread).
@@ -18,22 +21,23 @@ import argparse
 import asyncio
 import os
 import socket
-import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.bench_server import (
+    Load,
     Process,
-    _interleaved_latency,
-    _interleaved_throughput,
+    Target,
     _unary_slice,
     build_model,
+    measure,
+    report,
+    start_server,
 )
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
@@ -61,36 +65,38 @@ def _start(model_root: Path, name: str, extra: dict[str, str]) -> tuple[Process,
     if "OTEL_TRACES_EXPORTER" not in extra:  # tracing only where the target asks for it
         for key in [k for k in env if k.startswith("OTEL_")]:
             del env[key]
-    server = Process([sys.executable, "-m", "xylen_server"], env, "listening on port")
+    server = start_server(env)
     metrics_port = 0
     if extra.get("METRICS_ENABLED") != "false":
         assert server.proc.stdout is not None
         metrics_port = int(server.proc.stdout.readline().rsplit(" ", 1)[1])
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return server, metrics_port
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    server.stop()
-    raise RuntimeError("xylen server did not become SERVING")
+    return server, metrics_port
+
+
+TARGETS = {
+    "metrics off": {"METRICS_ENABLED": "false"},
+    "metrics on": {},
+    "no trace hooks": {"TRACE_HOOKS": "false"},
+    "tracing on": {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": ""},
+}
+"""The servers, all with metrics on but the first; "metrics on" is also "tracing off"."""
+
+RATIOS = (
+    ("metrics on / metrics off", "metrics on", "metrics off"),
+    ("tracing off / no trace hooks", "metrics on", "no trace hooks"),
+    ("tracing on / tracing off", "tracing on", "metrics on"),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="per target and measurement")
+    parser.add_argument("--seconds", type=float, default=4.0, help="per target and level")
     parser.add_argument("--trees", type=int, default=500)
     args = parser.parse_args(argv)
     dead = f"http://127.0.0.1:{_free_port()}"
-    targets = {
-        "metrics off": {"METRICS_ENABLED": "false"},
-        "metrics on": {},
-        "metrics+tracing": {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": dead},
-    }
+    targets = {name: dict(extra) for name, extra in TARGETS.items()}
+    targets["tracing on"]["OTEL_EXPORTER_OTLP_ENDPOINT"] = dead
+    levels = (1, 32)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir, rows = build_model(root / "models", args.trees)
@@ -98,51 +104,53 @@ def main(argv: Sequence[str] | None = None) -> None:
             inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=rows[0].tolist()))]
         )
         servers: dict[str, tuple[Process, int]] = {}
-        channels: list[grpc.Channel] = []
         try:
-            calls: dict[str, Callable[[], object]] = {}
             for name, extra in targets.items():
                 servers[name] = _start(model_dir.parent, name.replace(" ", "-"), extra)
-                channel = grpc.insecure_channel(f"127.0.0.1:{servers[name][0].port}")
-                channels.append(channel)
-                stub = pb_grpc.ModelServiceStub(channel)
-                stub.Predict(request, timeout=10)
-                calls[name] = lambda stub=stub: stub.Predict(request)
             print(
-                f"\n== observability cost: Predict, batch 1, {args.trees}-tree LightGBM, three "
-                f"servers called in turn (grpcio {grpc.__version__}) =="
+                f"\n== observability cost: Predict, batch 1, {args.trees}-tree LightGBM, "
+                f"{len(servers)} servers called in turn, {args.seconds:.0f}s each per level "
+                f"(grpcio {grpc.__version__}) =="
             )
-            latency = _interleaved_latency(calls, args.seconds)
-            floor_p50, floor_p99 = latency["metrics off"]
-            for name, (p50, p99) in latency.items():
-                print(
-                    f"  {name:<16}: p50 {p50:7.0f} us  p99 {p99:7.0f} us  "
-                    f"({p50 / floor_p50:.3f}x / {p99 / floor_p99:.3f}x metrics off)"
-                )
 
-            async def throughput() -> dict[str, float]:
-                aio_channels = [
-                    grpc.aio.insecure_channel(f"127.0.0.1:{servers[name][0].port}")
-                    for name in targets
-                ]
+            async def run() -> dict[tuple[str, int], Load]:
+                channels = {
+                    name: grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+                    for name, (server, _) in servers.items()
+                }
                 try:
-                    slices: dict[str, Callable[[float], object]] = {}
-                    for name, channel in zip(targets, aio_channels, strict=True):
+                    loads: list[Target] = []
+                    for name, channel in channels.items():
                         stub = pb_grpc.ModelServiceStub(channel)
                         await stub.Predict(request)
-                        slices[name] = lambda s, stub=stub: _unary_slice(
-                            lambda: stub.Predict(request), 32, s
+                        loads.append(
+                            Target(
+                                name,
+                                servers[name][0].proc.pid,
+                                lambda c, s, load, stub=stub: _unary_slice(
+                                    lambda: stub.Predict(request), c, s, load.latencies, load.errors
+                                ),
+                            )
                         )
-                    return await _interleaved_throughput(slices, args.seconds)
+                    return await measure(loads, levels, args.seconds)
                 finally:
-                    for channel in aio_channels:
+                    for channel in channels.values():
                         await channel.close()
 
-            rps = asyncio.run(throughput())
-            floor = rps["metrics off"]
-            print("  throughput at 32 in flight (one HTTP/2 connection per server):")
-            for name, value in rps.items():
-                print(f"    {name:<16}: {value:6.0f} req/s ({value / floor:.3f}x metrics off)")
+            loads = asyncio.run(run())
+            report(loads, list(servers), "metrics off", levels)
+            print("  ratios (1.00 = no cost; p50/p99 at 1 and 32 in flight, req/s at 32):")
+            for label, a, b in RATIOS:
+                parts = []
+                for level in levels:
+                    x, y = loads[(a, level)], loads[(b, level)]
+                    parts.append(
+                        f"@{level}: p50 {x.percentile(0.5) / y.percentile(0.5):.3f}x "
+                        f"p99 {x.percentile(0.99) / y.percentile(0.99):.3f}x "
+                        f"CPU/call {x.cpu_us / y.cpu_us:.3f}x"
+                    )
+                x, y = loads[(a, 32)], loads[(b, 32)]
+                print(f"    {label:<30} req/s@32 {x.rps / y.rps:.3f}x  " + "  ".join(parts))
 
             port = servers["metrics on"][1]
             scrapes = []
@@ -158,8 +166,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"({lines} lines)"
             )
         finally:
-            for channel in channels:
-                channel.close()
             for server, _ in servers.values():
                 server.stop()
 

@@ -87,23 +87,24 @@ INFERENCE_READ_METHODS = frozenset(
 """The Open Inference Protocol's RPCs that say something about the model or run it: read, like
 Predict; its ServerLive and ServerReady stay open, like grpc.health.v1."""
 
-_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("xylen_caller", default=ANONYMOUS)
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("xylen_caller", default=ANONYMOUS)
+"""Who makes the call being handled; set by the interceptor that checked the credentials."""
 
 
 def caller() -> str:
     """Who makes the admin call being handled (``token:admin``, ``mtls:<name>``, anonymous)."""
-    return _CALLER.get()
+    return CALLER.get()
 
 
 def acting_as(source: str) -> contextvars.Token[str]:
     """Handle the rest of this call as made by ``source``: a call another worker of the same
     server forwarded after its own credentials check (``xylen_server.server``). Undo with
-    ``_CALLER.reset`` through :func:`stop_acting`."""
-    return _CALLER.set(source)
+    ``CALLER.reset`` through :func:`stop_acting`."""
+    return CALLER.set(source)
 
 
 def stop_acting(token: contextvars.Token[str]) -> None:
-    _CALLER.reset(token)
+    CALLER.reset(token)
 
 
 def is_trusted(source: str | None) -> bool:
@@ -308,36 +309,42 @@ class AuthInterceptor(HandlerInterceptor):
             "client certificate"
         )
 
+    def guards(self, kind: str) -> bool:
+        """Whether calls of ``kind`` (:func:`method_kind`) have credentials to check."""
+        return not (kind == "open" or (kind == "read" and not self.security.predict_token))
+
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         kind = method_kind(method)
-        if kind == "open" or (kind == "read" and not self.security.predict_token):
+        if not self.guards(kind):
             return handler  # nothing to check: no cost on the hot path
-        check = self._checker(method, kind)
+        check = self.checker(method, kind)
 
         def unary(behavior: Any) -> Any:
             async def guarded(request: Any, context: Any) -> Any:
-                reset = _CALLER.set(check(context))
+                reset = CALLER.set(check(context))
                 try:
                     return await behavior(request, context)
                 finally:
-                    _CALLER.reset(reset)
+                    CALLER.reset(reset)
 
             return guarded
 
         def streaming(behavior: Any) -> Any:
             async def guarded(request: Any, context: Any) -> Any:
-                reset = _CALLER.set(check(context))
+                reset = CALLER.set(check(context))
                 try:
                     async for response in behavior(request, context):
                         yield response
                 finally:
-                    _CALLER.reset(reset)
+                    CALLER.reset(reset)
 
             return guarded
 
         return wrap_behaviors(handler, unary, streaming)
 
-    def _checker(self, method: str, kind: str) -> Callable[[Any], str]:
+    def checker(self, method: str, kind: str) -> Callable[[Any], str]:
+        """The check of one method's calls: the caller's identity, or the refusal (logged)."""
+
         def check(context: Any) -> str:
             try:
                 return self.authenticate(kind, context)

@@ -196,7 +196,7 @@ OK_ITEM_STATUS = types_pb2.ItemStatus(code=code_pb2.OK)
 
 _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 # Raised by context.abort(): the call already has its status; let it through.
-_PASS_THROUGH = (grpc.aio.AbortError, asyncio.CancelledError)
+PASS_THROUGH = (grpc.aio.AbortError, asyncio.CancelledError)
 
 
 #: The ErrorInfo reason of the call being answered, for the metrics interceptor that wraps this
@@ -206,11 +206,12 @@ error_reason: ContextVar[str] = ContextVar("xylen_error_reason", default="")
 
 async def _abort(context: _Context, exc: Exception) -> None:
     status = to_rpc_status(exc)
-    error_reason.set(_classify_reason(exc))
+    error_reason.set(reason_of(exc))
     await context.abort_with_status(rpc_status.to_status(status))  # type: ignore[attr-defined]
 
 
-def _classify_reason(exc: BaseException) -> str:
+def reason_of(exc: BaseException) -> str:
+    """The ErrorInfo reason ``exc`` is answered with."""
     return exc.reason if isinstance(exc, XylenError) else "INTERNAL"
 
 
@@ -218,7 +219,7 @@ def _wrap_unary(behavior: Callable[[Any, _Context], Awaitable[Any]]) -> Any:
     async def handler(request: Any, context: _Context) -> Any:
         try:
             return await behavior(request, context)
-        except _PASS_THROUGH:
+        except PASS_THROUGH:
             raise
         except Exception as exc:
             await _abort(context, exc)
@@ -231,7 +232,7 @@ def _wrap_stream(behavior: Callable[[Any, _Context], AsyncIterator[Any]]) -> Any
         try:
             async for response in behavior(request, context):
                 yield response
-        except _PASS_THROUGH:
+        except PASS_THROUGH:
             raise
         except Exception as exc:
             await _abort(context, exc)

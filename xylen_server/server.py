@@ -43,7 +43,7 @@ from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_server import auth
 from xylen_server.api import inference_v2
 from xylen_server.api.admission import AdmissionInterceptor
-from xylen_server.api.interceptors import MetricsInterceptor
+from xylen_server.api.interceptors import CallInterceptor
 from xylen_server.api.metrics import Recorder
 from xylen_server.api.servicer import ModelServicer
 from xylen_server.api.telemetry import ServerTelemetry
@@ -187,12 +187,9 @@ async def build_server(
     # credentials are checked, and admission (decoding, shedding, limits) runs before any
     # handler.
     interceptors: list[grpc.aio.ServerInterceptor] = [
-        MetricsInterceptor(recorder),
-        ErrorStatusInterceptor(),
-        AuthInterceptor(security),
-        admission,
+        CallInterceptor(recorder, AuthInterceptor(security), admission)
     ]
-    if tracing_enabled():
+    if tracing_enabled() and settings.trace_hooks:
         interceptors.insert(0, server_tracing_interceptor())
     worker = settings.worker_index >= 0 and settings.worker_run_dir is not None
     server = grpc.aio.server(

@@ -95,6 +95,10 @@ class Settings:
     fleet serves gRPC on 800N and metrics on 900N (README, Metrics)."""
     metrics_enabled: bool = env("METRICS_ENABLED", True)
     """Record metrics and serve the metrics port; false turns both off (benchmarks compare)."""
+    trace_hooks: bool = env("TRACE_HOOKS", True)
+    """Build the server with its trace hooks (the one flag read per Predict that opens spans
+    when ``OTEL_*`` turns tracing on); false builds Predict without any, and ignores tracing:
+    ``make bench`` measures tracing off against it."""
     pool_size: int = env("SESSION_POOL_SIZE", 2, minimum=1)
     """Inference sessions (and worker threads) in the pool."""
     session_threads: int = env("SESSION_THREADS", 1, minimum=1)

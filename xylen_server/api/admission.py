@@ -49,7 +49,7 @@ from xylen_server.settings import Settings
 UNQUEUED = frozenset({"/grpc.health.v1.Health/Check"})
 
 
-class _Sized:
+class Sized:
     """A decoded request and the size of its bytes (for the bytes-in-flight budget)."""
 
     __slots__ = ("message", "size")
@@ -114,11 +114,11 @@ class AdmissionInterceptor(HandlerInterceptor):
                 if not queued:
                     return await behavior(message, context)
                 check_request(message, self.settings)
-                await self._acquire(size, context)
+                await self.acquire(size, context)
                 try:
                     return await behavior(message, context)
                 finally:
-                    self._release(size)
+                    self.release(size)
 
             return admitted
 
@@ -154,8 +154,15 @@ class AdmissionInterceptor(HandlerInterceptor):
 
             return admitted
 
-        wrapped = wrap_behaviors(handler, coroutine, streaming)
-        return _with_deserializer(wrapped, tolerant(de, _Sized))
+        return self.tolerant_handler(wrap_behaviors(handler, coroutine, streaming), de)
+
+    def tolerant_handler(
+        self, handler: grpc.RpcMethodHandler, deserializer: Callable[[bytes], Any]
+    ) -> grpc.RpcMethodHandler:
+        """``handler`` reading its requests with ``deserializer`` made tolerant: each request
+        arrives as :class:`Sized` (the message and its size) or
+        :class:`~xylen_server.decoding.Undecodable`, never as an exception."""
+        return _with_deserializer(handler, tolerant(deserializer, Sized))
 
     # -- streams --------------------------------------------------------------------------------
 
@@ -173,7 +180,7 @@ class AdmissionInterceptor(HandlerInterceptor):
 
     def _unwrap(self, request: Any) -> Any:
         """A unary request's message, or a request stream yielding decoded messages."""
-        if isinstance(request, _Sized):
+        if isinstance(request, Sized):
             check_request(request.message, self.settings)
             return request.message
         return self._messages(request)
@@ -206,7 +213,7 @@ class AdmissionInterceptor(HandlerInterceptor):
 
     # -- unary admission ------------------------------------------------------------------------
 
-    async def _acquire(self, size: int, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def acquire(self, size: int, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """A running slot for one call and its ``size`` bytes, or an error at once."""
         settings = self.settings
         remaining = context.time_remaining()
@@ -248,7 +255,7 @@ class AdmissionInterceptor(HandlerInterceptor):
         except BaseException as exc:
             self.inflight_bytes -= size
             if waiter.done() and not waiter.cancelled():
-                self._release(0)  # the slot was handed over just now: pass it on
+                self.release(0)  # the slot was handed over just now: pass it on
             else:
                 waiter.cancel()
                 self._waiting.remove(waiter)
@@ -263,10 +270,10 @@ class AdmissionInterceptor(HandlerInterceptor):
             raise
         if context.cancelled():
             self.recorder.event("cancelled")
-            self._release(size)
+            self.release(size)
             raise asyncio.CancelledError
 
-    def _release(self, size: int) -> None:
+    def release(self, size: int) -> None:
         """Give the slot to the longest waiting call, or free it."""
         self.inflight_bytes -= size
         while self._waiting:

@@ -83,7 +83,9 @@ class ServerTelemetry:
         self.retrainer = retrainer
         self.serving = serving
         meter = self.meters.meter
-        recorder.instruments = RpcInstruments(meter, recorder, settings.model_name)
+        recorder.instruments = RpcInstruments(
+            meter, recorder, settings.model_name, self.meters.registry
+        )
         # Counted here in plain integers (the loop's thread only), read at scrape time.
         # Times are summed, not put in histograms: an SDK histogram record costs several
         # microseconds, and the RPC latency histogram already has the distribution.

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from opentelemetry import context as otel_context
 
 from training.calibration import apply as calibrate
 from xylen.v1 import model_service_pb2 as pb
@@ -41,9 +40,11 @@ from xylen_server.signals import signal_numbers
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Result:
-    """Probabilities for one batch and the model that computed them."""
+    """Probabilities for one batch and the model that computed them (built once per call with
+    positional fields; not frozen, since a frozen dataclass sets each field through
+    ``object.__setattr__``, and nothing changes a Result after it is returned)."""
 
     model: LoadedModel
     probabilities: np.ndarray
@@ -250,17 +251,22 @@ class Predictor:
             and all(item.HasField("features") for item in inputs)
         )
 
-    async def predict(self, request: pb.PredictRequest, deadline: float | None = None) -> Result:
+    async def predict(
+        self, request: pb.PredictRequest, deadline: float | None = None, parent: Any = None
+    ) -> Result:
         """Answer one Predict request on the served model, off the event loop. Work whose
         ``deadline`` (``time.monotonic``) has passed is dropped before the thread hop and
-        again before inference (DEADLINE_EXCEEDED)."""
+        again before inference (DEADLINE_EXCEEDED). ``parent`` is the trace context to open
+        the featurise, inference and log spans under (None: no spans; the caller reads the
+        one tracing flag, so a server built without trace hooks reads none)."""
         served = self._served
         if served is None:
             raise Unavailable("the model is still loading; retry shortly", reason="MODEL_LOADING")
         model = served.model
-        check_model_name(request.model_name, model.meta.name)
-        self._drop_if_expired(deadline)
-        parent = otel_context.get_current() if telemetry.tracing_enabled() else None
+        if request.model_name:
+            check_model_name(request.model_name, model.meta.name)
+        if deadline is not None:
+            self._drop_if_expired(deadline)
         on_loop = self._fits_the_loop(model, request)
         if on_loop:
             probabilities, rows, seconds, waited = self._run(
@@ -307,14 +313,19 @@ class Predictor:
         return result
 
     async def predict_within(
-        self, request: pb.PredictRequest, seconds: float, deadline: float | None = None
+        self,
+        request: pb.PredictRequest,
+        seconds: float,
+        deadline: float | None = None,
+        parent: Any = None,
     ) -> Result:
         """:meth:`predict` within ``seconds`` (0: no limit of its own); DEADLINE_EXCEEDED
-        (reason ITEM_DEADLINE_EXCEEDED) when it runs out. ``deadline`` as for :meth:`predict`."""
+        (reason ITEM_DEADLINE_EXCEEDED) when it runs out. ``deadline`` and ``parent`` as for
+        :meth:`predict`."""
         if seconds <= 0:
-            return await self.predict(request, deadline)
+            return await self.predict(request, deadline, parent)
         try:
-            return await asyncio.wait_for(self.predict(request, deadline), seconds)
+            return await asyncio.wait_for(self.predict(request, deadline, parent), seconds)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"the item exceeded its {seconds * 1000:.0f} ms timeout",
