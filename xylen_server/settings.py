@@ -153,6 +153,15 @@ class Settings:
     items held (read, not yet answered) at once; a call or item that would pass it is refused
     with RESOURCE_EXHAUSTED (BYTES_IN_FLIGHT). One alone is always admitted up to
     ``MAX_MESSAGE_BYTES``."""
+    unrequested_call_timeout_seconds: int = env(
+        "UNREQUESTED_CALL_TIMEOUT_SECONDS", 300, minimum=1, maximum=86_400
+    )
+    """Longest grpc's core holds an arrived call that the server's event loop has not taken up
+    yet (the loop is stalled: a loaded machine, a long pause). Beyond it grpc cancels the call
+    and the caller sees CANCELLED, a status it cannot act on, so the bound is set far beyond any
+    sane deadline (a call with a deadline ends DEADLINE_EXCEEDED first). Calls are not refused
+    by age: once the loop runs again every held call gets its answer, or RESOURCE_EXHAUSTED
+    beyond ``MAX_CONCURRENT_RPCS + MAX_QUEUED_RPCS + MAX_CONCURRENT_STREAMS``."""
     memory_trim_interval_seconds: float = env("MEMORY_TRIM_INTERVAL_SECONDS", 30.0, minimum=0.0)
     """Every this often the C allocator is asked to give freed memory back to the system
     (``malloc_trim``, glibc), so RSS comes back down after a burst of large requests; 0: never."""

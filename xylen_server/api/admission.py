@@ -17,9 +17,12 @@ interceptors, so its refusals get their status, ErrorInfo and count like any oth
   passed or that was cancelled while it waited is dropped before it runs (counters
   ``expired`` / ``cancelled``). grpc.health.v1 Check is never queued, so probes stay answered.
 - **Calls arriving.** grpc itself refuses a call beyond running + queued + streams
-  (:attr:`AdmissionInterceptor.call_limit`) the moment it arrives (RESOURCE_EXHAUSTED, no
-  ErrorInfo): calls accepted wait on the event loop before any handler sees them, and this
-  bound keeps that wait and its memory short.
+  (:attr:`AdmissionInterceptor.call_limit`) as the server's event loop takes it up
+  (RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!", no ErrorInfo), before any handler
+  runs: this bound keeps the calls waiting on the loop and their memory short. Calls that
+  arrive while the loop is stalled are held by grpc's core until it runs again, and are
+  not cancelled for their age short of ``UNREQUESTED_CALL_TIMEOUT_SECONDS``
+  (:attr:`AdmissionInterceptor.core_options`).
 - **Streams.** At most ``MAX_CONCURRENT_STREAMS`` streaming calls are open at once (reason
   TOO_MANY_STREAMS).
 - **Field limits.** :func:`xylen_server.api.limits.check_request` on every unary request.
@@ -85,14 +88,31 @@ class AdmissionInterceptor(HandlerInterceptor):
 
     @property
     def core_options(self) -> list[tuple[str, int]]:
-        """Bounds on the calls grpc's core holds before the server takes them up at all (when
-        the event loop is saturated, that is where calls wait): beyond ``call_limit`` waiting,
-        or beyond ``MAX_QUEUED_RPCS`` waiting for over a second, a new call is refused
-        RESOURCE_EXHAUSTED at once."""
+        """grpc core's bounds on the calls it holds before the server's event loop takes them
+        up (when the loop is stalled, that is where calls wait).
+
+        - ``grpc.server_max_unrequested_time_in_server``: a call held longer than
+          ``UNREQUESTED_CALL_TIMEOUT_SECONDS`` is cancelled by the core, and its caller sees
+          CANCELLED (the core cancels it; no status or ErrorInfo can be chosen). It was 1 s:
+          a loop stalled for a second on a loaded machine turned the calls that arrived
+          meanwhile into CANCELLED. Age is no load signal: once the loop runs again the held
+          calls are refused at once with RESOURCE_EXHAUSTED beyond :attr:`call_limit` (grpc's
+          own cap) or OVERLOADED beyond the queue (:meth:`_acquire`), and answered otherwise,
+          so the bound only stands far beyond any sane deadline.
+        - ``grpc.server.max_pending_requests`` (soft) and ``..._hard_limit``: grpc core's
+          random early refusal (RESOURCE_EXHAUSTED "Too many pending requests") of calls held
+          beyond them. grpc applies it only on its promise-based server path; on the
+          filter-stack path the Python server uses (grpc 1.76) no call is refused by it (200
+          calls held with a hard limit of 6: none refused), so :attr:`call_limit` and the
+          admission queue are what bound a flood. Kept for when grpc's path changes.
+        """
         return [
             ("grpc.server.max_pending_requests", max(1, self.settings.max_queued_rpcs)),
             ("grpc.server.max_pending_requests_hard_limit", self.call_limit),
-            ("grpc.server_max_unrequested_time_in_server", 1),
+            (
+                "grpc.server_max_unrequested_time_in_server",
+                self.settings.unrequested_call_timeout_seconds,
+            ),
         ]
 
     @property
