@@ -100,7 +100,8 @@ class Settings:
     when ``OTEL_*`` turns tracing on); false builds Predict without any, and ignores tracing:
     ``make bench`` measures tracing off against it."""
     pool_size: int = env("SESSION_POOL_SIZE", 2, minimum=1)
-    """Inference sessions (and worker threads) in the pool."""
+    """Worker threads of the session pool (they share one ONNX Runtime session per model:
+    :mod:`xylen_server.serving.session_pool`)."""
     session_threads: int = env("SESSION_THREADS", 1, minimum=1)
     """Intra-op threads per ONNX Runtime session; keep ``pool_size * session_threads`` at most
     the core count."""
