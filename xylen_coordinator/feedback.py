@@ -275,6 +275,9 @@ class Ledger:
                 )
             except XylenError:  # the outcome cannot say how the price moved: nothing to score
                 return
+            except ValueError:  # a fee the server reported outside [0, 1): not scorable
+                logger.warning("%s reported fee %r: its vote is not scored", name, fee)
+                continue
             self.adaptive.record(name, record.votes[name][1], bool(label))
 
     async def pending(self) -> int:

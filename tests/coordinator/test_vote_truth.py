@@ -242,3 +242,25 @@ def test_a_model_right_before_fees_but_wrong_after_them_is_not_rewarded(
     assert got["a"][2] < 1.0  # below its configured weight: not rewarded
     assert got["b"][0] == pytest.approx(0.01, abs=1e-9) and got["b"][1] == 1.0
     assert got["b"][2] == 5.0
+
+
+def test_a_fee_outside_0_1_reported_by_a_server_leaves_its_vote_unscored(
+    tmp_path: Path, pair: tuple[LyingModelServer, LyingModelServer]
+) -> None:
+    a, b = pair
+    a.fee = 1.5  # what no model's label can be netted with
+    config = write_config(
+        tmp_path / "config.yaml",
+        [endpoint("a", a.port, 1.0), endpoint("b", b.port, 2.0)],
+        retraining={"enabled": True, "feedback_delay_seconds": 0.0},
+        weights={"mode": "adaptive"},
+    )
+    with Coordinator(config) as coordinator:
+        decision = coordinator.predict(ROW).decision
+        ack = coordinator.feedback(
+            decision.prediction_id, realized_return=0.0, underlying_log_return=0.01
+        )
+        assert not ack.duplicate and set(ack.forward_to) == {"a", "b"}  # same horizon
+        scores = {s.name: s.adaptive for s in coordinator.endpoints()}
+    assert scores["a"] is not None and scores["a"].effective_outcomes == 0.0
+    assert scores["b"] is not None and scores["b"].effective_outcomes == 1.0
