@@ -26,9 +26,10 @@ known at all (servers without GetModelInfo, an outbox from before labels were ke
 goes to every voter, as before.
 
 **What a vote is scored against.** The adaptive weights score each vote against the label the
-model was trained for: :func:`xylen_server.learning.feedback.outcome_label` (the same rule the
-server applies to that Feedback: ``training.labels.label_from_return`` of the underlying's move,
-net of the model's own round-trip fee, against its own label threshold), never "did the price
+model was trained for, by the same rule the server applies to that Feedback
+(``outcome_label``): the underlying's move as :func:`xylen_server.outcomes.underlying_move` reads
+it, labelled by ``training.labels.label_from_return`` net of the model's own round-trip fee,
+against its own label threshold, never "did the price
 rise" before fees. A model that said "up" on a move too small to pay the fee was wrong by the
 definition it predicts. The score is the exponentially decayed Brier score of the probability
 against that label (a proper scoring rule; ``weights.adaptive.metric: brier``, the default) or
@@ -47,6 +48,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
+from training.labels import label_from_return
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import FeedbackQueueSettings, Retraining
 from xylen_coordinator.ensemble import AdaptiveWeights, Label
@@ -56,8 +58,13 @@ from xylen_coordinator.replicas import ReplicaSet
 from xylen_coordinator.results import FeedbackAck, RowDecision
 from xylen_server import clock
 from xylen_server.errors import FailedPrecondition, InvalidArgument, NotFound, XylenError
-from xylen_server.learning.feedback import outcome_label
-from xylen_server.outcomes import check_finite, check_prediction_id, check_side, close_time_ms
+from xylen_server.outcomes import (
+    check_finite,
+    check_prediction_id,
+    check_side,
+    close_time_ms,
+    underlying_move,
+)
 from xylen_server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -255,26 +262,27 @@ class Ledger:
 
     def _score(self, record: PredictionRecord, outcome: pb.TradeOutcome) -> None:
         """Score each eligible voter's probability against the label its model was trained
-        for: the server's own rule (``outcome_label``) with the voter's fee and label threshold
+        for: the server's own rule (``underlying_move`` then ``label_from_return``) with the
+        voter's fee and label threshold
         (fee 0 and threshold 0 when no label definition is known at all)."""
         outcome = with_decision_side(outcome, record.signal) or outcome
+        try:
+            move = underlying_move(
+                realized_return=outcome.realized_return,
+                side=outcome.side,
+                underlying_log_return=(
+                    outcome.underlying_log_return
+                    if outcome.HasField("underlying_log_return")
+                    else None
+                ),
+            )
+        except XylenError:  # the outcome cannot say how the price moved: nothing to score
+            return
         eligible, _ = _eligible(record)
         for name in eligible:
             fee, threshold = record.labels[name][1:] if name in record.labels else (0.0, 0.0)
             try:
-                label = outcome_label(
-                    realized_return=outcome.realized_return,
-                    side=outcome.side,
-                    underlying_log_return=(
-                        outcome.underlying_log_return
-                        if outcome.HasField("underlying_log_return")
-                        else None
-                    ),
-                    fee=fee,
-                    threshold=threshold,
-                )
-            except XylenError:  # the outcome cannot say how the price moved: nothing to score
-                return
+                label = float(label_from_return(move, fee=fee, threshold=threshold))
             except ValueError:  # a fee the server reported outside [0, 1): not scorable
                 logger.warning("%s reported fee %r: its vote is not scored", name, fee)
                 continue
