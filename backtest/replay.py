@@ -5,9 +5,9 @@ For each decision bar ``t`` (in order), with the simulated clock at the close of
 1. every earlier decision whose horizon ends at ``t`` gets its outcome (the underlying's log
    return from its bar's close to ``t``'s close, the trade's side and net return) as Feedback
    through the coordinator, which scores the adaptive weights and forwards it to every server
-   that voted; the replay waits until every delivery is acknowledged, then, when a server's
-   trigger started a retrain, until the job ended (gate verdict, hot swap), so what the next
-   decision sees never depends on the machine's speed;
+   that voted with the ensemble's horizon; the replay waits until every delivery is
+   acknowledged, then, when a server's trigger started a retrain, until the job ended (gate
+   verdict, hot swap), so what the next decision sees never depends on the machine's speed;
 2. the window of the ``lookback`` candles ending at ``t`` (checked by
    :func:`backtest.guard.check_window`) goes to the coordinator's Predict: one ensemble decision
    with every model's vote, recorded.
@@ -142,9 +142,9 @@ def run_pass(
     timings = Timings()
     began = time.perf_counter()
     first_now = close_time_ms(int(open_time[bars[0]]), step_ms)
-    # model_4's horizon (4 bars) differs from the ensemble's (1): the coordinator forwards one
-    # outcome (the ensemble's horizon) to every voter, which would label model_4's samples with
-    # the wrong horizon, so it does not retrain in the replay (see README).
+    # model_4's horizon (4 bars) differs from the ensemble's (1): the coordinator does not
+    # forward it the outcomes (they are moves over 1 bar; HORIZON_MISMATCH), so it gets no
+    # samples and does not retrain in the replay (see README).
     learns = {n: learning for n in names}
     # Before any process starts: the first and last windows end at their decision bars (the
     # same check runs on every decision below).

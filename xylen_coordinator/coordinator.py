@@ -87,9 +87,9 @@ class AsyncCoordinator:
         self._initial = config if isinstance(config, Config) else load_config(config)
         self._snapshot: _Snapshot | None = None
         self.adaptive = AdaptiveWeights(self._initial.weights.adaptive)
-        self._ledger = Ledger(self.adaptive)
         self.metrics = Metrics()
         """Votes, missing votes by reason, ejections and rejoins, by endpoint."""
+        self._ledger = Ledger(self.adaptive, self.metrics)
         self._retiring: set[asyncio.Task[None]] = set()
         self._retiring_clients: list[ReplicaSet] = []
         self._reload_lock = asyncio.Lock()
@@ -330,7 +330,8 @@ class AsyncCoordinator:
         for name, answer in fanned.answers.items():
             if answer.response.predictions:
                 snapshot.clients[name].notice_version(answer.response.predictions[0].model_version)
-        _, left_out = label_plan({c.name: c.label for c in clients}, configured)
+        labels = {c.name: c.label for c in clients}
+        ensemble_label, left_out = label_plan(labels, configured)
         weights = {name: 0.0 if name in left_out else w for name, w in weights.items()}
         if not any(weights.get(name, 0.0) > 0 for name in fanned.answers):
             raise Unavailable(
@@ -357,7 +358,13 @@ class AsyncCoordinator:
                 for name, answer in fanned.answers.items()
             }
             row = decide(self._next_id(), votes, weights, configured, thresholds, scores, left_out)
-            self._ledger.remember(row, now, *_row_features(request, computed, shared, i, clients))
+            self._ledger.remember(
+                row,
+                now,
+                *_row_features(request, computed, shared, i, clients),
+                label=ensemble_label,
+                labels=labels,
+            )
             rows.append(row)
         result = EnsembleResult(
             rows=tuple(rows),

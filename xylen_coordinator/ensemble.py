@@ -8,7 +8,8 @@
 * :func:`member_thresholds` -- the ensemble's BUY / SELL thresholds from its members' own.
 * :func:`quorum_shortfall` -- whether enough servers voted to answer at all.
 * :class:`AdaptiveWeights` -- each model's live record on matured outcomes (exponentially
-  decayed Brier score and hit rate) and the multiplier it earns, within a floor and a cap.
+  decayed Brier score and hit rate against the label the model was trained for, net of its own
+  fee) and the multiplier it earns, within a floor and a cap.
 """
 
 from __future__ import annotations
@@ -214,11 +215,13 @@ class AdaptiveWeights:
         self.settings = settings
         self._decay = 0.5 ** (1.0 / settings.half_life_outcomes)
 
-    def record(self, name: str, probability: float, went_up: bool) -> None:
-        """Score ``name``'s matured prediction ``probability`` against the outcome."""
-        y = 1.0 if went_up else 0.0
+    def record(self, name: str, probability: float, label: bool) -> None:
+        """Score ``name``'s matured prediction ``probability`` against ``label``: the label
+        its model was trained for, computed from the outcome with the model's own horizon, fee
+        and label threshold (:mod:`xylen_coordinator.feedback`), not "the price rose"."""
+        y = 1.0 if label else 0.0
         brier = (probability - y) ** 2
-        hit = 1.0 if (probability >= 0.5) == went_up else 0.0
+        hit = 1.0 if (probability >= 0.5) == label else 0.0
         state = self._state.setdefault(name, [0.0, 0.0, 0.0])
         d = self._decay
         state[0] = d * state[0] + brier

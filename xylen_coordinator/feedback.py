@@ -1,11 +1,41 @@
 """The feedback path: from an ensemble prediction to its trade's outcome at every server that
-voted on it.
+voted on it and labels it the way it was trained.
 
 :class:`Ledger` remembers each ensemble prediction (the latest in memory, every one in the
-outbox's prediction log, written behind so Predict never waits on the disk). When an outcome
-arrives it is validated, recorded with one delivery per voter in the
-:class:`~xylen_coordinator.outbox.Outbox` in one fsynced transaction, scored into the adaptive
-weights, and the :class:`~xylen_coordinator.outbox.Forwarder` delivers it once it is due.
+outbox's prediction log, written behind so Predict never waits on the disk), with the label
+definition of the ensemble and of each voter at that moment (horizon, fee, label threshold, from
+GetModelInfo). When an outcome arrives it is validated, recorded with one delivery per eligible
+voter in the :class:`~xylen_coordinator.outbox.Outbox` in one fsynced transaction, scored into
+the adaptive weights, and the :class:`~xylen_coordinator.outbox.Forwarder` delivers it once it is
+due.
+
+**Which voters get an outcome.** A trade follows the ensemble's decision, so its outcome is the
+underlying's move over the *ensemble's* horizon (the horizon of the label definition the
+ensemble combined, :func:`~xylen_coordinator.ensemble.label_plan`). A server labels a Feedback
+as the move over *its own* horizon, so the outcome is forwarded only to voters whose horizon
+equals the ensemble's. Any other voter is skipped: ``HORIZON_MISMATCH`` (e.g. a 4-bar model
+under a 1-bar ensemble) or ``HORIZON_UNKNOWN`` (its model info was not known when it voted while
+the ensemble's was). A skip is counted per server and reason
+(:meth:`~xylen_coordinator.metrics.Metrics.not_forwarded`, exported as
+``xylen_coordinator_feedback_not_forwarded_total``), logged, and listed in
+:attr:`~xylen_coordinator.results.FeedbackAck.not_forwarded`. The coordinator does not compute
+the move over the skipped model's own horizon instead: a Feedback carries one move (one close
+time, one return) and the coordinator keeps no candle history, so that move is not known here;
+a caller who has it sends Feedback to that model server directly. When no label definition is
+known at all (servers without GetModelInfo, an outbox from before labels were kept) the outcome
+goes to every voter, as before.
+
+**What a vote is scored against.** The adaptive weights score each vote against the label the
+model was trained for, by the same rule the server applies to that Feedback
+(``outcome_label``): the underlying's move as :func:`xylen_server.outcomes.underlying_move` reads
+it, labelled by ``training.labels.label_from_return`` net of the model's own round-trip fee,
+against its own label threshold, never "did the price
+rise" before fees. A model that said "up" on a move too small to pay the fee was wrong by the
+definition it predicts. The score is the exponentially decayed Brier score of the probability
+against that label (a proper scoring rule; ``weights.adaptive.metric: brier``, the default) or
+the hit rate of ``p >= 0.5`` (``hit_rate``; weak for calibrated models, whose P(up net of fees)
+rarely crosses 0.5). Only voters the outcome was eligible for are scored (same horizon); with no
+label definition known the move is scored before fees (fee 0, threshold 0).
 """
 
 from __future__ import annotations
@@ -15,18 +45,26 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
+from training.labels import label_from_return
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import FeedbackQueueSettings, Retraining
-from xylen_coordinator.ensemble import AdaptiveWeights
+from xylen_coordinator.ensemble import AdaptiveWeights, Label
+from xylen_coordinator.metrics import Metrics
 from xylen_coordinator.outbox import Forwarder, Outbox, PredictionRecord, with_decision_side
 from xylen_coordinator.replicas import ReplicaSet
 from xylen_coordinator.results import FeedbackAck, RowDecision
 from xylen_server import clock
-from xylen_server.errors import FailedPrecondition, InvalidArgument, NotFound
-from xylen_server.outcomes import check_finite, check_prediction_id, check_side, close_time_ms
+from xylen_server.errors import FailedPrecondition, InvalidArgument, NotFound, XylenError
+from xylen_server.outcomes import (
+    check_finite,
+    check_prediction_id,
+    check_side,
+    close_time_ms,
+    underlying_move,
+)
 from xylen_server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -46,9 +84,11 @@ _SHOWN_ID_CHARS = 40
 class Ledger:
     """Ensemble predictions and their outcomes: remembered, recorded, scored and forwarded."""
 
-    def __init__(self, adaptive: AdaptiveWeights) -> None:
+    def __init__(self, adaptive: AdaptiveWeights, metrics: Metrics | None = None) -> None:
         self.adaptive = adaptive
         """The weights each matured outcome scores."""
+        self.metrics = metrics if metrics is not None else Metrics()
+        """Where outcomes not forwarded to a voter are counted (by server and reason)."""
         self._outbox: Outbox | None = None
         self._forwarder: Forwarder | None = None
         self._records: OrderedDict[str, PredictionRecord] = OrderedDict()
@@ -92,10 +132,14 @@ class Ledger:
         row: RowDecision,
         now: float,
         features: tuple[float, ...] = (),
-        feature_servers: tuple[str, ...] = (),
+        feature_servers: Sequence[str] = (),
+        *,
+        label: Label | None = None,
+        labels: Mapping[str, Label | None] | None = None,
     ) -> None:
         """Keep ``row`` (decided at ``now``, epoch seconds) for the outcome that may follow,
-        with the ``features`` the voters in ``feature_servers`` predicted on, if known."""
+        with the ``features`` the voters in ``feature_servers`` predicted on, if known, the
+        ensemble's ``label`` definition and each server's own (``labels``, None: unknown)."""
         voters = {v.server_name: (v.model_prediction_id, v.probability) for v in row.votes}
         record = PredictionRecord(
             row.signal.value,
@@ -103,6 +147,8 @@ class Ledger:
             now,
             features,
             tuple(name for name in feature_servers if name in voters) if features else (),
+            label,
+            {n: own for n, own in (labels or {}).items() if n in voters and own is not None},
         )
         self._records[row.prediction_id] = record
         if len(self._records) > _PREDICTION_MEMORY:
@@ -181,7 +227,8 @@ class Ledger:
         outcome = _with_side(outcome, record)
         received = time.time()
         due = received + retraining.feedback_delay_seconds
-        targets = tuple(record.votes) if retraining.send_feedback_to_models else ()
+        eligible, skipped = _eligible(record)
+        targets = eligible if retraining.send_feedback_to_models else ()
         fresh = await outbox.run(
             outbox.enqueue,
             prediction_id,
@@ -192,6 +239,16 @@ class Ledger:
             due,
         )
         if fresh:
+            if retraining.send_feedback_to_models:
+                for name, reason in skipped.items():
+                    self.metrics.not_forwarded(name, reason)
+                    logger.info(
+                        "feedback %s not forwarded to %s (%s): %s",
+                        prediction_id,
+                        name,
+                        reason,
+                        _skip_text(reason, record, name),
+                    )
             self._score(record, outcome)
             if self._forwarder is not None:
                 self._forwarder.wake()
@@ -200,18 +257,36 @@ class Ledger:
             duplicate=not fresh,
             forward_to=targets,
             forward_time=datetime.fromtimestamp(due, UTC),
+            not_forwarded=dict(skipped) if retraining.send_feedback_to_models else {},
         )
 
     def _score(self, record: PredictionRecord, outcome: pb.TradeOutcome) -> None:
-        """Update each voter's live record with whether the underlying rose: its log return when
-        the outcome carries it, else the side's reading of the trade's return (a short that
-        made money means the price fell), as the servers label it (before fees: the
-        coordinator does not know each model's fee)."""
-        went_up = _went_up(with_decision_side(outcome, record.signal) or outcome)
-        if went_up is None:
+        """Score each eligible voter's probability against the label its model was trained
+        for: the server's own rule (``underlying_move`` then ``label_from_return``) with the
+        voter's fee and label threshold
+        (fee 0 and threshold 0 when no label definition is known at all)."""
+        outcome = with_decision_side(outcome, record.signal) or outcome
+        try:
+            move = underlying_move(
+                realized_return=outcome.realized_return,
+                side=outcome.side,
+                underlying_log_return=(
+                    outcome.underlying_log_return
+                    if outcome.HasField("underlying_log_return")
+                    else None
+                ),
+            )
+        except XylenError:  # the outcome cannot say how the price moved: nothing to score
             return
-        for name, (_, probability) in record.votes.items():
-            self.adaptive.record(name, probability, went_up)
+        eligible, _ = _eligible(record)
+        for name in eligible:
+            fee, threshold = record.labels[name][1:] if name in record.labels else (0.0, 0.0)
+            try:
+                label = float(label_from_return(move, fee=fee, threshold=threshold))
+            except ValueError:  # a fee the server reported outside [0, 1): not scorable
+                logger.warning("%s reported fee %r: its vote is not scored", name, fee)
+                continue
+            self.adaptive.record(name, record.votes[name][1], bool(label))
 
     async def pending(self) -> int:
         """Outcomes not yet delivered to every target."""
@@ -240,19 +315,39 @@ def _with_side(outcome: pb.TradeOutcome, record: PredictionRecord) -> pb.TradeOu
     return sided
 
 
-def _went_up(outcome: pb.TradeOutcome) -> bool | None:
-    """Did the underlying rise over the horizon? None when the outcome cannot say (no move)."""
-    if outcome.HasField("underlying_log_return"):
-        move = outcome.underlying_log_return
-    elif outcome.side == pb.TradeSide.TRADE_SIDE_LONG:
-        move = outcome.realized_return
-    elif outcome.side == pb.TradeSide.TRADE_SIDE_SHORT:
-        move = -outcome.realized_return
-    else:
-        return None
-    if move == 0:
-        return None
-    return move > 0
+#: Why an outcome was not forwarded to a voter (the metric's ``reason``).
+HORIZON_MISMATCH = "HORIZON_MISMATCH"
+HORIZON_UNKNOWN = "HORIZON_UNKNOWN"
+
+
+def _eligible(record: PredictionRecord) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The voters whose label horizon is the outcome's (the ensemble's), in vote order, and
+    the others with the reason; every voter when the ensemble's label is not known."""
+    if record.label is None:
+        return tuple(record.votes), {}
+    horizon = record.label[0]
+    eligible: list[str] = []
+    skipped: dict[str, str] = {}
+    for name in record.votes:
+        own = record.labels.get(name)
+        if own is None:
+            skipped[name] = HORIZON_UNKNOWN
+        elif own[0] != horizon:
+            skipped[name] = HORIZON_MISMATCH
+        else:
+            eligible.append(name)
+    return tuple(eligible), skipped
+
+
+def _skip_text(reason: str, record: PredictionRecord, name: str) -> str:
+    assert record.label is not None
+    bars = record.label[0]
+    if reason == HORIZON_MISMATCH:
+        return (
+            f"its label horizon is {record.labels[name][0]} bars, the outcome's (the "
+            f"ensemble's) {bars}: it would be stored with the wrong label"
+        )
+    return f"its label horizon was not known when it voted; the outcome's is {bars} bars"
 
 
 def _validate_outcome(prediction_id: str, outcome: pb.TradeOutcome) -> float:

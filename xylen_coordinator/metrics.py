@@ -31,6 +31,8 @@ class EndpointCounts:
     """Rejected votes by what was wrong (``PROBABILITY_OUT_OF_RANGE``, ...)."""
     ejections: int = 0
     rejoins: int = 0
+    feedback_not_forwarded: dict[str, int] = field(default_factory=dict)
+    """Outcomes not forwarded to this endpoint, by reason (``HORIZON_MISMATCH``, ...)."""
 
 
 class Metrics:
@@ -43,6 +45,7 @@ class Metrics:
         self._rejected: Counter[tuple[str, str]] = Counter()
         self._ejections: Counter[str] = Counter()
         self._rejoins: Counter[str] = Counter()
+        self._not_forwarded: Counter[tuple[str, str]] = Counter()
         self._last_log: dict[tuple[str, str], tuple[float, int]] = {}
 
     def vote(self, name: str) -> None:
@@ -74,6 +77,11 @@ class Metrics:
         with self._lock:
             self._rejoins[name] += 1
 
+    def not_forwarded(self, name: str, reason: str) -> None:
+        """Count an outcome not forwarded to ``name`` (its label horizon is not the outcome's)."""
+        with self._lock:
+            self._not_forwarded[(name, reason)] += 1
+
     def counts(self, name: str) -> EndpointCounts:
         with self._lock:
             return EndpointCounts(
@@ -82,4 +90,7 @@ class Metrics:
                 rejected={r: n for (e, r), n in self._rejected.items() if e == name},
                 ejections=self._ejections[name],
                 rejoins=self._rejoins[name],
+                feedback_not_forwarded={
+                    r: n for (e, r), n in self._not_forwarded.items() if e == name
+                },
             )

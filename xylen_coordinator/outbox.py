@@ -27,7 +27,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +35,7 @@ import grpc
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import FeedbackQueueSettings
+from xylen_coordinator.ensemble import Label
 from xylen_coordinator.replicas import ReplicaSet
 from xylen_server.durable import sqlite_connect
 
@@ -96,6 +97,13 @@ class PredictionRecord:
     feature_servers: tuple[str, ...] = ()
     """Servers whose features are ``features``: sent to them with an outcome when they no
     longer hold the prediction (a kill -9 took their unflushed prediction log)."""
+    label: Label | None = None
+    """What the ensemble's probability meant when it decided (horizon, fee, label threshold):
+    its horizon is the outcome's (the trade followed this decision). None: not known (an
+    outbox from before labels were kept, or no server reported its model info)."""
+    labels: dict[str, Label] = field(default_factory=dict)
+    """Each voter's own label definition when it voted (server name -> (horizon, fee, label
+    threshold)), for the voters whose model info the coordinator knew."""
 
 
 def with_decision_side(outcome: pb.TradeOutcome, signal: str) -> pb.TradeOutcome | None:
@@ -153,6 +161,10 @@ class Outbox:
         if "features" not in columns:  # an outbox written before features were kept
             with db:
                 db.execute("ALTER TABLE predictions ADD COLUMN features TEXT NOT NULL DEFAULT ''")
+        for table in ("predictions", "outcomes"):  # an outbox written before labels were kept
+            if "labels" not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                with db:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN labels TEXT NOT NULL DEFAULT ''")
         self._db = db
 
     @property
@@ -168,27 +180,36 @@ class Outbox:
 
     def write_predictions(self, rows: Iterable[tuple[str, float, PredictionRecord]]) -> None:
         encoded = [
-            (pid, created, record.signal, json.dumps(record.votes), _encode_features(record))
+            (
+                pid,
+                created,
+                record.signal,
+                json.dumps(record.votes),
+                _encode_features(record),
+                _encode_labels(record),
+            )
             for pid, created, record in rows
         ]
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany(
                 "INSERT OR IGNORE INTO predictions (prediction_id, created, signal, votes, "
-                "features) VALUES (?, ?, ?, ?, ?)",
+                "features, labels) VALUES (?, ?, ?, ?, ?, ?)",
                 encoded,
             )
 
     def find_prediction(self, prediction_id: str) -> PredictionRecord | None:
         row = self.db.execute(
-            "SELECT signal, votes, created, features FROM predictions WHERE prediction_id = ?",
+            "SELECT signal, votes, created, features, labels FROM predictions "
+            "WHERE prediction_id = ?",
             (prediction_id,),
         ).fetchone()
         if row is None:
             return None
         features, servers = _decode_features(row[3])
+        label, labels = _decode_labels(row[4])
         return PredictionRecord(
-            row[0], _decode_votes(row[1]), float(row[2]), features, tuple(servers)
+            row[0], _decode_votes(row[1]), float(row[2]), features, tuple(servers), label, labels
         )
 
     def enqueue(
@@ -205,8 +226,16 @@ class Outbox:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             cursor = self.db.execute(
-                "INSERT OR IGNORE INTO outcomes VALUES (?, ?, ?, ?, ?)",
-                (prediction_id, received, outcome, record.signal, json.dumps(record.votes)),
+                "INSERT OR IGNORE INTO outcomes (prediction_id, received, outcome, signal, votes, "
+                "labels) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    prediction_id,
+                    received,
+                    outcome,
+                    record.signal,
+                    json.dumps(record.votes),
+                    _encode_labels(record),
+                ),
             )
             if cursor.rowcount == 0:
                 return False
@@ -265,14 +294,14 @@ class Outbox:
     def outcomes(self) -> list[StoredOutcome]:
         """Every recorded outcome, oldest first."""
         rows = self.db.execute(
-            "SELECT signal, votes, outcome FROM outcomes ORDER BY received"
+            "SELECT signal, votes, outcome, labels FROM outcomes ORDER BY received"
         ).fetchall()
-        return [
-            StoredOutcome(
-                PredictionRecord(signal, _decode_votes(votes)), pb.TradeOutcome.FromString(outcome)
-            )
-            for signal, votes, outcome in rows
-        ]
+        stored = []
+        for signal, votes, outcome, encoded in rows:
+            label, labels = _decode_labels(encoded)
+            record = PredictionRecord(signal, _decode_votes(votes), label=label, labels=labels)
+            stored.append(StoredOutcome(record, pb.TradeOutcome.FromString(outcome)))
+        return stored
 
     def _close(self) -> None:
         if self._db is not None:
@@ -295,6 +324,25 @@ def _decode_features(text: str) -> tuple[tuple[float, ...], list[str]]:
         return (), []
     raw = json.loads(text)
     return tuple(float(v) for v in raw["values"]), [str(s) for s in raw["servers"]]
+
+
+def _encode_labels(record: PredictionRecord) -> str:
+    if record.label is None and not record.labels:
+        return ""
+    return json.dumps({"ensemble": record.label, "voters": record.labels})
+
+
+def _as_label(raw: list[float]) -> Label:
+    horizon, fee, threshold = raw
+    return (int(horizon), float(fee), float(threshold))
+
+
+def _decode_labels(text: str) -> tuple[Label | None, dict[str, Label]]:
+    if not text:
+        return None, {}
+    raw = json.loads(text)
+    label = None if raw["ensemble"] is None else _as_label(raw["ensemble"])
+    return label, {str(name): _as_label(v) for name, v in raw["voters"].items()}
 
 
 def _decode_votes(text: str) -> dict[str, tuple[str, float]]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from xylen_coordinator.endpoints import MissingReason
@@ -95,6 +96,9 @@ class FeedbackAck:
     forward_to: tuple[str, ...]
     forward_time: datetime
     """Earliest forwarding time (UTC)."""
+    not_forwarded: Mapping[str, str] = field(default_factory=dict)
+    """Voters the outcome is not forwarded to, with the reason (``HORIZON_MISMATCH``,
+    ``HORIZON_UNKNOWN``: :mod:`xylen_coordinator.feedback`)."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@
 ``xylen_coordinator_endpoint_serving``           1 while an ``endpoint``'s health is SERVING
 ``xylen_coordinator_feedback_queue_depth``       outcomes not yet delivered to every server
 ``xylen_coordinator_feedback_retries_total``     deliveries that failed and were rescheduled
+``xylen_coordinator_feedback_not_forwarded_total`` outcomes not forwarded to an ``endpoint``, by
+                                                 ``reason`` (HORIZON_MISMATCH, HORIZON_UNKNOWN)
 =============================================== ============================================
 
 Plus the process series of :class:`~xylen_server.telemetry.Meters`. The coordinator library
@@ -59,6 +61,11 @@ class CoordinatorTelemetry:
             "xylen.coordinator.missing_votes",
             [self._missing],
             description="Votes missing from ensemble calls, by endpoint and reason.",
+        )
+        meter.create_observable_counter(
+            "xylen.coordinator.feedback_not_forwarded",
+            [self._not_forwarded],
+            description="Outcomes not forwarded to an endpoint whose label horizon differs.",
         )
         meter.create_observable_counter(
             "xylen.coordinator.ejections",
@@ -131,6 +138,14 @@ class CoordinatorTelemetry:
             Observation(n, {"endpoint": e.name, "reason": reason})
             for e in self.coordinator.endpoints()
             for reason, n in metrics.counts(e.name).missing.items()
+        ]
+
+    def _not_forwarded(self, _options: CallbackOptions) -> Iterable[Observation]:
+        metrics = self.coordinator.metrics
+        return [
+            Observation(n, {"endpoint": e.name, "reason": reason})
+            for e in self.coordinator.endpoints()
+            for reason, n in metrics.counts(e.name).feedback_not_forwarded.items()
         ]
 
     def _ejections(self, _options: CallbackOptions) -> Iterable[Observation]:

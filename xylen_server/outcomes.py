@@ -84,3 +84,39 @@ def close_time_ms(close_time: tuple[int, int] | None, latest_ms: int) -> int:
             field="close_time",
         )
     return close_ms
+
+
+def underlying_move(
+    *, realized_return: float, side: int, underlying_log_return: float | None
+) -> float:
+    """The underlying's log return over the model's horizon, as a trade's outcome gives it: the
+    one reading the server's Feedback labels and the coordinator's adaptive weights score.
+
+    ``underlying_log_return`` when the outcome carries it (exact: the same number training
+    computes from the candles). An outcome without it (a client from before the field) gives it
+    through its ``side``: a LONG's ``realized_return`` is the underlying's simple return, a
+    SHORT's its negation, read as before fees and over the horizon, so a profitable short is a
+    down move. With neither there is no way to know whether the price rose: INVALID_ARGUMENT
+    ``MISSING_UNDERLYING_MOVE`` naming both fields.
+    """
+    check_side(side)
+    if underlying_log_return is not None:
+        check_finite("underlying_log_return", underlying_log_return)
+        return underlying_log_return
+    if side:
+        simple = realized_return if side == SIDE_LONG else -realized_return
+        if simple <= -1.0:
+            raise InvalidArgument(
+                f"outcome.realized_return {realized_return:g} of a "
+                f"{'long' if side == SIDE_LONG else 'short'} trade would be a price at or below "
+                "zero; send outcome.underlying_log_return",
+                reason="INVALID_OUTCOME",
+                field="realized_return",
+            )
+        return math.log1p(simple)
+    raise InvalidArgument(
+        "outcome.underlying_log_return (or outcome.side with realized_return) is required: "
+        "the trade's return alone does not say whether the price rose",
+        reason="MISSING_UNDERLYING_MOVE",
+        field="underlying_log_return",
+    )

@@ -72,6 +72,9 @@ class _Servicer(pb_grpc.ModelServiceServicer):
                 name=owner.info_name,
                 version=owner.info_version,
                 features_hash=owner.features_hash,
+                horizon=owner.horizon,
+                fee=owner.fee,
+                label_threshold=owner.label_threshold,
             )
         )
 
@@ -95,6 +98,10 @@ class LyingModelServer:
         self.feedback: list[pb.FeedbackRequest] = []
         self.features_hash = features_hash
         """Reported in GetModelInfo: the coordinator's own makes it send features."""
+        self.horizon = 0
+        self.fee = 0.0
+        self.label_threshold = 0.0
+        """Reported in GetModelInfo: what ``probability`` means (0, 0.0, 0.0 unless set)."""
         self.ids = itertools.count(1)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -113,15 +113,15 @@ def test_adaptive_multiplier_neutral_until_enough_outcomes() -> None:
 
 def test_adaptive_record_decays_by_half_life() -> None:
     weights = AdaptiveWeights(SETTINGS)  # half-life 1 outcome: decay 0.5
-    weights.record("a", 0.8, went_up=True)  # brier 0.04, hit
-    weights.record("a", 0.8, went_up=False)  # brier 0.64, miss
+    weights.record("a", 0.8, label=True)  # brier 0.04, hit
+    weights.record("a", 0.8, label=False)  # brier 0.64, miss
     score = weights.score("a")
     # S = 0.5*0.04 + 0.64 = 0.66, W = 0.5 + 1 = 1.5 -> 0.44; hits: (0.5*1 + 0)/1.5 = 1/3
     assert score.effective_outcomes == pytest.approx(1.5)
     assert score.brier_score == pytest.approx(0.44)
     assert score.hit_rate == pytest.approx(1 / 3)
     assert score.multiplier == 1.0  # 1.5 effective outcomes < min 1.6
-    weights.record("a", 0.8, went_up=False)
+    weights.record("a", 0.8, label=False)
     score = weights.score("a")
     # S = 0.5*0.66 + 0.64 = 0.97, W = 0.5*1.5 + 1 = 1.75 -> Brier 0.5543 -> 0.25/0.5543 = 0.45
     assert score.effective_outcomes == pytest.approx(1.75)
@@ -135,8 +135,8 @@ def test_adaptive_weights_shift_the_decision() -> None:
         Adaptive(metric="brier", half_life_outcomes=20, min_outcomes=3, floor=0.25, cap=2.0)
     )
     for _ in range(10):
-        weights.record("good", 0.9, went_up=True)  # Brier 0.01 -> capped at 2
-        weights.record("bad", 0.1, went_up=True)  # Brier 0.81 -> 0.309
+        weights.record("good", 0.9, label=True)  # Brier 0.01 -> capped at 2
+        weights.record("bad", 0.1, label=True)  # Brier 0.81 -> 0.309
     effective = weights.weights({"good": 1.0, "bad": 1.0})
     assert effective["good"] == pytest.approx(2.0)
     assert effective["bad"] == pytest.approx(0.25 / 0.81)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import sqlite3
 import threading
 from collections import deque
@@ -41,11 +40,10 @@ from xylen_server.learning.feedback_store import AppendResult, FeedbackStore
 from xylen_server.learning.prediction_log import LoggedPrediction, PredictionLog
 from xylen_server.learning.samples import FeedbackRecord
 from xylen_server.outcomes import (
-    SIDE_LONG,
     check_finite,
     check_prediction_id,
-    check_side,
     close_time_ms,
+    underlying_move,
 )
 from xylen_server.settings import Settings
 
@@ -438,28 +436,9 @@ def outcome_label(
     whether the price rose: INVALID_ARGUMENT ``MISSING_UNDERLYING_MOVE`` naming both fields,
     rather than a label of another meaning in the training data.
     """
-    check_side(side)
-    if underlying_log_return is not None:
-        check_finite("underlying_log_return", underlying_log_return)
-        move = underlying_log_return
-    elif side:
-        simple = realized_return if side == SIDE_LONG else -realized_return
-        if simple <= -1.0:
-            raise InvalidArgument(
-                f"outcome.realized_return {realized_return:g} of a "
-                f"{'long' if side == SIDE_LONG else 'short'} trade would be a price at or below "
-                "zero; send outcome.underlying_log_return",
-                reason="INVALID_OUTCOME",
-                field="realized_return",
-            )
-        move = math.log1p(simple)
-    else:
-        raise InvalidArgument(
-            "outcome.underlying_log_return (or outcome.side with realized_return) is required: "
-            "the trade's return alone does not say whether the price rose",
-            reason="MISSING_UNDERLYING_MOVE",
-            field="underlying_log_return",
-        )
+    move = underlying_move(
+        realized_return=realized_return, side=side, underlying_log_return=underlying_log_return
+    )
     return int(label_from_return(move, fee=fee, threshold=threshold))
 
 
