@@ -16,7 +16,6 @@ what it does.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -103,7 +102,7 @@ class MetricsInterceptor(HandlerInterceptor):
         return wrap_behaviors(handler, unary, streaming)
 
 
-class CallInterceptor(grpc.aio.ServerInterceptor):
+class CallInterceptor(HandlerInterceptor):
     """Metrics, errors, credentials and admission as one interceptor (module docstring)."""
 
     def __init__(
@@ -119,23 +118,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             MetricsInterceptor(recorder),
         ]
         """Innermost first: how a method of any other shape is wrapped."""
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self.wrap(method, handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        super().__init__()  # asks grpc for each method's handler once and keeps the wrapping
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """``handler`` with all four concerns, built once per method."""
