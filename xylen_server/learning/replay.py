@@ -20,13 +20,20 @@ from xylen_server.versions.cli import error
 def replay_command(settings: Settings, prediction_id: str, log_dir: Path | None) -> int:
     """Find the logged prediction, load the version that made it, recompute, compare bits."""
     directory = log_dir or settings.prediction_log_path
-    log = PredictionLog(directory, flush_interval_seconds=3600)
-    try:
-        if not log.part_files():
-            return error(f"no prediction log parts in {directory}")
-        row = log.find(prediction_id)
-    finally:
-        log.close()
+    # With WORKERS=N, worker i > 0 writes its parts under ``worker-<i>/`` (xylen_server.workers).
+    directories = [directory, *sorted(p for p in directory.glob("worker-*") if p.is_dir())]
+    row, parts = None, 0
+    for place in directories:
+        log = PredictionLog(place, flush_interval_seconds=3600)
+        try:
+            parts += len(log.part_files())
+            row = log.find(prediction_id) if log.part_files() else None
+        finally:
+            log.close()
+        if row is not None:
+            break
+    if parts == 0:
+        return error(f"no prediction log parts in {directory}")
     if row is None:
         return error(f"prediction {prediction_id!r} is not in the log at {directory}")
     version = row.model_version

@@ -141,3 +141,14 @@ def test_replay_recomputes_a_past_prediction_bit_exactly_with_its_version(
     out = capsys.readouterr().out
     assert "v3" in out and "bit-exact: yes" in out
     assert main(["replay", "no-such-id"]) == 1
+    # With WORKERS=N a worker i > 0 keeps its parts under worker-<i>/: replay finds them there.
+    log_dir = learning_settings(root).prediction_log_path
+    worker_dir = log_dir / "worker-1"
+    worker_dir.mkdir()
+    parts = [p for p in log_dir.iterdir() if p.is_file()]
+    assert parts
+    for part in parts:
+        part.rename(worker_dir / part.name)
+    capsys.readouterr()
+    assert main(["replay", by_v1.prediction_id]) == 0
+    assert "bit-exact: yes" in capsys.readouterr().out
