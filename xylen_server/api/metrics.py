@@ -254,6 +254,12 @@ class Recorder:
         with self._lock:
             return dict(counts)
 
+    def in_flight(self) -> int:
+        """Calls started and not yet ended (a call is counted as it ends on the server, which
+        can be just after its caller has the answer)."""
+        with self._lock:
+            return sum(self._active.values())
+
     def calls(self, method: str, code: str | None = None) -> int:
         with self._lock:
             return sum(n for (m, c), n in self._calls.items() if m == method and code in (None, c))
