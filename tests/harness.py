@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -192,3 +193,13 @@ class InProcessServer:
     def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+
+def settled(recorder: Any, timeout: float = 10.0) -> None:
+    """Wait until every call a server's recorder saw has ended: a call is counted as it ends on
+    the server, which can be just after its client has the answer, so a test reading counts
+    as a baseline first lets the earlier tests' calls finish."""
+    deadline = time.monotonic() + timeout
+    while recorder.in_flight() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert recorder.in_flight() == 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,23 +192,14 @@ def test_bad_tensors_get_clear_statuses(v2_stub, rows, case):
 
 def test_metrics_count_model_infer(v2_stub, rows, server):
     recorder = server.running.recorder
-
-    def settled() -> None:
-        # A call is counted as it ends on the server, which can be just after the client has
-        # its answer: wait until the earlier tests' calls and ours have all ended.
-        deadline = time.monotonic() + 10
-        while recorder.in_flight() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert recorder.in_flight() == 0
-
-    settled()
+    harness.settled(recorder)
     ok, refused = recorder.calls(INFER, "OK"), recorder.calls(INFER, "INVALID_ARGUMENT")
     v2_stub.ModelInfer(infer_request(rows[:2]))
     bad = infer_request(rows[:2])
     bad.inputs[0].datatype = "INT8"
     with pytest.raises(grpc.RpcError):
         v2_stub.ModelInfer(bad)
-    settled()
+    harness.settled(recorder)
     assert recorder.calls(INFER, "OK") == ok + 1
     assert recorder.calls(INFER, "INVALID_ARGUMENT") == refused + 1
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from errorinfo import error_info
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import InProcessServer, feature_input, server_settings
+from harness import InProcessServer, feature_input, server_settings, settled
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -56,6 +56,7 @@ def _code(call) -> grpc.StatusCode:
 
 def test_one_interceptor_counts_maps_and_guards_every_call_shape(guarded, feature_rows):
     recorder = guarded.running.recorder
+    settled(recorder)
     token = bearer_metadata(READ)
     row = pb.PredictRequest(inputs=[feature_input(feature_rows[0])])
     before = {

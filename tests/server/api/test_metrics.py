@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import feature_input
+from harness import feature_input, settled
 
 from xylen.v1 import model_service_pb2 as pb
 
@@ -29,6 +29,7 @@ def _eventually(check, timeout: float = 10.0) -> bool:
 
 def test_the_metrics_interceptor_counts_every_call_by_code(server, stub, feature_rows):
     recorder = server.running.recorder
+    settled(recorder)
     method = "/xylen.v1.ModelService/Predict"
     ok_before = recorder.calls(method, "OK")
     bad_before = recorder.calls(method, "INVALID_ARGUMENT")
