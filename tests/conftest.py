@@ -20,9 +20,13 @@ import harness
 import numpy as np
 import pytest
 from coordinator.helpers import MODELS
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from training.generator import generate
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen_server import telemetry
 
 # -- model server ------------------------------------------------------------------------------
 
@@ -117,3 +121,18 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("klines")
     generate(out, start="2023-01", end="2023-06", seed=11)
     return out
+
+
+@pytest.fixture
+def span_exporter() -> Iterator[InMemorySpanExporter]:
+    """Spans of this test, collected in process by the SDK's in-memory exporter (the tracer
+    provider is installed for the test and removed after it)."""
+    collected = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(collected))
+    telemetry.install_tracer_provider(provider)
+    try:
+        yield collected
+    finally:
+        telemetry.install_tracer_provider(None)
+        provider.shutdown()

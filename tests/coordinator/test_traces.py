@@ -6,16 +6,12 @@ missing vote is an event on the fan-out span."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import harness
 import pytest
 from coordinator.helpers import MODELS, endpoint, free_port, write_config
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from xylen.v1 import ensemble_service_pb2 as epb
@@ -23,23 +19,9 @@ from xylen.v1 import ensemble_service_pb2_grpc as epb_grpc
 from xylen_coordinator.config import load_config
 from xylen_coordinator.coordinator import AsyncCoordinator
 from xylen_coordinator.server import build_server
-from xylen_server import telemetry
 from xylen_server.server import start
 
 ITEM = "xylen.v1.ModelService/PredictStream item"
-
-
-@pytest.fixture
-def exporter() -> Iterator[InMemorySpanExporter]:
-    collected = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(collected))
-    telemetry.install_tracer_provider(provider)
-    try:
-        yield collected
-    finally:
-        telemetry.install_tracer_provider(None)
-        provider.shutdown()
 
 
 async def start_coordinator(config: Path):
@@ -62,7 +44,7 @@ async def stop_coordinator(coordinator: AsyncCoordinator, running) -> None:
 
 @pytest.mark.slow
 def test_one_trace_spans_the_coordinator_and_every_server_that_voted(
-    exporter, fleet_models, tmp_path, feature_rows
+    span_exporter, fleet_models, tmp_path, feature_rows
 ):
     names = [name for name, _, _ in MODELS[:3]]
     first = harness.InProcessServer(harness.server_settings(fleet_models, model_name=names[0]))
@@ -82,7 +64,7 @@ def test_one_trace_spans_the_coordinator_and_every_server_that_voted(
                 request = epb.EnsembleServicePredictRequest(
                     inputs=[harness.feature_input(feature_rows[0])]
                 )
-                exporter.clear()
+                span_exporter.clear()
                 response = stub.Predict(request, timeout=10)
         finally:
             first.call(stop_coordinator(coordinator, running))
@@ -94,7 +76,7 @@ def test_one_trace_spans_the_coordinator_and_every_server_that_voted(
     voted = sorted(v.server_name for v in response.predictions[0].votes)
     assert voted == names
     assert [m.server_name for m in response.missing_votes] == ["model_4"]
-    spans = exporter.get_finished_spans()
+    spans = span_exporter.get_finished_spans()
     [root] = [s for s in spans if s.name == "/xylen.v1.EnsembleService/Predict"]
     assert root.kind == SpanKind.SERVER
     trace_id = root.context.trace_id

@@ -16,13 +16,9 @@ import pytest
 from errorinfo import error_info
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import InProcessServer, feature_input, server_settings, settled
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
-from xylen_server import telemetry
 from xylen_server.api.metrics import LatencyHistogram
 from xylen_server.auth import bearer_metadata
 from xylen_server.serving.model_store import load_model
@@ -166,28 +162,17 @@ def test_the_loop_fast_path_answers_what_the_pool_answers(models_root: Path, fea
     assert len(set(ids)) == len(ids) == 80
 
 
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    collected = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(collected))
-    telemetry.install_tracer_provider(provider)
-    try:
-        yield collected
-    finally:
-        telemetry.install_tracer_provider(None)
-        provider.shutdown()
-
-
 @pytest.mark.parametrize("hooks", [True, False])
-def test_a_server_built_without_trace_hooks_opens_no_spans(models_root, feature_rows, spans, hooks):
+def test_a_server_built_without_trace_hooks_opens_no_spans(
+    models_root, feature_rows, span_exporter, hooks
+):
     server = InProcessServer(server_settings(models_root, trace_hooks=hooks, metrics_port=0))
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.ModelServiceStub(channel)
             answer = stub.Predict(pb.PredictRequest(inputs=[feature_input(feature_rows[3])]))
         assert len(answer.predictions) == 1
-        names = {span.name for span in spans.get_finished_spans()}
+        names = {span.name for span in span_exporter.get_finished_spans()}
         if hooks:
             assert {"featurise", "inference", "log"} <= names, names
         else:
