@@ -96,15 +96,34 @@ def caller() -> str:
     return CALLER.get()
 
 
-def acting_as(source: str) -> contextvars.Token[str]:
-    """Handle the rest of this call as made by ``source``: a call another worker of the same
-    server forwarded after its own credentials check (``xylen_server.server``). Undo with
-    ``CALLER.reset`` through :func:`stop_acting`."""
-    return CALLER.set(source)
+def run_as(handler: grpc.RpcMethodHandler, source: Callable[[Any], str]) -> grpc.RpcMethodHandler:
+    """``handler`` with :data:`CALLER` set to ``source(context)`` for the whole call (unary or
+    streaming): the credentials check of :class:`AuthInterceptor`, or the caller a worker of
+    the same server forwarded after its own check (``xylen_server.server``). ``source`` may
+    raise to refuse the call."""
 
+    def unary(behavior: Any) -> Any:
+        async def run(request: Any, context: Any) -> Any:
+            reset = CALLER.set(source(context))
+            try:
+                return await behavior(request, context)
+            finally:
+                CALLER.reset(reset)
 
-def stop_acting(token: contextvars.Token[str]) -> None:
-    CALLER.reset(token)
+        return run
+
+    def streaming(behavior: Any) -> Any:
+        async def run(request: Any, context: Any) -> Any:
+            reset = CALLER.set(source(context))
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            finally:
+                CALLER.reset(reset)
+
+        return run
+
+    return wrap_behaviors(handler, unary, streaming)
 
 
 def is_trusted(source: str | None) -> bool:
@@ -317,30 +336,7 @@ class AuthInterceptor(HandlerInterceptor):
         kind = method_kind(method)
         if not self.guards(kind):
             return handler  # nothing to check: no cost on the hot path
-        check = self.checker(method, kind)
-
-        def unary(behavior: Any) -> Any:
-            async def guarded(request: Any, context: Any) -> Any:
-                reset = CALLER.set(check(context))
-                try:
-                    return await behavior(request, context)
-                finally:
-                    CALLER.reset(reset)
-
-            return guarded
-
-        def streaming(behavior: Any) -> Any:
-            async def guarded(request: Any, context: Any) -> Any:
-                reset = CALLER.set(check(context))
-                try:
-                    async for response in behavior(request, context):
-                        yield response
-                finally:
-                    CALLER.reset(reset)
-
-            return guarded
-
-        return wrap_behaviors(handler, unary, streaming)
+        return run_as(handler, self.checker(method, kind))
 
     def checker(self, method: str, kind: str) -> Callable[[Any], str]:
         """The check of one method's calls: the caller's identity, or the refusal (logged)."""

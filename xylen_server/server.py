@@ -54,7 +54,6 @@ from xylen_server.errors import (
     ModelLoadError,
     SettingsError,
     Unavailable,
-    wrap_behaviors,
 )
 from xylen_server.health import Health, bind, server_options
 from xylen_server.learning.feedback import FeedbackLoop
@@ -538,28 +537,7 @@ class _ForwardedCaller(HandlerInterceptor):
                     return str(value)[:200]
             return auth.ANONYMOUS
 
-        def unary(behavior: Any) -> Any:
-            async def run(request: Any, context: Any) -> Any:
-                token = auth.acting_as(source(context))
-                try:
-                    return await behavior(request, context)
-                finally:
-                    auth.stop_acting(token)
-
-            return run
-
-        def streaming(behavior: Any) -> Any:
-            async def run(request: Any, context: Any) -> AsyncIterator[Any]:
-                token = auth.acting_as(source(context))
-                try:
-                    async for answer in behavior(request, context):
-                        yield answer
-                finally:
-                    auth.stop_acting(token)
-
-            return run
-
-        return wrap_behaviors(handler, unary, streaming)
+        return auth.run_as(handler, source)
 
 
 def _internal_server(
