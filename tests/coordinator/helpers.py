@@ -3,6 +3,7 @@ ports, and config files with fast test settings."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 
 import harness
 import yaml
+
+from training.metadata import ModelMetadata
 
 #: Model types and static weights of the four default servers.
 MODELS = (
@@ -56,3 +59,11 @@ def four_endpoints(servers: Sequence[harness.ServerProcess]) -> list[dict[str, A
         endpoint(name, server.port, weight)
         for (name, _, weight), server in zip(MODELS, servers, strict=True)
     ]
+
+
+def write_model_with(root: Path, name: str, seed: int, **changes: object) -> None:
+    """A small real model ``root/name`` (20 trees) whose metadata differs by ``changes``
+    (horizon, fee, thresholds...): servers of different label definitions side by side."""
+    harness.write_model(root, name, trees=20, seed=seed)
+    meta = ModelMetadata.read(root / name)
+    dataclasses.replace(meta, **changes).write(root / name)  # type: ignore[arg-type]

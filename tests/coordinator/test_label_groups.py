@@ -3,16 +3,14 @@ its members' own: by hand (pure functions) and over real servers."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import harness
 import pytest
-from coordinator.helpers import endpoint, write_config
+from coordinator.helpers import endpoint, write_config, write_model_with
 
-from training.metadata import ModelMetadata
 from xylen_coordinator import Coordinator
 from xylen_coordinator.config import Thresholds
 from xylen_coordinator.ensemble import label_plan, member_thresholds
@@ -61,20 +59,20 @@ def test_votes_left_out_and_thresholds_reach_the_contract() -> None:
     assert message.votes[0].left_out_reason == "why"
 
 
-def _model(root: Path, name: str, seed: int, **changes: object) -> None:
-    harness.write_model(root, name, trees=20, seed=seed)
-    meta = ModelMetadata.read(root / name)
-    dataclasses.replace(meta, **changes).write(root / name)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="module")
 def three_servers(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, harness.ServerProcess]]:
     root = tmp_path_factory.mktemp("label-groups")
-    _model(root, "h1a", 1, fee=0.001, signal_thresholds={"buy": 0.6, "sell": 0.4, "rule": "t"})
-    _model(root, "h1b", 2, fee=0.001, signal_thresholds={"buy": 0.7, "sell": 0.3, "rule": "t"})
-    _model(root, "h4", 3, fee=0.001, horizon=4, signal_thresholds={"buy": 0.5, "sell": 0.2})
+    write_model_with(
+        root, "h1a", 1, fee=0.001, signal_thresholds={"buy": 0.6, "sell": 0.4, "rule": "t"}
+    )
+    write_model_with(
+        root, "h1b", 2, fee=0.001, signal_thresholds={"buy": 0.7, "sell": 0.3, "rule": "t"}
+    )
+    write_model_with(
+        root, "h4", 3, fee=0.001, horizon=4, signal_thresholds={"buy": 0.5, "sell": 0.2}
+    )
     servers = {name: harness.start_server(root, name, wait=False) for name in ("h1a", "h1b", "h4")}
     try:
         for process in servers.values():

@@ -9,7 +9,6 @@ label each model was trained for (net of its own fee), over real servers.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import time
@@ -18,12 +17,11 @@ from pathlib import Path
 
 import harness
 import pytest
-from coordinator.helpers import endpoint, write_config
+from coordinator.helpers import endpoint, write_config, write_model_with
 from coordinator.lying_model_server import LyingModelServer
 from prometheus_client import generate_latest
 
 from training.labels import label_from_return
-from training.metadata import ModelMetadata
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_coordinator import Coordinator
@@ -38,20 +36,14 @@ ROW = [pb.PredictInput(features=types_pb2.FeatureVector(values=[0.1, 0.2]))]
 # -- 1. the horizon ---------------------------------------------------------------------------
 
 
-def _model(root: Path, name: str, seed: int, **changes: object) -> None:
-    harness.write_model(root, name, trees=20, seed=seed)
-    meta = ModelMetadata.read(root / name)
-    dataclasses.replace(meta, **changes).write(root / name)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="module")
 def mixed_horizons(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, harness.ServerProcess]]:
     root = tmp_path_factory.mktemp("vote-truth")
-    _model(root, "h1a", 1, fee=FEE)
-    _model(root, "h1b", 2, fee=FEE)
-    _model(root, "h4", 3, fee=FEE, horizon=4)
+    write_model_with(root, "h1a", 1, fee=FEE)
+    write_model_with(root, "h1b", 2, fee=FEE)
+    write_model_with(root, "h4", 3, fee=FEE, horizon=4)
     servers = {name: harness.start_server(root, name, wait=False) for name in ("h1a", "h1b", "h4")}
     try:
         for process in servers.values():
