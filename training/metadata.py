@@ -72,8 +72,10 @@ ZERO_THRESHOLD = 1e-35
 def model_input(rows: np.ndarray) -> np.ndarray:
     """The one input convention every engine sees: float32, with LightGBM's zero snapping
     applied, so ONNX and native engines branch the same way on every value."""
-    out = np.asarray(rows, dtype=np.float32).copy()
-    out[np.abs(out) <= ZERO_THRESHOLD] = 0.0
+    out = np.array(rows, dtype=np.float32)  # always a copy
+    tiny = np.abs(out) <= ZERO_THRESHOLD
+    if tiny.any():
+        out[tiny] = 0.0
     return out
 
 

@@ -124,7 +124,8 @@ class Settings:
     """Rows of the ONNX-vs-native check run before serving."""
     loop_budget_us: float = env("LOOP_INFERENCE_BUDGET_US", 50.0, minimum=0.0)
     """A batch of feature vectors whose measured cost fits this budget runs on the event loop
-    (a thread hop costs ~80 us, more than a small model's row); anything bigger, and every
+    (a thread hop costs ~80 us, more than a small model's row), batched with the others that
+    arrive while the loop is busy (up to 64 rows an inference); anything bigger, and every
     candle window, runs on the pool's threads. 0 always offloads."""
     inference_delay_ms: float = env("INFERENCE_DELAY_MS", 0.0, minimum=0.0)
     """Test-only: an artificial delay added to every inference."""

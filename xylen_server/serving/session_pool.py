@@ -13,7 +13,8 @@ one copy of the trees in memory instead of ``size + 1``.
 
 The event-loop thread calls the same session directly (:meth:`predict_on_loop`): a single row
 of a 500-tree model takes ~12 us, a hop to a worker thread ~80 us, so tiny batches that fit the
-loop's budget (see :mod:`xylen_server.serving.predictor`) run there without waiting for a worker.
+loop's budget (see :mod:`xylen_server.serving.predictor`) run there, batched, without waiting
+for a worker.
 """
 
 from __future__ import annotations
@@ -47,11 +48,15 @@ class SessionPool:
             model_bytes, session_options(threads), providers=["CPUExecutionProvider"]
         )
         self.executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="onnx")
+        # Reused by every run: without it onnxruntime builds default run options per call,
+        # 4 of a one-row run's 10 us (measured). Nothing here ever changes them.
+        self._run_options = ort.RunOptions()
+        self._outputs = [PROBABILITIES_OUTPUT]
 
     def predict_proba(self, rows: np.ndarray) -> np.ndarray:
         """P(up) for a float32 (n, features) array. Thread-safe, never waits for a lock."""
-        probabilities = self._session.run([PROBABILITIES_OUTPUT], {INPUT_NAME: rows})[0]
-        return np.asarray(probabilities[:, 1], dtype=np.float64)
+        probabilities = self._session.run(self._outputs, {INPUT_NAME: rows}, self._run_options)[0]
+        return probabilities[:, 1].astype(np.float64)
 
     # The session is shared and thread-safe: the loop thread runs it like any other.
     predict_on_loop = predict_proba
