@@ -7,7 +7,9 @@
   alternating short slices: p50/p99, requests/s, and the server's CPU per call (the server
   process's user + system CPU time over its slices / the calls answered, every thread counted)
   with calls per core-second, each against the echo's at the same concurrency. CPU per call
-  does not depend on how busy the machine is the way latency does.
+  does not depend on how busy the machine is the way latency does. The same two targets again
+  on a server of all the workers this host gives it (``WORKERS=auto``, when more than one),
+  reached over 8 connections, its CPU counted over the supervisor and every worker.
 
 Every xylen server starts through :func:`start_server` (one environment in, a SERVING process
 out), so a variant is one more environment. The model is what production serves: LightGBM, 500
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -316,6 +320,26 @@ async def _stream_slice(
     return done
 
 
+async def _streams_slice(
+    stubs: Sequence[pb_grpc.ModelServiceStub],
+    request: pb.PredictRequest,
+    concurrency: int,
+    seconds: float,
+    latencies: list[float] | None = None,
+) -> int:
+    """``concurrency`` items in flight spread over one PredictStream per connection (as many
+    streams as items at most): what reaches every worker of a WORKERS=N server."""
+    streams = min(concurrency, len(stubs))
+    shares = [concurrency // streams + (i < concurrency % streams) for i in range(streams)]
+    done = await asyncio.gather(
+        *(
+            _stream_slice(stubs[i], request, share, seconds, latencies)
+            for i, share in enumerate(shares)
+        )
+    )
+    return sum(done)
+
+
 async def _interleaved_throughput(
     slices: dict[str, Callable[[float], object]], seconds: float, slice_seconds: float = 0.25
 ) -> dict[str, float]:
@@ -368,6 +392,11 @@ class Target:
     label: str
     pid: int
     run: Callable[[int, float, Load], Awaitable[int]]
+    pids: Sequence[int] = ()
+    """Every process of the target when it has several (a supervisor and its workers)."""
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.pids or (self.pid,))
 
 
 async def measure(
@@ -385,10 +414,10 @@ async def measure(
         for _ in range(max(1, round(seconds / slice_seconds))):
             for target in targets:
                 load = loads[(target.label, level)]
-                cpu, started = cpu_seconds(target.pid), time.perf_counter()
+                cpu, started = target.cpu_seconds(), time.perf_counter()
                 load.calls += await target.run(level, slice_seconds, load)
                 load.seconds += time.perf_counter() - started
-                load.cpu += cpu_seconds(target.pid) - cpu
+                load.cpu += target.cpu_seconds() - cpu
     return loads
 
 
@@ -419,60 +448,113 @@ def report(
 
 
 def over_grpc(
-    model_root: Path, rows: np.ndarray, seconds: float, source: Path = REPO
+    model_root: Path,
+    rows: np.ndarray,
+    seconds: float,
+    source: Path = REPO,
+    workers: int | None = None,
 ) -> dict[tuple[str, int], Load]:
+    """The echo floor, then xylen Predict and PredictStream on one process and, when this host
+    gives a server more than one core (``WORKERS=auto``; ``workers`` overrides), on a server of
+    all its workers reached over :data:`CONNECTIONS` connections (the kernel hands each
+    connection to one worker); CPU per call counts every process of a server."""
+    from bench.bench_workers import CONNECTIONS, Server  # it imports this module
+    from xylen_server.workers import worker_count
+
     request = pb.PredictRequest(
         inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=rows[0].tolist()))]
     )
     payload = request.SerializeToString()
+    count = worker_count("auto") if workers is None else workers
     echo = Process([sys.executable, "-m", "bench.echo_server"], dict(os.environ), "echo listening")
     xylen = start_server(xylen_env(model_root), source)
+    data = Path(tempfile.mkdtemp(prefix="xylen-bench-workers-data-"))
+    many = Server(model_root, count, data, source) if count > 1 else None
     try:
         print(
             f"\n== over gRPC on loopback (grpcio {grpc.__version__}), batch 1, "
             f"{len(payload)}-byte request, asyncio client, targets measured in turn "
-            f"({seconds:.0f}s each per level) =="
+            f"({seconds:.0f}s each per level); one server process"
+            + (f", and WORKERS={count} over {CONNECTIONS} connections" if many else "")
+            + f"; {os.cpu_count()} cores shared with the client =="
         )
+        labels = ["bare grpc.aio echo (floor)", "xylen Predict (unary)", "xylen PredictStream"]
+        if many is not None:
+            labels += [f"Predict, {count} workers", f"PredictStream, {count} workers"]
 
         async def run() -> dict[tuple[str, int], Load]:
-            async with (
-                grpc.aio.insecure_channel(f"127.0.0.1:{echo.port}") as ec,
-                grpc.aio.insecure_channel(f"127.0.0.1:{xylen.port}") as xc,
-            ):
-                echo_call = ec.unary_unary("/bench.Echo/Echo")
-                stub = pb_grpc.ModelServiceStub(xc)
+            own = [("grpc.use_local_subchannel_pool", 1)]
+            channels = [
+                grpc.aio.insecure_channel(f"127.0.0.1:{echo.port}"),
+                grpc.aio.insecure_channel(f"127.0.0.1:{xylen.port}"),
+            ]
+            if many is not None:
+                channels += [
+                    grpc.aio.insecure_channel(many.address, options=own) for _ in range(CONNECTIONS)
+                ]
+            try:
+                echo_call = channels[0].unary_unary("/bench.Echo/Echo")
+                stub = pb_grpc.ModelServiceStub(channels[1])
                 answer = await stub.Predict(request)
                 assert len(answer.predictions) == 1
                 targets = [
                     Target(
-                        "bare grpc.aio echo (floor)",
+                        labels[0],
                         echo.proc.pid,
                         lambda c, s, load: _unary_slice(
                             lambda: echo_call(payload), c, s, load.latencies, load.errors
                         ),
                     ),
                     Target(
-                        "xylen Predict (unary)",
+                        labels[1],
                         xylen.proc.pid,
                         lambda c, s, load: _unary_slice(
                             lambda: stub.Predict(request), c, s, load.latencies, load.errors
                         ),
                     ),
                     Target(
-                        "xylen PredictStream",
+                        labels[2],
                         xylen.proc.pid,
                         lambda c, s, load: _stream_slice(stub, request, c, s, load.latencies),
                     ),
                 ]
+                if many is not None:
+                    stubs = [pb_grpc.ModelServiceStub(c) for c in channels[2:]]
+                    turn = itertools.cycle(stubs)
+                    targets += [
+                        Target(
+                            labels[3],
+                            many.process.proc.pid,
+                            lambda c, s, load: _unary_slice(
+                                lambda: next(turn).Predict(request),
+                                c,
+                                s,
+                                load.latencies,
+                                load.errors,
+                            ),
+                            many.pids,
+                        ),
+                        Target(
+                            labels[4],
+                            many.process.proc.pid,
+                            lambda c, s, load: _streams_slice(stubs, request, c, s, load.latencies),
+                            many.pids,
+                        ),
+                    ]
                 return await measure(targets, LEVELS, seconds)
+            finally:
+                for channel in channels:
+                    await channel.close()
 
         loads = asyncio.run(run())
-        labels = ["bare grpc.aio echo (floor)", "xylen Predict (unary)", "xylen PredictStream"]
         report(loads, labels, labels[0], LEVELS)
         return loads
     finally:
         echo.stop()
         xylen.stop()
+        if many is not None:
+            many.stop()
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -482,6 +564,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--source", type=Path, default=REPO, help="the tree whose xylen_server to measure"
     )
     parser.add_argument("--skip-in-process", action="store_true")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="workers of the all-workers server (auto)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="xylen-bench-") as tmp:
         root = Path(tmp)
@@ -493,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         if not args.skip_in_process:
             in_process(model_dir, rows, args.seconds)
-        over_grpc(root, rows, args.seconds, args.source)
+        over_grpc(root, rows, args.seconds, args.source, args.workers)
         print("  (shared, noisy machine: compare the ratios, measured in turn, not the absolutes)")
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.bench_server import Process, build_model
+from bench.bench_server import REPO, Process, build_model
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen.v1 import types_pb2
@@ -49,7 +49,7 @@ def cpu_seconds(pids: Sequence[int]) -> float:
 class Server:
     """A xylen server (one process or a supervisor and its workers) and its processes."""
 
-    def __init__(self, model_root: Path, workers: int, data: Path) -> None:
+    def __init__(self, model_root: Path, workers: int, data: Path, source: Path = REPO) -> None:
         env = dict(
             os.environ,
             MODEL_PATH=str(model_root),
@@ -63,7 +63,9 @@ class Server:
             RETRAIN_AUTO="false",
         )
         self.workers = workers
-        self.process = Process([sys.executable, "-m", "xylen_server"], env, "listening on port")
+        self.process = Process(
+            [sys.executable, "-m", "xylen_server"], env, "listening on port", source
+        )
         assert self.process.proc.stdout is not None
         self.metrics_port = int(self.process.proc.stdout.readline().rsplit(" ", 1)[1])
         self.address = f"127.0.0.1:{self.process.port}"
