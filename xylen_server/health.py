@@ -11,7 +11,9 @@ from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+
+from xylen_server.errors import InterceptedRegistration
 
 
 def server_options(max_message_bytes: int, reuse_port: bool = False) -> list[tuple[str, int]]:
@@ -37,7 +39,10 @@ class Health:
     asks for once every worker is ready, so a probe sees SERVING only when all of them are."""
 
     def __init__(
-        self, server: grpc.aio.Server, services: Sequence[str], gated: bool = False
+        self,
+        server: grpc.aio.Server | InterceptedRegistration,
+        services: Sequence[str],
+        gated: bool = False,
     ) -> None:
         self.servicer = health.aio.HealthServicer()
         self.services = ("", *services)
@@ -47,8 +52,14 @@ class Health:
         """What the last :meth:`set` said: this server's own readiness."""
         self.gate_open = not gated
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
-        reflection.enable_server_reflection(
-            (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        # What enable_server_reflection does for an aio server, also through a registration
+        # that wraps handlers (xylen_server.errors.InterceptedRegistration), which it would
+        # not recognise as one.
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(
+                (*services, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            ),
+            server,
         )
 
     async def set(self, serving: bool) -> None:

@@ -185,14 +185,16 @@ async def build_server(
     # Outermost first: (spans,) metrics count every answer, errors become status + ErrorInfo,
     # credentials are checked, and admission (decoding, shedding, limits) runs before any
     # handler.
-    interceptors: list[grpc.aio.ServerInterceptor] = [
-        CallInterceptor(recorder, AuthInterceptor(security), admission)
-    ]
+    # CallInterceptor wraps every handler as it is registered (``registration``), not as a grpc
+    # interceptor, which would cost a chain of coroutines per call; spans, when on, come from
+    # grpc's interceptor around that.
+    call = CallInterceptor(recorder, AuthInterceptor(security), admission)
+    interceptors: list[grpc.aio.ServerInterceptor] = []
     if tracing_enabled() and settings.trace_hooks:
-        interceptors.insert(0, server_tracing_interceptor())
+        interceptors.append(server_tracing_interceptor())
     worker = settings.worker_index >= 0 and settings.worker_run_dir is not None
     server = grpc.aio.server(
-        interceptors=interceptors,
+        interceptors=interceptors or None,
         options=server_options(settings.max_message_bytes, reuse_port=worker)
         + admission.core_options,
         # grpc's own cap, counted when a call arrives (before its task waits for the loop):
@@ -210,10 +212,11 @@ async def build_server(
     if links is not None and settings.worker_index > 0:
         feedback.owns_store = False
         _forward_to_owner(servicer, links)
-    pb_grpc.add_ModelServiceServicer_to_server(servicer, server)
-    health = Health(server, (SERVICE_NAME, inference_v2.SERVICE_NAME), gated=worker)
+    registration = call.registrar(server)  # everything served is added through it
+    pb_grpc.add_ModelServiceServicer_to_server(servicer, registration)
+    health = Health(registration, (SERVICE_NAME, inference_v2.SERVICE_NAME), gated=worker)
     # The Open Inference Protocol (KServe v2) beside it: same port, predictor and interceptors.
-    inference_v2.add_to_server(server, predictor, lambda: health.serving)
+    inference_v2.add_to_server(registration, predictor, lambda: health.serving)
     # An IPv6 literal (GRPC_HOST=::1) needs brackets in a gRPC address.
     bare = settings.host.strip("[]")
     host = f"[{bare}]" if ":" in bare else bare

@@ -43,7 +43,13 @@ from xylen.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_server.api import limits
-from xylen_server.errors import InvalidArgument, NotFound, ResourceExhausted, shown
+from xylen_server.errors import (
+    InterceptedRegistration,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    shown,
+)
 from xylen_server.serving.model_store import LoadedModel
 from xylen_server.serving.predictor import Predictor, Result, check_model_name
 
@@ -325,7 +331,9 @@ def _platform(model: LoadedModel) -> str:
 
 
 def add_to_server(
-    server: grpc.aio.Server, predictor: Predictor, serving: Callable[[], bool]
+    server: grpc.aio.Server | InterceptedRegistration,
+    predictor: Predictor,
+    serving: Callable[[], bool],
 ) -> None:
     """Serve ``inference.GRPCInferenceService`` on ``server`` beside xylen.v1."""
     v2_grpc.add_GRPCInferenceServiceServicer_to_server(
