@@ -51,6 +51,7 @@ from xylen_server.auth import AuthInterceptor, ServerSecurity, check_exposure
 from xylen_server.errors import (
     ErrorStatusInterceptor,
     HandlerInterceptor,
+    InterceptedRegistration,
     ModelLoadError,
     SettingsError,
     Unavailable,
@@ -94,6 +95,10 @@ class Running:
     metrics_port: int = 0
     trimming: asyncio.Task[None] | None = field(default=None, repr=False)
     """Gives freed memory back to the system every ``MEMORY_TRIM_INTERVAL_SECONDS``."""
+    registration: InterceptedRegistration | None = None
+    """Where services are added to :attr:`server` with the call wrapper (metrics, errors,
+    credentials, admission) around their handlers: add any service through it, never to
+    :attr:`server` directly (which would serve it bare)."""
     internal: grpc.aio.Server | None = None
     """A worker's internal server on its unix socket (None: a server on its own)."""
     links: WorkerLinks | None = None
@@ -227,6 +232,7 @@ async def build_server(
     running = Running(
         settings, server, port, predictor, health, recorder, feedback, models, retrainer, admission
     )
+    running.registration = registration
     if worker:
         running.deferred_bind = (address, credentials)
     if links is not None:

@@ -76,7 +76,8 @@ def channel(models_root: Path) -> Iterator[grpc.Channel]:
         return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
 
     running = call(build_server(server_settings(models_root)))
-    running.server.add_generic_rpc_handlers((_handlers(),))
+    assert running.registration is not None
+    running.registration.add_generic_rpc_handlers((_handlers(),))
     call(running.server.start())
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
