@@ -1,9 +1,11 @@
 """A hot swap yields to serving: the parity reference child (the swap's seconds of CPU) runs at
-``MODEL_LOAD_NICE``, and every load goes through it."""
+``MODEL_LOAD_NICE``, every load goes through it, and each swap reports the event loop's worst
+lateness while it ran (a probe that sees a held loop for what it is)."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +71,33 @@ def test_every_load_and_swap_runs_its_reference_at_model_load_nice(
         server.close()
     assert len(made) == 2  # the start-up load and the swap's
     assert [r.niceness for r in made] == [min(19, _own_niceness() + 5)] * 2
+
+
+def test_each_swap_reports_the_loops_worst_lateness_and_a_held_loop_shows(
+    two_versions: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = InProcessServer(learning_settings(two_versions))
+    predictor = server.running.predictor
+    real_swap = predictor.swap
+    held = {"seconds": 0.0}
+
+    async def swap_holding_the_loop(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(held["seconds"])  # on the event loop: nothing else runs meanwhile
+        return await real_swap(*args, **kwargs)
+
+    monkeypatch.setattr(predictor, "swap", swap_holding_the_loop)
+    lags = server.running.models.loop_lag_ms
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ModelServiceStub(channel)
+            stub.RollbackModel(pb.RollbackModelRequest(version=2), timeout=120)
+            assert len(lags) == 1 and lags[0] >= 0.0
+            held["seconds"] = 0.08
+            reply = stub.RollbackModel(pb.RollbackModelRequest(version=1), timeout=120)
+            assert reply.model_info.version == 1
+    finally:
+        server.close()
+    assert len(lags) == 2
+    # The probe's 1 ms timer was due while the loop was held for 80 ms: it woke at least
+    # 79 ms late (a lower bound that holds however slow the machine is).
+    assert lags[1] >= 79.0
