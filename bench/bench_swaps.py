@@ -203,6 +203,7 @@ def _report(target: Target, in_flight: int, rounds: int, seconds: float) -> dict
             f"  event loop's worst lateness per swap (server's 1 ms probe): median "
             f"{statistics.median(lags):.1f} ms, largest {max(lags):.1f} ms over {len(lags)} swaps"
         )
+        print(f"    each swap's, sorted (ms): {sorted(round(v, 1) for v in lags)}")
     else:
         print("  event loop's worst lateness per swap: n/a (this server does not report it)")
     per_call_idle = target.cpu_idle / max(target.calls_idle, 1) * 1e6
