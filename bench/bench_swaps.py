@@ -200,7 +200,7 @@ def _report(target: Target, in_flight: int, rounds: int, seconds: float) -> dict
     print(f"  swap p99 / idle p99: {swap_p99 / idle_p99:.2f}x  (target <= 2x)")
     if lags:
         print(
-            f"  event loop's worst lateness per swap (server's 1 ms probe): median "
+            f"  event loop's worst lateness per swap (server's 5 ms probe): median "
             f"{statistics.median(lags):.1f} ms, largest {max(lags):.1f} ms over {len(lags)} swaps"
         )
         print(f"    each swap's, sorted (ms): {sorted(round(v, 1) for v in lags)}")
