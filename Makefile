@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	# no tritonclient release admits grpcio 1.76 in its metadata (2.71's grpc extra says < 1.68)
 	# although it works against it, so it goes in without its dependencies (pyproject cannot say
 	# --no-deps): numpy, protobuf, packaging and urllib3 are already pinned here, python-rapidjson
-	# is its one missing import, and ml-dtypes (it says <= 0.5.4; onnx brings 0.7) is only
+	# is its one missing import, and ml-dtypes (it says <= 0.5.4; pinned so) is only
 	# read for BF16 tensors.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'tritonclient[grpc]==2.71.0' 'python-rapidjson==1.25'
 	touch $@

@@ -191,7 +191,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def xylen_env(model_root: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a bench xylen server serving ``model_root/model_1``."""
+    """The environment of a bench xylen server serving ``model_root/model_1`` (``extra`` may
+    override any of it)."""
     return dict(
         os.environ,
         MODEL_PATH=str(model_root),
@@ -200,15 +201,17 @@ def xylen_env(model_root: Path, extra: Mapping[str, str] | None = None) -> dict[
         GRPC_PORT="0",
         METRICS_PORT="0",
         LOG_LEVEL="WARNING",
-        **(extra or {}),
-    )
+    ) | dict(extra or {})
 
 
-def start_server(env: Mapping[str, str], source: Path = REPO) -> Process:
+def start_server(
+    env: Mapping[str, str], source: Path = REPO, python: str = sys.executable
+) -> Process:
     """A xylen server process started with exactly ``env``, once it reports SERVING;
-    ``source`` is the tree whose ``xylen_server`` it runs. Every server the bench measures
-    starts here (so a variant, e.g. with ``WORKERS=N``, is one more ``env``)."""
-    server = Process([sys.executable, "-m", "xylen_server"], dict(env), "listening on port", source)
+    ``source`` is the tree whose ``xylen_server`` it runs (with the interpreter ``python``).
+    Every server the bench measures starts here (so a variant, e.g. with ``WORKERS=N``, is one
+    more ``env``)."""
+    server = Process([python, "-m", "xylen_server"], dict(env), "listening on port", source)
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -226,10 +229,13 @@ def start_server(env: Mapping[str, str], source: Path = REPO) -> Process:
 
 
 def start_xylen(
-    model_root: Path, extra: dict[str, str] | None = None, source: Path = REPO
+    model_root: Path,
+    extra: dict[str, str] | None = None,
+    source: Path = REPO,
+    python: str = sys.executable,
 ) -> Process:
     """A xylen server process; ``source`` is the tree whose ``xylen_server`` it runs."""
-    return start_server(xylen_env(model_root, extra), source)
+    return start_server(xylen_env(model_root, extra), source, python)
 
 
 def _interleaved_latency(

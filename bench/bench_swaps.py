@@ -7,8 +7,19 @@ load: the parity reference child, one ONNX Runtime session built off the loop, w
 atomic swap). The ratio is p99 during swaps over p99 without, medians over the rounds, so
 machine noise hits both alike. Target: within 2x.
 
-    python -m bench swaps                        # ~1 minute
-    python -m bench.bench_swaps --source /path   # the same against another checkout's server
+Beside the latencies, figures that depend less on how busy the machine is: the event loop's
+worst lateness during each swap (the server's own probe, :class:`xylen_server.versions.swap.
+LoopLag`, read from its log; "n/a" for a server without it), the server's CPU per Predict with
+and without swaps and its parity children's CPU per swap; and, first, building the model's ONNX
+Runtime session in the bench's own process: CPU per build and the longest GIL hold, as served
+and with optimizations off or a pre-optimized ORT-format model (a few seconds).
+
+    python -m bench swaps                              # ~1 minute
+    python -m bench.bench_swaps --source /path         # the same against another checkout
+    python -m bench.bench_swaps --baseline /work/main  # before/after in one run (~2 minutes)
+
+``--baseline TREE`` runs TREE's server too (with ``TREE/.venv/bin/python`` when there is one,
+so its own dependencies count), alternating rounds between the two so noise hits both alike.
 """
 
 from __future__ import annotations
@@ -16,22 +27,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 
-from bench.bench_server import REPO, build_model, start_xylen
+from bench.bench_server import REPO, Process, build_model, start_xylen
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen.v1 import types_pb2
 from xylen_server.auth import with_token
 
 ADMIN_TOKEN = "bench-admin-token"
+_LAG = re.compile(rb"event loop late by at most ([0-9.]+) ms")
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 async def _load(
@@ -68,72 +86,253 @@ def _second_version(model_dir: Path) -> None:
     meta_path.write_text(json.dumps(meta, indent=2))
 
 
-def run(source: Path, seconds: float, rounds: int, in_flight: int) -> dict[str, float]:
+def _cpu(pid: int) -> tuple[float, float]:
+    """(the process's own, its waited-for children's) user + system CPU seconds."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    own = (int(fields[11]) + int(fields[12])) / _TICKS
+    children = (int(fields[13]) + int(fields[14])) / _TICKS
+    return own, children
+
+
+def _loop_lags(server: Process) -> list[float]:
+    """Worst event-loop lateness (ms) of each swap so far, from the server's log (read with
+    pread: the server shares the file offset)."""
+    fd = server.log.fileno()
+    return [float(m) for m in _LAG.findall(os.pread(fd, os.fstat(fd).st_size, 0))]
+
+
+@dataclass
+class Target:
+    """One server under test and what was measured on it."""
+
+    name: str
+    server: Process
+    model_dir: Path
+    idle: list[float] = field(default_factory=list)
+    """p99 (us) of each round without swaps."""
+    swapping: list[float] = field(default_factory=list)
+    """p99 (us) of each round with swaps."""
+    swap_seconds: list[float] = field(default_factory=list)
+    cpu_idle: float = 0.0
+    """Server CPU seconds during the rounds without swaps."""
+    cpu_swapping: float = 0.0
+    """Server CPU seconds during the rounds with swaps."""
+    cpu_children: float = 0.0
+    """Parity children's CPU seconds during the rounds with swaps."""
+    calls_idle: int = 0
+    calls_swapping: int = 0
+    swaps: int = 0
+    lags_before: int = 0
+
+
+def _start(name: str, root: Path, source: Path, python: str) -> tuple[Target, np.ndarray]:
+    model_dir, rows = build_model(root / "models")
+    server = start_xylen(
+        root / "models",
+        {
+            "FEEDBACK_DATA_DIR": str(root / "data"),
+            "RETRAIN_AUTO": "false",
+            "ADMIN_TOKEN": ADMIN_TOKEN,
+            "LOG_LEVEL": "INFO",  # the swap's log line carries the loop's lateness
+        },
+        source=source,
+        python=python,
+    )
+    return Target(name, server, model_dir), rows
+
+
+def _round(
+    target: Target, request: pb.PredictRequest, in_flight: int, seconds: float, target_v: list[int]
+) -> None:
+    address = f"127.0.0.1:{target.server.port}"
+    pid = target.server.proc.pid
+    own0, _ = _cpu(pid)
+    samples = asyncio.run(_load(address, request, in_flight, seconds))
+    own1, children1 = _cpu(pid)
+    target.idle.append(_p(samples, 0.99))
+    target.cpu_idle += own1 - own0
+    target.calls_idle += len(samples)
+    state = {"on": True, "count": 0}
+    with grpc.insecure_channel(address) as plain:
+        admin = pb_grpc.ModelServiceStub(with_token(plain, ADMIN_TOKEN))
+
+        def swapper() -> None:
+            while state["on"]:
+                started = time.perf_counter()
+                admin.RollbackModel(pb.RollbackModelRequest(version=target_v[0]), timeout=300)
+                target.swap_seconds.append(time.perf_counter() - started)
+                state["count"] += 1
+                target_v[0] = 3 - target_v[0]
+
+        thread = threading.Thread(target=swapper)
+        thread.start()
+        time.sleep(0.2)
+        samples = asyncio.run(_load(address, request, in_flight, seconds))
+        state["on"] = False
+        thread.join()
+    own2, children2 = _cpu(pid)
+    target.swapping.append(_p(samples, 0.99))
+    target.cpu_swapping += own2 - own1
+    target.cpu_children += children2 - children1
+    target.calls_swapping += len(samples)
+    target.swaps += state["count"]
+
+
+def _report(target: Target, in_flight: int, rounds: int, seconds: float) -> dict[str, float]:
+    idle_p99, swap_p99 = statistics.median(target.idle), statistics.median(target.swapping)
+    lags = _loop_lags(target.server)[target.lags_before :]
+    swaps = max(target.swaps, 1)
+    print(f"  [{target.name}]")
+    print(
+        f"  Predict batch 1, {in_flight} in flight, {rounds} rounds of {seconds:.0f}s each way; "
+        f"{target.swaps} swaps back to back, "
+        f"{statistics.median(target.swap_seconds or [0]):.2f} s each (median)"
+    )
+    print(
+        f"  p99 without swaps (median of rounds): {idle_p99:8.0f} us   "
+        f"rounds {[round(v) for v in target.idle]}"
+    )
+    print(
+        f"  p99 during swaps  (median of rounds): {swap_p99:8.0f} us   "
+        f"rounds {[round(v) for v in target.swapping]}"
+    )
+    print(f"  swap p99 / idle p99: {swap_p99 / idle_p99:.2f}x  (target <= 2x)")
+    if lags:
+        print(
+            f"  event loop's worst lateness per swap (server's 5 ms probe): median "
+            f"{statistics.median(lags):.1f} ms, largest {max(lags):.1f} ms over {len(lags)} swaps"
+        )
+        print(f"    each swap's, sorted (ms): {sorted(round(v, 1) for v in lags)}")
+    else:
+        print("  event loop's worst lateness per swap: n/a (this server does not report it)")
+    per_call_idle = target.cpu_idle / max(target.calls_idle, 1) * 1e6
+    per_call_swap = target.cpu_swapping / max(target.calls_swapping, 1) * 1e6
+    print(
+        f"  server CPU per Predict: {per_call_idle:.0f} us without swaps, {per_call_swap:.0f} us "
+        f"during swaps; parity children: {target.cpu_children / swaps:.2f} CPU s per swap"
+    )
+    return {
+        "idle_p99_us": idle_p99,
+        "swap_p99_us": swap_p99,
+        "ratio": swap_p99 / idle_p99,
+        "loop_lag_ms_max": max(lags) if lags else float("nan"),
+        "child_cpu_s_per_swap": target.cpu_children / swaps,
+    }
+
+
+def construction(model_dir: Path, builds: int = 20) -> dict[str, tuple[float, float]]:
+    """CPU per build and the longest GIL hold of building the model's ONNX Runtime session,
+    as served (``session_options``) and with the alternatives: optimizations off, and the ORT
+    format saved pre-optimized (what a child could hand the server). The GIL hold is the
+    longest gap a thread sleeping 0.1 ms sees while a build runs (median over builds), beside
+    the same thread's longest gap with no build (the machine's noise)."""
+    import onnxruntime as ort
+
+    from xylen_server.serving.session_pool import session_options
+
+    onnx_bytes = (model_dir / "model.onnx").read_bytes()
+    ort_path = model_dir.parent / "model.ort"
+    saving = session_options(1)
+    saving.add_session_config_entry("session.save_model_format", "ORT")
+    saving.optimized_model_filepath = str(ort_path)
+    ort.InferenceSession(onnx_bytes, saving, providers=["CPUExecutionProvider"])
+    ort_bytes = ort_path.read_bytes()
+
+    def options(level: ort.GraphOptimizationLevel, ort_format: bool = False) -> object:
+        chosen = session_options(1)
+        chosen.graph_optimization_level = level
+        if ort_format:
+            chosen.add_session_config_entry("session.load_model_format", "ORT")
+        return chosen
+
+    level = ort.GraphOptimizationLevel
+    variants: dict[str, tuple[bytes, object] | None] = {
+        "no build (noise)": None,
+        "as served (ORT_ENABLE_ALL)": (onnx_bytes, session_options(1)),
+        "optimizations off": (onnx_bytes, options(level.ORT_DISABLE_ALL)),
+        "ORT format, pre-optimized, off": (ort_bytes, options(level.ORT_DISABLE_ALL, True)),
+    }
+    out: dict[str, tuple[float, float]] = {}
+    for name, variant in variants.items():
+        holds, cpu = [], 0.0
+        for _ in range(builds):
+            longest, stop = [0.0], threading.Event()
+
+            def ticker(longest: list[float] = longest, stop: threading.Event = stop) -> None:
+                last = time.perf_counter()
+                while not stop.is_set():
+                    time.sleep(0.0001)
+                    now = time.perf_counter()
+                    longest[0] = max(longest[0], now - last)
+                    last = now
+
+            thread = threading.Thread(target=ticker)
+            thread.start()
+            time.sleep(0.005)
+            started = time.thread_time()
+            if variant is None:
+                time.sleep(0.015)
+            else:
+                ort.InferenceSession(variant[0], variant[1], providers=["CPUExecutionProvider"])
+            cpu += time.thread_time() - started
+            time.sleep(0.002)
+            stop.set()
+            thread.join()
+            holds.append(longest[0])
+        out[name] = (cpu / builds * 1e3, statistics.median(holds) * 1e3)
+        print(
+            f"  session build {name:32s} CPU {out[name][0]:5.1f} ms, longest GIL hold "
+            f"{out[name][1]:4.1f} ms (median of {builds}; max {max(holds) * 1e3:.1f})"
+        )
+    return out
+
+
+def _python_of(source: Path) -> str:
+    venv = source / ".venv" / "bin" / "python"
+    return str(venv) if venv.is_file() else sys.executable
+
+
+def run(
+    source: Path,
+    seconds: float,
+    rounds: int,
+    in_flight: int,
+    baseline: Path | None = None,
+) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="xylen-bench-swaps-") as tmp:
         root = Path(tmp)
-        model_dir, rows = build_model(root / "models")
-        server = start_xylen(
-            root / "models",
-            {
-                "FEEDBACK_DATA_DIR": str(root / "data"),
-                "RETRAIN_AUTO": "false",
-                "ADMIN_TOKEN": ADMIN_TOKEN,
-            },
-            source=source,
-        )
+        wanted = [("this", source, sys.executable)]
+        if baseline is not None:
+            wanted.insert(0, ("baseline", baseline, _python_of(baseline)))
+        targets: list[Target] = []
         try:
-            address = f"127.0.0.1:{server.port}"
+            for name, tree, python in wanted:
+                label = f"{name}: {tree}" + ("" if python == sys.executable else f" ({python})")
+                target, rows = _start(label, root / name, tree, python)
+                targets.append(target)
             request = pb.PredictRequest(
                 inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=rows[7].tolist()))]
             )
-            with grpc.insecure_channel(address) as plain:
-                admin = pb_grpc.ModelServiceStub(with_token(plain, ADMIN_TOKEN))
-                _second_version(model_dir)
-                admin.ReloadModel(pb.ReloadModelRequest(), timeout=300)
-                idle: list[float] = []
-                swapping: list[float] = []
-                swaps = 0
-                swap_seconds: list[float] = []
-                state: dict[str, int | bool] = {"on": True, "count": 0, "target": 1}
-                for _ in range(rounds):
-                    samples = asyncio.run(_load(address, request, in_flight, seconds))
-                    idle.append(_p(samples, 0.99))
-                    state["on"], state["count"] = True, 0
-
-                    def swapper() -> None:
-                        while state["on"]:
-                            target = int(state["target"])
-                            started = time.perf_counter()
-                            admin.RollbackModel(
-                                pb.RollbackModelRequest(version=target), timeout=300
-                            )
-                            swap_seconds.append(time.perf_counter() - started)
-                            state["count"] = int(state["count"]) + 1
-                            state["target"] = 3 - target
-
-                    thread = threading.Thread(target=swapper)
-                    thread.start()
-                    time.sleep(0.2)
-                    samples = asyncio.run(_load(address, request, in_flight, seconds))
-                    state["on"] = False
-                    thread.join()
-                    swapping.append(_p(samples, 0.99))
-                    swaps += int(state["count"])
+            print(
+                f"  -- building the {targets[-1].model_dir.name} session (500 trees), in this process"
+            )
+            construction(targets[-1].model_dir)
+            versions: dict[str, list[int]] = {}
+            for target in targets:
+                with grpc.insecure_channel(f"127.0.0.1:{target.server.port}") as plain:
+                    admin = pb_grpc.ModelServiceStub(with_token(plain, ADMIN_TOKEN))
+                    _second_version(target.model_dir)
+                    admin.ReloadModel(pb.ReloadModelRequest(), timeout=300)
+                target.lags_before = len(_loop_lags(target.server))
+                versions[target.name] = [1]
+            for _ in range(rounds):
+                for target in targets:
+                    _round(target, request, in_flight, seconds, versions[target.name])
         finally:
-            server.stop()
-    idle_p99, swap_p99 = statistics.median(idle), statistics.median(swapping)
-    print(
-        f"  Predict batch 1, {in_flight} in flight, {rounds} rounds of {seconds:.0f}s each way; "
-        f"{swaps} swaps back to back, {statistics.median(swap_seconds):.2f} s each (median)"
-    )
-    print(
-        f"  p99 without swaps (median of rounds): {idle_p99:8.0f} us   rounds {[round(v) for v in idle]}"
-    )
-    print(
-        f"  p99 during swaps  (median of rounds): {swap_p99:8.0f} us   rounds {[round(v) for v in swapping]}"
-    )
-    print(f"  swap p99 / idle p99: {swap_p99 / idle_p99:.2f}x  (target <= 2x)")
-    return {"idle_p99_us": idle_p99, "swap_p99_us": swap_p99, "ratio": swap_p99 / idle_p99}
+            for target in targets:
+                target.server.stop()
+        return {t.name: _report(t, in_flight, rounds, seconds) for t in targets}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -142,9 +341,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--in-flight", type=int, default=4)
     parser.add_argument("--source", type=Path, default=REPO, help="checkout whose server runs")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="another checkout, measured in the same run"
+    )
     args = parser.parse_args(argv)
     print(f"== hot swaps under load (server from {args.source}) ==")
-    run(args.source, args.seconds, args.rounds, args.in_flight)
+    run(args.source, args.seconds, args.rounds, args.in_flight, args.baseline)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,10 @@ class Settings:
     candle window, runs on the pool's threads. 0 always offloads."""
     inference_delay_ms: float = env("INFERENCE_DELAY_MS", 0.0, minimum=0.0)
     """Test-only: an artificial delay added to every inference."""
+    model_load_nice: int = env("MODEL_LOAD_NICE", 10, minimum=0, maximum=19)
+    """Niceness added to the short-lived child that loads a model's native booster for the
+    parity reference (and converts it to ONNX when needed): its half-second or more of CPU per
+    load or hot swap yields to Predict instead of competing with it for the cores."""
 
     # -- limits on requests and load (what bad input and too much load get) ------------------
     max_name_bytes: int = env("MAX_NAME_BYTES", 128, minimum=1, maximum=65536)

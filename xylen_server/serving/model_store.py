@@ -10,7 +10,9 @@ booster on the parity probe within 1e-5, and the warm-up produced finite probabi
 Serving ONNX, the native booster, the conversion and the probe run in a short-lived child
 process (:func:`native_reference`): this process loads only onnxruntime, so a LightGBM server
 holds no xgboost, catboost, scikit-learn, scipy, pandas, polars or onnx, and an XGBoost or
-CatBoost server does not keep its native library for a check it made once.
+CatBoost server does not keep its native library for a check it made once. The child runs at
+``MODEL_LOAD_NICE`` (:mod:`xylen_server.serving.reference`), so a hot swap's seconds of CPU yield
+to Predict.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -98,13 +101,27 @@ def verify_checksums(meta: ModelMetadata, model_dir: Path, max_bytes: int) -> No
         raise ModelLoadError(f"model {meta.name!r}: {problem}")
 
 
+class Reference(NamedTuple):
+    """What the parity reference child made."""
+
+    model_bytes: bytes
+    """The ONNX model to serve."""
+    rows: np.ndarray
+    """The parity probe rows."""
+    probabilities: np.ndarray
+    """The native booster's P(up) on them."""
+    niceness: int
+    """The niceness the child ran at."""
+
+
 def native_reference(
-    meta: ModelMetadata, model_dir: Path, n_rows: int, timeout: float = 600.0
-) -> tuple[bytes, np.ndarray, np.ndarray]:
+    meta: ModelMetadata, model_dir: Path, n_rows: int, timeout: float = 600.0, nice: int = 0
+) -> Reference:
     """The ONNX model's bytes, the parity probe rows and the native booster's probabilities on
-    them, made by a short-lived child process (:mod:`xylen_server.serving.parity`), so this
-    process never loads the native library, onnx or the converters. Blocking (seconds): call
-    it off the event loop. Raises ModelLoadError with the child's one line."""
+    them, made by a short-lived child process (:mod:`xylen_server.serving.parity`) with
+    ``nice`` added to its niceness, so this process never loads the native library, onnx or the
+    converters and the child's CPU yields to serving. Blocking (a second or more): call it off
+    the event loop. Raises ModelLoadError with the child's one line."""
     with tempfile.TemporaryDirectory(prefix="xylen-parity-") as scratch:
         out = Path(scratch) / "reference.npz"
         try:
@@ -112,7 +129,8 @@ def native_reference(
                 [
                     sys.executable,
                     "-m",
-                    "xylen_server.serving.parity",
+                    "xylen_server.serving.reference",
+                    str(nice),
                     str(model_dir),
                     str(out),
                     str(n_rows),
@@ -141,10 +159,11 @@ def native_reference(
             rows = np.asarray(data["rows"], dtype=np.float32)
             reference = np.asarray(data["reference"], dtype=np.float64)
             in_memory = data["onnx"].tobytes()
+            niceness = int(data["niceness"])
     if in_memory:
         logger.warning("model directory %s is read-only; converted in memory", model_dir)
-        return in_memory, rows, reference
-    return (model_dir / ONNX_FILE).read_bytes(), rows, reference
+        return Reference(in_memory, rows, reference, niceness)
+    return Reference((model_dir / ONNX_FILE).read_bytes(), rows, reference, niceness)
 
 
 def _warm_up(engine: Engine, n_features: int, workers: int) -> float:
@@ -217,7 +236,9 @@ def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel
 
     from xylen_server.serving.session_pool import SessionPool
 
-    model_bytes, rows, reference = native_reference(meta, model_dir, settings.parity_probe_rows)
+    model_bytes, rows, reference, _ = native_reference(
+        meta, model_dir, settings.parity_probe_rows, nice=settings.model_load_nice
+    )
     try:
         pool = SessionPool(model_bytes, settings.pool_size, settings.session_threads)
     except Exception as exc:  # onnxruntime raises its own types for a corrupt graph

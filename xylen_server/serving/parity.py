@@ -78,7 +78,8 @@ __all__ = ["PARITY_TOLERANCE", "max_difference", "probe_rows", "split_thresholds
 # Python that would hold the GIL beside the event loop during a hot swap. A child process loads
 # the native model, converts it to ONNX when no current ``model.onnx`` is there, builds the
 # probe rows and the native booster's probabilities on them, writes them to a file and exits;
-# the server runs the same rows through its own sessions and compares.
+# the server runs the same rows through its own sessions and compares. It is started through
+# :mod:`xylen_server.serving.reference`, which lowers its priority before any of this runs.
 
 
 def _hide_optional_imports(model_type: str, converting: bool) -> None:
@@ -97,10 +98,11 @@ def _hide_optional_imports(model_type: str, converting: bool) -> None:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]  # import name -> ImportError
 
 
-def _reference_main(argv: list[str]) -> int:
-    """``python -m xylen_server.serving.parity MODEL_DIR OUT.npz ROWS``: see above."""
+def reference_main(argv: list[str]) -> int:
+    """``MODEL_DIR OUT.npz ROWS``: see above. The file also says the niceness it ran at."""
     import io
     import logging
+    import os
     import sys
     from pathlib import Path
 
@@ -148,6 +150,7 @@ def _reference_main(argv: list[str]) -> int:
             rows=rows,
             reference=reference,
             onnx=np.frombuffer(in_memory, dtype=np.uint8),
+            niceness=np.int64(os.getpriority(os.PRIO_PROCESS, 0)),
         )
         out.write_bytes(buffer.getvalue())
     except ModelLoadError as exc:
@@ -159,4 +162,4 @@ def _reference_main(argv: list[str]) -> int:
 if __name__ == "__main__":
     import sys
 
-    sys.exit(_reference_main(sys.argv[1:]))
+    sys.exit(reference_main(sys.argv[1:]))

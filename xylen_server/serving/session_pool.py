@@ -6,10 +6,12 @@ to ``size`` inferences truly in parallel on one session while the event loop kee
 intra-op threads; keep ``size * threads`` at or below the core count (onnxruntime's default of
 one thread per core oversubscribes the CPU).
 
-One session, not one per thread: building a session holds the GIL for its whole construction
-(6-25 ms for a 500-tree model, in C++ that never releases it), so every session built during a
-hot swap is a pause of the event loop; one per swap is the least there can be. It also keeps
-one copy of the trees in memory instead of ``size + 1``.
+One session, not one per thread: building one costs ~16 ms of CPU for a 500-tree model, of
+which onnxruntime 1.32 holds the GIL ~3 ms at a stretch (parsing the model; its
+``initialize_session`` releases it), so each session built during a hot swap is a short pause
+of the event loop and one per swap is the least there can be (``python -m bench swaps`` measures
+both, and against optimizations off or a pre-optimized ORT-format model: neither holds it
+shorter). It also keeps one copy of the trees in memory instead of ``size + 1``.
 
 The event-loop thread calls the same session directly (:meth:`predict_on_loop`): a single row
 of a 500-tree model takes ~12 us, a hop to a worker thread ~80 us, so tiny batches that fit the
