@@ -24,6 +24,7 @@ every swap).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -136,6 +137,11 @@ class Running:
         if self.owner:  # the others never open the feedback store or write the history
             await loop.run_in_executor(None, self.models.keep_serving_version)
             await self.retrainer.start_up(model)
+        # What start-up built lives as long as the process: out of the collector's sight, a
+        # full collection no longer walks it (6-8 ms of a 34 ms pause seen under load, on
+        # whichever thread happened to allocate).
+        gc.collect()
+        gc.freeze()
         await self.health.set(True)
         if not self.owner:
             self.following = asyncio.ensure_future(_keep_following(self))
