@@ -22,6 +22,7 @@ same load: the peak the kernel charged and whether anything was OOM-killed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -88,26 +89,35 @@ def _request(rows: np.ndarray) -> pb.PredictRequest:
     )
 
 
-def _load(stub: pb_grpc.ModelServiceStub, rows: np.ndarray, count: int) -> int:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _load(stub: pb_grpc.ModelServiceStub, rows: np.ndarray, count: int) -> tuple[int, int]:
     """``count`` predictions: batches of 100 and, one call in ten, 10 single rows; then the
-    outcomes of the last 100 single rows as Feedback."""
+    outcomes of the last 100 single rows as Feedback. Returns (predictions, calls)."""
     batch, one = _request(rows[:100]), _request(rows[:1])
-    done = 0
+    done = calls = 0
     i = 0
     singles: list[str] = []
     while done < count:
         done += len(stub.Predict(batch, timeout=60).predictions)
+        calls += 1
         if i % 10 == 0:
             for _ in range(10):
                 answer = stub.Predict(one, timeout=60).predictions
                 done += len(answer)
+                calls += 1
                 singles.append(answer[0].prediction_id)
         i += 1
     outcome = pb.TradeOutcome(pnl=1.0, realized_return=0.01, side=pb.TRADE_SIDE_LONG)
     outcome.close_time.GetCurrentTime()
     for prediction_id in singles[-100:]:
         stub.Feedback(pb.FeedbackRequest(prediction_id=prediction_id, outcome=outcome), timeout=60)
-    return done
+        calls += 1
+    return done, calls
 
 
 def measure(
@@ -119,15 +129,17 @@ def measure(
     source: Path,
     preexec: Callable[[], None] | None = None,
     env: Mapping[str, str] | None = None,
-) -> tuple[Rss, list[Rss], int]:
-    """(idle RSS, RSS after each round, answers) of a server on ``model_dir``."""
+) -> tuple[Rss, list[Rss], int, float]:
+    """(idle RSS, RSS after each round, answers, server CPU us per call during the rounds) of
+    a server on ``model_dir``."""
     server = launcher.start_server(
         model_dir,
         env={"FEEDBACK_DATA_DIR": str(data), "LOG_LEVEL": "WARNING", **(env or {})},
         cwd=source,
         preexec=preexec,
     )
-    answered = 0
+    answered = calls = 0
+    cpu = 0.0
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.ModelServiceStub(channel)
@@ -137,22 +149,27 @@ def measure(
             idle = rss(server.proc.pid)
             after = []
             for _ in range(rounds):
-                answered += _load(stub, rows, per_round)
+                started = cpu_seconds(server.proc.pid)
+                predicted, made = _load(stub, rows, per_round)
+                cpu += cpu_seconds(server.proc.pid) - started
+                answered += predicted
+                calls += made
                 time.sleep(1)
                 after.append(rss(server.proc.pid))
     finally:
         server.stop()
-    return idle, after, answered
+    return idle, after, answered, 1e6 * cpu / max(calls, 1)
 
 
-def _line(label: str, idle: Rss, after: list[Rss], answered: int) -> str:
+def _line(label: str, idle: Rss, after: list[Rss], answered: int, cpu_us: float) -> str:
     rounds = "  ".join(str(v) for v in after)
     growth = after[-1].total - after[-2].total if len(after) > 1 else float("nan")
     peak = max(v.total for v in after)
     verdict = "below" if peak < LIMIT / 2**20 else "OVER"
     return (
         f"  {label:<9} idle {idle}   rounds {rounds}   last round {growth:+.0f}, "
-        f"highest {peak:.0f}: {verdict} the 256 MiB line ({answered:,} answers)"
+        f"highest {peak:.0f}: {verdict} the 256 MiB line ({answered:,} answers, server CPU "
+        f"{cpu_us:.0f} us a call)"
     )
 
 
@@ -181,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for label, source in sources:
             print(f"  -- {label}: server from {source}{'; env ' + str(env) if env else ''}")
             for model_type in args.types.split(","):
-                idle, after, answered = measure(
+                idle, after, answered, cpu_us = measure(
                     root / model_type,
                     root / f"data-{label}-{model_type}",
                     rows,
@@ -190,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     source,
                     env=env,
                 )
-                print(_line(model_type, idle, after, answered), flush=True)
+                print(_line(model_type, idle, after, answered, cpu_us), flush=True)
         for model_type in filter(None, args.cgroup_types.split(",")):
             _in_cgroup(root, model_type, rows, args, env)
 
@@ -205,7 +222,7 @@ def _in_cgroup(
         print(f"== {model_type} server in a cgroup: 256 MiB, 0.5 CPU (the seed's limits) ==")
         figures = ""
         try:
-            idle, after, answered = measure(
+            idle, after, answered, _ = measure(
                 root / model_type,
                 root / f"data-cgroup-{model_type}",
                 rows,
