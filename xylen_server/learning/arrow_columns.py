@@ -85,6 +85,27 @@ def strings(values: Sequence[str | None]) -> pa.Array:
     )
 
 
+def strings_from_fixed(values: np.ndarray) -> pa.Array:
+    """A ``pa.string()`` column from a numpy bytes array (dtype ``S<k>``, UTF-8), each value
+    without its trailing NUL padding (as numpy reads it): built with numpy, no Python object
+    per row, so a 50,000-row copy costs its bytes and not ~80 bytes of ``str`` a row."""
+    count, width = len(values), values.dtype.itemsize
+    if count == 0 or width == 0:
+        return strings([""] * count)
+    matrix = np.ascontiguousarray(values).view(np.uint8).reshape(count, width)
+    filled = matrix != 0
+    lengths = np.where(filled.any(axis=1), width - np.argmax(filled[:, ::-1], axis=1), 0)
+    offsets = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    data = matrix[np.arange(width) < lengths[:, None]]  # row by row, each row's bytes
+    return pa.Array.from_buffers(
+        pa.string(),
+        count,
+        [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)],
+        null_count=0,
+    )
+
+
 def float32_lists(offsets: np.ndarray, flat: np.ndarray) -> pa.Array:
     """A ``list<float32>`` column: row ``i`` is ``flat[offsets[i]:offsets[i + 1]]``."""
     return pa.ListArray.from_arrays(fixed(offsets, pa.int32()), fixed(flat, pa.float32()))

@@ -84,6 +84,9 @@ _PROBES = 16
 """Most index entries one lookup or insert visits (open addressing, linear probing)."""
 _VECTOR_ROWS = 8
 """Batches of more rows than this are indexed with numpy, one probe step for all rows."""
+ROW_GROUP_ROWS = 10_000
+"""Rows per Parquet row group of a part: the writer encodes one group at a time, so a
+50,000-row flush peaks ~7 MiB lower than as one group."""
 
 
 def row_bytes(n_features: int) -> int:
@@ -139,9 +142,11 @@ class _Ring:
 class _Rows:
     """Rows copied out of the ring (or taken from a batch) for a part file."""
 
-    ids: list[str]
+    ids: pa.Array
+    """``pa.string()``."""
     times: np.ndarray
-    names: list[str]
+    names: pa.Array
+    """``pa.string()``."""
     versions: np.ndarray
     features: np.ndarray
     probabilities: np.ndarray
@@ -294,9 +299,9 @@ class PredictionLog:
             if skip:
                 self._spilled.append(
                     _Rows(
-                        list(prediction_ids[:skip]),
+                        columns.strings(prediction_ids[:skip]),
                         np.full(skip, now, dtype=np.int64),
-                        [model_name] * skip,
+                        columns.strings([model_name] * skip),
                         np.full(skip, model_version, dtype=np.int64),
                         matrix[:skip].copy(),
                         probabilities[:skip].copy(),
@@ -429,15 +434,20 @@ class PredictionLog:
         slots = ring.slots(first, stop)
         inline = ring.ids[slots]
         long_ids = ring.long_ids
-        ids = [
-            long_ids[int(slot)] if long_ids and int(slot) in long_ids else raw.decode()
-            for slot, raw in zip(slots, inline, strict=True)
-        ]
-        names = self._name_list
+        if long_ids and np.isin(slots, np.fromiter(long_ids, np.int64, len(long_ids))).any():
+            ids = columns.strings(
+                [
+                    long_ids[int(slot)] if int(slot) in long_ids else raw.decode()
+                    for slot, raw in zip(slots, inline, strict=True)
+                ]
+            )
+        else:  # the common case: every id inline, copied without a str per row
+            ids = columns.strings_from_fixed(inline)
+        names = np.array([name.encode() for name in self._name_list], dtype=bytes)
         return _Rows(
             ids,
             ring.times[slots],
-            [names[i] for i in ring.names[slots]],
+            columns.strings_from_fixed(names[ring.names[slots]]),
             ring.versions[slots],
             ring.features[slots],
             ring.probabilities[slots],
@@ -620,7 +630,7 @@ class PredictionLog:
         name = f"part-{int(batches[0].times[0]):013d}-{next(self._sequence):08d}.parquet"
         final = self.directory / name
         temporary = final.with_name(name + ".tmp")
-        pq.write_table(table, temporary, compression="snappy")
+        pq.write_table(table, temporary, compression="snappy", row_group_size=ROW_GROUP_ROWS)
         if self._fsync:
             fd = os.open(temporary, os.O_RDONLY)
             try:
@@ -686,9 +696,9 @@ def _to_table(batches: list[_Rows]) -> pa.Table:
     flat = np.concatenate([b.features.ravel() for b in batches])
     return pa.Table.from_arrays(
         [
-            columns.strings([i for batch in batches for i in batch.ids]),
+            pa.chunked_array([b.ids for b in batches], pa.string()),
             columns.fixed(np.concatenate([b.times for b in batches]), SCHEMA.field("time").type),
-            columns.strings([n for b in batches for n in b.names]),
+            pa.chunked_array([b.names for b in batches], pa.string()),
             columns.fixed(np.concatenate([b.versions for b in batches]), pa.int64()),
             columns.float32_lists(offsets, flat),
             columns.fixed(np.concatenate([b.probabilities for b in batches]), pa.float64()),

@@ -138,3 +138,13 @@ def test_columns_round_trip_slices_and_nulls() -> None:
 
     with pytest.raises(TypeError, match="no fixed-width"):
         columns.fixed([1], pa.string())
+
+
+def test_strings_from_fixed_width_bytes_keep_each_value_up_to_its_padding() -> None:
+    values = np.array([b"abc", b"", "é-1".encode(), b"x\x00y", b"z" * 32], dtype="S32")
+    column = columns.strings_from_fixed(values)
+    column.validate(full=True)
+    assert column.to_pylist() == ["abc", "", "é-1", "x\x00y", "z" * 32]  # as numpy reads them
+    assert column.to_pylist() == [v.decode() for v in values]
+    assert columns.strings_from_fixed(np.array([], dtype="S32")).to_pylist() == []
+    assert columns.strings_from_fixed(values[::2]).to_pylist() == ["abc", "é-1", "z" * 32]
