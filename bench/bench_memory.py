@@ -2,24 +2,32 @@
 container limits.
 
 For LightGBM, XGBoost and CatBoost in turn a server process serves a small model; RSS is read
-from /proc after 50 single-row Predicts (idle) and after each of ``--rounds`` rounds of
-``--rows`` predictions (batches of 100 and single rows), so the last rounds show whether it
-levels off once the prediction log reaches its cap (``PREDICTION_LOG_MAX_ROWS``, default
-200,000: five rounds of 60,000 pass it). Then, where a cgroup can be made (root, writable
-/sys/fs/cgroup), a LightGBM server in 256 MiB and half a CPU takes the same load: the peak the
-kernel charged and whether anything was OOM-killed.
+from /proc after 50 single-row Predicts and the prediction log's first Parquet flush (idle:
+what a server that has answered anything holds), and after each of ``--rounds`` rounds of
+``--rows`` predictions (batches of 100 and single rows) and 100 Feedback calls, so the last
+rounds show whether it levels off once the prediction log reaches its cap
+(``PREDICTION_LOG_MAX_ROWS``, default 200,000: five rounds of 60,000 pass it). Each figure is
+VmRSS with its anonymous part (what the process allocated) and its file part (shared library
+pages, which the kernel can drop and read again under pressure), against the seed's 256 MiB
+line. ``--baseline DIR`` runs another checkout's server (e.g. main) the same way in the same
+run, before this one, for a before/after. Then, where a cgroup can be made (root, writable
+/sys/fs/cgroup), a server of each of ``--cgroup-types`` in 256 MiB and half a CPU takes the
+same load: the peak the kernel charged and whether anything was OOM-killed.
 
-    python -m bench memory                       # ~2-4 minutes
-    python -m bench.bench_memory --source /path  # the same against another checkout's server
+    python -m bench memory                       # ~4-6 minutes
+    python -m bench.bench_memory --baseline /work/main --cgroup-types lightgbm,xgboost,catboost
+    python -m bench.bench_memory --types lightgbm --env MALLOC_ARENA_MAX=8   # one setting
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -34,13 +42,34 @@ from xylen_server.devtools.limits import limited
 
 TYPES = ("lightgbm", "xgboost", "catboost")
 LIMIT = 256 * 1024 * 1024
+IDLE_WAIT_SECONDS = 6.0
+"""After the 50 idle rows: past ``PREDICTION_LOG_FLUSH_INTERVAL_SECONDS`` (5), so idle
+includes what the first flush loads."""
+
+
+@dataclass(frozen=True)
+class Rss:
+    """One /proc/<pid>/status reading, MiB."""
+
+    total: float
+    anon: float
+    file: float
+
+    def __str__(self) -> str:
+        return f"{self.total:4.0f} ({self.anon:3.0f}+{self.file:3.0f})"
+
+
+def rss(pid: int) -> Rss:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            fields[key] = int(value.split()[0]) / 1024
+    return Rss(fields["VmRSS"], fields["RssAnon"], fields["RssFile"] + fields.get("RssShmem", 0.0))
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return rss(pid).total
 
 
 def _models(root: Path) -> np.ndarray:
@@ -60,18 +89,35 @@ def _request(rows: np.ndarray) -> pb.PredictRequest:
     )
 
 
-def _load(stub: pb_grpc.ModelServiceStub, rows: np.ndarray, count: int) -> int:
-    """``count`` predictions: batches of 100 and, one call in ten, 10 single rows."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _load(stub: pb_grpc.ModelServiceStub, rows: np.ndarray, count: int) -> tuple[int, int]:
+    """``count`` predictions: batches of 100 and, one call in ten, 10 single rows; then the
+    outcomes of the last 100 single rows as Feedback. Returns (predictions, calls)."""
     batch, one = _request(rows[:100]), _request(rows[:1])
-    done = 0
+    done = calls = 0
     i = 0
+    singles: list[str] = []
     while done < count:
         done += len(stub.Predict(batch, timeout=60).predictions)
+        calls += 1
         if i % 10 == 0:
             for _ in range(10):
-                done += len(stub.Predict(one, timeout=60).predictions)
+                answer = stub.Predict(one, timeout=60).predictions
+                done += len(answer)
+                calls += 1
+                singles.append(answer[0].prediction_id)
         i += 1
-    return done
+    outcome = pb.TradeOutcome(pnl=1.0, realized_return=0.01, side=pb.TRADE_SIDE_LONG)
+    outcome.close_time.GetCurrentTime()
+    for prediction_id in singles[-100:]:
+        stub.Feedback(pb.FeedbackRequest(prediction_id=prediction_id, outcome=outcome), timeout=60)
+        calls += 1
+    return done, calls
 
 
 def measure(
@@ -82,31 +128,49 @@ def measure(
     per_round: int,
     source: Path,
     preexec: Callable[[], None] | None = None,
-    sample: Callable[[int], float] = rss_mib,
-) -> tuple[float, list[float], int]:
-    """(idle RSS, RSS after each round, answers) of a server on ``model_dir``."""
+    env: Mapping[str, str] | None = None,
+) -> tuple[Rss, list[Rss], int, float]:
+    """(idle RSS, RSS after each round, answers, server CPU us per call during the rounds) of
+    a server on ``model_dir``."""
     server = launcher.start_server(
         model_dir,
-        env={"FEEDBACK_DATA_DIR": str(data), "LOG_LEVEL": "WARNING"},
+        env={"FEEDBACK_DATA_DIR": str(data), "LOG_LEVEL": "WARNING", **(env or {})},
         cwd=source,
         preexec=preexec,
     )
-    answered = 0
+    answered = calls = 0
+    cpu = 0.0
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.ModelServiceStub(channel)
             for _ in range(50):
                 stub.Predict(_request(rows[:1]), timeout=60)
-            time.sleep(1)
-            idle = sample(server.proc.pid)
+            time.sleep(IDLE_WAIT_SECONDS)  # the prediction log's first flush
+            idle = rss(server.proc.pid)
             after = []
             for _ in range(rounds):
-                answered += _load(stub, rows, per_round)
+                started = cpu_seconds(server.proc.pid)
+                predicted, made = _load(stub, rows, per_round)
+                cpu += cpu_seconds(server.proc.pid) - started
+                answered += predicted
+                calls += made
                 time.sleep(1)
-                after.append(sample(server.proc.pid))
+                after.append(rss(server.proc.pid))
     finally:
         server.stop()
-    return idle, after, answered
+    return idle, after, answered, 1e6 * cpu / max(calls, 1)
+
+
+def _line(label: str, idle: Rss, after: list[Rss], answered: int, cpu_us: float) -> str:
+    rounds = "  ".join(str(v) for v in after)
+    growth = after[-1].total - after[-2].total if len(after) > 1 else float("nan")
+    peak = max(v.total for v in after)
+    verdict = "below" if peak < LIMIT / 2**20 else "OVER"
+    return (
+        f"  {label:<9} idle {idle}   rounds {rounds}   last round {growth:+.0f}, "
+        f"highest {peak:.0f}: {verdict} the 256 MiB line ({answered:,} answers, server CPU "
+        f"{cpu_us:.0f} us a call)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -114,54 +178,70 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rows", type=int, default=60_000, help="predictions per round")
     parser.add_argument("--source", type=Path, default=REPO, help="checkout whose server runs")
+    parser.add_argument("--baseline", type=Path, help="another checkout, measured first")
     parser.add_argument("--types", default=",".join(TYPES))
+    parser.add_argument("--cgroup-types", default="lightgbm", help="'' skips the cgroup runs")
+    parser.add_argument(
+        "--env", action="append", default=[], help="KEY=VALUE for the servers (repeatable)"
+    )
     args = parser.parse_args(argv)
+    env = dict(item.split("=", 1) for item in args.env)
+    sources = [("baseline", args.baseline)] if args.baseline else []
+    sources.append(("this", args.source))
     with tempfile.TemporaryDirectory(prefix="xylen-bench-memory-") as tmp:
         root = Path(tmp)
         rows = _models(root)
         print(
-            f"== server RSS (MiB), idle after 50 rows, then after each round of "
-            f"{args.rows:,} predictions (server from {args.source}) =="
+            f"== server RSS MiB: total (anonymous+file), idle after 50 rows and a flush, then "
+            f"after each round of {args.rows:,} predictions and 100 Feedback =="
         )
-        for model_type in args.types.split(","):
-            idle, after, answered = measure(
+        for label, source in sources:
+            print(f"  -- {label}: server from {source}{'; env ' + str(env) if env else ''}")
+            for model_type in args.types.split(","):
+                idle, after, answered, cpu_us = measure(
+                    root / model_type,
+                    root / f"data-{label}-{model_type}",
+                    rows,
+                    args.rounds,
+                    args.rows,
+                    source,
+                    env=env,
+                )
+                print(_line(model_type, idle, after, answered, cpu_us), flush=True)
+        for model_type in filter(None, args.cgroup_types.split(",")):
+            _in_cgroup(root, model_type, rows, args, env)
+
+
+def _in_cgroup(
+    root: Path, model_type: str, rows: np.ndarray, args: argparse.Namespace, env: dict[str, str]
+) -> None:
+    with limited(LIMIT) as cgroup:
+        if cgroup is None:
+            print("  (no cgroup can be made here: the 256 MiB runs are skipped)")
+            return
+        print(f"== {model_type} server in a cgroup: 256 MiB, 0.5 CPU (the seed's limits) ==")
+        figures = ""
+        try:
+            idle, after, answered, _ = measure(
                 root / model_type,
-                root / f"data-{model_type}",
+                root / f"data-cgroup-{model_type}",
                 rows,
                 args.rounds,
                 args.rows,
                 args.source,
+                preexec=cgroup.join,
+                env=env,
             )
-            rounds = "  ".join(f"{v:5.0f}" for v in after)
-            growth = after[-1] - after[-2] if len(after) > 1 else float("nan")
-            print(
-                f"  {model_type:<9} idle {idle:5.0f}   rounds {rounds}   "
-                f"last round {growth:+.0f} MiB   ({answered:,} answers)"
-            )
-        with limited(LIMIT) as cgroup:
-            if cgroup is None:
-                print("  (no cgroup can be made here: the 256 MiB run is skipped)")
-                return
-            print("== LightGBM server in a cgroup: 256 MiB, 0.5 CPU (the seed's limits) ==")
-            try:
-                idle, after, answered = measure(
-                    root / "lightgbm",
-                    root / "data-cgroup",
-                    rows,
-                    args.rounds,
-                    args.rows,
-                    args.source,
-                    preexec=cgroup.join,
-                )
-                outcome = f"{answered:,} answers, kept answering"
-            except (grpc.RpcError, RuntimeError) as exc:
-                idle, after = float("nan"), []
-                outcome = f"STOPPED answering: {str(exc).splitlines()[0][:100]}"
-            print(
-                f"  {outcome}; OOM kills {cgroup.oom_kills()}; cgroup peak "
-                f"{cgroup.peak_bytes() / 2**20:.0f} MiB of 256 (RSS and page cache); RSS idle "
-                f"{idle:.0f}, rounds {' '.join(f'{v:.0f}' for v in after)}"
-            )
+            outcome = f"{answered:,} answers, kept answering"
+            figures = f"; RSS idle {idle}, rounds {'  '.join(str(v) for v in after)}"
+        except (grpc.RpcError, RuntimeError) as exc:
+            outcome = f"STOPPED answering: {str(exc).splitlines()[0][:100]}"
+        print(
+            f"  {outcome}; OOM kills {cgroup.oom_kills()}; cgroup peak "
+            f"{cgroup.peak_bytes() / 2**20:.0f} MiB of 256 (RSS and page cache, the parity "
+            f"child's too){figures}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -23,10 +23,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
 from xylen_server.errors import SettingsError
+from xylen_server.memory import ARROW_POOL_VARIABLE
 from xylen_server.settings import Settings
 from xylen_server.tls import add_client_arguments
 
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"xylen-server: error: {exc}", file=sys.stderr)
         return 2
+    # Before anything imports pyarrow, which picks its C++ default pool once, at import.
+    os.environ[ARROW_POOL_VARIABLE] = settings.arrow_memory_pool
     who = f"[worker {settings.worker_index}] " if settings.worker_index >= 0 else ""
     logging.basicConfig(
         level=settings.log_level,

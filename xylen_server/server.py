@@ -61,7 +61,7 @@ from xylen_server.health import Health, bind, server_options
 from xylen_server.learning.feedback import FeedbackLoop
 from xylen_server.learning.prediction_log import LoggedPrediction
 from xylen_server.learning.retrainer import Retrainer
-from xylen_server.memory import trim_periodically
+from xylen_server.memory import trim_periodically, use_arrow_pool
 from xylen_server.serving.model_store import LoadedModel, load_model
 from xylen_server.serving.predictor import Predictor, Result
 from xylen_server.settings import Settings
@@ -131,6 +131,8 @@ class Running:
     async def load(self) -> LoadedModel:
         """Load, check and warm the model (off the loop), serve it, start the learning loop
         and report SERVING. Raises ModelLoadError (health stays NOT_SERVING)."""
+        pool, at_import = use_arrow_pool(self.settings.arrow_memory_pool)
+        logger.info("Arrow memory pool: %s (at pyarrow's import: %s)", pool, at_import)
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(None, load_model, self.settings)
         self.predictor.install(model)

@@ -174,6 +174,13 @@ class Settings:
     model_max_file_bytes: int = env("MODEL_MAX_FILE_BYTES", 256 * 1024 * 1024, minimum=1024)
     """Largest file a model directory may hold (native model, ONNX); a bigger one is refused
     before it is read or hashed (metadata.json: at most 1 MiB)."""
+    arrow_memory_pool: str = env(
+        "ARROW_DEFAULT_MEMORY_POOL", "system", choices=("system", "mimalloc", "jemalloc")
+    )
+    """Allocator of Arrow's buffers (the prediction log's Parquet parts, feedback compaction).
+    Arrow's own variable, with the C library's malloc (``system``) as the server's default:
+    Arrow's default mimalloc kept ~50 MiB of freed flush buffers in a loaded server, where
+    ``system`` hands them to malloc, which ``MEMORY_TRIM_INTERVAL_SECONDS`` gives back."""
 
     # -- continuous learning: feedback storage ----------------------------------------------
     feedback_data_dir: Path | None = env("FEEDBACK_DATA_DIR", None)

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from training.metadata import fsync_dir
 from xylen_server.durable import sqlite_connect
 from xylen_server.errors import Unavailable
+from xylen_server.learning import arrow_columns as columns
 from xylen_server.learning.samples import (
     DB_NAME,
     PARTS_DIR,
@@ -281,7 +282,7 @@ class FeedbackStore:
         whose database was lost): the parts' ids become the stored ids, once."""
         db.execute("BEGIN IMMEDIATE")
         for part in part_files(self.directory):
-            ids = pq.read_table(part, columns=["prediction_id"]).column(0).to_pylist()
+            ids = columns.read_parquet(part, ["prediction_id"]).column(0).to_pylist()
             db.executemany("INSERT OR IGNORE INTO stored_ids VALUES (?)", ((pid,) for pid in ids))
         db.execute("COMMIT")
         (count,) = db.execute("SELECT COUNT(*) FROM stored_ids").fetchone()

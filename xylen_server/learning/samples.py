@@ -62,6 +62,7 @@ import pyarrow as pa
 
 from xylen_server.auth import ANONYMOUS
 from xylen_server.durable import sqlite_connect
+from xylen_server.learning import arrow_columns as columns
 
 if TYPE_CHECKING:
     import polars as pl
@@ -221,20 +222,20 @@ def _table(
     label = np.where(label < 0, (realized > 0).astype(np.int8), label).astype(np.int8)
     return pa.Table.from_arrays(
         [
-            pa.array(ids, pa.string()),
-            pa.array(names, pa.string()),
-            pa.array(versions, pa.int64()),
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32())),
-            pa.array(probabilities, pa.float64()),
-            pa.array(signals, pa.int32()),
-            pa.array(pnls, pa.float64()),
-            pa.array(realized, pa.float64()),
-            pa.array(close_ms, pa.int64()).cast(SCHEMA.field("close_time").type),
-            pa.array(received_ms, pa.int64()).cast(SCHEMA.field("received_time").type),
-            pa.array(label, pa.int8()),
-            pa.array(sources, pa.string()),
-            pa.array(sides, pa.int32()),
-            pa.array(underlying, pa.float64()),
+            columns.strings(ids),
+            columns.strings(names),
+            columns.nullable(versions, pa.int64()),
+            columns.float32_lists(offsets, np.asarray(flat, dtype=np.float32)),
+            columns.nullable(probabilities, pa.float64()),
+            columns.nullable(signals, pa.int32()),
+            columns.fixed(pnls, pa.float64()),
+            columns.fixed(realized, pa.float64()),
+            columns.fixed(close_ms, SCHEMA.field("close_time").type),
+            columns.fixed(received_ms, SCHEMA.field("received_time").type),
+            columns.fixed(label, pa.int8()),
+            columns.strings(sources),
+            columns.nullable(sides, pa.int32()),
+            columns.nullable(underlying, pa.float64()),
         ],
         schema=SCHEMA,
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,18 +71,45 @@ def _mapped_libraries(pid: int) -> set[str]:
     return found
 
 
+def _eventually(check, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.05)
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
 def test_a_running_lightgbm_server_has_no_other_library_mapped(tmp_path: Path) -> None:
+    """Also once the prediction log has written Parquet and Feedback has been stored and
+    compacted: pyarrow's conversions imported pandas there (~36 MiB) until the log and the
+    store built their columns from buffers (``xylen_server/learning/arrow_columns.py``)."""
     write_model(tmp_path, "model_1", "lightgbm", trees=20)
-    server = start_server(tmp_path, env={"FEEDBACK_DATA_DIR": str(tmp_path / "data")})
+    data = tmp_path / "data"
+    env = {
+        "FEEDBACK_DATA_DIR": str(data),
+        "PREDICTION_LOG_FLUSH_INTERVAL_SECONDS": "0.2",
+        "FEEDBACK_COMPACT_ROWS": "2",
+    }
+    server = start_server(tmp_path, env=env)
     try:
         with server.channel() as channel:
             stub = server.stub(channel)
-            for _ in range(20):
-                reply = stub.Predict(pb.PredictRequest(inputs=[feature_input(np.zeros(25))]))
+            ids = []
+            for i in range(20):
+                reply = stub.Predict(pb.PredictRequest(inputs=[feature_input(np.full(25, i))]))
                 assert len(reply.predictions) == 1
+                ids.append(reply.predictions[0].prediction_id)
+            logged = data / "model_1" / "prediction_log"
+            _eventually(lambda: any(logged.glob("part-*.parquet")), "a prediction-log part")
+            outcome = pb.TradeOutcome(pnl=1.0, realized_return=0.01, side=pb.TRADE_SIDE_LONG)
+            outcome.close_time.GetCurrentTime()
+            for prediction_id in ids[:4]:
+                stub.Feedback(pb.FeedbackRequest(prediction_id=prediction_id, outcome=outcome))
+            compacted = data / "model_1" / "training_samples"
+            _eventually(lambda: any(compacted.glob("part-*.parquet")), "a compacted part")
         mapped = _mapped_libraries(server.proc.pid)
     finally:
         assert server.stop() == 0
     assert "onnxruntime" in mapped and "numpy" in mapped  # the check sees native extensions
+    assert "pyarrow" in mapped  # ... and the Parquet writer's
     assert mapped.isdisjoint(HEAVY), sorted(mapped & set(HEAVY))
