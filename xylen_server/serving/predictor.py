@@ -254,16 +254,9 @@ class Predictor:
         self._drop_if_expired(deadline)  # on the worker: it may have waited for a thread
         started = time.perf_counter()
         waited = started - submitted if submitted else 0.0
-        meta = model.meta
         if parent is not None:
             return self._run_traced(model, request, on_loop, started, waited, parent)
-        rows = feature_matrix(
-            request.inputs,
-            len(meta.feature_names),
-            meta.lookback,
-            self.settings.max_batch_rows,
-            model.feature_set,
-        )
+        rows = self._features(model, request)
         if on_loop:
             probabilities = model.engine.predict_on_loop(rows)
         else:
@@ -285,13 +278,7 @@ class Predictor:
         tracer = telemetry.tracer(__name__)
         meta = model.meta
         with tracer.start_as_current_span("featurise", context=parent) as span:
-            rows = feature_matrix(
-                request.inputs,
-                len(meta.feature_names),
-                meta.lookback,
-                self.settings.max_batch_rows,
-                model.feature_set,
-            )
+            rows = self._features(model, request)
             span.set_attribute("xylen.rows", int(rows.shape[0]))
         with tracer.start_as_current_span("inference", context=parent) as span:
             span.set_attribute("xylen.on_loop", on_loop)
@@ -304,6 +291,17 @@ class Predictor:
                     time.sleep(self.settings.inference_delay_ms / 1000.0)
                 probabilities = model.engine.predict_proba(rows)
         return probabilities, rows, time.perf_counter() - started, waited
+
+    def _features(self, model: LoadedModel, request: pb.PredictRequest) -> np.ndarray:
+        """The request's validated float32 feature rows for ``model``."""
+        meta = model.meta
+        return feature_matrix(
+            request.inputs,
+            len(meta.feature_names),
+            meta.lookback,
+            self.settings.max_batch_rows,
+            model.feature_set,
+        )
 
     def _fits_the_loop(self, model: LoadedModel, request: pb.PredictRequest) -> bool:
         """A few feature vectors of a cheap model cost less on the loop than a thread hop."""
@@ -322,14 +320,7 @@ class Predictor:
         swap in between waits for it."""
         started = time.perf_counter()
         model = served.model
-        meta = model.meta
-        rows = feature_matrix(
-            request.inputs,
-            len(meta.feature_names),
-            meta.lookback,
-            self.settings.max_batch_rows,
-            model.feature_set,
-        )
+        rows = self._features(model, request)
         batch = self._batch
         if batch is None:
             batch = self._batch = _LoopBatch()

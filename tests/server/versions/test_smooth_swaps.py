@@ -12,22 +12,14 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from harness import InProcessServer, feature_input, write_model
-from learning_helpers import add_version, learning_settings
+from harness import InProcessServer, feature_input
+from learning_helpers import learning_settings
 
 from training.metadata import ModelMetadata
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_server.serving import model_store
 from xylen_server.versions.swap import LoopLag
-
-
-@pytest.fixture
-def two_versions(tmp_path: Path, candles) -> Path:
-    models = tmp_path / "models"
-    write_model(models, "model_1", "lightgbm", candles, trees=30)
-    add_version(models, 2, seed=2)
-    return tmp_path
 
 
 def _own_niceness() -> int:

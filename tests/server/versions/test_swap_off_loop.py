@@ -12,20 +12,12 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import InProcessServer, feature_input, write_model
-from learning_helpers import add_version, learning_settings
+from harness import InProcessServer, feature_input
+from learning_helpers import learning_settings
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_server.serving import model_store
-
-
-@pytest.fixture
-def two_versions(tmp_path: Path, candles) -> Path:
-    models = tmp_path / "models"
-    write_model(models, "model_1", "lightgbm", candles, trees=30)
-    add_version(models, 2, seed=2)
-    return tmp_path
 
 
 def test_the_loop_serves_the_old_version_while_the_new_one_loads(
