@@ -7,6 +7,8 @@ the same 8). The two servers are driven in alternating short slices so that mach
 both alike. Per server: throughput, p50/p99, and the server's CPU per call (user + system CPU
 time of all its processes, supervisor included, from /proc, divided by the calls answered),
 and calls per core-second (its inverse): what predicts the scaling on a host with spare cores.
+The two-worker server is measured again at twice the calls in flight, the per-worker load one
+worker has at 32 (its dynamic batching depends on how busy its loop is).
 
 ``python -m bench workers [--seconds S]`` (default 8 s per server; about a minute in all).
 """
@@ -95,6 +97,7 @@ async def _slice(
     request: pb.PredictRequest,
     seconds: float,
     latencies: list[float],
+    in_flight: int = IN_FLIGHT,
 ) -> int:
     done = 0
     stop = time.perf_counter() + seconds
@@ -107,7 +110,7 @@ async def _slice(
             latencies.append(time.perf_counter() - started)
             done += 1
 
-    await asyncio.gather(*(caller(stubs[i % len(stubs)]) for i in range(IN_FLIGHT)))
+    await asyncio.gather(*(caller(stubs[i % len(stubs)]) for i in range(in_flight)))
     return done
 
 
@@ -116,7 +119,11 @@ async def measure(
     request: pb.PredictRequest,
     seconds: float,
     slice_seconds: float = 0.5,
+    in_flight: dict[str, int] | None = None,
 ) -> dict[str, dict[str, float]]:
+    """Each server in turn, in slices, at :data:`IN_FLIGHT` calls in flight (``in_flight`` sets
+    another level for a name)."""
+    level = {name: (in_flight or {}).get(name, IN_FLIGHT) for name in servers}
     own = [("grpc.use_local_subchannel_pool", 1)]
     channels = {
         name: [grpc.aio.insecure_channel(s.address, options=own) for _ in range(CONNECTIONS)]
@@ -125,7 +132,7 @@ async def measure(
     stubs = {name: [pb_grpc.ModelServiceStub(c) for c in chans] for name, chans in channels.items()}
     try:
         for name in servers:  # warm every connection
-            await _slice(stubs[name], request, 0.5, [])
+            await _slice(stubs[name], request, 0.5, [], level[name])
         calls = dict.fromkeys(servers, 0)
         elapsed = dict.fromkeys(servers, 0.0)
         cpu = dict.fromkeys(servers, 0.0)
@@ -133,7 +140,9 @@ async def measure(
         for _ in range(max(1, int(seconds / slice_seconds))):
             for name, server in servers.items():
                 before, started = cpu_seconds(server.pids), time.perf_counter()
-                calls[name] += await _slice(stubs[name], request, slice_seconds, latencies[name])
+                calls[name] += await _slice(
+                    stubs[name], request, slice_seconds, latencies[name], level[name]
+                )
                 elapsed[name] += time.perf_counter() - started
                 cpu[name] += cpu_seconds(server.pids) - before
     finally:
@@ -164,9 +173,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         request = pb.PredictRequest(
             inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=rows[0].tolist()))]
         )
+        pair = Server(root / "models", 2, root / "data-2")
         servers = {
             "1 worker": Server(root / "models", 1, root / "data-1"),
-            "2 workers": Server(root / "models", 2, root / "data-2"),
+            "2 workers": pair,
+            # The same per-worker load as one worker at IN_FLIGHT: what each worker costs per
+            # call when its share of the clients keeps it as busy (a host with spare cores).
+            f"2 workers @{2 * IN_FLIGHT}": pair,
         }
         try:
             print(
@@ -174,23 +187,31 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{CONNECTIONS} connections each, {os.cpu_count()} cores (client on the same "
                 "cores), measured in turn =="
             )
-            result = asyncio.run(measure(servers, request, args.seconds))
+            result = asyncio.run(
+                measure(
+                    servers,
+                    request,
+                    args.seconds,
+                    in_flight={f"2 workers @{2 * IN_FLIGHT}": 2 * IN_FLIGHT},
+                )
+            )
         finally:
-            for server in servers.values():
+            for server in {id(s): s for s in servers.values()}.values():
                 server.stop()
     base = result["1 worker"]
     for name, r in result.items():
         print(
-            f"  {name:<9}  {r['rps']:6.0f} calls/s ({r['rps'] / base['rps']:.2f}x)   "
+            f"  {name:<14} {r['rps']:6.0f} calls/s ({r['rps'] / base['rps']:.2f}x)   "
             f"p50 {r['p50_us']:6.0f} us   p99 {r['p99_us']:6.0f} us   "
             f"server CPU {r['cpu_per_call_us']:5.0f} us/call "
             f"({r['cpu_per_call_us'] / base['cpu_per_call_us']:.2f}x)   "
             f"{r['calls_per_core_second']:6.0f} calls per core-second   "
             f"{r['cores']:.2f} cores busy"
         )
-    two = result["2 workers"]
+    two = result[f"2 workers @{2 * IN_FLIGHT}"]
     print(
-        f"  scaling: each worker serves ~{two['calls_per_core_second']:.0f} calls per core-second,"
+        f"  scaling: at {IN_FLIGHT} calls in flight per worker, each worker serves "
+        f"~{two['calls_per_core_second']:.0f} calls per core-second,"
         f" so N workers on N free cores predict ~N x {two['calls_per_core_second']:.0f} calls/s"
         " when the clients and the network keep up (here the client shares the 2 cores)"
     )
