@@ -7,13 +7,12 @@ import json
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
 from errorinfo import error_info
-from harness import InProcessServer, feature_input, write_model
-from learning_helpers import add_version, learning_settings
+from harness import InProcessServer, feature_input
+from learning_helpers import learning_settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from xylen.v1 import model_service_pb2 as pb
@@ -58,16 +57,8 @@ def eventually(check, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-@pytest.fixture
-def versions_root(tmp_path: Path, candles) -> Path:
-    models = tmp_path / "models"
-    write_model(models, "model_1", "lightgbm", candles, trees=30)
-    add_version(models, 2, seed=2)
-    return tmp_path
-
-
-def test_metrics_move_with_the_calls_and_parse_as_prometheus_text(versions_root, feature_rows):
-    server = InProcessServer(learning_settings(versions_root))
+def test_metrics_move_with_the_calls_and_parse_as_prometheus_text(two_versions, feature_rows):
+    server = InProcessServer(learning_settings(two_versions))
     port = server.running.metrics_port
     assert port > 0
     try:
@@ -140,10 +131,10 @@ def test_metrics_move_with_the_calls_and_parse_as_prometheus_text(versions_root,
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
-def test_feedback_and_streams_are_counted(versions_root, feature_rows):
+def test_feedback_and_streams_are_counted(two_versions, feature_rows):
     # Its own server and feedback store: the shared default directory may be held by another
     # test's server.
-    server = InProcessServer(learning_settings(versions_root))
+    server = InProcessServer(learning_settings(two_versions))
     try:
         with grpc.insecure_channel(server.address) as channel:
             feedback_and_streams(server, pb_grpc.ModelServiceStub(channel), feature_rows)

@@ -1,4 +1,4 @@
-"""Fixtures of the hot-swap tests."""
+"""Fixtures shared by the model-server tests."""
 
 from __future__ import annotations
 
