@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -144,6 +147,21 @@ def start_server(
         tls=tls,
         preexec=preexec,
     )
+
+
+def modules_of_child(code: str, *args: str, timeout: float = 300) -> set[str]:
+    """Run ``python -c code args`` in the repository; the names the child printed as a JSON
+    list on its last line of output (its ``sys.modules``, as the child chose to report them)."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def server_settings(models_root: Path, **overrides: object) -> Settings:

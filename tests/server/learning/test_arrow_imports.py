@@ -6,9 +6,6 @@ own readers read: the same ids, times, features, nulls and types as before."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from harness import modules_of_child
 
 from xylen_server.learning import arrow_columns as columns
 from xylen_server.learning import prediction_log, samples
@@ -62,16 +60,7 @@ print(json.dumps(sorted(sys.modules)))
 
 
 def test_log_and_compaction_import_neither_pandas_nor_arrow_compute(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    modules = set(json.loads(done.stdout.strip().splitlines()[-1]))
+    modules = modules_of_child(CHILD, str(tmp_path))
     assert "pyarrow.parquet" in modules  # the check sees pyarrow's modules
     assert modules.isdisjoint(UNWANTED), sorted(modules & set(UNWANTED))
 

@@ -4,15 +4,12 @@ for the parity check is computed by a child process that exits)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import REPO, feature_input, start_server, write_model
+from harness import feature_input, modules_of_child, start_server, write_model
 
 from xylen.v1 import model_service_pb2 as pb
 
@@ -46,16 +43,7 @@ print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
 @pytest.mark.parametrize("model_type", ["lightgbm", "xgboost", "catboost"])
 def test_loading_an_onnx_model_imports_no_native_library(tmp_path: Path, model_type: str) -> None:
     write_model(tmp_path, "model_1", model_type, trees=20)
-    done = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_PREDICT, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    modules = set(json.loads(done.stdout.strip().splitlines()[-1]))
+    modules = modules_of_child(LOAD_AND_PREDICT, str(tmp_path))
     assert "onnxruntime" in modules
     assert modules.isdisjoint(HEAVY), sorted(modules & set(HEAVY))
     assert (tmp_path / "model_1" / "model.onnx").is_file()  # the child converted it
