@@ -6,7 +6,8 @@ from /proc after 50 single-row Predicts and the prediction log's first Parquet f
 what a server that has answered anything holds), and after each of ``--rounds`` rounds of
 ``--rows`` predictions (batches of 100 and single rows) and 100 Feedback calls, so the last
 rounds show whether it levels off once the prediction log reaches its cap
-(``PREDICTION_LOG_MAX_ROWS``, default 200,000: five rounds of 60,000 pass it). Each figure is
+(``PREDICTION_LOG_MAX_ROWS``, default 200,000: the fourth round of 60,000 passes it, and the
+default seven rounds give four at the cap, whose spread the line prints). Each figure is
 VmRSS with its anonymous part (what the process allocated) and its file part (shared library
 pages, which the kernel can drop and read again under pressure), against the seed's 256 MiB
 line. ``--baseline DIR`` runs another checkout's server (e.g. main) the same way in the same
@@ -22,6 +23,8 @@ same load: the peak the kernel charged and whether anything was OOM-killed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import sys
 import tempfile
@@ -39,9 +42,14 @@ from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen.v1 import types_pb2
 from xylen_server.devtools import launcher
 from xylen_server.devtools.limits import limited
+from xylen_server.settings import Settings
 
 TYPES = ("lightgbm", "xgboost", "catboost")
 LIMIT = 256 * 1024 * 1024
+LOG_CAP_ROWS = int(
+    {f.name: f for f in dataclasses.fields(Settings)}["prediction_log_max_rows"].default  # type: ignore[arg-type]
+)
+"""The in-memory prediction log's default cap: RSS should stop growing once it is reached."""
 IDLE_WAIT_SECONDS = 6.0
 """After the 50 idle rows: past ``PREDICTION_LOG_FLUSH_INTERVAL_SECONDS`` (5), so idle
 includes what the first flush loads."""
@@ -161,13 +169,28 @@ def measure(
     return idle, after, answered, 1e6 * cpu / max(calls, 1)
 
 
-def _line(label: str, idle: Rss, after: list[Rss], answered: int, cpu_us: float) -> str:
+def level_off(after: list[Rss], per_round: int) -> str:
+    """How flat RSS stays over the rounds after the prediction log reached its cap (the round
+    whose answers pass :data:`LOG_CAP_ROWS`, about one answer per row): its range and spread."""
+    first = math.ceil(LOG_CAP_ROWS / per_round)  # 1-based round that reaches the cap
+    capped = [v.total for v in after[first - 1 :]]
+    if len(capped) < 2:
+        return f"too few rounds past the log's cap (round {first}) to see it level off"
+    low, high = min(capped), max(capped)
+    return (
+        f"at the log's cap (rounds {first}-{len(after)}) {low:.0f}-{high:.0f}, "
+        f"spread {high - low:.0f} MiB"
+    )
+
+
+def _line(
+    label: str, idle: Rss, after: list[Rss], answered: int, cpu_us: float, per_round: int
+) -> str:
     rounds = "  ".join(str(v) for v in after)
-    growth = after[-1].total - after[-2].total if len(after) > 1 else float("nan")
     peak = max(v.total for v in after)
     verdict = "below" if peak < LIMIT / 2**20 else "OVER"
     return (
-        f"  {label:<9} idle {idle}   rounds {rounds}   last round {growth:+.0f}, "
+        f"  {label:<9} idle {idle}   rounds {rounds}   {level_off(after, per_round)}; "
         f"highest {peak:.0f}: {verdict} the 256 MiB line ({answered:,} answers, server CPU "
         f"{cpu_us:.0f} us a call)"
     )
@@ -175,7 +198,7 @@ def _line(label: str, idle: Rss, after: list[Rss], answered: int, cpu_us: float)
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench.bench_memory")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--rows", type=int, default=60_000, help="predictions per round")
     parser.add_argument("--source", type=Path, default=REPO, help="checkout whose server runs")
     parser.add_argument("--baseline", type=Path, help="another checkout, measured first")
@@ -207,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     source,
                     env=env,
                 )
-                print(_line(model_type, idle, after, answered, cpu_us), flush=True)
+                print(_line(model_type, idle, after, answered, cpu_us, args.rows), flush=True)
         for model_type in filter(None, args.cgroup_types.split(",")):
             _in_cgroup(root, model_type, rows, args, env)
 
@@ -233,7 +256,10 @@ def _in_cgroup(
                 env=env,
             )
             outcome = f"{answered:,} answers, kept answering"
-            figures = f"; RSS idle {idle}, rounds {'  '.join(str(v) for v in after)}"
+            figures = (
+                f"; RSS idle {idle}, rounds {'  '.join(str(v) for v in after)}; "
+                f"{level_off(after, args.rows)}"
+            )
         except (grpc.RpcError, RuntimeError) as exc:
             outcome = f"STOPPED answering: {str(exc).splitlines()[0][:100]}"
         print(
