@@ -49,6 +49,8 @@ from xylen_server.auth import with_token
 
 ADMIN_TOKEN = "bench-admin-token"
 _LAG = re.compile(rb"event loop late by at most ([0-9.]+) ms")
+_STEPS = re.compile(rb"steps, seconds/worst lateness: ([^)]*)\)")
+_STEP = re.compile(r"([a-z-]+) ([0-9.]+)s/([0-9.]+)ms")
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -102,6 +104,34 @@ def _loop_lags(server: Process) -> list[float]:
     return [float(m) for m in _LAG.findall(os.pread(fd, os.fstat(fd).st_size, 0))]
 
 
+def _step_lags(server: Process) -> list[dict[str, tuple[float, float]]]:
+    """Per swap so far: each step's (seconds, the loop's worst lateness in ms), from the
+    server's log ("n/a" for a server that does not report steps)."""
+    fd = server.log.fileno()
+    found = _STEPS.findall(os.pread(fd, os.fstat(fd).st_size, 0))
+    return [
+        {m[0]: (float(m[1]), float(m[2])) for m in _STEP.findall(line.decode())} for line in found
+    ]
+
+
+def _print_steps(swaps: list[dict[str, tuple[float, float]]]) -> dict[str, float]:
+    """Median seconds and median / largest lateness of each step over ``swaps``."""
+    names: list[str] = []
+    for swap in swaps:
+        names.extend(n for n in swap if n not in names)
+    out = {}
+    for name in names:
+        seen = [swap[name] for swap in swaps if name in swap]
+        lates = [late for _, late in seen]
+        out[name] = statistics.median(lates)
+        print(
+            f"    {name:9s} {statistics.median(s for s, _ in seen):6.3f} s median; loop late "
+            f"median {statistics.median(lates):5.1f} ms, largest {max(lates):5.1f} ms "
+            f"({len(seen)} swaps)"
+        )
+    return out
+
+
 @dataclass
 class Target:
     """One server under test and what was measured on it."""
@@ -124,6 +154,7 @@ class Target:
     calls_swapping: int = 0
     swaps: int = 0
     lags_before: int = 0
+    steps_before: int = 0
 
 
 def _start(name: str, root: Path, source: Path, python: str) -> tuple[Target, np.ndarray]:
@@ -204,6 +235,10 @@ def _report(target: Target, in_flight: int, rounds: int, seconds: float) -> dict
             f"{statistics.median(lags):.1f} ms, largest {max(lags):.1f} ms over {len(lags)} swaps"
         )
         print(f"    each swap's, sorted (ms): {sorted(round(v, 1) for v in lags)}")
+        steps = _step_lags(target.server)[target.steps_before :]
+        if steps:
+            print("  per step of a swap (time; the loop's worst lateness while it ran):")
+            _print_steps(steps)
     else:
         print("  event loop's worst lateness per swap: n/a (this server does not report it)")
     per_call_idle = target.cpu_idle / max(target.calls_idle, 1) * 1e6
@@ -325,6 +360,7 @@ def run(
                     _second_version(target.model_dir)
                     admin.ReloadModel(pb.ReloadModelRequest(), timeout=300)
                 target.lags_before = len(_loop_lags(target.server))
+                target.steps_before = len(_step_lags(target.server))
                 versions[target.name] = [1]
             for _ in range(rounds):
                 for target in targets:

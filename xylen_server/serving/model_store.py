@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -166,6 +167,10 @@ def native_reference(
     return Reference((model_dir / ONNX_FILE).read_bytes(), rows, reference, niceness)
 
 
+def _no_steps(name: str) -> None:
+    """The default ``step`` of :func:`load_model`: nobody is told."""
+
+
 def _warm_up(engine: Engine, n_features: int, workers: int) -> float:
     """Run every session once, check the output, and return the median one-row cost in us."""
     rows = np.zeros((64, n_features), dtype=np.float32)
@@ -197,10 +202,18 @@ def _loaded(
     )
 
 
-def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel:
-    """Load, convert, verify and warm the model the settings name. Raises ModelLoadError."""
+def load_model(
+    settings: Settings,
+    model_dir: Path | None = None,
+    step: Callable[[str], None] = _no_steps,
+) -> LoadedModel:
+    """Load, convert, verify and warm the model the settings name. Raises ModelLoadError.
+    ``step`` is told the name of each step as it starts (``check``, ``reference``, ``session``,
+    ``parity``, ``warm-up``: a hot swap's :class:`~xylen_server.versions.swap.LoopLag` books the
+    event loop's lateness per step)."""
     model_dir = settings.model_dir if model_dir is None else model_dir
     started = time.perf_counter()
+    step("check")
     if not model_dir.is_dir():
         raise ModelLoadError(
             f"model {settings.model_name!r} not found: {model_dir} is not a directory"
@@ -236,9 +249,11 @@ def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel
 
     from xylen_server.serving.session_pool import SessionPool
 
+    step("reference")
     model_bytes, rows, reference, _ = native_reference(
         meta, model_dir, settings.parity_probe_rows, nice=settings.model_load_nice
     )
+    step("session")
     try:
         pool = SessionPool(model_bytes, settings.pool_size, settings.session_threads)
     except Exception as exc:  # onnxruntime raises its own types for a corrupt graph
@@ -246,6 +261,7 @@ def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel
     if rows.shape[1:] != (n_features,):
         pool.close()
         raise ModelLoadError(f"model {meta.name!r}: the parity probe has the wrong width")
+    step("parity")
     difference = max_difference(reference, pool.predict_proba(rows))
     if not difference <= PARITY_TOLERANCE:
         pool.close()
@@ -253,6 +269,7 @@ def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel
             f"model {meta.name!r}: ONNX and native probabilities differ by {difference:.3g} "
             f"on the parity probe (tolerance {PARITY_TOLERANCE:g}); refusing to serve"
         )
+    step("warm-up")
     loaded = _loaded(meta, pool, difference, settings)
     logger.info(
         "loaded %s v%d (onnx, %d sessions x %d threads, parity %.2g, %.1f us a row) in %.2fs",
