@@ -7,16 +7,20 @@ served only when its metadata matches the feature code, its native file loads, i
 ONNX conversion (made now unless a current ``model.onnx`` sits beside it) agrees with the native
 booster on the parity probe within 1e-5, and the warm-up produced finite probabilities.
 
-Serving ONNX, the native booster, the conversion and the probe run in a short-lived child
-process (:func:`native_reference`): this process loads only onnxruntime, so a LightGBM server
-holds no xgboost, catboost, scikit-learn, scipy, pandas, polars or onnx, and an XGBoost or
-CatBoost server does not keep its native library for a check it made once. The child runs at
-``MODEL_LOAD_NICE`` (:mod:`xylen_server.serving.reference`), so a hot swap's seconds of CPU yield
-to Predict.
+Serving ONNX, the native side of that check (the probe rows and the native booster's P(up) on
+them) is read from the model's ``parity.npz`` when one is bound to exactly these native and
+ONNX files (:func:`stored_reference`; training writes it, and so does the child below the first
+time), else made by a short-lived child process (:func:`native_reference`): this process loads
+only onnxruntime, so a LightGBM server holds no xgboost, catboost, scikit-learn, scipy, pandas,
+polars or onnx, and an XGBoost or CatBoost server does not keep its native library for a check
+it made once. The child runs at ``MODEL_LOAD_NICE`` (:mod:`xylen_server.serving.reference`), so
+a hot swap's CPU yields to Predict. Either way this process runs its own session on the probe
+rows at every load and compares.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import subprocess
 import sys
@@ -32,10 +36,15 @@ import numpy as np
 from training import features
 from training.metadata import (
     ONNX_FILE,
+    PARITY_FILE,
     PARITY_TOLERANCE,
     MetadataError,
     ModelMetadata,
     check_model_dir,
+    parity_binding,
+    read_parity_reference,
+    read_regular_file,
+    sha256_regular_file,
 )
 from xylen_server.errors import ModelLoadError
 from xylen_server.serving.native import Engine, NativeModel
@@ -54,6 +63,9 @@ class LoadedModel:
     engine: Engine
     parity_max_difference: float | None
     """Worst |ONNX - native| on the probe; None when serving native."""
+    reference_source: str
+    """Where the native side of the parity check came from: ``stored`` (the model's
+    ``parity.npz``), ``child`` (a reference child made it) or ``none`` (serving native)."""
     row_cost_us: float
     """Median time of a one-row inference, measured at warm-up."""
     loop_max_rows: int
@@ -115,6 +127,28 @@ class Reference(NamedTuple):
     """The niceness the child ran at."""
 
 
+def stored_reference(
+    meta: ModelMetadata, model_dir: Path, n_rows: int, max_bytes: int
+) -> tuple[bytes, np.ndarray, np.ndarray] | str:
+    """The ONNX model's bytes, the probe rows and the native P(up) on them from the model's
+    ``parity.npz``, when it is bound to the native and ONNX files as they are now (their sha256,
+    the library versions, ``n_rows``: :func:`training.metadata.read_parity_reference`); else why
+    not. The ONNX bytes returned are the very bytes whose sha256 matched."""
+    onnx_path = model_dir / ONNX_FILE
+    if not onnx_path.is_file():
+        return f"no {ONNX_FILE}"
+    try:
+        onnx_bytes = read_regular_file(onnx_path, max_bytes)
+        native_sha256 = sha256_regular_file(model_dir / meta.native_file, max_bytes)
+    except MetadataError as exc:
+        return str(exc)[:300]
+    binding = parity_binding(meta, native_sha256, hashlib.sha256(onnx_bytes).hexdigest(), n_rows)
+    found = read_parity_reference(model_dir, binding, max_bytes)
+    if isinstance(found, str):
+        return found
+    return (onnx_bytes, *found)
+
+
 def native_reference(
     meta: ModelMetadata, model_dir: Path, n_rows: int, timeout: float = 600.0, nice: int = 0
 ) -> Reference:
@@ -122,7 +156,9 @@ def native_reference(
     them, made by a short-lived child process (:mod:`xylen_server.serving.parity`) with
     ``nice`` added to its niceness, so this process never loads the native library, onnx or the
     converters and the child's CPU yields to serving. Blocking (a second or more): call it off
-    the event loop. Raises ModelLoadError with the child's one line."""
+    the event loop. Raises ModelLoadError with the child's one line. The child also keeps what
+    it made in the model directory (``parity.npz``) for the next load of these files."""
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="xylen-parity-") as scratch:
         out = Path(scratch) / "reference.npz"
         try:
@@ -161,6 +197,12 @@ def native_reference(
             reference = np.asarray(data["reference"], dtype=np.float64)
             in_memory = data["onnx"].tobytes()
             niceness = int(data["niceness"])
+    logger.info(
+        "parity reference for %s v%d made by a child process in %.2fs",
+        meta.name,
+        meta.version,
+        time.perf_counter() - started,
+    )
     if in_memory:
         logger.warning("model directory %s is read-only; converted in memory", model_dir)
         return Reference(in_memory, rows, reference, niceness)
@@ -187,7 +229,11 @@ def _warm_up(engine: Engine, n_features: int, workers: int) -> float:
 
 
 def _loaded(
-    meta: ModelMetadata, engine: Engine, difference: float | None, settings: Settings
+    meta: ModelMetadata,
+    engine: Engine,
+    difference: float | None,
+    source: str,
+    settings: Settings,
 ) -> LoadedModel:
     row_cost_us = _warm_up(engine, len(meta.feature_names), settings.pool_size)
     loop_max_rows = int(settings.loop_budget_us // row_cost_us) if row_cost_us > 0 else 0
@@ -195,6 +241,7 @@ def _loaded(
         meta,
         engine,
         difference,
+        source,
         row_cost_us,
         min(loop_max_rows, 64),
         served_thresholds(meta, settings),
@@ -237,7 +284,7 @@ def load_model(
             native = NativeModel(meta, model_dir, settings.pool_size)
         except Exception as exc:  # every library has its own error for a corrupt file
             raise ModelLoadError(f"model {meta.name!r}: cannot load {native_path}: {exc}") from exc
-        loaded = _loaded(meta, native, None, settings)
+        loaded = _loaded(meta, native, None, "none", settings)
         logger.info(
             "loaded %s v%d (native, %.1f us a row) in %.2fs",
             meta.name,
@@ -250,9 +297,24 @@ def load_model(
     from xylen_server.serving.session_pool import SessionPool
 
     step("reference")
-    model_bytes, rows, reference, _ = native_reference(
-        meta, model_dir, settings.parity_probe_rows, nice=settings.model_load_nice
+    stored = stored_reference(
+        meta, model_dir, settings.parity_probe_rows, settings.model_max_file_bytes
     )
+    if isinstance(stored, str):
+        logger.info(
+            "%s v%d: no usable %s (%s); a child makes the parity reference",
+            meta.name,
+            meta.version,
+            PARITY_FILE,
+            stored,
+        )
+        model_bytes, rows, reference, _ = native_reference(
+            meta, model_dir, settings.parity_probe_rows, nice=settings.model_load_nice
+        )
+        source = "child"
+    else:
+        model_bytes, rows, reference = stored
+        source = "stored"
     step("session")
     try:
         pool = SessionPool(model_bytes, settings.pool_size, settings.session_threads)
@@ -267,17 +329,21 @@ def load_model(
         pool.close()
         raise ModelLoadError(
             f"model {meta.name!r}: ONNX and native probabilities differ by {difference:.3g} "
-            f"on the parity probe (tolerance {PARITY_TOLERANCE:g}); refusing to serve"
+            f"on the parity probe (tolerance {PARITY_TOLERANCE:g}; native side "
+            f"{'from ' + PARITY_FILE if source == 'stored' else 'made by a child'}); "
+            "refusing to serve"
         )
     step("warm-up")
-    loaded = _loaded(meta, pool, difference, settings)
+    loaded = _loaded(meta, pool, difference, source, settings)
     logger.info(
-        "loaded %s v%d (onnx, %d sessions x %d threads, parity %.2g, %.1f us a row) in %.2fs",
+        "loaded %s v%d (onnx, %d sessions x %d threads, parity %.2g against a %s reference, "
+        "%.1f us a row) in %.2fs",
         meta.name,
         meta.version,
         settings.pool_size,
         settings.session_threads,
         difference,
+        source,
         loaded.row_cost_us,
         time.perf_counter() - started,
     )
