@@ -135,7 +135,9 @@ class Settings:
     model_load_nice: int = env("MODEL_LOAD_NICE", 10, minimum=0, maximum=19)
     """Niceness added to the short-lived child that loads a model's native booster for the
     parity reference (and converts it to ONNX when needed): its half-second or more of CPU per
-    load or hot swap yields to Predict instead of competing with it for the cores."""
+    load or hot swap yields to Predict instead of competing with it for the cores. The same
+    niceness is added to the short-lived threads that build a new version's session, run its
+    parity check and time a row in the server itself (Linux: niceness is per thread)."""
 
     # -- limits on requests and load (what bad input and too much load get) ------------------
     max_name_bytes: int = env("MAX_NAME_BYTES", 128, minimum=1, maximum=65536)
