@@ -17,6 +17,7 @@ and with optimizations off or a pre-optimized ORT-format model (a few seconds).
     python -m bench swaps                              # ~1 minute
     python -m bench.bench_swaps --source /path         # the same against another checkout
     python -m bench.bench_swaps --baseline /work/main  # before/after in one run (~2 minutes)
+    python -m bench.bench_swaps --swap-every 1         # one swap a second instead of back to back
 
 ``--baseline TREE`` runs TREE's server too (with ``TREE/.venv/bin/python`` when there is one,
 so its own dependencies count), alternating rounds between the two so noise hits both alike.
@@ -49,6 +50,8 @@ from xylen_server.auth import with_token
 
 ADMIN_TOKEN = "bench-admin-token"
 _LAG = re.compile(rb"event loop late by at most ([0-9.]+) ms")
+_STEPS = re.compile(rb"steps, seconds/worst lateness: ([^)]*)\)")
+_STEP = re.compile(r"([a-z-]+) ([0-9.]+)s/([0-9.]+)ms")
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -102,6 +105,34 @@ def _loop_lags(server: Process) -> list[float]:
     return [float(m) for m in _LAG.findall(os.pread(fd, os.fstat(fd).st_size, 0))]
 
 
+def _step_lags(server: Process) -> list[dict[str, tuple[float, float]]]:
+    """Per swap so far: each step's (seconds, the loop's worst lateness in ms), from the
+    server's log ("n/a" for a server that does not report steps)."""
+    fd = server.log.fileno()
+    found = _STEPS.findall(os.pread(fd, os.fstat(fd).st_size, 0))
+    return [
+        {m[0]: (float(m[1]), float(m[2])) for m in _STEP.findall(line.decode())} for line in found
+    ]
+
+
+def _print_steps(swaps: list[dict[str, tuple[float, float]]]) -> dict[str, float]:
+    """Median seconds and median / largest lateness of each step over ``swaps``."""
+    names: list[str] = []
+    for swap in swaps:
+        names.extend(n for n in swap if n not in names)
+    out = {}
+    for name in names:
+        seen = [swap[name] for swap in swaps if name in swap]
+        lates = [late for _, late in seen]
+        out[name] = statistics.median(lates)
+        print(
+            f"    {name:9s} {statistics.median(s for s, _ in seen):6.3f} s median; loop late "
+            f"median {statistics.median(lates):5.1f} ms, largest {max(lates):5.1f} ms "
+            f"({len(seen)} swaps)"
+        )
+    return out
+
+
 @dataclass
 class Target:
     """One server under test and what was measured on it."""
@@ -124,6 +155,7 @@ class Target:
     calls_swapping: int = 0
     swaps: int = 0
     lags_before: int = 0
+    steps_before: int = 0
 
 
 def _start(name: str, root: Path, source: Path, python: str) -> tuple[Target, np.ndarray]:
@@ -143,7 +175,12 @@ def _start(name: str, root: Path, source: Path, python: str) -> tuple[Target, np
 
 
 def _round(
-    target: Target, request: pb.PredictRequest, in_flight: int, seconds: float, target_v: list[int]
+    target: Target,
+    request: pb.PredictRequest,
+    in_flight: int,
+    seconds: float,
+    target_v: list[int],
+    every: float = 0.0,
 ) -> None:
     address = f"127.0.0.1:{target.server.port}"
     pid = target.server.proc.pid
@@ -161,9 +198,12 @@ def _round(
             while state["on"]:
                 started = time.perf_counter()
                 admin.RollbackModel(pb.RollbackModelRequest(version=target_v[0]), timeout=300)
-                target.swap_seconds.append(time.perf_counter() - started)
+                took = time.perf_counter() - started
+                target.swap_seconds.append(took)
                 state["count"] += 1
                 target_v[0] = 3 - target_v[0]
+                if every > took:  # paced: the next swap starts `every` s after this one did
+                    time.sleep(every - took)
 
         thread = threading.Thread(target=swapper)
         thread.start()
@@ -179,14 +219,16 @@ def _round(
     target.swaps += state["count"]
 
 
-def _report(target: Target, in_flight: int, rounds: int, seconds: float) -> dict[str, float]:
+def _report(
+    target: Target, in_flight: int, rounds: int, seconds: float, every: float = 0.0
+) -> dict[str, float]:
     idle_p99, swap_p99 = statistics.median(target.idle), statistics.median(target.swapping)
     lags = _loop_lags(target.server)[target.lags_before :]
     swaps = max(target.swaps, 1)
     print(f"  [{target.name}]")
     print(
         f"  Predict batch 1, {in_flight} in flight, {rounds} rounds of {seconds:.0f}s each way; "
-        f"{target.swaps} swaps back to back, "
+        f"{target.swaps} swaps {f'one every {every:g} s' if every else 'back to back'}, "
         f"{statistics.median(target.swap_seconds or [0]):.2f} s each (median)"
     )
     print(
@@ -204,13 +246,21 @@ def _report(target: Target, in_flight: int, rounds: int, seconds: float) -> dict
             f"{statistics.median(lags):.1f} ms, largest {max(lags):.1f} ms over {len(lags)} swaps"
         )
         print(f"    each swap's, sorted (ms): {sorted(round(v, 1) for v in lags)}")
+        steps = _step_lags(target.server)[target.steps_before :]
+        if steps:
+            print("  per step of a swap (time; the loop's worst lateness while it ran):")
+            _print_steps(steps)
     else:
         print("  event loop's worst lateness per swap: n/a (this server does not report it)")
     per_call_idle = target.cpu_idle / max(target.calls_idle, 1) * 1e6
     per_call_swap = target.cpu_swapping / max(target.calls_swapping, 1) * 1e6
+    # The server's CPU during swap rounds beyond what its Predicts cost without swaps.
+    own_per_swap = (target.cpu_swapping - target.calls_swapping * per_call_idle / 1e6) / swaps
     print(
         f"  server CPU per Predict: {per_call_idle:.0f} us without swaps, {per_call_swap:.0f} us "
-        f"during swaps; parity children: {target.cpu_children / swaps:.2f} CPU s per swap"
+        f"during swaps; per swap: the server's own {own_per_swap * 1e3:.0f} ms beyond its "
+        f"Predicts, parity children {target.cpu_children / swaps:.2f} CPU s; "
+        f"{target.swaps / (rounds * seconds):.2f} swaps a second"
     )
     return {
         "idle_p99_us": idle_p99,
@@ -218,6 +268,7 @@ def _report(target: Target, in_flight: int, rounds: int, seconds: float) -> dict
         "ratio": swap_p99 / idle_p99,
         "loop_lag_ms_max": max(lags) if lags else float("nan"),
         "child_cpu_s_per_swap": target.cpu_children / swaps,
+        "server_cpu_s_per_swap": own_per_swap,
     }
 
 
@@ -299,6 +350,7 @@ def run(
     rounds: int,
     in_flight: int,
     baseline: Path | None = None,
+    every: float = 0.0,
 ) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="xylen-bench-swaps-") as tmp:
         root = Path(tmp)
@@ -325,14 +377,15 @@ def run(
                     _second_version(target.model_dir)
                     admin.ReloadModel(pb.ReloadModelRequest(), timeout=300)
                 target.lags_before = len(_loop_lags(target.server))
+                target.steps_before = len(_step_lags(target.server))
                 versions[target.name] = [1]
             for _ in range(rounds):
                 for target in targets:
-                    _round(target, request, in_flight, seconds, versions[target.name])
+                    _round(target, request, in_flight, seconds, versions[target.name], every)
         finally:
             for target in targets:
                 target.server.stop()
-        return {t.name: _report(t, in_flight, rounds, seconds) for t in targets}
+        return {t.name: _report(t, in_flight, rounds, seconds, every) for t in targets}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -344,9 +397,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--baseline", type=Path, default=None, help="another checkout, measured in the same run"
     )
+    parser.add_argument(
+        "--swap-every",
+        type=float,
+        default=0.0,
+        help="start a swap every this many seconds (0: back to back, the next as soon as one "
+        "ends); a fixed pace compares servers whose swaps take different times at one rate",
+    )
     args = parser.parse_args(argv)
-    print(f"== hot swaps under load (server from {args.source}) ==")
-    run(args.source, args.seconds, args.rounds, args.in_flight, args.baseline)
+    pace = f"one every {args.swap_every:g} s" if args.swap_every else "back to back"
+    print(f"== hot swaps under load, {pace} (server from {args.source}) ==")
+    run(args.source, args.seconds, args.rounds, args.in_flight, args.baseline, args.swap_every)
 
 
 if __name__ == "__main__":

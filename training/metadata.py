@@ -4,7 +4,9 @@ It also fixes how every engine is fed (:func:`model_input`, the graph's input an
 names), so training, conversion and serving agree without importing each other.
 
 A model directory (``models/<name>/``) holds the native model file of its type, optionally a
-``model.onnx`` converted from it, ``feature_importance.csv`` and ``metadata.json`` (this class).
+``model.onnx`` converted from it and a ``parity.npz`` (:data:`PARITY_FILE`, the native side of
+the parity check, kept so a load needs no native library), ``feature_importance.csv`` and
+``metadata.json`` (this class).
 The server refuses a model whose ``feature_names``, ``lookback`` or ``features_hash`` disagree with
 the feature code it runs (see :mod:`training.features`).
 """
@@ -15,6 +17,8 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import importlib.metadata
+import io
 import json
 import math
 import os
@@ -36,6 +40,10 @@ from training.calibration import check as check_calibration
 METADATA_FILE = "metadata.json"
 ONNX_FILE = "model.onnx"
 FEATURE_IMPORTANCE_FILE = "feature_importance.csv"
+PARITY_FILE = "parity.npz"
+"""The parity reference kept with a model: the probe rows of the ONNX-vs-native check and the
+native model's P(up) on them (see :func:`write_parity_reference`). Derived from the native and
+ONNX files and bound to their sha256, so it is not in :attr:`ModelMetadata.checksums`."""
 
 #: Native model file name per model type (``lightgbm_model.txt``: the name operators' LightGBM
 #: tooling already writes).
@@ -47,7 +55,12 @@ NATIVE_FILES: dict[str, str] = {
 MODEL_TYPES = tuple(NATIVE_FILES)
 #: The only files a model directory may hold (names starting with "." are ignored: the
 #: temporary files of an interrupted atomic write).
-MODEL_FILES = frozenset({METADATA_FILE, ONNX_FILE, FEATURE_IMPORTANCE_FILE, *NATIVE_FILES.values()})
+MODEL_FILES = frozenset(
+    {METADATA_FILE, ONNX_FILE, FEATURE_IMPORTANCE_FILE, PARITY_FILE, *NATIVE_FILES.values()}
+)
+#: The files :attr:`ModelMetadata.checksums` may name: what training writes once and for good
+#: (``parity.npz`` is derived, may be added after training and carries its own binding).
+CHECKSUMMED_FILES = MODEL_FILES - {METADATA_FILE, PARITY_FILE}
 #: Largest ``metadata.json`` and ``feature_importance.csv`` read.
 MAX_SMALL_FILE_BYTES = 1 << 20
 #: Default largest native model or ONNX file (the server's ``MODEL_MAX_FILE_BYTES``).
@@ -64,6 +77,15 @@ INPUT_NAME = "input"
 PROBABILITIES_OUTPUT = "probabilities"
 #: Largest allowed |onnx - native| difference in P(up) on the parity probe.
 PARITY_TOLERANCE = 1e-5
+#: Rows of the parity probe (the server's default ``PARITY_PROBE_ROWS``, and what training
+#: stores in ``parity.npz``).
+PARITY_PROBE_ROWS = 2048
+#: Bumped whenever the conversion to ONNX changes, so older ``model.onnx`` files (and the
+#: parity references bound to them) are made again (:mod:`training.onnx_export`).
+CONVERTER_VERSION = "1"
+#: Bumped whenever the probe rows are chosen differently (:func:`training.parity.probe_rows`),
+#: so stored parity references are made again.
+PARITY_PROBE_VERSION = "1"
 #: LightGBM reads any |x| <= 1e-35 as 0 (its kZeroThreshold) and places splits at +-1e-35
 #: between 0 and the nearest values; ONNX compares such values as they are.
 ZERO_THRESHOLD = 1e-35
@@ -180,10 +202,10 @@ class ModelMetadata:
         if not isinstance(self.checksums, dict):
             raise MetadataError("checksums must be a JSON object")
         for file, digest in self.checksums.items():
-            if not isinstance(file, str) or file not in MODEL_FILES - {METADATA_FILE}:
+            if not isinstance(file, str) or file not in CHECKSUMMED_FILES:
                 raise MetadataError(
                     f"checksums name {str(file)[:64]!r}, not a model file "
-                    f"({', '.join(sorted(MODEL_FILES - {METADATA_FILE}))})"
+                    f"({', '.join(sorted(CHECKSUMMED_FILES))})"
                 )
             if not (
                 isinstance(digest, str)
@@ -521,3 +543,121 @@ def history_missing_message(missing: list[HistoryFile], listed: int) -> str:
         f"history file missing: {where[:400]}{more}; a full retrain needs all of the model's "
         "training data (restore it, or retrain incrementally)"
     )
+
+
+# -- the parity reference kept with a model ------------------------------------------------------
+#
+# A server checks every model it loads: its own ONNX Runtime session runs the parity probe and
+# must agree with the native model within PARITY_TOLERANCE. The native side (the probe rows,
+# chosen from the ONNX model's own split thresholds, and the native model's P(up) on them)
+# depends only on the native file, the ONNX file and the library versions, so it is computed once
+# where the native model is in hand (training's :func:`training.trainers.write_model_dir`, or the
+# server's short-lived reference child the first time) and kept as ``parity.npz``. A load that
+# finds one bound to the files it is loading skips the child (a process start, the native
+# library, onnx and the probe: ~0.6 s of CPU per hot swap) and still runs the check itself.
+#
+# The binding is everything the stored arrays depend on: the sha256 of the native and ONNX files,
+# the native library's version, the converter and probe versions, the probe's shape; plus the
+# sha256 of the arrays themselves. A reference whose binding is not the one expected is ignored
+# and made again, never trusted. It is not in the metadata's checksums: it may be added after
+# training (an old or imported model's first load), and it guards itself. A stored reference
+# never makes a model pass that does not agree: its numbers are the native model's, and the
+# check compares them with the serving session's answers at every load.
+
+#: The Python distribution of each model type's native library.
+NATIVE_LIBRARIES: dict[str, str] = {
+    "lightgbm": "lightgbm",
+    "xgboost": "xgboost",
+    "catboost": "catboost",
+}
+
+
+def native_library(model_type: str) -> str:
+    """``"lightgbm 4.5.0"``: the installed native library a reference was computed with (read
+    from the package metadata, never imported)."""
+    package = NATIVE_LIBRARIES[model_type]
+    try:
+        return f"{package} {importlib.metadata.version(package)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{package} (not installed)"
+
+
+def parity_binding(
+    meta: ModelMetadata, native_sha256: str, onnx_sha256: str, rows: int
+) -> dict[str, Any]:
+    """What a parity reference for these files must have been computed from."""
+    return {
+        "native_file": meta.native_file,
+        "native_sha256": native_sha256,
+        "onnx_sha256": onnx_sha256,
+        "native_library": native_library(meta.model_type),
+        "converter_version": CONVERTER_VERSION,
+        "probe_version": PARITY_PROBE_VERSION,
+        "rows": int(rows),
+        "features": len(meta.feature_names),
+    }
+
+
+def _arrays_sha256(rows: np.ndarray, reference: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in (rows, reference):
+        digest.update(str(array.dtype).encode() + repr(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def write_parity_reference(
+    model_dir: str | os.PathLike[str],
+    binding: Mapping[str, Any],
+    rows: np.ndarray,
+    reference: np.ndarray,
+) -> Path:
+    """Write ``parity.npz`` (atomically): the probe ``rows`` (float32), the native model's
+    P(up) on them (``reference``, float64) and the ``binding`` (:func:`parity_binding`) with
+    the arrays' own sha256."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    reference = np.ascontiguousarray(reference, dtype=np.float64)
+    stamped = {**binding, "arrays_sha256": _arrays_sha256(rows, reference)}
+    buffer = io.BytesIO()
+    np.savez(buffer, rows=rows, reference=reference, binding=np.array(json.dumps(stamped)))
+    path = Path(model_dir) / PARITY_FILE
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def read_parity_reference(
+    model_dir: str | os.PathLike[str],
+    binding: Mapping[str, Any],
+    max_bytes: int = MAX_MODEL_FILE_BYTES,
+) -> tuple[np.ndarray, np.ndarray] | str:
+    """The stored probe rows and native P(up) when ``parity.npz`` holds a reference with exactly
+    this ``binding``; else why not (missing, unreadable, made for other files, altered), for the
+    log. Never raises for a bad file: a reference that does not check out is made again."""
+    path = Path(model_dir) / PARITY_FILE
+    if not path.exists() and not path.is_symlink():
+        return "none stored"
+    try:
+        data = read_regular_file(path, max_bytes)
+        with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+            rows = np.asarray(stored["rows"])
+            reference = np.asarray(stored["reference"])
+            found = json.loads(str(stored["binding"]))
+    except MetadataError as exc:
+        return str(exc)[:300]
+    except Exception as exc:  # numpy's and zipfile's errors for a damaged file
+        return f"{path} is unreadable ({type(exc).__name__})"
+    if not isinstance(found, dict):
+        return f"{path} holds no binding"
+    claimed = found.pop("arrays_sha256", None)
+    if found != dict(binding):
+        differ = sorted(k for k in set(found) | set(binding) if found.get(k) != binding.get(k))
+        return f"made for other files or libraries ({', '.join(differ)[:200]} differ)"
+    if (
+        rows.dtype != np.float32
+        or reference.dtype != np.float64
+        or rows.shape != (binding["rows"], binding["features"])
+        or reference.shape != (binding["rows"],)
+        or claimed != _arrays_sha256(rows, reference)
+    ):
+        return f"{path} was altered or damaged (its arrays do not match their sha256)"
+    return rows, reference

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from training.metadata import CONVERTER_VERSION as CONVERTER_VERSION  # re-exported
 from training.metadata import (
     INPUT_NAME,
     ONNX_FILE,
@@ -32,8 +33,8 @@ from training.metadata import (
 
 #: Metadata key in the ONNX file holding the sha256 of the native file it was converted from.
 NATIVE_SHA256_KEY = "xylen.native_sha256"
-#: Bumped whenever the conversion changes, so older .onnx files are reconverted.
-CONVERTER_VERSION = "1"
+#: The conversion's version (:data:`training.metadata.CONVERTER_VERSION`, bumped whenever the
+#: conversion changes, so older .onnx files are reconverted) is kept in the file under this key.
 CONVERTER_VERSION_KEY = "xylen.converter_version"
 _ONNX_OPSET = 15
 

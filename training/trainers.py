@@ -19,6 +19,7 @@ import numpy as np
 from training.metadata import (
     FEATURE_IMPORTANCE_FILE,
     NATIVE_FILES,
+    PARITY_PROBE_ROWS,
     ModelMetadata,
     atomic_directory,
     sha256_file,
@@ -412,14 +413,27 @@ def make_model(
 def write_model_dir(target: Path, model: TreeModel, meta: ModelMetadata) -> ModelMetadata:
     """Write a complete model directory at ``target``, atomically (a failure leaves what was
     there): the native file, ``feature_importance.csv``, ``metadata.json`` with the native
-    file's sha256 (the server verifies it before loading) and ``model.onnx``. The one writer
-    of model directories: ``make train`` and the retrain job both use it."""
+    file's sha256 (the server verifies it before loading), ``model.onnx`` and ``parity.npz``
+    (the native side of the server's parity check, :mod:`training.parity`, so a server loading
+    this model starts no reference child). The one writer of model directories: ``make
+    train``, the retrain job and the importer all use it."""
+    import onnx
+
     from training.onnx_export import export_onnx
+    from training.parity import keep_reference, native_reference
 
     with atomic_directory(Path(target)) as tmp:
         native = model.save(tmp)
         write_feature_importance(tmp / FEATURE_IMPORTANCE_FILE, model.feature_importance())
-        meta = replace(meta, checksums={native.name: sha256_file(native)})
+        native_sha256 = sha256_file(native)
+        meta = replace(meta, checksums={native.name: native_sha256})
         meta.write(tmp)
-        export_onnx(tmp)
+        onnx_bytes = export_onnx(tmp).read_bytes()
+        # The reference comes from the native file as written (read back, as a server's child
+        # reads it), not from the booster in memory.
+        saved = type(model).load(tmp, meta.feature_names)
+        rows, reference = native_reference(
+            meta, onnx.load_from_string(onnx_bytes), PARITY_PROBE_ROWS, saved.predict_proba
+        )
+        keep_reference(tmp, meta, native_sha256, onnx_bytes, rows, reference)
     return meta

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from training.metadata import PARITY_PROBE_ROWS
 from training.trainers import MIN_TRAINING_SAMPLES
 from xylen_server.errors import SettingsError
 
@@ -120,8 +121,10 @@ class Settings:
     model's own, or 0.45."""
     shutdown_grace_seconds: float = env("SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0)
     """Time in-flight calls get to finish after SIGTERM."""
-    parity_probe_rows: int = env("PARITY_PROBE_ROWS", 2048, minimum=1)
-    """Rows of the ONNX-vs-native check run before serving."""
+    parity_probe_rows: int = env("PARITY_PROBE_ROWS", PARITY_PROBE_ROWS, minimum=1)
+    """Rows of the ONNX-vs-native check run before serving. A model's stored parity reference
+    (``parity.npz``, training writes it with the default) is used only when it has this many;
+    with another count the first load makes and keeps one of this size."""
     loop_budget_us: float = env("LOOP_INFERENCE_BUDGET_US", 50.0, minimum=0.0)
     """A batch of feature vectors whose measured cost fits this budget runs on the event loop
     (a thread hop costs ~80 us, more than a small model's row), batched with the others that
@@ -132,7 +135,9 @@ class Settings:
     model_load_nice: int = env("MODEL_LOAD_NICE", 10, minimum=0, maximum=19)
     """Niceness added to the short-lived child that loads a model's native booster for the
     parity reference (and converts it to ONNX when needed): its half-second or more of CPU per
-    load or hot swap yields to Predict instead of competing with it for the cores."""
+    load or hot swap yields to Predict instead of competing with it for the cores. The same
+    niceness is added to the short-lived threads that build a new version's session, run its
+    parity check and time a row in the server itself (Linux: niceness is per thread)."""
 
     # -- limits on requests and load (what bad input and too much load get) ------------------
     max_name_bytes: int = env("MAX_NAME_BYTES", 128, minimum=1, maximum=65536)

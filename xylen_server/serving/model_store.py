@@ -7,34 +7,47 @@ served only when its metadata matches the feature code, its native file loads, i
 ONNX conversion (made now unless a current ``model.onnx`` sits beside it) agrees with the native
 booster on the parity probe within 1e-5, and the warm-up produced finite probabilities.
 
-Serving ONNX, the native booster, the conversion and the probe run in a short-lived child
-process (:func:`native_reference`): this process loads only onnxruntime, so a LightGBM server
-holds no xgboost, catboost, scikit-learn, scipy, pandas, polars or onnx, and an XGBoost or
-CatBoost server does not keep its native library for a check it made once. The child runs at
-``MODEL_LOAD_NICE`` (:mod:`xylen_server.serving.reference`), so a hot swap's seconds of CPU yield
-to Predict.
+Serving ONNX, the native side of that check (the probe rows and the native booster's P(up) on
+them) is read from the model's ``parity.npz`` when one is bound to exactly these native and
+ONNX files (:func:`stored_reference`; training writes it, and so does the child below the first
+time), else made by a short-lived child process (:func:`native_reference`): this process loads
+only onnxruntime, so a LightGBM server holds no xgboost, catboost, scikit-learn, scipy, pandas,
+polars or onnx, and an XGBoost or CatBoost server does not keep its native library for a check
+it made once. The child runs at ``MODEL_LOAD_NICE`` (:mod:`xylen_server.serving.reference`), so
+a hot swap's CPU yields to Predict. Either way this process runs its own session on the probe
+rows at every load and compares.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
 from training import features
 from training.metadata import (
     ONNX_FILE,
+    PARITY_FILE,
     PARITY_TOLERANCE,
     MetadataError,
     ModelMetadata,
     check_model_dir,
+    parity_binding,
+    read_parity_reference,
+    read_regular_file,
+    sha256_regular_file,
 )
 from xylen_server.errors import ModelLoadError
 from xylen_server.serving.native import Engine, NativeModel
@@ -43,6 +56,39 @@ from xylen_server.settings import Settings
 from xylen_server.signals import SignalThresholds, resolve_thresholds
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def at_lower_priority(nice: int, fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` on a short-lived thread of its own with ``nice`` added to its niceness
+    (Linux keeps a niceness per thread; elsewhere, or with ``nice`` 0, on this thread as it is).
+
+    A hot swap's own CPU in this process (building the session ~14 ms, the parity run ~17 ms,
+    timing a row ~5 ms for a 500-tree model) then yields to Predict's threads on a busy machine,
+    as the reference child's does. A thread the niced one starts inherits its niceness, so
+    ``fn`` must not start threads that serve afterwards (a session of more than one intra-op
+    thread does; :func:`load_model` builds those at the caller's priority)."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return fn(*args)
+    box: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        with contextlib.suppress(OSError):  # a niceness already at 19 stays there
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        try:
+            box.append(fn(*args))
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="model-load-niced", daemon=True)
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return box[0]
 
 
 @dataclass(frozen=True)
@@ -53,6 +99,9 @@ class LoadedModel:
     engine: Engine
     parity_max_difference: float | None
     """Worst |ONNX - native| on the probe; None when serving native."""
+    reference_source: str
+    """Where the native side of the parity check came from: ``stored`` (the model's
+    ``parity.npz``), ``child`` (a reference child made it) or ``none`` (serving native)."""
     row_cost_us: float
     """Median time of a one-row inference, measured at warm-up."""
     loop_max_rows: int
@@ -114,6 +163,28 @@ class Reference(NamedTuple):
     """The niceness the child ran at."""
 
 
+def stored_reference(
+    meta: ModelMetadata, model_dir: Path, n_rows: int, max_bytes: int
+) -> tuple[bytes, np.ndarray, np.ndarray] | str:
+    """The ONNX model's bytes, the probe rows and the native P(up) on them from the model's
+    ``parity.npz``, when it is bound to the native and ONNX files as they are now (their sha256,
+    the library versions, ``n_rows``: :func:`training.metadata.read_parity_reference`); else why
+    not. The ONNX bytes returned are the very bytes whose sha256 matched."""
+    onnx_path = model_dir / ONNX_FILE
+    if not onnx_path.is_file():
+        return f"no {ONNX_FILE}"
+    try:
+        onnx_bytes = read_regular_file(onnx_path, max_bytes)
+        native_sha256 = sha256_regular_file(model_dir / meta.native_file, max_bytes)
+    except MetadataError as exc:
+        return str(exc)[:300]
+    binding = parity_binding(meta, native_sha256, hashlib.sha256(onnx_bytes).hexdigest(), n_rows)
+    found = read_parity_reference(model_dir, binding, max_bytes)
+    if isinstance(found, str):
+        return found
+    return (onnx_bytes, *found)
+
+
 def native_reference(
     meta: ModelMetadata, model_dir: Path, n_rows: int, timeout: float = 600.0, nice: int = 0
 ) -> Reference:
@@ -121,7 +192,9 @@ def native_reference(
     them, made by a short-lived child process (:mod:`xylen_server.serving.parity`) with
     ``nice`` added to its niceness, so this process never loads the native library, onnx or the
     converters and the child's CPU yields to serving. Blocking (a second or more): call it off
-    the event loop. Raises ModelLoadError with the child's one line."""
+    the event loop. Raises ModelLoadError with the child's one line. The child also keeps what
+    it made in the model directory (``parity.npz``) for the next load of these files."""
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="xylen-parity-") as scratch:
         out = Path(scratch) / "reference.npz"
         try:
@@ -160,36 +233,59 @@ def native_reference(
             reference = np.asarray(data["reference"], dtype=np.float64)
             in_memory = data["onnx"].tobytes()
             niceness = int(data["niceness"])
+    logger.info(
+        "parity reference for %s v%d made by a child process in %.2fs",
+        meta.name,
+        meta.version,
+        time.perf_counter() - started,
+    )
     if in_memory:
         logger.warning("model directory %s is read-only; converted in memory", model_dir)
         return Reference(in_memory, rows, reference, niceness)
     return Reference((model_dir / ONNX_FILE).read_bytes(), rows, reference, niceness)
 
 
-def _warm_up(engine: Engine, n_features: int, workers: int) -> float:
-    """Run every session once, check the output, and return the median one-row cost in us."""
+def _no_steps(name: str) -> None:
+    """The default ``step`` of :func:`load_model`: nobody is told."""
+
+
+def _warm_up(engine: Engine, n_features: int, workers: int, nice: int = 0) -> float:
+    """Run every session once, check the output, and return the median one-row cost in us
+    (timed at ``nice``: the median of 101 runs is the row's cost, not the machine's noise).
+    The pool's threads are started here, at the caller's priority: they serve afterwards."""
     rows = np.zeros((64, n_features), dtype=np.float32)
     futures = [engine.executor.submit(engine.predict_proba, rows[:n]) for n in (1, 64) * workers]
     for result in [f.result() for f in futures] + [engine.predict_on_loop(rows[:1])]:
         if not (np.isfinite(result).all() and ((result >= 0) & (result <= 1)).all()):
             raise ModelLoadError("model produced probabilities outside [0, 1] during warm-up")
-    timings = []
-    for _ in range(101):
-        started = time.perf_counter()
-        engine.predict_on_loop(rows[:1])
-        timings.append(time.perf_counter() - started)
-    return float(np.median(timings)) * 1e6
+
+    def timed() -> list[float]:
+        timings = []
+        for _ in range(101):
+            started = time.perf_counter()
+            engine.predict_on_loop(rows[:1])
+            timings.append(time.perf_counter() - started)
+        return timings
+
+    return float(np.median(at_lower_priority(nice, timed))) * 1e6
 
 
 def _loaded(
-    meta: ModelMetadata, engine: Engine, difference: float | None, settings: Settings
+    meta: ModelMetadata,
+    engine: Engine,
+    difference: float | None,
+    source: str,
+    settings: Settings,
 ) -> LoadedModel:
-    row_cost_us = _warm_up(engine, len(meta.feature_names), settings.pool_size)
+    row_cost_us = _warm_up(
+        engine, len(meta.feature_names), settings.pool_size, settings.model_load_nice
+    )
     loop_max_rows = int(settings.loop_budget_us // row_cost_us) if row_cost_us > 0 else 0
     return LoadedModel(
         meta,
         engine,
         difference,
+        source,
         row_cost_us,
         min(loop_max_rows, 64),
         served_thresholds(meta, settings),
@@ -197,10 +293,18 @@ def _loaded(
     )
 
 
-def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel:
-    """Load, convert, verify and warm the model the settings name. Raises ModelLoadError."""
+def load_model(
+    settings: Settings,
+    model_dir: Path | None = None,
+    step: Callable[[str], None] = _no_steps,
+) -> LoadedModel:
+    """Load, convert, verify and warm the model the settings name. Raises ModelLoadError.
+    ``step`` is told the name of each step as it starts (``check``, ``reference``, ``session``,
+    ``parity``, ``warm-up``: a hot swap's :class:`~xylen_server.versions.swap.LoopLag` books the
+    event loop's lateness per step)."""
     model_dir = settings.model_dir if model_dir is None else model_dir
     started = time.perf_counter()
+    step("check")
     if not model_dir.is_dir():
         raise ModelLoadError(
             f"model {settings.model_name!r} not found: {model_dir} is not a directory"
@@ -224,7 +328,7 @@ def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel
             native = NativeModel(meta, model_dir, settings.pool_size)
         except Exception as exc:  # every library has its own error for a corrupt file
             raise ModelLoadError(f"model {meta.name!r}: cannot load {native_path}: {exc}") from exc
-        loaded = _loaded(meta, native, None, settings)
+        loaded = _loaded(meta, native, None, "none", settings)
         logger.info(
             "loaded %s v%d (native, %.1f us a row) in %.2fs",
             meta.name,
@@ -236,31 +340,60 @@ def load_model(settings: Settings, model_dir: Path | None = None) -> LoadedModel
 
     from xylen_server.serving.session_pool import SessionPool
 
-    model_bytes, rows, reference, _ = native_reference(
-        meta, model_dir, settings.parity_probe_rows, nice=settings.model_load_nice
+    step("reference")
+    stored = stored_reference(
+        meta, model_dir, settings.parity_probe_rows, settings.model_max_file_bytes
     )
+    if isinstance(stored, str):
+        logger.info(
+            "%s v%d: no usable %s (%s); a child makes the parity reference",
+            meta.name,
+            meta.version,
+            PARITY_FILE,
+            stored,
+        )
+        model_bytes, rows, reference, _ = native_reference(
+            meta, model_dir, settings.parity_probe_rows, nice=settings.model_load_nice
+        )
+        source = "child"
+    else:
+        model_bytes, rows, reference = stored
+        source = "stored"
+    step("session")
+    # One intra-op thread: the session starts no thread, so it is built at MODEL_LOAD_NICE.
+    build_nice = settings.model_load_nice if settings.session_threads == 1 else 0
     try:
-        pool = SessionPool(model_bytes, settings.pool_size, settings.session_threads)
+        pool = at_lower_priority(
+            build_nice, SessionPool, model_bytes, settings.pool_size, settings.session_threads
+        )
     except Exception as exc:  # onnxruntime raises its own types for a corrupt graph
         raise ModelLoadError(f"model {meta.name!r}: cannot load ONNX model: {exc}") from exc
     if rows.shape[1:] != (n_features,):
         pool.close()
         raise ModelLoadError(f"model {meta.name!r}: the parity probe has the wrong width")
-    difference = max_difference(reference, pool.predict_proba(rows))
+    step("parity")
+    difference = max_difference(
+        reference, at_lower_priority(settings.model_load_nice, pool.predict_proba, rows)
+    )
     if not difference <= PARITY_TOLERANCE:
         pool.close()
         raise ModelLoadError(
             f"model {meta.name!r}: ONNX and native probabilities differ by {difference:.3g} "
-            f"on the parity probe (tolerance {PARITY_TOLERANCE:g}); refusing to serve"
+            f"on the parity probe (tolerance {PARITY_TOLERANCE:g}; native side "
+            f"{'from ' + PARITY_FILE if source == 'stored' else 'made by a child'}); "
+            "refusing to serve"
         )
-    loaded = _loaded(meta, pool, difference, settings)
+    step("warm-up")
+    loaded = _loaded(meta, pool, difference, source, settings)
     logger.info(
-        "loaded %s v%d (onnx, %d sessions x %d threads, parity %.2g, %.1f us a row) in %.2fs",
+        "loaded %s v%d (onnx, %d sessions x %d threads, parity %.2g against a %s reference, "
+        "%.1f us a row) in %.2fs",
         meta.name,
         meta.version,
         settings.pool_size,
         settings.session_threads,
         difference,
+        source,
         loaded.row_cost_us,
         time.perf_counter() - started,
     )

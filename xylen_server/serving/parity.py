@@ -1,63 +1,16 @@
 """The ONNX-vs-native check a model must pass before it serves.
 
-Probe rows are built from the converted model's own split thresholds: every feature takes values
-that sit exactly on one of its thresholds or one float32 step either side. That is where a
-conversion that rounds a threshold the wrong way flips a split, so a few thousand such rows find
-what millions of random rows might miss.
+The probe rows and the stored reference are training's (:mod:`training.parity`): probe rows sit
+on, just below or just above the converted model's own split thresholds, where a conversion that
+rounds a threshold the wrong way flips a split.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from training.metadata import PARITY_TOLERANCE, model_input
-
-if TYPE_CHECKING:
-    import onnx
-
-_TREE_OPS = ("TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble")
-
-
-def split_thresholds(model: onnx.ModelProto, n_features: int) -> list[np.ndarray]:
-    """Distinct float32 split thresholds per feature, read from the model's tree operators."""
-    import onnx  # only when a model is loaded, never on the request path
-    from onnx import helper
-
-    found: list[list[np.ndarray]] = [[] for _ in range(n_features)]
-    for node in model.graph.node:
-        if node.op_type not in _TREE_OPS:
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        features = np.asarray(attrs.get("nodes_featureids", []), dtype=np.int64)
-        if "nodes_values_as_tensor" in attrs:
-            values = onnx.numpy_helper.to_array(attrs["nodes_values_as_tensor"])
-        else:
-            values = np.asarray(attrs.get("nodes_values", []), dtype=np.float32)
-        modes = [m.decode() if isinstance(m, bytes) else m for m in attrs.get("nodes_modes", [])]
-        branch = np.array([m != "LEAF" for m in modes], dtype=bool)
-        if len(branch) != len(features):
-            continue
-        for j in range(n_features):
-            found[j].append(values[branch & (features == j)].astype(np.float32))
-    return [np.unique(np.concatenate(v)) if v else np.empty(0, np.float32) for v in found]
-
-
-def probe_rows(model: onnx.ModelProto, n_features: int, n_rows: int, seed: int = 0) -> np.ndarray:
-    """``n_rows`` rows whose values sit on, just below or just above split thresholds, in the
-    engines' input convention (:func:`training.metadata.model_input`)."""
-    rng = np.random.default_rng(seed)
-    rows = rng.normal(size=(n_rows, n_features)).astype(np.float32)
-    for j, thresholds in enumerate(split_thresholds(model, n_features)):
-        if thresholds.size == 0:
-            continue
-        picked = thresholds[rng.integers(0, thresholds.size, n_rows)]
-        step = rng.integers(-1, 2, n_rows)  # -1: just below, 0: on, +1: just above
-        below = np.nextafter(picked, np.float32(-np.inf))
-        above = np.nextafter(picked, np.float32(np.inf))
-        rows[:, j] = np.where(step < 0, below, np.where(step > 0, above, picked))
-    return model_input(rows)
+from training.metadata import PARITY_TOLERANCE
+from training.parity import probe_rows, split_thresholds
 
 
 def max_difference(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -99,14 +52,17 @@ def _hide_optional_imports(model_type: str, converting: bool) -> None:
 
 
 def reference_main(argv: list[str]) -> int:
-    """``MODEL_DIR OUT.npz ROWS``: see above. The file also says the niceness it ran at."""
+    """``MODEL_DIR OUT.npz ROWS``: see above. The file also says the niceness it ran at. The
+    reference is also kept in the model directory (``parity.npz``, :mod:`training.parity`), so
+    the next load of these files (a rollback to this version, a reload, another worker) starts
+    no child; a read-only directory just keeps none."""
     import io
     import logging
     import os
     import sys
     from pathlib import Path
 
-    from training.metadata import ONNX_FILE, ModelMetadata
+    from training.metadata import ONNX_FILE, ModelMetadata, sha256_file
     from xylen_server.errors import ModelLoadError
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -120,12 +76,14 @@ def reference_main(argv: list[str]) -> int:
         from xylen_server.serving.native import NativeModel
 
         try:
+            native_sha256 = sha256_file(native_path)
             native = NativeModel(meta, model_dir, 1)
         except Exception as exc:  # every library has its own error for a corrupt file
             raise ModelLoadError(f"model {meta.name!r}: cannot load {native_path}: {exc}") from exc
         import onnx
 
         from training.onnx_export import ConversionError, convert, export_onnx
+        from training.parity import keep_reference, native_reference
 
         in_memory = b""
         try:
@@ -133,17 +91,20 @@ def reference_main(argv: list[str]) -> int:
                 try:
                     export_onnx(model_dir)
                 except PermissionError:
-                    model = convert(meta, model_dir)
-                    in_memory = model.SerializeToString()
-            if not in_memory:
-                model = onnx.load_from_string((model_dir / ONNX_FILE).read_bytes())
+                    in_memory = convert(meta, model_dir).SerializeToString()
+            onnx_bytes = in_memory or (model_dir / ONNX_FILE).read_bytes()
+            model = onnx.load_from_string(onnx_bytes)
         except ConversionError as exc:
             raise ModelLoadError(f"model {meta.name!r}: {exc}") from exc
         except Exception as exc:  # a corrupt ONNX file
             raise ModelLoadError(f"model {meta.name!r}: cannot load ONNX model: {exc}") from exc
-        rows = probe_rows(model, len(meta.feature_names), n_rows)
-        reference = native.predict_proba(rows)
+        rows, reference = native_reference(meta, model, n_rows, native.predict_proba)
         native.close()
+        if not in_memory:
+            try:
+                keep_reference(model_dir, meta, native_sha256, onnx_bytes, rows, reference)
+            except OSError as exc:  # a read-only or full disk: the next load makes it again
+                print(f"parity reference not kept in {model_dir}: {exc}", file=sys.stderr)
         buffer = io.BytesIO()
         np.savez(
             buffer,

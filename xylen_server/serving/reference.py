@@ -1,6 +1,7 @@
 """``python -m xylen_server.serving.reference NICE MODEL_DIR OUT.npz ROWS``: the parity reference
 child (:mod:`xylen_server.serving.parity`), started by
-:func:`~xylen_server.serving.model_store.native_reference` for every load and hot swap.
+:func:`~xylen_server.serving.model_store.native_reference` for a load or hot swap of files that
+have no stored reference (``parity.npz``) bound to them.
 
 It adds ``NICE`` (``MODEL_LOAD_NICE``) to its niceness *before* importing numpy, the booster
 library or onnx: that is half a second or more of CPU per swap (interpreter, imports, probe,

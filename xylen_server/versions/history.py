@@ -7,6 +7,12 @@ Layout under ``MODEL_PATH`` (what training writes and the server loads stays whe
                                  directory (the serving version is always among them)
     .versions/<name>/.candidate-<job id>/   a retrain's candidate while it is being validated
 
+A kept version's files are never changed, with one exception: the server's parity reference child
+adds ``parity.npz`` (:data:`training.metadata.PARITY_FILE`) to a version that has none the first
+time it loads it, so the next rollback to it needs no child. It is derived from the version's own
+files and bound to their sha256, so it is outside the metadata's checksums; backups carry it
+(the manifest lists every file).
+
 Every change of the serving directory is a rename of a complete directory
 (:func:`training.metadata.atomic_directory`), so a crash leaves the old or the new model, never a
 mix; the history copy is written first, so the serving version is always kept. Versions are
@@ -38,6 +44,7 @@ from training.metadata import (
     MAX_SMALL_FILE_BYTES,
     METADATA_FILE,
     MODEL_FILES,
+    PARITY_FILE,
     MetadataError,
     ModelMetadata,
     atomic_directory,
@@ -284,9 +291,12 @@ def restore(archive_path: Path, model_path: Path, name: str | None = None) -> Mo
         history.mkdir(parents=True, exist_ok=True)
         kept = history / str(meta.version)
         if kept.is_dir():
+            # parity.npz is derived (and bound to the files it came from): one side may have
+            # it and the other not, and still be the same version.
             same = all(
                 (kept / f).is_file() and sha256_file(kept / f) == sha256_file(staging / f)
                 for f in (p.name for p in _model_files(staging))
+                if f != PARITY_FILE
             )
             if not same:
                 raise HistoryError(

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import threading
+import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -49,13 +51,44 @@ class LoopLag:
 
     def __init__(self) -> None:
         self.worst = 0.0
+        self.steps: dict[str, list[float]] = {}
+        """Per step of the change (:meth:`step`), in order: ``[seconds, worst lateness]``. A
+        late tick counts for the step running when the tick finally ran, so a stall at the end
+        of one step may be booked on the next."""
+        self._step = "start"
+        self._step_started = time.perf_counter()
+        self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+
+    def step(self, name: str) -> None:
+        """The change enters step ``name`` (callable from any thread: the load's steps run on
+        a worker thread)."""
+        now = time.perf_counter()
+        with self._lock:
+            record = self.steps.setdefault(self._step, [0.0, 0.0])
+            record[0] += now - self._step_started
+            self._step, self._step_started = name, now
+            self.steps.setdefault(name, [0.0, 0.0])
+
+    def summary(self) -> str:
+        """``step seconds/worst-lateness-ms`` for every step so far, e.g. ``reference
+        0.61s/3.2ms``."""
+        self.step(self._step)  # book the running step's time so far
+        with self._lock:
+            return ", ".join(
+                f"{name} {seconds:.3f}s/{late * 1e3:.1f}ms"
+                for name, (seconds, late) in self.steps.items()
+            )
 
     def _tick(self, due: float) -> None:
         assert self._loop is not None
         now = self._loop.time()
-        self.worst = max(self.worst, now - due)
+        late = now - due
+        self.worst = max(self.worst, late)
+        with self._lock:
+            record = self.steps.setdefault(self._step, [0.0, 0.0])
+            record[1] = max(record[1], late)
         self._timer = self._loop.call_at(now + self.PERIOD, self._tick, now + self.PERIOD)
 
     async def __aenter__(self) -> LoopLag:
@@ -104,19 +137,23 @@ class ModelManager:
 
     async def _swap(self, loaded: LoadedModel, why: str, kind: str, lag: LoopLag) -> None:
         previous = self.predictor.model.meta.version if self.predictor.ready else None
+        lag.step("swap")
         await self.predictor.swap(loaded, self.settings.shutdown_grace_seconds)
+        lag.step("prune")
+        await self._thread(
+            model_history.prune, self.history, self.settings.model_history_keep, loaded.meta.version
+        )
         self.swaps[kind] += 1
         self.loop_lag_ms.append(lag.worst * 1e3)
         logger.info(
-            "%s: now serving %s v%d (was v%s); event loop late by at most %.2f ms meanwhile",
+            "%s: now serving %s v%d (was v%s); event loop late by at most %.2f ms meanwhile "
+            "(steps, seconds/worst lateness: %s)",
             why,
             loaded.meta.name,
             loaded.meta.version,
             previous,
             lag.worst * 1e3,
-        )
-        await self._thread(
-            model_history.prune, self.history, self.settings.model_history_keep, loaded.meta.version
+            lag.summary(),
         )
         for callback in self.on_change:
             await callback(loaded)
@@ -125,14 +162,16 @@ class ModelManager:
         """Keep the candidate directory as ``version``, load it beside the serving model, make
         it the serving directory and swap. Raises ModelLoadError (nothing changed)."""
         async with self.lock, LoopLag() as lag:
+            lag.step("adopt")
             kept = await self._thread(model_history.adopt, candidate, self.history, version)
             assert isinstance(kept, Path)
             try:
-                loaded = await self._thread(load_model, self.settings, kept)
+                loaded = await self._thread(load_model, self.settings, kept, lag.step)
             except BaseException:
                 shutil.rmtree(kept, ignore_errors=True)
                 raise
             assert isinstance(loaded, LoadedModel)
+            lag.step("install")
             await self._thread(model_history.install_serving, kept, self.settings.model_dir)
             await self._swap(loaded, "promoted", "promoted", lag)
             return loaded
@@ -143,6 +182,7 @@ class ModelManager:
         async with self.lock, LoopLag() as lag:
             current = self.predictor.model.meta
             # Reading the history is file work: off the loop like every other step.
+            lag.step("history")
             target = await self._thread(
                 model_history.rollback_target, self.history, current, version
             )
@@ -154,8 +194,9 @@ class ModelManager:
                 await self._thread(model_history.verify_model_dir, kept.path)
             except HistoryError as exc:
                 raise VersionNotFound(exc.message, version=version) from exc
-            loaded = await self._thread(load_model, self.settings, kept.path)
+            loaded = await self._thread(load_model, self.settings, kept.path, lag.step)
             assert isinstance(loaded, LoadedModel)
+            lag.step("install")
             await self._thread(model_history.install_serving, kept.path, self.settings.model_dir)
             await self._swap(loaded, f"rolled back to v{version}", "rolled_back", lag)
             return loaded, current.version
@@ -176,13 +217,14 @@ class ModelManager:
                     and meta.checksums == current.meta.checksums
                 ):
                     return current, False
-                loaded = await self._thread(load_model, self.settings)
+                loaded = await self._thread(load_model, self.settings, None, lag.step)
             except ModelLoadError as exc:
                 logger.error(
                     "reload refused, v%d keeps serving: %s", current.meta.version, str(exc)[:500]
                 )
                 raise
             assert isinstance(loaded, LoadedModel)
+            lag.step("archive")
             await self._thread(self.keep_serving_version)
             await self._swap(loaded, "reloaded", "reloaded", lag)
             return loaded, True

@@ -1,6 +1,8 @@
 """A hot swap yields to serving: the parity reference child (the swap's seconds of CPU) runs at
-``MODEL_LOAD_NICE``, every load goes through it, and each swap reports the event loop's worst
-lateness while it ran (a probe that sees a held loop for what it is)."""
+``MODEL_LOAD_NICE``, every load without a stored reference goes through it (these hand-made
+model directories have none; ``tests/server/serving/test_stored_reference.py`` covers the
+rest), and each swap reports the event loop's worst lateness while it ran (a probe that sees a
+held loop for what it is)."""
 
 from __future__ import annotations
 
