@@ -281,7 +281,8 @@ class PredictionLog:
         now = _now_ms() if time_ms is None else time_ms
         matrix = np.asarray(features, dtype=np.float32).reshape(rows, -1)
         probabilities = np.asarray(probabilities, dtype=np.float64)
-        signals = np.asarray(signals, dtype=np.int8)
+        if rows > 1:  # one row's signal goes in as it is (no array built for it)
+            signals = np.asarray(signals, dtype=np.int8)
         with self._lock:
             ring = self._ring
             if ring is None or ring.width != matrix.shape[1]:
@@ -305,7 +306,7 @@ class PredictionLog:
                         np.full(skip, model_version, dtype=np.int64),
                         matrix[:skip].copy(),
                         probabilities[:skip].copy(),
-                        signals[:skip].copy(),
+                        np.array(signals[:skip], dtype=np.int8),
                     )
                 )
                 self.spilled_rows += skip
@@ -416,7 +417,7 @@ class PredictionLog:
 
     @property
     def spilled_pending(self) -> int:
-        return sum(len(rows) for rows in self._spilled)
+        return sum(len(rows) for rows in self._spilled) if self._spilled else 0
 
     def _spill_pending(self) -> None:
         """Copy the rows not yet written out of the ring into a pending table (the ring is
