@@ -168,6 +168,14 @@ class _PartIndex:
         return at < len(self.hashes) and int(self.hashes[at]) == key
 
 
+DICTIONARY_COLUMNS = ["model_name"]
+"""The part files' only dictionary-encoded column (one or two names in a whole part). Ids,
+features and probabilities are nearly all distinct: a dictionary of them is a hash-table insert
+per value for a larger file (10,000 rows of distinct features: 3.2-11.6 us of the flusher's CPU
+a row and 173 bytes a row with every column in a dictionary, 0.7 us and 114 bytes without), and
+the flusher's CPU is the serving process's."""
+
+
 def _now_ms() -> int:
     return clock.now_ms()
 
@@ -631,7 +639,13 @@ class PredictionLog:
         name = f"part-{int(batches[0].times[0]):013d}-{next(self._sequence):08d}.parquet"
         final = self.directory / name
         temporary = final.with_name(name + ".tmp")
-        pq.write_table(table, temporary, compression="snappy", row_group_size=ROW_GROUP_ROWS)
+        pq.write_table(
+            table,
+            temporary,
+            compression="snappy",
+            row_group_size=ROW_GROUP_ROWS,
+            use_dictionary=DICTIONARY_COLUMNS,
+        )
         if self._fsync:
             fd = os.open(temporary, os.O_RDONLY)
             try:
