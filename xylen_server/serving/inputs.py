@@ -31,6 +31,19 @@ def feature_matrix(
 ) -> np.ndarray:
     """A validated float32 (rows, n_features) matrix for the request's inputs; candle windows
     become the model's features (``selection``, default every feature over ``lookback``)."""
+    return model_input(feature_rows(inputs, n_features, lookback, max_rows, selection))
+
+
+def feature_rows(
+    inputs: Sequence[pb.PredictInput],
+    n_features: int,
+    lookback: int,
+    max_rows: int,
+    selection: features.FeatureSet | None = None,
+) -> np.ndarray:
+    """:func:`feature_matrix` before the engines' input convention: the validated float64
+    rows (every value finite and within float32's range). Rows of several requests put
+    together take :func:`~training.metadata.model_input` once (a batch on the loop does)."""
     if selection is None:
         selection = features.FeatureSet.of(None, lookback)
     if not inputs:
@@ -68,7 +81,7 @@ def feature_matrix(
     # values float32 cannot hold.
     if not np.abs(matrix).max() <= _F32_MAX:
         _refuse_values(matrix, selection.names)
-    return model_input(matrix)
+    return matrix
 
 
 def _refuse_values(matrix: np.ndarray, names: Sequence[str]) -> None:

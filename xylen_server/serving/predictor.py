@@ -5,8 +5,9 @@ measured cost fits ``Settings.loop_budget_us``: handing 12 us of work to a threa
 and halves throughput, so the loop does it itself. Such requests are batched dynamically
 (:class:`_LoopBatch`): those that reach the loop's session while the loop is busy share one
 inference (at most :data:`LOOP_BATCH_MAX_ROWS` rows), run at the first turn of the loop with
-nothing else to do, so an idle server answers at once and a busy one pays an inference call's
-fixed cost once per batch instead of once per request.
+nothing else to do, so a busy server pays an inference call's fixed cost once per batch instead
+of once per request. A request reaching an idle loop (no batch waiting, nothing else due in
+this turn) is answered where it stands, without a batch, a future or another turn of the loop.
 
 The served model is one reference, read once per request, so a hot swap (replacing the
 reference) never changes the model under a request that already started: every row of a batch
@@ -33,10 +34,11 @@ from typing import Any
 import numpy as np
 
 from training.calibration import apply as calibrate
+from training.metadata import model_input
 from xylen.v1 import model_service_pb2 as pb
 from xylen_server import telemetry
 from xylen_server.errors import SHOWN_CHARS, DeadlineExceeded, NotFound, Unavailable, shown
-from xylen_server.serving.inputs import feature_matrix
+from xylen_server.serving.inputs import feature_matrix, feature_rows
 from xylen_server.serving.model_store import LoadedModel
 from xylen_server.settings import Settings
 from xylen_server.signals import signal_numbers
@@ -113,17 +115,20 @@ class _LoopBatch:
     at the first turn of the loop that has nothing else to do.
     """
 
-    __slots__ = ("answers", "blocks", "featurised", "owners", "rows")
+    __slots__ = ("answers", "blocks", "featurised", "loop", "owners", "rows")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        """The running loop (asking asyncio for it costs a ``getpid`` system call each time)."""
         self.owners: list[_Served] = []
         self.blocks: list[np.ndarray] = []
+        """Each request's validated float64 rows (``model_input`` runs once per run)."""
         self.featurised: list[float] = []
         self.answers: list[asyncio.Future[Result]] = []
         self.rows = 0
 
     def add(self, served: _Served, rows: np.ndarray, featurised: float) -> asyncio.Future[Result]:
-        answer: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[Result] = self.loop.create_future()
         self.owners.append(served)
         self.blocks.append(rows)
         self.featurised.append(featurised)
@@ -176,6 +181,8 @@ class Predictor:
         self.loop_runs = 0
         """Inferences run on the loop (each for one or more requests): rows on the loop per
         run tells how much batching does."""
+        self.lone_runs = 0
+        """Of ``loop_runs``, those run at once for a request that reached an idle loop."""
         self.on_dropped: Callable[[str], None] | None = None
         """Called (on any thread) for each batch dropped unrun: ``"expired"`` when its deadline
         had passed, ``"cancelled"`` when its call was cancelled while it waited for a worker
@@ -303,30 +310,65 @@ class Predictor:
             model.feature_set,
         )
 
+    def _rows(self, model: LoadedModel, request: pb.PredictRequest) -> np.ndarray:
+        """:meth:`_features` before :func:`~training.metadata.model_input` (float64): a loop
+        batch converts all its requests' rows at once."""
+        meta = model.meta
+        return feature_rows(
+            request.inputs,
+            len(meta.feature_names),
+            meta.lookback,
+            self.settings.max_batch_rows,
+            model.feature_set,
+        )
+
     def _fits_the_loop(self, model: LoadedModel, request: pb.PredictRequest) -> bool:
         """A few feature vectors of a cheap model cost less on the loop than a thread hop."""
         inputs = request.inputs
-        return (
-            0 < len(inputs) <= model.loop_max_rows
-            and not self.settings.inference_delay_ms
-            and all(item.HasField("features") for item in inputs)
-        )
+        rows = len(inputs)
+        if not 0 < rows <= model.loop_max_rows or self.settings.inference_delay_ms:
+            return False
+        if rows == 1:  # the common case, without a generator
+            return inputs[0].HasField("features")
+        return all(item.HasField("features") for item in inputs)
 
-    async def _batched(self, served: _Served, request: pb.PredictRequest) -> Result:
+    def _batched(
+        self, served: _Served, request: pb.PredictRequest
+    ) -> Result | asyncio.Future[Result]:
         """Answer a request that fits the loop in a batch with the others reaching this point
         while the loop is busy (:class:`_LoopBatch`). Validated and featurised here, at once (a
         bad row is this caller's error alone); inferred, signalled, given ids and logged with
         the whole batch. Counts itself in ``served.inflight`` until the batch has run, so a
-        swap in between waits for it."""
+        swap in between waits for it.
+
+        A request reaching an idle loop (no batch waiting, nothing else due in this turn) has
+        nobody to wait for: it is answered at once, without a batch, a future or another turn
+        of the loop (:meth:`_alone`). Returns the Result then, else the batch's future for it
+        (a plain method, not a coroutine: one frame less on every call)."""
         started = time.perf_counter()
         model = served.model
-        rows = self._features(model, request)
+        rows = self._rows(model, request)
         batch = self._batch
         if batch is None:
-            batch = self._batch = _LoopBatch()
-            asyncio.get_running_loop().call_soon(self._run_batch_after, 1)
+            loop = asyncio.get_running_loop()
+            if not getattr(loop, "_ready", True):  # asyncio's loop: callbacks due in this turn
+                return self._alone(model, rows, started)
+            batch = self._batch = _LoopBatch(loop)
+            loop.call_soon(self._run_batch_after, 1)
         served.inflight += 1
-        return await batch.add(served, rows, time.perf_counter() - started)
+        return batch.add(served, rows, time.perf_counter() - started)
+
+    def _alone(self, model: LoadedModel, rows: np.ndarray, started: float) -> Result:
+        """One request's inference on the loop at once (no other request could join it): the
+        same answer and log row as a batch of one, without the batch."""
+        rows = model_input(rows)
+        raw = model.engine.predict_on_loop(rows)
+        result = self._result(model, raw, rows, time.perf_counter() - started, 0.0, True)
+        if self.on_answer is not None:
+            self.on_answer(result)
+        self.loop_runs += 1
+        self.lone_runs += 1
+        return result
 
     def _run_batch_after(self, turns: int) -> None:
         """Run the batch in the first turn of the loop that has nothing else ready to run (or
@@ -336,7 +378,7 @@ class Predictor:
         batch = self._batch
         if batch is None:
             return
-        loop = asyncio.get_running_loop()
+        loop = batch.loop
         if (
             turns < LOOP_BATCH_MAX_TURNS
             and batch.rows < LOOP_BATCH_MAX_ROWS
@@ -356,13 +398,13 @@ class Predictor:
         """One inference for ``members`` of ``batch``; the run is logged as one batch (one
         prediction-log append, one execution in the metrics) and each member gets its rows."""
         blocks = batch.blocks
-        rows = (
-            blocks[members[0]]
-            if len(members) == 1
-            else np.concatenate([blocks[i] for i in members])
-        )
         started = time.perf_counter()
         try:
+            rows = model_input(
+                blocks[members[0]]
+                if len(members) == 1
+                else np.concatenate([blocks[i] for i in members])
+            )
             raw = model.engine.predict_on_loop(rows)
             seconds = time.perf_counter() - started
             featurised = sum(batch.featurised[i] for i in members)
@@ -384,7 +426,7 @@ class Predictor:
                     run.signals[offset:end],
                     run.prediction_ids[offset:end],
                     batch.featurised[i] + seconds,
-                    blocks[i],
+                    rows[offset:end],
                     0.0,
                     True,
                     raw[offset:end],
@@ -428,7 +470,8 @@ class Predictor:
             self._drop_if_expired(deadline)
         on_loop = self._fits_the_loop(model, request)
         if on_loop and parent is None:
-            return await self._batched(served, request)
+            answer = self._batched(served, request)
+            return answer if isinstance(answer, Result) else await answer
         if on_loop:
             probabilities, rows, seconds, waited = self._run(
                 model, request, True, None, 0.0, parent
