@@ -22,10 +22,11 @@ are driven again by it (gRPC unary over HTTP/2 from a C client using ~30 us a ca
 answer checked against the servers' OK count), which separates that contention from what the
 workers cost. Without it that part is skipped with a message.
 
-``python -m bench workers [--seconds S] [--calls N] [--rounds R] [--baseline TREE]`` (default
-8 s per server with the Python client, 3 rounds of 30,000 calls per server with h2load; about
-three minutes in all on a quiet 2-core machine); ``--baseline`` adds the WORKERS=2 server of
-another checkout (run from its tree with this interpreter), e.g. main for a before/after.
+``python -m bench workers`` (defaults) or ``python -m bench.bench_workers [--seconds S]
+[--calls N] [--rounds R] [--baseline TREE]``: 8 s per server with the Python client, 3 rounds
+of 30,000 calls per server with h2load; about four minutes in all on this 2-core machine, six
+with ``--baseline``, which adds the WORKERS=2 server of another checkout (run from its tree
+with this interpreter), e.g. main for a before/after.
 """
 
 from __future__ import annotations
