@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"xylen-server: error: {exc}", file=sys.stderr)
         return 2
+    if settings.worker_cpu >= 0:  # a worker of several: first, before any thread starts
+        from xylen_server.workers import pin_to_cpu
+
+        pin_to_cpu(settings.worker_cpu)
     # Before anything imports pyarrow, which picks its C++ default pool once, at import.
     os.environ[ARROW_POOL_VARIABLE] = settings.arrow_memory_pool
     who = f"[worker {settings.worker_index}] " if settings.worker_index >= 0 else ""
