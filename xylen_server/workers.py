@@ -21,7 +21,7 @@ a worker reports grpc.health.v1 SERVING only between the two (:class:`~xylen_ser
 stdin (the supervisor died) stops a worker. Other stdout lines of a worker go to the
 supervisor's stderr; stderr (the log) is shared.
 
-CPUs. With ``WORKER_CPU_AFFINITY=auto`` (the default) and at least as many CPUs as workers,
+CPUs. With ``WORKER_CPU_AFFINITY=auto`` (the default) and exactly as many CPUs as workers,
 worker i is given the i-th CPU the supervisor may use (``WORKER_CPU``, :func:`worker_cpus`)
 and pins every thread of itself to it first thing (:func:`pin_to_cpu`), before grpc and
 onnxruntime start theirs, which inherit it. A call is handed between a worker's threads
@@ -179,14 +179,18 @@ def worker_count(setting: str, **where: Any) -> int:
 def worker_cpus(setting: str, count: int, allowed: Sequence[int] | None = None) -> list[int]:
     """The CPU each of ``count`` workers pins itself to (``WORKER_CPU_AFFINITY``): ``auto``
     gives worker i the i-th of the CPUs this process may use (``allowed``; default its
-    affinity) when there are at least ``count`` of them; otherwise, and with ``off``, -1 for
-    every worker (not pinned: the kernel places their threads)."""
+    affinity) when there are exactly ``count`` of them, i.e. the CPUs are this server's (a
+    cpuset, a whole host with ``WORKERS=auto``); otherwise, and with ``off``, -1 for every
+    worker (not pinned: the kernel places their threads). Not with more CPUs than workers:
+    a server capped by a CFS quota on a bigger node (``WORKERS=auto`` from the quota) would
+    pin every replica to the node's first CPUs, stacking them on the same cores while the
+    quota lets them run anywhere; nor with fewer, which could only stack the workers."""
     if allowed is None:
         try:
             allowed = sorted(os.sched_getaffinity(0))
         except (AttributeError, OSError):
             allowed = []
-    if setting.strip().lower() != "auto" or len(allowed) < count:
+    if setting.strip().lower() != "auto" or len(allowed) != count:
         return [-1] * count
     return list(sorted(allowed)[:count])
 

@@ -75,14 +75,16 @@ def restricted_to(cpus: set[int]) -> Callable[[], None]:
 
 
 def test_auto_gives_each_worker_the_next_allowed_cpu():
-    assert worker_cpus("auto", 2, [5, 1, 3]) == [1, 3]
-    assert worker_cpus("auto", 3, [0, 1, 2, 3]) == [0, 1, 2]
+    assert worker_cpus("auto", 2, [5, 1]) == [1, 5]
+    assert worker_cpus("auto", 3, [2, 0, 1]) == [0, 1, 2]
     assert worker_cpus("AUTO", 1, [7]) == [7]
 
 
-def test_fewer_cpus_than_workers_or_off_pins_none():
+def test_fewer_or_more_cpus_than_workers_or_off_pins_none():
     assert worker_cpus("auto", 3, [0, 1]) == [-1, -1, -1]
-    assert worker_cpus("off", 2, [0, 1, 2, 3]) == [-1, -1]
+    # A quota of 2 CPUs on a 4-CPU node: pinning would put every such server on CPUs 0 and 1.
+    assert worker_cpus("auto", 2, [0, 1, 2, 3]) == [-1, -1]
+    assert worker_cpus("off", 2, [0, 1]) == [-1, -1]
 
 
 def test_the_setting_is_auto_or_off():
