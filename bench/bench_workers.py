@@ -10,8 +10,8 @@ and calls per core-second (its inverse): what predicts the scaling on a host wit
 The two-worker server is measured again at twice the calls in flight, the per-worker load one
 worker has at 32 (its dynamic batching depends on how busy its loop is).
 
-Two-worker servers run pinned (``WORKER_CPU_AFFINITY=auto``, the default: a CPU each) and
-unpinned (``off``, as before pinning), side by side. Each row also splits the server's CPU
+Two-worker servers run pinned (``WORKER_CPU_AFFINITY=auto``: a CPU each) and unpinned
+(``off``, the default), side by side. Each row also splits the server's CPU
 into the supervisor's and the workers', gives the context switches per call (voluntary /
 involuntary, every thread) and the rows per inference (the loop's dynamic batching, from
 ``/metrics``).
@@ -349,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         request = pb.PredictRequest(
             inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=rows[0].tolist()))]
         )
-        pinned = Server(root / "models", 2, root / "data-2")
+        pinned = Server(root / "models", 2, root / "data-2", extra={"WORKER_CPU_AFFINITY": "auto"})
         unpinned = Server(root / "models", 2, root / "data-3", extra={"WORKER_CPU_AFFINITY": "off"})
         servers = {
             "1 worker": Server(root / "models", 1, root / "data-1"),
@@ -367,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         levels = {name: 2 * IN_FLIGHT if at64 in name else IN_FLIGHT for name in servers}
         try:
             print(
-                f"\n== WORKERS=1 vs WORKERS=2 (pinned: WORKER_CPU_AFFINITY=auto; unpinned: off), "
+                f"\n== WORKERS=1 vs WORKERS=2 (pinned: WORKER_CPU_AFFINITY=auto; unpinned: off, the default), "
                 f"unary Predict, batch 1, {IN_FLIGHT} in flight over {CONNECTIONS} connections "
                 f"each, {os.cpu_count()} cores, Python client on the same cores, in turn =="
             )

@@ -311,15 +311,17 @@ class Settings:
     learning loop); -1, the default, is a server on its own."""
     worker_run_dir: Path | None = env("WORKER_RUN_DIR", None)
     """Set by the supervisor: the private (0700) directory of the workers' unix sockets."""
-    worker_cpu_affinity: str = env("WORKER_CPU_AFFINITY", "auto", choices=("auto", "off"))
+    worker_cpu_affinity: str = env("WORKER_CPU_AFFINITY", "off", choices=("auto", "off"))
     """With several workers: ``auto`` pins each worker (every thread of it) to a CPU of its
     own, the i-th of the CPUs the supervisor may use, when it may use exactly as many CPUs as
     there are workers (otherwise none is pinned: more CPUs than workers is a quota on a bigger
     host, where pinning would stack replicas on its first cores); ``off`` leaves placement to
-    the kernel. A worker's threads hand each call on to each other (grpc's threads, the
-    event loop): on one CPU they do so without waking another core, which measured the same
-    server CPU per call as one process (``python -m bench workers``), where unpinned workers
-    cost 1.1-1.3x."""
+    the kernel (the default). A worker's threads hand each call on to each other (grpc's
+    threads, the event loop): pinned, they do so without waking another core. Measured on a
+    quiet 2-core machine (``python -m bench workers``): with the load client on the same cores
+    pinned workers cost 1.17x one process's CPU per call against 1.30x unpinned, but with a
+    light (C) client both cost 1.15x and unpinned served 1.21x the calls/s against 0.99x, so
+    ``off`` is the default and ``auto`` is for hosts whose clients share the cores."""
     worker_cpu: int = env("WORKER_CPU", -1, minimum=-1, maximum=65535)
     """Set by the supervisor in a worker's environment: the CPU it pins itself to at start
     (``WORKER_CPU_AFFINITY``); -1, the default: not pinned."""

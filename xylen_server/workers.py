@@ -21,14 +21,16 @@ a worker reports grpc.health.v1 SERVING only between the two (:class:`~xylen_ser
 stdin (the supervisor died) stops a worker. Other stdout lines of a worker go to the
 supervisor's stderr; stderr (the log) is shared.
 
-CPUs. With ``WORKER_CPU_AFFINITY=auto`` (the default) and exactly as many CPUs as workers,
-worker i is given the i-th CPU the supervisor may use (``WORKER_CPU``, :func:`worker_cpus`)
-and pins every thread of itself to it first thing (:func:`pin_to_cpu`), before grpc and
-onnxruntime start theirs, which inherit it. A call is handed between a worker's threads
-(grpc's, the asyncio loop's) several times; unpinned, those hand-offs wake the other core and
-two workers on 2 cores cost 1.1-1.3x the server CPU per call of one process (``python -m
-bench workers``); pinned, the same as one. The supervisor stays unpinned (it does no work per
-call).
+CPUs. By default the kernel places the workers' threads. With ``WORKER_CPU_AFFINITY=auto``
+and exactly as many CPUs as workers, worker i is given the i-th CPU the supervisor may use
+(``WORKER_CPU``, :func:`worker_cpus`) and pins every thread of itself to it first thing
+(:func:`pin_to_cpu`), before grpc and onnxruntime start theirs, which inherit it. A call is
+handed between a worker's threads (grpc's, the asyncio loop's) several times; pinned, those
+hand-offs wake no other core. Measured on a quiet 2-core machine (``python -m bench
+workers``): with the Python load client on the same cores, two pinned workers cost 1.17x one
+process's server CPU per call against 1.30x unpinned; with a light C client (h2load) both cost
+1.15x and the unpinned ones served more calls (1.21x one process's against 0.99x), so pinning
+is not the default. The supervisor stays unpinned (it does no work per call).
 
 Signals. SIGTERM (or SIGINT) is passed to every worker; each flips to NOT_SERVING, drains its
 calls for ``SHUTDOWN_GRACE_SECONDS`` and exits 0; the supervisor exits 0 when all did. SIGHUP is

@@ -1,6 +1,6 @@
-"""WORKER_CPU_AFFINITY: each worker of a WORKERS=2 server pinned, every thread of it, to a CPU
-of its own (the same one again after a restart), and left to the kernel with ``off`` or when
-there are fewer CPUs than workers. Real supervisor and worker processes; the masks are read
+"""WORKER_CPU_AFFINITY=auto: each worker of a WORKERS=2 server pinned, every thread of it, to a
+CPU of its own (the same one again after a restart), and left to the kernel with ``off`` (the
+default) or when there are not exactly as many CPUs as workers. Real supervisor and worker processes; the masks are read
 from /proc."""
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def test_fewer_or_more_cpus_than_workers_or_off_pins_none():
 
 
 def test_the_setting_is_auto_or_off():
-    assert Settings.from_env({}).worker_cpu_affinity == "auto"
-    assert Settings.from_env({"WORKER_CPU_AFFINITY": "OFF"}).worker_cpu_affinity == "off"
+    assert Settings.from_env({}).worker_cpu_affinity == "off"
+    assert Settings.from_env({"WORKER_CPU_AFFINITY": "AUTO"}).worker_cpu_affinity == "auto"
     with pytest.raises(SettingsError, match="WORKER_CPU_AFFINITY"):
         Settings.from_env({"WORKER_CPU_AFFINITY": "0,1"})
 
@@ -116,7 +116,10 @@ def test_each_worker_runs_on_a_cpu_of_its_own_and_keeps_it_after_a_restart(
     root = _root(models_root, tmp_path)
     cpus = set(ALLOWED[-2:])  # not necessarily from 0: the i-th *allowed* CPU is used
     server = start_server(
-        root / "models", env=_env(root), log_dir=root / "logs", preexec=restricted_to(cpus)
+        root / "models",
+        env=_env(root, WORKER_CPU_AFFINITY="auto"),
+        log_dir=root / "logs",
+        preexec=restricted_to(cpus),
     )
     try:
         workers = workers_of(server)
@@ -172,7 +175,10 @@ def test_more_workers_than_cpus_are_not_pinned(models_root: Path, tmp_path: Path
     root = _root(models_root, tmp_path)
     cpus = {ALLOWED[0]}  # two workers on one CPU: pinning could only stack them, so none is
     server = start_server(
-        root / "models", env=_env(root), log_dir=root / "logs", preexec=restricted_to(cpus)
+        root / "models",
+        env=_env(root, WORKER_CPU_AFFINITY="auto"),
+        log_dir=root / "logs",
+        preexec=restricted_to(cpus),
     )
     try:
         workers = workers_of(server)
