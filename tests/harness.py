@@ -126,6 +126,23 @@ def feature_input(values: Any) -> pb.PredictInput:
     return pb.PredictInput(features=types_pb2.FeatureVector(values=[float(v) for v in values]))
 
 
+def predict_request(rows: Any) -> pb.PredictRequest:
+    """A PredictRequest of one feature vector per row."""
+    return pb.PredictRequest(inputs=[feature_input(r) for r in rows])
+
+
+def logged_predictor(models_root: Path, model: Any) -> tuple[Any, list[Any]]:
+    """A Predictor serving ``model`` and the list every Result it answers is appended to (its
+    prediction-log hook)."""
+    from xylen_server.serving.predictor import Predictor, Result
+
+    predictor = Predictor(server_settings(models_root))
+    predictor.install(model)
+    logged: list[Result] = []
+    predictor.on_answer = logged.append
+    return predictor, logged
+
+
 def start_server(
     model_path: Path,
     model_name: str = "model_1",

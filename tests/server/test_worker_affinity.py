@@ -1,7 +1,7 @@
 """WORKER_CPU_AFFINITY=auto: each worker of a WORKERS=2 server pinned, every thread of it, to a
 CPU of its own (the same one again after a restart), and left to the kernel with ``off`` (the
-default) or when there are not exactly as many CPUs as workers. Real supervisor and worker processes; the masks are read
-from /proc."""
+default) or when there are not exactly as many CPUs as workers. Real supervisor and worker
+processes; the masks are read from /proc."""
 
 from __future__ import annotations
 
@@ -149,42 +149,30 @@ def test_each_worker_runs_on_a_cpu_of_its_own_and_keeps_it_after_a_restart(
         server.stop()
 
 
-@two_cpus
-def test_off_leaves_the_workers_threads_where_the_kernel_puts_them(
-    models_root: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("cpus", "extra"),
+    [
+        # The default (off): two workers on two CPUs, each left free to run on either.
+        pytest.param(ALLOWED[:2], {}, marks=two_cpus, id="default-off"),
+        # Two workers on one CPU: pinning could only stack them, so none is.
+        pytest.param(ALLOWED[:1], {"WORKER_CPU_AFFINITY": "auto"}, id="auto-fewer-cpus"),
+    ],
+)
+def test_unpinned_workers_keep_every_cpu_the_server_was_given(
+    models_root: Path, tmp_path: Path, cpus: list[int], extra: dict[str, str]
 ):
     root = _root(models_root, tmp_path)
-    cpus = set(ALLOWED[:2])
     server = start_server(
         root / "models",
-        env=_env(root, WORKER_CPU_AFFINITY="off"),
+        env=_env(root, **extra),
         log_dir=root / "logs",
-        preexec=restricted_to(cpus),
+        preexec=restricted_to(set(cpus)),
     )
     try:
         workers = workers_of(server)
         assert [w["cpu"] for w in workers] == [-1, -1]
         for worker in workers:
-            assert all(mask == cpus for mask in cpus_of(worker["pid"]).values())
-        assert len(predict(server).predictions) == 1
-    finally:
-        server.stop()
-
-
-def test_more_workers_than_cpus_are_not_pinned(models_root: Path, tmp_path: Path):
-    root = _root(models_root, tmp_path)
-    cpus = {ALLOWED[0]}  # two workers on one CPU: pinning could only stack them, so none is
-    server = start_server(
-        root / "models",
-        env=_env(root, WORKER_CPU_AFFINITY="auto"),
-        log_dir=root / "logs",
-        preexec=restricted_to(cpus),
-    )
-    try:
-        workers = workers_of(server)
-        assert [w["cpu"] for w in workers] == [-1, -1]
-        for worker in workers:
-            assert all(mask == cpus for mask in cpus_of(worker["pid"]).values())
+            assert all(mask == set(cpus) for mask in cpus_of(worker["pid"]).values())
         assert len(predict(server).predictions) == 1
     finally:
         server.stop()

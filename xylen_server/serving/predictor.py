@@ -38,7 +38,7 @@ from training.metadata import model_input
 from xylen.v1 import model_service_pb2 as pb
 from xylen_server import telemetry
 from xylen_server.errors import SHOWN_CHARS, DeadlineExceeded, NotFound, Unavailable, shown
-from xylen_server.serving.inputs import feature_matrix, feature_rows
+from xylen_server.serving.inputs import feature_rows
 from xylen_server.serving.model_store import LoadedModel
 from xylen_server.settings import Settings
 from xylen_server.signals import signal_numbers
@@ -301,14 +301,7 @@ class Predictor:
 
     def _features(self, model: LoadedModel, request: pb.PredictRequest) -> np.ndarray:
         """The request's validated float32 feature rows for ``model``."""
-        meta = model.meta
-        return feature_matrix(
-            request.inputs,
-            len(meta.feature_names),
-            meta.lookback,
-            self.settings.max_batch_rows,
-            model.feature_set,
-        )
+        return model_input(self._rows(model, request))
 
     def _rows(self, model: LoadedModel, request: pb.PredictRequest) -> np.ndarray:
         """:meth:`_features` before :func:`~training.metadata.model_input` (float64): a loop

@@ -7,39 +7,16 @@ Real onnxruntime sessions of a trained LightGBM model, a real Predictor on a rea
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import feature_input, server_settings
+from harness import logged_predictor, predict_request
 
 from training.metadata import model_input
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_server.errors import InvalidArgument
-from xylen_server.serving.model_store import LoadedModel, load_model
 from xylen_server.serving.predictor import Predictor, Result
-
-
-@pytest.fixture(scope="module")
-def model(models_root: Path) -> Iterator[LoadedModel]:
-    loaded = load_model(server_settings(models_root))
-    yield dataclasses.replace(loaded, loop_max_rows=8)
-    loaded.close()
-
-
-def _request(rows: np.ndarray) -> pb.PredictRequest:
-    return pb.PredictRequest(inputs=[feature_input(r) for r in rows])
-
-
-def _predictor(models_root: Path, model: LoadedModel) -> tuple[Predictor, list[Result]]:
-    predictor = Predictor(server_settings(models_root))
-    predictor.install(model)
-    logged: list[Result] = []
-    predictor.on_answer = logged.append
-    return predictor, logged
 
 
 def test_a_lone_request_is_answered_at_once_with_its_exact_answer_and_log_row(
@@ -48,8 +25,8 @@ def test_a_lone_request_is_answered_at_once_with_its_exact_answer_and_log_row(
     rows = feature_rows[:3]
 
     async def run() -> tuple[Result, int, bool]:
-        predictor, logged = _predictor(models_root, model)
-        answer = await predictor.predict(_request(rows))  # nothing else is due on this loop
+        predictor, logged = logged_predictor(models_root, model)
+        answer = await predictor.predict(predict_request(rows))  # nothing else is due on this loop
         assert len(logged) == 1 and logged[0] is answer  # logged once, as answered
         return answer, predictor.lone_runs, predictor._batch is None
 
@@ -64,14 +41,14 @@ def test_a_lone_request_is_answered_at_once_with_its_exact_answer_and_log_row(
 
 
 def test_lone_and_batched_answers_are_the_same(models_root, model, feature_rows):
-    requests = [_request(feature_rows[i : i + 2]) for i in range(0, 16, 2)]
+    requests = [predict_request(feature_rows[i : i + 2]) for i in range(0, 16, 2)]
 
     async def alone() -> tuple[list[Result], Predictor]:
-        predictor, _ = _predictor(models_root, model)
+        predictor, _ = logged_predictor(models_root, model)
         return [await predictor.predict(r) for r in requests], predictor
 
     async def together() -> tuple[list[Result], Predictor, list[Result]]:
-        predictor, logged = _predictor(models_root, model)
+        predictor, logged = logged_predictor(models_root, model)
         answers = await asyncio.gather(*(predictor.predict(r) for r in requests))
         return answers, predictor, logged
 
@@ -93,10 +70,10 @@ def test_a_request_arriving_while_the_loop_is_busy_still_waits_for_its_batch(
     models_root, model, feature_rows
 ):
     async def run() -> tuple[Result, Predictor, list[Result]]:
-        predictor, logged = _predictor(models_root, model)
+        predictor, logged = logged_predictor(models_root, model)
         loop = asyncio.get_running_loop()
         loop.call_soon(lambda: None)  # something else is due in this turn
-        task = asyncio.create_task(predictor.predict(_request(feature_rows[:1])))
+        task = asyncio.create_task(predictor.predict(predict_request(feature_rows[:1])))
         await asyncio.sleep(0)
         assert predictor._batch is not None and not task.done()  # waiting for its batch
         return await task, predictor, logged
@@ -115,7 +92,7 @@ def test_a_bad_lone_request_is_refused_and_leaves_nothing_behind(models_root, mo
     )
 
     async def run() -> tuple[list[BaseException], Predictor, list[Result]]:
-        predictor, logged = _predictor(models_root, model)
+        predictor, logged = logged_predictor(models_root, model)
         errors = []
         for request in (short, nan):
             with pytest.raises(InvalidArgument) as caught:

@@ -9,38 +9,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
-import pytest
-from harness import feature_input, server_settings
+from harness import logged_predictor, predict_request, server_settings
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_server.errors import InvalidArgument
-from xylen_server.serving.model_store import LoadedModel, load_model
+from xylen_server.serving.model_store import load_model
 from xylen_server.serving.predictor import LOOP_BATCH_MAX_ROWS, Predictor, Result
-
-
-@pytest.fixture(scope="module")
-def model(models_root: Path) -> Iterator[LoadedModel]:
-    loaded = load_model(server_settings(models_root))
-    # Every request below fits the loop, whatever this machine measured at warm-up.
-    yield dataclasses.replace(loaded, loop_max_rows=8)
-    loaded.close()
-
-
-def _request(rows: np.ndarray) -> pb.PredictRequest:
-    return pb.PredictRequest(inputs=[feature_input(r) for r in rows])
-
-
-def _predictor(models_root: Path, model: LoadedModel) -> tuple[Predictor, list[Result]]:
-    predictor = Predictor(server_settings(models_root))
-    predictor.install(model)
-    logged: list[Result] = []
-    predictor.on_answer = logged.append
-    return predictor, logged
 
 
 def test_requests_arriving_together_share_an_inference_and_get_their_own_answers(
@@ -49,14 +26,14 @@ def test_requests_arriving_together_share_an_inference_and_get_their_own_answers
     # 40 requests of 1 to 3 rows (80 rows): more than one run's LOOP_BATCH_MAX_ROWS in all.
     sizes = [1 + i % 3 for i in range(40)]
     starts = np.cumsum([0, *sizes])
-    requests = [_request(feature_rows[a:b]) for a, b in itertools.pairwise(starts)]
+    requests = [predict_request(feature_rows[a:b]) for a, b in itertools.pairwise(starts)]
 
     async def alone() -> list[Result]:
-        predictor, _ = _predictor(models_root, model)
+        predictor, _ = logged_predictor(models_root, model)
         return [await predictor.predict(r) for r in requests]  # one at a time: one run each
 
     async def together() -> tuple[list[Result], Predictor, list[Result]]:
-        predictor, logged = _predictor(models_root, model)
+        predictor, logged = logged_predictor(models_root, model)
         answers = await asyncio.gather(*(predictor.predict(r) for r in requests))
         return answers, predictor, logged
 
@@ -99,8 +76,8 @@ def test_a_bad_request_in_a_batch_fails_alone(models_root, model, feature_rows):
     )
 
     async def run() -> tuple[list[object], Predictor, list[Result]]:
-        predictor, logged = _predictor(models_root, model)
-        requests = [_request(feature_rows[i : i + 1]) for i in range(6)]
+        predictor, logged = logged_predictor(models_root, model)
+        requests = [predict_request(feature_rows[i : i + 1]) for i in range(6)]
         requests.insert(3, short)
         answers = await asyncio.gather(
             *(predictor.predict(r) for r in requests), return_exceptions=True
@@ -118,9 +95,9 @@ def test_a_cancelled_caller_is_not_run_and_the_others_are_answered(
     models_root, model, feature_rows
 ):
     async def run() -> tuple[list[Result], Predictor, list[Result], bool]:
-        predictor, logged = _predictor(models_root, model)
+        predictor, logged = logged_predictor(models_root, model)
         tasks = [
-            asyncio.create_task(predictor.predict(_request(feature_rows[i : i + 1])))
+            asyncio.create_task(predictor.predict(predict_request(feature_rows[i : i + 1])))
             for i in range(5)
         ]
         await asyncio.sleep(0)  # every task has featurised and joined the batch
@@ -152,8 +129,8 @@ def test_an_engine_failure_fails_every_request_of_its_run_and_releases_the_model
     original = engine.predict_on_loop
 
     async def run() -> tuple[list[object], Predictor]:
-        predictor, _ = _predictor(models_root, model)
-        requests = [_request(feature_rows[i : i + 1]) for i in range(4)]
+        predictor, _ = logged_predictor(models_root, model)
+        requests = [predict_request(feature_rows[i : i + 1]) for i in range(4)]
         return await asyncio.gather(
             *(predictor.predict(r) for r in requests), return_exceptions=True
         ), predictor
@@ -178,9 +155,9 @@ def test_a_swap_waits_for_the_batch_its_requests_joined(models_root, model, feat
     real_close = engine.close
 
     async def run() -> tuple[list[Result], Result]:
-        predictor, _ = _predictor(models_root, model)
+        predictor, _ = logged_predictor(models_root, model)
         tasks = [
-            asyncio.create_task(predictor.predict(_request(feature_rows[i : i + 1])))
+            asyncio.create_task(predictor.predict(predict_request(feature_rows[i : i + 1])))
             for i in range(4)
         ]
         await asyncio.sleep(0)  # the four are in the batch, not yet inferred
@@ -192,7 +169,7 @@ def test_a_swap_waits_for_the_batch_its_requests_joined(models_root, model, feat
         replaced = await predictor.swap(newer, grace_seconds=10)
         assert replaced is model
         answers = [await t for t in tasks]
-        after = await predictor.predict(_request(feature_rows[10:11]))
+        after = await predictor.predict(predict_request(feature_rows[10:11]))
         return answers, after
 
     try:
