@@ -1,4 +1,4 @@
-"""Turning a PredictRequest into the float32 feature matrix a model runs on, or refusing it.
+"""Turning a PredictRequest into the feature matrix a model runs on, or refusing it.
 
 Each refusal is an :class:`InvalidArgument` (or :class:`ResourceExhausted` for size) whose reason
 names the problem and whose metadata points at the row, so a client can fix exactly that row.
@@ -13,25 +13,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from training import features
-from training.metadata import model_input
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_server.candles import window_columns
 from xylen_server.errors import InvalidArgument, ResourceExhausted
 
 _F32_MAX = float(np.finfo(np.float32).max)
-
-
-def feature_matrix(
-    inputs: Sequence[pb.PredictInput],
-    n_features: int,
-    lookback: int,
-    max_rows: int,
-    selection: features.FeatureSet | None = None,
-) -> np.ndarray:
-    """A validated float32 (rows, n_features) matrix for the request's inputs; candle windows
-    become the model's features (``selection``, default every feature over ``lookback``)."""
-    return model_input(feature_rows(inputs, n_features, lookback, max_rows, selection))
 
 
 def feature_rows(
@@ -41,9 +28,11 @@ def feature_rows(
     max_rows: int,
     selection: features.FeatureSet | None = None,
 ) -> np.ndarray:
-    """:func:`feature_matrix` before the engines' input convention: the validated float64
-    rows (every value finite and within float32's range). Rows of several requests put
-    together take :func:`~training.metadata.model_input` once (a batch on the loop does)."""
+    """The validated float64 (rows, n_features) matrix of the request's inputs (every value
+    finite and within float32's range); candle windows become the model's features
+    (``selection``, default every feature over ``lookback``). The engines take it through
+    :func:`~training.metadata.model_input`, once for the rows of several requests put
+    together (a batch on the loop does)."""
     if selection is None:
         selection = features.FeatureSet.of(None, lookback)
     if not inputs:
