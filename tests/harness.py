@@ -166,6 +166,20 @@ def start_server(
     )
 
 
+def server_run(env: Mapping[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m xylen_server`` in the repository with exactly ``env``, run to its exit (a
+    server that cannot start: a bad setting, a taken port), its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "xylen_server"],
+        env=dict(env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def modules_of_child(code: str, *args: str, timeout: float = 300) -> set[str]:
     """Run ``python -c code args`` in the repository; the names the child printed as a JSON
     list on its last line of output (its ``sys.modules``, as the child chose to report them)."""

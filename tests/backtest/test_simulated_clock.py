@@ -6,8 +6,6 @@ A clock file that cannot be read stops the server at start."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -97,9 +95,7 @@ def test_an_unreadable_clock_file_stops_the_server_at_start(
         "FEEDBACK_DATA_DIR": str(tmp_path / "data"),
         "PATH": "/usr/bin:/bin",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "xylen_server"], env=env, capture_output=True, text=True, timeout=120
-    )
+    done = harness.server_run(env)
     assert done.returncode == 2
     assert "CLOCK_FILE" in done.stderr and str(tmp_path / "absent") in done.stderr
 

@@ -7,12 +7,10 @@ in a loaded server; ``python -m bench memory`` measures it)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from harness import REPO, start_server, write_model
+from harness import server_run, start_server, write_model
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +42,6 @@ def test_the_server_sets_arrows_pool_before_pyarrow_is_imported(
 
 def test_an_unknown_pool_stops_the_server_at_start(models: Path, tmp_path: Path) -> None:
     env = dict(os.environ, MODEL_PATH=str(models), ARROW_DEFAULT_MEMORY_POOL="tcmalloc")
-    done = subprocess.run(
-        [sys.executable, "-m", "xylen_server"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = server_run(env)
     assert done.returncode == 2
     assert "ARROW_DEFAULT_MEMORY_POOL" in done.stderr and "tcmalloc" in done.stderr

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from errorinfo import error_info
 from grpc_health.v1 import health_pb2
-from harness import REPO, feature_input, health_status, start_server
+from harness import feature_input, health_status, server_run, start_server
 
 from xylen.v1 import model_service_pb2 as pb
 
@@ -33,14 +33,7 @@ def run_to_exit(
         "METRICS_PORT": "0",
         **env,
     }
-    return subprocess.run(
-        [sys.executable, "-m", "xylen_server"],
-        env=full,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return server_run(full, timeout)
 
 
 def _copy_model(models_root: Path, tmp_path: Path, checksums: bool = True) -> Path:

@@ -3,16 +3,11 @@ is set, console on request; anything else stops the server at start with one lin
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from harness import server_run
 
 from xylen_server.errors import SettingsError
 from xylen_server.telemetry import traces_exporter_from_env
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -45,10 +40,7 @@ def test_the_server_stops_at_start_on_an_unknown_exporter(models_root):
         "METRICS_PORT": "0",
         "OTEL_TRACES_EXPORTER": "jaeger",
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "xylen_server"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    result = server_run(env)
     assert result.returncode == 2 and result.stdout == ""
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("xylen-server: error: OTEL_TRACES_EXPORTER")

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from harness import server_run
 from prometheus_client.parser import text_string_to_metric_families
 
 from xylen_server.errors import SettingsError
@@ -97,14 +98,7 @@ def test_unreadable_or_garbled_cgroup_files_mean_no_quota(tmp_path: Path):
 def test_bad_workers_settings_are_refused(value: str):
     with pytest.raises(SettingsError, match="WORKERS"):
         Settings.from_env({"WORKERS": value})
-    result = subprocess.run(
-        [sys.executable, "-m", "xylen_server"],
-        env={"PATH": "/usr/bin:/bin", "WORKERS": value},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = server_run({"PATH": "/usr/bin:/bin", "WORKERS": value}, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("xylen-server: error: WORKERS")
 

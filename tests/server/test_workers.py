@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
-from harness import REPO, feature_input, health_status, start_server, write_model
+from harness import feature_input, health_status, server_run, start_server, write_model
 from learning_helpers import feedback
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -154,14 +152,7 @@ def test_the_port_stays_protected_from_another_server(two: ServerProcess, root: 
             "WORKERS": workers,
             "FEEDBACK_DATA_DIR": str(root / "other-data"),
         }
-        result = subprocess.run(
-            [sys.executable, "-m", "xylen_server"],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = server_run(env)
         assert result.returncode == 2, (workers, result.stderr[-2000:])
         assert f"cannot bind gRPC port 127.0.0.1:{two.port}" in result.stderr
     assert fleet(two)["serving"] is True
