@@ -139,11 +139,11 @@ class ModelManager:
         previous = self.predictor.model.meta.version if self.predictor.ready else None
         lag.step("swap")
         await self.predictor.swap(loaded, self.settings.shutdown_grace_seconds)
+        self.swaps[kind] += 1  # done: counted even if pruning the history fails below
         lag.step("prune")
         await self._thread(
             model_history.prune, self.history, self.settings.model_history_keep, loaded.meta.version
         )
-        self.swaps[kind] += 1
         self.loop_lag_ms.append(lag.worst * 1e3)
         logger.info(
             "%s: now serving %s v%d (was v%s); event loop late by at most %.2f ms meanwhile "
