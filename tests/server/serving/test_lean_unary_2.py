@@ -1,0 +1,140 @@
+"""The second round of the lean unary path: what each shortcut keeps exactly as it was."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training import features
+from training.metadata import INPUT_NAME, PROBABILITIES_OUTPUT, model_input
+from xylen.v1 import model_service_pb2 as pb
+from xylen.v1 import types_pb2
+from xylen_server.api import limits
+from xylen_server.errors import InvalidArgument, ResourceExhausted
+from xylen_server.serving.inputs import feature_rows as feature_rows_of
+from xylen_server.serving.session_pool import SessionPool
+from xylen_server.settings import Settings
+
+
+def test_the_pool_runs_the_compiled_session_with_the_public_api_s_answers(model, feature_rows):
+    """The session's binding is called without onnxruntime's Python wrapper: the same
+    probabilities for one row and many, and the same refusal of a wrong input."""
+    pool = model.engine
+    assert isinstance(pool, SessionPool)
+    public = pool._session
+    assert pool._run == public._sess.run  # the binding, not the wrapper
+    for rows in (feature_rows[:1], feature_rows[:7]):
+        x = model_input(np.asarray(rows, dtype=np.float64))
+        expected = public.run([PROBABILITIES_OUTPUT], {INPUT_NAME: x})[0][:, 1]
+        got = pool.predict_on_loop(x)
+        assert got.dtype == np.float64 and got.shape == (len(rows),)
+        np.testing.assert_array_equal(got, expected.astype(np.float64))
+        np.testing.assert_array_equal(pool.predict_proba(x), got)
+    wrong = np.zeros((1, 3), dtype=np.float32)
+    with pytest.raises(Exception) as binding_error:
+        pool.predict_proba(wrong)
+    with pytest.raises(Exception) as public_error:
+        public.run([PROBABILITIES_OUTPUT], {INPUT_NAME: wrong})
+    assert type(binding_error.value) is type(public_error.value)
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+LOOKBACK = features.LOOKBACK_PERIODS
+
+
+def _exact_reason(matrix: np.ndarray) -> str | None:
+    """What the exact test (before the dot-product shortcut) says of ``matrix``."""
+    if not np.isfinite(matrix).all():
+        return "NON_FINITE_FEATURE"
+    if not np.abs(matrix).max() <= F32_MAX:
+        return "FEATURE_OUT_OF_RANGE"
+    return None
+
+
+def _request(rows: np.ndarray) -> pb.PredictRequest:
+    return pb.PredictRequest(
+        inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=list(r))) for r in rows]
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        0.0,
+        1.0,
+        F32_MAX,  # the largest value float32 holds is in range
+        -F32_MAX,
+        np.nextafter(F32_MAX, np.inf),  # the next double is not
+        -np.nextafter(F32_MAX, np.inf),
+        1e39,
+        1e200,  # its square overflows to inf
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+        1e-300,
+        F32_MAX / 2,  # valid values whose sum of squares passes F32_MAX squared
+    ],
+)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_feature_rows_accept_and_refuse_exactly_as_the_exact_test(value, rows, feature_rows):
+    """The one-row path and the sum-of-squares shortcut refuse exactly the values the exact
+    test refuses, with its reason and row, and return the same float64 matrix otherwise."""
+    matrix = np.array(feature_rows[:rows], dtype=np.float64)
+    if value == F32_MAX / 2:
+        matrix[-1, :] = value  # every value large: only the exact test can tell
+    else:
+        matrix[-1, 3] = value
+    expected = _exact_reason(matrix)
+    n = matrix.shape[1]
+    request = _request(matrix)
+    if expected is None:
+        got = feature_rows_of(request.inputs, n, LOOKBACK, 4096)
+        assert got.dtype == np.float64 and got.shape == matrix.shape
+        np.testing.assert_array_equal(got, matrix)
+    else:
+        with pytest.raises(InvalidArgument) as caught:
+            feature_rows_of(request.inputs, n, LOOKBACK, 4096)
+        assert caught.value.reason == expected
+        assert caught.value.metadata["row"] == str(rows - 1)
+
+
+def test_a_big_matrix_takes_the_exact_test(feature_rows):
+    """More values than the dot product is used for: judged by the exact test alone."""
+    rows = np.resize(np.asarray(feature_rows, dtype=np.float64), (200, feature_rows.shape[1]))
+    assert rows.size > 4096
+    rows[150, 2] = 1e39
+    with pytest.raises(InvalidArgument) as caught:
+        feature_rows_of(_request(rows).inputs, rows.shape[1], LOOKBACK, 4096)
+    assert caught.value.reason == "FEATURE_OUT_OF_RANGE" and caught.value.metadata["row"] == "150"
+    rows[150, 2] = 1.0
+    np.testing.assert_array_equal(
+        feature_rows_of(_request(rows).inputs, rows.shape[1], LOOKBACK, 4096), rows
+    )
+
+
+def test_one_row_of_the_wrong_width_or_no_input_is_refused_as_before(feature_rows):
+    n = feature_rows.shape[1]
+    with pytest.raises(InvalidArgument) as caught:
+        feature_rows_of(_request(np.zeros((1, n - 1))).inputs, n, LOOKBACK, 4096)
+    assert caught.value.reason == "FEATURE_COUNT_MISMATCH"
+    assert caught.value.metadata == {"row": "0", "expected": str(n), "got": str(n - 1)}
+    with pytest.raises(InvalidArgument) as caught:
+        feature_rows_of(pb.PredictRequest(inputs=[pb.PredictInput()]).inputs, n, LOOKBACK, 4096)
+    assert caught.value.reason == "MISSING_INPUT"
+
+
+def test_check_predict_still_holds_every_limit_of_one_row():
+    """The one-row shortcut of the limits still refuses a long name and a long window."""
+    settings = Settings(max_name_bytes=8, max_window_candles=5)
+    with pytest.raises(InvalidArgument) as caught:
+        limits.check_predict(pb.PredictRequest(model_name="x" * 9), settings)
+    assert caught.value.reason == "NAME_TOO_LONG"
+    limits.check_predict(pb.PredictRequest(model_name="é" * 4), settings)  # 8 bytes: fits
+    window = pb.PredictInput(candles=types_pb2.CandleWindow(candles=[types_pb2.Candle()] * 6))
+    with pytest.raises(ResourceExhausted) as caught:
+        limits.check_predict(pb.PredictRequest(inputs=[window]), settings)
+    assert caught.value.reason == "WINDOW_TOO_LONG"
+    one = pb.PredictInput(features=types_pb2.FeatureVector(values=[1.0]))
+    limits.check_predict(pb.PredictRequest(inputs=[one]), settings)
+    with pytest.raises(ResourceExhausted):
+        limits.check_predict(pb.PredictRequest(inputs=[one, window]), settings)
