@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -9,8 +11,10 @@ from training import features
 from training.metadata import INPUT_NAME, PROBABILITIES_OUTPUT, model_input
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
+from xylen_server import clock
 from xylen_server.api import limits
 from xylen_server.errors import InvalidArgument, ResourceExhausted
+from xylen_server.learning.prediction_log import PredictionLog
 from xylen_server.serving.inputs import feature_rows as feature_rows_of
 from xylen_server.serving.session_pool import SessionPool
 from xylen_server.settings import Settings
@@ -138,3 +142,37 @@ def test_check_predict_still_holds_every_limit_of_one_row():
     limits.check_predict(pb.PredictRequest(inputs=[one]), settings)
     with pytest.raises(ResourceExhausted):
         limits.check_predict(pb.PredictRequest(inputs=[one, window]), settings)
+
+
+def test_one_row_records_as_the_predictor_hands_them_over_log_what_any_form_logs(tmp_path):
+    """A (1, width) float32 row and a float64 probability array (what the predictor hands
+    over, taken as they are) are logged exactly as the same row given as lists; age eviction
+    and the flush-by-rows signal still work one row at a time."""
+    row = np.array([[0.1, -2.5, 3e-39, 7.0]], dtype=np.float32)
+    arrays = PredictionLog(None, max_age_seconds=60)
+    lists = PredictionLog(None, max_age_seconds=60)
+    now = clock.now_ms()
+    arrays.record(["old"], row, np.array([0.25]), [3], "m", 1, time_ms=now - 120_000)
+    arrays.record(["a"], row, np.array([0.75]), [1], "m", 2, time_ms=now)
+    lists.record(["a"], row.astype(np.float64).tolist(), [0.75], [1], "m", 2, time_ms=now)
+    got, expected = arrays.get("a"), lists.get("a")
+    assert got is not None and expected is not None
+    assert (got.time_ms, got.model_name, got.model_version) == (now, "m", 2)
+    assert (
+        (got.probability_up, got.signal) == (0.75, 1) == (expected.probability_up, expected.signal)
+    )
+    assert got.features.dtype == np.float32
+    np.testing.assert_array_equal(got.features, row[0])
+    np.testing.assert_array_equal(got.features, expected.features)
+    assert arrays.get("old") is None and len(arrays) == 1  # evicted by age
+
+    flushing = PredictionLog(tmp_path, flush_rows=3, flush_interval_seconds=3600)
+    try:
+        for i in range(3):
+            flushing.record([f"r{i}"], row, np.array([0.5]), [3], "m", 1)
+        deadline = time.monotonic() + 10
+        while not list(tmp_path.glob("*.parquet")):
+            assert time.monotonic() < deadline, "three one-row records never woke the flusher"
+            time.sleep(0.01)
+    finally:
+        flushing.close()
