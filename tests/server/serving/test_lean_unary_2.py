@@ -12,10 +12,11 @@ from training.metadata import INPUT_NAME, PROBABILITIES_OUTPUT, model_input
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_server import clock
-from xylen_server.api import limits
+from xylen_server.api import limits, messages
 from xylen_server.errors import InvalidArgument, ResourceExhausted
 from xylen_server.learning.prediction_log import PredictionLog
 from xylen_server.serving.inputs import feature_rows as feature_rows_of
+from xylen_server.serving.predictor import Result
 from xylen_server.serving.session_pool import SessionPool
 from xylen_server.settings import Settings
 
@@ -176,3 +177,56 @@ def test_one_row_records_as_the_predictor_hands_them_over_log_what_any_form_logs
             time.sleep(0.01)
     finally:
         flushing.close()
+
+
+def _response_as_before(result: Result) -> pb.PredictResponse:
+    """predict_response as it was before its one-row path (the reference)."""
+    raw = result.probabilities if result.raw_probabilities is None else result.raw_probabilities
+    response = pb.PredictResponse()
+    for prediction_id, probability, signal, raw_probability in zip(
+        result.prediction_ids,
+        result.probabilities.tolist(),
+        result.signals,
+        raw.tolist(),
+        strict=True,
+    ):
+        response.predictions.add(
+            prediction_id=prediction_id,
+            probability_up=probability,
+            signal=signal,
+            model_name=result.model.meta.name,
+            model_version=result.model.meta.version,
+            raw_probability_up=raw_probability,
+        )
+    duration = response.inference_duration
+    duration.seconds, duration.nanos = divmod(int(result.seconds * 1e9), 1_000_000_000)
+    return response
+
+
+@pytest.mark.parametrize("seconds", [0.0, 1.25e-5, 0.999999999, 1.0, 2.5])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_predict_response_of_one_row_is_the_loop_s(model, seconds, rows, calibrated):
+    probabilities = np.linspace(0.2, 0.8, rows)
+    raw = probabilities / 2 if calibrated else None
+    result = Result(
+        model,
+        probabilities,
+        [1, 2, 3][:rows],
+        [f"p-{i}" for i in range(rows)],
+        seconds,
+        np.zeros((rows, 4), dtype=np.float32),
+        raw_probabilities=raw,
+    )
+    got = messages.predict_response(result)
+    assert got == _response_as_before(result)
+    assert got.SerializeToString(deterministic=True) == _response_as_before(
+        result
+    ).SerializeToString(deterministic=True)
+    assert len(got.predictions) == rows
+
+
+def test_predict_response_refuses_mismatched_lengths_as_before(model):
+    result = Result(model, np.array([0.5]), [1, 2], ["a"], 0.0, np.zeros((1, 4), np.float32))
+    with pytest.raises(ValueError):
+        messages.predict_response(result)
