@@ -230,3 +230,30 @@ def test_predict_response_refuses_mismatched_lengths_as_before(model):
     result = Result(model, np.array([0.5]), [1, 2], ["a"], 0.0, np.zeros((1, 4), np.float32))
     with pytest.raises(ValueError):
         messages.predict_response(result)
+
+
+def test_model_input_snaps_exactly_the_values_it_snapped_before():
+    """model_input's cheaper test (count_nonzero, a float32 threshold) snaps the same values."""
+    threshold = np.float32(1e-35)
+    edge = [
+        1e-35,
+        -1e-35,
+        float(np.nextafter(threshold, np.float32(1))),
+        float(np.nextafter(threshold, np.float32(0))),
+        5e-36,
+        0.0,
+        -0.0,
+        1.0,
+        float("nan"),
+        float("inf"),
+        1e-30,
+    ]
+    rng = np.random.default_rng(3)
+    for rows in (np.array([edge]), np.array([edge[:4], edge[4:8]]), rng.normal(size=(5, 11))):
+        for given in (rows, rows.astype(np.float32)):
+            before = np.array(given, dtype=np.float32)
+            before[np.abs(before) <= 1e-35] = 0.0
+            got = model_input(given)
+            assert got.dtype == np.float32 and got is not given
+            np.testing.assert_array_equal(got, before)
+            assert np.array_equal(np.signbit(got), np.signbit(before))
