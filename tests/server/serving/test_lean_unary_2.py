@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -16,7 +17,7 @@ from xylen_server.api import limits, messages
 from xylen_server.errors import InvalidArgument, ResourceExhausted
 from xylen_server.learning.prediction_log import PredictionLog
 from xylen_server.serving.inputs import feature_rows as feature_rows_of
-from xylen_server.serving.predictor import Result
+from xylen_server.serving.predictor import Predictor, Result
 from xylen_server.serving.session_pool import SessionPool
 from xylen_server.settings import Settings
 
@@ -257,3 +258,32 @@ def test_model_input_snaps_exactly_the_values_it_snapped_before():
             assert got.dtype == np.float32 and got is not given
             np.testing.assert_array_equal(got, before)
             assert np.array_equal(np.signbit(got), np.signbit(before))
+
+
+def test_the_kept_loop_is_the_running_one_across_loops_and_threads(model, feature_rows):
+    """The predictor keeps the loop it found (no getpid per lone request) but never answers
+    on a stale one: a second asyncio.run, and a loop in another thread while the first still
+    runs, each get their own, and lone requests are answered on each."""
+    predictor = Predictor(Settings())
+    predictor.install(model)
+    request = pb.PredictRequest(
+        inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=list(feature_rows[0])))]
+    )
+    seen: list[tuple[bool, int]] = []
+
+    async def ask() -> None:
+        loop = asyncio.get_running_loop()
+        assert predictor._running_loop() is loop
+        result = await predictor.predict(request)
+        seen.append((predictor._loop is loop, len(result.prediction_ids)))
+
+    asyncio.run(ask())
+    asyncio.run(ask())  # a new loop on the same thread: the first one is closed
+
+    async def ask_from_a_thread_while_running() -> None:
+        await asyncio.get_running_loop().run_in_executor(None, lambda: asyncio.run(ask()))
+        await ask()  # back on this loop after the other thread's
+
+    asyncio.run(ask_from_a_thread_while_running())
+    assert seen == [(True, 1)] * 4
+    assert predictor.lone_runs == 4
