@@ -89,14 +89,17 @@ PARITY_PROBE_VERSION = "1"
 #: LightGBM reads any |x| <= 1e-35 as 0 (its kZeroThreshold) and places splits at +-1e-35
 #: between 0 and the nearest values; ONNX compares such values as they are.
 ZERO_THRESHOLD = 1e-35
+_ZERO_THRESHOLD_F32 = np.float32(ZERO_THRESHOLD)
+"""The threshold as the float32 the comparison with float32 rows rounds it to anyway (numpy
+converts a Python float to the array's type per call)."""
 
 
 def model_input(rows: np.ndarray) -> np.ndarray:
     """The one input convention every engine sees: float32, with LightGBM's zero snapping
     applied, so ONNX and native engines branch the same way on every value."""
     out = np.array(rows, dtype=np.float32)  # always a copy
-    tiny = np.abs(out) <= ZERO_THRESHOLD
-    if tiny.any():
+    tiny = np.abs(out) <= _ZERO_THRESHOLD_F32
+    if np.count_nonzero(tiny):  # a third of tiny.any()'s cost on a served row
         out[tiny] = 0.0
     return out
 

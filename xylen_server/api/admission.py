@@ -235,6 +235,13 @@ class AdmissionInterceptor(HandlerInterceptor):
 
     async def acquire(self, size: int, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """A running slot for one call and its ``size`` bytes, or an error at once."""
+        if not self.admit(size, context):
+            await self.wait(size, context)
+
+    def admit(self, size: int, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+        """:meth:`acquire` without a coroutine for the common case: True when the call has its
+        slot now, False when it must :meth:`wait` for one (the queue has room), or the error
+        at once."""
         settings = self.settings
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
@@ -257,7 +264,7 @@ class AdmissionInterceptor(HandlerInterceptor):
         if self.running < settings.max_concurrent_rpcs and not self._waiting:
             self.running += 1
             self.inflight_bytes += size
-            return
+            return True
         if len(self._waiting) >= settings.max_queued_rpcs:
             self.recorder.event("shed")
             raise ResourceExhausted(
@@ -267,6 +274,12 @@ class AdmissionInterceptor(HandlerInterceptor):
                 reason="OVERLOADED",
                 limit=settings.max_concurrent_rpcs + settings.max_queued_rpcs,
             )
+        return False
+
+    async def wait(self, size: int, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Wait in the queue for a slot (after :meth:`admit` said False), first come first
+        served, until the call's deadline."""
+        remaining = context.time_remaining()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
         self.inflight_bytes += size

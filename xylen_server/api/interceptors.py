@@ -136,6 +136,7 @@ class CallInterceptor(HandlerInterceptor):
         only on the method (queued or not, which credentials) taken here, once."""
         behavior = handler.unary_unary
         recorder, admission = self.recorder, self.admission
+        admit = admission.admit
         settings = admission.settings
         queued = method not in UNQUEUED
         kind = auth.method_kind(method)
@@ -159,7 +160,8 @@ class CallInterceptor(HandlerInterceptor):
                         return await behavior(message, context)
                     size = request.size
                     check_request(message, settings)
-                    await admission.acquire(size, context)
+                    if not admit(size, context):  # a slot now, or wait in the queue for one
+                        await admission.wait(size, context)
                     try:
                         return await behavior(message, context)
                     finally:

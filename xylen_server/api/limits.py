@@ -56,8 +56,11 @@ def check_name(value: str, settings: Settings, field: str = "model_name") -> Non
 
 def check_predict(request: pb.PredictRequest, settings: Settings) -> None:
     """Rows, candles per window and the model name of one Predict request."""
-    check_name(request.model_name, settings)
-    rows = len(request.inputs)
+    name = request.model_name
+    if len(name) * 4 > settings.max_name_bytes:  # check_text's own first test, without a call
+        check_name(name, settings)
+    inputs = request.inputs
+    rows = len(inputs)
     if rows > settings.max_batch_rows:
         raise ResourceExhausted(
             f"the request has {rows} rows, more than MAX_BATCH_ROWS ({settings.max_batch_rows})",
@@ -65,8 +68,10 @@ def check_predict(request: pb.PredictRequest, settings: Settings) -> None:
             rows=rows,
             limit=settings.max_batch_rows,
         )
+    if rows == 1 and not inputs[0].HasField("candles"):  # the common case, without a loop
+        return
     limit = settings.max_window_candles
-    for index, item in enumerate(request.inputs):
+    for index, item in enumerate(inputs):
         if item.WhichOneof("input") == "candles":
             candles = len(item.candles.candles)
             if candles > limit:

@@ -29,27 +29,40 @@ THRESHOLD_SOURCES = {
 
 def predict_response(result: Result) -> pb.PredictResponse:
     """One Prediction per row: id, P(up), signal, and the model version that answered."""
-    name, version = result.model.meta.name, result.model.meta.version
-    raw = result.probabilities if result.raw_probabilities is None else result.raw_probabilities
+    meta = result.model.meta
+    name, version = meta.name, meta.version
+    probabilities, ids, signals = result.probabilities, result.prediction_ids, result.signals
+    raw = probabilities if result.raw_probabilities is None else result.raw_probabilities
     response = pb.PredictResponse()
     add = response.predictions.add  # on the hot path: ~40 % cheaper than a list of Predictions
-    for prediction_id, probability, signal, raw_probability in zip(
-        result.prediction_ids,
-        result.probabilities.tolist(),
-        result.signals,
-        raw.tolist(),
-        strict=True,
-    ):
+    if len(probabilities) == 1 and len(raw) == 1 and len(ids) == 1 and len(signals) == 1:
+        # One row, the common case, without zip, two lists and a loop (~1.3 us of ~3)
         add(
-            prediction_id=prediction_id,
-            probability_up=probability,
-            signal=signal,  # type: ignore[arg-type]
+            prediction_id=ids[0],
+            probability_up=probabilities.item(),
+            signal=signals[0],  # type: ignore[arg-type]
             model_name=name,
             model_version=version,
-            raw_probability_up=raw_probability,
+            raw_probability_up=raw.item(),
         )
-    duration = response.inference_duration
-    duration.seconds, duration.nanos = divmod(int(result.seconds * 1e9), 1_000_000_000)
+    else:
+        for prediction_id, probability, signal, raw_probability in zip(
+            ids, probabilities.tolist(), signals, raw.tolist(), strict=True
+        ):
+            add(
+                prediction_id=prediction_id,
+                probability_up=probability,
+                signal=signal,  # type: ignore[arg-type]
+                model_name=name,
+                model_version=version,
+                raw_probability_up=raw_probability,
+            )
+    nanos = int(result.seconds * 1e9)
+    if 0 <= nanos < 1_000_000_000:  # under a second: the seconds stay 0, no divmod
+        response.inference_duration.nanos = nanos
+    else:
+        duration = response.inference_duration
+        duration.seconds, duration.nanos = divmod(nanos, 1_000_000_000)
     return response
 
 

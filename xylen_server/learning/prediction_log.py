@@ -176,6 +176,10 @@ a row and 173 bytes a row with every column in a dictionary, 0.7 us and 114 byte
 the flusher's CPU is the serving process's."""
 
 
+_FLOAT32 = np.dtype(np.float32)
+_FLOAT64 = np.dtype(np.float64)
+
+
 def _now_ms() -> int:
     return clock.now_ms()
 
@@ -287,8 +291,18 @@ class PredictionLog:
         if rows == 0:
             return
         now = _now_ms() if time_ms is None else time_ms
-        matrix = np.asarray(features, dtype=np.float32).reshape(rows, -1)
-        probabilities = np.asarray(probabilities, dtype=np.float64)
+        # What the predictor hands over is already (rows, width) float32 and float64: no view
+        # or conversion is built for it.
+        if not (
+            features.__class__ is np.ndarray
+            and features.dtype is _FLOAT32
+            and features.ndim == 2
+            and len(features) == rows
+        ):
+            features = np.asarray(features, dtype=np.float32).reshape(rows, -1)
+        matrix = features
+        if not (probabilities.__class__ is np.ndarray and probabilities.dtype is _FLOAT64):
+            probabilities = np.asarray(probabilities, dtype=np.float64)
         if rows > 1:  # one row's signal goes in as it is (no array built for it)
             signals = np.asarray(signals, dtype=np.int8)
         with self._lock:
@@ -375,9 +389,13 @@ class PredictionLog:
                     seq += 1
             self._next = seq
             self._start = start
-            self._evict(now)
+            if ring.times[start % capacity] < now - self.max_age_ms:  # _evict's own first test
+                self._evict(now)
             if self._thread is not None:
-                if self._next - self._unflushed + self.spilled_pending >= self.flush_rows:
+                pending = seq - self._unflushed
+                if self._spilled:
+                    pending += self.spilled_pending
+                if pending >= self.flush_rows:
                     self._wake.notify()
             else:
                 self._unflushed = self._next  # memory only: nothing to write out

@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,6 +178,8 @@ class Predictor:
         self.on_answer: Callable[[Result], None] | None = None
         """Called with every answered batch before it is returned (the prediction log)."""
         self._batch: _LoopBatch | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop :meth:`_running_loop` found last."""
         """Requests waiting for this turn's inference on the loop (None: none yet)."""
         self.loop_runs = 0
         """Inferences run on the loop (each for one or more requests): rows on the loop per
@@ -343,13 +346,23 @@ class Predictor:
         rows = self._rows(model, request)
         batch = self._batch
         if batch is None:
-            loop = asyncio.get_running_loop()
+            loop = self._running_loop()
             if not getattr(loop, "_ready", True):  # asyncio's loop: callbacks due in this turn
                 return self._alone(model, rows, started)
             batch = self._batch = _LoopBatch(loop)
             loop.call_soon(self._run_batch_after, 1)
         served.inflight += 1
         return batch.add(served, rows, time.perf_counter() - started)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The running event loop: the one found last time while it still runs on this thread
+        (asyncio's ``_thread_id``, set only while a loop runs, names the thread), else
+        asyncio's answer, kept. ``asyncio.get_running_loop`` makes a ``getpid`` system call
+        every time (its fork check); a request reaching an idle loop would pay one each."""
+        loop = self._loop
+        if loop is None or getattr(loop, "_thread_id", None) != threading.get_ident():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _alone(self, model: LoadedModel, rows: np.ndarray, started: float) -> Result:
         """One request's inference on the loop at once (no other request could join it): the
@@ -439,7 +452,10 @@ class Predictor:
         """The answer to ``rows`` from the engine's ``raw`` P(up): calibrated, signalled (the
         thresholds are on the calibrated scale) and given ids."""
         counter, prefix = self._counter, self._id_prefix
-        ids = [f"{prefix}-{next(counter):x}" for _ in range(len(raw))]
+        if len(raw) == 1:  # the common case, without a comprehension's frame
+            ids = [f"{prefix}-{next(counter):x}"]
+        else:
+            ids = [f"{prefix}-{next(counter):x}" for _ in range(len(raw))]
         calibrated = calibrate(model.meta.calibration, raw)
         thresholds = model.thresholds
         signals = signal_numbers(calibrated.tolist(), thresholds.buy, thresholds.sell)

@@ -22,6 +22,7 @@ for a worker.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -54,10 +55,11 @@ class SessionPool:
         # 4 of a one-row run's 10 us (measured). Nothing here ever changes them.
         self._run_options = ort.RunOptions()
         self._outputs = [PROBABILITIES_OUTPUT]
+        self._run = _binding_run(self._session)
 
     def predict_proba(self, rows: np.ndarray) -> np.ndarray:
         """P(up) for a float32 (n, features) array. Thread-safe, never waits for a lock."""
-        probabilities = self._session.run(self._outputs, {INPUT_NAME: rows}, self._run_options)[0]
+        probabilities = self._run(self._outputs, {INPUT_NAME: rows}, self._run_options)[0]
         return probabilities[:, 1].astype(np.float64)
 
     # The session is shared and thread-safe: the loop thread runs it like any other.
@@ -65,3 +67,14 @@ class SessionPool:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+
+
+def _binding_run(session: ort.InferenceSession) -> Any:
+    """``session.run`` without its Python wrapper: onnxruntime's compiled session's own ``run``
+    (same arguments, same results and errors). The wrapper checks on every call what never
+    changes here (the feed names one input the model has, a numpy array, no WebGPU graph
+    capture, no provider fallback on the CPU provider): ~1.5 us of a one-row run's ~15.
+    A build without the binding attribute gets the public method."""
+    binding = getattr(session, "_sess", None)
+    run = getattr(binding, "run", None)
+    return run if callable(run) else session.run
