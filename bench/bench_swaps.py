@@ -119,6 +119,13 @@ def _cpu(pid: int) -> tuple[float, float]:
     return own, children
 
 
+def _kernel(pid: int) -> tuple[float, int]:
+    """(system CPU seconds, minor page faults) of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[12]) / _TICKS, int(fields[7])
+
+
 def _thread_cpu(pid: int, tid: int) -> float:
     """User + system CPU seconds of thread ``tid`` of process ``pid``."""
     with open(f"/proc/{pid}/task/{tid}/stat") as stat:
@@ -294,6 +301,9 @@ class Target:
     loop_cpu_idle: float = 0.0
     """CPU seconds of the server's main thread (its event loop) during the rounds without swaps."""
     loop_cpu_swapping: float = 0.0
+    kernel_idle: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    """System CPU seconds and minor page faults of the server during the rounds without swaps."""
+    kernel_swapping: list[float] = field(default_factory=lambda: [0.0, 0.0])
     gc_probe: Path | None = None
     idle_windows: list[tuple[float, float]] = field(default_factory=list)
     swap_windows: list[tuple[float, float]] = field(default_factory=list)
@@ -338,11 +348,15 @@ def _round(
     pid = target.server.proc.pid
     own0, _ = _cpu(pid)
     loop0 = _thread_cpu(pid, pid)
+    kernel0 = _kernel(pid)
     began = time.perf_counter()
     samples = asyncio.run(_load(address, request, in_flight, seconds))
     target.idle_windows.append((began, time.perf_counter()))
     own1, children1 = _cpu(pid)
     loop1 = _thread_cpu(pid, pid)
+    kernel1 = _kernel(pid)
+    for i in (0, 1):
+        target.kernel_idle[i] += kernel1[i] - kernel0[i]
     target.idle.append(_p(samples, 0.99))
     target.idle_samples.append(samples)
     target.cpu_idle += own1 - own0
@@ -367,10 +381,14 @@ def _round(
         thread.start()
         time.sleep(0.2)
         loop1 = _thread_cpu(pid, pid)
+        kernel1 = _kernel(pid)
         began = time.perf_counter()
         samples = asyncio.run(_load(address, request, in_flight, seconds))
         target.swap_windows.append((began, time.perf_counter()))
         loop2 = _thread_cpu(pid, pid)
+        kernel2 = _kernel(pid)
+        for i in (0, 1):
+            target.kernel_swapping[i] += kernel2[i] - kernel1[i]
         state["on"] = False
         thread.join()
     own2, children2 = _cpu(pid)
@@ -433,6 +451,13 @@ def _report(
         f"  server main thread (event loop) CPU per Predict: "
         f"{target.loop_cpu_idle / max(target.calls_idle, 1) * 1e6:.0f} us without swaps, "
         f"{target.loop_cpu_swapping / max(target.calls_swapping, 1) * 1e6:.0f} us during swaps"
+    )
+    calls_idle, calls_swap = max(target.calls_idle, 1), max(target.calls_swapping, 1)
+    print(
+        f"  server system CPU per Predict: {target.kernel_idle[0] / calls_idle * 1e6:.0f} us "
+        f"without swaps, {target.kernel_swapping[0] / calls_swap * 1e6:.0f} us during swaps; "
+        f"minor page faults per Predict {target.kernel_idle[1] / calls_idle:.2f} / "
+        f"{target.kernel_swapping[1] / calls_swap:.2f}"
     )
     _attribute(target)
     print(

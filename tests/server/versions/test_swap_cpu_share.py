@@ -209,7 +209,7 @@ def test_a_swap_is_paced_at_the_setting_and_says_so(
 
 
 def test_the_share_setting_is_bounded() -> None:
-    assert Settings.from_env({}).model_load_cpu_share == 0.25
+    assert Settings.from_env({}).model_load_cpu_share == 0.1
     assert Settings.from_env({"MODEL_LOAD_CPU_SHARE": "1"}).model_load_cpu_share == 1.0
     for bad in ("0", "1.5", "-0.1", "x"):
         with pytest.raises(SettingsError, match="MODEL_LOAD_CPU_SHARE"):
