@@ -7,7 +7,10 @@ thread), its files are made the serving directory on disk (atomic rename), and o
 started on the old model finish on it; the old engine is closed once they have. Health stays
 SERVING throughout, and GetModelInfo reports the new version from the instant of the swap.
 
-One change at a time (an asyncio lock); a model that fails to load changes nothing.
+One change at a time (an asyncio lock); a model that fails to load changes nothing. The
+change's own CPU in this process (the load, the history's file work) is paced to
+``MODEL_LOAD_CPU_SHARE`` of one core (:class:`~xylen_server.serving.pacing.CpuShare`): a swap
+takes longer and Predict keeps the cores.
 
 While a change runs, :class:`LoopLag` watches the event loop: a timer due every 5 ms records
 how late it runs. The worst lateness of each swap is kept (:attr:`ModelManager.loop_lag_ms`) and
