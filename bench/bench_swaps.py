@@ -3,21 +3,34 @@
 A server process serves a 500-tree LightGBM model with two kept versions; a client keeps
 ``--in-flight`` unary Predict calls (batch 1) going. Rounds alternate: load alone, then load
 while a second thread calls RollbackModel between the two versions back to back (each a full
-load: the parity reference child, one ONNX Runtime session built off the loop, warm-up, an
-atomic swap). The ratio is p99 during swaps over p99 without, medians over the rounds, so
-machine noise hits both alike. Target: within 2x.
+load in the server: the history's checks, the checksums, the stored parity reference
+(``parity.npz``: no child process once each version has one), one ONNX Runtime session built
+off the loop, the parity run, warm-up, install, an atomic swap), or one every
+``--swap-every`` seconds. The ratio is p99 during swaps over p99 without, medians over the
+rounds, so machine noise hits both alike. Target: within 2x.
 
 Beside the latencies, figures that depend less on how busy the machine is: the event loop's
-worst lateness during each swap (the server's own probe, :class:`xylen_server.versions.swap.
-LoopLag`, read from its log; "n/a" for a server without it), the server's CPU per Predict with
-and without swaps and its parity children's CPU per swap; and, first, building the model's ONNX
-Runtime session in the bench's own process: CPU per build and the longest GIL hold, as served
-and with optimizations off or a pre-optimized ORT-format model (a few seconds).
+worst lateness during each swap and per step (the server's own probe, :class:`xylen_server.
+versions.swap.LoopLag`, read from its log; "n/a" for a server without it), the CPU the swap's
+own threads charged and how long they slept (``MODEL_LOAD_CPU_SHARE``), the server's CPU per
+Predict with and without swaps (all threads, and its main thread: the event loop) and per swap
+beyond its Predicts, any parity children's CPU; and, first, building the model's ONNX Runtime
+session in the bench's own process: CPU per build and the longest GIL hold, as served and with
+optimizations off or a pre-optimized ORT-format model (a few seconds).
+
+Attribution: each Predict's start and end (``time.perf_counter``, CLOCK_MONOTONIC, the clock
+the server's swap log line gives its start on) are laid beside the swaps' steps: the slowest 1%
+of calls during swaps are counted by the step they overlapped most, against each step's share
+of the time. ``bench/gcprobe/sitecustomize.py`` (on the server's ``PYTHONPATH``) records every
+garbage collection in the server: collections a second, pauses, and how many slow calls
+overlapped one, with and without swaps.
 
     python -m bench swaps                              # ~1 minute
     python -m bench.bench_swaps --source /path         # the same against another checkout
-    python -m bench.bench_swaps --baseline /work/main  # before/after in one run (~2 minutes)
+    python -m bench.bench_swaps --baseline /work/main  # before/after in one run (~2.5 minutes)
     python -m bench.bench_swaps --swap-every 1         # one swap a second instead of back to back
+    python -m bench.bench_swaps --baseline . --baseline-env MODEL_LOAD_CPU_SHARE=1
+                                                       # two settings of one tree side by side
 
 ``--baseline TREE`` runs TREE's server too (with ``TREE/.venv/bin/python`` when there is one,
 so its own dependencies count), alternating rounds between the two so noise hits both alike.
@@ -35,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,14 +66,21 @@ ADMIN_TOKEN = "bench-admin-token"
 _LAG = re.compile(rb"event loop late by at most ([0-9.]+) ms")
 _STEPS = re.compile(rb"steps, seconds/worst lateness: ([^)]*)\)")
 _STEP = re.compile(r"([a-z-]+) ([0-9.]+)s/([0-9.]+)ms")
+_TIMELINE = re.compile(
+    rb"steps, seconds/worst lateness: ([^)]*)\) \(began at monotonic ([0-9.]+)\)"
+)
+_LOAD = re.compile(rb"load CPU ([0-9]+) ms in ([0-9]+) ms \(share ([0-9.]+), slept ([0-9]+) ms\)")
 _TICKS = os.sysconf("SC_CLK_TCK")
+GC_PROBE = Path(__file__).resolve().parent / "gcprobe"
+"""Directory of the ``sitecustomize`` that records every garbage collection of a server."""
 
 
 async def _load(
     address: str, request: pb.PredictRequest, in_flight: int, seconds: float
-) -> list[float]:
-    """Latencies (s) of unary Predicts kept ``in_flight`` at once for ``seconds``."""
-    samples: list[float] = []
+) -> list[tuple[float, float]]:
+    """(start on ``time.perf_counter``, latency) in seconds of unary Predicts kept
+    ``in_flight`` at once for ``seconds``."""
+    samples: list[tuple[float, float]] = []
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.ModelServiceStub(channel)
         for _ in range(50):
@@ -70,14 +91,14 @@ async def _load(
             while time.perf_counter() < stop:
                 started = time.perf_counter()
                 await stub.Predict(request, timeout=30)
-                samples.append(time.perf_counter() - started)
+                samples.append((started, time.perf_counter() - started))
 
         await asyncio.gather(*(caller() for _ in range(in_flight)))
     return samples
 
 
-def _p(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
+def _p(samples: list[tuple[float, float]], q: float) -> float:
+    ordered = sorted(latency for _, latency in samples)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1e6
 
 
@@ -96,6 +117,20 @@ def _cpu(pid: int) -> tuple[float, float]:
     own = (int(fields[11]) + int(fields[12])) / _TICKS
     children = (int(fields[13]) + int(fields[14])) / _TICKS
     return own, children
+
+
+def _kernel(pid: int) -> tuple[float, int]:
+    """(system CPU seconds, minor page faults) of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[12]) / _TICKS, int(fields[7])
+
+
+def _thread_cpu(pid: int, tid: int) -> float:
+    """User + system CPU seconds of thread ``tid`` of process ``pid``."""
+    with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def _loop_lags(server: Process) -> list[float]:
@@ -133,6 +168,113 @@ def _print_steps(swaps: list[dict[str, tuple[float, float]]]) -> dict[str, float
     return out
 
 
+def _timeline(server: Process) -> list[tuple[str, float, float]]:
+    """Every step of every swap so far as (name, start, end) on perf_counter, from the swap's
+    log line (a server that does not log when its swap began gives none)."""
+    fd = server.log.fileno()
+    spans = []
+    for steps, began in _TIMELINE.findall(os.pread(fd, os.fstat(fd).st_size, 0)):
+        at = float(began)
+        for name, seconds, _ in _STEP.findall(steps.decode()):
+            if name != "start":
+                spans.append((name, at, at + float(seconds)))
+            at += float(seconds)
+    return sorted(spans, key=lambda span: span[1])
+
+
+AFTER = 0.05
+"""A Predict within this many seconds after a swap's end counts as "just after a swap" (a new
+session's first calls, the old one's closing)."""
+
+
+def _where(start: float, end: float, spans: list[tuple[str, float, float]]) -> str:
+    """The step that overlaps [start, end] most, else whether it ran just after a swap."""
+    best, name = 0.0, ""
+    for step, a, b in spans:
+        if a > end:
+            break
+        overlap = min(b, end) - max(a, start)
+        if overlap > best:
+            best, name = overlap, step
+    if name:
+        return name
+    ended = [b for _, a, b in spans if b <= start]
+    if ended and start - max(ended) < AFTER:
+        return f"<{AFTER * 1e3:.0f} ms after a swap"
+    return "between swaps"
+
+
+def _gc_records(target: Target) -> list[tuple[float, float, int, bool]]:
+    """The server's collections (start, seconds, generation, on the main thread)."""
+    if target.gc_probe is None or not target.gc_probe.is_file():
+        return []
+    with open(target.gc_probe) as lines:
+        return [tuple(json.loads(line)) for line in lines if line.strip()]  # type: ignore[misc]
+
+
+def _attribute(target: Target) -> None:
+    """Which step of a swap the slowest 1% of Predicts during swaps overlapped most, beside the
+    share of the rounds' time each step took (a step that holds slow calls beyond its share of
+    time is where the p99 comes from); the collections the server ran with and without swaps,
+    and how many slow calls overlapped one."""
+    spans = _timeline(target.server)
+    gcs = _gc_records(target)
+    if spans:
+        time_share: dict[str, float] = defaultdict(float)
+        total = 0.0
+        for w0, w1 in target.swap_windows:
+            total += w1 - w0
+            for name, a, b in spans:
+                time_share[name] += max(0.0, min(b, w1) - max(a, w0))
+        slow: Counter[str] = Counter()
+        calls: Counter[str] = Counter()
+        for samples in target.swap_samples:
+            threshold = _p(samples, 0.99) / 1e6
+            for start, latency in samples:
+                where = _where(start, start + latency, spans)
+                calls[where] += 1
+                if latency >= threshold:
+                    slow[where] += 1
+        n_slow, n_calls = sum(slow.values()), sum(calls.values())
+        print(
+            f"  where the slowest 1% of Predicts during swaps ran ({n_slow} calls at or above "
+            "each round's p99), against each step's share of the rounds' time and of all calls:"
+        )
+        for name in sorted(set(calls) | set(time_share), key=lambda n: -slow[n]):
+            print(
+                f"    {name:24s} {100 * slow[name] / max(n_slow, 1):5.1f} % of slow calls, "
+                f"{100 * time_share[name] / max(total, 1e-9):5.1f} % of the time, "
+                f"{100 * calls[name] / max(n_calls, 1):5.1f} % of all calls"
+            )
+    if gcs:
+        for label, windows, rounds in (
+            ("without swaps", target.idle_windows, target.idle_samples),
+            ("during swaps", target.swap_windows, target.swap_samples),
+        ):
+            inside = [g for g in gcs if any(w0 <= g[0] <= w1 for w0, w1 in windows)]
+            seconds = sum(w1 - w0 for w0, w1 in windows)
+            by_gen = Counter(g[2] for g in inside)
+            pauses = sorted(g[1] * 1e3 for g in inside)
+            hit = slow_hit = n_slow = 0
+            for samples in rounds:
+                threshold = _p(samples, 0.99) / 1e6
+                for start, latency in samples:
+                    overlaps = any(g[0] < start + latency and g[0] + g[1] > start for g in inside)
+                    hit += overlaps
+                    if latency >= threshold:
+                        n_slow += 1
+                        slow_hit += overlaps
+            n_calls = sum(len(samples) for samples in rounds)
+            print(
+                f"  server GC {label}: {len(inside) / max(seconds, 1e-9):.1f} collections/s "
+                f"(gen0/1/2 {by_gen[0]}/{by_gen[1]}/{by_gen[2]}, "
+                f"{sum(1 for g in inside if not g[3])} off the main thread), pause median "
+                f"{statistics.median(pauses) if pauses else 0:.2f} ms, largest "
+                f"{max(pauses, default=0):.2f} ms; overlapping {100 * slow_hit / max(n_slow, 1):.1f} "
+                f"% of slow calls, {100 * hit / max(n_calls, 1):.1f} % of all"
+            )
+
+
 @dataclass
 class Target:
     """One server under test and what was measured on it."""
@@ -156,10 +298,27 @@ class Target:
     swaps: int = 0
     lags_before: int = 0
     steps_before: int = 0
+    loop_cpu_idle: float = 0.0
+    """CPU seconds of the server's main thread (its event loop) during the rounds without swaps."""
+    loop_cpu_swapping: float = 0.0
+    kernel_idle: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    """System CPU seconds and minor page faults of the server during the rounds without swaps."""
+    kernel_swapping: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    gc_probe: Path | None = None
+    idle_windows: list[tuple[float, float]] = field(default_factory=list)
+    swap_windows: list[tuple[float, float]] = field(default_factory=list)
+    """(start, end) on perf_counter of each round's load."""
+    swap_samples: list[list[tuple[float, float]]] = field(default_factory=list)
+    """Each swap round's Predicts: (start, latency)."""
+    idle_samples: list[list[tuple[float, float]]] = field(default_factory=list)
 
 
-def _start(name: str, root: Path, source: Path, python: str) -> tuple[Target, np.ndarray]:
+def _start(
+    name: str, root: Path, source: Path, python: str, extra: dict[str, str] | None = None
+) -> tuple[Target, np.ndarray]:
     model_dir, rows = build_model(root / "models")
+    gc_probe = root / "gc.jsonl"
+    path = os.pathsep.join(p for p in (str(GC_PROBE), os.environ.get("PYTHONPATH", "")) if p)
     server = start_xylen(
         root / "models",
         {
@@ -167,11 +326,14 @@ def _start(name: str, root: Path, source: Path, python: str) -> tuple[Target, np
             "RETRAIN_AUTO": "false",
             "ADMIN_TOKEN": ADMIN_TOKEN,
             "LOG_LEVEL": "INFO",  # the swap's log line carries the loop's lateness
+            "PYTHONPATH": path,  # bench/gcprobe/sitecustomize.py records every collection
+            "XYLEN_GC_PROBE": str(gc_probe),
+            **(extra or {}),
         },
         source=source,
         python=python,
     )
-    return Target(name, server, model_dir), rows
+    return Target(name, server, model_dir, gc_probe=gc_probe), rows
 
 
 def _round(
@@ -185,10 +347,20 @@ def _round(
     address = f"127.0.0.1:{target.server.port}"
     pid = target.server.proc.pid
     own0, _ = _cpu(pid)
+    loop0 = _thread_cpu(pid, pid)
+    kernel0 = _kernel(pid)
+    began = time.perf_counter()
     samples = asyncio.run(_load(address, request, in_flight, seconds))
+    target.idle_windows.append((began, time.perf_counter()))
     own1, children1 = _cpu(pid)
+    loop1 = _thread_cpu(pid, pid)
+    kernel1 = _kernel(pid)
+    for i in (0, 1):
+        target.kernel_idle[i] += kernel1[i] - kernel0[i]
     target.idle.append(_p(samples, 0.99))
+    target.idle_samples.append(samples)
     target.cpu_idle += own1 - own0
+    target.loop_cpu_idle += loop1 - loop0
     target.calls_idle += len(samples)
     state = {"on": True, "count": 0}
     with grpc.insecure_channel(address) as plain:
@@ -208,11 +380,21 @@ def _round(
         thread = threading.Thread(target=swapper)
         thread.start()
         time.sleep(0.2)
+        loop1 = _thread_cpu(pid, pid)
+        kernel1 = _kernel(pid)
+        began = time.perf_counter()
         samples = asyncio.run(_load(address, request, in_flight, seconds))
+        target.swap_windows.append((began, time.perf_counter()))
+        loop2 = _thread_cpu(pid, pid)
+        kernel2 = _kernel(pid)
+        for i in (0, 1):
+            target.kernel_swapping[i] += kernel2[i] - kernel1[i]
         state["on"] = False
         thread.join()
     own2, children2 = _cpu(pid)
     target.swapping.append(_p(samples, 0.99))
+    target.swap_samples.append(samples)
+    target.loop_cpu_swapping += loop2 - loop1
     target.cpu_swapping += own2 - own1
     target.cpu_children += children2 - children1
     target.calls_swapping += len(samples)
@@ -252,10 +434,32 @@ def _report(
             _print_steps(steps)
     else:
         print("  event loop's worst lateness per swap: n/a (this server does not report it)")
+    fd = target.server.log.fileno()
+    loads = _LOAD.findall(os.pread(fd, os.fstat(fd).st_size, 0))[target.lags_before :]
+    if loads:
+        cpu, took, slept = ([float(load[i]) for load in loads] for i in (0, 1, 3))
+        print(
+            f"  the swap's own threads (server's count, MODEL_LOAD_CPU_SHARE "
+            f"{loads[-1][2].decode()}): CPU median {statistics.median(cpu):.0f} ms in "
+            f"{statistics.median(took):.0f} ms, slept {statistics.median(slept):.0f} ms"
+        )
     per_call_idle = target.cpu_idle / max(target.calls_idle, 1) * 1e6
     per_call_swap = target.cpu_swapping / max(target.calls_swapping, 1) * 1e6
     # The server's CPU during swap rounds beyond what its Predicts cost without swaps.
     own_per_swap = (target.cpu_swapping - target.calls_swapping * per_call_idle / 1e6) / swaps
+    print(
+        f"  server main thread (event loop) CPU per Predict: "
+        f"{target.loop_cpu_idle / max(target.calls_idle, 1) * 1e6:.0f} us without swaps, "
+        f"{target.loop_cpu_swapping / max(target.calls_swapping, 1) * 1e6:.0f} us during swaps"
+    )
+    calls_idle, calls_swap = max(target.calls_idle, 1), max(target.calls_swapping, 1)
+    print(
+        f"  server system CPU per Predict: {target.kernel_idle[0] / calls_idle * 1e6:.0f} us "
+        f"without swaps, {target.kernel_swapping[0] / calls_swap * 1e6:.0f} us during swaps; "
+        f"minor page faults per Predict {target.kernel_idle[1] / calls_idle:.2f} / "
+        f"{target.kernel_swapping[1] / calls_swap:.2f}"
+    )
+    _attribute(target)
     print(
         f"  server CPU per Predict: {per_call_idle:.0f} us without swaps, {per_call_swap:.0f} us "
         f"during swaps; per swap: the server's own {own_per_swap * 1e3:.0f} ms beyond its "
@@ -351,17 +555,20 @@ def run(
     in_flight: int,
     baseline: Path | None = None,
     every: float = 0.0,
+    this_env: dict[str, str] | None = None,
+    baseline_env: dict[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="xylen-bench-swaps-") as tmp:
         root = Path(tmp)
-        wanted = [("this", source, sys.executable)]
+        wanted = [("this", source, sys.executable, this_env or {})]
         if baseline is not None:
-            wanted.insert(0, ("baseline", baseline, _python_of(baseline)))
+            wanted.insert(0, ("baseline", baseline, _python_of(baseline), baseline_env or {}))
         targets: list[Target] = []
         try:
-            for name, tree, python in wanted:
+            for name, tree, python, extra in wanted:
                 label = f"{name}: {tree}" + ("" if python == sys.executable else f" ({python})")
-                target, rows = _start(label, root / name, tree, python)
+                label += "".join(f" {k}={v}" for k, v in extra.items())
+                target, rows = _start(label, root / name, tree, python, extra)
                 targets.append(target)
             request = pb.PredictRequest(
                 inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=rows[7].tolist()))]
@@ -404,10 +611,34 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="start a swap every this many seconds (0: back to back, the next as soon as one "
         "ends); a fixed pace compares servers whose swaps take different times at one rate",
     )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of this server (repeatable), e.g. MODEL_LOAD_CPU_SHARE=1",
+    )
+    parser.add_argument(
+        "--baseline-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the baseline's server (repeatable); with --baseline . the same tree "
+        "compares two settings side by side",
+    )
     args = parser.parse_args(argv)
     pace = f"one every {args.swap_every:g} s" if args.swap_every else "back to back"
     print(f"== hot swaps under load, {pace} (server from {args.source}) ==")
-    run(args.source, args.seconds, args.rounds, args.in_flight, args.baseline, args.swap_every)
+    run(
+        args.source,
+        args.seconds,
+        args.rounds,
+        args.in_flight,
+        args.baseline,
+        args.swap_every,
+        dict(pair.split("=", 1) for pair in args.env),
+        dict(pair.split("=", 1) for pair in args.baseline_env),
+    )
 
 
 if __name__ == "__main__":

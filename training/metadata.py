@@ -245,19 +245,31 @@ class ModelMetadata:
         return NATIVE_FILES[self.model_type]
 
     def checksum_problem(
-        self, model_dir: str | os.PathLike[str], max_bytes: int = MAX_MODEL_FILE_BYTES
+        self,
+        model_dir: str | os.PathLike[str],
+        max_bytes: int = MAX_MODEL_FILE_BYTES,
+        digests: dict[str, str] | None = None,
     ) -> str | None:
         """What is wrong with the files :attr:`checksums` lists, or None when all match. Only
         regular files inside ``model_dir`` (the schema allows model file names only), never
-        bigger than ``max_bytes``, are read."""
+        bigger than ``max_bytes``, are read.
+
+        ``digests`` (file name to sha256) lets one load hash each file once: a file it names
+        is taken to have that digest (the caller hashed the very bytes it uses, or hashed the
+        file moments before in the same operation), and each file hashed here is added to it."""
         for name, expected in self.checksums.items():
             path = Path(model_dir) / name
-            if not path.exists() and not path.is_symlink():
-                return f"{path} is missing"
-            try:
-                actual = sha256_regular_file(path, max_bytes)
-            except MetadataError as exc:
-                return str(exc)
+            if digests is not None and name in digests:
+                actual = digests[name]
+            else:
+                if not path.exists() and not path.is_symlink():
+                    return f"{path} is missing"
+                try:
+                    actual = sha256_regular_file(path, max_bytes)
+                except MetadataError as exc:
+                    return str(exc)
+                if digests is not None:
+                    digests[name] = actual
             if actual != expected:
                 return f"{path} is corrupt (sha256 {actual[:12]}, metadata says {expected[:12]})"
         return None

@@ -5,5 +5,6 @@
 ``native``        LightGBM, XGBoost and CatBoost boosters behind the same interface
 ``parity``        the ONNX-vs-native check a model passes before it serves
 ``model_store``   loading a model directory: metadata, checksums, conversion, parity, warm-up
+``pacing``        a hot swap's load kept to a share of one core (MODEL_LOAD_CPU_SHARE)
 ``predictor``     the served model, where each batch runs, signals and prediction ids
 """

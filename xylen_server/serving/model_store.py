@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -51,6 +51,7 @@ from training.metadata import (
 )
 from xylen_server.errors import ModelLoadError
 from xylen_server.serving.native import Engine, NativeModel
+from xylen_server.serving.pacing import CpuShare
 from xylen_server.serving.parity import max_difference
 from xylen_server.settings import Settings
 from xylen_server.signals import SignalThresholds, resolve_thresholds
@@ -60,7 +61,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def at_lower_priority(nice: int, fn: Callable[..., T], *args: object) -> T:
+def at_lower_priority(
+    nice: int, fn: Callable[..., T], *args: object, pacer: CpuShare | None = None
+) -> T:
     """``fn(*args)`` on a short-lived thread of its own with ``nice`` added to its niceness
     (Linux keeps a niceness per thread; elsewhere, or with ``nice`` 0, on this thread as it is).
 
@@ -68,7 +71,8 @@ def at_lower_priority(nice: int, fn: Callable[..., T], *args: object) -> T:
     timing a row ~5 ms for a 500-tree model) then yields to Predict's threads on a busy machine,
     as the reference child's does. A thread the niced one starts inherits its niceness, so
     ``fn`` must not start threads that serve afterwards (a session of more than one intra-op
-    thread does; :func:`load_model` builds those at the caller's priority)."""
+    thread does; :func:`load_model` builds those at the caller's priority). The thread's CPU is
+    charged to ``pacer`` (the caller's is already: it waits meanwhile)."""
     if nice <= 0 or not sys.platform.startswith("linux"):
         return fn(*args)
     box: list[T] = []
@@ -78,10 +82,15 @@ def at_lower_priority(nice: int, fn: Callable[..., T], *args: object) -> T:
         with contextlib.suppress(OSError):  # a niceness already at 19 stays there
             tid = threading.get_native_id()
             os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        if pacer is not None:
+            pacer.enter()
         try:
             box.append(fn(*args))
         except BaseException as exc:  # re-raised in the caller's thread
             failure.append(exc)
+        finally:
+            if pacer is not None:
+                pacer.charge()
 
     worker = threading.Thread(target=run, name="model-load-niced", daemon=True)
     worker.start()
@@ -143,9 +152,12 @@ def served_thresholds(meta: ModelMetadata, settings: Settings) -> SignalThreshol
         raise ModelLoadError(f"model {meta.name!r}: {exc}") from None
 
 
-def verify_checksums(meta: ModelMetadata, model_dir: Path, max_bytes: int) -> None:
-    """Every file the metadata lists a sha256 for must still have it."""
-    problem = meta.checksum_problem(model_dir, max_bytes)
+def verify_checksums(
+    meta: ModelMetadata, model_dir: Path, max_bytes: int, digests: dict[str, str] | None = None
+) -> None:
+    """Every file the metadata lists a sha256 for must still have it (``digests``: see
+    :meth:`training.metadata.ModelMetadata.checksum_problem`)."""
+    problem = meta.checksum_problem(model_dir, max_bytes, digests)
     if problem is not None:
         raise ModelLoadError(f"model {meta.name!r}: {problem}")
 
@@ -163,22 +175,47 @@ class Reference(NamedTuple):
     """The niceness the child ran at."""
 
 
-def stored_reference(
-    meta: ModelMetadata, model_dir: Path, n_rows: int, max_bytes: int
-) -> tuple[bytes, np.ndarray, np.ndarray] | str:
-    """The ONNX model's bytes, the probe rows and the native P(up) on them from the model's
-    ``parity.npz``, when it is bound to the native and ONNX files as they are now (their sha256,
-    the library versions, ``n_rows``: :func:`training.metadata.read_parity_reference`); else why
-    not. The ONNX bytes returned are the very bytes whose sha256 matched."""
+def read_onnx(model_dir: Path, max_bytes: int) -> tuple[bytes, str] | str:
+    """The model's ``model.onnx`` bytes and their sha256 (hashed from those very bytes), or why
+    not."""
     onnx_path = model_dir / ONNX_FILE
     if not onnx_path.is_file():
         return f"no {ONNX_FILE}"
     try:
         onnx_bytes = read_regular_file(onnx_path, max_bytes)
-        native_sha256 = sha256_regular_file(model_dir / meta.native_file, max_bytes)
     except MetadataError as exc:
         return str(exc)[:300]
-    binding = parity_binding(meta, native_sha256, hashlib.sha256(onnx_bytes).hexdigest(), n_rows)
+    return onnx_bytes, hashlib.sha256(onnx_bytes).hexdigest()
+
+
+def stored_reference(
+    meta: ModelMetadata,
+    model_dir: Path,
+    n_rows: int,
+    max_bytes: int,
+    onnx: tuple[bytes, str] | None = None,
+    digests: Mapping[str, str] | None = None,
+) -> tuple[bytes, np.ndarray, np.ndarray] | str:
+    """The ONNX model's bytes, the probe rows and the native P(up) on them from the model's
+    ``parity.npz``, when it is bound to the native and ONNX files as they are now (their sha256,
+    the library versions, ``n_rows``: :func:`training.metadata.read_parity_reference`); else why
+    not. The ONNX bytes returned are the very bytes whose sha256 matched.
+
+    A load that has read the ONNX file (``onnx``: :func:`read_onnx`) and checked the native
+    file's sha256 (``digests``) passes them in, so nothing is read or hashed twice."""
+    if onnx is None:
+        read = read_onnx(model_dir, max_bytes)
+        if isinstance(read, str):
+            return read
+        onnx = read
+    onnx_bytes, onnx_sha256 = onnx
+    native_sha256 = (digests or {}).get(meta.native_file)
+    if native_sha256 is None:
+        try:
+            native_sha256 = sha256_regular_file(model_dir / meta.native_file, max_bytes)
+        except MetadataError as exc:
+            return str(exc)[:300]
+    binding = parity_binding(meta, native_sha256, onnx_sha256, n_rows)
     found = read_parity_reference(model_dir, binding, max_bytes)
     if isinstance(found, str):
         return found
@@ -249,7 +286,25 @@ def _no_steps(name: str) -> None:
     """The default ``step`` of :func:`load_model`: nobody is told."""
 
 
-def _warm_up(engine: Engine, n_features: int, workers: int, nice: int = 0) -> float:
+PARITY_CHUNK_ROWS = 256
+"""Rows of the parity probe run at a time in a paced load (~2 ms of CPU for a 500-tree
+model), so its CPU share is kept between chunks rather than after 17 ms in one go."""
+
+
+def _probe_run(pool: Engine, rows: np.ndarray, pacer: CpuShare | None) -> np.ndarray:
+    """The engine's P(up) on the probe rows; paced between chunks when ``pacer`` is given."""
+    if pacer is None:
+        return pool.predict_proba(rows)
+    parts = []
+    for start in range(0, len(rows), PARITY_CHUNK_ROWS):
+        parts.append(pool.predict_proba(rows[start : start + PARITY_CHUNK_ROWS]))
+        pacer.pace()
+    return np.concatenate(parts) if parts else pool.predict_proba(rows)
+
+
+def _warm_up(
+    engine: Engine, n_features: int, workers: int, nice: int = 0, pacer: CpuShare | None = None
+) -> float:
     """Run every session once, check the output, and return the median one-row cost in us
     (timed at ``nice``: the median of 101 runs is the row's cost, not the machine's noise).
     The pool's threads are started here, at the caller's priority: they serve afterwards."""
@@ -267,7 +322,7 @@ def _warm_up(engine: Engine, n_features: int, workers: int, nice: int = 0) -> fl
             timings.append(time.perf_counter() - started)
         return timings
 
-    return float(np.median(at_lower_priority(nice, timed))) * 1e6
+    return float(np.median(at_lower_priority(nice, timed, pacer=pacer))) * 1e6
 
 
 def _loaded(
@@ -276,9 +331,10 @@ def _loaded(
     difference: float | None,
     source: str,
     settings: Settings,
+    pacer: CpuShare | None = None,
 ) -> LoadedModel:
     row_cost_us = _warm_up(
-        engine, len(meta.feature_names), settings.pool_size, settings.model_load_nice
+        engine, len(meta.feature_names), settings.pool_size, settings.model_load_nice, pacer
     )
     loop_max_rows = int(settings.loop_budget_us // row_cost_us) if row_cost_us > 0 else 0
     return LoadedModel(
@@ -297,13 +353,30 @@ def load_model(
     settings: Settings,
     model_dir: Path | None = None,
     step: Callable[[str], None] = _no_steps,
+    known_sha256: Mapping[str, str] | None = None,
+    pacer: CpuShare | None = None,
 ) -> LoadedModel:
     """Load, convert, verify and warm the model the settings name. Raises ModelLoadError.
     ``step`` is told the name of each step as it starts (``check``, ``reference``, ``session``,
     ``parity``, ``warm-up``: a hot swap's :class:`~xylen_server.versions.swap.LoopLag` books the
-    event loop's lateness per step)."""
+    event loop's lateness per step).
+
+    Each file is hashed once: the ONNX file from the bytes that are served, every other
+    checksummed file by the checksum check (or by the caller moments before in the same
+    operation: ``known_sha256``, a rollback's history verification), and the stored parity
+    reference's binding reuses those digests. ``pacer`` (a hot swap's
+    :class:`~xylen_server.serving.pacing.CpuShare`) is charged the load's CPU and paces it
+    between steps and between chunks of the parity run."""
     model_dir = settings.model_dir if model_dir is None else model_dir
     started = time.perf_counter()
+    if pacer is not None:
+        pacer.enter()
+        told = step
+
+        def step(name: str) -> None:
+            pacer.pace()
+            told(name)
+
     step("check")
     if not model_dir.is_dir():
         raise ModelLoadError(
@@ -321,14 +394,22 @@ def load_model(
     native_path = model_dir / meta.native_file
     if not native_path.is_file():
         raise ModelLoadError(f"model {meta.name!r}: native model file {native_path} is missing")
-    verify_checksums(meta, model_dir, settings.model_max_file_bytes)
+    digests = dict(known_sha256 or {})
+    onnx: tuple[bytes, str] | str = "serving native"
+    if settings.onnx_enabled:
+        onnx = read_onnx(model_dir, settings.model_max_file_bytes)
+        if isinstance(onnx, str):
+            digests.pop(ONNX_FILE, None)  # the checksum check reads it and says what is wrong
+        else:
+            digests[ONNX_FILE] = onnx[1]  # the digest of the very bytes that will be served
+    verify_checksums(meta, model_dir, settings.model_max_file_bytes, digests)
     n_features = len(meta.feature_names)
     if not settings.onnx_enabled:
         try:
             native = NativeModel(meta, model_dir, settings.pool_size)
         except Exception as exc:  # every library has its own error for a corrupt file
             raise ModelLoadError(f"model {meta.name!r}: cannot load {native_path}: {exc}") from exc
-        loaded = _loaded(meta, native, None, "none", settings)
+        loaded = _loaded(meta, native, None, "none", settings, pacer)
         logger.info(
             "loaded %s v%d (native, %.1f us a row) in %.2fs",
             meta.name,
@@ -341,8 +422,17 @@ def load_model(
     from xylen_server.serving.session_pool import SessionPool
 
     step("reference")
-    stored = stored_reference(
-        meta, model_dir, settings.parity_probe_rows, settings.model_max_file_bytes
+    stored = (
+        onnx
+        if isinstance(onnx, str)
+        else stored_reference(
+            meta,
+            model_dir,
+            settings.parity_probe_rows,
+            settings.model_max_file_bytes,
+            onnx,
+            digests,
+        )
     )
     if isinstance(stored, str):
         logger.info(
@@ -364,7 +454,12 @@ def load_model(
     build_nice = settings.model_load_nice if settings.session_threads == 1 else 0
     try:
         pool = at_lower_priority(
-            build_nice, SessionPool, model_bytes, settings.pool_size, settings.session_threads
+            build_nice,
+            SessionPool,
+            model_bytes,
+            settings.pool_size,
+            settings.session_threads,
+            pacer=pacer,
         )
     except Exception as exc:  # onnxruntime raises its own types for a corrupt graph
         raise ModelLoadError(f"model {meta.name!r}: cannot load ONNX model: {exc}") from exc
@@ -373,7 +468,7 @@ def load_model(
         raise ModelLoadError(f"model {meta.name!r}: the parity probe has the wrong width")
     step("parity")
     difference = max_difference(
-        reference, at_lower_priority(settings.model_load_nice, pool.predict_proba, rows)
+        reference, at_lower_priority(settings.model_load_nice, _probe_run, pool, rows, pacer)
     )
     if not difference <= PARITY_TOLERANCE:
         pool.close()
@@ -384,7 +479,7 @@ def load_model(
             "refusing to serve"
         )
     step("warm-up")
-    loaded = _loaded(meta, pool, difference, source, settings)
+    loaded = _loaded(meta, pool, difference, source, settings, pacer)
     logger.info(
         "loaded %s v%d (onnx, %d sessions x %d threads, parity %.2g against a %s reference, "
         "%.1f us a row) in %.2fs",

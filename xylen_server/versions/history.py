@@ -73,8 +73,10 @@ def history_dir(model_path: Path, name: str) -> Path:
     return Path(model_path) / ".versions" / name
 
 
-def verify_model_dir(model_dir: Path) -> ModelMetadata:
-    """Read the metadata and check every file it lists a sha256 for; raises HistoryError."""
+def verify_model_dir(model_dir: Path, digests: dict[str, str] | None = None) -> ModelMetadata:
+    """Read the metadata and check every file it lists a sha256 for; raises HistoryError.
+    The sha256 of each file hashed goes into ``digests`` when given (a rollback hands them to
+    the load that follows, so no file is hashed twice in one swap)."""
     try:
         check_model_dir(model_dir)
         meta = ModelMetadata.read(model_dir)
@@ -82,7 +84,7 @@ def verify_model_dir(model_dir: Path) -> ModelMetadata:
         raise HistoryError(str(exc)) from None
     if not meta.checksums:
         raise HistoryError(f"{model_dir}: metadata lists no checksums; cannot verify the model")
-    problem = meta.checksum_problem(model_dir)
+    problem = meta.checksum_problem(model_dir, digests=digests)
     if problem is not None:
         raise HistoryError(problem)
     return meta

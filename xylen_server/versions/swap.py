@@ -7,7 +7,10 @@ thread), its files are made the serving directory on disk (atomic rename), and o
 started on the old model finish on it; the old engine is closed once they have. Health stays
 SERVING throughout, and GetModelInfo reports the new version from the instant of the swap.
 
-One change at a time (an asyncio lock); a model that fails to load changes nothing.
+One change at a time (an asyncio lock); a model that fails to load changes nothing. The
+change's own CPU in this process (the load, the history's file work) is paced to
+``MODEL_LOAD_CPU_SHARE`` of one core (:class:`~xylen_server.serving.pacing.CpuShare`): a swap
+takes longer and Predict keeps the cores.
 
 While a change runs, :class:`LoopLag` watches the event loop: a timer due every 5 ms records
 how late it runs. The worst lateness of each swap is kept (:attr:`ModelManager.loop_lag_ms`) and
@@ -30,6 +33,7 @@ from types import TracebackType
 from training.metadata import MetadataError, ModelMetadata
 from xylen_server.errors import HistoryError, ModelLoadError, VersionNotFound
 from xylen_server.serving.model_store import LoadedModel, load_model
+from xylen_server.serving.pacing import CpuShare
 from xylen_server.serving.predictor import Predictor
 from xylen_server.settings import Settings
 from xylen_server.versions import history as model_history
@@ -57,6 +61,10 @@ class LoopLag:
         of one step may be booked on the next."""
         self._step = "start"
         self._step_started = time.perf_counter()
+        self.began = self._step_started
+        """When the change began (``time.perf_counter``: CLOCK_MONOTONIC on Linux, the clock a
+        client on the same host reads too), so a step's span can be laid beside other events:
+        each step starts where the previous one's seconds end."""
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -126,6 +134,19 @@ class ModelManager:
     async def _thread(self, fn: Callable[..., object], *args: object) -> object:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
+    async def _paced(self, pacer: CpuShare, fn: Callable[..., object], *args: object) -> object:
+        """``fn(*args)`` on a worker thread, its CPU charged to the change's ``pacer`` (and
+        paced after it): the history's file work counts like the load's."""
+
+        def run() -> object:
+            with pacer.working():
+                return fn(*args)
+
+        return await asyncio.get_running_loop().run_in_executor(None, run)
+
+    def _pacer(self) -> CpuShare:
+        return CpuShare(self.settings.model_load_cpu_share)
+
     def keep_serving_version(self) -> None:
         """Copy the serving directory into the history (blocking; at start-up)."""
         try:
@@ -135,25 +156,33 @@ class ModelManager:
         except (MetadataError, OSError) as exc:
             logger.warning("could not keep the serving version in %s: %s", self.history, exc)
 
-    async def _swap(self, loaded: LoadedModel, why: str, kind: str, lag: LoopLag) -> None:
+    async def _swap(
+        self, loaded: LoadedModel, why: str, kind: str, lag: LoopLag, pacer: CpuShare
+    ) -> None:
         previous = self.predictor.model.meta.version if self.predictor.ready else None
         lag.step("swap")
         await self.predictor.swap(loaded, self.settings.shutdown_grace_seconds)
         self.swaps[kind] += 1  # done: counted even if pruning the history fails below
         lag.step("prune")
-        await self._thread(
-            model_history.prune, self.history, self.settings.model_history_keep, loaded.meta.version
+        await self._paced(
+            pacer,
+            model_history.prune,
+            self.history,
+            self.settings.model_history_keep,
+            loaded.meta.version,
         )
         self.loop_lag_ms.append(lag.worst * 1e3)
         logger.info(
-            "%s: now serving %s v%d (was v%s); event loop late by at most %.2f ms meanwhile "
-            "(steps, seconds/worst lateness: %s)",
+            "%s: now serving %s v%d (was v%s); event loop late by at most %.2f ms meanwhile; "
+            "load %s (steps, seconds/worst lateness: %s) (began at monotonic %.6f)",
             why,
             loaded.meta.name,
             loaded.meta.version,
             previous,
             lag.worst * 1e3,
+            pacer.summary(),
             lag.summary(),
+            lag.began,
         )
         for callback in self.on_change:
             await callback(loaded)
@@ -162,43 +191,51 @@ class ModelManager:
         """Keep the candidate directory as ``version``, load it beside the serving model, make
         it the serving directory and swap. Raises ModelLoadError (nothing changed)."""
         async with self.lock, LoopLag() as lag:
+            pacer = self._pacer()
             lag.step("adopt")
-            kept = await self._thread(model_history.adopt, candidate, self.history, version)
+            kept = await self._paced(pacer, model_history.adopt, candidate, self.history, version)
             assert isinstance(kept, Path)
             try:
-                loaded = await self._thread(load_model, self.settings, kept, lag.step)
+                loaded = await self._thread(load_model, self.settings, kept, lag.step, None, pacer)
             except BaseException:
                 shutil.rmtree(kept, ignore_errors=True)
                 raise
             assert isinstance(loaded, LoadedModel)
             lag.step("install")
-            await self._thread(model_history.install_serving, kept, self.settings.model_dir)
-            await self._swap(loaded, "promoted", "promoted", lag)
+            await self._paced(pacer, model_history.install_serving, kept, self.settings.model_dir)
+            await self._swap(loaded, "promoted", "promoted", lag, pacer)
             return loaded
 
     async def rollback(self, version: int) -> tuple[LoadedModel, int]:
         """Serve the kept ``version`` (0: the serving model's parent, else the newest kept one
         below it). Returns the model now served and the version it replaced."""
         async with self.lock, LoopLag() as lag:
+            pacer = self._pacer()
             current = self.predictor.model.meta
             # Reading the history is file work: off the loop like every other step.
             lag.step("history")
-            target = await self._thread(
-                model_history.rollback_target, self.history, current, version
+            target = await self._paced(
+                pacer, model_history.rollback_target, self.history, current, version
             )
             assert isinstance(target, int)
             version = target
-            kept = await self._thread(model_history.find_version, self.history, version)
+            kept = await self._paced(pacer, model_history.find_version, self.history, version)
             assert isinstance(kept, model_history.KeptVersion)
+            # The sha256 of each file verified here is handed to the load: hashed once a swap.
+            digests: dict[str, str] = {}
             try:
-                await self._thread(model_history.verify_model_dir, kept.path)
+                await self._paced(pacer, model_history.verify_model_dir, kept.path, digests)
             except HistoryError as exc:
                 raise VersionNotFound(exc.message, version=version) from exc
-            loaded = await self._thread(load_model, self.settings, kept.path, lag.step)
+            loaded = await self._thread(
+                load_model, self.settings, kept.path, lag.step, digests, pacer
+            )
             assert isinstance(loaded, LoadedModel)
             lag.step("install")
-            await self._thread(model_history.install_serving, kept.path, self.settings.model_dir)
-            await self._swap(loaded, f"rolled back to v{version}", "rolled_back", lag)
+            await self._paced(
+                pacer, model_history.install_serving, kept.path, self.settings.model_dir
+            )
+            await self._swap(loaded, f"rolled back to v{version}", "rolled_back", lag, pacer)
             return loaded, current.version
 
     async def reload(self) -> tuple[LoadedModel, bool]:
@@ -206,6 +243,7 @@ class ModelManager:
         made offline, a `make train`) and swap to it; returns the served model and whether it
         changed. Raises ModelLoadError (the served model stays)."""
         async with self.lock, LoopLag() as lag:
+            pacer = self._pacer()
             current = self.predictor.model
             try:
                 try:
@@ -217,7 +255,7 @@ class ModelManager:
                     and meta.checksums == current.meta.checksums
                 ):
                     return current, False
-                loaded = await self._thread(load_model, self.settings, None, lag.step)
+                loaded = await self._thread(load_model, self.settings, None, lag.step, None, pacer)
             except ModelLoadError as exc:
                 logger.error(
                     "reload refused, v%d keeps serving: %s", current.meta.version, str(exc)[:500]
@@ -225,8 +263,8 @@ class ModelManager:
                 raise
             assert isinstance(loaded, LoadedModel)
             lag.step("archive")
-            await self._thread(self.keep_serving_version)
-            await self._swap(loaded, "reloaded", "reloaded", lag)
+            await self._paced(pacer, self.keep_serving_version)
+            await self._swap(loaded, "reloaded", "reloaded", lag, pacer)
             return loaded, True
 
     async def kept_versions(self) -> list[model_history.KeptVersion]:

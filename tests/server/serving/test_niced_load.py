@@ -61,9 +61,9 @@ def test_a_load_leaves_no_serving_thread_niced(
     niced_calls: list[str] = []
     real = model_store.at_lower_priority
 
-    def recorded(nice: int, fn, *args):  # type: ignore[no-untyped-def]
+    def recorded(nice: int, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         niced_calls.append(f"{getattr(fn, '__name__', fn)}@{nice}")
-        return real(nice, fn, *args)
+        return real(nice, fn, *args, **kwargs)
 
     monkeypatch.setattr(model_store, "at_lower_priority", recorded)
     settings = server_settings(
@@ -73,7 +73,7 @@ def test_a_load_leaves_no_serving_thread_niced(
     try:
         # The session build (when it starts no thread), the parity run and the timing were niced.
         build = "SessionPool@6" if session_threads == 1 else "SessionPool@0"
-        assert niced_calls == [build, "predict_proba@6", "timed@6"]
+        assert niced_calls == [build, "_probe_run@6", "timed@6"]
         # Every thread alive now (the pool's, onnxruntime's intra-op ones) serves at the
         # process's own niceness.
         rows = np.zeros((64, len(model.meta.feature_names)), dtype=np.float32)
