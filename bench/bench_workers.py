@@ -22,11 +22,25 @@ are driven again by it (gRPC unary over HTTP/2 from a C client using ~30 us a ca
 answer checked against the servers' OK count), which separates that contention from what the
 workers cost. Without it that part is skipped with a message.
 
+Those closed-loop levels compare each server at its own throughput: one worker at 32 in
+flight is saturated, two sharing the same clients are each half busy, and a process's CPU per
+call falls as it gets busier (more calls share each wake-up and each loop batch). The
+``offered`` part therefore drives every server at one fixed rate (``h2load --rps``, ``--rate``
+calls/s over :data:`CONNECTIONS` connections): one worker, one worker at half the rate (each
+of two workers' share), two workers unpinned and pinned, and the floor of the same split, the
+bare grpc.aio echo in one process and in two on one port (``SO_REUSEPORT``), unpinned
+and pinned (``taskset``, a CPU each). Each row splits
+the server's CPU per call by thread (:func:`thread_usage`: the event loop, grpc's poller and
+the other Python threads, the threads grpc core and onnxruntime name) with the context
+switches per call.
+
 ``python -m bench workers`` (defaults) or ``python -m bench.bench_workers [--seconds S]
-[--calls N] [--rounds R] [--baseline TREE]``: 8 s per server with the Python client, 3 rounds
-of 30,000 calls per server with h2load; about four minutes in all on this 2-core machine, six
-with ``--baseline``, which adds the WORKERS=2 server of another checkout (run from its tree
-with this interpreter), e.g. main for a before/after.
+[--calls N] [--rounds R] [--baseline TREE] [--parts python,h2load,offered] [--rate N]
+[--offered-seconds S] [--offered-rounds R]``: 8 s per server with the Python client, 3 rounds
+of 30,000 calls per server with h2load, 2 rounds of 6 s per server at 2000 calls/s; about
+six minutes in all on this 2-core machine (the offered part alone, ``--parts offered``, two),
+two more with ``--baseline``, which adds the WORKERS=2 server of another checkout (run from
+its tree with this interpreter) to the first two parts, e.g. main for a before/after.
 """
 
 from __future__ import annotations
@@ -359,12 +373,15 @@ class EchoServers:
     workers = 1  # no supervisor among the pids
     metrics_port = 0  # no /metrics: answers are counted by h2load and checked once here
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, pinned: bool = False) -> None:
         self.processes: list[Process] = []
         port = 0
+        cpus = sorted(os.sched_getaffinity(0))
         try:
-            for _ in range(count):
+            for index in range(count):
                 command = [sys.executable, "-m", "bench.echo_server", "--reuse-port"]
+                if pinned:  # as WORKER_CPU_AFFINITY=auto pins worker i: every thread on a CPU
+                    command = ["taskset", "-c", str(cpus[index % len(cpus)]), *command]
                 self.processes.append(
                     Process([*command, "--port", str(port)], dict(os.environ), "echo listening")
                 )
@@ -617,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 )
                 report(h2load(servers, request, args.calls, args.rounds, levels))
             if "offered" in args.parts:
-                echoes = [EchoServers(1), EchoServers(2)]
+                echoes = [EchoServers(1), EchoServers(2), EchoServers(2, pinned=True)]
                 rate, half = args.rate, args.rate // 2
                 offered: dict[str, Server | EchoServers] = {
                     "1 worker": one,
@@ -627,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "echo, 1 process": echoes[0],
                     "echo, 1 process, half": echoes[0],
                     "echo, 2 processes": echoes[1],
+                    "echo, 2 pinned": echoes[2],
                 }
                 rates = {name: half if "half" in name else rate for name in offered}
                 bases = {
@@ -649,7 +667,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"{cpu['2 workers unpinned'] / cpu['1 worker']:.2f}x one worker's server CPU "
                     f"per call (pinned {cpu['2 workers pinned'] / cpu['1 worker']:.2f}x); two "
                     f"bare echo processes {cpu['echo, 2 processes'] / cpu['echo, 1 process']:.2f}x "
-                    f"one echo's. One process at half the load: xylen "
+                    f"one echo's (pinned {cpu['echo, 2 pinned'] / cpu['echo, 1 process']:.2f}x). "
+                    "One process at half the load: xylen "
                     f"{cpu['1 worker, half the load'] / cpu['1 worker']:.2f}x, echo "
                     f"{cpu['echo, 1 process, half'] / cpu['echo, 1 process']:.2f}x (fewer calls "
                     "share each wake-up and each loop batch)"

@@ -137,3 +137,21 @@ def test_thread_usage_splits_live_threads_by_kind() -> None:
         assert child.stdin is not None
         child.stdin.close()
         child.wait(10)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin two echoes")
+def test_pinned_echo_processes_run_every_thread_on_a_cpu_of_their_own() -> None:
+    echoes = EchoServers(2, pinned=True)
+    try:
+        echoes.check(grpc_frame(pb.PredictRequest()))
+        masks = [
+            {
+                frozenset(os.sched_getaffinity(int(task.name)))
+                for task in Path(f"/proc/{pid}/task").iterdir()
+            }
+            for pid in echoes.pids
+        ]
+        cpus = sorted(os.sched_getaffinity(0))
+        assert masks == [{frozenset({cpus[0]})}, {frozenset({cpus[1]})}]
+    finally:
+        echoes.stop()
