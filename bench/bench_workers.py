@@ -38,8 +38,8 @@ switches per call.
 [--calls N] [--rounds R] [--baseline TREE] [--parts python,h2load,offered] [--rate N]
 [--offered-seconds S] [--offered-rounds R]``: 8 s per server with the Python client, 3 rounds
 of 30,000 calls per server with h2load, 2 rounds of 6 s per server at 2000 calls/s; about
-six minutes in all on this 2-core machine (the offered part alone, ``--parts offered``, two),
-two more with ``--baseline``, which adds the WORKERS=2 server of another checkout (run from
+five minutes in all on this 2-core machine (the offered part alone, ``--parts offered``, two
+and a half), one more with ``--baseline``, which adds the WORKERS=2 server of another checkout (run from
 its tree with this interpreter) to the first two parts, e.g. main for a before/after.
 """
 
