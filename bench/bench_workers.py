@@ -26,7 +26,7 @@ Those closed-loop levels compare each server at its own throughput: one worker a
 flight is saturated, two sharing the same clients are each half busy, and a process's CPU per
 call falls as it gets busier (more calls share each wake-up and each loop batch). The
 ``offered`` part therefore drives every server at one fixed rate (``h2load --rps``, ``--rate``
-calls/s over :data:`CONNECTIONS` connections): one worker, one worker at half the rate (each
+calls/s over :data:`OFFERED_CONNECTIONS` connections): one worker, one worker at half the rate (each
 of two workers' share), two workers unpinned and pinned, and the floor of the same split, the
 bare grpc.aio echo in one process and in two on one port (``SO_REUSEPORT``), unpinned
 and pinned (``taskset``, a CPU each). Each row splits
@@ -70,6 +70,11 @@ from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen.v1 import types_pb2
 
 CONNECTIONS = 8
+OFFERED_CONNECTIONS = 16
+"""Connections of the equal-offered-load part: the kernel hands each to one process (a hash of
+its addresses), and 16 split between two far more evenly than 8 (7/8 of them or more to one
+process: 7% of runs with 8, 0.4% with 16), so its two-process rows are two half-loaded
+processes, as they mean to be."""
 IN_FLIGHT = 32
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -417,7 +422,7 @@ def offered_load(
     rounds: int,
 ) -> dict[str, dict[str, float]]:
     """Each server in turn (``rounds`` times) at a fixed offered load: ``h2load --rps`` sends
-    ``rates[name]`` calls a second over :data:`CONNECTIONS` connections for ``seconds``
+    ``rates[name]`` calls a second over :data:`OFFERED_CONNECTIONS` connections for ``seconds``
     (every server the same calls/s, so CPU per call compares at equal load, where batching and
     wake-ups per call depend on it, instead of each at its own throughput). Sums over the
     rounds; every answer must be OK (the xylen servers' own count, the echo's checked once)."""
@@ -435,17 +440,23 @@ def offered_load(
         for _ in range(rounds):
             for name, server in servers.items():
                 rate = rates[name]
-                count = max(int(rate * seconds), CONNECTIONS)
+                count = max(int(rate * seconds), OFFERED_CONNECTIONS)
                 echo = isinstance(server, EchoServers)
                 path = ECHO_METHOD if echo else "/xylen.v1.ModelService/Predict"
                 command = [
                     "h2load",
-                    *("-c", str(CONNECTIONS), "-m", "4", "--rps", f"{rate / CONNECTIONS:g}"),
+                    *("-c", str(OFFERED_CONNECTIONS), "-m", "4"),
+                    *("--rps", f"{rate / OFFERED_CONNECTIONS:g}"),
                     *("-H", "content-type: application/grpc", "-H", "te: trailers"),
                     *("-d", str(body)),
                     f"http://{server.address}{path}",
                 ]
-                warm = [*command[:1], "-n", str(max(count // 10, CONNECTIONS)), *command[1:]]
+                warm = [
+                    *command[:1],
+                    "-n",
+                    str(max(count // 10, OFFERED_CONNECTIONS)),
+                    *command[1:],
+                ]
                 subprocess.run(warm, capture_output=True, check=True, timeout=600)
                 counted = (
                     np.zeros(3) if isinstance(server, EchoServers) else predict_counters(server)
@@ -653,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(
                     f"\n== equal offered load: h2load --rps, {rate} calls/s to every server "
                     f"({half} for the 'half' rows: what each of two workers gets), "
-                    f"{CONNECTIONS} connections, {args.offered_rounds} rounds of "
+                    f"{OFFERED_CONNECTIONS} connections, {args.offered_rounds} rounds of "
                     f"{args.offered_seconds:g}s each, in turn; the bare grpc.aio echo in one and "
                     "in two processes on one port (SO_REUSEPORT) is the floor of the same split =="
                 )
