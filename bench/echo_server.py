@@ -1,10 +1,16 @@
 """The floor: a bare grpc.aio server that returns the request bytes it got, with no protobuf
-parsing and no work. ``python -m bench.echo_server`` prints ``echo listening on port N``."""
+parsing and no work. ``python -m bench.echo_server`` prints ``echo listening on port N``.
+
+``--port P --reuse-port`` binds port ``P`` (0: a free one) with ``SO_REUSEPORT``, so a second
+echo process can join the first's port: the floor of two processes serving one port, as
+``WORKERS=2`` does (``bench.bench_workers``)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
+from collections.abc import Sequence
 
 import grpc
 
@@ -24,8 +30,10 @@ async def _echo_stream(requests, context):  # type: ignore[no-untyped-def]
         yield request
 
 
-async def main() -> None:
-    server = grpc.aio.server(options=server_options(Settings().max_message_bytes))
+async def main(port: int = 0, reuse_port: bool = False) -> None:
+    server = grpc.aio.server(
+        options=server_options(Settings().max_message_bytes, reuse_port=reuse_port)
+    )
     handler = grpc.method_handlers_generic_handler(
         "bench.Echo",
         {
@@ -34,7 +42,7 @@ async def main() -> None:
         },
     )
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"echo listening on port {port}", flush=True)
     stop = asyncio.Event()
@@ -43,5 +51,15 @@ async def main() -> None:
     await server.stop(1)
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench.echo_server")
+    parser.add_argument("--port", type=int, default=0, help="on 127.0.0.1 (0: a free port)")
+    parser.add_argument(
+        "--reuse-port", action="store_true", help="SO_REUSEPORT: another echo may join the port"
+    )
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    args = parse_args()
+    asyncio.run(main(args.port, args.reuse_port))

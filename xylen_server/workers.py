@@ -30,7 +30,10 @@ hand-offs wake no other core. Measured on a quiet 2-core machine (``python -m be
 workers``): with the Python load client on the same cores, two pinned workers cost 1.17x one
 process's server CPU per call against 1.30x unpinned; with a light C client (h2load) both cost
 1.15x and the unpinned ones served more calls (1.21x one process's against 0.99x), so pinning
-is not the default. The supervisor stays unpinned (it does no work per call).
+is not the default. The supervisor stays unpinned (it does no work per call). At one offered
+load for all (the bench's ``offered`` part) two workers cost 1.16-1.22x one worker's CPU per
+call and two bare grpc.aio echo processes 1.17-1.21x one echo's, with the same wake-ups per
+call: what splitting a load over two processes on two shared cores costs, not a worker's work.
 
 Signals. SIGTERM (or SIGINT) is passed to every worker; each flips to NOT_SERVING, drains its
 calls for ``SHUTDOWN_GRACE_SECONDS`` and exits 0; the supervisor exits 0 when all did. SIGHUP is
