@@ -80,8 +80,6 @@ class LoggedPrediction:
 ID_BYTES = 32
 """Bytes of a prediction id held inline per row (the server's own ids take 29 at most); a longer
 id is held whole beside the ring (rare: only ids the caller made)."""
-_PROBES = 16
-"""Most index entries one lookup or insert visits (open addressing, linear probing)."""
 _VECTOR_ROWS = 8
 """Batches of more rows than this are indexed with numpy, one probe step for all rows."""
 ROW_GROUP_ROWS = 10_000
@@ -378,13 +376,10 @@ class PredictionLog:
                         if long_ids:
                             long_ids.pop(at, None)
                     position = key & mask
-                    for _ in range(_PROBES):
-                        entry = int(table[position]) - 1
-                        if entry < start or entry >= seq:  # empty, overwritten or forgotten
-                            break
+                    # At most half the table is live (it is twice the ring), so a free entry
+                    # is always near: probing never gives up on one and clobbers a live row.
+                    while start <= int(table[position]) - 1 < seq:  # live: probe on
                         position = (position + 1) & mask
-                    else:
-                        position = key & mask  # crowded: the oldest claim there loses its entry
                     table[position] = seq + 1
                     seq += 1
             self._next = seq
@@ -423,9 +418,7 @@ class PredictionLog:
             ring.long_ids[int(slots[k])] = ids[k]
         remaining = np.arange(n)
         positions = keys & mask
-        for _ in range(_PROBES):
-            if not remaining.size:
-                break
+        while remaining.size:  # ends: at most half the table is live, the rest is free
             wanted = positions[remaining]
             free = table[wanted] - 1 < start  # empty, overwritten or forgotten
             candidates = remaining[free]
@@ -437,8 +430,6 @@ class PredictionLog:
             taken[winners] = True
             remaining = remaining[~taken[remaining]]
             positions[remaining] = (positions[remaining] + 1) & mask
-        if remaining.size:  # crowded: the oldest claims there lose their entries
-            table[keys[remaining] & mask] = seqs[remaining] + 1
         return first + n
 
     @property
@@ -502,7 +493,7 @@ class PredictionLog:
                 return None
             capacity, table, mask = ring.capacity, ring.table, ring.mask
             position = key & mask
-            for _ in range(_PROBES):
+            for _ in range(mask + 1):  # an empty entry ends the chain long before
                 entry = int(table[position]) - 1
                 if entry < 0:
                     return None
