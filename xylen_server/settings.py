@@ -138,7 +138,7 @@ class Settings:
     load or hot swap yields to Predict instead of competing with it for the cores. The same
     niceness is added to the short-lived threads that build a new version's session, run its
     parity check and time a row in the server itself (Linux: niceness is per thread)."""
-    model_load_cpu_share: float = env("MODEL_LOAD_CPU_SHARE", 0.1, above=0.0, maximum=1.0)
+    model_load_cpu_share: float = env("MODEL_LOAD_CPU_SHARE", 0.05, above=0.0, maximum=1.0)
     """Fraction of one core a hot swap's load may use in this process: the threads that build,
     check and warm the new version charge their CPU time and sleep between steps (and between
     chunks of the parity run) until it is within this share of the time since the swap began
