@@ -273,6 +273,18 @@ def grpc_frame(request: pb.PredictRequest) -> bytes:
     return b"\0" + struct.pack(">I", len(data)) + data
 
 
+def run_h2load(command: Sequence[str], calls: int) -> subprocess.CompletedProcess[str]:
+    """``command`` (h2load and its options, without ``-n``) for ``calls`` calls; raises on
+    failure. Its output is the text h2load prints."""
+    return subprocess.run(
+        [command[0], "-n", str(calls), *command[1:]],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+
+
 def h2load(
     servers: dict[str, Server],
     request: pb.PredictRequest,
@@ -298,17 +310,10 @@ def h2load(
                     *("-d", str(body), "--log-file", str(log)),
                     f"http://{server.address}/xylen.v1.ModelService/Predict",
                 ]
-                warm = [*command[:1], "-n", str(max(calls // 10, 1000)), *command[1:]]
-                subprocess.run(warm, capture_output=True, check=True, timeout=600)
+                run_h2load(command, max(calls // 10, 1000))  # warm-up
                 counted = predict_counters(server)
                 before, started, client = usage(server.pids), time.perf_counter(), os.times()
-                done = subprocess.run(
-                    [*command[:1], "-n", str(calls), *command[1:]],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    timeout=600,
-                )
+                done = run_h2load(command, calls)
                 elapsed = time.perf_counter() - started
                 after, client_after = usage(server.pids), os.times()
                 counters = predict_counters(server) - counted
@@ -451,24 +456,12 @@ def offered_load(
                     *("-d", str(body)),
                     f"http://{server.address}{path}",
                 ]
-                warm = [
-                    *command[:1],
-                    "-n",
-                    str(max(count // 10, OFFERED_CONNECTIONS)),
-                    *command[1:],
-                ]
-                subprocess.run(warm, capture_output=True, check=True, timeout=600)
+                run_h2load(command, max(count // 10, OFFERED_CONNECTIONS))  # warm-up
                 counted = (
                     np.zeros(3) if isinstance(server, EchoServers) else predict_counters(server)
                 )
                 before, started = thread_usage(server.pids), time.perf_counter()
-                done = subprocess.run(
-                    [*command[:1], "-n", str(count), *command[1:]],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    timeout=600,
-                )
+                done = run_h2load(command, count)
                 elapsed[name] += time.perf_counter() - started
                 used[name] += thread_usage(server.pids) - before
                 got = (
