@@ -285,6 +285,20 @@ def run_h2load(command: Sequence[str], calls: int) -> subprocess.CompletedProces
     )
 
 
+def check_answered(
+    name: str, done: subprocess.CompletedProcess[str], calls: int, ok_by_server: int
+) -> None:
+    """Every one of ``calls`` answered: h2load counts HTTP status 200, so the server's own
+    count of OK calls (``ok_by_server``) has to say as many."""
+    succeeded = re.search(r"(\d+) succeeded", done.stdout)
+    answered = int(succeeded.group(1)) if succeeded else 0
+    if answered != calls or ok_by_server != calls:
+        raise RuntimeError(
+            f"h2load on {name}: {answered} of {calls} answered, {ok_by_server} OK by the "
+            f"server's count: {done.stdout[-500:]}"
+        )
+
+
 def h2load(
     servers: dict[str, Server],
     request: pb.PredictRequest,
@@ -317,13 +331,7 @@ def h2load(
                 elapsed = time.perf_counter() - started
                 after, client_after = usage(server.pids), os.times()
                 counters = predict_counters(server) - counted
-                succeeded = re.search(r"(\d+) succeeded", done.stdout)
-                answered = int(succeeded.group(1)) if succeeded else 0
-                if answered != calls or int(counters[2]) != calls:
-                    raise RuntimeError(
-                        f"h2load on {name}: {answered} of {calls} answered, "
-                        f"{int(counters[2])} OK by the server's count: {done.stdout[-500:]}"
-                    )
+                check_answered(name, done, calls, int(counters[2]))
                 micros = np.sort(
                     [int(line.split("\t")[2]) for line in log.read_text().splitlines() if line]
                 )
@@ -469,13 +477,7 @@ def offered_load(
                     if isinstance(server, EchoServers)
                     else predict_counters(server) - counted
                 )
-                succeeded = re.search(r"(\d+) succeeded", done.stdout)
-                answered = int(succeeded.group(1)) if succeeded else 0
-                if answered != count or int(got[2]) != count:
-                    raise RuntimeError(
-                        f"h2load on {name}: {answered} of {count} answered, {int(got[2])} OK "
-                        f"by the server's count: {done.stdout[-500:]}"
-                    )
+                check_answered(name, done, count, int(got[2]))
                 counters[name] += got
                 calls[name] += count
     out = {}
