@@ -9,14 +9,19 @@
   with calls per core-second, each against the echo's at the same concurrency. CPU per call
   does not depend on how busy the machine is the way latency does. The same two targets again
   on a server of all the workers this host gives it (``WORKERS=auto``, when more than one),
-  reached over 8 connections, its CPU counted over the supervisor and every worker.
+  reached over 8 connections, its CPU counted over the supervisor and every worker;
+* what a lone unary Predict's p50 is made of (:func:`without_the_engine`): at one call in
+  flight, the echo, xylen on the 500-tree model, on a 1-tree model, and with the loop's
+  inference replaced by a constant (``bench/constant_engine``), so the share of onnxruntime's
+  call, of its tree walk and of everything else is measured, not guessed.
 
 Every xylen server starts through :func:`start_server` (one environment in, a SERVING process
 out), so a variant is one more environment. The model is what production serves: LightGBM, 500
 trees x 31 leaves, on the 25 shared features of generated 1h candles. ``python -m
 bench.bench_server [--seconds S] [--source TREE] [--skip-in-process]``: about a minute and a
-half on a quiet 2-core machine (model 3 s, in-process 30 s, over gRPC 45 s); ``--source``
-measures another checkout's ``xylen_server`` (e.g. main, for a before/after).
+half on a quiet 2-core machine (model 3 s, in-process 30 s, over gRPC 45 s, the lone Predict's
+parts 30 s); ``--source`` measures another checkout's ``xylen_server`` (e.g. main, for a
+before/after).
 """
 
 from __future__ import annotations
@@ -563,6 +568,97 @@ def over_grpc(
         shutil.rmtree(data, ignore_errors=True)
 
 
+CONSTANT_ENGINE = Path(__file__).resolve().parent / "constant_engine"
+"""``sitecustomize`` that replaces the loop's inference by a constant (its docstring)."""
+
+
+def without_the_engine(
+    model_root: Path, rows: np.ndarray, seconds: float, source: Path = REPO
+) -> dict[tuple[str, int], Load]:
+    """What a lone unary Predict's p50 is made of: the echo floor; xylen serving the 500-tree
+    model; the same server with a 1-tree model (onnxruntime's fixed cost per run, almost no
+    tree walk); the same server with the loop's inference replaced by a constant
+    (``bench/constant_engine``: every other step of a Predict as in production). At one call in
+    flight, side by side in alternating slices."""
+    request = pb.PredictRequest(
+        inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=rows[0].tolist()))]
+    )
+    payload = request.SerializeToString()
+    one_tree = Path(tempfile.mkdtemp(prefix="xylen-bench-one-tree-"))
+    build_model(one_tree, trees=1)
+    path = os.pathsep.join(p for p in (str(CONSTANT_ENGINE), os.environ.get("PYTHONPATH", "")) if p)
+    labels = [
+        "bare grpc.aio echo (floor)",
+        "xylen, 500 trees",
+        "xylen, 1 tree",
+        "xylen, no engine call",
+    ]
+    echo = Process([sys.executable, "-m", "bench.echo_server"], dict(os.environ), "echo listening")
+    servers: list[Process] = []
+    try:
+        servers.append(start_xylen(model_root, source=source))
+        servers.append(start_xylen(one_tree, source=source))
+        servers.append(
+            start_xylen(
+                model_root,
+                {"PYTHONPATH": path, "XYLEN_BENCH_CONSTANT_ENGINE": "0.5"},
+                source=source,
+            )
+        )
+        print(
+            "\n== a lone unary Predict: the echo floor, xylen on the 500-tree model, on a 1-tree "
+            "model, and with the loop's inference replaced by a constant (everything else as in "
+            f"production), 1 call in flight, in turn ({seconds:.0f}s each) =="
+        )
+
+        async def run() -> dict[tuple[str, int], Load]:
+            channels = [grpc.aio.insecure_channel(f"127.0.0.1:{echo.port}")] + [
+                grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") for server in servers
+            ]
+            try:
+                echo_call = channels[0].unary_unary("/bench.Echo/Echo")
+                targets = [
+                    Target(
+                        labels[0],
+                        echo.proc.pid,
+                        lambda c, s, load: _unary_slice(
+                            lambda: echo_call(payload), c, s, load.latencies, load.errors
+                        ),
+                    )
+                ]
+                for label, server, channel in zip(labels[1:], servers, channels[1:], strict=True):
+                    stub = pb_grpc.ModelServiceStub(channel)
+                    assert len((await stub.Predict(request)).predictions) == 1
+                    targets.append(
+                        Target(
+                            label,
+                            server.proc.pid,
+                            lambda c, s, load, stub=stub: _unary_slice(
+                                lambda: stub.Predict(request), c, s, load.latencies, load.errors
+                            ),
+                        )
+                    )
+                return await measure(targets, (1,), seconds)
+            finally:
+                for channel in channels:
+                    await channel.close()
+
+        loads = asyncio.run(run())
+        report(loads, labels, labels[0], (1,))
+        floor, full, one, none = (loads[(label, 1)].percentile(0.5) for label in labels)
+        print(
+            f"  p50 over the echo's: {none / floor:.2f}x with no engine call, +"
+            f"{(one - none) / floor:.2f}x for onnxruntime's call on 1 tree, +"
+            f"{(full - one) / floor:.2f}x for the walk of 500 trees"
+        )
+        return loads
+    finally:
+        echo.stop()
+        for server in servers:
+            server.stop()
+        shutil.rmtree(one_tree, ignore_errors=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench.bench_server")
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
@@ -585,6 +681,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not args.skip_in_process:
             in_process(model_dir, rows, args.seconds)
         over_grpc(root, rows, args.seconds, args.source, args.workers)
+        without_the_engine(root, rows, 2 * args.seconds, args.source)
         print("  (shared, noisy machine: compare the ratios, measured in turn, not the absolutes)")
 
 
