@@ -124,6 +124,10 @@ class _Ring:
         self.table = np.zeros(size, dtype=np.int64)
         """Open-addressing index: 0 empty, else 1 + the seq of a row (live or since overwritten,
         told apart by the ring's window and the row's hash)."""
+        self.longest_probe = 0
+        """The most entries past its home any row was placed at. Entries are reused, never
+        emptied, so after some millions of rows hardly any is empty: a lookup stops after this
+        many probes instead of at an empty entry (which would be a scan of the whole table)."""
 
     def nbytes(self) -> int:
         arrays = (
@@ -378,9 +382,13 @@ class PredictionLog:
                     position = key & mask
                     # At most half the table is live (it is twice the ring), so a free entry
                     # is always near: probing never gives up on one and clobbers a live row.
+                    probes = 0
                     while start <= int(table[position]) - 1 < seq:  # live: probe on
                         position = (position + 1) & mask
+                        probes += 1
                     table[position] = seq + 1
+                    if probes > ring.longest_probe:
+                        ring.longest_probe = probes
                     seq += 1
             self._next = seq
             self._start = start
@@ -418,7 +426,9 @@ class PredictionLog:
             ring.long_ids[int(slots[k])] = ids[k]
         remaining = np.arange(n)
         positions = keys & mask
+        probes = -1
         while remaining.size:  # ends: at most half the table is live, the rest is free
+            probes += 1
             wanted = positions[remaining]
             free = table[wanted] - 1 < start  # empty, overwritten or forgotten
             candidates = remaining[free]
@@ -430,6 +440,7 @@ class PredictionLog:
             taken[winners] = True
             remaining = remaining[~taken[remaining]]
             positions[remaining] = (positions[remaining] + 1) & mask
+        ring.longest_probe = max(ring.longest_probe, probes)
         return first + n
 
     @property
@@ -493,7 +504,10 @@ class PredictionLog:
                 return None
             capacity, table, mask = ring.capacity, ring.table, ring.mask
             position = key & mask
-            for _ in range(mask + 1):  # an empty entry ends the chain long before
+            # A held row is at most longest_probe entries past its home: no further look
+            # (an unknown id would otherwise read on to an empty entry, which once the table
+            # has been reused all over is most of the table, under the lock Predict takes).
+            for _ in range(ring.longest_probe + 1):
                 entry = int(table[position]) - 1
                 if entry < 0:
                     return None

@@ -1,0 +1,96 @@
+"""The prediction log's id index against a trivially correct model: after many wraps of the
+ring, with batches of every size, odd ids and rows aging out, ``get`` answers exactly the rows a
+list of the last ``capacity`` recorded rows holds; and a lookup of an id it does not hold reads a
+few index entries, not the whole table, however long the log has run."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+
+from xylen_server.learning.prediction_log import ID_BYTES, PredictionLog
+
+
+class _CountingTable(np.ndarray):
+    """The index table, counting the entries read one at a time (what ``get`` does)."""
+
+    reads = 0
+
+    def __getitem__(self, key):  # type: ignore[no-untyped-def]
+        if isinstance(key, int | np.integer):
+            _CountingTable.reads += 1
+        return super().__getitem__(key)
+
+
+def test_an_unknown_id_reads_a_few_index_entries_after_the_table_is_reused_all_over() -> None:
+    """Entries are reused, never emptied: after a few million rows (minutes to hours of a busy
+    server at the default 200,000 rows) no entry was empty any more, and a lookup of an id not
+    held (every Feedback for a row answered by another worker, or aged out) walked the whole
+    table, 524,288 entries, ~140 ms of CPU under the lock every Predict takes. Fails before,
+    passes after."""
+    capacity = 1024
+    log = PredictionLog(None, max_rows=capacity)
+    features = np.zeros((64, 3), np.float32)
+    start = 0
+    while log._ring is None or (log._ring.table == 0).any():
+        ids = [f"0123456789ab-{i:x}" for i in range(start, start + 64)]
+        log.record(ids, features, [0.5] * 64, [1] * 64, "model_1", 1)
+        start += 64
+        assert start < 1000 * capacity  # the table fills up long before
+    ring = log._ring
+    size = len(ring.table)
+    ring.table = ring.table.view(_CountingTable)
+    _CountingTable.reads = 0
+    unknown = 200
+    assert all(log.get(f"never-predicted-{i}") is None for i in range(unknown))
+    per_lookup = _CountingTable.reads / unknown
+    assert per_lookup < size / 16, (per_lookup, size)
+    # and the rows it holds are all still found through the same bounded probe
+    assert all(log.get(f"0123456789ab-{i:x}") is not None for i in range(start - capacity, start))
+
+
+def _id(rng: random.Random, n: int) -> str:
+    kind = rng.random()
+    if kind < 0.7:
+        return f"0123456789ab-{n:x}"  # the server's own shape
+    if kind < 0.8:
+        return f"caller-{n}-" + "x" * rng.randrange(ID_BYTES - 10, ID_BYTES + 20)  # long
+    if kind < 0.9:
+        return f"ü-{n}-π-" + "€" * rng.randrange(0, 12)  # multibyte, some past ID_BYTES
+    return f"pad-{n}\0"  # a trailing NUL, which the fixed-width column would drop
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_get_answers_exactly_what_a_list_of_the_last_rows_holds(seed: int) -> None:
+    rng = random.Random(seed)
+    capacity = rng.choice([1, 2, 3, 7, 16, 33, 100])
+    max_age_s = 3600
+    log = PredictionLog(None, max_rows=capacity, max_age_seconds=max_age_s)
+    now = time.time_ns() // 1_000_000
+    t = now - 3 * max_age_s * 1000  # rows start well past the age limit and move to now
+    recorded: list[tuple[str, int, float]] = []  # (id, time ms, probability), in order
+    n = 0
+    for _ in range(rng.randrange(20, 120)):
+        rows = rng.choice([1, 1, 2, 5, 8, 9, 17, capacity, capacity + 3, 3 * capacity])
+        ids = [_id(rng, n + k) for k in range(rows)]
+        n += rows
+        t = min(now - 120_000, t + rng.randrange(0, 200) * 1000)  # none near the limit
+        if rng.random() < 0.05:
+            t = now - 120_000
+        probabilities = [rng.random() for _ in range(rows)]
+        features = np.full((rows, 4), rows, np.float32)
+        log.record(ids, features, probabilities, [3] * rows, "model_1", 1, time_ms=t)
+        recorded += [(i, t, p) for i, p in zip(ids, probabilities, strict=True)]
+        held = {i: (ti, p) for i, ti, p in recorded[-capacity:] if ti >= now - max_age_s * 1000}
+        for i, ti, p in recorded[-3 * capacity - 5 :]:
+            row = log.get(i)
+            if i in held:
+                assert row is not None, (seed, i)
+                assert (row.prediction_id, row.time_ms, row.probability_up) == (i, ti, p)
+            else:
+                assert row is None, (seed, i)
+        assert log.get(f"never-{n}") is None
+        assert len(log) >= len(held)
