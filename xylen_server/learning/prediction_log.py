@@ -252,6 +252,9 @@ class PredictionLog:
         self._spilled: list[_Rows] = []
         self.spilled_rows = 0
         """Rows copied out of the ring before the flusher took them (it fell behind)."""
+        self.dropped_rows = 0
+        """Rows that never reached a part: while part files could not be written (a full
+        disk), more rows waited than the ring holds, and the oldest were let go."""
         self._flush_lock = threading.Lock()  # one writer of part files at a time
         self._disk_lock = threading.Lock()
         self._disk_index: dict[Path, _PartIndex] = {}
@@ -654,7 +657,39 @@ class PredictionLog:
                     self._unflushed = self._next
             if not taken:
                 return None
-            return self._write_part(taken)
+            try:
+                return self._write_part(taken)
+            except BaseException:
+                self._keep_for_retry(taken)
+                raise
+
+    def _keep_for_retry(self, taken: list[_Rows]) -> None:
+        """Rows whose part could not be written go back ahead of those taken since, so the
+        next flush writes them (a full disk once lost them from the history for good). While
+        the disk stays full at most the ring's worth of rows waits: the oldest go first,
+        counted in ``dropped_rows``."""
+        with self._lock:
+            waiting = taken + self._spilled
+            ring = self._ring
+            limit = ring.capacity if ring is not None else self.max_rows
+            total = sum(len(rows) for rows in waiting)
+            dropped = 0
+            while len(waiting) > 1 and total - len(waiting[0]) >= limit:
+                total -= len(waiting[0])
+                dropped += len(waiting.pop(0))
+            if total > limit:  # one part's rows alone pass the limit: keep its newest
+                waiting[0] = _tail(waiting[0], limit)
+                dropped += total - limit
+            self._spilled = waiting
+            self.dropped_rows += dropped
+        if dropped:
+            logger.error(
+                "prediction log: %d rows could not be written and are dropped (%d so far); "
+                "%d wait for the disk",
+                dropped,
+                self.dropped_rows,
+                min(total, limit),
+            )
 
     def _write_part(self, batches: list[_Rows]) -> Path:
         assert self.directory is not None
@@ -662,20 +697,24 @@ class PredictionLog:
         name = f"part-{int(batches[0].times[0]):013d}-{next(self._sequence):08d}.parquet"
         final = self.directory / name
         temporary = final.with_name(name + ".tmp")
-        pq.write_table(
-            table,
-            temporary,
-            compression="snappy",
-            row_group_size=ROW_GROUP_ROWS,
-            use_dictionary=DICTIONARY_COLUMNS,
-        )
-        if self._fsync:
-            fd = os.open(temporary, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.replace(temporary, final)
+        try:
+            pq.write_table(
+                table,
+                temporary,
+                compression="snappy",
+                row_group_size=ROW_GROUP_ROWS,
+                use_dictionary=DICTIONARY_COLUMNS,
+            )
+            if self._fsync:
+                fd = os.open(temporary, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.replace(temporary, final)
+        except BaseException:
+            temporary.unlink(missing_ok=True)  # a partial part must not hold a full disk
+            raise
         if self._fsync:
             fsync_dir(self.directory)
         return final
@@ -690,12 +729,13 @@ class PredictionLog:
         return last
 
     def _flusher(self) -> None:
+        failed = False
         while True:
             with self._lock:
                 deadline = time.monotonic() + self.flush_interval
-                while (
-                    not self._closed
-                    and self._next - self._unflushed + self.spilled_pending < self.flush_rows
+                while not self._closed and (
+                    failed  # a failed write is retried after the interval, not at once
+                    or self._next - self._unflushed + self.spilled_pending < self.flush_rows
                 ):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -704,8 +744,10 @@ class PredictionLog:
                 closed = self._closed
             try:
                 self.flush()
+                failed = False
             except Exception:
                 logger.exception("prediction log flush failed; rows stay buffered for retry")
+                failed = True
             if closed:
                 return
 
@@ -743,6 +785,20 @@ def _to_table(batches: list[_Rows]) -> pa.Table:
             columns.fixed(np.concatenate([b.signals for b in batches]), pa.int32()),
         ],
         schema=SCHEMA,
+    )
+
+
+def _tail(rows: _Rows, n: int) -> _Rows:
+    """The newest ``n`` of ``rows``."""
+    start = len(rows) - n
+    return _Rows(
+        rows.ids.slice(start),
+        rows.times[start:],
+        rows.names.slice(start),
+        rows.versions[start:],
+        rows.features[start:],
+        rows.probabilities[start:],
+        rows.signals[start:],
     )
 
 
