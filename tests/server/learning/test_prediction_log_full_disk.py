@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from learning_helpers import fill_disk, tmpfs
+from learning_helpers import fill_disk, learning_settings, tmpfs
 
+from xylen_server.learning.feedback import FeedbackLoop
+from xylen_server.learning.feedback_store import FeedbackStore
 from xylen_server.learning.prediction_log import PredictionLog
 
 
@@ -91,3 +93,21 @@ def test_the_flusher_retries_a_failed_write_after_its_interval_not_at_once(
             filler.unlink()
             log.close()
         assert len(log.read()) == 100
+
+
+def test_closing_the_feedback_loop_on_a_full_disk_still_closes_its_store(tmp_path: Path) -> None:
+    """The last flush of the prediction log failing at shutdown raised out of
+    FeedbackLoop.close before the feedback store was closed: the server's SIGTERM ended in a
+    traceback with the store still open (and locked). Fails before, passes after."""
+    (tmp_path / "models").mkdir()
+    with tmpfs(tmp_path / "data", "2m") as data:
+        loop = FeedbackLoop(learning_settings(tmp_path, feedback_data_dir=data))
+        store = loop.require_store()
+        _record(loop.log, 0, 2000)
+        filler = fill_disk(data)
+        try:
+            loop.close()  # logs the failed flush, closes the store
+            reopened = FeedbackStore(store.directory)  # its lock was released
+            reopened.close()
+        finally:
+            filler.unlink()
