@@ -258,6 +258,9 @@ class PredictionLog:
         self._flush_lock = threading.Lock()  # one writer of part files at a time
         self._disk_lock = threading.Lock()
         self._disk_index: dict[Path, _PartIndex] = {}
+        """The parts within the retention, indexed, in name order (oldest first)."""
+        self._disk_seen: set[str] = set()
+        """Names of the parts indexed so far, or found wholly older than the retention."""
         self._closed = False
         self._thread: threading.Thread | None = None
         if self.directory is not None:
@@ -582,9 +585,7 @@ class PredictionLog:
         with self._disk_lock:
             self._index_parts(oldest)
             candidates = [
-                path
-                for path, part in sorted(self._disk_index.items(), reverse=True)
-                if part.newest_ms >= oldest and part.holds(key)
+                path for path, part in reversed(self._disk_index.items()) if part.holds(key)
             ]
         for path in candidates:
             try:
@@ -596,23 +597,38 @@ class PredictionLog:
         return None
 
     def _index_parts(self, oldest_ms: int) -> None:
-        """Index the parts not indexed yet; drop the hashes of those wholly older than
-        ``oldest_ms`` (their entry stays, so they are not read again). Caller holds
-        ``_disk_lock``."""
-        for path, part in list(self._disk_index.items()):
-            if part.newest_ms < oldest_ms and len(part.hashes):
-                self._disk_index[path] = _PartIndex(np.empty(0, np.int64), part.newest_ms)
-        for path in self.part_files():
-            if path in self._disk_index:
-                continue
+        """Index the parts not indexed yet and forget those wholly older than ``oldest_ms``
+        (their names stay seen, so they are not read again). Caller holds ``_disk_lock``.
+
+        Per call: one listing of the directory's names and a set difference, and a walk of
+        the parts within the retention only. (A sorted glob of ``Path`` objects and a walk of
+        every part ever written cost 47 ms of CPU per unknown id with 5,000 parts, a part
+        every 5 s: ever more with the log's age.)"""
+        assert self.directory is not None
+        for path in [p for p, part in self._disk_index.items() if part.newest_ms < oldest_ms]:
+            del self._disk_index[path]
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return
+        new = sorted(
+            [
+                name
+                for name in set(names).difference(self._disk_seen)  # set work, in C
+                if name.startswith("part-") and name.endswith(".parquet")
+            ]
+        )
+        seen = self._disk_seen
+        for name in new:
+            path = self.directory / name
             try:
                 table = columns.read_parquet(path, ["prediction_id", "time"])
             except (FileNotFoundError, pa.ArrowInvalid):
                 continue
+            seen.add(name)
             times = columns.to_numpy(table.column("time"))
             newest = int(times.max()) if len(times) else 0
             if newest < oldest_ms:
-                self._disk_index[path] = _PartIndex(np.empty(0, np.int64), newest)
                 continue
             ids = table.column("prediction_id").to_pylist()
             hashes = np.sort(np.fromiter((hash(i) for i in ids), dtype=np.int64, count=len(ids)))
