@@ -170,6 +170,43 @@ class _PartIndex:
         return at < len(self.hashes) and int(self.hashes[at]) == key
 
 
+SEGMENT_PARTS = 128
+"""Parts whose id hashes :meth:`PredictionLog.find_recent` merges into one sorted segment: a
+lookup searches each segment once instead of each part (a day's parts at one every 5 s are
+~17,000: 135 segments)."""
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """The id hashes of several parts, merged and sorted, each with the part it came from."""
+
+    hashes: np.ndarray
+    owners: np.ndarray
+    """Index into ``paths`` of each hash's part."""
+    paths: list[Path]
+    newest: list[int]
+    """Each part's newest prediction time (ms)."""
+    newest_ms: int
+
+    @classmethod
+    def merge(cls, parts: dict[Path, _PartIndex]) -> _Segment:
+        paths = list(parts)
+        hashes = np.concatenate([part.hashes for part in parts.values()])
+        owners = np.repeat(
+            np.arange(len(paths), dtype=np.int32), [len(part.hashes) for part in parts.values()]
+        )
+        order = np.argsort(hashes, kind="stable")
+        newest = [part.newest_ms for part in parts.values()]
+        return cls(hashes[order], owners[order], paths, newest, max(newest))
+
+    def holders(self, key: int, oldest_ms: int) -> list[Path]:
+        """The parts within the retention that hold ``key``, newest first."""
+        lo = int(np.searchsorted(self.hashes, key, "left"))
+        hi = int(np.searchsorted(self.hashes, key, "right"))
+        found = sorted({int(i) for i in self.owners[lo:hi]}, reverse=True)
+        return [self.paths[i] for i in found if self.newest[i] >= oldest_ms]
+
+
 DICTIONARY_COLUMNS = ["model_name"]
 """The part files' only dictionary-encoded column (one or two names in a whole part). Ids,
 features and probabilities are nearly all distinct: a dictionary of them is a hash-table insert
@@ -258,7 +295,9 @@ class PredictionLog:
         self._flush_lock = threading.Lock()  # one writer of part files at a time
         self._disk_lock = threading.Lock()
         self._disk_index: dict[Path, _PartIndex] = {}
-        """The parts within the retention, indexed, in name order (oldest first)."""
+        """The parts within the retention not merged into a segment yet, in name order."""
+        self._segments: list[_Segment] = []
+        """The parts merged, :data:`SEGMENT_PARTS` a segment, oldest first."""
         self._disk_seen: set[str] = set()
         """Names of the parts indexed so far, or found wholly older than the retention."""
         self._closed = False
@@ -574,7 +613,7 @@ class PredictionLog:
         (SIGKILL) never reached a part.
 
         Blocking I/O: call it off the event loop. The first call reads the id and time columns
-        of the parts within the retention into an index of id hashes (8 bytes a row, in this
+        of the parts within the retention into an index of id hashes (12 bytes a row, in this
         process only); later calls index only new parts and open at most the parts whose
         index holds the id's hash, so an unknown id costs no scan of the log."""
         found = self.get(prediction_id)
@@ -587,6 +626,8 @@ class PredictionLog:
             candidates = [
                 path for path, part in reversed(self._disk_index.items()) if part.holds(key)
             ]
+            for segment in reversed(self._segments):
+                candidates += segment.holders(key, oldest)
         for path in candidates:
             try:
                 row = _find_in_part(path, prediction_id)
@@ -607,6 +648,7 @@ class PredictionLog:
         assert self.directory is not None
         for path in [p for p, part in self._disk_index.items() if part.newest_ms < oldest_ms]:
             del self._disk_index[path]
+        self._segments = [s for s in self._segments if s.newest_ms >= oldest_ms]
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
@@ -633,6 +675,9 @@ class PredictionLog:
             ids = table.column("prediction_id").to_pylist()
             hashes = np.sort(np.fromiter((hash(i) for i in ids), dtype=np.int64, count=len(ids)))
             self._disk_index[path] = _PartIndex(hashes, newest)
+            if len(self._disk_index) >= SEGMENT_PARTS:
+                self._segments.append(_Segment.merge(self._disk_index))
+                self._disk_index = {}
 
     def replay_rows(
         self,
