@@ -730,7 +730,9 @@ class PredictionLog:
         the disk stays full at most the ring's worth of rows waits: the oldest go first,
         counted in ``dropped_rows``."""
         with self._lock:
-            waiting = taken + self._spilled
+            # One batch per feature width, however many flushes failed: record() sums the
+            # batches' lengths on every call.
+            waiting = _coalesce(taken + self._spilled)
             ring = self._ring
             limit = ring.capacity if ring is not None else self.max_rows
             total = sum(len(rows) for rows in waiting)
@@ -738,8 +740,8 @@ class PredictionLog:
             while len(waiting) > 1 and total - len(waiting[0]) >= limit:
                 total -= len(waiting[0])
                 dropped += len(waiting.pop(0))
-            if total > limit:  # one part's rows alone pass the limit: keep its newest
-                waiting[0] = _tail(waiting[0], limit)
+            if total > limit:  # one batch's rows alone pass the limit: keep its newest
+                waiting[0] = _tail(waiting[0], len(waiting[0]) - (total - limit))
                 dropped += total - limit
             self._spilled = waiting
             self.dropped_rows += dropped
@@ -846,6 +848,30 @@ def _to_table(batches: list[_Rows]) -> pa.Table:
             columns.fixed(np.concatenate([b.signals for b in batches]), pa.int32()),
         ],
         schema=SCHEMA,
+    )
+
+
+def _coalesce(batches: list[_Rows]) -> list[_Rows]:
+    """``batches`` in order, each run of one feature width joined into one batch."""
+    runs: list[list[_Rows]] = []
+    for batch in batches:
+        if runs and runs[-1][0].features.shape[1] == batch.features.shape[1]:
+            runs[-1].append(batch)
+        else:
+            runs.append([batch])
+    return [run[0] if len(run) == 1 else _concat(run) for run in runs]
+
+
+def _concat(batches: list[_Rows]) -> _Rows:
+    """``batches`` (of one feature width) as one, in order."""
+    return _Rows(
+        pa.concat_arrays([b.ids for b in batches]),
+        np.concatenate([b.times for b in batches]),
+        pa.concat_arrays([b.names for b in batches]),
+        np.concatenate([b.versions for b in batches]),
+        np.concatenate([b.features for b in batches]),
+        np.concatenate([b.probabilities for b in batches]),
+        np.concatenate([b.signals for b in batches]),
     )
 
 
