@@ -88,9 +88,11 @@ class Breaker:
 
     def _period(self) -> float:
         settings = self.settings
-        return float(
-            min(settings.max_ejection_seconds, settings.base_ejection_seconds * 2**self.streak)
-        )
+        # The doubling stops where it can no longer matter: 2**streak past 2**1023 raised
+        # OverflowError (after ~1,000 failed probes, ~8.5 hours down at the defaults), which
+        # ended the probe loop and left the server ejected for good.
+        doubling = 2.0 ** min(self.streak, 64)
+        return float(min(settings.max_ejection_seconds, settings.base_ejection_seconds * doubling))
 
     def _eject(self) -> None:
         period = self._period()

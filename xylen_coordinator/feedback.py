@@ -121,9 +121,13 @@ class Ledger:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
-        await self._flush()
-        if self._outbox is not None:
-            await self._outbox.close()
+        try:
+            await self._flush()
+        except Exception:
+            logger.exception("writing the prediction log at close failed")
+        finally:
+            if self._outbox is not None:
+                await self._outbox.close()
 
     # -- predictions ------------------------------------------------------------------------
 
@@ -158,7 +162,26 @@ class Ledger:
     async def _flush(self) -> None:
         if self._unwritten and self._outbox is not None:
             batch, self._unwritten = self._unwritten, []
-            await self._outbox.run(self._outbox.write_predictions, batch)
+            try:
+                await self._outbox.run(self._outbox.write_predictions, batch)
+            except BaseException:
+                self._keep_for_retry(batch)
+                raise
+
+    def _keep_for_retry(self, batch: list[tuple[str, float, PredictionRecord]]) -> None:
+        """A batch that could not be written (a full disk) goes back ahead of the predictions
+        remembered since, for the next write (it was lost from the outbox, and an outcome for
+        one of them after a restart was PREDICTION_NOT_FOUND). While the disk stays full at
+        most as many wait as are remembered in memory; older ones are dropped, logged."""
+        waiting = batch + self._unwritten
+        dropped = len(waiting) - _PREDICTION_MEMORY
+        if dropped > 0:
+            waiting = waiting[dropped:]
+            logger.error(
+                "%d ensemble predictions could not be written to the outbox and are dropped",
+                dropped,
+            )
+        self._unwritten = waiting
 
     async def _flush_loop(self) -> None:
         while True:

@@ -291,7 +291,12 @@ class AdmissionInterceptor(HandlerInterceptor):
                 self.release(0)  # the slot was handed over just now: pass it on
             else:
                 waiter.cancel()
-                self._waiting.remove(waiter)
+                # wait_for cancels the waiter and returns a loop turn later: a release() in
+                # that turn already took the cancelled waiter off the queue (and passed the
+                # slot on). Removing it again raised ValueError, and the call got INTERNAL
+                # instead of DEADLINE_EXCEEDED.
+                if waiter in self._waiting:
+                    self._waiting.remove(waiter)
             if isinstance(exc, TimeoutError):
                 self.recorder.event("expired")
                 raise DeadlineExceeded(

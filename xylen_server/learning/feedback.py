@@ -250,12 +250,18 @@ class FeedbackLoop:
         self.outcomes.clear()
 
     def close(self) -> None:
-        """Flush the prediction log and close the store (compacting its log)."""
-        self.log.close()
-        with self._store_lock:
-            if self._store is not None:
-                self._store.close()
-            self._closed = True
+        """Flush the prediction log and close the store (compacting its log). A log that
+        cannot be written out (a full disk) is logged and the store still closed: its
+        acknowledged records are durable already, and the shutdown goes on."""
+        try:
+            self.log.close()
+        except Exception:
+            logger.exception("the prediction log could not be flushed at close")
+        finally:
+            with self._store_lock:
+                if self._store is not None:
+                    self._store.close()
+                self._closed = True
 
 
 class _StoreDown:

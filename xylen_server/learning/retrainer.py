@@ -283,11 +283,16 @@ class Retrainer:
             )
         finally:
             shutil.rmtree(candidate, ignore_errors=True)
-            with contextlib.suppress(OSError):
+            # Whether or not its status can be written (a full disk), the job has ended: the
+            # triggers wait for new evidence. (Skipped with the write, every later outcome
+            # started another job.)
+            self.feedback.job_ended()
+            try:
                 (job_dir / "status.json").write_text(
                     json_format.MessageToJson(self.status, indent=2) + "\n"
                 )
-                self.feedback.job_ended()
+            except OSError as exc:
+                logger.error("retrain %s: its status could not be written: %s", job_id, exc)
 
     async def _subprocess(self, job_dir: Path, spec: JobSpec) -> dict[str, Any]:
         env = dict(os.environ)
