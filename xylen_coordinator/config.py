@@ -361,6 +361,8 @@ def _endpoint(value: Any, key: str) -> Endpoint:
     weight = section.number("weight")
     if weight < 0:
         raise ConfigError(f"{key}.weight: must not be negative, got {weight}")
+    if weight > MAX_WEIGHT:
+        raise ConfigError(f"{key}.weight: must be at most {MAX_WEIGHT:g} (weights are relative)")
     enabled = section.boolean("enabled")
     model_name = section.string("model_name")
     if len(model_name) > 256:
@@ -378,6 +380,10 @@ def _endpoint(value: Any, key: str) -> Endpoint:
 
 #: Most replicas listed for one endpoint.
 MAX_REPLICAS = 64
+MAX_WEIGHT = 1e6
+"""Largest endpoint weight and adaptive cap: weights are relative (renormalised over the
+servers that voted), and with both at most this every weighted sum the ensemble forms stays
+finite (two weights of 1e308 overflowed it to OverflowError)."""
 
 
 def split_address(address: str) -> tuple[str, int] | None:
@@ -499,6 +505,8 @@ def _adaptive(value: Any) -> Adaptive:
         raise ConfigError(f"{key}.floor: must be > 0, got {floor}")
     if cap < floor:
         raise ConfigError(f"{key}.cap: must be >= floor ({floor}), got {cap}")
+    if cap > MAX_WEIGHT:
+        raise ConfigError(f"{key}.cap: must be at most {MAX_WEIGHT:g}, got {cap:g}")
     return Adaptive(metric, half_life, min_outcomes, floor, cap)
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from xylen_coordinator.config import Adaptive, Quorum, Thresholds
+from xylen_coordinator.config import MAX_WEIGHT, Adaptive, Quorum, Thresholds
 from xylen_coordinator.ensemble import (
     AdaptiveWeights,
     NoVotes,
@@ -146,3 +146,14 @@ def test_adaptive_weights_shift_the_decision() -> None:
     expected = (2.0 * 0.9 + 0.25 / 0.81 * 0.1) / (2.0 + 0.25 / 0.81)
     assert adaptive.probability == pytest.approx(expected)
     assert adaptive.signal is Signal.BUY
+
+
+def test_the_largest_weights_the_config_accepts_combine_to_a_finite_vote() -> None:
+    """Endpoint weight and adaptive cap are each at most ``MAX_WEIGHT``: 64 voters at both
+    limits still sum without overflow (two configured weights of 1e308 raised OverflowError)."""
+    largest = MAX_WEIGHT * MAX_WEIGHT
+    votes = {f"m{i}": (i % 10) / 10 for i in range(64)}
+    decision = combine(votes, dict.fromkeys(votes, largest), T)
+    assert decision.probability == pytest.approx(sum(votes.values()) / 64, abs=1e-12)
+    with pytest.raises(OverflowError):  # what the bound keeps out
+        combine({"a": 0.6, "b": 0.8}, {"a": 1e308, "b": 1e308}, T)
