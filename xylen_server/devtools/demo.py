@@ -42,6 +42,7 @@ from xylen.v1 import types_pb2
 from xylen_coordinator import Coordinator
 from xylen_coordinator.candles import read_candles
 from xylen_coordinator.report import format_result
+from xylen_server import clock
 from xylen_server.candles import window_input
 from xylen_server.devtools.launcher import ServerProcess, start_server
 from xylen_server.devtools.learning_demo import run_cycle
@@ -53,6 +54,9 @@ CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 TOKEN_FILE = "admin.token"
+CLOCK_FILE = "clock"
+"""The servers' simulated "now" (``CLOCK_FILE``): the learning cycle spreads its outcomes over
+the past hours with it (:mod:`~xylen_server.devtools.learning_demo`)."""
 
 
 def write_token(path: Path) -> None:
@@ -63,8 +67,13 @@ def write_token(path: Path) -> None:
 
 
 def server_env(run_dir: Path) -> dict[str, str]:
-    """The demo servers' environment: loopback, plaintext, the admin token from its file."""
-    return {"ADMIN_TOKEN_FILE": str((run_dir / TOKEN_FILE).resolve())}
+    """The demo servers' environment: loopback, plaintext, the admin token from its file, the
+    learning loop's clock from :data:`CLOCK_FILE` (the present until the learning cycle sets
+    it)."""
+    return {
+        "ADMIN_TOKEN_FILE": str((run_dir / TOKEN_FILE).resolve()),
+        "CLOCK_FILE": str((run_dir / CLOCK_FILE).resolve()),
+    }
 
 
 def heading(text: str) -> None:
@@ -191,7 +200,7 @@ def ensemble(
 
         heading("continuous learning on model_1: outcomes in, retrain, gate, hot swap")
         token = (run_dir / TOKEN_FILE).read_text().strip()
-        run_cycle(servers["model_1"].address, token=token)
+        run_cycle(servers["model_1"].address, token=token, clock_file=run_dir / CLOCK_FILE)
 
         heading("the ensemble after the swap: model_1 votes with its new version")
         print(format_result(coordinator.predict([candle_window(candles, last)])))
@@ -222,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     write_token(args.run_dir / TOKEN_FILE)
+    clock.write(args.run_dir / CLOCK_FILE, time.time_ns() // 1_000_000)
     env = server_env(args.run_dir)
     servers: dict[str, ServerProcess] = {}
     try:

@@ -15,6 +15,14 @@ The outcomes are simulated: the "market" rewards a rule the served model was not
 (feature 0 above its median, 10% of outcomes flipped), so the retrained candidate scores better
 on the held-out window and is promoted. ``scramble=True`` shuffles the outcomes instead, to show
 the gate refusing a candidate trained on noise while the old version keeps serving.
+
+Time: a trader's outcomes close bar after bar, and the retrain job purges the samples whose
+outcomes closed within the label horizon before its held-out window (their labels overlap the
+window's). A demo has no hours to wait, so with ``clock_file`` (the server's ``CLOCK_FILE``, the
+replay's simulated clock) it runs the hours itself: the clock set to a bar, one prediction, the
+clock an hour on, that prediction's outcome, as many hours back as there are outcomes up to the
+present. Without it every outcome closes within the same second and the job, rightly, finds
+nothing to train on that is far enough before its window.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -31,6 +40,7 @@ import numpy as np
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen.v1 import types_pb2
+from xylen_server import clock
 from xylen_server.auth import with_token
 
 _FINAL = (pb.TRAINING_STATE_SUCCEEDED, pb.TRAINING_STATE_FAILED, pb.TRAINING_STATE_REJECTED)
@@ -73,6 +83,7 @@ def run_cycle(
     timeout: float = 300.0,
     out: Callable[[str], object] = print,
     token: str = "",
+    clock_file: Path | None = None,
 ) -> None:
     """Run and print one cycle against the server at ``address``.
 
@@ -89,6 +100,8 @@ def run_cycle(
         out: where each printed line goes (``print`` by default).
         token: the server's admin token, sent with every call: the gate scores candidates only
             on outcomes from authenticated callers, so anonymous outcomes cannot be promoted.
+        clock_file: the server's ``CLOCK_FILE``, to spread the outcomes one an hour (module
+            docstring); None leaves the server's clock alone.
 
     Raises:
         grpc.RpcError: when the server refuses a call (e.g. FAILED_PRECONDITION with reason
@@ -102,33 +115,25 @@ def run_cycle(
         info = stub.GetModelInfo(pb.GetModelInfoRequest()).model_info
         out(f"[learning] {info.name} v{info.version} serving on {address}")
 
-        ids: list[str] = []
-        for start in range(0, len(rows), batch):
-            chunk = rows[start : start + batch]
-            response = stub.Predict(pb.PredictRequest(inputs=[_vector(r) for r in chunk]))
-            ids.extend(p.prediction_id for p in response.predictions)
-            if start == 0:
-                for p in response.predictions[:3]:
-                    out(
-                        f"[learning]   {p.prediction_id}  P(up)={p.probability_up:.4f}  "
-                        f"{types_pb2.Signal.Name(p.signal)}  v{p.model_version}"
-                    )
-        out(f"[learning] {len(ids)} predictions made")
-
         went_up = _outcomes(rows, seed, scramble)
+        ids: list[str] = []
         stored = 0
-        for prediction_id, up in zip(ids, went_up, strict=True):
-            request = pb.FeedbackRequest(
-                prediction_id=prediction_id,
-                outcome=pb.TradeOutcome(
-                    pnl=12.0 if up else -12.0,
-                    realized_return=0.004 if up else -0.004,
-                    side=pb.TradeSide.TRADE_SIDE_LONG,
-                    underlying_log_return=0.004 if up else -0.004,
-                ),
-            )
-            request.outcome.close_time.GetCurrentTime()
-            stored = stub.Feedback(request).stored_samples
+        if clock_file is None:  # the server's own clock: every prediction, then every outcome
+            for start in range(0, len(rows), batch):
+                ids += _predict(stub, rows[start : start + batch], out, 3 if start == 0 else 0)
+            out(f"[learning] {len(ids)} predictions made")
+            for prediction_id, up in zip(ids, went_up, strict=True):
+                stored = _feed_back(stub, prediction_id, up, None)
+        else:  # bar by bar on the simulated clock: a prediction, an hour, its outcome
+            bar_ms = 3_600_000
+            then = time.time_ns() // 1_000_000 - len(rows) * bar_ms
+            for i, (row, up) in enumerate(zip(rows, went_up, strict=True)):
+                clock.write(clock_file, then + i * bar_ms)
+                (prediction_id,) = _predict(stub, row[None, :], out, 1 if i < 3 else 0)
+                ids.append(prediction_id)
+                clock.write(clock_file, then + (i + 1) * bar_ms)
+                stored = _feed_back(stub, prediction_id, up, then + (i + 1) * bar_ms)
+            out(f"[learning] {len(ids)} predictions made, one an hour of simulated time")
         out(
             f"[learning] {len(ids)} outcomes fed back ({'shuffled' if scramble else 'simulated'})"
             f"; {stored} samples stored, durably"
@@ -186,3 +191,37 @@ def run_cycle(
             f"background Predict calls during the job: {sum(versions.values())} answered "
             f"by {dict(sorted(versions.items()))}, {len(failures)} failed"
         )
+
+
+def _predict(
+    stub: pb_grpc.ModelServiceStub, rows: np.ndarray, out: Callable[[str], object], show: int
+) -> list[str]:
+    """Predict ``rows`` in one call; prints the first ``show`` predictions; returns their ids."""
+    response = stub.Predict(pb.PredictRequest(inputs=[_vector(r) for r in rows]))
+    for p in response.predictions[:show]:
+        out(
+            f"[learning]   {p.prediction_id}  P(up)={p.probability_up:.4f}  "
+            f"{types_pb2.Signal.Name(p.signal)}  v{p.model_version}"
+        )
+    return [p.prediction_id for p in response.predictions]
+
+
+def _feed_back(
+    stub: pb_grpc.ModelServiceStub, prediction_id: str, up: bool, close_ms: int | None
+) -> int:
+    """One simulated outcome for ``prediction_id``, closing at ``close_ms`` (None: now);
+    returns the samples stored."""
+    request = pb.FeedbackRequest(
+        prediction_id=prediction_id,
+        outcome=pb.TradeOutcome(
+            pnl=12.0 if up else -12.0,
+            realized_return=0.004 if up else -0.004,
+            side=pb.TradeSide.TRADE_SIDE_LONG,
+            underlying_log_return=0.004 if up else -0.004,
+        ),
+    )
+    if close_ms is None:
+        request.outcome.close_time.GetCurrentTime()
+    else:
+        request.outcome.close_time.FromMilliseconds(close_ms)
+    return int(stub.Feedback(request).stored_samples)

@@ -1,13 +1,19 @@
 """The demo's learning cycle, end to end against a real server: predictions, outcomes, a
-retrain, the gate's verdict and the swap, with background Predict calls that never fail."""
+retrain, the gate's verdict and the swap, with background Predict calls that never fail. On
+the server's simulated clock (what ``make demo`` runs) the outcomes close one an hour, so the
+job purges only the sample in the label horizon before its window."""
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 
 from harness import InProcessServer, write_model
 from learning_helpers import learning_settings
 
+from training.metadata import ModelMetadata
+from xylen_server import clock
 from xylen_server.devtools.learning_demo import run_cycle
 
 
@@ -24,4 +30,31 @@ def test_run_cycle_prints_a_promotion_while_requests_keep_flowing(tmp_path: Path
     assert "400 outcomes fed back" in text
     assert "-> PASSED" in text and "TRAINING_STATE_SUCCEEDED" in text
     assert "now serving v2 (parent v1)" in text
+    assert ", 0 failed" in text
+
+
+def test_on_a_simulated_clock_outcomes_close_one_an_hour_and_the_gap_is_purged(
+    tmp_path: Path, candles
+):
+    serving = write_model(tmp_path / "models", "model_1", "lightgbm", candles, trees=30)
+    dataclasses.replace(ModelMetadata.read(serving), interval="1h").write(serving)
+    ticking = tmp_path / "clock"
+    clock.write(ticking, time.time_ns() // 1_000_000)
+    settings = learning_settings(tmp_path, admin_token="demo-token", clock_file=ticking)
+    server = InProcessServer(settings)
+    lines: list[str] = []
+    try:
+        run_cycle(
+            server.address, samples=400, out=lines.append, token="demo-token", clock_file=ticking
+        )
+    finally:
+        server.close()
+        clock.use_file(None)  # the clock is the process's: the next test reads the wall clock
+    text = "\n".join(lines)
+    assert "400 predictions made, one an hour of simulated time" in text
+    assert "400 outcomes fed back" in text
+    # 400 new samples, 80 held out, the one before them (its 1-bar label ends where the
+    # window's first begins) purged, 319 trained on.
+    assert "incremental on 319 rows" in text and "1 in the 1-bar gap before them purged" in text
+    assert "TRAINING_STATE_SUCCEEDED" in text and "now serving v2 (parent v1)" in text
     assert ", 0 failed" in text

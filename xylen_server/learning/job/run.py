@@ -9,7 +9,13 @@ not ``anonymous``, see :mod:`xylen_server.auth`). Samples from unauthenticated c
 only while the admin RPCs are open: loopback or ``ALLOW_INSECURE_ADMIN``) may be trained on but
 are never scored on, so nobody can promote a model by also writing the answers it is graded
 against; with no trusted new sample the job fails and the serving model stays. The window is
-never trained on, nor is any untrusted sample newer than its start (no look-ahead).
+never trained on, nor is any untrusted sample newer than its start; and between the rows trained
+on and the window lies a gap of the model's label horizon: a sample whose outcome closed within
+``horizon`` bars of the window's first, or after it, is purged from training, whoever sent it,
+and so is a history row (full mode) from that time on. A label is the move over the ``horizon``
+bars up to its close, so such a sample's label shares prices with the window's first labels;
+features only look backwards, so the gap needs nothing more (``make train``'s splits add the
+feature lookback, which keeps validation features off training candles; :func:`purge_before`).
 
 * incremental: the serving model continues training (:meth:`TreeModel.finetune
   <training.trainers.TreeModel.finetune>`) on the new samples before the window, early-stopped
@@ -72,17 +78,24 @@ def feature_matrix(frame: pl.DataFrame, width: int) -> np.ndarray:
     return np.ascontiguousarray(flat.reshape(frame.height, width), dtype=np.float32)
 
 
-def history_rows(meta: ModelMetadata, model_dir: Path) -> tuple[np.ndarray, np.ndarray, str]:
+def history_rows(
+    meta: ModelMetadata, model_dir: Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """The serving model's own training data (its kline files, featurised and labelled as
-    training did). A model whose metadata lists no files (imported from elsewhere) has none:
-    empty arrays and a note saying so. A listed file that is missing or changed fails the job
-    with its path named: a full retrain never quietly trains on less than the model was."""
+    training did): features, labels, each row's bar open time (ms) and a note. A model whose
+    metadata lists no files (imported from elsewhere) has none: empty arrays and a note saying
+    so. A listed file that is missing or changed fails the job with its path named: a full
+    retrain never quietly trains on less than the model was."""
     from training.klines import interval_ms, load_klines
     from training.labels import binary_labels
     from training.metadata import history_files, history_missing_message, sha256_file
 
     files = history_files(meta, model_dir)
-    empty = np.empty((0, len(meta.feature_names)), np.float32), np.empty(0, np.int64)
+    empty = (
+        np.empty((0, len(meta.feature_names)), np.float32),
+        np.empty(0, np.int64),
+        np.empty(0, np.int64),
+    )
     if not files:
         return (*empty, "no history files in the metadata")
     missing = [f for f in files if not f.exists]
@@ -109,8 +122,25 @@ def history_rows(meta: ModelMetadata, model_dir: Path) -> tuple[np.ndarray, np.n
     return (
         x[keep].astype(np.float32),
         y[keep].astype(np.int64),
+        np.asarray(candles["open_time"], dtype=np.int64)[keep],
         f"{int(keep.sum())} history rows from {len(files)} files",
     )
+
+
+def purge_before(meta: ModelMetadata, window_start_ms: int, close_ms: np.ndarray) -> int:
+    """The close time (ms) a row trained on must lie before when the gate's window begins with
+    an outcome that closed at ``window_start_ms``: the model's label horizon in bars earlier. A
+    model without an interval in its metadata (imported, or written by hand) takes the shortest
+    step between the samples' distinct close times ``close_ms`` as its bar (one bar when
+    outcomes come one a bar; outcomes closing together make it shorter: name the interval)."""
+    from training.klines import interval_ms
+
+    if meta.interval:
+        step = interval_ms(meta.interval)
+    else:
+        steps = np.diff(np.unique(close_ms))
+        step = int(steps.min()) if len(steps) else 0
+    return window_start_ms - meta.horizon * step
 
 
 def _check_classes(name: str, y: np.ndarray) -> None:
@@ -207,10 +237,21 @@ def run(spec: JobSpec) -> dict[str, Any]:
     n_holdout = max(1, math.ceil(trusted_new.height * spec.holdout_fraction))
     holdout = trusted_new.tail(n_holdout)
     start = int(holdout.get_column("_row").min())  # type: ignore[arg-type]
-    # Never trained on: the window, nor an untrusted sample newer than the window's start.
-    excluded = pl.col("prediction_id").is_in(holdout.get_column("prediction_id").implode()) | (
-        ~_trusted() & (pl.col("_row") >= start)
+    window_start = holdout.get_column("close_time").dt.epoch("ms").min()
+    purge_from = purge_before(
+        meta,
+        int(window_start),  # type: ignore[arg-type]
+        frame.get_column("close_time").dt.epoch("ms").to_numpy(),
     )
+    # Never trained on: the window, an untrusted sample newer than the window's start, nor any
+    # sample whose bar lies in the gap before the window or after its start.
+    closed = pl.col("close_time").dt.epoch("ms")
+    excluded = (
+        pl.col("prediction_id").is_in(holdout.get_column("prediction_id").implode())
+        | (~_trusted() & (pl.col("_row") >= start))
+        | (closed >= purge_from)
+    )
+    purged = frame.filter((closed >= purge_from) & (pl.col("_row") < start)).height
     x_ho = feature_matrix(holdout, width)
     y_ho = holdout.get_column("label").to_numpy().astype(np.int64)
     _check_classes("held-out", y_ho)
@@ -228,13 +269,21 @@ def run(spec: JobSpec) -> dict[str, Any]:
         pool = frame.filter(~excluded)
         x_fb = feature_matrix(pool, width)
         y_fb = pool.get_column("label").to_numpy().astype(np.int64)
-        x_hist, y_hist, note = history_rows(meta, serving_dir)
-        x, y = np.concatenate([x_hist, x_fb]), np.concatenate([y_hist, y_fb])
+        x_hist, y_hist, t_hist, note = history_rows(meta, serving_dir)
+        before = t_hist < purge_from
+        x, y = np.concatenate([x_hist[before], x_fb]), np.concatenate([y_hist[before], y_fb])
+    if len(y) == 0:
+        raise JobFailed(
+            f"nothing to train on: the {purged} samples before the held-out window all closed "
+            f"within the {meta.horizon}-bar gap before it, where "
+            "labels overlap the window's (outcomes that all close at once share one future)"
+        )
     _check_classes("training", y)
     progress(
         "training",
         f"{mode} on {len(y)} rows ({new.height} new samples, {trusted_new.height} from "
-        f"authenticated callers, {n_holdout} of those held out)" + (f"; {note}" if note else ""),
+        f"authenticated callers, {n_holdout} of those held out, {purged} in the "
+        f"{meta.horizon}-bar gap before them purged)" + (f"; {note}" if note else ""),
     )
     try:
         if mode == "incremental":
@@ -261,6 +310,7 @@ def run(spec: JobSpec) -> dict[str, Any]:
         "mode": mode,
         "samples": int(new.height),
         "training_rows": len(y),
+        "purged_before_window": purged,
         "gate": verdict,
         "candidate_version": spec.version,
         "seconds": time.perf_counter() - started,

@@ -1,0 +1,160 @@
+"""The gate's window is never scored by a candidate that learned from the prices its labels are
+made of: the samples whose outcomes closed within the model's label horizon before the window
+are purged from training.
+
+A label looks ``horizon`` bars ahead, so a sample just before the window shares its future with
+the window's first samples: what it "knows" about the window is look-ahead. The job below is
+given that case taken to the limit: the samples in the gap and the window follow one rule a
+tree learns at once (labels decided by feature 0), everything
+older is noise. Trained on the gap, a candidate scores the window as if it had seen it; purged,
+it has only the noise. Real job, real LightGBM, real SQLite store."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from harness import write_model
+from learning_helpers import learnable_labels
+
+from training.metadata import ModelMetadata
+from xylen_server.auth import ADMIN_TOKEN_IDENTITY
+from xylen_server.learning.feedback_store import FeedbackStore
+from xylen_server.learning.job import JobFailed, JobSpec
+from xylen_server.learning.job.run import purge_before, run
+from xylen_server.learning.samples import FeedbackRecord
+
+HOUR_MS = 3_600_000
+START_MS = 1_700_000_000_000
+
+
+def _record(i: int, row: np.ndarray, label: int) -> FeedbackRecord:
+    ret = 0.01 if label else -0.01
+    return FeedbackRecord(
+        prediction_id=f"s-{i}",
+        model_name="model_1",
+        model_version=1,
+        features=row.astype(np.float32),
+        probability_up=None,
+        signal=None,
+        pnl=ret * 1000,
+        realized_return=ret,
+        close_time_ms=START_MS + i * HOUR_MS,
+        received_time_ms=START_MS + i * HOUR_MS + 1,
+        label=int(ret > 0),
+        source=ADMIN_TOKEN_IDENTITY,
+    )
+
+
+def test_the_samples_in_the_gap_before_the_window_are_not_trained_on(
+    tmp_path, candles, feature_rows
+):
+    serving = write_model(tmp_path / "models", "model_1", "lightgbm", candles, trees=30)
+    # A model labelling 100-hour moves: its last 100 samples before the window share prices
+    # with the window's labels.
+    gap = 100
+    dataclasses.replace(ModelMetadata.read(serving), horizon=gap, interval="1h").write(serving)
+    total, window = 282, 57  # holdout 0.2 of 282: 125 older samples, the gap, the window
+    rng = np.random.default_rng(7)
+    rows = feature_rows[:total].copy()
+    labels = rng.integers(0, 2, total)  # noise: nothing to learn
+    recent = np.arange(total - window - gap, total)  # the gap and the window
+    rows[recent] = rows[rng.permutation(recent)]  # the same kind of rows in both
+    labels[recent] = learnable_labels(rows[recent], noise=0.0)
+    data = tmp_path / "data"
+    with FeedbackStore(data, compact_rows=0) as store:
+        for i in range(total):
+            store.append(_record(i, rows[i], int(labels[i])))
+    spec = JobSpec(
+        job_id="purge",
+        samples=str(data),
+        serving_dir=str(serving),
+        candidate_dir=str(tmp_path / "candidate"),
+        result=str(tmp_path / "result.json"),
+        mode="full",
+        version=2,
+        min_samples=100,
+        holdout_fraction=0.2,
+        margin=0.002,
+        min_auc=0.52,
+        z=1.645,
+        threads=1,
+        nice=0,
+        cutoff_ms=0,
+    )
+    result = run(spec)
+    gate = result["gate"]
+    assert gate["holdout_samples"] == window
+    assert result["purged_before_window"] == gap
+    assert result["training_rows"] == total - window - gap  # the test model lists no history
+    # Trained on the gap the candidate scored the window at AUC 0.98 and was promoted (before
+    # this change); purged, it has only noise to go on.
+    assert gate["candidate_auc"] < 0.7 and not gate["passed"], gate
+
+
+def test_the_gap_is_the_model_s_bars_or_the_samples_shortest_step():
+    meta = ModelMetadata(
+        name="model_1",
+        model_type="lightgbm",
+        version=1,
+        training_samples=1,
+        trained_at="2026-01-01T00:00:00Z",
+        feature_names=["a"],
+        lookback=10,
+        horizon=3,
+        interval="1h",
+        features_hash="0" * 64,
+    )
+    closes = START_MS + np.array([0, 5, 7, 7, 20]) * HOUR_MS
+    assert purge_before(meta, START_MS, closes) == START_MS - 3 * HOUR_MS  # the horizon
+    assert purge_before(dataclasses.replace(meta, interval="15m"), START_MS, closes) == (
+        START_MS - 3 * 15 * 60_000
+    )
+    # No interval in the metadata: the shortest step between distinct close times (2 h here).
+    unknown = dataclasses.replace(meta, interval="")
+    assert purge_before(unknown, START_MS, closes) == START_MS - 3 * 2 * HOUR_MS
+    assert purge_before(unknown, START_MS, closes[:1]) == START_MS  # one time: no step known
+
+
+def test_outcomes_that_all_closed_at_once_leave_nothing_to_train_on_and_say_so(
+    tmp_path, candles, feature_rows
+):
+    """600 outcomes closing within the same second (what the demo sent before it ran the hours
+    on a simulated clock): every sample before the window is in the gap, so the job fails with
+    the reason instead of training on look-ahead or reporting an empty label set. The model
+    names its 1h bars, as every model ``make train`` writes does."""
+    serving = write_model(tmp_path / "models", "model_1", "lightgbm", candles, trees=30)
+    dataclasses.replace(ModelMetadata.read(serving), interval="1h").write(serving)
+    data = tmp_path / "data"
+    labels = np.random.default_rng(3).integers(0, 2, 600)
+    with FeedbackStore(data, compact_rows=0) as store:
+        for i in range(600):
+            record = dataclasses.replace(
+                _record(i, feature_rows[i], int(labels[i])),
+                close_time_ms=START_MS + i,  # a millisecond apart
+                received_time_ms=START_MS + 1000 + i,
+            )
+            store.append(record)
+    spec = JobSpec(
+        job_id="burst",
+        samples=str(data),
+        serving_dir=str(serving),
+        candidate_dir=str(tmp_path / "candidate"),
+        result=str(tmp_path / "result.json"),
+        mode="incremental",
+        version=2,
+        min_samples=100,
+        holdout_fraction=0.2,
+        margin=0.002,
+        min_auc=0.52,
+        z=1.645,
+        threads=1,
+        nice=0,
+        cutoff_ms=0,
+    )
+    with pytest.raises(
+        JobFailed, match=r"nothing to train on: the 480 samples before the held-out"
+    ):
+        run(spec)
+    assert not (tmp_path / "candidate").exists()
