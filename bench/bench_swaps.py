@@ -49,6 +49,7 @@ import os
 import re
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -700,6 +701,80 @@ def _report(
     }
 
 
+def _longest_gap_ms(work: Callable[[], object]) -> float:
+    """The longest gap (ms) a thread sleeping 0.1 ms at a time sees while ``work`` runs on
+    another thread: how long the GIL was out of its reach (plus the machine's noise)."""
+    longest, stop = [0.0], threading.Event()
+
+    def ticker() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            time.sleep(0.0001)
+            now = time.perf_counter()
+            longest[0] = max(longest[0], now - last)
+            last = now
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    time.sleep(0.005)
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    time.sleep(0.005)
+    stop.set()
+    thread.join()
+    return longest[0] * 1e3
+
+
+def inversion(model_dir: Path, builds: int = 15) -> dict[str, float]:
+    """The session build on a thread at niceness 10 (``MODEL_LOAD_THREAD_NICE=10``, what the
+    server did before) against 0 (the default now), with a nice-0 busy process on the same core:
+    the longest stall of a thread waiting for the GIL meanwhile (median over builds). The
+    build holds the GIL while it parses the model; a niced holder is the one the scheduler
+    preempts, so the waiting thread (the server's event loop) waits longer. This process and
+    the busy one are pinned to one CPU for the measurement (Linux only; a few seconds)."""
+    if not sys.platform.startswith("linux"):
+        return {}
+    from xylen_server.serving.session_pool import SessionPool
+
+    onnx_bytes = (model_dir / "model.onnx").read_bytes()
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    hog = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass",
+        ]
+    )
+    out: dict[str, float] = {}
+    try:
+        os.sched_setaffinity(0, {cpu})
+        time.sleep(0.3)
+
+        def build(nice: int) -> None:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+            SessionPool(onnx_bytes, 2, 1).close()
+
+        gaps: dict[int, list[float]] = {10: [], 0: []}
+        for _ in range(builds):
+            for nice in (10, 0):
+                gaps[nice].append(_longest_gap_ms(lambda nice=nice: build(nice)))  # type: ignore[misc]
+        for nice, seen in gaps.items():
+            out[f"nice {nice}"] = statistics.median(seen)
+            print(
+                f"  session build on a thread at nice {nice:2d}, a nice-0 busy process on its "
+                f"core: longest GIL wait median {statistics.median(seen):5.1f} ms, largest "
+                f"{max(seen):5.1f} ms ({builds} builds)"
+            )
+    finally:
+        hog.kill()
+        hog.wait()
+        os.sched_setaffinity(0, before)
+    return out
+
+
 def construction(model_dir: Path, builds: int = 20) -> dict[str, tuple[float, float]]:
     """CPU per build and the longest GIL hold of building the model's ONNX Runtime session,
     as served (``session_options``) and with the alternatives: optimizations off, and the ORT
@@ -815,6 +890,7 @@ def run(
                 f"  -- building the {targets[-1].model_dir.name} session (500 trees), in this process"
             )
             construction(targets[-1].model_dir)
+            inversion(targets[-1].model_dir)
             versions: dict[str, list[int]] = {}
             for target in targets:
                 with grpc.insecure_channel(f"127.0.0.1:{target.server.port}") as plain:
