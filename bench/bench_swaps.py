@@ -14,7 +14,11 @@ worst lateness during each swap and per step (the server's own probe, :class:`xy
 versions.swap.LoopLag`, read from its log; "n/a" for a server without it), the CPU the swap's
 own threads charged and how long they slept (``MODEL_LOAD_CPU_SHARE``), the server's CPU per
 Predict with and without swaps (all threads, and its main thread: the event loop) and per swap
-beyond its Predicts, any parity children's CPU; and, first, building the model's ONNX Runtime
+beyond its Predicts, any parity children's CPU; the event loop's thread apart from the rest
+(its user and system CPU, minor faults, waits, preemptions and run-queue time per Predict), the
+measuring client's own CPU and switches, TLB shootdowns per swap; the longest GIL wait while a
+session is built on a thread at nice 10 against 0 beside a busy process on the same core
+(``MODEL_LOAD_THREAD_NICE``, a few seconds); and, first, building the model's ONNX Runtime
 session in the bench's own process: CPU per build and the longest GIL hold, as served and with
 optimizations off or a pre-optimized ORT-format model (a few seconds).
 
