@@ -485,6 +485,9 @@ def load_model(
         )
     step("warm-up")
     loaded = _loaded(meta, pool, difference, source, settings, pacer)
+    if pacer is not None:
+        # The warm-up's CPU (the timed runs now run on this thread) is the load's too.
+        pacer.pace()
     logger.info(
         "loaded %s v%d (onnx, %d sessions x %d threads, parity %.2g against a %s reference, "
         "%.1f us a row) in %.2fs",

@@ -17,6 +17,7 @@ from harness import server_settings
 
 from xylen_server.serving import model_store, session_pool
 from xylen_server.serving.model_store import at_lower_priority, load_model
+from xylen_server.serving.pacing import CpuShare
 from xylen_server.settings import Settings
 
 pytestmark = pytest.mark.skipif(
@@ -132,5 +133,33 @@ def test_by_default_the_load_runs_on_its_own_thread_at_the_servers_priority(
         assert where == [("build", caller, base), ("parity", caller, base)]
         assert not [t for t in started if t.name == "model-load-niced"]
         assert _thread_niceness() == base
+    finally:
+        model.close()
+
+
+def test_a_paced_load_charges_its_warm_up_too(
+    models_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the timing on the load's own thread, the load paces once more after the warm-up,
+    so the warm-up's CPU is charged (and slept for) like every other step's."""
+    events: list[str] = []
+    real_warm_up = model_store._warm_up
+
+    def warm_up(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_warm_up(*args, **kwargs)
+        events.append("warm-up")
+        return result
+
+    class Recorded(CpuShare):
+        def pace(self) -> None:
+            events.append("pace")
+            super().pace()
+
+    monkeypatch.setattr(model_store, "_warm_up", warm_up)
+    pacer = Recorded(1.0)
+    model = load_model(server_settings(models_root, pool_size=2), pacer=pacer)
+    try:
+        assert events[-2:] == ["warm-up", "pace"]
+        assert pacer.used > 0
     finally:
         model.close()
