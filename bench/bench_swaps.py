@@ -2,7 +2,7 @@
 
 A server process serves a 500-tree LightGBM model with two kept versions; a client keeps
 ``--in-flight`` unary Predict calls (batch 1) going. Rounds alternate: load alone, then load
-while a second thread calls RollbackModel between the two versions back to back (each a full
+while another process calls RollbackModel between the two versions back to back (each a full
 load in the server: the history's checks, the checksums, the stored parity reference
 (``parity.npz``: no child process once each version has one), one ONNX Runtime session built
 off the loop, the parity run, warm-up, install, an atomic swap), or one every
@@ -14,7 +14,11 @@ worst lateness during each swap and per step (the server's own probe, :class:`xy
 versions.swap.LoopLag`, read from its log; "n/a" for a server without it), the CPU the swap's
 own threads charged and how long they slept (``MODEL_LOAD_CPU_SHARE``), the server's CPU per
 Predict with and without swaps (all threads, and its main thread: the event loop) and per swap
-beyond its Predicts, any parity children's CPU; and, first, building the model's ONNX Runtime
+beyond its Predicts, any parity children's CPU; the event loop's thread apart from the rest
+(its user and system CPU, minor faults, waits, preemptions and run-queue time per Predict), the
+measuring client's own CPU and switches, TLB shootdowns per swap; the longest GIL wait while a
+session is built on a thread at nice 10 against 0 beside a busy process on the same core
+(``MODEL_LOAD_THREAD_NICE``, a few seconds); and, first, building the model's ONNX Runtime
 session in the bench's own process: CPU per build and the longest GIL hold, as served and with
 optimizations off or a pre-optimized ORT-format model (a few seconds).
 
@@ -31,6 +35,9 @@ overlapped one, with and without swaps.
     python -m bench.bench_swaps --swap-every 1         # one swap a second instead of back to back
     python -m bench.bench_swaps --baseline . --baseline-env MODEL_LOAD_CPU_SHARE=1
                                                        # two settings of one tree side by side
+    python -m bench.bench_swaps --baseline . --baseline-swaps-in-client
+                                                       # swaps driven from a thread of the
+                                                       # measuring client (the old harness)
 
 ``--baseline TREE`` runs TREE's server too (with ``TREE/.venv/bin/python`` when there is one,
 so its own dependencies count), alternating rounds between the two so noise hits both alike.
@@ -41,17 +48,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import re
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -124,6 +136,57 @@ def _kernel(pid: int) -> tuple[float, int]:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return int(fields[12]) / _TICKS, int(fields[7])
+
+
+def _thread_counts(pid: int, tid: int) -> list[float]:
+    """Thread ``tid`` of process ``pid`` so far: user and system CPU seconds, minor page faults,
+    voluntary and involuntary context switches, and seconds spent runnable but waiting for a
+    CPU (``schedstat``). A voluntary switch of the event-loop thread is a wait: for its sockets
+    (epoll) or for the GIL another thread holds; the run-queue wait is time it was ready and got
+    no core."""
+    base = f"/proc/{pid}/task/{tid}"
+    with open(f"{base}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    with open(f"{base}/status") as status:
+        switches = {
+            line.split(":")[0]: int(line.split(":")[1])
+            for line in status
+            if "ctxt_switches" in line
+        }
+    try:
+        with open(f"{base}/schedstat") as sched:
+            waited = int(sched.read().split()[1]) / 1e9
+    except OSError:  # a kernel without schedstats
+        waited = 0.0
+    return [
+        int(fields[11]) / _TICKS,
+        int(fields[12]) / _TICKS,
+        int(fields[7]),
+        switches.get("voluntary_ctxt_switches", 0),
+        switches.get("nonvoluntary_ctxt_switches", 0),
+        waited,
+    ]
+
+
+def _process_counts(pid: int) -> list[float]:
+    """Process ``pid`` so far (every thread, dead ones too): user and system CPU seconds and
+    minor page faults."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return [int(fields[11]) / _TICKS, int(fields[12]) / _TICKS, int(fields[7])]
+
+
+def tlb_shootdowns() -> int:
+    """TLB shootdown interrupts so far, all CPUs (``/proc/interrupts``; 0 where not listed).
+    Machine-wide: other processes' count too, so compare rounds with and without swaps."""
+    try:
+        with open("/proc/interrupts") as interrupts:
+            for line in interrupts:
+                if line.strip().startswith("TLB:"):
+                    return sum(int(x) for x in line.split()[1:] if x.isdigit())
+    except OSError:
+        pass
+    return 0
 
 
 def _thread_cpu(pid: int, tid: int) -> float:
@@ -311,6 +374,20 @@ class Target:
     swap_samples: list[list[tuple[float, float]]] = field(default_factory=list)
     """Each swap round's Predicts: (start, latency)."""
     idle_samples: list[list[tuple[float, float]]] = field(default_factory=list)
+    loop_idle: list[float] = field(default_factory=lambda: [0.0] * 6)
+    """The event-loop thread's :func:`_thread_counts` summed over the rounds without swaps."""
+    loop_swapping: list[float] = field(default_factory=lambda: [0.0] * 6)
+    process_idle: list[float] = field(default_factory=lambda: [0.0] * 3)
+    """The process's :func:`_process_counts` summed over the rounds without swaps."""
+    process_swapping: list[float] = field(default_factory=lambda: [0.0] * 3)
+    tlb_idle: int = 0
+    """TLB shootdowns (machine-wide) during the rounds without swaps."""
+    tlb_swapping: int = 0
+    swaps_in_windows: int = 0
+    """Swaps finished while the load of a swap round ran (the server's log)."""
+    client_idle: list[float] = field(default_factory=lambda: [0.0] * 3)
+    """This (measuring) process's :func:`_usage` over the rounds without swaps."""
+    client_swapping: list[float] = field(default_factory=lambda: [0.0] * 3)
 
 
 def _start(
@@ -336,6 +413,105 @@ def _start(
     return Target(name, server, model_dir, gc_probe=gc_probe), rows
 
 
+def _rollbacks(
+    address: str,
+    version: int,
+    every: float,
+    ready: Callable[[], object],
+    stopped: Callable[[], bool],
+) -> tuple[list[float], int]:
+    """RollbackModel between the two versions, back to back (or one every ``every`` s), until
+    ``stopped()``; returns each swap's seconds and the version the next one goes to."""
+    durations: list[float] = []
+    with grpc.insecure_channel(address) as plain:
+        grpc.channel_ready_future(plain).result(timeout=60)
+        admin = pb_grpc.ModelServiceStub(with_token(plain, ADMIN_TOKEN))
+        ready()
+        while not stopped():
+            started = time.perf_counter()
+            admin.RollbackModel(pb.RollbackModelRequest(version=version), timeout=300)
+            took = time.perf_counter() - started
+            durations.append(took)
+            version = 3 - version
+            if every > took:  # paced: the next swap starts `every` s after this one did
+                time.sleep(every - took)
+    return durations, version
+
+
+def _driver_main(
+    address: str, version: int, every: float, ready: Any, stop: Any, out: Connection
+) -> None:
+    """The swap driver's process: :func:`_rollbacks`, the result sent back on ``out``."""
+    out.send(_rollbacks(address, version, every, ready.set, stop.is_set))
+
+
+class _ProcessDriver:
+    """Swaps driven from a process of their own (spawned, so no gRPC state is forked): the
+    measuring client's process holds nothing but its load. A thread blocked in a synchronous
+    gRPC call inside the client (:class:`_ThreadDriver`, the old harness) made the client's own
+    voluntary context switches per call more than double and its CPU per call rise 20-40 us
+    while swaps ran, on a 2-core machine the server shares: part of the "p99 during swaps" was
+    the client's."""
+
+    def __init__(self, address: str, target_v: list[int], every: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._ready, self._stop = context.Event(), context.Event()
+        self._results, child = context.Pipe(duplex=False)
+        self._target_v = target_v
+        self._process = context.Process(
+            target=_driver_main,
+            args=(address, target_v[0], every, self._ready, self._stop, child),
+            name="bench-swap-driver",
+            daemon=True,
+        )
+
+    def start(self) -> None:
+        self._process.start()
+        if not self._ready.wait(120):
+            raise RuntimeError("the swap driver process did not connect within 120 s")
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        durations, self._target_v[0] = self._results.recv()
+        self._process.join(60)
+        return list(durations)
+
+
+class _ThreadDriver:
+    """Swaps driven from a thread of the measuring process (``--swaps-in-client``)."""
+
+    def __init__(self, address: str, target_v: list[int], every: float) -> None:
+        self._stopped = threading.Event()
+        self._ready = threading.Event()
+        self._out: list[tuple[list[float], int]] = []
+        self._target_v = target_v
+        self._thread = threading.Thread(
+            target=lambda: self._out.append(
+                _rollbacks(address, target_v[0], every, self._ready.set, self._stopped.is_set)
+            )
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(120)
+
+    def stop(self) -> list[float]:
+        self._stopped.set()
+        self._thread.join()
+        durations, self._target_v[0] = self._out[0]
+        return durations
+
+
+def _usage(usage: resource.struct_rusage) -> list[float]:
+    """user + system CPU seconds, voluntary and involuntary context switches."""
+    return [usage.ru_utime + usage.ru_stime, usage.ru_nvcsw, usage.ru_nivcsw]
+
+
+def _add(total: list[float], before: list[float], after: list[float]) -> None:
+    for i, (a, b) in enumerate(zip(before, after, strict=True)):
+        total[i] += b - a
+
+
 def _round(
     target: Target,
     request: pb.PredictRequest,
@@ -343,18 +519,26 @@ def _round(
     seconds: float,
     target_v: list[int],
     every: float = 0.0,
+    in_thread: bool = False,
 ) -> None:
     address = f"127.0.0.1:{target.server.port}"
     pid = target.server.proc.pid
     own0, _ = _cpu(pid)
     loop0 = _thread_cpu(pid, pid)
     kernel0 = _kernel(pid)
+    counts0, process0, tlb0 = _thread_counts(pid, pid), _process_counts(pid), tlb_shootdowns()
+    client0 = resource.getrusage(resource.RUSAGE_SELF)
     began = time.perf_counter()
     samples = asyncio.run(_load(address, request, in_flight, seconds))
     target.idle_windows.append((began, time.perf_counter()))
+    counts1, process1, tlb1 = _thread_counts(pid, pid), _process_counts(pid), tlb_shootdowns()
+    _add(target.client_idle, _usage(client0), _usage(resource.getrusage(resource.RUSAGE_SELF)))
     own1, children1 = _cpu(pid)
     loop1 = _thread_cpu(pid, pid)
     kernel1 = _kernel(pid)
+    _add(target.loop_idle, counts0, counts1)
+    _add(target.process_idle, process0, process1)
+    target.tlb_idle += tlb1 - tlb0
     for i in (0, 1):
         target.kernel_idle[i] += kernel1[i] - kernel0[i]
     target.idle.append(_p(samples, 0.99))
@@ -362,35 +546,33 @@ def _round(
     target.cpu_idle += own1 - own0
     target.loop_cpu_idle += loop1 - loop0
     target.calls_idle += len(samples)
-    state = {"on": True, "count": 0}
-    with grpc.insecure_channel(address) as plain:
-        admin = pb_grpc.ModelServiceStub(with_token(plain, ADMIN_TOKEN))
-
-        def swapper() -> None:
-            while state["on"]:
-                started = time.perf_counter()
-                admin.RollbackModel(pb.RollbackModelRequest(version=target_v[0]), timeout=300)
-                took = time.perf_counter() - started
-                target.swap_seconds.append(took)
-                state["count"] += 1
-                target_v[0] = 3 - target_v[0]
-                if every > took:  # paced: the next swap starts `every` s after this one did
-                    time.sleep(every - took)
-
-        thread = threading.Thread(target=swapper)
-        thread.start()
-        time.sleep(0.2)
-        loop1 = _thread_cpu(pid, pid)
-        kernel1 = _kernel(pid)
-        began = time.perf_counter()
-        samples = asyncio.run(_load(address, request, in_flight, seconds))
-        target.swap_windows.append((began, time.perf_counter()))
-        loop2 = _thread_cpu(pid, pid)
-        kernel2 = _kernel(pid)
-        for i in (0, 1):
-            target.kernel_swapping[i] += kernel2[i] - kernel1[i]
-        state["on"] = False
-        thread.join()
+    driver = (
+        _ThreadDriver(address, target_v, every)
+        if in_thread
+        else _ProcessDriver(address, target_v, every)
+    )
+    driver.start()
+    time.sleep(0.2)
+    loop1 = _thread_cpu(pid, pid)
+    kernel1 = _kernel(pid)
+    counts1, process1, tlb1 = _thread_counts(pid, pid), _process_counts(pid), tlb_shootdowns()
+    swaps1, client1 = len(_loop_lags(target.server)), resource.getrusage(resource.RUSAGE_SELF)
+    began = time.perf_counter()
+    samples = asyncio.run(_load(address, request, in_flight, seconds))
+    target.swap_windows.append((began, time.perf_counter()))
+    counts2, process2, tlb2 = _thread_counts(pid, pid), _process_counts(pid), tlb_shootdowns()
+    swaps2, client2 = len(_loop_lags(target.server)), resource.getrusage(resource.RUSAGE_SELF)
+    target.swaps_in_windows += swaps2 - swaps1
+    loop2 = _thread_cpu(pid, pid)
+    kernel2 = _kernel(pid)
+    _add(target.loop_swapping, counts1, counts2)
+    _add(target.process_swapping, process1, process2)
+    _add(target.client_swapping, _usage(client1), _usage(client2))
+    target.tlb_swapping += tlb2 - tlb1
+    for i in (0, 1):
+        target.kernel_swapping[i] += kernel2[i] - kernel1[i]
+    durations = driver.stop()
+    target.swap_seconds.extend(durations)
     own2, children2 = _cpu(pid)
     target.swapping.append(_p(samples, 0.99))
     target.swap_samples.append(samples)
@@ -398,7 +580,53 @@ def _round(
     target.cpu_swapping += own2 - own1
     target.cpu_children += children2 - children1
     target.calls_swapping += len(samples)
-    target.swaps += state["count"]
+    target.swaps += len(durations)
+
+
+def _split(target: Target) -> None:
+    """Per Predict without / during swaps: the event-loop thread's own costs (where the
+    Predicts run), the other threads' (the swap's own among them), and TLB shootdowns."""
+    idle_n, swap_n = max(target.calls_idle, 1), max(target.calls_swapping, 1)
+    loop_i = [v / idle_n for v in target.loop_idle]
+    loop_s = [v / swap_n for v in target.loop_swapping]
+    rest_i = [
+        (p - m) / idle_n for p, m in zip(target.process_idle, target.loop_idle[:3], strict=True)
+    ]
+    rest_s = [
+        (p - m) / swap_n
+        for p, m in zip(target.process_swapping, target.loop_swapping[:3], strict=True)
+    ]
+    print(
+        "  per Predict without / during swaps, the event loop's thread: user "
+        f"{loop_i[0] * 1e6:.0f} / {loop_s[0] * 1e6:.0f} us, system {loop_i[1] * 1e6:.0f} / "
+        f"{loop_s[1] * 1e6:.0f} us, minor faults {loop_i[2]:.3f} / {loop_s[2]:.3f}, waits "
+        f"(voluntary switches: sockets or the GIL) {loop_i[3]:.3f} / {loop_s[3]:.3f}, "
+        f"preempted {loop_i[4]:.3f} / {loop_s[4]:.3f}, runnable without a core "
+        f"{loop_i[5] * 1e6:.0f} / {loop_s[5] * 1e6:.0f} us"
+    )
+    swaps = max(target.swaps_in_windows, 1)
+    extra_waits = (loop_s[3] - loop_i[3]) * target.calls_swapping / swaps
+    print(
+        f"    the loop's extra waits per swap: {extra_waits:.0f}; all other threads (the swap's "
+        f"own, exited ones too): user {rest_i[0] * 1e6:.0f} / {rest_s[0] * 1e6:.0f} us, system "
+        f"{rest_i[1] * 1e6:.0f} / {rest_s[1] * 1e6:.0f} us, minor faults {rest_i[2]:.2f} / "
+        f"{rest_s[2]:.2f}"
+    )
+    client_i = [v / idle_n for v in target.client_idle]
+    client_s = [v / swap_n for v in target.client_swapping]
+    print(
+        f"    the measuring client's own process: CPU {client_i[0] * 1e6:.0f} / "
+        f"{client_s[0] * 1e6:.0f} us, voluntary switches {client_i[1]:.2f} / {client_s[1]:.2f}, "
+        f"involuntary {client_i[2]:.2f} / {client_s[2]:.2f}"
+    )
+    seconds_i = sum(b - a for a, b in target.idle_windows) or 1.0
+    seconds_s = sum(b - a for a, b in target.swap_windows) or 1.0
+    tlb_i, tlb_s = target.tlb_idle / seconds_i, target.tlb_swapping / seconds_s
+    print(
+        f"    TLB shootdowns (machine-wide) {tlb_i:.0f} / {tlb_s:.0f} a second; per swap beyond "
+        f"the rounds without: {(tlb_s - tlb_i) * seconds_s / swaps:.1f} "
+        f"({target.swaps_in_windows} swaps in the measured windows)"
+    )
 
 
 def _report(
@@ -459,6 +687,7 @@ def _report(
         f"minor page faults per Predict {target.kernel_idle[1] / calls_idle:.2f} / "
         f"{target.kernel_swapping[1] / calls_swap:.2f}"
     )
+    _split(target)
     _attribute(target)
     print(
         f"  server CPU per Predict: {per_call_idle:.0f} us without swaps, {per_call_swap:.0f} us "
@@ -474,6 +703,80 @@ def _report(
         "child_cpu_s_per_swap": target.cpu_children / swaps,
         "server_cpu_s_per_swap": own_per_swap,
     }
+
+
+def _longest_gap_ms(work: Callable[[], object]) -> float:
+    """The longest gap (ms) a thread sleeping 0.1 ms at a time sees while ``work`` runs on
+    another thread: how long the GIL was out of its reach (plus the machine's noise)."""
+    longest, stop = [0.0], threading.Event()
+
+    def ticker() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            time.sleep(0.0001)
+            now = time.perf_counter()
+            longest[0] = max(longest[0], now - last)
+            last = now
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    time.sleep(0.005)
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    time.sleep(0.005)
+    stop.set()
+    thread.join()
+    return longest[0] * 1e3
+
+
+def inversion(model_dir: Path, builds: int = 15) -> dict[str, float]:
+    """The session build on a thread at niceness 10 (``MODEL_LOAD_THREAD_NICE=10``, what the
+    server did before) against 0 (the default now), with a nice-0 busy process on the same core:
+    the longest stall of a thread waiting for the GIL meanwhile (median over builds). The
+    build holds the GIL while it parses the model; a niced holder is the one the scheduler
+    preempts, so the waiting thread (the server's event loop) waits longer. This process and
+    the busy one are pinned to one CPU for the measurement (Linux only; a few seconds)."""
+    if not sys.platform.startswith("linux"):
+        return {}
+    from xylen_server.serving.session_pool import SessionPool
+
+    onnx_bytes = (model_dir / "model.onnx").read_bytes()
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    hog = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass",
+        ]
+    )
+    out: dict[str, float] = {}
+    try:
+        os.sched_setaffinity(0, {cpu})
+        time.sleep(0.3)
+
+        def build(nice: int) -> None:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+            SessionPool(onnx_bytes, 2, 1).close()
+
+        gaps: dict[int, list[float]] = {10: [], 0: []}
+        for _ in range(builds):
+            for nice in (10, 0):
+                gaps[nice].append(_longest_gap_ms(lambda nice=nice: build(nice)))  # type: ignore[misc]
+        for nice, seen in gaps.items():
+            out[f"nice {nice}"] = statistics.median(seen)
+            print(
+                f"  session build on a thread at nice {nice:2d}, a nice-0 busy process on its "
+                f"core: longest GIL wait median {statistics.median(seen):5.1f} ms, largest "
+                f"{max(seen):5.1f} ms ({builds} builds)"
+            )
+    finally:
+        hog.kill()
+        hog.wait()
+        os.sched_setaffinity(0, before)
+    return out
 
 
 def construction(model_dir: Path, builds: int = 20) -> dict[str, tuple[float, float]]:
@@ -557,19 +860,33 @@ def run(
     every: float = 0.0,
     this_env: dict[str, str] | None = None,
     baseline_env: dict[str, str] | None = None,
+    swaps_in_client: bool = False,
+    baseline_swaps_in_client: bool = False,
 ) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="xylen-bench-swaps-") as tmp:
         root = Path(tmp)
-        wanted = [("this", source, sys.executable, this_env or {})]
+        wanted = [("this", source, sys.executable, this_env or {}, swaps_in_client)]
         if baseline is not None:
-            wanted.insert(0, ("baseline", baseline, _python_of(baseline), baseline_env or {}))
+            wanted.insert(
+                0,
+                (
+                    "baseline",
+                    baseline,
+                    _python_of(baseline),
+                    baseline_env or {},
+                    baseline_swaps_in_client,
+                ),
+            )
         targets: list[Target] = []
+        in_client: dict[str, bool] = {}
         try:
-            for name, tree, python, extra in wanted:
+            for name, tree, python, extra, thread_driver in wanted:
                 label = f"{name}: {tree}" + ("" if python == sys.executable else f" ({python})")
                 label += "".join(f" {k}={v}" for k, v in extra.items())
+                label += " (swaps from a thread of the client)" if thread_driver else ""
                 target, rows = _start(label, root / name, tree, python, extra)
                 targets.append(target)
+                in_client[target.name] = thread_driver
             request = pb.PredictRequest(
                 inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=rows[7].tolist()))]
             )
@@ -577,6 +894,7 @@ def run(
                 f"  -- building the {targets[-1].model_dir.name} session (500 trees), in this process"
             )
             construction(targets[-1].model_dir)
+            inversion(targets[-1].model_dir)
             versions: dict[str, list[int]] = {}
             for target in targets:
                 with grpc.insecure_channel(f"127.0.0.1:{target.server.port}") as plain:
@@ -588,7 +906,15 @@ def run(
                 versions[target.name] = [1]
             for _ in range(rounds):
                 for target in targets:
-                    _round(target, request, in_flight, seconds, versions[target.name], every)
+                    _round(
+                        target,
+                        request,
+                        in_flight,
+                        seconds,
+                        versions[target.name],
+                        every,
+                        in_client[target.name],
+                    )
         finally:
             for target in targets:
                 target.server.stop()
@@ -626,6 +952,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="a setting of the baseline's server (repeatable); with --baseline . the same tree "
         "compares two settings side by side",
     )
+    parser.add_argument(
+        "--swaps-in-client",
+        action="store_true",
+        help="drive the swaps from a thread of the measuring process (the harness before "
+        "2026-12-07), not from a process of their own",
+    )
+    parser.add_argument(
+        "--baseline-swaps-in-client",
+        action="store_true",
+        help="the same for the baseline's rounds only: with --baseline . the two harnesses "
+        "side by side",
+    )
     args = parser.parse_args(argv)
     pace = f"one every {args.swap_every:g} s" if args.swap_every else "back to back"
     print(f"== hot swaps under load, {pace} (server from {args.source}) ==")
@@ -638,6 +976,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.swap_every,
         dict(pair.split("=", 1) for pair in args.env),
         dict(pair.split("=", 1) for pair in args.baseline_env),
+        args.swaps_in_client,
+        args.baseline_swaps_in_client,
     )
 
 

@@ -135,15 +135,24 @@ class Settings:
     model_load_nice: int = env("MODEL_LOAD_NICE", 10, minimum=0, maximum=19)
     """Niceness added to the short-lived child that loads a model's native booster for the
     parity reference (and converts it to ONNX when needed): its half-second or more of CPU per
-    load or hot swap yields to Predict instead of competing with it for the cores. The same
-    niceness is added to the short-lived threads that build a new version's session, run its
-    parity check and time a row in the server itself (Linux: niceness is per thread)."""
+    load or hot swap yields to Predict instead of competing with it for the cores. The load's
+    work in the server itself runs at ``MODEL_LOAD_THREAD_NICE``."""
     model_load_cpu_share: float = env("MODEL_LOAD_CPU_SHARE", 0.05, above=0.0, maximum=1.0)
     """Fraction of one core a hot swap's load may use in this process: the threads that build,
     check and warm the new version charge their CPU time and sleep between steps (and between
     chunks of the parity run) until it is within this share of the time since the swap began
     (:mod:`xylen_server.serving.pacing`). A swap takes longer and Predict keeps the cores;
     ``1`` never sleeps. The start-up load is not paced."""
+    model_load_thread_nice: int = env("MODEL_LOAD_THREAD_NICE", 0, minimum=0, maximum=19)
+    """Niceness added to the short-lived threads that build a new version's session, run its
+    parity check and time a row in the server itself (Linux: niceness is per thread); 0 runs
+    them on the load's own thread at the server's priority. Those threads take the GIL (the
+    session build holds it ~1-2 ms parsing the model), and a niced thread that holds it is
+    preempted by any busier nice-0 thread on its core while the event loop waits for the GIL:
+    with a nice-0 competitor on the same core the loop's longest stall per build was 10-15 ms
+    at nice 10 against ~4.7 ms at 0 (``python -m bench swaps`` prints it). The load's CPU is
+    kept to ``MODEL_LOAD_CPU_SHARE`` either way; the reference child keeps
+    ``MODEL_LOAD_NICE`` (its own process, its own GIL)."""
 
     # -- limits on requests and load (what bad input and too much load get) ------------------
     max_name_bytes: int = env("MAX_NAME_BYTES", 128, minimum=1, maximum=65536)

@@ -69,10 +69,14 @@ def at_lower_priority(
 
     A hot swap's own CPU in this process (building the session ~14 ms, the parity run ~17 ms,
     timing a row ~5 ms for a 500-tree model) then yields to Predict's threads on a busy machine,
-    as the reference child's does. A thread the niced one starts inherits its niceness, so
-    ``fn`` must not start threads that serve afterwards (a session of more than one intra-op
-    thread does; :func:`load_model` builds those at the caller's priority). The thread's CPU is
-    charged to ``pacer`` (the caller's is already: it waits meanwhile)."""
+    as the reference child's does; but whenever the niced thread holds the GIL (the session
+    build's parse, between the parity chunks and the timed runs) the event loop waits on a
+    thread the scheduler favours least, so the server's default is 0
+    (``MODEL_LOAD_THREAD_NICE``): the work runs on the caller's thread, paced by its
+    :class:`~xylen_server.serving.pacing.CpuShare`. A thread the niced one starts inherits its
+    niceness, so ``fn`` must not start threads that serve afterwards (a session of more than one
+    intra-op thread does; :func:`load_model` builds those at the caller's priority). The
+    thread's CPU is charged to ``pacer`` (the caller's is already: it waits meanwhile)."""
     if nice <= 0 or not sys.platform.startswith("linux"):
         return fn(*args)
     box: list[T] = []
@@ -334,7 +338,7 @@ def _loaded(
     pacer: CpuShare | None = None,
 ) -> LoadedModel:
     row_cost_us = _warm_up(
-        engine, len(meta.feature_names), settings.pool_size, settings.model_load_nice, pacer
+        engine, len(meta.feature_names), settings.pool_size, settings.model_load_thread_nice, pacer
     )
     loop_max_rows = int(settings.loop_budget_us // row_cost_us) if row_cost_us > 0 else 0
     return LoadedModel(
@@ -450,8 +454,8 @@ def load_model(
         model_bytes, rows, reference = stored
         source = "stored"
     step("session")
-    # One intra-op thread: the session starts no thread, so it is built at MODEL_LOAD_NICE.
-    build_nice = settings.model_load_nice if settings.session_threads == 1 else 0
+    # One intra-op thread: the session starts no thread, so it may be built niced.
+    build_nice = settings.model_load_thread_nice if settings.session_threads == 1 else 0
     try:
         pool = at_lower_priority(
             build_nice,
@@ -468,7 +472,8 @@ def load_model(
         raise ModelLoadError(f"model {meta.name!r}: the parity probe has the wrong width")
     step("parity")
     difference = max_difference(
-        reference, at_lower_priority(settings.model_load_nice, _probe_run, pool, rows, pacer)
+        reference,
+        at_lower_priority(settings.model_load_thread_nice, _probe_run, pool, rows, pacer),
     )
     if not difference <= PARITY_TOLERANCE:
         pool.close()
@@ -480,6 +485,9 @@ def load_model(
         )
     step("warm-up")
     loaded = _loaded(meta, pool, difference, source, settings, pacer)
+    if pacer is not None:
+        # The warm-up's CPU (the timed runs now run on this thread) is the load's too.
+        pacer.pace()
     logger.info(
         "loaded %s v%d (onnx, %d sessions x %d threads, parity %.2g against a %s reference, "
         "%.1f us a row) in %.2fs",

@@ -1,5 +1,7 @@
 """A load's own CPU in the server (building the session, the parity run, timing a row) runs on a
-short-lived thread at ``MODEL_LOAD_NICE``; no thread that serves afterwards is left niced."""
+short-lived thread at ``MODEL_LOAD_THREAD_NICE`` when it is above 0, else on the load's own
+thread at the server's priority (the default: a niced thread holding the GIL stalls the loop);
+no thread that serves afterwards is left niced."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ import numpy as np
 import pytest
 from harness import server_settings
 
-from xylen_server.serving import model_store
+from xylen_server.serving import model_store, session_pool
 from xylen_server.serving.model_store import at_lower_priority, load_model
+from xylen_server.serving.pacing import CpuShare
+from xylen_server.settings import Settings
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's"
@@ -67,7 +71,7 @@ def test_a_load_leaves_no_serving_thread_niced(
 
     monkeypatch.setattr(model_store, "at_lower_priority", recorded)
     settings = server_settings(
-        models_root, model_load_nice=6, session_threads=session_threads, pool_size=2
+        models_root, model_load_thread_nice=6, session_threads=session_threads, pool_size=2
     )
     model = load_model(settings)
     try:
@@ -87,5 +91,75 @@ def test_a_load_leaves_no_serving_thread_niced(
                 break
             time.sleep(0.05)
         assert set(_niceness_of_every_thread().values()) == {base}
+    finally:
+        model.close()
+
+
+def test_by_default_the_load_runs_on_its_own_thread_at_the_servers_priority(
+    models_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MODEL_LOAD_THREAD_NICE 0 (the default): no niced thread is started; the session is
+    built, checked and timed on the thread that called the load, whose niceness stays."""
+    assert Settings.from_env({}).model_load_thread_nice == 0
+    assert Settings.from_env({"MODEL_LOAD_THREAD_NICE": "7"}).model_load_thread_nice == 7
+    base = _thread_niceness()
+    caller = threading.get_native_id()
+    where: list[tuple[str, int, int]] = []
+
+    class Recorded(session_pool.SessionPool):
+        def __init__(self, *args: object) -> None:
+            where.append(("build", threading.get_native_id(), _thread_niceness()))
+            super().__init__(*args)  # type: ignore[arg-type]
+
+    real_probe = model_store._probe_run
+
+    def probe(*args):  # type: ignore[no-untyped-def]
+        where.append(("parity", threading.get_native_id(), _thread_niceness()))
+        return real_probe(*args)
+
+    started: list[threading.Thread] = []
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        started.append(thread)
+        real_start(thread)
+
+    # load_model imports SessionPool from its module when it runs: the recording one.
+    monkeypatch.setattr(session_pool, "SessionPool", Recorded)
+    monkeypatch.setattr(model_store, "_probe_run", probe)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    model = load_model(server_settings(models_root, pool_size=2))
+    try:
+        assert where == [("build", caller, base), ("parity", caller, base)]
+        assert not [t for t in started if t.name == "model-load-niced"]
+        assert _thread_niceness() == base
+    finally:
+        model.close()
+
+
+def test_a_paced_load_charges_its_warm_up_too(
+    models_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the timing on the load's own thread, the load paces once more after the warm-up,
+    so the warm-up's CPU is charged (and slept for) like every other step's."""
+    events: list[str] = []
+    real_warm_up = model_store._warm_up
+
+    def warm_up(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_warm_up(*args, **kwargs)
+        events.append("warm-up")
+        return result
+
+    class Recorded(CpuShare):
+        def pace(self) -> None:
+            events.append("pace")
+            super().pace()
+
+    monkeypatch.setattr(model_store, "_warm_up", warm_up)
+    pacer = Recorded(1.0)
+    model = load_model(server_settings(models_root, pool_size=2), pacer=pacer)
+    try:
+        assert events[-2:] == ["warm-up", "pace"]
+        assert pacer.used > 0
     finally:
         model.close()
