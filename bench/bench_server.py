@@ -410,6 +410,18 @@ class Target:
         return sum(cpu_seconds(pid) for pid in self.pids or (self.pid,))
 
 
+def unary_target(
+    label: str, pid: int, call: Callable[[], object], pids: Sequence[int] = ()
+) -> Target:
+    """A :class:`Target` calling ``call`` (one unary call) at each concurrency."""
+    return Target(
+        label,
+        pid,
+        lambda c, s, load: _unary_slice(call, c, s, load.latencies, load.errors),
+        pids,
+    )
+
+
 async def measure(
     targets: Sequence[Target],
     levels: Sequence[int],
@@ -509,20 +521,8 @@ def over_grpc(
                 answer = await stub.Predict(request)
                 assert len(answer.predictions) == 1
                 targets = [
-                    Target(
-                        labels[0],
-                        echo.proc.pid,
-                        lambda c, s, load: _unary_slice(
-                            lambda: echo_call(payload), c, s, load.latencies, load.errors
-                        ),
-                    ),
-                    Target(
-                        labels[1],
-                        xylen.proc.pid,
-                        lambda c, s, load: _unary_slice(
-                            lambda: stub.Predict(request), c, s, load.latencies, load.errors
-                        ),
-                    ),
+                    unary_target(labels[0], echo.proc.pid, lambda: echo_call(payload)),
+                    unary_target(labels[1], xylen.proc.pid, lambda: stub.Predict(request)),
                     Target(
                         labels[2],
                         xylen.proc.pid,
@@ -533,16 +533,10 @@ def over_grpc(
                     stubs = [pb_grpc.ModelServiceStub(c) for c in channels[2:]]
                     turn = itertools.cycle(stubs)
                     targets += [
-                        Target(
+                        unary_target(
                             labels[3],
                             many.process.proc.pid,
-                            lambda c, s, load: _unary_slice(
-                                lambda: next(turn).Predict(request),
-                                c,
-                                s,
-                                load.latencies,
-                                load.errors,
-                            ),
+                            lambda: next(turn).Predict(request),
                             many.pids,
                         ),
                         Target(
@@ -617,25 +611,13 @@ def without_the_engine(
             ]
             try:
                 echo_call = channels[0].unary_unary("/bench.Echo/Echo")
-                targets = [
-                    Target(
-                        labels[0],
-                        echo.proc.pid,
-                        lambda c, s, load: _unary_slice(
-                            lambda: echo_call(payload), c, s, load.latencies, load.errors
-                        ),
-                    )
-                ]
+                targets = [unary_target(labels[0], echo.proc.pid, lambda: echo_call(payload))]
                 for label, server, channel in zip(labels[1:], servers, channels[1:], strict=True):
                     stub = pb_grpc.ModelServiceStub(channel)
                     assert len((await stub.Predict(request)).predictions) == 1
                     targets.append(
-                        Target(
-                            label,
-                            server.proc.pid,
-                            lambda c, s, load, stub=stub: _unary_slice(
-                                lambda: stub.Predict(request), c, s, load.latencies, load.errors
-                            ),
+                        unary_target(
+                            label, server.proc.pid, lambda stub=stub: stub.Predict(request)
                         )
                     )
                 return await measure(targets, (1,), seconds)

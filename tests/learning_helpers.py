@@ -19,6 +19,7 @@ from harness import server_settings, write_model
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
+from xylen_server.learning.job import JobSpec
 from xylen_server.settings import Settings
 
 
@@ -152,3 +153,26 @@ def fill_disk(directory: Path) -> Path:
                     raise
                 chunk = chunk[: len(chunk) // 2]
     return filler
+
+
+def job_spec(tmp_path: Path, serving: Path, data: Path, job_id: str, mode: str = "full") -> JobSpec:
+    """A retrain job over the samples in ``data`` against the model in ``serving``, with the
+    server's default gate (holdout 0.2, margin 0.002, AUC 0.52, z 1.645), writing its candidate
+    and result under ``tmp_path``."""
+    return JobSpec(
+        job_id=job_id,
+        samples=str(data),
+        serving_dir=str(serving),
+        candidate_dir=str(tmp_path / "candidate"),
+        result=str(tmp_path / "result.json"),
+        mode=mode,
+        version=2,
+        min_samples=100,
+        holdout_fraction=0.2,
+        margin=0.002,
+        min_auc=0.52,
+        z=1.645,
+        threads=1,
+        nice=0,
+        cutoff_ms=0,
+    )

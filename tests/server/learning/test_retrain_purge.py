@@ -16,12 +16,12 @@ import dataclasses
 import numpy as np
 import pytest
 from harness import write_model
-from learning_helpers import learnable_labels
+from learning_helpers import job_spec, learnable_labels
 
 from training.metadata import ModelMetadata
 from xylen_server.auth import ADMIN_TOKEN_IDENTITY
 from xylen_server.learning.feedback_store import FeedbackStore
-from xylen_server.learning.job import JobFailed, JobSpec
+from xylen_server.learning.job import JobFailed
 from xylen_server.learning.job.run import purge_before, run
 from xylen_server.learning.samples import FeedbackRecord
 
@@ -66,23 +66,7 @@ def test_the_samples_in_the_gap_before_the_window_are_not_trained_on(
     with FeedbackStore(data, compact_rows=0) as store:
         for i in range(total):
             store.append(_record(i, rows[i], int(labels[i])))
-    spec = JobSpec(
-        job_id="purge",
-        samples=str(data),
-        serving_dir=str(serving),
-        candidate_dir=str(tmp_path / "candidate"),
-        result=str(tmp_path / "result.json"),
-        mode="full",
-        version=2,
-        min_samples=100,
-        holdout_fraction=0.2,
-        margin=0.002,
-        min_auc=0.52,
-        z=1.645,
-        threads=1,
-        nice=0,
-        cutoff_ms=0,
-    )
+    spec = job_spec(tmp_path, serving, data, "purge", "full")
     result = run(spec)
     gate = result["gate"]
     assert gate["holdout_samples"] == window
@@ -136,23 +120,7 @@ def test_outcomes_that_all_closed_at_once_leave_nothing_to_train_on_and_say_so(
                 received_time_ms=START_MS + 1000 + i,
             )
             store.append(record)
-    spec = JobSpec(
-        job_id="burst",
-        samples=str(data),
-        serving_dir=str(serving),
-        candidate_dir=str(tmp_path / "candidate"),
-        result=str(tmp_path / "result.json"),
-        mode="incremental",
-        version=2,
-        min_samples=100,
-        holdout_fraction=0.2,
-        margin=0.002,
-        min_auc=0.52,
-        z=1.645,
-        threads=1,
-        nice=0,
-        cutoff_ms=0,
-    )
+    spec = job_spec(tmp_path, serving, data, "burst", "incremental")
     with pytest.raises(
         JobFailed, match=r"nothing to train on: the 480 samples before the held-out"
     ):

@@ -17,14 +17,19 @@ import grpc
 import numpy as np
 import pytest
 from harness import InProcessServer, feature_input, write_model
-from learning_helpers import learnable_labels, learning_settings, send_samples, wait_job
+from learning_helpers import (
+    job_spec,
+    learnable_labels,
+    learning_settings,
+    send_samples,
+    wait_job,
+)
 
 from training.metadata import ModelMetadata
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_server.auth import ADMIN_TOKEN_IDENTITY, ANONYMOUS, with_token
 from xylen_server.learning.feedback_store import FeedbackStore
-from xylen_server.learning.job import JobSpec
 from xylen_server.learning.job.run import run
 from xylen_server.learning.samples import FeedbackRecord, read_samples
 
@@ -127,23 +132,7 @@ def test_a_job_over_a_mix_scores_only_on_authenticated_samples(tmp_path, candles
         flood = learnable_labels(flood_rows, noise=0.0)
         for record in _records(flood_rows, flood, "flood", ANONYMOUS, flood_start):
             store.append(record)
-    spec = JobSpec(
-        job_id="mix",
-        samples=str(data),
-        serving_dir=str(serving),
-        candidate_dir=str(tmp_path / "candidate"),
-        result=str(tmp_path / "result.json"),
-        mode="full",
-        version=2,
-        min_samples=100,
-        holdout_fraction=0.2,
-        margin=0.002,
-        min_auc=0.52,
-        z=1.645,
-        threads=1,
-        nice=0,
-        cutoff_ms=0,
-    )
+    spec = job_spec(tmp_path, serving, data, "mix", "full")
     result = run(spec)
     gate = result["gate"]
     assert gate["holdout_samples"] == 60  # ceil(300 * 0.2): none of the 400 anonymous ones
