@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -59,7 +60,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -705,9 +706,11 @@ def _report(
     }
 
 
-def _longest_gap_ms(work: Callable[[], object]) -> float:
-    """The longest gap (ms) a thread sleeping 0.1 ms at a time sees while ``work`` runs on
-    another thread: how long the GIL was out of its reach (plus the machine's noise)."""
+@contextlib.contextmanager
+def _gap_watch() -> Iterator[list[float]]:
+    """While the block runs, a thread sleeping 0.1 ms at a time records in the yielded list the
+    longest gap (s) between its wake-ups: how long the GIL was out of its reach (plus the
+    machine's noise). Read it after the block."""
     longest, stop = [0.0], threading.Event()
 
     def ticker() -> None:
@@ -721,12 +724,20 @@ def _longest_gap_ms(work: Callable[[], object]) -> float:
     thread = threading.Thread(target=ticker)
     thread.start()
     time.sleep(0.005)
-    worker = threading.Thread(target=work)
-    worker.start()
-    worker.join()
-    time.sleep(0.005)
-    stop.set()
-    thread.join()
+    try:
+        yield longest
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _longest_gap_ms(work: Callable[[], object]) -> float:
+    """The longest gap (ms) :func:`_gap_watch` sees while ``work`` runs on another thread."""
+    with _gap_watch() as longest:
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join()
+        time.sleep(0.005)
     return longest[0] * 1e3
 
 
@@ -815,28 +826,14 @@ def construction(model_dir: Path, builds: int = 20) -> dict[str, tuple[float, fl
     for name, variant in variants.items():
         holds, cpu = [], 0.0
         for _ in range(builds):
-            longest, stop = [0.0], threading.Event()
-
-            def ticker(longest: list[float] = longest, stop: threading.Event = stop) -> None:
-                last = time.perf_counter()
-                while not stop.is_set():
-                    time.sleep(0.0001)
-                    now = time.perf_counter()
-                    longest[0] = max(longest[0], now - last)
-                    last = now
-
-            thread = threading.Thread(target=ticker)
-            thread.start()
-            time.sleep(0.005)
-            started = time.thread_time()
-            if variant is None:
-                time.sleep(0.015)
-            else:
-                ort.InferenceSession(variant[0], variant[1], providers=["CPUExecutionProvider"])
-            cpu += time.thread_time() - started
-            time.sleep(0.002)
-            stop.set()
-            thread.join()
+            with _gap_watch() as longest:
+                started = time.thread_time()
+                if variant is None:
+                    time.sleep(0.015)
+                else:
+                    ort.InferenceSession(variant[0], variant[1], providers=["CPUExecutionProvider"])
+                cpu += time.thread_time() - started
+                time.sleep(0.002)
             holds.append(longest[0])
         out[name] = (cpu / builds * 1e3, statistics.median(holds) * 1e3)
         print(
