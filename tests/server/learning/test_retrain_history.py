@@ -8,9 +8,11 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from errorinfo import error_info
 from harness import InProcessServer, write_model
@@ -117,3 +119,17 @@ def test_a_changed_history_file_fails_the_job(root):
     changed.write_bytes(changed.read_bytes() + b"\0")
     with pytest.raises(JobFailed, match="changed since training"):
         history_rows(meta, root / "models" / "model_1")
+
+
+def test_history_rows_carry_the_close_time_of_the_bar_each_label_reads(root):
+    """Full mode purges history rows by when their label's outcome closed, in a feedback
+    sample's terms: the close time of the bar ``horizon`` bars on. The last labelled hour of
+    February 2023 reads the close of its last bar, one millisecond before March."""
+    model_dir = root / "models" / "model_1"
+    meta = ModelMetadata.read(model_dir)
+    x, y, closes, _ = history_rows(meta, model_dir)
+    hour = 3_600_000
+    assert len(closes) == len(y) == len(x) > 1000
+    assert (np.diff(closes) > 0).all() and (np.diff(closes) % hour == 0).all()
+    march = int(datetime(2023, 3, 1, tzinfo=UTC).timestamp() * 1000)
+    assert meta.horizon == 1 and closes[-1] == march - 1

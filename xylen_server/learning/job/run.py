@@ -82,7 +82,7 @@ def history_rows(
     meta: ModelMetadata, model_dir: Path
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """The serving model's own training data (its kline files, featurised and labelled as
-    training did): features, labels, each row's bar open time (ms) and a note. A model whose
+    training did): features, labels, each row's outcome close time (ms) and a note. A model whose
     metadata lists no files (imported from elsewhere) has none: empty arrays and a note saying
     so. A listed file that is missing or changed fails the job with its path named: a full
     retrain never quietly trains on less than the model was."""
@@ -110,11 +110,12 @@ def history_rows(
     klines = load_klines([f.path for f in files], interval=meta.interval or None)
     candles = features.candles_from_frame(klines.frame)
     x = features.FeatureSet.of(meta.feature_names, meta.lookback).compute(candles)
+    step = interval_ms(klines.interval)
     y = binary_labels(
         candles["open_time"],
         candles["close"],
         horizon=meta.horizon,
-        step_ms=interval_ms(klines.interval),
+        step_ms=step,
         fee=meta.fee,
         threshold=meta.label_threshold,
     )
@@ -122,7 +123,9 @@ def history_rows(
     return (
         x[keep].astype(np.float32),
         y[keep].astype(np.int64),
-        np.asarray(candles["open_time"], dtype=np.int64)[keep],
+        # The close time of the bar whose close each label reads (``horizon`` bars on): the
+        # row's outcome, in the same terms as a feedback sample's close time.
+        np.asarray(candles["open_time"], dtype=np.int64)[keep] + (meta.horizon + 1) * step - 1,
         f"{int(keep.sum())} history rows from {len(files)} files",
     )
 
@@ -244,7 +247,7 @@ def run(spec: JobSpec) -> dict[str, Any]:
         frame.get_column("close_time").dt.epoch("ms").to_numpy(),
     )
     # Never trained on: the window, an untrusted sample newer than the window's start, nor any
-    # sample whose bar lies in the gap before the window or after its start.
+    # sample whose outcome closed in the gap before the window or after its start.
     closed = pl.col("close_time").dt.epoch("ms")
     excluded = (
         pl.col("prediction_id").is_in(holdout.get_column("prediction_id").implode())
@@ -269,8 +272,8 @@ def run(spec: JobSpec) -> dict[str, Any]:
         pool = frame.filter(~excluded)
         x_fb = feature_matrix(pool, width)
         y_fb = pool.get_column("label").to_numpy().astype(np.int64)
-        x_hist, y_hist, t_hist, note = history_rows(meta, serving_dir)
-        before = t_hist < purge_from
+        x_hist, y_hist, closed_hist, note = history_rows(meta, serving_dir)
+        before = closed_hist < purge_from
         x, y = np.concatenate([x_hist[before], x_fb]), np.concatenate([y_hist[before], y_fb])
     if len(y) == 0:
         raise JobFailed(
