@@ -21,8 +21,9 @@ outcomes closed within the label horizon before its held-out window (their label
 window's). A demo has no hours to wait, so with ``clock_file`` (the server's ``CLOCK_FILE``, the
 replay's simulated clock) it runs the hours itself: the clock set to a bar, one prediction, the
 clock an hour on, that prediction's outcome, as many hours back as there are outcomes up to the
-present. Without it every outcome closes within the same second and the job, rightly, finds
-nothing to train on that is far enough before its window.
+present. Without it every outcome closes within the same second, and for a model that names its
+bar interval (every model ``make train`` writes) the job, rightly, finds nothing far enough
+before its window to train on.
 """
 
 from __future__ import annotations
