@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -20,7 +20,10 @@ from harness import server_settings, write_model
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_server.learning.job import JobSpec
+from xylen_server.learning.samples import FeedbackRecord
 from xylen_server.settings import Settings
+
+T = TypeVar("T")
 
 
 def learning_settings(root: Path, **overrides: object) -> Settings:
@@ -176,3 +179,45 @@ def job_spec(tmp_path: Path, serving: Path, data: Path, job_id: str, mode: str =
         nice=0,
         cutoff_ms=0,
     )
+
+
+def python_calls(fn: Callable[[], T]) -> tuple[T, int]:
+    """``fn()`` and how many Python function calls it made (``sys.setprofile``): a cost that
+    does not move with the machine's load, for tests that must not time anything."""
+    import sys
+
+    counted = 0
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        nonlocal counted
+        counted += event == "call"
+
+    sys.setprofile(count)
+    try:
+        result = fn()
+    finally:
+        sys.setprofile(None)
+    return result, counted
+
+
+def feedback_records(
+    rows: np.ndarray, labels: np.ndarray, prefix: str, source: str, start_ms: int
+) -> Iterator[FeedbackRecord]:
+    """One stored outcome per row (ids ``<prefix>-<i>``), closing one an hour from
+    ``start_ms``, a long trade's +-1 % by its label, from ``source``."""
+    for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
+        ret = 0.01 if label else -0.01
+        yield FeedbackRecord(
+            prediction_id=f"{prefix}-{i}",
+            model_name="model_1",
+            model_version=1,
+            features=row.astype(np.float32),
+            probability_up=None,
+            signal=None,
+            pnl=ret * 1000,
+            realized_return=ret,
+            close_time_ms=start_ms + i * 3_600_000,
+            received_time_ms=start_ms + i * 3_600_000 + 1,
+            label=int(ret > 0),
+            source=source,
+        )

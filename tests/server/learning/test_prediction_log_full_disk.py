@@ -5,13 +5,12 @@ filled to the last byte (skipped, saying so, where one cannot be mounted)."""
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from learning_helpers import fill_disk, learning_settings, tmpfs
+from learning_helpers import fill_disk, learning_settings, python_calls, tmpfs
 
 from xylen_server.learning.feedback import FeedbackLoop
 from xylen_server.learning.feedback_store import FeedbackStore
@@ -136,17 +135,7 @@ def test_a_long_full_disk_does_not_slow_recording(tmp_path: Path) -> None:
                 with pytest.raises(OSError):
                     log.flush()
                 if start in (8, 124):
-                    counted = 0
-
-                    def count(frame, event, arg):  # type: ignore[no-untyped-def]
-                        nonlocal counted
-                        counted += event == "call"
-
-                    sys.setprofile(count)
-                    try:
-                        _record(log, 100_000 + start, 1)
-                    finally:
-                        sys.setprofile(None)
+                    _, counted = python_calls(lambda start=start: _record(log, 100_000 + start, 1))
                     said.append(f"0123456789ab-{100_000 + start:x}")
                     calls.append(counted)
             assert calls[1] <= calls[0], calls

@@ -6,11 +6,11 @@ few index entries, not the whole table, however long the log has run."""
 from __future__ import annotations
 
 import random
-import sys
 import time
 
 import numpy as np
 import pytest
+from learning_helpers import python_calls
 
 from xylen_server.learning.prediction_log import ID_BYTES, SEGMENT_PARTS, PredictionLog
 
@@ -122,17 +122,7 @@ def test_a_disk_lookup_costs_the_same_however_many_old_parts_the_log_has(tmp_pat
             for name in ("live-1", "filler-1"):
                 log.record([name], row, [0.5], [3], "model_1", 1)
                 log.flush()
-            counted = 0
-
-            def count(frame, event, arg):  # type: ignore[no-untyped-def]
-                nonlocal counted
-                counted += event == "call"
-
-            sys.setprofile(count)
-            try:
-                missing = log.find_recent("never-predicted")
-            finally:
-                sys.setprofile(None)
+            missing, counted = python_calls(lambda: log.find_recent("never-predicted"))
             assert missing is None
             assert log.find_recent("live-1") is not None  # a part written since is seen
             assert log.find_recent("old-3") is None  # too old
@@ -201,17 +191,8 @@ def test_a_disk_lookup_does_not_walk_every_part_within_the_retention(tmp_path) -
                 log.record([f"live-{k}"], row, [0.5], [3], "model_1", 1)
                 log.flush()
             assert log.find_recent("live-0") is not None  # from disk: indexes the parts
-            counted = 0
-
-            def count(frame, event, arg):  # type: ignore[no-untyped-def]
-                nonlocal counted
-                counted += event == "call"
-
-            sys.setprofile(count)
-            try:
-                assert log.find_recent("never-predicted") is None
-            finally:
-                sys.setprofile(None)
+            missing, counted = python_calls(lambda: log.find_recent("never-predicted"))
+            assert missing is None
             return counted
         finally:
             log.close()

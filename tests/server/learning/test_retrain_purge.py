@@ -16,35 +16,16 @@ import dataclasses
 import numpy as np
 import pytest
 from harness import write_model
-from learning_helpers import job_spec, learnable_labels
+from learning_helpers import feedback_records, job_spec, learnable_labels
 
 from training.metadata import ModelMetadata
 from xylen_server.auth import ADMIN_TOKEN_IDENTITY
 from xylen_server.learning.feedback_store import FeedbackStore
 from xylen_server.learning.job import JobFailed
 from xylen_server.learning.job.run import purge_before, run
-from xylen_server.learning.samples import FeedbackRecord
 
 HOUR_MS = 3_600_000
 START_MS = 1_700_000_000_000
-
-
-def _record(i: int, row: np.ndarray, label: int) -> FeedbackRecord:
-    ret = 0.01 if label else -0.01
-    return FeedbackRecord(
-        prediction_id=f"s-{i}",
-        model_name="model_1",
-        model_version=1,
-        features=row.astype(np.float32),
-        probability_up=None,
-        signal=None,
-        pnl=ret * 1000,
-        realized_return=ret,
-        close_time_ms=START_MS + i * HOUR_MS,
-        received_time_ms=START_MS + i * HOUR_MS + 1,
-        label=int(ret > 0),
-        source=ADMIN_TOKEN_IDENTITY,
-    )
 
 
 def test_the_samples_in_the_gap_before_the_window_are_not_trained_on(
@@ -64,8 +45,8 @@ def test_the_samples_in_the_gap_before_the_window_are_not_trained_on(
     labels[recent] = learnable_labels(rows[recent], noise=0.0)
     data = tmp_path / "data"
     with FeedbackStore(data, compact_rows=0) as store:
-        for i in range(total):
-            store.append(_record(i, rows[i], int(labels[i])))
+        for record in feedback_records(rows, labels, "s", ADMIN_TOKEN_IDENTITY, START_MS):
+            store.append(record)
     spec = job_spec(tmp_path, serving, data, "purge", "full")
     result = run(spec)
     gate = result["gate"]
@@ -113,13 +94,15 @@ def test_outcomes_that_all_closed_at_once_leave_nothing_to_train_on_and_say_so(
     data = tmp_path / "data"
     labels = np.random.default_rng(3).integers(0, 2, 600)
     with FeedbackStore(data, compact_rows=0) as store:
-        for i in range(600):
-            record = dataclasses.replace(
-                _record(i, feature_rows[i], int(labels[i])),
-                close_time_ms=START_MS + i,  # a millisecond apart
-                received_time_ms=START_MS + 1000 + i,
+        records = feedback_records(feature_rows[:600], labels, "s", ADMIN_TOKEN_IDENTITY, START_MS)
+        for i, record in enumerate(records):
+            store.append(
+                dataclasses.replace(
+                    record,
+                    close_time_ms=START_MS + i,  # a millisecond apart
+                    received_time_ms=START_MS + 1000 + i,
+                )
             )
-            store.append(record)
     spec = job_spec(tmp_path, serving, data, "burst", "incremental")
     with pytest.raises(
         JobFailed, match=r"nothing to train on: the 480 samples before the held-out"

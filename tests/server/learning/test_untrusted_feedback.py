@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from harness import InProcessServer, feature_input, write_model
 from learning_helpers import (
+    feedback_records,
     job_spec,
     learnable_labels,
     learning_settings,
@@ -31,7 +32,7 @@ from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_server.auth import ADMIN_TOKEN_IDENTITY, ANONYMOUS, with_token
 from xylen_server.learning.feedback_store import FeedbackStore
 from xylen_server.learning.job.run import run
-from xylen_server.learning.samples import FeedbackRecord, read_samples
+from xylen_server.learning.samples import read_samples
 
 ADMIN_TOKEN = "flood-test-admin-token"
 FLOOD = 400
@@ -96,25 +97,6 @@ def test_the_same_flood_from_an_authenticated_caller_is_promoted(make_server, fe
     assert set(sources) == {ADMIN_TOKEN_IDENTITY}
 
 
-def _records(rows: np.ndarray, labels: np.ndarray, prefix: str, source: str, start_ms: int):
-    for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
-        ret = 0.01 if label else -0.01
-        yield FeedbackRecord(
-            prediction_id=f"{prefix}-{i}",
-            model_name="model_1",
-            model_version=1,
-            features=row.astype(np.float32),
-            probability_up=None,
-            signal=None,
-            pnl=ret * 1000,
-            realized_return=ret,
-            close_time_ms=start_ms + i * 3_600_000,
-            received_time_ms=start_ms + i * 3_600_000 + 1,
-            label=int(ret > 0),
-            source=source,
-        )
-
-
 def test_a_job_over_a_mix_scores_only_on_authenticated_samples(tmp_path, candles, feature_rows):
     """300 honest outcomes (noise: nothing to learn) from an authenticated caller, then 400
     fabricated, perfectly learnable ones from anonymous callers, all newer: the window is the
@@ -126,11 +108,11 @@ def test_a_job_over_a_mix_scores_only_on_authenticated_samples(tmp_path, candles
     start = 1_700_000_000_000
     data = tmp_path / "data"
     with FeedbackStore(data, compact_rows=0) as store:
-        for record in _records(honest_rows, honest, "honest", "mtls:coordinator", start):
+        for record in feedback_records(honest_rows, honest, "honest", "mtls:coordinator", start):
             store.append(record)
         flood_start = start + 400 * 3_600_000
         flood = learnable_labels(flood_rows, noise=0.0)
-        for record in _records(flood_rows, flood, "flood", ANONYMOUS, flood_start):
+        for record in feedback_records(flood_rows, flood, "flood", ANONYMOUS, flood_start):
             store.append(record)
     spec = job_spec(tmp_path, serving, data, "mix", "full")
     result = run(spec)
