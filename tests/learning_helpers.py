@@ -160,8 +160,8 @@ def fill_disk(directory: Path) -> Path:
 
 def job_spec(tmp_path: Path, serving: Path, data: Path, job_id: str, mode: str = "full") -> JobSpec:
     """A retrain job over the samples in ``data`` against the model in ``serving``, with the
-    server's default gate (holdout 0.2, margin 0.002, AUC 0.52, z 1.645), writing its candidate
-    and result under ``tmp_path``."""
+    server's default gate and sample minimum (``JobSpec``'s defaults, from ``Settings``), run
+    at this process's niceness, writing its candidate and result under ``tmp_path``."""
     return JobSpec(
         job_id=job_id,
         samples=str(data),
@@ -170,14 +170,7 @@ def job_spec(tmp_path: Path, serving: Path, data: Path, job_id: str, mode: str =
         result=str(tmp_path / "result.json"),
         mode=mode,
         version=2,
-        min_samples=100,
-        holdout_fraction=0.2,
-        margin=0.002,
-        min_auc=0.52,
-        z=1.645,
-        threads=1,
         nice=0,
-        cutoff_ms=0,
     )
 
 
