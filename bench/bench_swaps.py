@@ -132,13 +132,6 @@ def _cpu(pid: int) -> tuple[float, float]:
     return own, children
 
 
-def _kernel(pid: int) -> tuple[float, int]:
-    """(system CPU seconds, minor page faults) of process ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return int(fields[12]) / _TICKS, int(fields[7])
-
-
 def _thread_counts(pid: int, tid: int) -> list[float]:
     """Thread ``tid`` of process ``pid`` so far: user and system CPU seconds, minor page faults,
     voluntary and involuntary context switches, and seconds spent runnable but waiting for a
@@ -188,13 +181,6 @@ def tlb_shootdowns() -> int:
     except OSError:
         pass
     return 0
-
-
-def _thread_cpu(pid: int, tid: int) -> float:
-    """User + system CPU seconds of thread ``tid`` of process ``pid``."""
-    with open(f"/proc/{pid}/task/{tid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def _loop_lags(server: Process) -> list[float]:
@@ -362,12 +348,6 @@ class Target:
     swaps: int = 0
     lags_before: int = 0
     steps_before: int = 0
-    loop_cpu_idle: float = 0.0
-    """CPU seconds of the server's main thread (its event loop) during the rounds without swaps."""
-    loop_cpu_swapping: float = 0.0
-    kernel_idle: list[float] = field(default_factory=lambda: [0.0, 0.0])
-    """System CPU seconds and minor page faults of the server during the rounds without swaps."""
-    kernel_swapping: list[float] = field(default_factory=lambda: [0.0, 0.0])
     gc_probe: Path | None = None
     idle_windows: list[tuple[float, float]] = field(default_factory=list)
     swap_windows: list[tuple[float, float]] = field(default_factory=list)
@@ -525,8 +505,6 @@ def _round(
     address = f"127.0.0.1:{target.server.port}"
     pid = target.server.proc.pid
     own0, _ = _cpu(pid)
-    loop0 = _thread_cpu(pid, pid)
-    kernel0 = _kernel(pid)
     counts0, process0, tlb0 = _thread_counts(pid, pid), _process_counts(pid), tlb_shootdowns()
     client0 = resource.getrusage(resource.RUSAGE_SELF)
     began = time.perf_counter()
@@ -535,17 +513,12 @@ def _round(
     counts1, process1, tlb1 = _thread_counts(pid, pid), _process_counts(pid), tlb_shootdowns()
     _add(target.client_idle, _usage(client0), _usage(resource.getrusage(resource.RUSAGE_SELF)))
     own1, children1 = _cpu(pid)
-    loop1 = _thread_cpu(pid, pid)
-    kernel1 = _kernel(pid)
     _add(target.loop_idle, counts0, counts1)
     _add(target.process_idle, process0, process1)
     target.tlb_idle += tlb1 - tlb0
-    for i in (0, 1):
-        target.kernel_idle[i] += kernel1[i] - kernel0[i]
     target.idle.append(_p(samples, 0.99))
     target.idle_samples.append(samples)
     target.cpu_idle += own1 - own0
-    target.loop_cpu_idle += loop1 - loop0
     target.calls_idle += len(samples)
     driver = (
         _ThreadDriver(address, target_v, every)
@@ -554,8 +527,6 @@ def _round(
     )
     driver.start()
     time.sleep(0.2)
-    loop1 = _thread_cpu(pid, pid)
-    kernel1 = _kernel(pid)
     counts1, process1, tlb1 = _thread_counts(pid, pid), _process_counts(pid), tlb_shootdowns()
     swaps1, client1 = len(_loop_lags(target.server)), resource.getrusage(resource.RUSAGE_SELF)
     began = time.perf_counter()
@@ -564,20 +535,15 @@ def _round(
     counts2, process2, tlb2 = _thread_counts(pid, pid), _process_counts(pid), tlb_shootdowns()
     swaps2, client2 = len(_loop_lags(target.server)), resource.getrusage(resource.RUSAGE_SELF)
     target.swaps_in_windows += swaps2 - swaps1
-    loop2 = _thread_cpu(pid, pid)
-    kernel2 = _kernel(pid)
     _add(target.loop_swapping, counts1, counts2)
     _add(target.process_swapping, process1, process2)
     _add(target.client_swapping, _usage(client1), _usage(client2))
     target.tlb_swapping += tlb2 - tlb1
-    for i in (0, 1):
-        target.kernel_swapping[i] += kernel2[i] - kernel1[i]
     durations = driver.stop()
     target.swap_seconds.extend(durations)
     own2, children2 = _cpu(pid)
     target.swapping.append(_p(samples, 0.99))
     target.swap_samples.append(samples)
-    target.loop_cpu_swapping += loop2 - loop1
     target.cpu_swapping += own2 - own1
     target.cpu_children += children2 - children1
     target.calls_swapping += len(samples)
@@ -676,17 +642,21 @@ def _report(
     per_call_swap = target.cpu_swapping / max(target.calls_swapping, 1) * 1e6
     # The server's CPU during swap rounds beyond what its Predicts cost without swaps.
     own_per_swap = (target.cpu_swapping - target.calls_swapping * per_call_idle / 1e6) / swaps
+    # The loop thread's user + system CPU, and the whole process's system CPU and minor faults,
+    # from the same /proc readings as the split below.
+    calls_idle, calls_swap = max(target.calls_idle, 1), max(target.calls_swapping, 1)
+    loop_idle, loop_swap = target.loop_idle, target.loop_swapping
+    process_idle, process_swap = target.process_idle, target.process_swapping
     print(
         f"  server main thread (event loop) CPU per Predict: "
-        f"{target.loop_cpu_idle / max(target.calls_idle, 1) * 1e6:.0f} us without swaps, "
-        f"{target.loop_cpu_swapping / max(target.calls_swapping, 1) * 1e6:.0f} us during swaps"
+        f"{(loop_idle[0] + loop_idle[1]) / calls_idle * 1e6:.0f} us without swaps, "
+        f"{(loop_swap[0] + loop_swap[1]) / calls_swap * 1e6:.0f} us during swaps"
     )
-    calls_idle, calls_swap = max(target.calls_idle, 1), max(target.calls_swapping, 1)
     print(
-        f"  server system CPU per Predict: {target.kernel_idle[0] / calls_idle * 1e6:.0f} us "
-        f"without swaps, {target.kernel_swapping[0] / calls_swap * 1e6:.0f} us during swaps; "
-        f"minor page faults per Predict {target.kernel_idle[1] / calls_idle:.2f} / "
-        f"{target.kernel_swapping[1] / calls_swap:.2f}"
+        f"  server system CPU per Predict: {process_idle[1] / calls_idle * 1e6:.0f} us "
+        f"without swaps, {process_swap[1] / calls_swap * 1e6:.0f} us during swaps; "
+        f"minor page faults per Predict {process_idle[2] / calls_idle:.2f} / "
+        f"{process_swap[2] / calls_swap:.2f}"
     )
     _split(target)
     _attribute(target)
