@@ -104,7 +104,7 @@ def feature_values(values: Sequence[float], n_features: int) -> list[float] | No
     row = list(values)
     if (
         math.isfinite(sum(row))
-        and -_F32_MAX <= min(row)
+        and min(row) >= -_F32_MAX
         and max(row) <= _F32_MAX
         and min(map(abs, row)) > _TINY
     ):
