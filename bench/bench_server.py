@@ -11,9 +11,10 @@
   on a server of all the workers this host gives it (``WORKERS=auto``, when more than one),
   reached over 8 connections, its CPU counted over the supervisor and every worker;
 * what a lone unary Predict's p50 is made of (:func:`without_the_engine`): at one call in
-  flight, the echo, xylen on the 500-tree model, on a 1-tree model, and with the loop's
-  inference replaced by a constant (``bench/constant_engine``), so the share of onnxruntime's
-  call, of its tree walk and of everything else is measured, not guessed.
+  flight, the echo, a generated stub answering a canned response (``bench.canned_server``),
+  xylen on the 500-tree model, on a 1-tree model, and with the loop's inference replaced by a
+  constant (``bench/constant_engine``), so the share of protobuf and the generated handler, of
+  xylen's own work, of onnxruntime's call and of its tree walk is measured, not guessed.
 
 Every xylen server starts through :func:`start_server` (one environment in, a SERVING process
 out), so a variant is one more environment. The model is what production serves: LightGBM, 500
@@ -569,8 +570,9 @@ CONSTANT_ENGINE = Path(__file__).resolve().parent / "constant_engine"
 def without_the_engine(
     model_root: Path, rows: np.ndarray, seconds: float, source: Path = REPO
 ) -> dict[tuple[str, int], Load]:
-    """What a lone unary Predict's p50 is made of: the echo floor; xylen serving the 500-tree
-    model; the same server with a 1-tree model (onnxruntime's fixed cost per run, almost no
+    """What a lone unary Predict's p50 is made of: the echo floor; a generated stub answering
+    a canned response (``bench.canned_server``: protobuf parsing and a response of xylen's
+    shape, nothing else); xylen serving the 500-tree model; the same server with a 1-tree model (onnxruntime's fixed cost per run, almost no
     tree walk); the same server with the loop's inference replaced by a constant
     (``bench/constant_engine``: every other step of a Predict as in production). At one call in
     flight, side by side in alternating slices."""
@@ -583,6 +585,7 @@ def without_the_engine(
     path = os.pathsep.join(p for p in (str(CONSTANT_ENGINE), os.environ.get("PYTHONPATH", "")) if p)
     labels = [
         "bare grpc.aio echo (floor)",
+        "generated stub, canned answer",
         "xylen, 500 trees",
         "xylen, 1 tree",
         "xylen, no engine call",
@@ -590,6 +593,9 @@ def without_the_engine(
     echo = Process([sys.executable, "-m", "bench.echo_server"], dict(os.environ), "echo listening")
     servers: list[Process] = []
     try:
+        servers.append(
+            Process([sys.executable, "-m", "bench.canned_server"], dict(os.environ), "canned")
+        )
         servers.append(start_xylen(model_root, source=source))
         servers.append(start_xylen(one_tree, source=source))
         servers.append(
@@ -600,9 +606,10 @@ def without_the_engine(
             )
         )
         print(
-            "\n== a lone unary Predict: the echo floor, xylen on the 500-tree model, on a 1-tree "
-            "model, and with the loop's inference replaced by a constant (everything else as in "
-            f"production), 1 call in flight, in turn ({seconds:.0f}s each) =="
+            "\n== a lone unary Predict: the echo floor, a generated stub's canned answer, xylen on "
+            "the 500-tree model, on a 1-tree model, and with the loop's inference replaced by a "
+            "constant (everything else as in production), 1 call in flight, in turn "
+            f"({seconds:.0f}s each) =="
         )
 
         async def run() -> dict[tuple[str, int], Load]:
@@ -627,11 +634,12 @@ def without_the_engine(
 
         loads = asyncio.run(run())
         report(loads, labels, labels[0], (1,))
-        floor, full, one, none = (loads[(label, 1)].percentile(0.5) for label in labels)
+        floor, canned, full, one, none = (loads[(label, 1)].percentile(0.5) for label in labels)
         print(
-            f"  p50 over the echo's: {none / floor:.2f}x with no engine call, +"
-            f"{(one - none) / floor:.2f}x for onnxruntime's call on 1 tree, +"
-            f"{(full - one) / floor:.2f}x for the walk of 500 trees"
+            f"  p50 over the echo's: {canned / floor:.2f}x for a generated stub's canned answer, "
+            f"+{(none - canned) / floor:.2f}x for xylen's own work (no engine call: "
+            f"{none / floor:.2f}x), +{(one - none) / floor:.2f}x for onnxruntime's call on 1 "
+            f"tree, +{(full - one) / floor:.2f}x for the walk of 500 trees"
         )
         return loads
     finally:

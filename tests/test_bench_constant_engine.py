@@ -5,6 +5,8 @@ bad row is still refused); without it, nothing changes. Real server processes, r
 from __future__ import annotations
 
 import math
+import os
+import sys
 from pathlib import Path
 
 import grpc
@@ -75,3 +77,25 @@ def test_without_the_variable_the_directory_changes_nothing(tmp_path: Path) -> N
         assert _raw_answers(on_path.port, picked) == expected
     finally:
         on_path.stop()
+
+
+def test_the_canned_server_parses_the_request_and_answers_one_prediction_of_xylen_s_shape() -> None:
+    from bench.bench_server import Process
+    from bench.canned_server import ANSWER
+
+    server = Process([sys.executable, "-m", "bench.canned_server"], dict(os.environ), "canned")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ModelServiceStub(channel)
+            answer = stub.Predict(_request(np.arange(25, dtype=np.float64)), timeout=30)
+            assert answer == ANSWER and len(answer.predictions) == 1
+            fields = {f.name for f, _ in answer.predictions[0].ListFields()}
+            assert fields == {
+                "prediction_id", "probability_up", "signal", "model_name", "model_version",
+                "raw_probability_up",
+            }  # fmt: skip
+            undecodable = channel.unary_unary("/xylen.v1.ModelService/Predict")
+            with pytest.raises(grpc.RpcError):  # it parses what it gets
+                undecodable(b"\xff\xff\xff", timeout=30)
+    finally:
+        server.stop()

@@ -15,6 +15,7 @@ Root (import-light, shared with the coordinator):
     ``tls``        TLS credentials from PEM files; one way to dial for every client
     ``auth``       who may call what: tokens, mTLS identities, the interceptor, the loopback rule
     ``telemetry``  meters, the ``/metrics`` and ``/health`` endpoint, process series, tracing
+    ``loops``      the running event loop, found without a system call per ask
 ``serving/``       inputs, the session pool, native engines, parity, the model store, the predictor
 ``versions/``      the hot swap, the history of kept versions, the ``model`` CLI
 ``learning/``      feedback samples and their store, the prediction log, feedback validation,

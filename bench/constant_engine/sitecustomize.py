@@ -1,8 +1,8 @@
 """The bench's engine-free xylen server: put this directory on a server's ``PYTHONPATH`` with
 ``XYLEN_BENCH_CONSTANT_ENGINE=<p>`` and the ONNX session pool's event-loop inference
-(``predict_on_loop``, which answers every lone and loop-batched request) returns P(up) = ``p``
-for every row without calling onnxruntime. Everything else a Predict does runs as in
-production: decoding, validation, the feature row and its float32 checks, calibration,
+(``predict_on_loop``, which answers every loop-batched request, and ``predict_value``, a lone
+row's) returns P(up) = ``p`` for every row without calling onnxruntime. Everything else a
+Predict does runs as in production: decoding, validation, the feature row and its float32 checks, calibration,
 signals, ids, the prediction log, metrics, the response. The load's parity check runs on the
 pool's threads (``predict_proba``, untouched), so the model loads and is checked as usual.
 
@@ -25,4 +25,8 @@ if _ANSWER:
     def _constant(self: object, rows: np.ndarray) -> np.ndarray:
         return np.full(len(rows), _p)
 
+    def _constant_value(self: object, values: list[float]) -> float:
+        return _p
+
     session_pool.SessionPool.predict_on_loop = _constant  # type: ignore[method-assign]
+    session_pool.SessionPool.predict_value = _constant_value  # type: ignore[method-assign]

@@ -37,6 +37,7 @@ from xylen_server.errors import (
     to_grpc_status,
     wrap_behaviors,
 )
+from xylen_server.loops import LoopCache
 
 _OK = "OK"
 
@@ -144,6 +145,7 @@ class CallInterceptor(HandlerInterceptor):
         started_call, ended_call = recorder.started, recorder.rpc
         clock = time.perf_counter
         caller = auth.CALLER
+        running_loop = LoopCache().get
 
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = clock()
@@ -175,7 +177,10 @@ class CallInterceptor(HandlerInterceptor):
                 reason = reason_of(exc)
                 await context.abort_with_status(to_grpc_status(exc))  # type: ignore[attr-defined]
             finally:
-                ended_call(method, _code_name(context), clock() - started, reason, False)
+                # Counted and timed in the loop's next turn: grpc sends the answer first.
+                running_loop().call_soon(
+                    ended_call, method, _code_name(context), clock() - started, reason, False
+                )
 
         return admission.tolerant_handler(
             grpc.unary_unary_rpc_method_handler(

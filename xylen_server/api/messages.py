@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+import numpy as np
+
 from xylen.v1 import model_service_pb2 as pb
 from xylen_server.errors import OK_ITEM_STATUS, to_item_status
 from xylen_server.learning.feedback_store import AppendResult
@@ -39,15 +41,15 @@ def predict_response(result: Result) -> pb.PredictResponse:
         # One row, the common case, without zip, two lists and a loop (~1.3 us of ~3)
         add(
             prediction_id=ids[0],
-            probability_up=probabilities.item(),
+            probability_up=probabilities[0],  # a float64 is a float (so is a list's)
             signal=signals[0],  # type: ignore[arg-type]
             model_name=name,
             model_version=version,
-            raw_probability_up=raw.item(),
+            raw_probability_up=raw[0],
         )
     else:
         for prediction_id, probability, signal, raw_probability in zip(
-            ids, probabilities.tolist(), signals, raw.tolist(), strict=True
+            ids, _floats(probabilities), signals, _floats(raw), strict=True
         ):
             add(
                 prediction_id=prediction_id,
@@ -64,6 +66,10 @@ def predict_response(result: Result) -> pb.PredictResponse:
         duration = response.inference_duration
         duration.seconds, duration.nanos = divmod(nanos, 1_000_000_000)
     return response
+
+
+def _floats(values: np.ndarray | list[float]) -> list[float]:
+    return values if isinstance(values, list) else values.tolist()  # type: ignore[no-any-return]
 
 
 def stream_answer(request_id: str, result: Result) -> pb.PredictStreamResponse:

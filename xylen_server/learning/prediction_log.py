@@ -326,37 +326,48 @@ class PredictionLog:
     def record(
         self,
         prediction_ids: Sequence[str],
-        features: np.ndarray,
+        features: np.ndarray | list[float],
         probabilities: np.ndarray | Sequence[float],
         signals: np.ndarray | Sequence[int],
         model_name: str,
         model_version: int,
         time_ms: int | None = None,
     ) -> None:
-        """Remember one Predict batch: its rows are copied into the ring (no I/O)."""
+        """Remember one Predict batch: its rows are copied into the ring (no I/O).
+
+        ``features`` is the (rows, width) float32 matrix the model ran on (or anything
+        ``np.asarray`` makes one of), or, for one row, a list of its values as Python floats
+        (the ring rounds them to float32 as it stores them): a row answered alone is stored
+        with no array built for it."""
         rows = len(prediction_ids)
         if rows == 0:
             return
         now = _now_ms() if time_ms is None else time_ms
-        # What the predictor hands over is already (rows, width) float32 and float64: no view
-        # or conversion is built for it.
-        if not (
-            features.__class__ is np.ndarray
-            and features.dtype is _FLOAT32
-            and features.ndim == 2
-            and len(features) == rows
-        ):
-            features = np.asarray(features, dtype=np.float32).reshape(rows, -1)
+        # One row's values as a list of floats (a list of rows takes the conversion below).
+        one_list = features.__class__ is list and rows == 1 and features[0].__class__ is float
+        if one_list:
+            width = len(features)
+        else:
+            # What the predictor hands over is already (rows, width) float32 and float64: no
+            # view or conversion is built for it.
+            if not (
+                features.__class__ is np.ndarray
+                and features.dtype is _FLOAT32
+                and features.ndim == 2
+                and len(features) == rows
+            ):
+                features = np.asarray(features, dtype=np.float32).reshape(rows, -1)
+            width = features.shape[1]
+            if not (probabilities.__class__ is np.ndarray and probabilities.dtype is _FLOAT64):
+                probabilities = np.asarray(probabilities, dtype=np.float64)
         matrix = features
-        if not (probabilities.__class__ is np.ndarray and probabilities.dtype is _FLOAT64):
-            probabilities = np.asarray(probabilities, dtype=np.float64)
         if rows > 1:  # one row's signal goes in as it is (no array built for it)
             signals = np.asarray(signals, dtype=np.int8)
         with self._lock:
             ring = self._ring
-            if ring is None or ring.width != matrix.shape[1]:
+            if ring is None or ring.width != width:
                 self._spill_pending()
-                ring = self._ring = _Ring(self.capacity_for(matrix.shape[1]), matrix.shape[1])
+                ring = self._ring = _Ring(self.capacity_for(width), width)
                 self._start = self._unflushed = self._next
             name = self._names.get(model_name)
             if name is None:
@@ -373,8 +384,8 @@ class PredictionLog:
                         np.full(skip, now, dtype=np.int64),
                         columns.strings([model_name] * skip),
                         np.full(skip, model_version, dtype=np.int64),
-                        matrix[:skip].copy(),
-                        probabilities[:skip].copy(),
+                        np.array(matrix[:skip], dtype=np.float32),  # copies
+                        np.array(probabilities[:skip], dtype=np.float64),
                         np.array(signals[:skip], dtype=np.int8),
                     )
                 )
@@ -394,7 +405,7 @@ class PredictionLog:
                 where = ring.slots(first, first + kept)
             ids = prediction_ids[skip:] if skip else prediction_ids
             if kept == 1:
-                ring.features[slot] = matrix[-1]
+                ring.features[slot] = matrix if one_list else matrix[-1]
                 ring.probabilities[slot] = probabilities[-1]
                 ring.signals[slot] = signals[-1]
             else:

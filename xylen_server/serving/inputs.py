@@ -8,6 +8,7 @@ Candle windows are validated by :mod:`xylen_server.candles` and become features 
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -78,6 +79,43 @@ def feature_rows(
     if not _within_float32(matrix):
         _refuse_values(matrix, selection.names)
     return matrix
+
+
+_TINY = 2e-35
+"""Values at or below this size (but +0.0) may meet the float32 zero snap of
+:func:`~training.metadata.model_input` (float32's rounding is monotonic, so anything larger
+stays above its 1e-35 threshold): :func:`feature_values` leaves them to the matrix path."""
+
+
+def feature_values(values: Sequence[float], n_features: int) -> list[float] | None:
+    """One row's feature values as a Python list, when the model takes them as they are: as
+    many as ``n_features``, each finite, within float32's range and not small enough to be
+    snapped to zero (+0.0 is). None otherwise: the row then takes :func:`feature_rows`, which
+    snaps, or refuses it naming the value. A lone row on the loop goes into the engine's own
+    buffer from this list (:meth:`~xylen_server.serving.session_pool.SessionPool.predict_value`),
+    without the matrix, the float32 copy and their checks (nine numpy calls).
+
+    Four passes in C decide a usual row: a finite sum rules out NaN and infinities (either
+    makes the sum NaN or infinite), so ``min`` and ``max`` are exact and bound every value,
+    and the smallest size is above the snap's reach. A row they cannot clear (a zero, a tiny
+    value, finite values whose sum overflows) is judged value by value."""
+    if len(values) != n_features:
+        return None
+    row = list(values)
+    if (
+        math.isfinite(sum(row))
+        and min(row) >= -_F32_MAX
+        and max(row) <= _F32_MAX
+        and min(map(abs, row)) > _TINY
+    ):
+        return row
+    for value in row:
+        if -_F32_MAX <= value <= _F32_MAX:  # False for NaN and infinities
+            if -_TINY <= value <= _TINY and (value or math.copysign(1.0, value) < 0.0):
+                return None  # snapped to +0.0 by model_input (-0.0 too)
+        else:
+            return None
+    return row
 
 
 def _feature_row(values: Sequence[float], n_features: int, index: int) -> np.ndarray:

@@ -57,6 +57,13 @@ class Engine(Protocol):
 
     def predict_on_loop(self, rows: np.ndarray) -> np.ndarray: ...
 
+    @property
+    def takes_values(self) -> bool:
+        """The engine answers :meth:`predict_value` (one row as a list of floats)."""
+        ...
+
+    def predict_value(self, values: list[float]) -> float: ...
+
     def close(self) -> None: ...
 
 
@@ -197,6 +204,12 @@ class NativeModel:
 
     # Native boosters keep per-thread state only, so the loop thread may call them directly.
     predict_on_loop = predict_proba
+
+    takes_values = False
+    """A native booster takes the matrix path for a lone row too."""
+
+    def predict_value(self, values: list[float]) -> float:
+        raise NotImplementedError("a native booster has no one-value path (takes_values)")
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

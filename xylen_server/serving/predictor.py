@@ -7,7 +7,15 @@ and halves throughput, so the loop does it itself. Such requests are batched dyn
 inference (at most :data:`LOOP_BATCH_MAX_ROWS` rows), run at the first turn of the loop with
 nothing else to do, so a busy server pays an inference call's fixed cost once per batch instead
 of once per request. A request reaching an idle loop (no batch waiting, nothing else due in
-this turn) is answered where it stands, without a batch, a future or another turn of the loop.
+this turn) is answered where it stands, without a batch, a future or another turn of the loop;
+one row of feature values the engine takes as they are goes from the request to the answer in
+Python floats (:meth:`Predictor._alone_value`), bit for bit the matrix path's answer.
+
+An answer is handed to :attr:`Predictor.on_answer` (the prediction log, the inference metrics)
+in the loop's next turn, so grpc sends the answer first (a traced call's at once, inside its
+``log`` span). Whatever reaches
+the loop after the answer went out (a Feedback for it above all) runs after that hand-over, as
+asyncio runs callbacks in the order they were scheduled.
 
 The served model is one reference, read once per request, so a hot swap (replacing the
 reference) never changes the model under a request that already started: every row of a batch
@@ -26,7 +34,6 @@ import contextlib
 import itertools
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,14 +42,16 @@ from typing import Any
 import numpy as np
 
 from training.calibration import apply as calibrate
+from training.calibration import apply_one as calibrate_one
 from training.metadata import model_input
 from xylen.v1 import model_service_pb2 as pb
 from xylen_server import telemetry
 from xylen_server.errors import SHOWN_CHARS, DeadlineExceeded, NotFound, Unavailable, shown
-from xylen_server.serving.inputs import feature_rows
+from xylen_server.loops import LoopCache
+from xylen_server.serving.inputs import feature_rows, feature_values
 from xylen_server.serving.model_store import LoadedModel
 from xylen_server.settings import Settings
-from xylen_server.signals import signal_numbers
+from xylen_server.signals import TO_PROTO, signal_for, signal_numbers
 
 logger = logging.getLogger(__name__)
 
@@ -54,21 +63,32 @@ class Result:
     ``object.__setattr__``, and nothing changes a Result after it is returned)."""
 
     model: LoadedModel
-    probabilities: np.ndarray
+    probabilities: np.ndarray | list[float]
     """Calibrated P(up) per row, float64 (the engine's output through the model's
-    ``calibration``; :mod:`training.calibration`)."""
+    ``calibration``; :mod:`training.calibration`); a one-element list for a row answered
+    alone from its values (:meth:`Predictor._alone_value`)."""
     signals: list[int]
     """``xylen.v1.Signal`` number per row, from the thresholds (:mod:`xylen_server.signals`)."""
     prediction_ids: list[str]
     seconds: float
-    rows: np.ndarray
-    """The float32 feature matrix the model ran on (kept by the prediction log)."""
+    rows: np.ndarray | list[float]
+    """The float32 feature matrix the model ran on (kept by the prediction log), or the one
+    row's values as a list of floats when it was answered alone from them (the float32
+    values the model ran on are exactly these rounded)."""
     waited: float = 0.0
     """Seconds the batch waited for a worker thread (and its session); 0 on the loop."""
     on_loop: bool = False
     """True when the batch ran on the event loop's own session, not the pool's."""
-    raw_probabilities: np.ndarray | None = None
+    raw_probabilities: np.ndarray | list[float] | None = None
     """The engine's P(up) before calibration (the same array when the model has none)."""
+
+    def feature_matrix(self) -> np.ndarray:
+        """:attr:`rows` as the float32 (rows, width) matrix the model ran on (a list of one
+        row's values rounded to float32, as the engine's buffer did)."""
+        rows = self.rows
+        if isinstance(rows, np.ndarray):
+            return rows
+        return np.array([rows], dtype=np.float32)
 
 
 class _Served:
@@ -176,10 +196,11 @@ class Predictor:
         self._id_prefix = os.urandom(6).hex()
         self._counter = itertools.count(1)
         self.on_answer: Callable[[Result], None] | None = None
-        """Called with every answered batch before it is returned (the prediction log)."""
+        """Called with every answered batch (the prediction log, the inference metrics), in
+        the event loop's next turn (a traced call's at once): see the module's docstring."""
         self._batch: _LoopBatch | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        """The loop :meth:`_running_loop` found last."""
+        self._running_loop = LoopCache().get
+        """The running event loop (:mod:`xylen_server.loops`: no system call per ask)."""
         """Requests waiting for this turn's inference on the loop (None: none yet)."""
         self.loop_runs = 0
         """Inferences run on the loop (each for one or more requests): rows on the loop per
@@ -343,35 +364,67 @@ class Predictor:
         (a plain method, not a coroutine: one frame less on every call)."""
         started = time.perf_counter()
         model = served.model
-        rows = self._rows(model, request)
         batch = self._batch
         if batch is None:
             loop = self._running_loop()
             if not getattr(loop, "_ready", True):  # asyncio's loop: callbacks due in this turn
-                return self._alone(model, rows, started)
+                if model.engine.takes_values and len(request.inputs) == 1:
+                    values = feature_values(
+                        request.inputs[0].features.values, len(model.meta.feature_names)
+                    )
+                    if values is not None:
+                        return self._alone_value(model, values, started, loop)
+                return self._alone(model, self._rows(model, request), started, loop)
+            rows = self._rows(model, request)
             batch = self._batch = _LoopBatch(loop)
             loop.call_soon(self._run_batch_after, 1)
+        else:
+            rows = self._rows(model, request)
         served.inflight += 1
         return batch.add(served, rows, time.perf_counter() - started)
 
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        """The running event loop: the one found last time while it still runs on this thread
-        (asyncio's ``_thread_id``, set only while a loop runs, names the thread), else
-        asyncio's answer, kept. ``asyncio.get_running_loop`` makes a ``getpid`` system call
-        every time (its fork check); a request reaching an idle loop would pay one each."""
-        loop = self._loop
-        if loop is None or getattr(loop, "_thread_id", None) != threading.get_ident():
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
-
-    def _alone(self, model: LoadedModel, rows: np.ndarray, started: float) -> Result:
+    def _alone(
+        self, model: LoadedModel, rows: np.ndarray, started: float, loop: asyncio.AbstractEventLoop
+    ) -> Result:
         """One request's inference on the loop at once (no other request could join it): the
         same answer and log row as a batch of one, without the batch."""
         rows = model_input(rows)
         raw = model.engine.predict_on_loop(rows)
         result = self._result(model, raw, rows, time.perf_counter() - started, 0.0, True)
         if self.on_answer is not None:
-            self.on_answer(result)
+            loop.call_soon(self.on_answer, result)
+        self.loop_runs += 1
+        self.lone_runs += 1
+        return result
+
+    def _alone_value(
+        self,
+        model: LoadedModel,
+        values: list[float],
+        started: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> Result:
+        """:meth:`_alone` of a row the engine takes as a list of Python floats
+        (:func:`~xylen_server.serving.inputs.feature_values`): the same answer, bit for bit,
+        in Python floats from the engine's bound buffer to the response, without the arrays
+        (numpy calls cost several microseconds each here, where the gRPC work between calls has
+        pushed their code out of the caches). The Result holds one-element lists."""
+        raw = model.engine.predict_value(values)
+        probability = calibrate_one(model.meta.calibration, raw)
+        thresholds = model.thresholds
+        result = Result(
+            model,
+            [probability],
+            [TO_PROTO[signal_for(probability, thresholds.buy, thresholds.sell)]],
+            [f"{self._id_prefix}-{next(self._counter):x}"],
+            time.perf_counter() - started,
+            values,
+            0.0,
+            True,
+            [raw],
+        )
+        if self.on_answer is not None:
+            loop.call_soon(self.on_answer, result)
         self.loop_runs += 1
         self.lone_runs += 1
         return result
@@ -415,8 +468,6 @@ class Predictor:
             seconds = time.perf_counter() - started
             featurised = sum(batch.featurised[i] for i in members)
             run = self._result(model, raw, rows, featurised + seconds, 0.0, True)
-            if self.on_answer is not None:
-                self.on_answer(run)
         except Exception as exc:  # every member of the run has the error
             for i in members:
                 batch.answers[i].set_exception(exc)
@@ -439,6 +490,8 @@ class Predictor:
                 )
             )
             offset = end
+        if self.on_answer is not None:  # after the members' wake-ups: they answer first
+            batch.loop.call_soon(self.on_answer, run)
 
     def _result(
         self,
@@ -511,7 +564,7 @@ class Predictor:
         result = self._result(model, probabilities, rows, seconds, waited, on_loop)
         if self.on_answer is not None:
             if parent is None:
-                self.on_answer(result)
+                self._running_loop().call_soon(self.on_answer, result)
             else:
                 with telemetry.tracer(__name__).start_as_current_span("log", context=parent):
                     self.on_answer(result)

@@ -70,6 +70,19 @@ class SessionPool:
     # The session is shared and thread-safe: the loop thread runs it like any other.
     predict_on_loop = predict_proba
 
+    @property
+    def takes_values(self) -> bool:
+        """:meth:`predict_value` answers (the model has a fixed width and a bound run)."""
+        return self._one_row is not None
+
+    def predict_value(self, values: list[float]) -> float:
+        """P(up) of one row given as a list of its feature values (as many as the model
+        takes, each one :func:`~training.metadata.model_input` would pass as it is; see
+        :func:`~xylen_server.serving.inputs.feature_values`), as a Python float: the same
+        value as :meth:`predict_proba` of that row. Only when :attr:`takes_values`."""
+        assert self._one_row is not None
+        return self._one_row.run_values(values, self._run_options)
+
     def close(self) -> None:
         self.executor.shutdown(wait=True)
 
@@ -141,6 +154,15 @@ class OneRow:
         row[0] = rows[0]
         self._run(binding, options)
         return answer[:, 1].astype(np.float64)
+
+    def run_values(self, values: list[float], options: ort.RunOptions) -> float:
+        """P(up) of the row of feature ``values`` (Python floats, :attr:`shape`'s width): numpy
+        rounds each to float32 as ``np.array(rows, dtype=np.float32)`` does, and the answer's
+        float32 P(up) comes back as the float64 :meth:`run` would hold."""
+        binding, row, answer = self._bound()
+        row[0] = values
+        self._run(binding, options)
+        return answer.item(1)  # type: ignore[no-any-return]
 
 
 def _binding_run(session: ort.InferenceSession) -> Any:

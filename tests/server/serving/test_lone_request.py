@@ -27,6 +27,8 @@ def test_a_lone_request_is_answered_at_once_with_its_exact_answer_and_log_row(
     async def run() -> tuple[Result, int, bool]:
         predictor, logged = logged_predictor(models_root, model)
         answer = await predictor.predict(predict_request(rows))  # nothing else is due on this loop
+        assert logged == []  # answered first: logged in the loop's next turn (after the send)
+        await asyncio.sleep(0)
         assert len(logged) == 1 and logged[0] is answer  # logged once, as answered
         return answer, predictor.lone_runs, predictor._batch is None
 
@@ -45,7 +47,11 @@ def test_lone_and_batched_answers_are_the_same(models_root, model, feature_rows)
 
     async def alone() -> tuple[list[Result], Predictor]:
         predictor, _ = logged_predictor(models_root, model)
-        return [await predictor.predict(r) for r in requests], predictor
+        answers = []
+        for request in requests:  # each in a turn of its own, as a server's calls come
+            answers.append(await predictor.predict(request))
+            await asyncio.sleep(0)
+        return answers, predictor
 
     async def together() -> tuple[list[Result], Predictor, list[Result]]:
         predictor, logged = logged_predictor(models_root, model)

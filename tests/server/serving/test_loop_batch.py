@@ -30,7 +30,11 @@ def test_requests_arriving_together_share_an_inference_and_get_their_own_answers
 
     async def alone() -> list[Result]:
         predictor, _ = logged_predictor(models_root, model)
-        return [await predictor.predict(r) for r in requests]  # one at a time: one run each
+        answers = []
+        for request in requests:  # one at a time, each in a turn of its own: one run each
+            answers.append(await predictor.predict(request))
+            await asyncio.sleep(0)  # the answer is logged in the next turn
+        return answers
 
     async def together() -> tuple[list[Result], Predictor, list[Result]]:
         predictor, logged = logged_predictor(models_root, model)
@@ -45,10 +49,10 @@ def test_requests_arriving_together_share_an_inference_and_get_their_own_answers
     runs = -(-rows // LOOP_BATCH_MAX_ROWS)
     assert predictor.loop_runs == len(logged) == runs  # 40 requests, 2 inferences
     for answer, single, size in zip(answers, one_by_one, sizes, strict=True):
-        assert answer.on_loop and len(answer.probabilities) == len(answer.rows) == size
+        assert answer.on_loop and len(answer.probabilities) == len(answer.feature_matrix()) == size
         np.testing.assert_array_equal(answer.probabilities, single.probabilities)
         np.testing.assert_array_equal(answer.raw_probabilities, single.raw_probabilities)
-        np.testing.assert_array_equal(answer.rows, single.rows)
+        np.testing.assert_array_equal(answer.feature_matrix(), single.feature_matrix())
         assert answer.signals == single.signals
         assert len(answer.prediction_ids) == size
     assert len(set(np.round(np.concatenate([a.probabilities for a in answers]), 6))) > 5
