@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -79,6 +80,20 @@ _FUTURE_SKEW_S = Settings.feedback_max_clock_skew_seconds
 MAX_PREDICTION_ID_BYTES = Settings.feedback_max_id_bytes
 #: Characters of a prediction id quoted in an error message.
 _SHOWN_ID_CHARS = 40
+#: Seconds between two writes of the prediction log (and retries of a failed one).
+_FLUSH_SECONDS = 0.2
+#: Characters of an exception's text quoted in a log line.
+_SHOWN_ERROR_CHARS = 200
+
+
+def _storage_error(exc: BaseException) -> bool:
+    """A failure of the disk or the database (full, read-only, I/O), not of this code."""
+    return isinstance(exc, (OSError, sqlite3.Error))
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:_SHOWN_ERROR_CHARS]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class Ledger:
@@ -94,6 +109,10 @@ class Ledger:
         self._records: OrderedDict[str, PredictionRecord] = OrderedDict()
         self._unwritten: list[tuple[str, float, PredictionRecord]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._failing_since: float | None = None
+        """When the prediction log's writes began to fail (monotonic), None while they work."""
+        self._failed_writes = 0
+        """Failed writes since then."""
 
     def delivery_retries(self) -> int:
         """Deliveries that failed and were rescheduled since the outbox opened."""
@@ -123,8 +142,15 @@ class Ledger:
                 await self._flusher
         try:
             await self._flush()
-        except Exception:
-            logger.exception("writing the prediction log at close failed")
+        except Exception as exc:
+            self.metrics.prediction_log_write_failed()
+            logger.error(
+                "prediction log: %d ensemble predictions could not be written at close (%s); "
+                "an outcome for one of them after a restart is PREDICTION_NOT_FOUND",
+                len(self._unwritten),
+                _describe(exc),
+                exc_info=not _storage_error(exc),
+            )
         finally:
             if self._outbox is not None:
                 await self._outbox.close()
@@ -184,12 +210,39 @@ class Ledger:
         self._unwritten = waiting
 
     async def _flush_loop(self) -> None:
+        """Write the prediction log every :data:`_FLUSH_SECONDS`. While the writes fail (a full
+        disk) the predictions wait in memory (:meth:`_keep_for_retry`) and every attempt is
+        counted (``xylen_coordinator_prediction_log_write_failures_total``), but only the
+        change is logged: one warning when the writes begin to fail, one line when they work
+        again (a traceback only for a failure that is not the storage's: a bug)."""
         while True:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(_FLUSH_SECONDS)
             try:
                 await self._flush()
-            except Exception:
-                logger.exception("writing the prediction log failed")
+            except Exception as exc:
+                self.metrics.prediction_log_write_failed()
+                self._failed_writes += 1
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+                    logger.warning(
+                        "prediction log: cannot write to the outbox (%s); %d ensemble "
+                        "predictions wait in memory (up to %d), retried every %.1fs; one line "
+                        "more when it works again",
+                        _describe(exc),
+                        len(self._unwritten),
+                        _PREDICTION_MEMORY,
+                        _FLUSH_SECONDS,
+                        exc_info=not _storage_error(exc),
+                    )
+                continue
+            if self._failing_since is not None:
+                logger.warning(
+                    "prediction log: writing to the outbox again after %d failed attempts in "
+                    "%.1fs; the predictions that waited are written",
+                    self._failed_writes,
+                    time.monotonic() - self._failing_since,
+                )
+                self._failing_since, self._failed_writes = None, 0
 
     # -- outcomes ---------------------------------------------------------------------------
 

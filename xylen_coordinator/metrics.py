@@ -47,6 +47,7 @@ class Metrics:
         self._rejoins: Counter[str] = Counter()
         self._not_forwarded: Counter[tuple[str, str]] = Counter()
         self._last_log: dict[tuple[str, str], tuple[float, int]] = {}
+        self._prediction_log_failures = 0
 
     def vote(self, name: str) -> None:
         with self._lock:
@@ -81,6 +82,17 @@ class Metrics:
         """Count an outcome not forwarded to ``name`` (its label horizon is not the outcome's)."""
         with self._lock:
             self._not_forwarded[(name, reason)] += 1
+
+    def prediction_log_write_failed(self) -> None:
+        """Count a failed write of the ensemble's prediction log to the outbox (a full disk)."""
+        with self._lock:
+            self._prediction_log_failures += 1
+
+    @property
+    def prediction_log_write_failures(self) -> int:
+        """Failed writes of the prediction log since the coordinator started."""
+        with self._lock:
+            return self._prediction_log_failures
 
     def counts(self, name: str) -> EndpointCounts:
         with self._lock:

@@ -16,6 +16,8 @@
 ``xylen_coordinator_feedback_retries_total``     deliveries that failed and were rescheduled
 ``xylen_coordinator_feedback_not_forwarded_total`` outcomes not forwarded to an ``endpoint``, by
                                                  ``reason`` (HORIZON_MISMATCH, HORIZON_UNKNOWN)
+``xylen_coordinator_prediction_log_write_failures_total`` failed writes of the prediction log to
+                                                 the outbox (a full disk; retried)
 =============================================== ============================================
 
 Plus the process series of :class:`~xylen_server.telemetry.Meters`. The coordinator library
@@ -99,6 +101,11 @@ class CoordinatorTelemetry:
             [self._retries],
             description="Feedback deliveries that failed and were rescheduled.",
         )
+        meter.create_observable_counter(
+            "xylen.coordinator.prediction_log.write_failures",
+            [self._prediction_log_failures],
+            description="Failed writes of the ensemble prediction log to the outbox (retried).",
+        )
         self.pending = 0
         """Queue depth, refreshed on the loop before every scrape (:meth:`refresh`)."""
         self._endpoint_attributes: dict[str, dict[str, str]] = {}
@@ -174,6 +181,9 @@ class CoordinatorTelemetry:
 
     def _retries(self, _options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(self.coordinator.delivery_retries())]
+
+    def _prediction_log_failures(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self.coordinator.metrics.prediction_log_write_failures)]
 
     def health(self) -> tuple[Mapping[str, Any], bool]:
         """``/health``: SERVING with the endpoints that are."""
