@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -54,7 +53,15 @@ from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import FeedbackQueueSettings, Retraining
 from xylen_coordinator.ensemble import AdaptiveWeights, Label
 from xylen_coordinator.metrics import Metrics
-from xylen_coordinator.outbox import Forwarder, Outbox, PredictionRecord, with_decision_side
+from xylen_coordinator.outbox import (
+    Forwarder,
+    Outbox,
+    PredictionRecord,
+    Trouble,
+    describe,
+    storage_error,
+    with_decision_side,
+)
 from xylen_coordinator.replicas import ReplicaSet
 from xylen_coordinator.results import FeedbackAck, RowDecision
 from xylen_server import clock
@@ -82,18 +89,6 @@ MAX_PREDICTION_ID_BYTES = Settings.feedback_max_id_bytes
 _SHOWN_ID_CHARS = 40
 #: Seconds between two writes of the prediction log (and retries of a failed one).
 _FLUSH_SECONDS = 0.2
-#: Characters of an exception's text quoted in a log line.
-_SHOWN_ERROR_CHARS = 200
-
-
-def _storage_error(exc: BaseException) -> bool:
-    """A failure of the disk or the database (full, read-only, I/O), not of this code."""
-    return isinstance(exc, (OSError, sqlite3.Error))
-
-
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:_SHOWN_ERROR_CHARS]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class Ledger:
@@ -109,10 +104,8 @@ class Ledger:
         self._records: OrderedDict[str, PredictionRecord] = OrderedDict()
         self._unwritten: list[tuple[str, float, PredictionRecord]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._failing_since: float | None = None
-        """When the prediction log's writes began to fail (monotonic), None while they work."""
-        self._failed_writes = 0
-        """Failed writes since then."""
+        self._trouble = Trouble("prediction_log", logger, self.metrics)
+        """The prediction log's failed writes: counted, logged when they begin and end."""
 
     def delivery_retries(self) -> int:
         """Deliveries that failed and were rescheduled since the outbox opened."""
@@ -128,7 +121,7 @@ class Ledger:
         self._outbox = outbox = Outbox(settings.path)
         for stored in await outbox.run(outbox.outcomes):
             self._score(stored.record, stored.outcome)
-        self._forwarder = Forwarder(outbox, settings, clients)
+        self._forwarder = Forwarder(outbox, settings, clients, self.metrics)
         self._forwarder.start()
         self._flusher = asyncio.create_task(self._flush_loop(), name="prediction-log")
 
@@ -143,13 +136,13 @@ class Ledger:
         try:
             await self._flush()
         except Exception as exc:
-            self.metrics.prediction_log_write_failed()
+            self.metrics.outbox_failed("prediction_log")
             logger.error(
                 "prediction log: %d ensemble predictions could not be written at close (%s); "
                 "an outcome for one of them after a restart is PREDICTION_NOT_FOUND",
                 len(self._unwritten),
-                _describe(exc),
-                exc_info=not _storage_error(exc),
+                describe(exc),
+                exc_info=not storage_error(exc),
             )
         finally:
             if self._outbox is not None:
@@ -212,37 +205,20 @@ class Ledger:
     async def _flush_loop(self) -> None:
         """Write the prediction log every :data:`_FLUSH_SECONDS`. While the writes fail (a full
         disk) the predictions wait in memory (:meth:`_keep_for_retry`) and every attempt is
-        counted (``xylen_coordinator_prediction_log_write_failures_total``), but only the
-        change is logged: one warning when the writes begin to fail, one line when they work
-        again (a traceback only for a failure that is not the storage's: a bug)."""
+        counted, but only the change is logged (:class:`~xylen_coordinator.outbox.Trouble`):
+        one warning when the writes begin to fail, one line when they work again."""
         while True:
             await asyncio.sleep(_FLUSH_SECONDS)
             try:
                 await self._flush()
             except Exception as exc:
-                self.metrics.prediction_log_write_failed()
-                self._failed_writes += 1
-                if self._failing_since is None:
-                    self._failing_since = time.monotonic()
-                    logger.warning(
-                        "prediction log: cannot write to the outbox (%s); %d ensemble "
-                        "predictions wait in memory (up to %d), retried every %.1fs; one line "
-                        "more when it works again",
-                        _describe(exc),
-                        len(self._unwritten),
-                        _PREDICTION_MEMORY,
-                        _FLUSH_SECONDS,
-                        exc_info=not _storage_error(exc),
-                    )
-                continue
-            if self._failing_since is not None:
-                logger.warning(
-                    "prediction log: writing to the outbox again after %d failed attempts in "
-                    "%.1fs; the predictions that waited are written",
-                    self._failed_writes,
-                    time.monotonic() - self._failing_since,
+                self._trouble.failed(
+                    exc,
+                    f"{len(self._unwritten)} ensemble predictions wait in memory (up to "
+                    f"{_PREDICTION_MEMORY}), retried every {_FLUSH_SECONDS:.1f}s",
                 )
-                self._failing_since, self._failed_writes = None, 0
+            else:
+                self._trouble.worked()
 
     # -- outcomes ---------------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ class Metrics:
         self._rejoins: Counter[str] = Counter()
         self._not_forwarded: Counter[tuple[str, str]] = Counter()
         self._last_log: dict[tuple[str, str], tuple[float, int]] = {}
-        self._prediction_log_failures = 0
+        self._outbox_failures: Counter[str] = Counter()
 
     def vote(self, name: str) -> None:
         with self._lock:
@@ -83,16 +83,17 @@ class Metrics:
         with self._lock:
             self._not_forwarded[(name, reason)] += 1
 
-    def prediction_log_write_failed(self) -> None:
-        """Count a failed write of the ensemble's prediction log to the outbox (a full disk)."""
+    def outbox_failed(self, part: str) -> None:
+        """Count a failed use of the outbox (a full disk) by ``part``: ``prediction_log`` (the
+        write-behind of the ensemble's predictions) or ``feedback_forwarding`` (a pass of the
+        forwarder, which records each delivery's result)."""
         with self._lock:
-            self._prediction_log_failures += 1
+            self._outbox_failures[part] += 1
 
-    @property
-    def prediction_log_write_failures(self) -> int:
-        """Failed writes of the prediction log since the coordinator started."""
+    def outbox_failures(self) -> dict[str, int]:
+        """Failed uses of the outbox by part since the coordinator started."""
         with self._lock:
-            return self._prediction_log_failures
+            return dict(self._outbox_failures)
 
     def counts(self, name: str) -> EndpointCounts:
         with self._lock:

@@ -16,8 +16,9 @@
 ``xylen_coordinator_feedback_retries_total``     deliveries that failed and were rescheduled
 ``xylen_coordinator_feedback_not_forwarded_total`` outcomes not forwarded to an ``endpoint``, by
                                                  ``reason`` (HORIZON_MISMATCH, HORIZON_UNKNOWN)
-``xylen_coordinator_prediction_log_write_failures_total`` failed writes of the prediction log to
-                                                 the outbox (a full disk; retried)
+``xylen_coordinator_outbox_failures_total``      failed uses of the outbox (a full disk;
+                                                 retried), by ``part``: prediction_log,
+                                                 feedback_forwarding
 =============================================== ============================================
 
 Plus the process series of :class:`~xylen_server.telemetry.Meters`. The coordinator library
@@ -102,9 +103,9 @@ class CoordinatorTelemetry:
             description="Feedback deliveries that failed and were rescheduled.",
         )
         meter.create_observable_counter(
-            "xylen.coordinator.prediction_log.write_failures",
-            [self._prediction_log_failures],
-            description="Failed writes of the ensemble prediction log to the outbox (retried).",
+            "xylen.coordinator.outbox.failures",
+            [self._outbox_failures],
+            description="Failed uses of the outbox (a full disk; retried), by part.",
         )
         self.pending = 0
         """Queue depth, refreshed on the loop before every scrape (:meth:`refresh`)."""
@@ -182,8 +183,11 @@ class CoordinatorTelemetry:
     def _retries(self, _options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(self.coordinator.delivery_retries())]
 
-    def _prediction_log_failures(self, _options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(self.coordinator.metrics.prediction_log_write_failures)]
+    def _outbox_failures(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(n, {"part": part})
+            for part, n in self.coordinator.metrics.outbox_failures().items()
+        ]
 
     def health(self) -> tuple[Mapping[str, Any], bool]:
         """``/health``: SERVING with the endpoints that are."""
