@@ -53,7 +53,15 @@ from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import FeedbackQueueSettings, Retraining
 from xylen_coordinator.ensemble import AdaptiveWeights, Label
 from xylen_coordinator.metrics import Metrics
-from xylen_coordinator.outbox import Forwarder, Outbox, PredictionRecord, with_decision_side
+from xylen_coordinator.outbox import (
+    Forwarder,
+    Outbox,
+    PredictionRecord,
+    Trouble,
+    describe,
+    storage_error,
+    with_decision_side,
+)
 from xylen_coordinator.replicas import ReplicaSet
 from xylen_coordinator.results import FeedbackAck, RowDecision
 from xylen_server import clock
@@ -79,6 +87,8 @@ _FUTURE_SKEW_S = Settings.feedback_max_clock_skew_seconds
 MAX_PREDICTION_ID_BYTES = Settings.feedback_max_id_bytes
 #: Characters of a prediction id quoted in an error message.
 _SHOWN_ID_CHARS = 40
+#: Seconds between two writes of the prediction log (and retries of a failed one).
+_FLUSH_SECONDS = 0.2
 
 
 class Ledger:
@@ -94,6 +104,8 @@ class Ledger:
         self._records: OrderedDict[str, PredictionRecord] = OrderedDict()
         self._unwritten: list[tuple[str, float, PredictionRecord]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._trouble = Trouble("prediction_log", logger, self.metrics)
+        """The prediction log's failed writes: counted, logged when they begin and end."""
 
     def delivery_retries(self) -> int:
         """Deliveries that failed and were rescheduled since the outbox opened."""
@@ -109,7 +121,7 @@ class Ledger:
         self._outbox = outbox = Outbox(settings.path)
         for stored in await outbox.run(outbox.outcomes):
             self._score(stored.record, stored.outcome)
-        self._forwarder = Forwarder(outbox, settings, clients)
+        self._forwarder = Forwarder(outbox, settings, clients, self.metrics)
         self._forwarder.start()
         self._flusher = asyncio.create_task(self._flush_loop(), name="prediction-log")
 
@@ -123,8 +135,15 @@ class Ledger:
                 await self._flusher
         try:
             await self._flush()
-        except Exception:
-            logger.exception("writing the prediction log at close failed")
+        except Exception as exc:
+            self.metrics.outbox_failed("prediction_log")
+            logger.error(
+                "prediction log: %d ensemble predictions could not be written at close (%s); "
+                "an outcome for one of them after a restart is PREDICTION_NOT_FOUND",
+                len(self._unwritten),
+                describe(exc),
+                exc_info=not storage_error(exc),
+            )
         finally:
             if self._outbox is not None:
                 await self._outbox.close()
@@ -184,12 +203,22 @@ class Ledger:
         self._unwritten = waiting
 
     async def _flush_loop(self) -> None:
+        """Write the prediction log every :data:`_FLUSH_SECONDS`. While the writes fail (a full
+        disk) the predictions wait in memory (:meth:`_keep_for_retry`) and every attempt is
+        counted, but only the change is logged (:class:`~xylen_coordinator.outbox.Trouble`):
+        one warning when the writes begin to fail, one line when they work again."""
         while True:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(_FLUSH_SECONDS)
             try:
                 await self._flush()
-            except Exception:
-                logger.exception("writing the prediction log failed")
+            except Exception as exc:
+                self._trouble.failed(
+                    exc,
+                    f"{len(self._unwritten)} ensemble predictions wait in memory (up to "
+                    f"{_PREDICTION_MEMORY}), retried every {_FLUSH_SECONDS:.1f}s",
+                )
+            else:
+                self._trouble.worked()
 
     # -- outcomes ---------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ class Metrics:
         self._rejoins: Counter[str] = Counter()
         self._not_forwarded: Counter[tuple[str, str]] = Counter()
         self._last_log: dict[tuple[str, str], tuple[float, int]] = {}
+        self._outbox_failures: Counter[str] = Counter()
 
     def vote(self, name: str) -> None:
         with self._lock:
@@ -81,6 +82,18 @@ class Metrics:
         """Count an outcome not forwarded to ``name`` (its label horizon is not the outcome's)."""
         with self._lock:
             self._not_forwarded[(name, reason)] += 1
+
+    def outbox_failed(self, part: str) -> None:
+        """Count a failed use of the outbox (a full disk) by ``part``: ``prediction_log`` (the
+        write-behind of the ensemble's predictions) or ``feedback_forwarding`` (a pass of the
+        forwarder, which records each delivery's result)."""
+        with self._lock:
+            self._outbox_failures[part] += 1
+
+    def outbox_failures(self) -> dict[str, int]:
+        """Failed uses of the outbox by part since the coordinator started."""
+        with self._lock:
+            return dict(self._outbox_failures)
 
     def counts(self, name: str) -> EndpointCounts:
         with self._lock:

@@ -16,6 +16,9 @@
 ``xylen_coordinator_feedback_retries_total``     deliveries that failed and were rescheduled
 ``xylen_coordinator_feedback_not_forwarded_total`` outcomes not forwarded to an ``endpoint``, by
                                                  ``reason`` (HORIZON_MISMATCH, HORIZON_UNKNOWN)
+``xylen_coordinator_outbox_failures_total``      failed uses of the outbox (a full disk;
+                                                 retried), by ``part``: prediction_log,
+                                                 feedback_forwarding
 =============================================== ============================================
 
 Plus the process series of :class:`~xylen_server.telemetry.Meters`. The coordinator library
@@ -99,6 +102,11 @@ class CoordinatorTelemetry:
             [self._retries],
             description="Feedback deliveries that failed and were rescheduled.",
         )
+        meter.create_observable_counter(
+            "xylen.coordinator.outbox.failures",
+            [self._outbox_failures],
+            description="Failed uses of the outbox (a full disk; retried), by part.",
+        )
         self.pending = 0
         """Queue depth, refreshed on the loop before every scrape (:meth:`refresh`)."""
         self._endpoint_attributes: dict[str, dict[str, str]] = {}
@@ -174,6 +182,12 @@ class CoordinatorTelemetry:
 
     def _retries(self, _options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(self.coordinator.delivery_retries())]
+
+    def _outbox_failures(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(n, {"part": part})
+            for part, n in self.coordinator.metrics.outbox_failures().items()
+        ]
 
     def health(self) -> tuple[Mapping[str, Any], bool]:
         """``/health``: SERVING with the endpoints that are."""

@@ -36,7 +36,14 @@ call and two bare grpc.aio echo processes 1.17-1.21x one echo's, with the same w
 call: what splitting a load over two processes on two shared cores costs, not a worker's work.
 
 Signals. SIGTERM (or SIGINT) is passed to every worker; each flips to NOT_SERVING, drains its
-calls for ``SHUTDOWN_GRACE_SECONDS`` and exits 0; the supervisor exits 0 when all did. SIGHUP is
+calls for ``SHUTDOWN_GRACE_SECONDS`` and exits 0; the supervisor exits 0 when all did. The exit
+status judges the stop, not what happened before it: only the workers running when SIGTERM
+arrived (and a restart that was starting then, which is stopped at once) are told to drain, and
+the supervisor exits 1 only when one of those did not exit 0 (or by that SIGTERM before it
+installed its handler, i.e. while still loading: nothing in flight) or had to be killed after
+``SHUTDOWN_GRACE_SECONDS`` + 30 s. A worker that had died before (just killed, or waiting out its
+restart backoff) was already logged and is simply not started again: an orderly stop that
+happens to come during a restart still exits 0. SIGHUP is
 passed to every worker (the owner reloads the model directory, the others follow it). A worker
 that dies is logged and started again after a backoff (0.5 s doubling to 30 s, back to 0.5 s
 after it ran a minute); one that cannot start the first time (a bad model, a bad setting: exit
@@ -326,6 +333,8 @@ class Worker:
     health: dict[str, Any] = field(default_factory=dict)
     cpu: int = -1
     """The CPU the worker pins itself to (-1: none; ``WORKER_CPU_AFFINITY``)."""
+    told_to_stop: bool = False
+    """Sent SIGTERM by the supervisor's stop while running: its exit status counts."""
 
     @property
     def pid(self) -> int:
@@ -398,8 +407,8 @@ class Supervisor:
         )
         tasks = [asyncio.ensure_future(self._keep(worker)) for worker in self.workers]
         await self.stopping.wait()
-        logger.info("shutting down: SIGTERM to %d workers", self.count)
-        self._forward(signal.SIGTERM)
+        running = self._stop_workers()
+        logger.info("shutting down: SIGTERM to %d of %d workers", running, self.count)
         limit = self.settings.shutdown_grace_seconds + 30.0
         _, pending = await asyncio.wait(tasks, timeout=limit)
         for worker in self.workers:
@@ -415,10 +424,45 @@ class Supervisor:
         shutil.rmtree(self.run_dir, ignore_errors=True)
         codes = [w.proc.returncode for w in self.workers if w.proc is not None]
         # -SIGTERM: a worker still starting, before its handler was installed (nothing in flight)
-        if self.exit_code == 0 and any(code not in (0, -signal.SIGTERM) for code in codes):
+        failed = [
+            w
+            for w in self.workers
+            if w.told_to_stop
+            and w.proc is not None
+            and w.proc.returncode not in (0, -signal.SIGTERM)
+        ]
+        for worker in failed:
+            logger.error(
+                "worker %d (pid %d) did not drain: exit %s",
+                worker.index,
+                worker.pid,
+                worker.proc.returncode if worker.proc is not None else None,
+            )
+        if self.exit_code == 0 and failed:
             self.exit_code = 1
         logger.info("stopped (workers exited %s)", codes)
         return self.exit_code
+
+    def _stop_workers(self) -> int:
+        """SIGTERM to every worker still running, each marked ``told_to_stop``; the count.
+        One that has exited or is being killed, even if not yet reaped, gets none: it died
+        before the stop (:func:`exited`)."""
+        told = 0
+        for worker in self.workers:
+            proc = worker.proc
+            if proc is None or proc.returncode is not None or exited(proc.pid):
+                if proc is not None:
+                    logger.info(
+                        "worker %d (pid %d) had died before the stop: its exit does not count",
+                        worker.index,
+                        proc.pid,
+                    )
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            worker.told_to_stop = True
+            told += 1
+        return told
 
     def _forward(self, signum: int) -> None:
         for worker in self.workers:
@@ -450,6 +494,8 @@ class Supervisor:
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), worker.backoff)
+            if self.stopping.is_set():
+                return
             worker.backoff = min(worker.backoff * 2, RESTART_BACKOFF_SECONDS[1])
             worker.restarts += 1
 
@@ -466,6 +512,13 @@ class Supervisor:
             env=self.environment(worker.index),
         )
         logger.info("worker %d started (pid %d)", worker.index, worker.pid)
+        if self.stopping.is_set() and not worker.told_to_stop:
+            # SIGTERM came while it was being started: it missed the stop's SIGTERM.
+            logger.info(
+                "worker %d (pid %d) started during the stop: SIGTERM", worker.index, worker.pid
+            )
+            worker.proc.send_signal(signal.SIGTERM)
+            worker.told_to_stop = True
         assert worker.proc.stdout is not None
         while line := await worker.proc.stdout.readline():
             text = line.decode(errors="replace").rstrip("\n")
@@ -553,6 +606,35 @@ class Supervisor:
             for w in self.workers
         ]
         return {"serving": serving, "workers": workers}, serving
+
+
+_SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+
+
+def exited(pid: int, proc: Path = Path("/proc")) -> bool:
+    """Whether the child ``pid`` has exited or is being killed (reaped or not; it is left to be
+    reaped). A process sent SIGKILL takes a while to exit (each of its threads must), during
+    which waitid still finds it running; the kernel shows the kill in ``/proc/<pid>/status``
+    at once: SIGKILL pending (``ShdPnd``/``SigPnd``) or the main thread a zombie."""
+    try:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return True
+    except ChildProcessError:  # reaped already
+        return True
+    try:
+        status = (proc / str(pid) / "status").read_text()
+    except FileNotFoundError:
+        return (proc / "self").exists()  # /proc is there and the process is not
+    except OSError:
+        return False
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    if fields.get("State", "").strip()[:1] in ("Z", "X"):
+        return True
+    pending = 0
+    for name in ("ShdPnd", "SigPnd"):
+        with contextlib.suppress(ValueError):
+            pending |= int(fields.get(name, "0").strip() or "0", 16)
+    return bool(pending & _SIGKILL_BIT)
 
 
 class _Merged:

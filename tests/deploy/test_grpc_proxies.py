@@ -9,6 +9,7 @@ two replica addresses to free loopback ports (each substitution must match exact
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import signal
@@ -100,12 +101,11 @@ def kind(request: pytest.FixtureRequest) -> str:
     return program
 
 
-@pytest.fixture(scope="module")
-def replicas(
-    kind: str, fleet_models: Path, tmp_path_factory: pytest.TempPathFactory
+@contextlib.contextmanager
+def started_replicas(
+    fleet_models: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[harness.ServerProcess]]:
-    """Two servers of model_1, each with its own copy of the model and its own data (fresh
-    ones for each proxy: the last test kills one)."""
+    """Two servers of model_1, each with its own copy of the model and its own data."""
     servers = []
     try:
         for i in range(2):
@@ -125,6 +125,16 @@ def replicas(
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    kind: str, fleet_models: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[harness.ServerProcess]]:
+    """Two live replicas shared by the tests of one proxy that kill nothing (fresh ones for
+    each proxy)."""
+    with started_replicas(fleet_models, tmp_path_factory) as servers:
+        yield servers
 
 
 def configure(
@@ -161,12 +171,12 @@ def command(kind: str, prefix: Path, conf: Path, check: bool = False) -> list[st
     return [program, *(["-c"] if check else ["-db"]), "-f", str(conf)]
 
 
-@pytest.fixture(scope="module")
-def proxy(
+@contextlib.contextmanager
+def started_proxy(
     kind: str, replicas: list[harness.ServerProcess], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Proxy]:
-    """The proxy, run as the config's header says (nginx with the prefix -p, HAProxy from the
-    directory holding run/certs), in the foreground."""
+    """The proxy in front of ``replicas``, run as the config's header says (nginx with the
+    prefix -p, HAProxy from the directory holding run/certs), in the foreground."""
     prefix = tmp_path_factory.mktemp(kind)
     certs = write_certs(prefix / "run" / "certs")  # where the config expects `make certs`' files
     bundle = certs.path("haproxy.pem")  # HAProxy's one-file certificate and key (its header)
@@ -201,6 +211,28 @@ def proxy(
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    kind: str, replicas: list[harness.ServerProcess], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Proxy]:
+    """The proxy in front of the shared replicas."""
+    with started_proxy(kind, replicas, tmp_path_factory) as running:
+        yield running
+
+
+@pytest.fixture
+def own_fleet(
+    kind: str, fleet_models: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Proxy, list[harness.ServerProcess]]]:
+    """A proxy and two replicas of its own, for a test that kills one: the shared ones stay
+    whole whatever order the tests run in."""
+    with (
+        started_replicas(fleet_models, tmp_path_factory) as servers,
+        started_proxy(kind, servers, tmp_path_factory) as running,
+    ):
+        yield running, servers
 
 
 def request(feature_rows: np.ndarray, i: int = 0) -> pb.PredictRequest:
@@ -287,9 +319,11 @@ def test_the_mtls_door_needs_a_client_certificate_of_the_ca(
 
 
 def test_calls_and_streams_keep_succeeding_when_a_replica_is_killed(
-    kind: str, proxy: Proxy, replicas: list[harness.ServerProcess], feature_rows: np.ndarray
+    kind: str,
+    own_fleet: tuple[Proxy, list[harness.ServerProcess]],
+    feature_rows: np.ndarray,
 ) -> None:
-    victim, survivor = replicas
+    proxy, (victim, survivor) = own_fleet
     predict_many(proxy.plain, feature_rows, 4)  # both replicas have kept-alive connections
     assert victim.stop(signal.SIGKILL) == -signal.SIGKILL
     before = calls(survivor, "Predict")

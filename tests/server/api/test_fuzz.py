@@ -3,6 +3,10 @@ through a generic channel, must each get a proper status (never UNKNOWN or INTER
 server must keep answering a fixed request identically, and its RSS stay bounded over the run.
 
 Bounded: a fixed number of examples per RPC, no deadline per example, no example database.
+
+Each campaign (one RPC family) runs once per module through the ``campaigns`` fixture, which
+keeps what it tried: a fuzz test runs its own campaign, and the summary test runs whichever
+have not run yet, so the tests pass alone, in any order, or shuffled.
 """
 
 from __future__ import annotations
@@ -32,10 +36,6 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-
-#: Every call made and every status seen, for the summary the last test prints.
-TRIED: Counter[str] = Counter()
-IMPROPER_SEEN: list[str] = []
 
 
 def _rss_kib(pid: int) -> int:
@@ -82,21 +82,57 @@ def baseline(fuzzed, fuzz_stub, feature_rows, candles):
     return request, answer, _rss_kib(fuzzed.proc.pid)
 
 
-def _check(name: str, call, *args) -> None:
-    """Make one call; any status but UNKNOWN/INTERNAL is proper."""
-    TRIED[name] += 1
-    try:
-        result = call(*args, timeout=20)
-        if isinstance(result, Iterator):
-            for answer in result:
-                if isinstance(answer, pb.PredictStreamResponse):
-                    TRIED[name + " item"] += 1
-                    if answer.status.code in IMPROPER_NUMBERS:
-                        IMPROPER_SEEN.append(f"{name} item: {answer.status}")
-    except grpc.RpcError as error:
-        if error.code() in IMPROPER:
-            IMPROPER_SEEN.append(f"{name}: {error.code()} {error.details()}")
-    assert not IMPROPER_SEEN, IMPROPER_SEEN[-1]
+class Tally:
+    """Every call made and every improper status seen, for the summary."""
+
+    def __init__(self) -> None:
+        self.tried: Counter[str] = Counter()
+        self.improper: list[str] = []
+
+    def check(self, name: str, call, *args) -> None:
+        """Make one call; any status but UNKNOWN/INTERNAL is proper."""
+        self.tried[name] += 1
+        try:
+            result = call(*args, timeout=20)
+            if isinstance(result, Iterator):
+                for answer in result:
+                    if isinstance(answer, pb.PredictStreamResponse):
+                        self.tried[name + " item"] += 1
+                        if answer.status.code in IMPROPER_NUMBERS:
+                            self.improper.append(f"{name} item: {answer.status}")
+        except grpc.RpcError as error:
+            if error.code() in IMPROPER:
+                self.improper.append(f"{name}: {error.code()} {error.details()}")
+        assert not self.improper, self.improper[-1]
+
+
+class Campaigns:
+    """The module's fuzz campaigns against one server, each run at most once (``run``), and
+    the tally of all that ran."""
+
+    def __init__(self, stub, channel, candles, feature_rows) -> None:
+        self.stub, self.channel = stub, channel
+        self.base = window_input(candles, 700)
+        self.n_features = feature_rows.shape[1]
+        self.tally = Tally()
+        self.done: set[str] = set()
+
+    def run(self, name: str) -> Tally:
+        if name not in self.done:
+            CAMPAIGNS[name](self)
+            self.done.add(name)
+        return self.tally
+
+    def run_all(self) -> Tally:
+        for name in CAMPAIGNS:
+            self.run(name)
+        return self.tally
+
+
+@pytest.fixture(scope="module")
+def campaigns(fuzz_stub, fuzz_channel, baseline, candles, feature_rows) -> Campaigns:
+    """After ``baseline``: the fixed request's answer and RSS are taken before any fuzzing."""
+    return Campaigns(fuzz_stub, fuzz_channel, candles, feature_rows)
 
 
 # -- strategies -------------------------------------------------------------------------------
@@ -166,25 +202,19 @@ def predict_requests(draw, base: pb.PredictInput, n_features: int) -> pb.Predict
     )
 
 
-# -- the fuzz tests -----------------------------------------------------------------------------
+# -- the fuzz campaigns -------------------------------------------------------------------------
 
 
-def test_fuzz_predict(fuzz_stub, baseline, candles, feature_rows):
-    base = window_input(candles, 700)
-
+def fuzz_predict(c: Campaigns) -> None:
     @FUZZ
     @given(data=st.data())
     def run(data):
-        _check(
-            "Predict", fuzz_stub.Predict, data.draw(predict_requests(base, feature_rows.shape[1]))
-        )
+        c.tally.check("Predict", c.stub.Predict, data.draw(predict_requests(c.base, c.n_features)))
 
     run()
 
 
-def test_fuzz_predict_stream(fuzz_stub, baseline, candles, feature_rows):
-    base = window_input(candles, 700)
-
+def fuzz_predict_stream(c: Campaigns) -> None:
     @FUZZ
     @given(data=st.data())
     def run(data):
@@ -192,18 +222,18 @@ def test_fuzz_predict_stream(fuzz_stub, baseline, candles, feature_rows):
         for _ in range(data.draw(st.integers(1, 5))):
             item = pb.PredictStreamRequest(
                 request_id=data.draw(texts),
-                request=data.draw(predict_requests(base, feature_rows.shape[1])),
+                request=data.draw(predict_requests(c.base, c.n_features)),
             )
             if data.draw(st.booleans()):
                 item.timeout.seconds = data.draw(int64s)
                 item.timeout.nanos = data.draw(nanos)
             items.append(item)
-        _check("PredictStream", fuzz_stub.PredictStream, iter(items))
+        c.tally.check("PredictStream", c.stub.PredictStream, iter(items))
 
     run()
 
 
-def test_fuzz_feedback(fuzz_stub, baseline, feature_rows):
+def fuzz_feedback(c: Campaigns) -> None:
     @FUZZ
     @given(data=st.data())
     def run(data):
@@ -215,14 +245,16 @@ def test_fuzz_feedback(fuzz_stub, baseline, feature_rows):
             request.outcome.close_time.seconds = data.draw(int64s)
             request.outcome.close_time.nanos = data.draw(nanos)
         if data.draw(st.booleans()):
-            size = data.draw(st.sampled_from([feature_rows.shape[1], 0, 3]))
+            size = data.draw(st.sampled_from([c.n_features, 0, 3]))
             request.features.values.extend(data.draw(floats) for _ in range(size))
-        _check("Feedback", fuzz_stub.Feedback, request)
+        c.tally.check("Feedback", c.stub.Feedback, request)
 
     run()
 
 
-def test_fuzz_admin_and_info(fuzz_stub, baseline):
+def fuzz_admin_and_info(c: Campaigns) -> None:
+    stub, check = c.stub, c.tally.check
+
     @FUZZ
     @given(
         name=texts,
@@ -232,22 +264,22 @@ def test_fuzz_admin_and_info(fuzz_stub, baseline):
         dry_run=st.booleans(),
     )
     def run(name, version, mode, min_samples, dry_run):
-        _check("GetModelInfo", fuzz_stub.GetModelInfo, pb.GetModelInfoRequest(model_name=name))
-        _check(
+        check("GetModelInfo", stub.GetModelInfo, pb.GetModelInfoRequest(model_name=name))
+        check(
             "ListModelVersions",
-            fuzz_stub.ListModelVersions,
+            stub.ListModelVersions,
             pb.ListModelVersionsRequest(model_name=name),
         )
-        _check("RollbackModel", fuzz_stub.RollbackModel, pb.RollbackModelRequest(version=version))
-        _check(
+        check("RollbackModel", stub.RollbackModel, pb.RollbackModelRequest(version=version))
+        check(
             "Retrain",
-            fuzz_stub.Retrain,
+            stub.Retrain,
             pb.RetrainRequest(mode=mode, min_samples=min_samples, dry_run=dry_run),
         )
-        _check("WatchRetrain", fuzz_stub.WatchRetrain, pb.WatchRetrainRequest(job_id=name))
+        check("WatchRetrain", stub.WatchRetrain, pb.WatchRetrainRequest(job_id=name))
 
     run()
-    _check("ReloadModel", fuzz_stub.ReloadModel, pb.ReloadModelRequest())
+    check("ReloadModel", stub.ReloadModel, pb.ReloadModelRequest())
 
 
 METHODS = [
@@ -276,14 +308,14 @@ ADVERSARIAL = [
 ]
 
 
-def test_fuzz_raw_bytes(fuzz_channel, baseline):
+def fuzz_raw_bytes(c: Campaigns) -> None:
     def send(method: str, shape: str, data: bytes) -> None:
         if shape == "unary":
-            _check("raw " + method, fuzz_channel.unary_unary(method), data)
+            c.tally.check("raw " + method, c.channel.unary_unary(method), data)
         elif shape == "server-stream":
-            _check("raw " + method, fuzz_channel.unary_stream(method), data)
+            c.tally.check("raw " + method, c.channel.unary_stream(method), data)
         else:
-            _check("raw " + method, fuzz_channel.stream_stream(method), iter([data, data]))
+            c.tally.check("raw " + method, c.channel.stream_stream(method), iter([data, data]))
 
     for method, shape in METHODS:
         for data in ADVERSARIAL:
@@ -297,7 +329,46 @@ def test_fuzz_raw_bytes(fuzz_channel, baseline):
     run()
 
 
-def test_after_the_fuzzing_the_same_answer_and_bounded_memory(fuzzed, fuzz_stub, baseline):
+CAMPAIGNS = {
+    "Predict": fuzz_predict,
+    "PredictStream": fuzz_predict_stream,
+    "Feedback": fuzz_feedback,
+    "admin and info": fuzz_admin_and_info,
+    "raw bytes": fuzz_raw_bytes,
+}
+
+
+# -- the tests ----------------------------------------------------------------------------------
+
+
+def test_fuzz_predict(campaigns):
+    assert campaigns.run("Predict").tried["Predict"] >= EXAMPLES
+
+
+def test_fuzz_predict_stream(campaigns):
+    tried = campaigns.run("PredictStream").tried
+    assert tried["PredictStream"] >= EXAMPLES and tried["PredictStream item"] >= EXAMPLES
+
+
+def test_fuzz_feedback(campaigns):
+    assert campaigns.run("Feedback").tried["Feedback"] >= EXAMPLES
+
+
+def test_fuzz_admin_and_info(campaigns):
+    tried = campaigns.run("admin and info").tried
+    assert tried["Retrain"] >= EXAMPLES and tried["ReloadModel"] >= 1
+
+
+def test_fuzz_raw_bytes(campaigns):
+    tried = campaigns.run("raw bytes").tried
+    assert sum(n for name, n in tried.items() if name.startswith("raw ")) >= EXAMPLES
+
+
+def test_after_the_fuzzing_the_same_answer_and_bounded_memory(
+    fuzzed, fuzz_stub, baseline, campaigns
+):
+    """After every campaign (those the other tests did not run yet run here first)."""
+    tally = campaigns.run_all()
     request, before, rss_before = baseline
     after = fuzz_stub.Predict(request, timeout=10)
     assert [p.probability_up for p in after.predictions] == [
@@ -306,13 +377,14 @@ def test_after_the_fuzzing_the_same_answer_and_bounded_memory(fuzzed, fuzz_stub,
     assert [p.signal for p in after.predictions] == [p.signal for p in before.predictions]
     assert all(math.isfinite(p.probability_up) for p in after.predictions)
     rss_after = _rss_kib(fuzzed.proc.pid)
-    total = sum(n for name, n in TRIED.items() if not name.endswith(" item"))
-    items = sum(n for name, n in TRIED.items() if name.endswith(" item"))
+    total = sum(n for name, n in tally.tried.items() if not name.endswith(" item"))
+    items = sum(n for name, n in tally.tried.items() if name.endswith(" item"))
     print(
-        f"\nfuzz: {total} calls ({items} stream items), {len(IMPROPER_SEEN)} improper statuses; "
-        f"server RSS {rss_before // 1024} MiB -> {rss_after // 1024} MiB"
+        f"\nfuzz: {total} calls ({items} stream items), {len(tally.improper)} improper "
+        f"statuses; server RSS {rss_before // 1024} MiB -> {rss_after // 1024} MiB"
     )
+    assert campaigns.done == set(CAMPAIGNS)
     assert total >= 8 * EXAMPLES
-    assert not IMPROPER_SEEN
+    assert not tally.improper
     assert rss_after - rss_before < 100 * 1024, (rss_before, rss_after)
     assert "Traceback" not in fuzzed.log()

@@ -54,7 +54,9 @@ def test_on_a_simulated_clock_outcomes_close_one_an_hour_and_the_gap_is_purged(
     assert "400 predictions made, one an hour of simulated time" in text
     assert "400 outcomes fed back" in text
     # 400 new samples, 80 held out, the one before them (its 1-bar label ends where the
-    # window's first begins) purged, 319 trained on.
-    assert "incremental on 319 rows" in text and "1 in the 1-bar gap before them purged" in text
+    # window's first begins) purged; of the 319 left the last 47 stop early and the one before
+    # them is purged the same way: 318 used.
+    assert "incremental on 318 rows" in text and "1 in the 1-bar gap before them purged" in text
+    assert "early stopping on the 47 most recent, 1 in the gap before those purged" in text
     assert "TRAINING_STATE_SUCCEEDED" in text and "now serving v2 (parent v1)" in text
     assert ", 0 failed" in text

@@ -36,7 +36,9 @@ def test_the_samples_in_the_gap_before_the_window_are_not_trained_on(
     # with the window's labels.
     gap = 100
     dataclasses.replace(ModelMetadata.read(serving), horizon=gap, interval="1h").write(serving)
-    total, window = 282, 57  # holdout 0.2 of 282: 125 older samples, the gap, the window
+    # holdout 0.2 of 500: 300 older samples, the gap, the window; early stopping on the last 45
+    # of the 300 and the same gap before those (so 155 are fitted on)
+    total, window = 500, 100
     rng = np.random.default_rng(7)
     rows = feature_rows[:total].copy()
     labels = rng.integers(0, 2, total)  # noise: nothing to learn
@@ -52,7 +54,9 @@ def test_the_samples_in_the_gap_before_the_window_are_not_trained_on(
     gate = result["gate"]
     assert gate["holdout_samples"] == window
     assert result["purged_before_window"] == gap
-    assert result["training_rows"] == total - window - gap  # the test model lists no history
+    assert result["early_stopping_rows"] == 45
+    assert result["purged_before_stopping"] == gap
+    assert result["training_rows"] == total - window - 2 * gap  # the model lists no history
     # Trained on the gap the candidate scored the window at AUC 0.98 and was promoted (before
     # this change); purged, it has only noise to go on.
     assert gate["candidate_auc"] < 0.7 and not gate["passed"], gate

@@ -20,6 +20,13 @@ feature lookback, which keeps validation features off training candles; :func:`p
 * incremental: the serving model continues training (:meth:`TreeModel.finetune
   <training.trainers.TreeModel.finetune>`) on the new samples before the window, early-stopped
   on their most recent part. A model type without continued training falls back to full.
+
+The early-stopping rows are the most recent 15 % (at least 20) of the rows trained on, and they
+get the window's gap too (:func:`early_stopping_split`, the same :func:`purge_before`): a row
+whose outcome closed within ``horizon`` bars of the first stopping row is used for neither, or
+the number of trees would be chosen on labels that share prices with the rows fitted. When the
+gap leaves nothing of both classes to fit on (or with fewer than 120 rows), incremental training
+continues without early stopping on every row, and full training fails with the reason.
 * full: a fresh model of the serving model's type and parameters on the history (the kline files
   named in the serving model's metadata, featurised and labelled as training did, when they are
   all still there) plus every feedback sample before the window.
@@ -160,6 +167,28 @@ def _split_valid(n: int) -> int:
     return max(20, int(n * 0.15)) if n >= 120 else 0
 
 
+def early_stopping_split(
+    meta: ModelMetadata, close_ms: np.ndarray, step_from: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The rows (indices into ``close_ms``, each row's outcome close time) to fit on and to stop
+    early on, and how many were purged between them. The stopping rows are the most recent
+    :func:`_split_valid` rows; the rows fitted on are the older ones whose outcome closed before
+    :func:`purge_before` the first stopping row, the same gap as before the gate's window (the
+    bar taken from ``step_from``, the samples' close times, when the model names none): a label
+    closing within ``horizon`` bars of the first stopping label shares its prices, and would
+    pick the number of trees with look-ahead. No stopping rows (too few rows): all are fitted
+    on, none purged."""
+    close_ms = np.asarray(close_ms, dtype=np.int64)
+    order = np.argsort(close_ms, kind="stable")
+    n_valid = _split_valid(len(order))
+    if not n_valid:
+        return order, order[:0], 0
+    valid, older = order[-n_valid:], order[:-n_valid]
+    cut = purge_before(meta, int(close_ms[valid].min()), step_from)
+    fit = older[close_ms[older] < cut]
+    return fit, valid, len(older) - len(fit)
+
+
 def _params(meta: ModelMetadata, n_train: int) -> dict[str, Any]:
     params = {
         k: v
@@ -172,34 +201,57 @@ def _params(meta: ModelMetadata, n_train: int) -> dict[str, Any]:
     return params
 
 
+def _stoppable(y: np.ndarray, fit: np.ndarray, valid: np.ndarray) -> bool:
+    """Whether the rows left to fit on (after the purge) can be learned: both classes."""
+    return len(valid) > 0 and len(np.unique(y[fit])) == 2
+
+
 def _incremental(
-    spec: JobSpec, serving_dir: Path, meta: ModelMetadata, x: np.ndarray, y: np.ndarray
+    spec: JobSpec,
+    serving_dir: Path,
+    meta: ModelMetadata,
+    x: np.ndarray,
+    y: np.ndarray,
+    fit: np.ndarray,
+    valid: np.ndarray,
 ) -> TreeModel:
     model = MODEL_CLASSES[meta.model_type].load(serving_dir, list(meta.feature_names))
     start = model.best_iteration
-    n_valid = _split_valid(len(y))
-    model.params.update(_params(meta, len(y) - n_valid))
     model.num_threads = spec.threads
-    if n_valid:
-        model.finetune(x[:-n_valid], y[:-n_valid], x[-n_valid:], y[-n_valid:])
-    else:
+    if len(valid):
+        model.params.update(_params(meta, len(fit)))
+        model.finetune(x[fit], y[fit], x[valid], y[valid])
+    else:  # too few rows, or nothing learnable left before the stopping rows' gap
+        model.params.update(_params(meta, len(y)))
         model.finetune(x, y)
     logger.info("continued %s trees to %s", start, model.best_iteration)
     return model
 
 
-def _full(spec: JobSpec, meta: ModelMetadata, x: np.ndarray, y: np.ndarray) -> TreeModel:
-    n_valid = _split_valid(len(y))
-    if not n_valid:
+def _full(
+    spec: JobSpec,
+    meta: ModelMetadata,
+    x: np.ndarray,
+    y: np.ndarray,
+    fit: np.ndarray,
+    valid: np.ndarray,
+) -> TreeModel:
+    if not len(valid):
         raise JobFailed(f"only {len(y)} training rows; a full retrain needs at least 120")
+    if not _stoppable(y, fit, valid):
+        raise JobFailed(
+            f"only {len(fit)} of {len(y)} training rows closed before the {meta.horizon}-bar "
+            f"gap before the {len(valid)} most recent (early stopping), and they hold "
+            f"{'no' if not len(fit) else 'a single'} class; a full retrain needs both"
+        )
     model = make_model(
         meta.model_type,
-        _params(meta, len(y) - n_valid),
+        _params(meta, len(fit)),
         feature_names=list(meta.feature_names),
         seed=int(meta.params.get("seed", 42)),
         num_threads=spec.threads,
     )
-    model.fit(x[:-n_valid], y[:-n_valid], x[-n_valid:], y[-n_valid:])
+    model.fit(x[fit], y[fit], x[valid], y[valid])
     return model
 
 
@@ -241,11 +293,8 @@ def run(spec: JobSpec) -> dict[str, Any]:
     holdout = trusted_new.tail(n_holdout)
     start = int(holdout.get_column("_row").min())  # type: ignore[arg-type]
     window_start = holdout.get_column("close_time").dt.epoch("ms").min()
-    purge_from = purge_before(
-        meta,
-        int(window_start),  # type: ignore[arg-type]
-        frame.get_column("close_time").dt.epoch("ms").to_numpy(),
-    )
+    sample_closes = frame.get_column("close_time").dt.epoch("ms").to_numpy()
+    purge_from = purge_before(meta, int(window_start), sample_closes)  # type: ignore[arg-type]
     # Never trained on: the window, an untrusted sample newer than the window's start, nor any
     # sample whose outcome closed in the gap before the window or after its start.
     closed = pl.col("close_time").dt.epoch("ms")
@@ -268,6 +317,7 @@ def run(spec: JobSpec) -> dict[str, Any]:
     if mode == "incremental":
         pool = new.filter(~excluded)
         x, y = feature_matrix(pool, width), pool.get_column("label").to_numpy().astype(np.int64)
+        closes = pool.get_column("close_time").dt.epoch("ms").to_numpy()
     else:
         pool = frame.filter(~excluded)
         x_fb = feature_matrix(pool, width)
@@ -275,6 +325,9 @@ def run(spec: JobSpec) -> dict[str, Any]:
         x_hist, y_hist, closed_hist, note = history_rows(meta, serving_dir)
         before = closed_hist < purge_from
         x, y = np.concatenate([x_hist[before], x_fb]), np.concatenate([y_hist[before], y_fb])
+        closes = np.concatenate(
+            [closed_hist[before], pool.get_column("close_time").dt.epoch("ms").to_numpy()]
+        )
     if len(y) == 0:
         raise JobFailed(
             f"nothing to train on: the {purged} samples before the held-out window all closed "
@@ -282,17 +335,23 @@ def run(spec: JobSpec) -> dict[str, Any]:
             "labels overlap the window's (outcomes that all close at once share one future)"
         )
     _check_classes("training", y)
+    fit, valid, purged_stopping = early_stopping_split(meta, closes, sample_closes)
+    if mode == "incremental" and not _stoppable(y, fit, valid):
+        fit, valid, purged_stopping = np.arange(len(y)), np.arange(0), 0
+    used = len(fit) + len(valid)
     progress(
         "training",
-        f"{mode} on {len(y)} rows ({new.height} new samples, {trusted_new.height} from "
+        f"{mode} on {used} rows ({new.height} new samples, {trusted_new.height} from "
         f"authenticated callers, {n_holdout} of those held out, {purged} in the "
-        f"{meta.horizon}-bar gap before them purged)" + (f"; {note}" if note else ""),
+        f"{meta.horizon}-bar gap before them purged; early stopping on the {len(valid)} most "
+        f"recent, {purged_stopping} in the gap before those purged)"
+        + (f"; {note}" if note else ""),
     )
     try:
         if mode == "incremental":
-            candidate = _incremental(spec, serving_dir, meta, x, y)
+            candidate = _incremental(spec, serving_dir, meta, x, y, fit, valid)
         else:
-            candidate = _full(spec, meta, x, y)
+            candidate = _full(spec, meta, x, y, fit, valid)
     except JobFailed:
         raise
     except Exception as exc:
@@ -312,15 +371,18 @@ def run(spec: JobSpec) -> dict[str, Any]:
         "status": "ok",
         "mode": mode,
         "samples": int(new.height),
-        "training_rows": len(y),
+        "training_rows": used,
         "purged_before_window": purged,
+        "early_stopping_rows": len(valid),
+        "purged_before_stopping": purged_stopping,
+        "trees": int(candidate.best_iteration or 0),
         "gate": verdict,
         "candidate_version": spec.version,
         "seconds": time.perf_counter() - started,
     }
     if verdict["passed"]:
         progress("writing", f"writing candidate v{spec.version}")
-        _write_candidate(spec, meta, candidate, mode, len(y), new.height, cutoff_ms, verdict)
+        _write_candidate(spec, meta, candidate, mode, used, new.height, cutoff_ms, verdict)
     result["seconds"] = time.perf_counter() - started
     return result
 
