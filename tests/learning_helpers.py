@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from harness import server_settings, write_model
 
+from training.metadata import ModelMetadata
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_server.learning.job import JobSpec
@@ -156,6 +157,23 @@ def fill_disk(directory: Path) -> Path:
                     raise
                 chunk = chunk[: len(chunk) // 2]
     return filler
+
+
+def label_meta(horizon: int, interval: str = "1h") -> ModelMetadata:
+    """The metadata of a one-feature LightGBM model labelling ``horizon``-bar moves of
+    ``interval`` bars (what the retrain job's purge rules read)."""
+    return ModelMetadata(
+        name="model_1",
+        model_type="lightgbm",
+        version=1,
+        training_samples=1,
+        trained_at="2026-01-01T00:00:00Z",
+        feature_names=["a"],
+        lookback=10,
+        horizon=horizon,
+        interval=interval,
+        features_hash="0" * 64,
+    )
 
 
 def job_spec(tmp_path: Path, serving: Path, data: Path, job_id: str, mode: str = "full") -> JobSpec:

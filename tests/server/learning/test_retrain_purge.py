@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 import pytest
 from harness import write_model
-from learning_helpers import feedback_records, job_spec, learnable_labels
+from learning_helpers import feedback_records, job_spec, label_meta, learnable_labels
 
 from training.metadata import ModelMetadata
 from xylen_server.auth import ADMIN_TOKEN_IDENTITY
@@ -63,18 +63,7 @@ def test_the_samples_in_the_gap_before_the_window_are_not_trained_on(
 
 
 def test_the_gap_is_the_model_s_bars_or_the_samples_shortest_step():
-    meta = ModelMetadata(
-        name="model_1",
-        model_type="lightgbm",
-        version=1,
-        training_samples=1,
-        trained_at="2026-01-01T00:00:00Z",
-        feature_names=["a"],
-        lookback=10,
-        horizon=3,
-        interval="1h",
-        features_hash="0" * 64,
-    )
+    meta = label_meta(horizon=3)
     closes = START_MS + np.array([0, 5, 7, 7, 20]) * HOUR_MS
     assert purge_before(meta, START_MS, closes) == START_MS - 3 * HOUR_MS  # the horizon
     assert purge_before(dataclasses.replace(meta, interval="15m"), START_MS, closes) == (

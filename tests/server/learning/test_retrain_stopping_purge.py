@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 from harness import write_model
-from learning_helpers import feedback_records, job_spec, learnable_labels
+from learning_helpers import feedback_records, job_spec, label_meta, learnable_labels
 
 from training.metadata import ModelMetadata
 from xylen_server.auth import ADMIN_TOKEN_IDENTITY
@@ -26,21 +26,6 @@ from xylen_server.learning.job.run import run
 
 HOUR_MS = 3_600_000
 START_MS = 1_700_000_000_000
-
-
-def _meta(horizon: int, interval: str = "1h") -> ModelMetadata:
-    return ModelMetadata(
-        name="model_1",
-        model_type="lightgbm",
-        version=1,
-        training_samples=1,
-        trained_at="2026-01-01T00:00:00Z",
-        feature_names=["a"],
-        lookback=10,
-        horizon=horizon,
-        interval=interval,
-        features_hash="0" * 64,
-    )
 
 
 def test_the_rows_in_the_gap_before_the_early_stopping_rows_are_purged(
@@ -85,18 +70,18 @@ def test_the_split_purges_by_close_time_whatever_the_row_order():
 
     closes = START_MS + np.arange(200) * HOUR_MS
     shuffled = np.random.default_rng(5).permutation(200)
-    fit, valid, purged = early_stopping_split(_meta(horizon=7), closes[shuffled], closes)
+    fit, valid, purged = early_stopping_split(label_meta(horizon=7), closes[shuffled], closes)
     assert len(valid) == 30  # 15 % of 200
     assert sorted(closes[shuffled][valid]) == list(closes[170:])
     assert purged == 7
     assert list(closes[shuffled][fit]) == list(closes[:163])  # in time order
     # Two outcomes a bar closing together: the horizon is bars, not rows.
     doubled = np.repeat(closes[:100], 2)
-    fit, valid, purged = early_stopping_split(_meta(horizon=4), doubled, doubled)
+    fit, valid, purged = early_stopping_split(label_meta(horizon=4), doubled, doubled)
     assert len(valid) == 30 and purged == 8 and len(fit) == 200 - 30 - 8
     # No interval named: the samples' shortest step (here 1 h) is the bar.
-    fit, valid, purged = early_stopping_split(_meta(horizon=3, interval=""), closes, closes)
+    fit, valid, purged = early_stopping_split(label_meta(horizon=3, interval=""), closes, closes)
     assert purged == 3
     # Under 120 rows: no early stopping, every row fitted on, none purged.
-    fit, valid, purged = early_stopping_split(_meta(horizon=3), closes[:119], closes)
+    fit, valid, purged = early_stopping_split(label_meta(horizon=3), closes[:119], closes)
     assert len(fit) == 119 and len(valid) == 0 and purged == 0
