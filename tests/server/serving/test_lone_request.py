@@ -110,3 +110,29 @@ def test_a_bad_lone_request_is_refused_and_leaves_nothing_behind(models_root, mo
     assert [e.reason for e in errors] == ["FEATURE_COUNT_MISMATCH", "NON_FINITE_FEATURE"]
     assert logged == [] and predictor.loop_runs == 0 and predictor._batch is None
     assert predictor._served is not None and predictor._served.inflight == 0
+
+
+def test_a_failing_log_hook_is_reported_after_the_answer_and_fails_no_call(
+    models_root, model, feature_rows
+):
+    """The log hook runs in the loop's next turn: its error goes to the loop's exception
+    handler (logged), the answer already given stands, and the next call is answered too."""
+
+    async def run() -> tuple[list[Result], list[dict]]:
+        predictor, _ = logged_predictor(models_root, model)
+        reported: list[dict] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: reported.append(ctx))
+
+        def broken(result: Result) -> None:
+            raise OSError("the log's disk is gone")
+
+        predictor.on_answer = broken
+        answers = []
+        for rows in (feature_rows[:1], feature_rows[1:3]):  # the value path and the matrix path
+            answers.append(await predictor.predict(predict_request(rows)))
+            await asyncio.sleep(0)
+        return answers, reported
+
+    answers, reported = asyncio.run(run())
+    assert [len(a.prediction_ids) for a in answers] == [1, 2]
+    assert [str(ctx["exception"]) for ctx in reported] == ["the log's disk is gone"] * 2
