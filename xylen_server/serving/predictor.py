@@ -13,9 +13,8 @@ Python floats (:meth:`Predictor._alone_value`), bit for bit the matrix path's an
 
 An answer is handed to :attr:`Predictor.on_answer` (the prediction log, the inference metrics)
 in the loop's next turn, so grpc sends the answer first (a traced call's at once, inside its
-``log`` span). Whatever reaches
-the loop after the answer went out (a Feedback for it above all) runs after that hand-over, as
-asyncio runs callbacks in the order they were scheduled.
+``log`` span). Whatever reaches the loop after the answer went out (a Feedback for it above
+all) runs after that hand-over, as asyncio runs callbacks in the order they were scheduled.
 
 The served model is one reference, read once per request, so a hot swap (replacing the
 reference) never changes the model under a request that already started: every row of a batch
@@ -199,9 +198,9 @@ class Predictor:
         """Called with every answered batch (the prediction log, the inference metrics), in
         the event loop's next turn (a traced call's at once): see the module's docstring."""
         self._batch: _LoopBatch | None = None
+        """Requests waiting for this turn's inference on the loop (None: none yet)."""
         self._running_loop = LoopCache().get
         """The running event loop (:mod:`xylen_server.loops`: no system call per ask)."""
-        """Requests waiting for this turn's inference on the loop (None: none yet)."""
         self.loop_runs = 0
         """Inferences run on the loop (each for one or more requests): rows on the loop per
         run tells how much batching does."""
