@@ -131,12 +131,15 @@ class _Recorded(CpuShare):
 
 def test_paced_work_keeps_its_thread_cpu_within_the_share() -> None:
     share = 0.2
+    # The pacer's time runs from its making, so the kernel's elapsed is read from before it:
+    # a thread that started late (a loaded machine) must not shorten the test's window only.
+    started = time.perf_counter()
     pacer = _Recorded(share)
     measured = {}
 
     def work() -> None:
+        cpu0 = time.thread_time()
         pacer.enter()
-        started, cpu0 = time.perf_counter(), time.thread_time()
         for _ in range(20):
             spin = time.thread_time() + 0.002  # 2 ms of CPU, then a pace
             while time.thread_time() < spin:
