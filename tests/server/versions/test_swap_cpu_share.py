@@ -7,6 +7,7 @@ kernel counts it too. Real model directories, real onnxruntime sessions, real th
 
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 import threading
@@ -217,3 +218,48 @@ def test_the_share_setting_is_bounded() -> None:
     for bad in ("0", "1.5", "-0.1", "x"):
         with pytest.raises(SettingsError, match="MODEL_LOAD_CPU_SHARE"):
             Settings.from_env({"MODEL_LOAD_CPU_SHARE": bad})
+
+
+def test_the_cpu_a_pace_spends_around_its_sleep_is_charged_too() -> None:
+    """Whatever the thread's CPU does between a charge and the next one is the load's, the
+    wake-up from a pace's sleep included: a garbage collection landing there (the server's
+    heap is large, a full collection takes milliseconds) was not charged, and a loaded
+    machine's swaps ran past their share. Here every collection in the worker burns 1 ms,
+    and collections follow every allocation."""
+    share, burn = 0.2, 0.001
+    started = time.perf_counter()
+    pacer = _Recorded(share)
+    measured: dict[str, float] = {}
+    worker: list[int] = []
+
+    def slow_collection(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and worker and threading.get_ident() == worker[0]:
+            end = time.thread_time() + burn
+            while time.thread_time() < end:
+                pass
+
+    def work() -> None:
+        worker.append(threading.get_ident())
+        cpu0 = time.thread_time()
+        pacer.enter()
+        for _ in range(10):
+            spin = time.thread_time() + 0.002
+            while time.thread_time() < spin:
+                pass
+            pacer.pace()
+        measured["cpu"] = time.thread_time() - cpu0
+        measured["elapsed"] = time.perf_counter() - started
+
+    thresholds = gc.get_threshold()
+    gc.callbacks.append(slow_collection)
+    gc.set_threshold(1)
+    try:
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.callbacks.remove(slow_collection)
+    assert pacer.slept > 0
+    assert measured["cpu"] <= share * measured["elapsed"] + max(pacer.stretches)
+    assert pacer.used == pytest.approx(measured["cpu"], rel=0.1)
