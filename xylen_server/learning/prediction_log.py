@@ -344,7 +344,9 @@ class PredictionLog:
             return
         now = _now_ms() if time_ms is None else time_ms
         # One row's values as a list of floats (a list of rows takes the conversion below).
-        one_list = features.__class__ is list and rows == 1 and features[0].__class__ is float
+        one_list = (
+            features.__class__ is list and rows == 1 and features and features[0].__class__ is float
+        )
         if one_list:
             width = len(features)
         else:

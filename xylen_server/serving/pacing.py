@@ -60,8 +60,8 @@ class CpuShare:
         with self._lock:
             wait = self.started + self.used / self.share - time.perf_counter()
         if wait > 0:
-            # The mark stays: the CPU the thread spends going to sleep and waking up is the
-            # load's too (a loaded machine's wake-ups were ~0.15 ms each, uncharged before).
+            # The mark stays: what the thread's CPU does around the sleep (going to sleep,
+            # waking up, a garbage collection landing there) is the load's too.
             time.sleep(wait)
             with self._lock:
                 self.slept += wait
