@@ -211,6 +211,26 @@ def python_calls(fn: Callable[[], T]) -> tuple[T, int]:
     return result, counted
 
 
+def store_ruled_samples(
+    data: Path, feature_rows: np.ndarray, total: int, ruled: np.ndarray, seed: int, start_ms: int
+) -> None:
+    """``total`` outcomes an hour apart from ``start_ms`` into a feedback store at ``data``
+    (sent with the admin token): noise labels, except the ``ruled`` rows, reshuffled among
+    themselves (the same kind of rows in all of them) and labelled by one rule a tree learns
+    at once (:func:`learnable_labels`, no noise)."""
+    from xylen_server.auth import ADMIN_TOKEN_IDENTITY
+    from xylen_server.learning.feedback_store import FeedbackStore
+
+    rng = np.random.default_rng(seed)
+    rows = feature_rows[:total].copy()
+    labels = rng.integers(0, 2, total)  # noise: nothing to learn
+    rows[ruled] = rows[rng.permutation(ruled)]
+    labels[ruled] = learnable_labels(rows[ruled], noise=0.0)
+    with FeedbackStore(data, compact_rows=0) as store:
+        for record in feedback_records(rows, labels, "s", ADMIN_TOKEN_IDENTITY, start_ms):
+            store.append(record)
+
+
 def feedback_records(
     rows: np.ndarray, labels: np.ndarray, prefix: str, source: str, start_ms: int
 ) -> Iterator[FeedbackRecord]:

@@ -16,7 +16,12 @@ import dataclasses
 import numpy as np
 import pytest
 from harness import write_model
-from learning_helpers import feedback_records, job_spec, label_meta, learnable_labels
+from learning_helpers import (
+    feedback_records,
+    job_spec,
+    label_meta,
+    store_ruled_samples,
+)
 
 from training.metadata import ModelMetadata
 from xylen_server.auth import ADMIN_TOKEN_IDENTITY
@@ -39,16 +44,9 @@ def test_the_samples_in_the_gap_before_the_window_are_not_trained_on(
     # holdout 0.2 of 500: 300 older samples, the gap, the window; early stopping on the last 45
     # of the 300 and the same gap before those (so 155 are fitted on)
     total, window = 500, 100
-    rng = np.random.default_rng(7)
-    rows = feature_rows[:total].copy()
-    labels = rng.integers(0, 2, total)  # noise: nothing to learn
     recent = np.arange(total - window - gap, total)  # the gap and the window
-    rows[recent] = rows[rng.permutation(recent)]  # the same kind of rows in both
-    labels[recent] = learnable_labels(rows[recent], noise=0.0)
     data = tmp_path / "data"
-    with FeedbackStore(data, compact_rows=0) as store:
-        for record in feedback_records(rows, labels, "s", ADMIN_TOKEN_IDENTITY, START_MS):
-            store.append(record)
+    store_ruled_samples(data, feature_rows, total, recent, 7, START_MS)
     spec = job_spec(tmp_path, serving, data, "purge", "full")
     result = run(spec)
     gate = result["gate"]

@@ -17,11 +17,13 @@ import dataclasses
 
 import numpy as np
 from harness import write_model
-from learning_helpers import feedback_records, job_spec, label_meta, learnable_labels
+from learning_helpers import (
+    job_spec,
+    label_meta,
+    store_ruled_samples,
+)
 
 from training.metadata import ModelMetadata
-from xylen_server.auth import ADMIN_TOKEN_IDENTITY
-from xylen_server.learning.feedback_store import FeedbackStore
 from xylen_server.learning.job.run import run
 
 HOUR_MS = 3_600_000
@@ -40,16 +42,9 @@ def test_the_rows_in_the_gap_before_the_early_stopping_rows_are_purged(
     total, window, stopping = 300, 60, 27
     pool = total - window - gap
     fitted = pool - stopping - gap
-    rng = np.random.default_rng(11)
-    rows = feature_rows[:total].copy()
-    labels = rng.integers(0, 2, total)  # noise: nothing to learn
     ruled = np.arange(fitted, pool)  # the stopping rows' gap and the stopping rows
-    rows[ruled] = rows[rng.permutation(ruled)]  # the same kind of rows in both
-    labels[ruled] = learnable_labels(rows[ruled], noise=0.0)
     data = tmp_path / "data"
-    with FeedbackStore(data, compact_rows=0) as store:
-        for record in feedback_records(rows, labels, "s", ADMIN_TOKEN_IDENTITY, START_MS):
-            store.append(record)
+    store_ruled_samples(data, feature_rows, total, ruled, 11, START_MS)
     result = run(job_spec(tmp_path, serving, data, "stopping-purge", "full"))
     assert result["status"] == "ok"
     assert result["purged_before_window"] == gap
