@@ -220,7 +220,12 @@ def test_each_worker_writes_its_prediction_log_parts_to_a_directory_of_its_own(
     two: ServerProcess, root: Path
 ):
     """Each worker's Parquet parts go to a directory of its own (worker 0: the usual one)."""
-    one_call(two, predict)
+
+    def both_answered() -> bool:  # whatever ran before: the kernel picks a worker a connection
+        one_call(two, predict)
+        return set(counts(two, "Predict")) == {"0", "1"}
+
+    wait_until(both_answered, what="a Predict answered by each worker")
     base = root / "data" / "model_1" / "prediction_log"
     wait_until(
         lambda: list(base.glob("part-*.parquet")) and list((base / "worker-1").glob("part-*")),
