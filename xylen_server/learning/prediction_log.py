@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,6 +41,7 @@ from training.metadata import fsync_dir
 from xylen_server import clock
 from xylen_server.learning import arrow_columns as columns
 from xylen_server.settings import Settings
+from xylen_server.trouble import Trouble
 
 if TYPE_CHECKING:
     import polars as pl
@@ -248,6 +249,7 @@ class PredictionLog:
         flush_interval_seconds: float = Settings.prediction_log_flush_interval_seconds,
         fsync: bool = True,
         max_bytes: int = Settings.prediction_log_max_bytes,
+        count_failure: Callable[[str], None] | None = None,
     ) -> None:
         """
         Args:
@@ -260,6 +262,8 @@ class PredictionLog:
                 the Predict path).
             max_bytes: most bytes the in-memory rows and their index take (:func:`row_bytes`
                 a row); the ring holds ``min(max_rows, max_bytes // row_bytes)`` rows.
+            count_failure: called with ``"prediction_log"`` at every failed write of the
+                flusher (the server's ``xylen_server_storage_failures_total{part}``).
         """
         if (
             max_rows < 1
@@ -292,6 +296,7 @@ class PredictionLog:
         self.dropped_rows = 0
         """Rows that never reached a part: while part files could not be written (a full
         disk), more rows waited than the ring holds, and the oldest were let go."""
+        self._dropping_since: int | None = None  # dropped_rows when the drops were told
         self._flush_lock = threading.Lock()  # one writer of part files at a time
         self._disk_lock = threading.Lock()
         self._disk_index: dict[Path, _PartIndex] = {}
@@ -301,6 +306,8 @@ class PredictionLog:
         self._disk_seen: set[str] = set()
         """Names of the parts indexed so far, or found wholly older than the retention."""
         self._closed = False
+        self.trouble = Trouble("prediction_log", "the flush", logger, count_failure)
+        """The flusher's failed writes (a full disk): counted, logged when they begin and end."""
         self._thread: threading.Thread | None = None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -732,10 +739,12 @@ class PredictionLog:
             if not taken:
                 return None
             try:
-                return self._write_part(taken)
+                written = self._write_part(taken)
             except BaseException:
                 self._keep_for_retry(taken)
                 raise
+            self._told_dropped()
+            return written
 
     def _keep_for_retry(self, taken: list[_Rows]) -> None:
         """Rows whose part could not be written go back ahead of those taken since, so the
@@ -758,14 +767,25 @@ class PredictionLog:
                 dropped += total - limit
             self._spilled = waiting
             self.dropped_rows += dropped
-        if dropped:
+        if dropped and self._dropping_since is None:  # once a spell, not every retry
+            self._dropping_since = self.dropped_rows - dropped
             logger.error(
                 "prediction log: %d rows could not be written and are dropped (%d so far); "
-                "%d wait for the disk",
+                "%d wait for the disk; the total is told once it has room",
                 dropped,
                 self.dropped_rows,
                 min(total, limit),
             )
+
+    def _told_dropped(self) -> None:
+        """After a write that worked: the rows a full disk made the log drop, in one line."""
+        if self._dropping_since is None:
+            return
+        logger.error(
+            "prediction log: %d rows were dropped while part files could not be written",
+            self.dropped_rows - self._dropping_since,
+        )
+        self._dropping_since = None
 
     def _write_part(self, batches: list[_Rows]) -> Path:
         assert self.directory is not None
@@ -821,9 +841,18 @@ class PredictionLog:
             try:
                 self.flush()
                 failed = False
-            except Exception:
-                logger.exception("prediction log flush failed; rows stay buffered for retry")
+            except Exception as exc:
+                # One line when the writes begin to fail and one when they work again, not a
+                # traceback every interval for as long as the disk is full.
+                self.trouble.failed(
+                    exc,
+                    f"{self.spilled_pending} rows wait in memory (the oldest let go past "
+                    f"{self._ring.capacity if self._ring else self.max_rows}), retried every "
+                    f"{self.flush_interval:g}s",
+                )
                 failed = True
+            else:
+                self.trouble.worked()
             if closed:
                 return
 
