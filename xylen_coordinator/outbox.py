@@ -374,6 +374,8 @@ class Forwarder:
             logger,
             None if metrics is None else metrics.outbox_failed,
         )
+        self._targets: dict[str, Trouble] = {}
+        """Each server's failed deliveries: one line when they begin, one when one works."""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.retries = 0
@@ -443,6 +445,7 @@ class Forwarder:
         except grpc.aio.AioRpcError as error:
             text = f"{error.code().name}: {error.details()}"
             if error.code() == grpc.StatusCode.ALREADY_EXISTS:
+                self._target(delivery.server_name).worked()
                 return delivery, "delivered", None, ""
             if error.code() in PERMANENT_CODES:
                 logger.warning(
@@ -456,7 +459,21 @@ class Forwarder:
         except Exception as error:  # a closed channel during reload, for example
             return self._retry(delivery, f"{type(error).__name__}: {error}")
         logger.debug("feedback %s delivered to %s", delivery.prediction_id, delivery.server_name)
+        self._target(delivery.server_name).worked()
         return delivery, "delivered", None, ""
+
+    def _target(self, server_name: str) -> Trouble:
+        trouble = self._targets.get(server_name)
+        if trouble is None:
+            trouble = Trouble(
+                "feedback_delivery",
+                f"delivery to {server_name}",
+                logger,
+                subject="feedback",
+                level=logging.INFO,
+            )
+            self._targets[server_name] = trouble
+        return trouble
 
     def _retry(self, delivery: Delivery, error: str) -> tuple[Delivery, str, float | None, str]:
         self.retries += 1
@@ -464,13 +481,20 @@ class Forwarder:
             self.settings.retry_max_seconds,
             self.settings.retry_initial_seconds * 2 ** min(delivery.attempts, 30),
         )
-        logger.info(
+        # One line when deliveries to a server begin to fail and one when one works again,
+        # not one per delivery per pass for as long as the server is down.
+        logger.debug(
             "feedback %s to %s failed (attempt %d, retry in %.1fs): %s",
             delivery.prediction_id,
             delivery.server_name,
             delivery.attempts + 1,
             delay,
             error,
+        )
+        self._target(delivery.server_name).failed(
+            error,
+            f"its outcomes stay queued, each retried with backoff up to "
+            f"{self.settings.retry_max_seconds:g}s",
         )
         return delivery, "pending", time.time() + delay, error
 
