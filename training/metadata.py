@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import io
@@ -601,9 +602,15 @@ NATIVE_LIBRARIES: dict[str, str] = {
 }
 
 
+@functools.cache
 def native_library(model_type: str) -> str:
     """``"lightgbm 4.5.0"``: the installed native library a reference was computed with (read
-    from the package metadata, never imported)."""
+    from the package metadata, never imported).
+
+    Read once per process and model type: ``importlib.metadata.version`` walks ``sys.path``
+    for the distribution at every call, and every load and hot swap asked. A library
+    upgraded under a running server is seen at its restart (a reference bound to the old
+    version is then made again, as for any binding that differs)."""
     package = NATIVE_LIBRARIES[model_type]
     try:
         return f"{package} {importlib.metadata.version(package)}"
