@@ -231,6 +231,9 @@ _ID_WIDTH = 28
 """Longest id of the server's shape (12 + 1 + 15)."""
 MAX_LISTED_IDS = 1024
 """Most ids of another shape a part's summary lists; past it the summary says ``null`` (any)."""
+SUMMARY_ENTRIES = 4096
+"""Summary entries (a prefix's range, a listed id) a log keeps before it first drops those of
+parts past the retention; then twice what it kept."""
 MAX_PREFIXES = 16
 """Most prefixes a part's summary keeps a range for; past it the part is indexed by reading."""
 
@@ -477,6 +480,8 @@ class PredictionLog:
         """:attr:`_ranged` as arrays (lowest, highest, newest), made at the next lookup."""
         self._listed: dict[int, list[tuple[int, Path]]] = {}
         """:func:`stable_id_hash` of an id of another shape -> (newest ms, part)."""
+        self._summarised = 0  # entries in _ranged and _listed
+        self._prune_at = SUMMARY_ENTRIES  # ... past which those past the retention are dropped
         self._closed = False
         self.trouble = Trouble("prediction_log", "the flush", logger, count_failure)
         """The flusher's failed writes (a full disk): counted, logged when they begin and end."""
@@ -862,6 +867,31 @@ class PredictionLog:
             self._ranged_arrays.pop(prefix, None)
         for key in summary.others or ():
             self._listed.setdefault(key, []).append((summary.newest_ms, path))
+        self._summarised += len(summary.ranges) + len(summary.others or ())
+
+    def _forget_summaries(self, oldest_ms: int) -> None:
+        """Drop what is known of the parts wholly older than the retention, once the entries
+        have doubled since the last time (a server running for weeks writes ~17,000 parts a
+        day). Their names stay seen, so they are never read. Caller holds ``_disk_lock``."""
+        if self._summarised < self._prune_at:
+            return
+        ranged = {
+            prefix: kept
+            for prefix, entries in self._ranged.items()
+            if (kept := [entry for entry in entries if entry[2] >= oldest_ms])
+        }
+        listed = {
+            key: still
+            for key, held in self._listed.items()
+            if (still := [entry for entry in held if entry[0] >= oldest_ms])
+        }
+        self._ranged, self._listed, self._ranged_arrays = ranged, listed, {}
+        seen = self._disk_seen
+        for name in [n for n, s in list(self._summaries.items()) if s.newest_ms < oldest_ms]:
+            if name in seen:  # in place: the flusher adds the parts it writes meanwhile
+                self._summaries.pop(name, None)
+        self._summarised = sum(map(len, ranged.values())) + sum(map(len, listed.values()))
+        self._prune_at = max(SUMMARY_ENTRIES, 2 * self._summarised)
 
     def _read_summaries(self) -> None:
         """``_parts.index`` into :attr:`_summaries` (once; later parts are added as written)."""
@@ -906,6 +936,7 @@ class PredictionLog:
         assert self.directory is not None
         if not self._summaries_read:
             self._read_summaries()
+        self._forget_summaries(oldest_ms)
         for path in [p for p, part in self._disk_index.items() if part.newest_ms < oldest_ms]:
             del self._disk_index[path]
         self._segments = [s for s in self._segments if s.newest_ms >= oldest_ms]

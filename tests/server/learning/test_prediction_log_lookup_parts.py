@@ -181,3 +181,45 @@ def check(ids: list[str], prefixes: np.ndarray, counters: np.ndarray, ours: np.n
         if match is not None:
             assert prefixes[i].decode() == match.group(1)
             assert int(counters[i]) == int(match.group(2), 16), prediction_id
+
+
+def test_what_is_known_of_parts_past_the_retention_is_let_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server running for weeks summarises ~17,000 parts a day: the entries of parts that
+    aged past the retention are dropped (once they have doubled), and the parts within it are
+    still found without opening any other. Time moves by a real clock file (CLOCK_FILE)."""
+    from xylen_server import clock
+    from xylen_server.learning import prediction_log
+
+    monkeypatch.setattr(prediction_log, "SUMMARY_ENTRIES", 8)  # 4,096: a few parts show it
+    now = 1_800_000_000_000
+    clock_file = tmp_path / "clock"
+    clock_file.write_text(str(now))
+    clock.use_file(clock_file)
+    directory = tmp_path / "log"
+    log = PredictionLog(directory, flush_interval_seconds=3600, max_age_seconds=600, max_rows=1)
+    opened = Opened(directory)
+    try:
+        said: dict[str, str] = {}
+        for k in range(40):  # a part a minute for 40 minutes, the retention 10
+            now += 60_000
+            clock_file.write_text(str(now))
+            ids = [f"{FIRST}-{3 * k + i:x}" for i in range(3)] + [f"caller-{k}"]
+            log.record(ids, np.zeros((4, 2), np.float32), [0.5] * 4, [3] * 4, "model_1", 1)
+            part = log.flush()
+            assert part is not None
+            said.update(dict.fromkeys(ids, part.name))
+            for i in (ids[0], ids[-1], f"caller-{max(0, k - 5)}"):
+                row, names = opened.during(lambda i=i: log.find_recent(i))
+                assert row is not None and names <= {said[i]}, (k, i, sorted(names))
+            held = sum(map(len, log._ranged.values())) + sum(map(len, log._listed.values()))
+            # two entries a part, 11 or 12 parts within the retention, at most twice that kept
+            assert held <= 2 * (2 * 12) + 8, (k, held)  # without dropping: 80 at the end
+        old = f"{FIRST}-{3:x}"  # 39 minutes old
+        row, names = opened.during(lambda: log.find_recent(old))
+        assert row is None and names == set()
+    finally:
+        log.close()
+        opened.close()
+        clock.use_file(None)
