@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import io
@@ -368,13 +369,27 @@ def _open_regular(path: Path) -> int:
 
 def read_regular_file(path: Path, max_bytes: int) -> bytes:
     """The bytes of the regular file ``path`` (see :func:`_open_regular`), at most
-    ``max_bytes`` of them, or MetadataError."""
+    ``max_bytes`` of them, or MetadataError.
+
+    Read by the file's own size (one byte more tells a file that grew since it was measured;
+    the rest is then read in 1 MiB blocks up to the limit): ``read(max_bytes + 1)`` allocated
+    a buffer of the whole limit first (256 MiB for every model file, whatever its size)."""
     fd = _open_regular(path)
     with os.fdopen(fd, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         if size > max_bytes:
             raise MetadataError(f"{path} is {size} bytes, over the limit of {max_bytes}")
-        data = fh.read(max_bytes + 1)
+        data = fh.read(size + 1)
+        if len(data) > size:  # it grew after the fstat
+            blocks, total = [data], len(data)
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                total += len(block)
+                if total > max_bytes:
+                    break
+                blocks.append(block)
+            if total > max_bytes:
+                raise MetadataError(f"{path} is over the limit of {max_bytes} bytes")
+            data = b"".join(blocks)
     if len(data) > max_bytes:
         raise MetadataError(f"{path} is over the limit of {max_bytes} bytes")
     return data
@@ -587,9 +602,15 @@ NATIVE_LIBRARIES: dict[str, str] = {
 }
 
 
+@functools.cache
 def native_library(model_type: str) -> str:
     """``"lightgbm 4.5.0"``: the installed native library a reference was computed with (read
-    from the package metadata, never imported)."""
+    from the package metadata, never imported).
+
+    Read once per process and model type: ``importlib.metadata.version`` walks ``sys.path``
+    for the distribution at every call, and every load and hot swap asked. A library
+    upgraded under a running server is seen at its restart (a reference bound to the old
+    version is then made again, as for any binding that differs)."""
     package = NATIVE_LIBRARIES[model_type]
     try:
         return f"{package} {importlib.metadata.version(package)}"

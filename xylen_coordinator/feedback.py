@@ -57,9 +57,6 @@ from xylen_coordinator.outbox import (
     Forwarder,
     Outbox,
     PredictionRecord,
-    Trouble,
-    describe,
-    storage_error,
     with_decision_side,
 )
 from xylen_coordinator.replicas import ReplicaSet
@@ -74,6 +71,7 @@ from xylen_server.outcomes import (
     underlying_move,
 )
 from xylen_server.settings import Settings
+from xylen_server.trouble import Trouble, describe, storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +102,7 @@ class Ledger:
         self._records: OrderedDict[str, PredictionRecord] = OrderedDict()
         self._unwritten: list[tuple[str, float, PredictionRecord]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._trouble = Trouble("prediction_log", logger, self.metrics)
+        self._trouble = Trouble("prediction_log", "the outbox", logger, self.metrics.outbox_failed)
         """The prediction log's failed writes: counted, logged when they begin and end."""
 
     def delivery_retries(self) -> int:
@@ -205,7 +203,7 @@ class Ledger:
     async def _flush_loop(self) -> None:
         """Write the prediction log every :data:`_FLUSH_SECONDS`. While the writes fail (a full
         disk) the predictions wait in memory (:meth:`_keep_for_retry`) and every attempt is
-        counted, but only the change is logged (:class:`~xylen_coordinator.outbox.Trouble`):
+        counted, but only the change is logged (:class:`~xylen_server.trouble.Trouble`):
         one warning when the writes begin to fail, one line when they work again."""
         while True:
             await asyncio.sleep(_FLUSH_SECONDS)

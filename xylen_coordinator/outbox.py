@@ -39,6 +39,7 @@ from xylen_coordinator.ensemble import Label
 from xylen_coordinator.metrics import Metrics
 from xylen_coordinator.replicas import ReplicaSet
 from xylen_server.durable import sqlite_connect
+from xylen_server.trouble import Trouble
 
 logger = logging.getLogger(__name__)
 
@@ -350,65 +351,6 @@ def _decode_votes(text: str) -> dict[str, tuple[str, float]]:
     return {name: (str(pid), float(p)) for name, (pid, p) in json.loads(text).items()}
 
 
-#: Characters of an exception's text quoted in a log line.
-_SHOWN_ERROR_CHARS = 200
-
-
-def storage_error(exc: BaseException) -> bool:
-    """A failure of the disk or the database (full, read-only, I/O), not of this code."""
-    return isinstance(exc, (OSError, sqlite3.Error))
-
-
-def describe(exc: BaseException) -> str:
-    """``Type: text`` of an exception, on one bounded line."""
-    text = " ".join(str(exc).split())[:_SHOWN_ERROR_CHARS]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-class Trouble:
-    """A repeating failure of one part's use of the outbox (a full disk), told once: one
-    warning when it begins, one line when the part works again, every failed attempt counted
-    (``Metrics.outbox_failed``, exported as ``xylen_coordinator_outbox_failures_total{part}``).
-    A failure that is not the storage's (a bug) gets its traceback, once, when it begins."""
-
-    def __init__(self, part: str, log: logging.Logger, metrics: Metrics | None) -> None:
-        self.part = part
-        self.log = log
-        self.metrics = metrics
-        self.since: float | None = None
-        """When the failures began (monotonic); None while the part works."""
-        self.attempts = 0
-        """Failed attempts since then."""
-
-    def failed(self, exc: BaseException, retry: str) -> None:
-        """One failed attempt; ``retry`` says what happens to the work meanwhile."""
-        if self.metrics is not None:
-            self.metrics.outbox_failed(self.part)
-        self.attempts += 1
-        if self.since is not None:
-            return
-        self.since = time.monotonic()
-        self.log.warning(
-            "%s: the outbox failed (%s); %s; one line more when it works again",
-            self.part.replace("_", " "),
-            describe(exc),
-            retry,
-            exc_info=not storage_error(exc),
-        )
-
-    def worked(self) -> None:
-        """An attempt that worked: the end of the failures, if any."""
-        if self.since is None:
-            return
-        self.log.warning(
-            "%s: the outbox works again after %d failed attempts in %.1fs",
-            self.part.replace("_", " "),
-            self.attempts,
-            time.monotonic() - self.since,
-        )
-        self.since, self.attempts = None, 0
-
-
 class Forwarder:
     """Delivers due outcomes to the model servers, retrying with backoff until they succeed.
 
@@ -426,7 +368,14 @@ class Forwarder:
         self.outbox = outbox
         self.settings = settings
         self._clients = clients
-        self._trouble = Trouble("feedback_forwarding", logger, metrics)
+        self._trouble = Trouble(
+            "feedback_forwarding",
+            "the outbox",
+            logger,
+            None if metrics is None else metrics.outbox_failed,
+        )
+        self._targets: dict[str, Trouble] = {}
+        """Each server's failed deliveries: one line when they begin, one when one works."""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.retries = 0
@@ -496,6 +445,7 @@ class Forwarder:
         except grpc.aio.AioRpcError as error:
             text = f"{error.code().name}: {error.details()}"
             if error.code() == grpc.StatusCode.ALREADY_EXISTS:
+                self._target(delivery.server_name).worked()
                 return delivery, "delivered", None, ""
             if error.code() in PERMANENT_CODES:
                 logger.warning(
@@ -509,7 +459,21 @@ class Forwarder:
         except Exception as error:  # a closed channel during reload, for example
             return self._retry(delivery, f"{type(error).__name__}: {error}")
         logger.debug("feedback %s delivered to %s", delivery.prediction_id, delivery.server_name)
+        self._target(delivery.server_name).worked()
         return delivery, "delivered", None, ""
+
+    def _target(self, server_name: str) -> Trouble:
+        trouble = self._targets.get(server_name)
+        if trouble is None:
+            trouble = Trouble(
+                "feedback_delivery",
+                f"delivery to {server_name}",
+                logger,
+                subject="feedback",
+                level=logging.INFO,
+            )
+            self._targets[server_name] = trouble
+        return trouble
 
     def _retry(self, delivery: Delivery, error: str) -> tuple[Delivery, str, float | None, str]:
         self.retries += 1
@@ -517,13 +481,20 @@ class Forwarder:
             self.settings.retry_max_seconds,
             self.settings.retry_initial_seconds * 2 ** min(delivery.attempts, 30),
         )
-        logger.info(
+        # One line when deliveries to a server begin to fail and one when one works again,
+        # not one per delivery per pass for as long as the server is down.
+        logger.debug(
             "feedback %s to %s failed (attempt %d, retry in %.1fs): %s",
             delivery.prediction_id,
             delivery.server_name,
             delivery.attempts + 1,
             delay,
             error,
+        )
+        self._target(delivery.server_name).failed(
+            error,
+            f"its outcomes stay queued, each retried with backoff up to "
+            f"{self.settings.retry_max_seconds:g}s",
         )
         return delivery, "pending", time.time() + delay, error
 

@@ -26,6 +26,11 @@ Series (Prometheus names; OpenTelemetry names and units in :meth:`ServerTelemetr
 ``xylen_training_samples``                  feedback samples stored
 ``xylen_feedback_acknowledged_total``       Feedback records acknowledged (committed)
 ``xylen_model_swaps_total``                 swaps by ``kind`` (promoted, rolled_back, reloaded)
+``xylen_server_storage_failures_total``     failed attempts of the background writers by
+                                            ``part``: ``prediction_log`` (a flush),
+                                            ``feedback_commit``, ``feedback_compaction`` (a
+                                            full disk; logged once when the failures begin
+                                            and once when they end)
 ``process_memory_rss_bytes``, ``process_memory_limit_bytes``, ``process_cpu_time_seconds_total``
 =========================================== ==================================================
 """
@@ -150,6 +155,11 @@ class ServerTelemetry:
                 self._acknowledged,
             ),
             ("xylen.model.swaps", "Hot swaps by kind.", self._swaps),
+            (
+                "xylen.server.storage.failures",
+                "Failed attempts of the background writers (a full disk) by part.",
+                self._storage_failures,
+            ),
         ]
         for name, description, callback in counters:
             unit = "s" if name.endswith(".time") else ""
@@ -230,6 +240,13 @@ class ServerTelemetry:
         return [
             Observation(swaps.get(kind, 0), {"kind": kind})
             for kind in ("promoted", "rolled_back", "reloaded")
+        ]
+
+    def _storage_failures(self, _options: CallbackOptions) -> Iterable[Observation]:
+        counts = self.feedback.storage_failures.snapshot()
+        return [
+            Observation(counts.get(part, 0), {"part": part})
+            for part in ("prediction_log", "feedback_commit", "feedback_compaction")
         ]
 
     # -- /health ------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from xylen_server.outcomes import (
     underlying_move,
 )
 from xylen_server.settings import Settings
+from xylen_server.trouble import FailureCounts
 
 if TYPE_CHECKING:
     from training.metadata import ModelMetadata
@@ -75,6 +76,9 @@ class FeedbackLoop:
             clock.use_file(settings.clock_file)
         except clock.ClockError as exc:
             raise SettingsError(str(exc)) from None
+        self.storage_failures = FailureCounts()
+        """Failed attempts of the background writers by part (``prediction_log``,
+        ``feedback_commit``, ``feedback_compaction``): ``xylen_server_storage_failures_total``."""
         self.log = PredictionLog(
             settings.prediction_log_path,
             max_rows=settings.prediction_log_max_rows,
@@ -82,6 +86,7 @@ class FeedbackLoop:
             flush_rows=settings.prediction_log_flush_rows,
             flush_interval_seconds=settings.prediction_log_flush_interval_seconds,
             max_bytes=settings.prediction_log_max_bytes,
+            count_failure=self.storage_failures.count,
         )
         self._store: FeedbackStore | None = None
         self._store_error = ""
@@ -137,6 +142,7 @@ class FeedbackLoop:
                         group_commit=self.settings.feedback_group_commit,
                         compact_rows=self.settings.feedback_compact_rows,
                         slow_commit_ms=self.settings.feedback_slow_commit_ms,
+                        count_failure=self.storage_failures.count,
                     )
                     self._store_error = ""
                 except (RuntimeError, OSError, sqlite3.Error) as exc:

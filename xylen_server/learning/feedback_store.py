@@ -55,6 +55,7 @@ from xylen_server.learning.samples import (
     uncompacted,
 )
 from xylen_server.settings import Settings
+from xylen_server.trouble import Trouble
 
 if TYPE_CHECKING:
     import polars as pl
@@ -170,6 +171,7 @@ class FeedbackStore:
         compact_on_close: bool = True,
         fault_hook: Callable[[str], None] | None = None,
         slow_commit_ms: float = Settings.feedback_slow_commit_ms,
+        count_failure: Callable[[str], None] | None = None,
     ) -> None:
         """
         Args:
@@ -184,6 +186,9 @@ class FeedbackStore:
                 (``part_written``, ``part_renamed``, ``rows_deleted``) to inject crashes.
             slow_commit_ms: a commit slower than this is counted in ``slow_commits`` and
                 logged (``FEEDBACK_SLOW_COMMIT_MS``; 0: never).
+            count_failure: called with the part (``feedback_commit``,
+                ``feedback_compaction``) at every failed commit or background compaction (the
+                server's ``xylen_server_storage_failures_total{part}``).
         """
         self.directory = Path(directory)
         self.db_path = self.directory / DB_NAME
@@ -203,6 +208,12 @@ class FeedbackStore:
         self._slow_seconds = slow_commit_ms / 1000.0
         self._slow_logged_at = 0.0  # time.monotonic() of the last slow-commit warning
         self._slow_unlogged = 0  # slow commits since that warning
+        self._commit_trouble = Trouble("feedback_commit", "the store", logger, count_failure)
+        """Failed commits (a full disk): counted, logged when they begin and end."""
+        self._compact_trouble = Trouble(
+            "feedback_compaction", "writing a part", logger, count_failure
+        )
+        """Failed background compactions: counted, logged when they begin and end."""
 
         self._lock = threading.Lock()  # queue, counts, closing
         self._wake = threading.Condition(self._lock)
@@ -358,13 +369,19 @@ class FeedbackStore:
                 with self._write_lock:
                     self._commit(batch)
             except Exception as exc:
-                logger.error("feedback commit of %d records failed: %s", len(batch), exc)
+                self._commit_trouble.failed(
+                    exc,
+                    "Feedback answers UNAVAILABLE (FEEDBACK_STORE_FAILED, not acknowledged) "
+                    "until a commit works",
+                )
                 error = Unavailable(
                     f"the feedback store could not commit ({exc}); not acknowledged, try again",
                     reason="FEEDBACK_STORE_FAILED",
                 )
                 for entry in batch:
                     entry.waiter.error = error
+            else:
+                self._commit_trouble.worked()
             _wake([entry.waiter for entry in batch])
             self._maybe_compact()
 
@@ -443,9 +460,17 @@ class FeedbackStore:
                 return
             try:
                 self.compact()
-            except Exception:
-                logger.exception("feedback compaction failed; the samples stay in SQLite")
+            except Exception as exc:
+                # One line when compaction begins to fail and one when it works again, not a
+                # traceback per attempt for as long as the disk is full.
+                self._compact_trouble.failed(
+                    exc,
+                    f"the samples stay in SQLite (durable), retried after the next commit, "
+                    f"at most every {_FAILED_RETRY_SECONDS:g}s",
+                )
                 self._closed.wait(_FAILED_RETRY_SECONDS)
+            else:
+                self._compact_trouble.worked()
 
     def _step(self, name: str) -> None:
         if self._fault_hook is not None:
@@ -465,9 +490,15 @@ class FeedbackStore:
             if table.num_rows:
                 part = self.samples_dir / f"part-{first:016d}-{last:016d}.parquet"
                 temporary = part.with_name(part.name + ".tmp")
-                pq.write_table(table, temporary, compression="snappy")
-                with open(temporary, "rb") as handle:
-                    os.fsync(handle.fileno())
+                try:
+                    pq.write_table(table, temporary, compression="snappy")
+                    with open(temporary, "rb") as handle:
+                        os.fsync(handle.fileno())
+                except BaseException:
+                    # A partial part must not hold a full disk (the next try, with more
+                    # samples, writes another name).
+                    temporary.unlink(missing_ok=True)
+                    raise
                 self._step("part_written")
             with self._write_lock:  # no reconnect (which recovers from the parts) meanwhile
                 if part is not None and temporary is not None:

@@ -99,22 +99,21 @@ def infer_requests(draw: st.DrawFn) -> v2.ModelInferRequest:
     return request
 
 
-@FUZZ
-@given(request=infer_requests())
-def test_fuzz_model_infer(v2_stub, baseline, request):
+def _infer(stub: v2_grpc.GRPCInferenceServiceStub, request: v2.ModelInferRequest) -> bool:
+    """One fuzzed ModelInfer: answered, or refused with a proper status (True if refused)."""
     try:
-        v2_stub.ModelInfer(request, timeout=30)
+        stub.ModelInfer(request, timeout=30)
     except grpc.RpcError as error:
         assert error.code() not in IMPROPER, (error.code(), error.details())
         assert len(error.details() or "") < 400
+        return True
+    return False
 
 
-@FUZZ
-@given(name=names, version=st.text(max_size=300))
-def test_fuzz_model_ready_and_metadata(v2_stub, baseline, name, version):
+def _ready_and_metadata(stub: v2_grpc.GRPCInferenceServiceStub, name: str, version: str) -> None:
     for call, request in (
-        (v2_stub.ModelReady, v2.ModelReadyRequest(name=name, version=version)),
-        (v2_stub.ModelMetadata, v2.ModelMetadataRequest(name=name, version=version)),
+        (stub.ModelReady, v2.ModelReadyRequest(name=name, version=version)),
+        (stub.ModelMetadata, v2.ModelMetadataRequest(name=name, version=version)),
     ):
         try:
             call(request, timeout=30)
@@ -122,7 +121,31 @@ def test_fuzz_model_ready_and_metadata(v2_stub, baseline, name, version):
             assert error.code() not in IMPROPER, (error.code(), error.details())
 
 
+@FUZZ
+@given(request=infer_requests())
+def test_fuzz_model_infer(v2_stub, baseline, request):
+    _infer(v2_stub, request)
+
+
+@FUZZ
+@given(name=names, version=st.text(max_size=300))
+def test_fuzz_model_ready_and_metadata(v2_stub, baseline, name, version):
+    _ready_and_metadata(v2_stub, name, version)
+
+
 def test_after_the_fuzzing_the_same_answer(v2_stub, baseline):
+    """The server still answers the fixed request bit for bit after fuzzing of its own (run
+    first or alone, this test fuzzed nothing before: it passed without testing anything)."""
+    refused = []
+
+    @settings(FUZZ, max_examples=100)
+    @given(request=infer_requests(), name=names, version=st.text(max_size=300))
+    def fuzz(request, name, version):
+        refused.append(_infer(v2_stub, request))
+        _ready_and_metadata(v2_stub, name, version)
+
+    fuzz()
+    assert len(refused) >= 50 and any(refused)  # the fuzzing ran and reached the server
     rows, before = baseline
     assert v2_stub.ModelInfer(_fixed(rows)).raw_output_contents[0] == before
     assert v2_stub.ServerReady(v2.ServerReadyRequest()).ready

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from learning_helpers import python_calls
 
+from xylen_server.learning import prediction_log
 from xylen_server.learning.prediction_log import ID_BYTES, SEGMENT_PARTS, PredictionLog
 
 
@@ -137,10 +138,16 @@ def test_a_disk_lookup_costs_the_same_however_many_old_parts_the_log_has(tmp_pat
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_disk_lookups_across_merged_segments_agree_with_a_dict(tmp_path, seed: int) -> None:
+@pytest.mark.parametrize("listed", [0, prediction_log.MAX_LISTED_IDS])
+def test_disk_lookups_across_merged_segments_agree_with_a_dict(
+    tmp_path, seed: int, listed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Hundreds of parts (several merged segments of SEGMENT_PARTS, and the rest), some older
     than the retention, more written after the first lookup: find_recent answers exactly the
-    rows within the retention, from a log whose memory holds none of them."""
+    rows within the retention, from a log whose memory holds none of them. ``listed`` 0: no
+    part's summary can list its ids, so every part goes through the hash index and its
+    segments; the default: the summaries find them, no part is read to be indexed."""
+    monkeypatch.setattr(prediction_log, "MAX_LISTED_IDS", listed)
     rng = random.Random(seed)
     now = time.time_ns() // 1_000_000
     writer = PredictionLog(tmp_path, flush_interval_seconds=3600, fsync=False)
@@ -170,7 +177,8 @@ def test_disk_lookups_across_merged_segments_agree_with_a_dict(tmp_path, seed: i
                 assert row is not None and (row.time_ms, row.probability_up) == expected[i], i
             assert all(reader.find_recent(i) is None for i in rng.sample(old, 20))
             assert reader.find_recent(f"never-{round_}") is None
-        assert reader._segments  # the lookups went through merged segments
+        # the lookups went through merged segments, or through the summaries alone
+        assert bool(reader._segments) == (listed == 0)
     finally:
         reader.close()
         writer.close()
