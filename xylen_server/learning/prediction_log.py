@@ -424,7 +424,7 @@ class PredictionLog:
             max_bytes: most bytes the in-memory rows and their index take (:func:`row_bytes`
                 a row); the ring holds ``min(max_rows, max_bytes // row_bytes)`` rows.
             count_failure: called with ``"prediction_log"`` at every failed write of the
-                flusher (the server's ``xylen_server_storage_failures_total{part}``).
+                flusher (the server's ``xylen_storage_failures_total{part}``).
         """
         if (
             max_rows < 1
@@ -893,15 +893,25 @@ class PredictionLog:
         self._summarised = sum(map(len, ranged.values())) + sum(map(len, listed.values()))
         self._prune_at = max(SUMMARY_ENTRIES, 2 * self._summarised)
 
-    def _read_summaries(self) -> None:
-        """``_parts.index`` into :attr:`_summaries` (once; later parts are added as written)."""
+    def _read_summaries(self, oldest_ms: int) -> None:
+        """``_parts.index`` into :attr:`_summaries` (once; later parts are added as written).
+
+        Only the summaries of parts within the retention are kept; a part wholly older is
+        only marked seen (its name, as a part read and found old would be), so what the
+        first lookup after a restart holds does not grow with the log's age: the index of a
+        server that ran for a month lists ~500,000 parts."""
         assert self.directory is not None
         self._summaries_read = True
+        seen = self._disk_seen
         try:
             with open(self.directory / INDEX_FILE, encoding="utf-8", errors="replace") as lines:
                 for line in lines:
                     summary = _PartSummary.parse(line)
-                    if summary is not None:
+                    if summary is None:
+                        continue
+                    if summary.newest_ms < oldest_ms:
+                        seen.add(summary.name)
+                    else:
                         self._summaries.setdefault(summary.name, summary)
         except FileNotFoundError:
             return
@@ -935,7 +945,7 @@ class PredictionLog:
         ``_parts.index``."""
         assert self.directory is not None
         if not self._summaries_read:
-            self._read_summaries()
+            self._read_summaries(oldest_ms)
         self._forget_summaries(oldest_ms)
         for path in [p for p, part in self._disk_index.items() if part.newest_ms < oldest_ms]:
             del self._disk_index[path]

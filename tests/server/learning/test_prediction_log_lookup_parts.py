@@ -223,3 +223,56 @@ def test_what_is_known_of_parts_past_the_retention_is_let_go(
         log.close()
         opened.close()
         clock.use_file(None)
+
+
+def test_a_restart_keeps_only_the_summaries_of_parts_within_the_retention(
+    tmp_path: Path,
+) -> None:
+    """The index lists every part ever written (a month of a server's parts: ~500,000 lines):
+    the first lookup after a restart keeps the summaries of the parts within the retention
+    only, marks the older parts seen, and opens none of them. Time moves by a real clock
+    file (CLOCK_FILE)."""
+    from xylen_server import clock
+
+    now = 1_800_000_000_000
+    clock_file = tmp_path / "clock"
+    clock_file.write_text(str(now))
+    clock.use_file(clock_file)
+    directory = tmp_path / "log"
+    said: dict[str, str] = {}
+    try:
+        log = PredictionLog(directory, flush_interval_seconds=3600, max_age_seconds=600)
+        try:
+            for k in range(40):  # a part a minute for 40 minutes, the retention 10
+                now += 60_000
+                clock_file.write_text(str(now))
+                ids = [f"{FIRST}-{3 * k + i:x}" for i in range(3)] + [f"caller-{k}"]
+                log.record(ids, np.zeros((4, 2), np.float32), [0.5] * 4, [3] * 4, "model_1", 1)
+                part = log.flush()
+                assert part is not None
+                said.update(dict.fromkeys(ids, part.name))
+        finally:
+            log.close()
+        index_lines = (directory / INDEX_FILE).read_text().splitlines()
+        assert len(index_lines) == 40
+
+        again = PredictionLog(directory, flush_interval_seconds=3600, max_age_seconds=600)
+        opened = Opened(directory)
+        try:
+            recent = f"{FIRST}-{3 * 38:x}"  # two minutes old
+            row, names = opened.during(lambda: again.find_recent(recent))
+            assert row is not None and row.prediction_id == recent
+            assert names == {said[recent]}
+            # 10 or 11 parts within the 10 minutes: the 29 older ones are seen, not held
+            assert 10 <= len(again._summaries) <= 11, sorted(again._summaries)
+            assert all(said[f"caller-{k}"] in again._disk_seen for k in range(40))
+            for old in (f"{FIRST}-{3:x}", "caller-2"):  # 38 minutes old
+                row, names = opened.during(lambda old=old: again.find_recent(old))
+                assert row is None and names == set()
+            row, names = opened.during(lambda: again.find_recent("caller-37"))
+            assert row is not None and names == {said["caller-37"]}
+        finally:
+            again.close()
+            opened.close()
+    finally:
+        clock.use_file(None)
