@@ -6,7 +6,7 @@ fills the log for as long as the disk stays full (the coordinator's outbox once 
 in 10 s; the server's prediction-log flusher a traceback every interval). :class:`Trouble` is
 the one rule both follow: one line when a part begins to fail, one line when it works again,
 however many attempts failed in between; every failed attempt counted (the caller's counter:
-``xylen_server_storage_failures_total{part}`` in the model server,
+``xylen_storage_failures_total{part}`` in the model server,
 ``xylen_coordinator_outbox_failures_total{part}`` in the coordinator); the retries unchanged.
 A failure that is not the storage's (a bug) gets its traceback, once, when it begins.
 

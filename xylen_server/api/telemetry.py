@@ -26,7 +26,7 @@ Series (Prometheus names; OpenTelemetry names and units in :meth:`ServerTelemetr
 ``xylen_training_samples``                  feedback samples stored
 ``xylen_feedback_acknowledged_total``       Feedback records acknowledged (committed)
 ``xylen_model_swaps_total``                 swaps by ``kind`` (promoted, rolled_back, reloaded)
-``xylen_server_storage_failures_total``     failed attempts of the background writers by
+``xylen_storage_failures_total``            failed attempts of the background writers by
                                             ``part``: ``prediction_log`` (a flush),
                                             ``feedback_commit``, ``feedback_compaction`` (a
                                             full disk; logged once when the failures begin
@@ -156,7 +156,7 @@ class ServerTelemetry:
             ),
             ("xylen.model.swaps", "Hot swaps by kind.", self._swaps),
             (
-                "xylen.server.storage.failures",
+                "xylen.storage.failures",
                 "Failed attempts of the background writers (a full disk) by part.",
                 self._storage_failures,
             ),

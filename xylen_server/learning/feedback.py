@@ -78,7 +78,7 @@ class FeedbackLoop:
             raise SettingsError(str(exc)) from None
         self.storage_failures = FailureCounts()
         """Failed attempts of the background writers by part (``prediction_log``,
-        ``feedback_commit``, ``feedback_compaction``): ``xylen_server_storage_failures_total``."""
+        ``feedback_commit``, ``feedback_compaction``): ``xylen_storage_failures_total``."""
         self.log = PredictionLog(
             settings.prediction_log_path,
             max_rows=settings.prediction_log_max_rows,

@@ -188,7 +188,7 @@ class FeedbackStore:
                 logged (``FEEDBACK_SLOW_COMMIT_MS``; 0: never).
             count_failure: called with the part (``feedback_commit``,
                 ``feedback_compaction``) at every failed commit or background compaction (the
-                server's ``xylen_server_storage_failures_total{part}``).
+                server's ``xylen_storage_failures_total{part}``).
         """
         self.directory = Path(directory)
         self.db_path = self.directory / DB_NAME

@@ -1,7 +1,7 @@
 """What a model server says while the disks under its background writers are full: one warning
 when a writer begins to fail and one when it works again, however many attempts failed in
 between, no traceback for the disk's failure; every failed attempt counted in
-``xylen_server_storage_failures_total{part}`` on the metrics port; the retries go on, and what
+``xylen_storage_failures_total{part}`` on the metrics port; the retries go on, and what
 was said (predictions) and acknowledged (Feedback) during the outage reaches its Parquet parts
 once there is room. The writers: the prediction log's flusher (``prediction_log``) and the
 feedback store's compaction (``feedback_compaction``). The same rule as the coordinator's
@@ -39,13 +39,13 @@ COMPACTION_ATTEMPTS = 3
 
 
 def _failures(port: int) -> dict[str, float]:
-    """``xylen_server_storage_failures_total`` by part, as the metrics port exports it."""
+    """``xylen_storage_failures_total`` by part, as the metrics port exports it."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
     found: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "xylen_server_storage_failures_total":
+            if sample.name == "xylen_storage_failures_total":
                 found[sample.labels["part"]] = sample.value
     return found
 
