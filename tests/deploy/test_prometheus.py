@@ -31,14 +31,14 @@ def test_scrape_config_and_rules_are_valid(promtool):
     assert checked.returncode == 0, checked.stdout + checked.stderr
     rules = run(promtool, "check", "rules", "alerts.yml")
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 7 rules found" in rules.stdout
+    assert "SUCCESS: 9 rules found" in rules.stdout
 
 
 def test_every_alert_has_unit_tests_that_pass(promtool):
     tests = (DEPLOY / "alerts_test.yml").read_text()
     rules = (DEPLOY / "alerts.yml").read_text()
     names = [line.split(":", 1)[1].strip() for line in rules.splitlines() if "- alert:" in line]
-    assert len(names) == 7
+    assert len(names) == 9
     for name in names:  # each alert is tested firing and not firing
         assert tests.count(f"alertname: {name}\n") >= 2, name
     result = run(promtool, "test", "rules", "alerts_test.yml")
@@ -52,6 +52,8 @@ def test_every_alert_has_unit_tests_that_pass(promtool):
         ("> 0.1\n", "> 1\n"),  # p99 threshold 1 s: the slow server no longer fires
         ("> 0.8\n", "> 0.95\n"),  # memory threshold
         ('result="failed"', 'result="rejected"'),  # a rejection is not a failure
+        # a single storage failure that stops at once would fire
+        ("[2m]) > 0\n        for: 3m\n", "[5m]) > 0\n        for: 2m\n"),
     ],
 )
 def test_the_unit_tests_catch_a_broken_rule(promtool, tmp_path, original, broken):
