@@ -184,10 +184,10 @@ class CoordinatorTelemetry:
         return [Observation(self.coordinator.delivery_retries())]
 
     def _outbox_failures(self, _options: CallbackOptions) -> Iterable[Observation]:
-        return [
-            Observation(n, {"part": part})
-            for part, n in self.coordinator.metrics.outbox_failures().items()
-        ]
+        # Both parts from 0, so an alert's increase() counts the first failures too.
+        counts = {"prediction_log": 0, "feedback_forwarding": 0}
+        counts.update(self.coordinator.metrics.outbox_failures())
+        return [Observation(n, {"part": part}) for part, n in counts.items()]
 
     def health(self) -> tuple[Mapping[str, Any], bool]:
         """``/health``: SERVING with the endpoints that are."""
