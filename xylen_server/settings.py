@@ -278,6 +278,10 @@ class Settings:
     """Threads the training subprocess uses (leave cores to Predict)."""
     retrain_timeout_seconds: float = env("RETRAIN_TIMEOUT_SECONDS", 3600.0, above=0.0)
     """A training subprocess running longer is killed (FAILED)."""
+    retrain_jobs_keep: int = env("RETRAIN_JOBS_KEEP", 100, minimum=1)
+    """Retrain jobs whose directories (``jobs/<job id>/``: spec, result, status, log) are kept,
+    the newest; older ones are removed as a new job starts (automatic retrains would otherwise
+    add one a trigger, without end)."""
     retrain_auto: bool = env("RETRAIN_AUTO", True)
     """Start retrains automatically on the triggers below."""
     retrain_trigger_new_samples: int = env("RETRAIN_TRIGGER_NEW_SAMPLES", 1000, minimum=0)

@@ -16,7 +16,8 @@ job as a task on the event loop that does no heavy work itself:
    dry run.
 
 The status (with the gate's verdict) is kept for GetModelInfo and streamed to WatchRetrain, and
-written to ``jobs/<job id>/status.json`` beside the job's log.
+written to ``jobs/<job id>/status.json`` beside the job's log. The newest ``RETRAIN_JOBS_KEEP``
+job directories are kept (:func:`prune_jobs`, as each job starts).
 
 Automatic triggers (:meth:`Retrainer.check_triggers`, after every stored outcome, and a schedule
 task): ``RETRAIN_TRIGGER_NEW_SAMPLES`` new samples, live accuracy over the last
@@ -52,6 +53,41 @@ from xylen_server.settings import Settings
 from xylen_server.versions.swap import ModelManager
 
 logger = logging.getLogger(__name__)
+
+
+def prune_jobs(jobs: Path, keep: int, current: str | None = None) -> list[str]:
+    """Remove all but the newest ``keep`` job directories under ``jobs`` (``current``, the job
+    starting, always stays). Newest by the start time in the name (``job-<UTC second>-<hex>``),
+    then by when the job's spec was written (jobs started within one second). Returns the
+    names removed; a directory that cannot be removed is logged and left (it never fails a
+    job); entries not named ``job-*`` are not touched."""
+
+    def started(name: str) -> tuple[str, int]:
+        with contextlib.suppress(OSError):
+            return name[4:19], (jobs / name / "spec.json").stat().st_mtime_ns
+        return name[4:19], 0
+
+    try:
+        names = [
+            entry.name
+            for entry in os.scandir(jobs)
+            if entry.name.startswith("job-") and entry.is_dir(follow_symlinks=False)
+        ]
+    except OSError as exc:
+        if not isinstance(exc, FileNotFoundError):
+            logger.warning("retrain jobs in %s not pruned: %s", jobs, exc)
+        return []
+    older = sorted((name for name in names if name != current), key=started)
+    removed = []
+    for name in older[: max(0, len(older) - (keep - 1 if current in names else keep))]:
+        try:
+            shutil.rmtree(jobs / name)
+        except OSError as exc:
+            logger.warning("retrain job %s not removed: %s", name, exc)
+        else:
+            removed.append(name)
+    return removed
+
 
 _MODES: dict[int, str] = {
     pb.RETRAIN_MODE_FULL: "full",
@@ -239,6 +275,9 @@ class Retrainer:
         candidate = self.models.history / f".candidate-{job_id}"
         try:
             job_dir.mkdir(parents=True, exist_ok=True)
+            await loop.run_in_executor(
+                None, prune_jobs, job_dir.parent, self.settings.retrain_jobs_keep, job_id
+            )
             samples = self.feedback.require_store().count()
             version = await loop.run_in_executor(None, self.models.next_version)
             serving_dir = await loop.run_in_executor(
