@@ -1382,11 +1382,15 @@ class PredictionLog:
                 waiting: list[pa.Table] = []
                 held = 0
                 for name in sources:
+                    known = self._summaries.get(name)  # the parts it wrote, the index's
+                    if known is not None:
+                        summaries.append(known)
                     with pq.ParquetFile(directory / name) as part:
                         for group in range(part.num_row_groups):
                             table = part.read_row_group(group)
-                            ids = table.column("prediction_id")
-                            summaries.append(_PartSummary.of(merged, ids, newest))
+                            if known is None:
+                                ids = table.column("prediction_id")
+                                summaries.append(_PartSummary.of(merged, ids, newest))
                             waiting.append(table)
                             held += table.num_rows
                             if held >= ROW_GROUP_ROWS:  # whole row groups out, the rest waits
