@@ -435,6 +435,9 @@ part's name and the names of the parts it replaces. Written and fsynced before t
 is renamed into place, removed once those parts are deleted; a crash in between leaves it, and
 :func:`live_parts` (so :meth:`PredictionLog.part_files`) leaves out the parts it names while
 the merged part is in place, and the next start deletes them."""
+INDEX_REWRITE_LINES = 4096
+"""Lines of merged-away parts ``_parts.index`` holds before it is first rewritten without
+them; then once they outnumber the lines kept (each line is read a few times at most)."""
 ROLLUP_GRACE_MS = 60_000
 """How long after a window ends (by the log's clock) its parts are merged: a flush every few
 seconds has written its last rows by then."""
@@ -452,6 +455,15 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _line_part(line: str) -> str | None:
+    """The part a ``_parts.index`` line is of (None: a torn or foreign line)."""
+    try:
+        name = json.loads(line)["part"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def _is_part(name: str) -> bool:
@@ -642,6 +654,8 @@ class PredictionLog:
         """Part -> (oldest time, newest time, rows) of the parts this log wrote (read from
         the footer for the others when their window is merged)."""
         self._wrote = False  # a log that writes parts is the directory's writer: it merges
+        self._index_stale = 0  # lines of _parts.index whose part was merged away
+        self._index_kept = 0  # lines kept at its last rewrite
         self.rollup_trouble = Trouble("prediction_log", "the rollup", logger, None)
         """Failed merges (:meth:`roll_up`): logged when they begin and end."""
         self._closed = False
@@ -1423,6 +1437,9 @@ class PredictionLog:
         if self._fsync:
             fsync_dir(directory)
         (directory / ROLLUP_FILE).unlink(missing_ok=True)
+        self._index_stale += len(sources)
+        if self._index_stale >= max(INDEX_REWRITE_LINES, self._index_kept):
+            self._rewrite_index()
         logger.info(
             "prediction log: %d parts merged into %s (%d rows)",
             len(sources),
@@ -1430,6 +1447,44 @@ class PredictionLog:
             sum(bounds[2] for _, _, bounds in inside),
         )
         return final
+
+    def _rewrite_index(self) -> None:
+        """``_parts.index`` without the lines of parts no longer on disk (merged away) and torn
+        ones, so what a restart's first lookup reads stays the size of the live parts' lines
+        rather than one a flush for good. Replaced atomically (a crash leaves the old one);
+        appends wait meanwhile. Caller holds ``_flush_lock``."""
+        assert self.directory is not None
+        live = {path.name for path in self.part_files()}
+        path = self.directory / INDEX_FILE
+        temporary = path.with_name(INDEX_FILE + ".tmp")
+        kept = 0
+        with self._index_lock:
+            try:
+                with (
+                    open(path, encoding="utf-8", errors="replace") as lines,
+                    open(temporary, "w", encoding="utf-8") as out,
+                ):
+                    listed: set[str] = set()
+                    for line in lines:
+                        name = _line_part(line)
+                        if name in live and name not in listed:
+                            out.write(line if line.endswith("\n") else line + "\n")
+                            listed.add(name)
+                    for name in sorted(live - listed):  # a line lost (appended to a torn one)
+                        summary = self._summaries.get(name)
+                        if summary is not None:
+                            out.write(summary.line())
+                            listed.add(name)
+                    kept = len(listed)
+                os.replace(temporary, path)
+            except FileNotFoundError:
+                temporary.unlink(missing_ok=True)
+            except OSError as exc:
+                temporary.unlink(missing_ok=True)
+                self.index_trouble.failed(exc, "it keeps the lines of merged parts")
+                return
+            self._index_torn = False
+        self._index_stale, self._index_kept = 0, kept
 
     def _write_journal(self, merged: str, sources: list[str]) -> None:
         """:data:`ROLLUP_FILE` for a merge, in place and durable before the merged part is."""

@@ -27,7 +27,9 @@ import pytest
 from harness import modules_of_child
 
 from xylen_server import clock
+from xylen_server.learning import prediction_log
 from xylen_server.learning.prediction_log import (
+    INDEX_FILE,
     REPLACES_KEY,
     ROLLUP_FILE,
     SCHEMA,
@@ -237,6 +239,7 @@ from pathlib import Path
 import numpy as np
 from xylen_server import clock
 from xylen_server.learning import prediction_log
+from xylen_server.learning import prediction_log
 
 directory, clock_path, stop_at = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 clock.use_file(clock_path)
@@ -353,3 +356,40 @@ def test_the_rollup_imports_neither_pandas_nor_arrow_compute(tmp_path: Path) -> 
     assert "pyarrow.parquet" in modules
     unwanted = {"pandas", "pyarrow.compute", "pyarrow.dataset", "polars"}
     assert modules.isdisjoint(unwanted), sorted(modules & unwanted)
+
+
+def index_lines(directory: Path) -> list[str]:
+    return [json.loads(line)["part"] for line in (directory / INDEX_FILE).read_text().splitlines()]
+
+
+def test_the_index_lets_go_of_the_lines_of_merged_parts(
+    tmp_path: Path, clock_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_parts.index`` got a line a part for good (~17,000 a day), all read by a restart's
+    first lookup; merged parts' lines are dropped (here at once; by default past 4,096)."""
+    monkeypatch.setattr(prediction_log, "INDEX_REWRITE_LINES", 1)
+    directory = tmp_path / "log"
+    log = open_log(directory)
+    ids = write_parts(log, clock_file, [START + k * 60_000 for k in range(6)])
+    ids += write_parts(log, clock_file, [START + HOUR + k * 60_000 for k in range(6)], 240)
+    ids += write_parts(log, clock_file, [START + 2 * HOUR + 60_000], 480)
+    with open(directory / INDEX_FILE, "a") as index:
+        index.write('{"part": "torn')
+    assert len((directory / INDEX_FILE).read_text().splitlines()) == 14
+    clock.write(clock_file, START + 3 * HOUR)
+    assert log.roll_up() is not None
+    assert sorted(index_lines(directory)) == [p.name for p in log.part_files()]
+    assert log.roll_up() is not None and log.roll_up() is None
+    # the second merge's 6 lines are fewer than the 8 kept: they wait for more
+    assert set(index_lines(directory)) >= {p.name for p in log.part_files()}
+    log.close()
+    fresh = open_log(directory)
+    opened = Opened(directory)
+    try:
+        for prediction_id in ids[::7]:
+            row = fresh.find_recent(prediction_id)
+            assert row is not None and row.prediction_id == prediction_id
+            assert len(opened.names()) == 1  # the index names its holder
+    finally:
+        opened.close()
+        fresh.close()
