@@ -11,11 +11,13 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import random
 import re
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -393,3 +395,74 @@ def test_the_index_lets_go_of_the_lines_of_merged_parts(
     finally:
         opened.close()
         fresh.close()
+
+
+def test_lookups_while_hours_are_merged_find_every_id(tmp_path: Path, clock_file: Path) -> None:
+    """Feedback looks ids up on other threads while the flusher merges: a lookup sees the parts
+    or the merged part (one that opens a part deleted meanwhile looks once more)."""
+    directory = tmp_path / "log"
+    log = open_log(directory)
+    ids: list[str] = []
+    for hour in range(6):
+        times = [START + hour * HOUR + k * 60_000 for k in range(8)]
+        ids += write_parts(log, clock_file, times, hour * 8 * ROWS)
+    clock.write(clock_file, START + 7 * HOUR)
+    # another log on the directory (a tool), which knows the parts from before the merges
+    other = open_log(directory)
+    assert other.find_recent(ids[0]) is not None
+    stop = threading.Event()
+    missed: list[str] = []
+    looked = [0, 0]
+
+    def look(worker: int) -> None:
+        rng = random.Random(worker)
+        while not stop.is_set():
+            prediction_id = rng.choice(ids)
+            row = log.find_recent(prediction_id)
+            if row is None or row.prediction_id != prediction_id:
+                missed.append(prediction_id)
+            looked[worker] += 1
+
+    threads = [threading.Thread(target=look, args=(w,)) for w in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        merged = 0
+        while log.roll_up() is not None:
+            merged += 1
+            time.sleep(0.02)  # let the lookups run between merges too
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert merged == 6 and len(log.part_files()) == 6
+    assert missed == [] and min(looked) > 0
+    assert [r[0] for r in rows_of(log)] == ids
+    # its parts are gone: it looks once more, finds the merged parts and every id in them
+    assert all(other.find_recent(i) is not None for i in ids[::5])
+    other.close()
+    log.close()
+
+
+def test_a_lookup_whose_part_is_merged_away_before_it_opens_it_looks_once_more(
+    tmp_path: Path, clock_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the threads above rarely hit, made to happen: the lookup chose its parts, then
+    the merge deleted them, then it opens one."""
+    directory = tmp_path / "log"
+    log = open_log(directory)
+    ids = write_parts(log, clock_file, [START + k * 60_000 for k in range(4)])
+    clock.write(clock_file, START + 2 * HOUR)
+    assert log.find_recent(ids[0]) is not None  # the lookups know the four parts
+    real = prediction_log._find_in_part
+    merged: list[Path | None] = []
+
+    def merge_first(path: Path, prediction_id: str) -> object:
+        if not merged:
+            merged.append(log.roll_up())
+        return real(path, prediction_id)
+
+    monkeypatch.setattr(prediction_log, "_find_in_part", merge_first)
+    row = log.find_recent(ids[-2])  # (the last row is still in memory)
+    assert merged[0] is not None and row is not None and row.prediction_id == ids[-2]
+    log.close()
