@@ -10,7 +10,7 @@ calling thread's, ``RUSAGE_THREAD``: a loaded machine does not inflate it the wa
 wall time); then one hour at the cap (720 parts of 970 rows, ~700,000 rows) merged alone.
 
 ``python -m bench rollup`` or ``python -m bench.bench_rollup [--hours N]`` runs it alone
-(about 30 s at the default 6 hours); ``bench.__main__`` calls :func:`main`.
+(about a minute at the default 6 hours); ``bench.__main__`` calls :func:`main`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from xylen_server.learning.prediction_log import INDEX_FILE, PredictionLog
 
 START = 1_800_000_000_000  # a whole hour
 STEP_MS = 5000
+ROUNDS = 4
 
 
 def _thread_cpu() -> float:
@@ -92,18 +93,23 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{args.rows} rows ({args.rows * 720:,} rows an hour), fsync off, {root}"
         )
         _run(root / "warm-up", 3600, 50, args.rows)  # first-call costs out of the figures
-        results = {rollup: _run(root, rollup, flushes, args.rows) for rollup in (0, 3600)}
-        for rollup, r in results.items():
-            print(
-                f"  rollup {rollup:>4} s: {r['parts']:7,.0f} parts, {r['files']:7,.0f} files, "
-                f"{r['lines']:7,.0f} index lines, {r['rows']:,.0f} rows; flush CPU "
-                f"{r['flush'] / flushes * 1e3:.3f} ms a flush; merges {r['merges']:.0f}, "
-                f"{r['merge']:.2f} s of CPU in all, the costliest {r['worst'] * 1e3:.0f} ms"
-            )
-        off, on = results[0], results[3600]
+        flush: dict[int, list[float]] = {0: [], 3600: []}
+        for round_ in range(ROUNDS):  # in turn, so machine noise hits both alike
+            for rollup in (0, 3600) if round_ % 2 == 0 else (3600, 0):
+                r = _run(root / f"round-{round_}", rollup, flushes, args.rows)
+                flush[rollup].append(r["flush"] / flushes * 1e3)
+                if round_ == 0:
+                    print(
+                        f"  rollup {rollup:>4} s: {r['parts']:7,.0f} parts, {r['files']:7,.0f} "
+                        f"files, {r['lines']:7,.0f} index lines, {r['rows']:,.0f} rows; merges "
+                        f"{r['merges']:.0f}, {r['merge']:.2f} s of CPU in all, the costliest "
+                        f"{r['worst'] * 1e3:.0f} ms"
+                    )
+        off, on = float(np.median(flush[0])), float(np.median(flush[3600]))
         print(
-            f"  ratio with / without: parts {on['parts'] / off['parts']:.3f}x, "
-            f"flush CPU {on['flush'] / off['flush']:.2f}x"
+            f"  flush CPU, median of {ROUNDS} rounds: {off:.3f} ms a flush without, {on:.3f} ms "
+            f"with ({on / off:.2f}x; rounds: {', '.join(f'{v:.3f}' for v in flush[0])} / "
+            f"{', '.join(f'{v:.3f}' for v in flush[3600])})"
         )
         cap = _run(root, 3600, 720 + 13, 970)  # the hour, then 65 s: it is merged
         print(
