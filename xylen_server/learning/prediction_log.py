@@ -67,7 +67,7 @@ from training.metadata import fsync_dir
 from xylen_server import clock
 from xylen_server.learning import arrow_columns as columns
 from xylen_server.settings import Settings
-from xylen_server.trouble import Trouble
+from xylen_server.trouble import Trouble, describe
 
 if TYPE_CHECKING:
     import polars as pl
@@ -1360,6 +1360,8 @@ class PredictionLog:
         ``_flush_lock``."""
         directory = self.directory
         assert directory is not None
+        if (directory / ROLLUP_FILE).exists():  # the last merge's deletes failed: first those
+            self._recover()
         end = window + self._rollup_ms
         inside: list[tuple[int, str, tuple[int, int, int]]] = []  # (position, name, bounds)
         for i, name in enumerate(names):
@@ -1430,12 +1432,23 @@ class PredictionLog:
         summary = _PartSummary.merged(merged, newest, summaries)
         self._summaries[merged] = summary
         self._append_summary(summary)
-        with self._disk_lock:  # a lookup sees the sources or the merged part, never neither
-            self._forget_parts(sources)
-            for name in sources:
-                (directory / name).unlink(missing_ok=True)
-        if self._fsync:
-            fsync_dir(directory)
+        try:
+            with self._disk_lock:  # a lookup sees the sources or the merged part, not neither
+                self._forget_parts(sources)
+                for name in sources:
+                    (directory / name).unlink(missing_ok=True)
+            if self._fsync:
+                fsync_dir(directory)
+        except OSError as exc:
+            # The merged part is in place: the journal stays, so reads leave out the parts
+            # not deleted, and the next merge (or start) deletes them before anything else.
+            logger.error(
+                "prediction log: parts merged into %s could not be deleted (%s); they are "
+                "left out of reads and deleted before the next merge",
+                merged,
+                describe(exc),
+            )
+            return final
         (directory / ROLLUP_FILE).unlink(missing_ok=True)
         self._index_stale += len(sources)
         if self._index_stale >= max(INDEX_REWRITE_LINES, self._index_kept):
@@ -1501,9 +1514,10 @@ class PredictionLog:
             fsync_dir(self.directory)
 
     def _recover(self) -> int:
-        """Finish a merge a crash interrupted between the merged part's rename and the deletion
-        of the parts it replaces (their rows would read twice); returns the journal's
-        sequence number (kept clear of, so its name is never a new part's)."""
+        """Finish a merge a crash (or a failed delete) interrupted between the merged part's
+        rename and the deletion of the parts it replaces (their rows would read twice);
+        returns the journal's sequence number (kept clear of, so its name is never a new
+        part's). Raises if they cannot be deleted (nothing is merged meanwhile)."""
         assert self.directory is not None
         rollup = _read_rollup(self.directory)
         if rollup is None:
