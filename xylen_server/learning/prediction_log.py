@@ -1199,14 +1199,38 @@ class PredictionLog:
         start_ms: int | None = None,
         end_ms: int | None = None,
     ) -> Iterator[LoggedPrediction]:
-        """Persisted rows in time order, optionally one model version and ``[start, end)``."""
-        for path in self.part_files():
-            with pq.ParquetFile(path) as part:  # a row group at a time: a merged part is big
+        """Persisted rows in time order, optionally one model version and ``[start, end)``.
+
+        Each row once while parts are merged meanwhile (this process's flusher or another's):
+        a part gone when its turn comes is read from the merged part that replaced it, less
+        the rows of its parts already read (``xylen.replaces`` gives their row counts), and a
+        merged part listed beside parts it replaces skips theirs."""
+        done: set[str] = set()
+        listed = self.part_files()
+        for path in listed:
+            if path.name in done:
+                continue
+            try:
+                part = pq.ParquetFile(path)
+            except FileNotFoundError:
+                holder = self._merged_holder(path.name, {p.name for p in listed})
+                if holder is None:
+                    continue
+                try:
+                    part = pq.ParquetFile(holder)
+                except FileNotFoundError:
+                    continue
+                path = holder
+            with part:  # a row group at a time: a merged part is big
+                read = _replaced_rows(part, done)
+                done.add(path.name)
+                at = 0
                 for group in range(part.num_row_groups):
                     table = part.read_row_group(group)
                     times = columns.to_numpy(table.column("time"))
                     versions = columns.to_numpy(table.column("model_version"))
-                    keep = np.ones(len(times), dtype=bool)
+                    keep = ~read[at : at + len(times)]
+                    at += len(times)
                     if model_version is not None:
                         keep &= versions == model_version
                     if start_ms is not None:
@@ -1215,6 +1239,20 @@ class PredictionLog:
                         keep &= times < end_ms
                     if keep.any():
                         yield from _rows(table, keep)
+
+    def _merged_holder(self, name: str, listed: set[str]) -> Path | None:
+        """The merged part, not in ``listed``, that replaced the part ``name`` (None: none)."""
+        for path in self.part_files():
+            if path.name in listed:
+                continue
+            try:
+                with pq.ParquetFile(path) as part:
+                    replaced = _replaced_by(part)
+            except (FileNotFoundError, pa.ArrowInvalid):
+                continue
+            if any(source == name for source, _ in replaced):
+                return path
+        return None
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -1702,6 +1740,31 @@ def _find_in_part(path: Path, prediction_id: str) -> LoggedPrediction | None:
                 keep[hits[0]] = True
                 return next(_rows(table, keep))
     return None
+
+
+def _replaced_by(part: pq.ParquetFile) -> list[tuple[str, int]]:
+    """The parts a merged part replaced, with their row counts, in order ([] for a part)."""
+    metadata = part.schema_arrow.metadata or {}
+    raw = metadata.get(REPLACES_KEY)
+    if raw is None:
+        return []
+    try:
+        return [(str(name), int(rows)) for name, rows in json.loads(raw)]
+    except (ValueError, TypeError):
+        return []
+
+
+def _replaced_rows(part: pq.ParquetFile, done: set[str]) -> np.ndarray:
+    """Which rows of a part were read already (a merged part: those of its parts in ``done``);
+    marks the parts it replaced as read."""
+    read = np.zeros(part.metadata.num_rows, dtype=bool)
+    at = 0
+    for name, rows in _replaced_by(part):
+        if name in done:
+            read[at : at + rows] = True
+        done.add(name)
+        at += rows
+    return read
 
 
 def _equal_rows(chunk: pa.Array, wanted: bytes) -> np.ndarray:

@@ -501,3 +501,33 @@ def test_a_part_that_cannot_be_deleted_after_a_merge_is_never_read_twice(
     assert [p.name for p in log.part_files()] == [first.name, second.name]
     assert [r[0] for r in rows_of(log)] == ids
     log.close()
+
+
+def test_a_replay_while_hours_are_merged_reads_every_row_once(
+    tmp_path: Path, clock_file: Path
+) -> None:
+    """A replay started before the merges and read on after them: the parts it listed are
+    gone; it reads their rows from the merged parts, less those it read already."""
+    directory = tmp_path / "log"
+    log = open_log(directory)
+    ids = write_parts(log, clock_file, [START + k * 60_000 for k in range(4)])
+    ids += write_parts(log, clock_file, [START + HOUR + k * 60_000 for k in range(4)], 160)
+    replay = log.replay_rows()
+    read = [next(replay).prediction_id for _ in range(ROWS + 5)]  # into the second part
+    clock.write(clock_file, START + 3 * HOUR)
+    assert log.roll_up() is not None and log.roll_up() is not None
+    assert len(log.part_files()) == 2
+    read += [row.prediction_id for row in replay]
+    assert read == ids
+    # a merged part listed beside a part it replaces (the journal gone) skips that part's rows
+    other = open_log(tmp_path / "other")
+    more = write_parts(other, clock_file, [START + k * 60_000 for k in range(3)], 1000)
+    first = other.part_files()[0]
+    kept = first.read_bytes()
+    clock.write(clock_file, START + 3 * HOUR)
+    assert other.roll_up() is not None
+    first.write_bytes(kept)
+    assert len(other.part_files()) == 2
+    assert [row.prediction_id for row in other.replay_rows()] == more
+    other.close()
+    log.close()
