@@ -248,6 +248,11 @@ class Settings:
     """Replays only: read "now" for the learning loop (prediction times, Feedback's close-time
     checks) from this file (epoch ms, written by ``backtest``) instead of the wall clock
     (:mod:`xylen_server.clock`). Unset: the wall clock."""
+    prediction_log_rollup_seconds: int = env("PREDICTION_LOG_ROLLUP_SECONDS", 3600, minimum=0)
+    """Seconds of the windows (aligned to the epoch: whole UTC hours by default) whose
+    prediction-log parts the flusher merges into one part a minute after the window ends by
+    the learning loop's clock (a part a flush interval is ~17,000 files a day, ~24 merged);
+    0: never merged."""
 
     # -- continuous learning: versions and retraining ----------------------------------------
     model_history_keep: int = env("MODEL_HISTORY_KEEP", 5, minimum=1)

@@ -86,6 +86,7 @@ class FeedbackLoop:
             flush_rows=settings.prediction_log_flush_rows,
             flush_interval_seconds=settings.prediction_log_flush_interval_seconds,
             max_bytes=settings.prediction_log_max_bytes,
+            rollup_seconds=settings.prediction_log_rollup_seconds,
             count_failure=self.storage_failures.count,
         )
         self._store: FeedbackStore | None = None

@@ -19,6 +19,22 @@ BLAKE2b of each (or ``null``: too many to list, the part is read to be indexed).
 a restart reads this file and opens only the parts that can hold the id; a part it does not
 list (written before the index, or the line lost in a crash) is read once and added to it.
 
+The parts stay few: a minute after a window of ``rollup_seconds`` has ended (an hour by
+default, aligned to the epoch, by the log's clock, :mod:`xylen_server.clock`), the flusher merges
+the parts whose rows all lie in it into one part, named as the first of them with a new
+sequence, holding their rows in the order the parts gave them (:meth:`PredictionLog.roll_up`):
+~24 parts a day plus the current hour's, not one a flush (~17,000 a day). One window a flush,
+chosen from the parts the log wrote or found at start (no listing), streamed a row group at a
+time. The merged part goes to a temporary name (``_rollup-<name>.tmp``) and is fsynced;
+``_rollup.json`` (the merged part and the parts it replaces, also in the merged part's Parquet
+metadata under ``xylen.replaces``) is made durable; then the part is renamed into place, the
+directory fsynced, the replaced parts deleted and ``_rollup.json`` removed. A crash before the
+rename leaves the parts as they were; one after it leaves ``_rollup.json``, and
+:func:`live_parts` (so :meth:`PredictionLog.part_files`, replay) leaves out the parts it names
+until the next start deletes them: every row reads once. A part with rows of two windows stays
+as it is. A tool globbing ``*.parquet`` in the instant between a rename and the deletes can see
+that window's rows twice.
+
 Columns: ``prediction_id`` (string), ``time`` (timestamp[ms, UTC], when the server predicted),
 ``model_name`` (string), ``model_version`` (int64), ``features`` (list<float32>, in the model's
 ``feature_names`` order, exactly the values the model ran on), ``probability_up`` (float64),
@@ -51,7 +67,7 @@ from training.metadata import fsync_dir
 from xylen_server import clock
 from xylen_server.learning import arrow_columns as columns
 from xylen_server.settings import Settings
-from xylen_server.trouble import Trouble
+from xylen_server.trouble import Trouble, describe
 
 if TYPE_CHECKING:
     import polars as pl
@@ -220,6 +236,24 @@ class _Segment:
         found = sorted({int(i) for i in self.owners[lo:hi]}, reverse=True)
         return [self.paths[i] for i in found if self.newest[i] >= oldest_ms]
 
+    def without(self, gone: set[Path]) -> _Segment | None:
+        """This segment without the parts ``gone`` (None: nothing left)."""
+        keep = np.array([path not in gone for path in self.paths], dtype=bool)
+        if keep.all():
+            return self
+        if not keep.any():
+            return None
+        renumber = (np.cumsum(keep) - 1).astype(np.int32)
+        rows = keep[self.owners]
+        newest = [ms for ms, kept in zip(self.newest, keep.tolist(), strict=True) if kept]
+        return _Segment(
+            self.hashes[rows],
+            renumber[self.owners[rows]],
+            [path for path, kept in zip(self.paths, keep.tolist(), strict=True) if kept],
+            newest,
+            max(newest),
+        )
+
 
 INDEX_FILE = "_parts.index"
 """The parts' summaries (:class:`_PartSummary`), one JSON line per part, in the log's
@@ -324,6 +358,24 @@ class _PartSummary:
             listed = None
         return cls(name, newest_ms, ranges, None if listed is None else frozenset(listed))
 
+    @classmethod
+    def merged(cls, name: str, newest_ms: int, parts: Sequence[_PartSummary]) -> _PartSummary:
+        """The summary of a part holding the rows of ``parts`` (its pieces' summaries)."""
+        ranges: dict[str, tuple[int, int]] = {}
+        listed: set[int] | None = set()
+        for part in parts:
+            for prefix, (lo, hi) in part.ranges.items():
+                if prefix in ranges:
+                    lo, hi = min(lo, ranges[prefix][0]), max(hi, ranges[prefix][1])
+                ranges[prefix] = (lo, hi)
+            if listed is not None:
+                listed = None if part.others is None else listed | part.others
+                if listed is not None and len(listed) > MAX_LISTED_IDS:
+                    listed = None
+        if len(ranges) > MAX_PREFIXES:
+            listed = None
+        return cls(name, newest_ms, ranges, None if listed is None else frozenset(listed))
+
 
 def _string_lengths(chunk: pa.Array) -> np.ndarray:
     """The UTF-8 byte length of each value of a string array (from its offsets)."""
@@ -377,6 +429,113 @@ a row and 173 bytes a row with every column in a dictionary, 0.7 us and 114 byte
 the flusher's CPU is the serving process's."""
 
 
+ROLLUP_FILE = "_rollup.json"
+"""The merge in progress (:meth:`PredictionLog.roll_up`), in the log's directory: the merged
+part's name and the names of the parts it replaces. Written and fsynced before the merged part
+is renamed into place, removed once those parts are deleted; a crash in between leaves it, and
+:func:`live_parts` (so :meth:`PredictionLog.part_files`) leaves out the parts it names while
+the merged part is in place, and the next start deletes them."""
+INDEX_REWRITE_LINES = 4096
+"""Lines of merged-away parts ``_parts.index`` holds before it is first rewritten without
+them; then once they outnumber the lines kept (each line is read a few times at most)."""
+ROLLUP_GRACE_MS = 60_000
+"""How long after a window ends (by the log's clock) its parts are merged: a flush every few
+seconds has written its last rows by then."""
+REPLACES_KEY = b"xylen.replaces"
+"""Key of a merged part's Parquet key-value metadata: JSON ``[[part name, rows], ...]`` of the
+parts it replaced, in order (its rows are theirs, in that order)."""
+_rollup_hook: Callable[[str], None] | None = None
+"""Tests only: called with ``"journal"`` (the merged part written, not yet in place) and
+``"renamed"`` (in place, the parts it replaces not yet deleted), where a crash test stops."""
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _line_part(line: str) -> str | None:
+    """The part a ``_parts.index`` line is of (None: a torn or foreign line)."""
+    try:
+        name = json.loads(line)["part"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _is_part(name: str) -> bool:
+    return name.startswith("part-") and name.endswith(".parquet")
+
+
+def _part_time(name: str) -> int | None:
+    """The first time (ms) a part's name carries (None for a name of another shape)."""
+    digits = name[5:18]
+    return int(digits) if len(digits) == 13 and digits.isdigit() and name[18:19] == "-" else None
+
+
+def _part_sequence(name: str) -> int:
+    try:
+        return int(name.removesuffix(".parquet").rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _read_rollup(directory: Path) -> tuple[str, list[str]] | None:
+    """The merge in progress: (its merged part, the parts it replaces); None if there is none."""
+    try:
+        raw = json.loads((directory / ROLLUP_FILE).read_text(encoding="utf-8"))
+        return str(raw["part"]), [str(name) for name in raw["replaces"]]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        logger.warning("prediction log: %s cannot be read; ignored", directory / ROLLUP_FILE)
+        return None
+
+
+def live_parts(directory: Path) -> list[Path]:
+    """The part files of a log's directory, oldest first, without those a merged part in place
+    replaces (a merge a crash interrupted, or one in progress in another process)."""
+    try:
+        names = [name for name in os.listdir(directory) if _is_part(name)]
+    except FileNotFoundError:
+        return []
+    # Read after the listing: a listing holding a merged part and its sources was taken while
+    # the journal existed (it is written before the rename and removed after the deletes).
+    rollup = _read_rollup(directory)
+    if rollup is not None and rollup[0] in names:
+        replaced = set(rollup[1])
+        names = [name for name in names if name not in replaced]
+    return [directory / name for name in sorted(names)]
+
+
+def _part_rows(path: Path) -> tuple[int, int, int] | None:
+    """(oldest time, newest time, rows) of a part, from its footer's statistics (its time
+    column when they are missing); None for a part that cannot be read or holds no row."""
+    try:
+        with pq.ParquetFile(path) as file:
+            meta = file.metadata
+            rows = meta.num_rows
+            at = [meta.schema.column(i).path for i in range(meta.num_columns)].index("time")
+            lows: list[int] = []
+            highs: list[int] = []
+            for group in range(meta.num_row_groups):
+                stats = meta.row_group(group).column(at).statistics
+                if stats is None or not stats.has_min_max:
+                    break
+                lows.append(int(stats.min_raw))
+                highs.append(int(stats.max_raw))
+            else:
+                if lows:
+                    return min(lows), max(highs), rows
+            times = columns.to_numpy(file.read(columns=["time"]).column(0))
+    except (FileNotFoundError, pa.ArrowInvalid, ValueError):
+        return None
+    return (int(times.min()), int(times.max()), rows) if len(times) else None
+
+
 _FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
 
@@ -411,6 +570,7 @@ class PredictionLog:
         fsync: bool = True,
         max_bytes: int = Settings.prediction_log_max_bytes,
         count_failure: Callable[[str], None] | None = None,
+        rollup_seconds: float = Settings.prediction_log_rollup_seconds,
     ) -> None:
         """
         Args:
@@ -425,6 +585,9 @@ class PredictionLog:
                 a row); the ring holds ``min(max_rows, max_bytes // row_bytes)`` rows.
             count_failure: called with ``"prediction_log"`` at every failed write of the
                 flusher (the server's ``xylen_storage_failures_total{part}``).
+            rollup_seconds: once a window this long (aligned to the epoch, by the log's
+                clock) has ended, the flusher merges its parts into one (:meth:`roll_up`;
+                only a log that has written a part does); 0: never.
         """
         if (
             max_rows < 1
@@ -432,6 +595,7 @@ class PredictionLog:
             or flush_interval_seconds <= 0
             or max_age_seconds <= 0
             or max_bytes < 1
+            or rollup_seconds < 0
         ):
             raise ValueError(
                 "max_rows, max_bytes, flush_rows, flush interval and max age must be positive"
@@ -482,6 +646,18 @@ class PredictionLog:
         """:func:`stable_id_hash` of an id of another shape -> (newest ms, part)."""
         self._summarised = 0  # entries in _ranged and _listed
         self._prune_at = SUMMARY_ENTRIES  # ... past which those past the retention are dropped
+        self._rollup_ms = int(rollup_seconds * 1000)
+        self._windows: dict[int, list[str]] = {}
+        """Window start (ms) -> the parts whose name's time lies in it, not merged yet (the
+        parts found at start and those written since). Flusher only (``_flush_lock``)."""
+        self._bounds: dict[str, tuple[int, int, int]] = {}
+        """Part -> (oldest time, newest time, rows) of the parts this log wrote (read from
+        the footer for the others when their window is merged)."""
+        self._wrote = False  # a log that writes parts is the directory's writer: it merges
+        self._index_stale = 0  # lines of _parts.index whose part was merged away
+        self._index_kept = 0  # lines kept at its last rewrite
+        self.rollup_trouble = Trouble("prediction_log", "the rollup", logger, None)
+        """Failed merges (:meth:`roll_up`): logged when they begin and end."""
         self._closed = False
         self.trouble = Trouble("prediction_log", "the flush", logger, count_failure)
         """The flusher's failed writes (a full disk): counted, logged when they begin and end."""
@@ -490,7 +666,11 @@ class PredictionLog:
             self.directory.mkdir(parents=True, exist_ok=True)
             for stale in self.directory.glob("*.tmp"):
                 stale.unlink()
-            self._sequence = itertools.count(self._last_sequence() + 1)
+            last = self._recover()
+            for path in self.part_files():
+                last = max(last, _part_sequence(path.name))
+                self._track(path.name, None)
+            self._sequence = itertools.count(last + 1)
             self._thread = threading.Thread(
                 target=self._flusher, name="prediction-log-flusher", daemon=True
             )
@@ -783,10 +963,11 @@ class PredictionLog:
         return self._next - self._start
 
     def part_files(self) -> list[Path]:
-        """Persisted part files, oldest first."""
+        """Persisted part files, oldest first (:func:`live_parts`: not those a merged part
+        in place replaces)."""
         if self.directory is None:
             return []
-        return sorted(self.directory.glob("part-*.parquet"))
+        return live_parts(self.directory)
 
     def read(self) -> pl.DataFrame:
         """Every persisted row as a polars DataFrame (call :meth:`flush` first to include the
@@ -800,10 +981,16 @@ class PredictionLog:
 
     def find(self, prediction_id: str) -> LoggedPrediction | None:
         """The persisted row of ``prediction_id`` (newest part first), or None."""
-        for path in reversed(self.part_files()):
-            found = _find_in_part(path, prediction_id)
-            if found is not None:
-                return found
+        for attempt in range(2):
+            try:
+                for path in reversed(self.part_files()):
+                    found = _find_in_part(path, prediction_id)
+                    if found is not None:
+                        return found
+                return None
+            except FileNotFoundError:  # merged away meanwhile (another process's rollup)
+                if attempt:
+                    raise
         return None
 
     def find_recent(self, prediction_id: str) -> LoggedPrediction | None:
@@ -823,21 +1010,26 @@ class PredictionLog:
             return found
         oldest = _now_ms() - self.max_age_ms
         key = hash(prediction_id)
-        with self._disk_lock:
-            self._index_parts(oldest)
-            candidates = self._summarised_holders(prediction_id, oldest)
-            candidates += [
-                path for path, part in reversed(self._disk_index.items()) if part.holds(key)
-            ]
-            for segment in reversed(self._segments):
-                candidates += segment.holders(key, oldest)
-        for path in candidates:
-            try:
-                row = _find_in_part(path, prediction_id)
-            except FileNotFoundError:
-                continue
-            if row is not None:
-                return row if row.time_ms >= oldest else None
+        for _ in range(2):  # a part merged away meanwhile: once more, knowing the merged part
+            with self._disk_lock:
+                self._index_parts(oldest)
+                candidates = self._summarised_holders(prediction_id, oldest)
+                candidates += [
+                    path for path, part in reversed(self._disk_index.items()) if part.holds(key)
+                ]
+                for segment in reversed(self._segments):
+                    candidates += segment.holders(key, oldest)
+            gone = False
+            for path in candidates:
+                try:
+                    row = _find_in_part(path, prediction_id)
+                except FileNotFoundError:
+                    gone = True
+                    continue
+                if row is not None:
+                    return row if row.time_ms >= oldest else None
+            if not gone:
+                return None
         return None
 
     def _summarised_holders(self, prediction_id: str, oldest_ms: int) -> list[Path]:
@@ -986,8 +1178,15 @@ class PredictionLog:
             if summary.usable:
                 self._summarise(path, summary)
                 continue
-            ids = table.column("prediction_id").to_pylist()
-            hashes = np.sort(np.fromiter((hash(i) for i in ids), dtype=np.int64, count=len(ids)))
+            hashes = np.sort(
+                np.concatenate(
+                    [np.zeros(0, np.int64)]
+                    + [  # a row group at a time: no str for every row of a merged part at once
+                        np.fromiter(map(hash, chunk.to_pylist()), np.int64, len(chunk))
+                        for chunk in table.column("prediction_id").chunks
+                    ]
+                )
+            )
             self._disk_index[path] = _PartIndex(hashes, newest)
             if len(self._disk_index) >= SEGMENT_PARTS:
                 self._segments.append(_Segment.merge(self._disk_index))
@@ -1000,21 +1199,60 @@ class PredictionLog:
         start_ms: int | None = None,
         end_ms: int | None = None,
     ) -> Iterator[LoggedPrediction]:
-        """Persisted rows in time order, optionally one model version and ``[start, end)``."""
-        for path in self.part_files():
-            table = columns.read_parquet(path)
-            times = columns.to_numpy(table.column("time"))
-            versions = columns.to_numpy(table.column("model_version"))
-            keep = np.ones(len(times), dtype=bool)
-            if model_version is not None:
-                keep &= versions == model_version
-            if start_ms is not None:
-                keep &= times >= start_ms
-            if end_ms is not None:
-                keep &= times < end_ms
-            if not keep.any():
+        """Persisted rows in time order, optionally one model version and ``[start, end)``.
+
+        Each row once while parts are merged meanwhile (this process's flusher or another's):
+        a part gone when its turn comes is read from the merged part that replaced it, less
+        the rows of its parts already read (``xylen.replaces`` gives their row counts), and a
+        merged part listed beside parts it replaces skips theirs."""
+        done: set[str] = set()
+        listed = self.part_files()
+        for path in listed:
+            if path.name in done:
                 continue
-            yield from _rows(table, keep)
+            try:
+                part = pq.ParquetFile(path)
+            except FileNotFoundError:
+                holder = self._merged_holder(path.name, {p.name for p in listed})
+                if holder is None:
+                    continue
+                try:
+                    part = pq.ParquetFile(holder)
+                except FileNotFoundError:
+                    continue
+                path = holder
+            with part:  # a row group at a time: a merged part is big
+                read = _replaced_rows(part, done)
+                done.add(path.name)
+                at = 0
+                for group in range(part.num_row_groups):
+                    table = part.read_row_group(group)
+                    times = columns.to_numpy(table.column("time"))
+                    versions = columns.to_numpy(table.column("model_version"))
+                    keep = ~read[at : at + len(times)]
+                    at += len(times)
+                    if model_version is not None:
+                        keep &= versions == model_version
+                    if start_ms is not None:
+                        keep &= times >= start_ms
+                    if end_ms is not None:
+                        keep &= times < end_ms
+                    if keep.any():
+                        yield from _rows(table, keep)
+
+    def _merged_holder(self, name: str, listed: set[str]) -> Path | None:
+        """The merged part, not in ``listed``, that replaced the part ``name`` (None: none)."""
+        for path in self.part_files():
+            if path.name in listed:
+                continue
+            try:
+                with pq.ParquetFile(path) as part:
+                    replaced = _replaced_by(part)
+            except (FileNotFoundError, pa.ArrowInvalid):
+                continue
+            if any(source == name for source, _ in replaced):
+                return path
+        return None
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -1096,11 +1334,7 @@ class PredictionLog:
                 use_dictionary=DICTIONARY_COLUMNS,
             )
             if self._fsync:
-                fd = os.open(temporary, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync_file(temporary)
             os.replace(temporary, final)
         except BaseException:
             temporary.unlink(missing_ok=True)  # a partial part must not hold a full disk
@@ -1111,16 +1345,262 @@ class PredictionLog:
         summary = _PartSummary.of(name, [(b.ids, b.fixed_ids) for b in batches], newest)
         self._summaries[name] = summary
         self._append_summary(summary)
+        oldest = min(int(batch.times.min()) for batch in batches if len(batch))
+        self._track(name, (oldest, newest, len(table)))
+        self._wrote = True
         return final
 
-    def _last_sequence(self) -> int:
-        last = 0
-        for path in self.part_files():
+    # -- rollup -----------------------------------------------------------------------------
+
+    def _track(self, name: str, bounds: tuple[int, int, int] | None) -> None:
+        """Remember a part for the merge of its window (``bounds``: its oldest and newest time
+        and rows, when known). Caller holds ``_flush_lock`` (or is ``__init__``)."""
+        first = _part_time(name)
+        if first is None or not self._rollup_ms:
+            return
+        self._windows.setdefault(first - first % self._rollup_ms, []).append(name)
+        if bounds is not None:
+            self._bounds[name] = bounds
+
+    def roll_up(self) -> Path | None:
+        """Merge the parts of the oldest ended window (``rollup_seconds``, by the log's clock)
+        into one part; returns it (None: no ended window had two parts to merge). At most one
+        window a call, decided from the parts the log knows (no listing); the flusher calls it
+        after each flush."""
+        with self._flush_lock:
+            if self.directory is None or not self._rollup_ms:
+                return None
+            due = _now_ms() - self._rollup_ms - ROLLUP_GRACE_MS
+            while self._windows:
+                window = min(self._windows)
+                if window > due:
+                    return None
+                names = self._windows.pop(window)
+                if len(names) < 2:
+                    for name in names:
+                        self._bounds.pop(name, None)
+                    continue
+                try:
+                    return self._roll_window(window, sorted(names))
+                except OSError as exc:
+                    if not isinstance(exc, FileNotFoundError):  # a full disk: tried again
+                        self._windows[window] = names
+                    raise
+                finally:
+                    if window not in self._windows:
+                        for name in names:
+                            self._bounds.pop(name, None)
+            return None
+
+    def _roll_window(self, window: int, names: list[str]) -> Path | None:
+        """Merge those of ``names`` (one window's parts, in name order) whose rows all lie in
+        the window into one part, streamed a row group at a time. Caller holds
+        ``_flush_lock``."""
+        directory = self.directory
+        assert directory is not None
+        if (directory / ROLLUP_FILE).exists():  # the last merge's deletes failed: first those
+            self._recover()
+        end = window + self._rollup_ms
+        inside: list[tuple[int, str, tuple[int, int, int]]] = []  # (position, name, bounds)
+        for i, name in enumerate(names):
+            bounds = self._bounds.get(name) or _part_rows(directory / name)
+            if bounds is not None and bounds[0] >= window and bounds[1] < end:
+                inside.append((i, name, bounds))
+        if len(inside) < 2:
+            return None
+        first_at, last_at = inside[0][0], inside[-1][0]
+        if last_at - first_at + 1 != len(inside):
+            # A part with rows of another window sorts between two of this one's (only rows
+            # given times out of order do that): merged, they would read in another order.
+            logger.warning(
+                "prediction log: the %d parts from %s are left as they are: another window's "
+                "rows sort between them",
+                len(inside),
+                inside[0][1],
+            )
+            return None
+        sources = [name for _, name, _ in inside]
+        merged = f"part-{sources[0][5:18]}-{next(self._sequence):08d}.parquet"
+        if last_at + 1 < len(names) and names[last_at + 1] < merged:
+            return None  # the part after them would sort before the merged part: left alone
+        counts = [[name, bounds[2]] for _, name, bounds in inside]
+        newest = max(bounds[1] for _, _, bounds in inside)
+        final = directory / merged
+        temporary = directory / f"_rollup-{merged}.tmp"
+        schema = SCHEMA.with_metadata({REPLACES_KEY: json.dumps(counts).encode()})
+        summaries: list[_PartSummary] = []
+        try:
+            with pq.ParquetWriter(
+                temporary, schema, compression="snappy", use_dictionary=DICTIONARY_COLUMNS
+            ) as writer:
+                waiting: list[pa.Table] = []
+                held = 0
+                for name in sources:
+                    known = self._summaries.get(name)  # the parts it wrote, the index's
+                    if known is not None:
+                        summaries.append(known)
+                    with pq.ParquetFile(directory / name) as part:
+                        for group in range(part.num_row_groups):
+                            table = part.read_row_group(group)
+                            if known is None:
+                                ids = table.column("prediction_id")
+                                summaries.append(_PartSummary.of(merged, ids, newest))
+                            waiting.append(table)
+                            held += table.num_rows
+                            if held >= ROW_GROUP_ROWS:  # whole row groups out, the rest waits
+                                joined = pa.concat_tables(waiting)
+                                cut = held - held % ROW_GROUP_ROWS
+                                writer.write_table(joined.slice(0, cut), ROW_GROUP_ROWS)
+                                waiting, held = [joined.slice(cut)], held - cut
+                if held:
+                    writer.write_table(pa.concat_tables(waiting), ROW_GROUP_ROWS)
+            if self._fsync:
+                _fsync_file(temporary)
+            self._write_journal(merged, sources)
+            if _rollup_hook is not None:
+                _rollup_hook("journal")
+            os.replace(temporary, final)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        if self._fsync:
+            fsync_dir(directory)
+        if _rollup_hook is not None:
+            _rollup_hook("renamed")
+        summary = _PartSummary.merged(merged, newest, summaries)
+        self._summaries[merged] = summary
+        self._append_summary(summary)
+        try:
+            with self._disk_lock:  # a lookup sees the sources or the merged part, not neither
+                self._forget_parts(sources)
+                for name in sources:
+                    (directory / name).unlink(missing_ok=True)
+            if self._fsync:
+                fsync_dir(directory)
+        except OSError as exc:
+            # The merged part is in place: the journal stays, so reads leave out the parts
+            # not deleted, and the next merge (or start) deletes them before anything else.
+            logger.error(
+                "prediction log: parts merged into %s could not be deleted (%s); they are "
+                "left out of reads and deleted before the next merge",
+                merged,
+                describe(exc),
+            )
+            return final
+        (directory / ROLLUP_FILE).unlink(missing_ok=True)
+        self._index_stale += len(sources)
+        if self._index_stale >= max(INDEX_REWRITE_LINES, self._index_kept):
+            self._rewrite_index()
+        logger.info(
+            "prediction log: %d parts merged into %s (%d rows)",
+            len(sources),
+            merged,
+            sum(bounds[2] for _, _, bounds in inside),
+        )
+        return final
+
+    def _rewrite_index(self) -> None:
+        """``_parts.index`` without the lines of parts no longer on disk (merged away) and torn
+        ones, so what a restart's first lookup reads stays the size of the live parts' lines
+        rather than one a flush for good. Replaced atomically (a crash leaves the old one);
+        appends wait meanwhile. Caller holds ``_flush_lock``."""
+        assert self.directory is not None
+        live = {path.name for path in self.part_files()}
+        path = self.directory / INDEX_FILE
+        temporary = path.with_name(INDEX_FILE + ".tmp")
+        kept = 0
+        with self._index_lock:
             try:
-                last = max(last, int(path.stem.rsplit("-", 1)[1]))
-            except (IndexError, ValueError):
-                continue
-        return last
+                with (
+                    open(path, encoding="utf-8", errors="replace") as lines,
+                    open(temporary, "w", encoding="utf-8") as out,
+                ):
+                    listed: set[str] = set()
+                    for line in lines:
+                        name = _line_part(line)
+                        if name in live and name not in listed:
+                            out.write(line if line.endswith("\n") else line + "\n")
+                            listed.add(name)
+                    for name in sorted(live - listed):  # a line lost (appended to a torn one)
+                        summary = self._summaries.get(name)
+                        if summary is not None:
+                            out.write(summary.line())
+                            listed.add(name)
+                    kept = len(listed)
+                os.replace(temporary, path)
+            except FileNotFoundError:
+                temporary.unlink(missing_ok=True)
+            except OSError as exc:
+                temporary.unlink(missing_ok=True)
+                self.index_trouble.failed(exc, "it keeps the lines of merged parts")
+                return
+            self._index_torn = False
+        self._index_stale, self._index_kept = 0, kept
+
+    def _write_journal(self, merged: str, sources: list[str]) -> None:
+        """:data:`ROLLUP_FILE` for a merge, in place and durable before the merged part is."""
+        assert self.directory is not None
+        path = self.directory / ROLLUP_FILE
+        temporary = path.with_name(ROLLUP_FILE + ".tmp")
+        with open(temporary, "w", encoding="utf-8") as journal:
+            json.dump({"part": merged, "replaces": sources}, journal)
+            journal.flush()
+            if self._fsync:
+                os.fsync(journal.fileno())
+        os.replace(temporary, path)
+        if self._fsync:
+            fsync_dir(self.directory)
+
+    def _recover(self) -> int:
+        """Finish a merge a crash (or a failed delete) interrupted between the merged part's
+        rename and the deletion of the parts it replaces (their rows would read twice);
+        returns the journal's sequence number (kept clear of, so its name is never a new
+        part's). Raises if they cannot be deleted (nothing is merged meanwhile)."""
+        assert self.directory is not None
+        rollup = _read_rollup(self.directory)
+        if rollup is None:
+            return 0
+        merged, replaced = rollup
+        if (self.directory / merged).exists():
+            for name in replaced:
+                (self.directory / name).unlink(missing_ok=True)
+            if self._fsync:
+                fsync_dir(self.directory)
+            (self.directory / ROLLUP_FILE).unlink(missing_ok=True)
+            logger.warning(
+                "prediction log: finished merging %d parts into %s (interrupted)",
+                len(replaced),
+                merged,
+            )
+        # else: stopped before the rename: the parts it names are the live ones
+        return _part_sequence(merged)
+
+    def _forget_parts(self, names: list[str]) -> None:
+        """Forget what lookups know of parts merged away. Caller holds ``_disk_lock``."""
+        assert self.directory is not None
+        gone = {self.directory / name for name in names}
+        for name in names:
+            self._summaries.pop(name, None)
+            self._disk_seen.discard(name)
+            self._disk_index.pop(self.directory / name, None)
+        for prefix, entries in list(self._ranged.items()):
+            kept = [entry for entry in entries if entry[3] not in gone]
+            if len(kept) != len(entries):
+                self._summarised -= len(entries) - len(kept)
+                self._ranged_arrays.pop(prefix, None)
+                if kept:
+                    self._ranged[prefix] = kept
+                else:
+                    del self._ranged[prefix]
+        for key, held in list(self._listed.items()):
+            still = [entry for entry in held if entry[1] not in gone]
+            if len(still) != len(held):
+                self._summarised -= len(held) - len(still)
+                if still:
+                    self._listed[key] = still
+                else:
+                    del self._listed[key]
+        self._segments = [s for s in (s.without(gone) for s in self._segments) if s is not None]
 
     def _flusher(self) -> None:
         failed = False
@@ -1151,8 +1631,20 @@ class PredictionLog:
                 failed = True
             else:
                 self.trouble.worked()
+                if not closed and self._wrote and self._rollup_ms:
+                    self._roll_up_told()
             if closed:
                 return
+
+    def _roll_up_told(self) -> None:
+        """:meth:`roll_up` on the flusher: a failure is told once, and the parts stay as they
+        are (a full disk: the window is tried again after the next flush)."""
+        try:
+            self.roll_up()
+        except Exception as exc:
+            self.rollup_trouble.failed(exc, "the parts stay as they are")
+        else:
+            self.rollup_trouble.worked()
 
     def close(self) -> None:
         """Flush what is buffered and stop the flusher thread."""
@@ -1235,12 +1727,58 @@ def _tail(rows: _Rows, n: int) -> _Rows:
 
 def _find_in_part(path: Path, prediction_id: str) -> LoggedPrediction | None:
     """The row of ``prediction_id`` in one part file (its first, should it hold two), or None:
-    the id column first, the whole part only when it holds the id."""
-    ids = columns.read_parquet(path, ["prediction_id"]).column(0).to_pylist()
-    keep = np.fromiter((i == prediction_id for i in ids), dtype=bool, count=len(ids))
-    if not keep.any():
-        return None
-    return next(_rows(columns.read_parquet(path), keep))
+    a row group at a time (a merged part holds an hour, up to ~700,000 rows), its id column
+    compared as bytes (no ``str`` per row), the whole group only when it holds the id."""
+    wanted = prediction_id.encode()
+    with pq.ParquetFile(path) as part:
+        for group in range(part.num_row_groups):
+            ids = part.read_row_group(group, columns=["prediction_id"]).column(0)
+            hits = _equal_rows(ids.combine_chunks(), wanted)
+            if hits.size:
+                table = part.read_row_group(group)
+                keep = np.zeros(table.num_rows, dtype=bool)
+                keep[hits[0]] = True
+                return next(_rows(table, keep))
+    return None
+
+
+def _replaced_by(part: pq.ParquetFile) -> list[tuple[str, int]]:
+    """The parts a merged part replaced, with their row counts, in order ([] for a part)."""
+    metadata = part.schema_arrow.metadata or {}
+    raw = metadata.get(REPLACES_KEY)
+    if raw is None:
+        return []
+    try:
+        return [(str(name), int(rows)) for name, rows in json.loads(raw)]
+    except (ValueError, TypeError):
+        return []
+
+
+def _replaced_rows(part: pq.ParquetFile, done: set[str]) -> np.ndarray:
+    """Which rows of a part were read already (a merged part: those of its parts in ``done``);
+    marks the parts it replaced as read."""
+    read = np.zeros(part.metadata.num_rows, dtype=bool)
+    at = 0
+    for name, rows in _replaced_by(part):
+        if name in done:
+            read[at : at + rows] = True
+        done.add(name)
+        at += rows
+    return read
+
+
+def _equal_rows(chunk: pa.Array, wanted: bytes) -> np.ndarray:
+    """The rows of a string array equal to ``wanted`` (numpy over its buffers)."""
+    n = len(chunk)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    offsets = np.frombuffer(chunk.buffers()[1], np.int32, n + 1, chunk.offset * 4)
+    hits = np.flatnonzero(np.diff(offsets) == len(wanted))
+    if not hits.size or not wanted:
+        return hits
+    data = np.frombuffer(chunk.buffers()[2], np.uint8)
+    at = offsets[hits].astype(np.int64)[:, None] + np.arange(len(wanted))
+    return hits[(data[at] == np.frombuffer(wanted, np.uint8)).all(axis=1)]
 
 
 def _rows(table: pa.Table, keep: np.ndarray) -> Iterator[LoggedPrediction]:
