@@ -13,7 +13,7 @@ import os
 import random
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +183,22 @@ def check(ids: list[str], prefixes: np.ndarray, counters: np.ndarray, ours: np.n
             assert int(counters[i]) == int(match.group(2), 16), prediction_id
 
 
+def _a_part_a_minute(
+    log: PredictionLog, clock_file: Path, start_ms: int, minutes: int
+) -> Iterator[tuple[int, list[str], str]]:
+    """Flush a part a minute by the clock file (``start_ms`` + 1, + 2, ... minutes), each of
+    four ids: three of the server's shape, one a caller's. Yields (minute, ids, part name)."""
+    now = start_ms
+    for k in range(minutes):
+        now += 60_000
+        clock_file.write_text(str(now))
+        ids = [f"{FIRST}-{3 * k + i:x}" for i in range(3)] + [f"caller-{k}"]
+        log.record(ids, np.zeros((4, 2), np.float32), [0.5] * 4, [3] * 4, "model_1", 1)
+        part = log.flush()
+        assert part is not None
+        yield k, ids, part.name
+
+
 def test_what_is_known_of_parts_past_the_retention_is_let_go(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -202,14 +218,9 @@ def test_what_is_known_of_parts_past_the_retention_is_let_go(
     opened = Opened(directory)
     try:
         said: dict[str, str] = {}
-        for k in range(40):  # a part a minute for 40 minutes, the retention 10
-            now += 60_000
-            clock_file.write_text(str(now))
-            ids = [f"{FIRST}-{3 * k + i:x}" for i in range(3)] + [f"caller-{k}"]
-            log.record(ids, np.zeros((4, 2), np.float32), [0.5] * 4, [3] * 4, "model_1", 1)
-            part = log.flush()
-            assert part is not None
-            said.update(dict.fromkeys(ids, part.name))
+        # a part a minute for 40 minutes, the retention 10
+        for k, ids, name in _a_part_a_minute(log, clock_file, now, 40):
+            said.update(dict.fromkeys(ids, name))
             for i in (ids[0], ids[-1], f"caller-{max(0, k - 5)}"):
                 row, names = opened.during(lambda i=i: log.find_recent(i))
                 assert row is not None and names <= {said[i]}, (k, i, sorted(names))
@@ -243,14 +254,9 @@ def test_a_restart_keeps_only_the_summaries_of_parts_within_the_retention(
     try:
         log = PredictionLog(directory, flush_interval_seconds=3600, max_age_seconds=600)
         try:
-            for k in range(40):  # a part a minute for 40 minutes, the retention 10
-                now += 60_000
-                clock_file.write_text(str(now))
-                ids = [f"{FIRST}-{3 * k + i:x}" for i in range(3)] + [f"caller-{k}"]
-                log.record(ids, np.zeros((4, 2), np.float32), [0.5] * 4, [3] * 4, "model_1", 1)
-                part = log.flush()
-                assert part is not None
-                said.update(dict.fromkeys(ids, part.name))
+            # a part a minute for 40 minutes, the retention 10
+            for _, ids, name in _a_part_a_minute(log, clock_file, now, 40):
+                said.update(dict.fromkeys(ids, name))
         finally:
             log.close()
         index_lines = (directory / INDEX_FILE).read_text().splitlines()
