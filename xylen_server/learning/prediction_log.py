@@ -571,6 +571,7 @@ class PredictionLog:
         max_bytes: int = Settings.prediction_log_max_bytes,
         count_failure: Callable[[str], None] | None = None,
         rollup_seconds: float = Settings.prediction_log_rollup_seconds,
+        reader: bool = False,
     ) -> None:
         """
         Args:
@@ -588,6 +589,10 @@ class PredictionLog:
             rollup_seconds: once a window this long (aligned to the epoch, by the log's
                 clock) has ended, the flusher merges its parts into one (:meth:`roll_up`;
                 only a log that has written a part does); 0: never.
+            reader: open another process's log to read it (``xylen-server replay``, tools):
+                nothing in the directory is changed (its writer's temporary files, an
+                interrupted merge's journal and parts are left to the writer), no flusher
+                runs, and rows recorded in it stay in memory (as with no ``directory``).
         """
         if (
             max_rows < 1
@@ -662,9 +667,10 @@ class PredictionLog:
         self.trouble = Trouble("prediction_log", "the flush", logger, count_failure)
         """The flusher's failed writes (a full disk): counted, logged when they begin and end."""
         self._thread: threading.Thread | None = None
-        if self.directory is not None:
+        self.reader = reader
+        if self.directory is not None and not reader:
             self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in self.directory.glob("*.tmp"):
+            for stale in self.directory.glob("*.tmp"):  # this log is the directory's writer
                 stale.unlink()
             last = self._recover()
             for path in self.part_files():
@@ -1112,6 +1118,8 @@ class PredictionLog:
         """One line more in ``_parts.index`` (no fsync: a line lost in a crash only means its
         part is read once to be indexed again). A failure is not the part's: it is told once
         (:attr:`index_trouble`), and the next line starts on a line of its own."""
+        if self.reader:  # the writer's index: left to it
+            return
         assert self.directory is not None
         with self._index_lock:
             text = ("\n" if self._index_torn else "") + summary.line()
@@ -1262,6 +1270,8 @@ class PredictionLog:
         with self._flush_lock:
             with self._lock:
                 if self.directory is None:
+                    return None
+                if self.reader:
                     return None
                 taken = self._spilled
                 self._spilled = []

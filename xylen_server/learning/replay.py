@@ -24,7 +24,7 @@ def replay_command(settings: Settings, prediction_id: str, log_dir: Path | None)
     directories = [directory, *sorted(p for p in directory.glob("worker-*") if p.is_dir())]
     row, parts = None, 0
     for place in directories:
-        log = PredictionLog(place, flush_interval_seconds=3600)
+        log = PredictionLog(place, reader=True)  # the server's own: left as it is
         try:
             parts += len(log.part_files())
             row = log.find(prediction_id) if log.part_files() else None

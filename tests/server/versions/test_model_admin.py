@@ -134,15 +134,19 @@ def test_replay_recomputes_a_past_prediction_bit_exactly_with_its_version(
     finally:
         server.close()  # flushes the prediction log
     capsys.readouterr()
+    log_dir = learning_settings(root).prediction_log_path
+    in_flight = log_dir / "part-1800000000000-00000099.parquet.tmp"  # a live server's flush
+    in_flight.write_bytes(b"being written")
     assert main(["replay", by_v1.prediction_id]) == 0
     out = capsys.readouterr().out
     assert "v1" in out and repr(by_v1.probability_up) in out and "bit-exact: yes" in out
+    assert in_flight.read_bytes() == b"being written"  # replay reads: it deletes nothing
+    in_flight.unlink()
     assert main(["replay", by_v3_id]) == 0
     out = capsys.readouterr().out
     assert "v3" in out and "bit-exact: yes" in out
     assert main(["replay", "no-such-id"]) == 1
     # With WORKERS=N a worker i > 0 keeps its parts under worker-<i>/: replay finds them there.
-    log_dir = learning_settings(root).prediction_log_path
     worker_dir = log_dir / "worker-1"
     worker_dir.mkdir()
     parts = [p for p in log_dir.iterdir() if p.is_file()]
