@@ -272,6 +272,19 @@ MAX_PREFIXES = 16
 """Most prefixes a part's summary keeps a range for; past it the part is indexed by reading."""
 
 
+def _ends_torn(path: Path) -> bool:
+    """True when the file ``path`` ends inside a line (a crash cut its last append short)."""
+    try:
+        with open(path, "rb") as lines:
+            lines.seek(0, os.SEEK_END)
+            if lines.tell() == 0:
+                return False
+            lines.seek(-1, os.SEEK_END)
+            return lines.read(1) != b"\n"
+    except OSError:
+        return False
+
+
 def stable_id_hash(prediction_id: str) -> int:
     """A 64-bit hash of an id that is the same in every process (``hash()`` is not)."""
     digest = hashlib.blake2b(prediction_id.encode(), digest_size=8).digest()
@@ -640,7 +653,7 @@ class PredictionLog:
         this process wrote), by name; read from the file at the first lookup."""
         self._summaries_read = False
         self._index_lock = threading.Lock()  # appends to parts.index
-        self._index_torn = False  # the last append failed: its line may be partial
+        self._index_torn: bool | None = None  # the last line may be partial (None: not known)
         self.index_trouble = Trouble("prediction_log", "the parts index", logger, None)
         """Failed appends to ``_parts.index``: logged when they begin and end."""
         self._ranged: dict[str, list[tuple[int, int, int, Path]]] = {}
@@ -1117,11 +1130,14 @@ class PredictionLog:
     def _append_summary(self, summary: _PartSummary) -> None:
         """One line more in ``_parts.index`` (no fsync: a line lost in a crash only means its
         part is read once to be indexed again). A failure is not the part's: it is told once
-        (:attr:`index_trouble`), and the next line starts on a line of its own."""
+        (:attr:`index_trouble`), and the next line starts on a line of its own; so does a
+        process's first line after a crash cut the last one short."""
         if self.reader:  # the writer's index: left to it
             return
         assert self.directory is not None
         with self._index_lock:
+            if self._index_torn is None:
+                self._index_torn = _ends_torn(self.directory / INDEX_FILE)
             text = ("\n" if self._index_torn else "") + summary.line()
             try:
                 with open(self.directory / INDEX_FILE, "a", encoding="utf-8") as index:

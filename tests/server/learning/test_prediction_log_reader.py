@@ -81,3 +81,29 @@ def test_a_reader_keeps_what_is_recorded_in_it_in_memory(tmp_path: Path) -> None
     assert reader.flush() is None
     reader.close()
     assert _state(directory) == before
+
+
+def test_a_writer_after_a_crash_starts_its_index_line_on_a_line_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """A crash cut ``_parts.index``'s last append short: the next process's first line used to
+    be glued onto it and lost (its part then read again at every restart to be indexed)."""
+    from xylen_server.learning.prediction_log import _PartSummary
+
+    directory = tmp_path / "log"
+    _write_parts(directory, 2)
+    with open(directory / INDEX_FILE, "a", encoding="utf-8") as index:
+        index.write('{"part":"part-17999')  # the crash
+    log = PredictionLog(directory, flush_interval_seconds=3600, fsync=False, rollup_seconds=0)
+    try:
+        log.record(["after-the-crash"], np.zeros((1, 3), np.float32), [0.5], [3], "model_1", 1)
+        part = log.flush()
+        assert part is not None
+    finally:
+        log.close()
+    lines = (directory / INDEX_FILE).read_text().splitlines()
+    summaries = [_PartSummary.parse(line) for line in lines]
+    listed = {s.name for s in summaries if s is not None}
+    assert part.name in listed
+    assert listed == {p.name for p in directory.glob("part-*.parquet")}
+    assert sum(s is None for s in summaries) == 1  # only the torn line
