@@ -299,7 +299,7 @@ class Ledger:
                 self._sweep_trouble.failed(
                     exc,
                     f"rows older than the retention stay until the next sweep, in "
-                    f"{_SWEEP_RETRY_SECONDS:.0f}s",
+                    f"{_SWEEP_RETRY_SECONDS:g}s",
                 )
                 wait = _SWEEP_RETRY_SECONDS
             else:

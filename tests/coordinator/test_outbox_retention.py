@@ -10,6 +10,7 @@ coordinator process; time is controlled by writing rows with past timestamps and
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import urllib.request
@@ -30,6 +31,7 @@ from grpc_status import rpc_status
 from xylen.v1 import ensemble_service_pb2 as epb
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator import Coordinator
+from xylen_coordinator import feedback as feedback_module
 from xylen_coordinator.config import (
     Adaptive,
     ConfigError,
@@ -438,3 +440,70 @@ def test_a_coordinator_sweeps_at_start_and_callers_see_not_found_for_swept_ids(
     assert feedback("ens-kept")().duplicate
     assert process.stop() == 0
     assert _counts(path) == {"predictions": 1, "outcomes": 1, "deliveries": 1}
+
+
+def test_a_failing_sweep_is_counted_told_once_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox refuses writes (SQLite's query_only, as a read-only or broken disk would):
+    the start sweep fails, is counted in ``outbox_failures{part=retention_sweep}`` and logged
+    once without a traceback; once writes work again the retry removes the old rows and says
+    so. The retry interval is shortened from 60 s for the test."""
+    monkeypatch.setattr(feedback_module, "_SWEEP_RETRY_SECONDS", 0.2)
+    path = tmp_path / "feedback.sqlite3"
+    old = time.time() - WEEK - DAY
+    prepared = Prepared(path)
+    try:
+        prepared.predictions([(f"ens-old-{i}", old + i, _record(old + i)) for i in range(10)])
+    finally:
+        prepared.close()
+
+    def lines() -> list[logging.LogRecord]:
+        return [
+            r
+            for r in caplog.records
+            if r.name == "xylen_coordinator.feedback" and r.levelno >= logging.INFO
+        ]
+
+    async def scenario() -> tuple[int, int, dict[str, int]]:
+        ledger = Ledger(AdaptiveWeights(Adaptive()))
+        await ledger.open(FeedbackQueueSettings(path=path), dict)
+        outbox = ledger._outbox
+        assert outbox is not None
+        # Before the start sweep's first job (no await since open returned: it is queued next).
+        outbox._executor.submit(outbox.db.execute, "PRAGMA query_only = ON")
+        try:
+            for _ in range(600):
+                if ledger.metrics.outbox_failures().get("retention_sweep", 0) >= 3:
+                    break
+                await asyncio.sleep(0.05)
+            failed = ledger.metrics.outbox_failures().get("retention_sweep", 0)
+            still = (await outbox.run(outbox.row_counts))["predictions"]
+            await outbox.run(outbox.db.execute, "PRAGMA query_only = OFF")
+            for _ in range(600):
+                if ledger.metrics.pruned_rows().get("predictions"):
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
+            return failed, still, ledger.metrics.pruned_rows()
+        finally:
+            await ledger.close()
+
+    with caplog.at_level(logging.INFO):
+        failed, still, pruned = asyncio.run(scenario())
+    assert failed >= 3 and still == 10
+    assert pruned.get("predictions") == 10, pruned
+    told = lines()
+    assert len(told) == 3, [r.getMessage() for r in told]  # failing, working again, removed
+    first = told[0].getMessage()
+    assert told[0].levelno == logging.WARNING and not told[0].exc_info
+    assert first.startswith("retention sweep: the outbox failed (OperationalError: "), first
+    assert "rows older than the retention stay until the next sweep, in 0.2s" in first
+    assert told[1].getMessage().startswith("retention sweep: the outbox works again after ")
+    assert (
+        told[2]
+        .getMessage()
+        .startswith(
+            "outbox retention sweep: 10 predictions, 0 outcomes and 0 deliveries older than 7 days"
+        )
+    )
