@@ -111,6 +111,10 @@ class Coordinator:
         """Server name -> (state, attempts, last error) of one outcome's deliveries."""
         return self._call(self.aio.delivery_states(prediction_id))
 
+    def sweep_outbox(self, now: float | None = None) -> dict[str, int]:
+        """Delete what is older than the retention from the outbox now; rows by table."""
+        return self._call(self.aio.sweep_outbox(now))
+
     def close(self) -> None:
         """Close the channels and the outbox, then stop the background loop."""
         if self._loop.is_closed():

@@ -32,6 +32,11 @@ from xylen_server.tls import ClientTls
 MAX_MESSAGE_BYTES = Settings.max_message_bytes
 
 
+#: Shortest ``feedback_queue.retention_seconds``: a guard against a unit slip (7 meant as days),
+#: which would refuse every Feedback that arrives more than seconds after its prediction.
+MIN_RETENTION_SECONDS = 3600.0
+
+
 class ConfigError(ValueError):
     """The configuration file is unreadable or holds a value the coordinator cannot use."""
 
@@ -146,6 +151,13 @@ class FeedbackQueueSettings:
     """Longest retry delay."""
     call_timeout_seconds: float = 5.0
     """Deadline of one forwarded Feedback call."""
+    retention_seconds: float = 7 * 24 * 3600.0
+    """How long the outbox keeps an ensemble prediction (from when it was made) and an outcome
+    whose deliveries are all finished (from when it was received), >= 3600; older rows are
+    deleted by a sweep every few minutes. It must exceed how late an outcome may arrive after
+    its prediction (the longest a trade is held plus the caller's delay in reporting it): a
+    Feedback for a prediction the sweep removed is NOT_FOUND (PREDICTION_NOT_FOUND), as one for
+    an unknown id. An outcome with a delivery still pending is kept however old it is."""
 
 
 @dataclass(frozen=True)
@@ -539,7 +551,13 @@ def _feedback_queue(value: Any, base: Path | None) -> FeedbackQueueSettings:
         values[name] = number
     if values["retry_max_seconds"] < values["retry_initial_seconds"]:
         raise ConfigError(f"{key}.retry_max_seconds: must be >= retry_initial_seconds")
-    return FeedbackQueueSettings(path=path, **values)
+    retention = section.number("retention_seconds")
+    if retention < MIN_RETENTION_SECONDS:
+        raise ConfigError(
+            f"{key}.retention_seconds: must be >= {MIN_RETENTION_SECONDS:g} (an hour; a "
+            f"Feedback later than this after its prediction is refused), got {retention:g}"
+        )
+    return FeedbackQueueSettings(path=path, retention_seconds=retention, **values)
 
 
 def _transport(value: Any) -> Transport:

@@ -444,6 +444,13 @@ class AsyncCoordinator:
         """Server name -> (state, attempts, last error) of one outcome's deliveries."""
         return await self._ledger.delivery_states(prediction_id)
 
+    async def sweep_outbox(self, now: float | None = None) -> dict[str, int]:
+        """Delete what is older than ``feedback_queue.retention_seconds`` from the outbox now
+        (it is swept at start and every few minutes anyway); returns the rows deleted by table
+        (:meth:`xylen_coordinator.feedback.Ledger.sweep`; ``now``: sweep as of that epoch
+        second)."""
+        return await self._ledger.sweep(now)
+
     # -- introspection ----------------------------------------------------------------------
 
     def endpoints(self) -> list[EndpointState]:

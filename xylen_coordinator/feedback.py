@@ -9,6 +9,13 @@ voter in the :class:`~xylen_coordinator.outbox.Outbox` in one fsynced transactio
 the adaptive weights, and the :class:`~xylen_coordinator.outbox.Forwarder` delivers it once it is
 due.
 
+**How long it is kept.** :meth:`Ledger.sweep` (at start, every :data:`_SWEEP_SECONDS`, or
+:meth:`~xylen_coordinator.coordinator.AsyncCoordinator.sweep_outbox`) deletes predictions and
+finished outcomes older than ``feedback_queue.retention_seconds`` from the outbox, a small
+transaction at a time, and forgets the remembered predictions that old; a Feedback for one of
+them is PREDICTION_NOT_FOUND, as for an id never seen. An outcome with a delivery pending is
+kept however old. The adaptive weights rebuilt at start score the outcomes still kept.
+
 **Which voters get an outcome.** A trade follows the ensemble's decision, so its outcome is the
 underlying's move over the *ensemble's* horizon (the horizon of the label definition the
 ensemble combined, :func:`~xylen_coordinator.ensemble.label_plan`). A server labels a Feedback
@@ -54,6 +61,7 @@ from xylen_coordinator.config import FeedbackQueueSettings, Retraining
 from xylen_coordinator.ensemble import AdaptiveWeights, Label
 from xylen_coordinator.metrics import Metrics
 from xylen_coordinator.outbox import (
+    SWEEP_START,
     Forwarder,
     Outbox,
     PredictionRecord,
@@ -87,6 +95,12 @@ MAX_PREDICTION_ID_BYTES = Settings.feedback_max_id_bytes
 _SHOWN_ID_CHARS = 40
 #: Seconds between two writes of the prediction log (and retries of a failed one).
 _FLUSH_SECONDS = 0.2
+#: Seconds between two retention sweeps of the outbox (the first runs at start) ...
+_SWEEP_SECONDS = 300.0
+#: ... and before the next try after a sweep failed (a full disk).
+_SWEEP_RETRY_SECONDS = 60.0
+#: The outbox's tables, as the retention sweep counts them.
+PRUNED_TABLES = ("predictions", "outcomes", "deliveries")
 
 
 class Ledger:
@@ -102,8 +116,15 @@ class Ledger:
         self._records: OrderedDict[str, PredictionRecord] = OrderedDict()
         self._unwritten: list[tuple[str, float, PredictionRecord]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._trouble = Trouble("prediction_log", "the outbox", logger, self.metrics.outbox_failed)
         """The prediction log's failed writes: counted, logged when they begin and end."""
+        self._sweep_trouble = Trouble(
+            "retention_sweep", "the outbox", logger, self.metrics.outbox_failed
+        )
+        """Failed retention sweeps, the same way."""
+        self.retention_seconds = FeedbackQueueSettings.retention_seconds
+        """How long predictions and finished outcomes are kept (from the settings at open)."""
 
     def delivery_retries(self) -> int:
         """Deliveries that failed and were rescheduled since the outbox opened."""
@@ -116,21 +137,24 @@ class Ledger:
     ) -> None:
         """Open the outbox, score every outcome it holds (rebuilding the adaptive weights), and
         start forwarding to ``clients()`` and writing the prediction log."""
+        self.retention_seconds = settings.retention_seconds
         self._outbox = outbox = Outbox(settings.path)
         for stored in await outbox.run(outbox.outcomes):
             self._score(stored.record, stored.outcome)
         self._forwarder = Forwarder(outbox, settings, clients, self.metrics)
         self._forwarder.start()
         self._flusher = asyncio.create_task(self._flush_loop(), name="prediction-log")
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="outbox-retention")
 
     async def close(self) -> None:
         """Stop forwarding, write the rest of the prediction log, close the outbox."""
         if self._forwarder is not None:
             await self._forwarder.close()
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        for task in (self._flusher, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         try:
             await self._flush()
         except Exception as exc:
@@ -218,6 +242,83 @@ class Ledger:
             else:
                 self._trouble.worked()
 
+    # -- retention --------------------------------------------------------------------------
+
+    async def sweep(self, now: float | None = None) -> dict[str, int]:
+        """Delete what is older than the retention from the outbox, a batch per transaction on
+        its database thread (the write-behind of predictions waits for one batch at most):
+        predictions made before ``now - retention`` without an outcome, outcomes received
+        before it whose deliveries are all finished, with those deliveries and their
+        predictions. A pending delivery is never deleted, however old, nor its outcome. The
+        predictions remembered in memory that old are forgotten too, so a Feedback for any of
+        them is PREDICTION_NOT_FOUND, as one for an unknown id. Returns the rows deleted by
+        table, also counted in :meth:`~xylen_coordinator.metrics.Metrics.pruned`.
+
+        ``now`` (epoch seconds) is when to sweep as of; by default each table's own clock: the
+        learning clock for predictions (:mod:`xylen_server.clock`: a replay's simulated time,
+        as their ``created``), the wall clock for outcomes (their ``received``)."""
+        outbox = self._outbox
+        removed = dict.fromkeys(PRUNED_TABLES, 0)
+        if outbox is None:
+            return removed
+        made = (clock.now_seconds() if now is None else now) - self.retention_seconds
+        received = (time.time() if now is None else now) - self.retention_seconds
+        self._forget(made)
+        after: tuple[float, int] | None = SWEEP_START
+        while after is not None:
+            rows, after = await outbox.run(outbox.prune_predictions, made, after)
+            removed["predictions"] += rows
+            self.metrics.pruned("predictions", rows)
+        after = SWEEP_START
+        while after is not None:
+            counts, after = await outbox.run(outbox.prune_outcomes, received, after)
+            for table, rows in counts.items():
+                removed[table] += rows
+                self.metrics.pruned(table, rows)
+        return removed
+
+    def _forget(self, made_before: float) -> None:
+        """Drop the remembered predictions made before ``made_before`` (oldest first)."""
+        records = self._records
+        while records:
+            oldest = next(iter(records.values()))
+            if oldest.created >= made_before:
+                return
+            records.popitem(last=False)
+
+    async def _sweep_loop(self) -> None:
+        """:meth:`sweep` at start and every :data:`_SWEEP_SECONDS`; a failed sweep (a full disk)
+        is counted, told once (:class:`~xylen_server.trouble.Trouble`) and tried again after
+        :data:`_SWEEP_RETRY_SECONDS`."""
+        first = True
+        while True:
+            started = time.monotonic()
+            try:
+                removed = await self.sweep()
+            except Exception as exc:
+                self._sweep_trouble.failed(
+                    exc,
+                    f"rows older than the retention stay until the next sweep, in "
+                    f"{_SWEEP_RETRY_SECONDS:g}s",
+                )
+                wait = _SWEEP_RETRY_SECONDS
+            else:
+                self._sweep_trouble.worked()
+                total = sum(removed.values())
+                logger.log(
+                    logging.INFO if first and total else logging.DEBUG,
+                    "outbox retention sweep: %d predictions, %d outcomes and %d deliveries "
+                    "older than %s removed in %.1fs",
+                    removed["predictions"],
+                    removed["outcomes"],
+                    removed["deliveries"],
+                    retention_text(self.retention_seconds),
+                    time.monotonic() - started,
+                )
+                first = False
+                wait = _SWEEP_SECONDS
+            await asyncio.sleep(wait)
+
     # -- outcomes ---------------------------------------------------------------------------
 
     async def accept(
@@ -264,7 +365,9 @@ class Ledger:
         if record is None:
             shown = prediction_id[:_SHOWN_ID_CHARS]
             raise NotFound(
-                f"no ensemble prediction {shown!r} is known to this coordinator",
+                f"no ensemble prediction {shown!r} is known to this coordinator (predictions "
+                f"are kept for {retention_text(self.retention_seconds)}: "
+                "feedback_queue.retention_seconds)",
                 reason="PREDICTION_NOT_FOUND",
                 prediction_id=shown,
             )
@@ -349,6 +452,15 @@ class Ledger:
         if self._outbox is None:
             return {}
         return await self._outbox.run(self._outbox.delivery_states, prediction_id)
+
+
+def retention_text(seconds: float) -> str:
+    """``7 days``, ``36 hours``, ``90 minutes``: a retention as people say it."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds:g} seconds"
 
 
 def _with_side(outcome: pb.TradeOutcome, record: PredictionRecord) -> pb.TradeOutcome:

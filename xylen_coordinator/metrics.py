@@ -48,6 +48,7 @@ class Metrics:
         self._not_forwarded: Counter[tuple[str, str]] = Counter()
         self._last_log: dict[tuple[str, str], tuple[float, int]] = {}
         self._outbox_failures: Counter[str] = Counter()
+        self._pruned: Counter[str] = Counter()
 
     def vote(self, name: str) -> None:
         with self._lock:
@@ -85,8 +86,9 @@ class Metrics:
 
     def outbox_failed(self, part: str) -> None:
         """Count a failed use of the outbox (a full disk) by ``part``: ``prediction_log`` (the
-        write-behind of the ensemble's predictions) or ``feedback_forwarding`` (a pass of the
-        forwarder, which records each delivery's result)."""
+        write-behind of the ensemble's predictions), ``feedback_forwarding`` (a pass of the
+        forwarder, which records each delivery's result) or ``retention_sweep`` (a sweep of
+        rows older than the retention)."""
         with self._lock:
             self._outbox_failures[part] += 1
 
@@ -94,6 +96,16 @@ class Metrics:
         """Failed uses of the outbox by part since the coordinator started."""
         with self._lock:
             return dict(self._outbox_failures)
+
+    def pruned(self, table: str, rows: int) -> None:
+        """Count ``rows`` deleted from the outbox's ``table`` by the retention sweep."""
+        with self._lock:
+            self._pruned[table] += rows
+
+    def pruned_rows(self) -> dict[str, int]:
+        """Rows the retention sweep deleted, by outbox table, since the coordinator started."""
+        with self._lock:
+            return dict(self._pruned)
 
     def counts(self, name: str) -> EndpointCounts:
         with self._lock:

@@ -12,6 +12,17 @@ stores are) that holds
 * ``deliveries`` -- one row per (prediction, server) to forward, with its due time, attempts
   and state (``pending``, ``delivered``, ``failed``).
 
+**Retention.** Nothing stays for ever: :meth:`Outbox.prune_predictions` deletes predictions
+made before a cutoff and :meth:`Outbox.prune_outcomes` outcomes received before one whose
+deliveries are all finished (``delivered`` or ``failed``), with those deliveries and the
+prediction; each is one small transaction (:data:`SWEEP_BATCH` rows examined) that
+:class:`~xylen_coordinator.feedback.Ledger` repeats every few minutes
+(``feedback_queue.retention_seconds``). An outcome with a delivery still pending is never
+deleted, however old (nothing acknowledged is lost), and neither is the prediction it settles
+(its feature row may still be needed). Indexes on ``predictions.created`` and
+``outcomes.received`` keep each batch a range scan (an outbox from before them gets them, in
+one pass over its rows, when it is first opened).
+
 All database work runs on one dedicated thread, never on the event loop. :class:`Forwarder`
 delivers due rows to each server's ``Feedback`` and retries failures with exponential backoff;
 because state lives in the file, a restarted coordinator carries on where the last one stopped.
@@ -81,7 +92,16 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (prediction_id, server_name)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, due);
+CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created);
+CREATE INDEX IF NOT EXISTS outcomes_received ON outcomes (received);
 """
+
+#: Rows the retention sweep examines in one transaction (:meth:`Outbox.prune_predictions`,
+#: :meth:`Outbox.prune_outcomes`): the write-behind of predictions waits for at most one batch.
+SWEEP_BATCH = 2000
+
+#: Where a sweep of a table starts: before every (time, rowid) key.
+SWEEP_START: tuple[float, int] = (float("-inf"), -1)
 
 
 @dataclass(frozen=True)
@@ -201,13 +221,23 @@ class Outbox:
             )
 
     def find_prediction(self, prediction_id: str) -> PredictionRecord | None:
+        """The prediction, or what its recorded outcome kept of it (the retention sweep deleted
+        the prediction just as its outcome arrived: a second Feedback is still a duplicate);
+        None when neither is known."""
         row = self.db.execute(
             "SELECT signal, votes, created, features, labels FROM predictions "
             "WHERE prediction_id = ?",
             (prediction_id,),
         ).fetchone()
         if row is None:
-            return None
+            kept = self.db.execute(
+                "SELECT signal, votes, labels FROM outcomes WHERE prediction_id = ?",
+                (prediction_id,),
+            ).fetchone()
+            if kept is None:
+                return None
+            label, labels = _decode_labels(kept[2])
+            return PredictionRecord(kept[0], _decode_votes(kept[1]), label=label, labels=labels)
         features, servers = _decode_features(row[3])
         label, labels = _decode_labels(row[4])
         return PredictionRecord(
@@ -304,6 +334,64 @@ class Outbox:
             record = PredictionRecord(signal, _decode_votes(votes), label=label, labels=labels)
             stored.append(StoredOutcome(record, pb.TradeOutcome.FromString(outcome)))
         return stored
+
+    def prune_predictions(
+        self, before: float, after: tuple[float, int], limit: int = SWEEP_BATCH
+    ) -> tuple[int, tuple[float, int] | None]:
+        """Delete, in one transaction, the predictions made before ``before`` (``created``,
+        epoch seconds) among the next ``limit`` in (created, rowid) order after ``after``, except
+        those that have an outcome (they go with it, :meth:`prune_outcomes`). Returns the rows
+        deleted and where the next batch starts (None: no more rows before ``before``)."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            rows = self.db.execute(
+                "SELECT p.rowid, p.created, o.prediction_id IS NULL FROM predictions p "
+                "LEFT JOIN outcomes o ON o.prediction_id = p.prediction_id "
+                "WHERE p.created < ? AND (p.created, p.rowid) > (?, ?) "
+                "ORDER BY p.created, p.rowid LIMIT ?",
+                (before, *after, limit),
+            ).fetchall()
+            free = [(rowid,) for rowid, _, alone in rows if alone]
+            self.db.executemany("DELETE FROM predictions WHERE rowid = ?", free)
+        following = (float(rows[-1][1]), int(rows[-1][0])) if len(rows) == limit else None
+        return len(free), following
+
+    def prune_outcomes(
+        self, before: float, after: tuple[float, int], limit: int = SWEEP_BATCH
+    ) -> tuple[dict[str, int], tuple[float, int] | None]:
+        """Delete, in one transaction, the outcomes received before ``before`` (epoch seconds)
+        among the next ``limit`` in (received, rowid) order after ``after`` whose deliveries
+        are all finished (``delivered`` or ``failed``; none pending), with those deliveries and
+        the prediction each settles. Returns the rows deleted by table and where the next batch
+        starts (None: no more rows before ``before``)."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            # ``+d.state``: look the deliveries up by prediction id (the primary key), not by
+            # the (state, due) index, which would walk every pending delivery per outcome.
+            rows = self.db.execute(
+                "SELECT o.rowid, o.received, o.prediction_id, EXISTS (SELECT 1 FROM deliveries d "
+                "WHERE d.prediction_id = o.prediction_id AND +d.state = 'pending') "
+                "FROM outcomes o WHERE o.received < ? AND (o.received, o.rowid) > (?, ?) "
+                "ORDER BY o.received, o.rowid LIMIT ?",
+                (before, *after, limit),
+            ).fetchall()
+            done = [(pid,) for _, _, pid, pending in rows if not pending]
+            counts = {}
+            for table in ("deliveries", "outcomes", "predictions"):
+                cursor = self.db.executemany(
+                    f"DELETE FROM {table} WHERE prediction_id = ?",
+                    done,
+                )
+                counts[table] = max(cursor.rowcount, 0)
+        following = (float(rows[-1][1]), int(rows[-1][0])) if len(rows) == limit else None
+        return counts, following
+
+    def row_counts(self) -> dict[str, int]:
+        """Rows in each table."""
+        return {
+            table: int(self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+            for table in ("predictions", "outcomes", "deliveries")
+        }
 
     def _close(self) -> None:
         if self._db is not None:

@@ -18,7 +18,10 @@
                                                  ``reason`` (HORIZON_MISMATCH, HORIZON_UNKNOWN)
 ``xylen_coordinator_outbox_failures_total``      failed uses of the outbox (a full disk;
                                                  retried), by ``part``: prediction_log,
-                                                 feedback_forwarding
+                                                 feedback_forwarding, retention_sweep
+``xylen_coordinator_outbox_pruned_total``        rows the retention sweep deleted from the
+                                                 outbox, by ``table``: predictions, outcomes,
+                                                 deliveries (``feedback_queue.retention_seconds``)
 =============================================== ============================================
 
 Plus the process series of :class:`~xylen_server.telemetry.Meters`. The coordinator library
@@ -36,6 +39,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from xylen_coordinator.coordinator import AsyncCoordinator
 from xylen_coordinator.fanout import FanOutResult
+from xylen_coordinator.feedback import PRUNED_TABLES
 from xylen_coordinator.results import EnsembleResult
 from xylen_server.telemetry import Meters
 
@@ -106,6 +110,11 @@ class CoordinatorTelemetry:
             "xylen.coordinator.outbox.failures",
             [self._outbox_failures],
             description="Failed uses of the outbox (a full disk; retried), by part.",
+        )
+        meter.create_observable_counter(
+            "xylen.coordinator.outbox.pruned",
+            [self._pruned],
+            description="Rows deleted from the outbox as older than its retention, by table.",
         )
         self.pending = 0
         """Queue depth, refreshed on the loop before every scrape (:meth:`refresh`)."""
@@ -185,9 +194,15 @@ class CoordinatorTelemetry:
 
     def _outbox_failures(self, _options: CallbackOptions) -> Iterable[Observation]:
         # Both parts from 0, so an alert's increase() counts the first failures too.
-        counts = {"prediction_log": 0, "feedback_forwarding": 0}
+        counts = {"prediction_log": 0, "feedback_forwarding": 0, "retention_sweep": 0}
         counts.update(self.coordinator.metrics.outbox_failures())
         return [Observation(n, {"part": part}) for part, n in counts.items()]
+
+    def _pruned(self, _options: CallbackOptions) -> Iterable[Observation]:
+        # Every table from 0, as the failures.
+        counts = dict.fromkeys(PRUNED_TABLES, 0)
+        counts.update(self.coordinator.metrics.pruned_rows())
+        return [Observation(n, {"table": table}) for table, n in counts.items()]
 
     def health(self) -> tuple[Mapping[str, Any], bool]:
         """``/health``: SERVING with the endpoints that are."""
