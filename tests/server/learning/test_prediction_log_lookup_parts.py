@@ -8,17 +8,15 @@ way of opening a part counts. Every row is still found, and a log written before
 
 from __future__ import annotations
 
-import ctypes
-import os
 import random
-import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from opened_files import Opened
 
 from xylen_server.learning.prediction_log import (
     INDEX_FILE,
@@ -28,48 +26,10 @@ from xylen_server.learning.prediction_log import (
     _server_ids,
 )
 
-IN_OPEN = 0x20
 PARTS = 12
 ROWS = 300
 FIRST = "0123456789ab"
 SECOND = "fedcba987654"
-
-
-class Opened:
-    """The files opened in a directory, as the kernel reports them (inotify)."""
-
-    def __init__(self, directory: Path) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self.fd < 0:
-            pytest.skip(f"no inotify here (errno {ctypes.get_errno()})")
-        if libc.inotify_add_watch(self.fd, os.fsencode(directory), IN_OPEN) < 0:
-            os.close(self.fd)
-            pytest.skip(f"cannot watch {directory} (errno {ctypes.get_errno()})")
-
-    def names(self) -> set[str]:
-        """The part files opened since the last call."""
-        found: set[str] = set()
-        while True:
-            try:
-                data = os.read(self.fd, 1 << 16)
-            except BlockingIOError:
-                return found
-            at = 0
-            while at < len(data):
-                _, _, _, length = struct.unpack_from("iIII", data, at)
-                name = data[at + 16 : at + 16 + length].rstrip(b"\0").decode()
-                at += 16 + length
-                if name.endswith(".parquet"):
-                    found.add(name)
-
-    def during(self, action: Callable[[], object]) -> tuple[object, set[str]]:
-        self.names()
-        result = action()
-        return result, self.names()
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def _write(directory: Path) -> tuple[dict[str, str], list[str]]:

@@ -8,13 +8,10 @@ opens are counted by the kernel (inotify ``IN_OPEN`` on the directory)."""
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import random
 import re
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -27,6 +24,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from harness import modules_of_child
+from opened_files import Opened
 
 from xylen_server import clock
 from xylen_server.learning import prediction_log
@@ -45,44 +43,6 @@ START = 1_800_000_000_000  # a whole hour (500,000 hours after the epoch)
 PREFIX = "0123456789ab"
 ROWS = 40
 NAME = re.compile(r"part-\d{13}-\d{8}\.parquet")
-IN_OPEN = 0x20
-
-
-class Opened:
-    """The part files opened in a directory, as the kernel reports them (inotify)."""
-
-    def __init__(self, directory: Path) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self.fd < 0:
-            pytest.skip(f"no inotify here (errno {ctypes.get_errno()})")
-        if libc.inotify_add_watch(self.fd, os.fsencode(directory), IN_OPEN) < 0:
-            os.close(self.fd)
-            pytest.skip(f"cannot watch {directory} (errno {ctypes.get_errno()})")
-
-    listings = 0
-    """Opens of the directory itself (a listing), counted by :meth:`names`."""
-
-    def names(self) -> set[str]:
-        """The part files opened since the last call."""
-        found: set[str] = set()
-        while True:
-            try:
-                data = os.read(self.fd, 1 << 16)
-            except BlockingIOError:
-                return found
-            at = 0
-            while at < len(data):
-                _, _, _, length = struct.unpack_from("iIII", data, at)
-                name = data[at + 16 : at + 16 + length].rstrip(b"\0").decode()
-                at += 16 + length
-                if not name:
-                    self.listings += 1
-                elif name.endswith(".parquet"):
-                    found.add(name)
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 @pytest.fixture
