@@ -4,7 +4,6 @@ weights from matured outcomes. Model servers here are small recording ModelServi
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,6 @@ from xylen_coordinator import Coordinator
 from xylen_server.errors import FailedPrecondition, InvalidArgument, NotFound
 
 ROW = [pb.PredictInput(features=types_pb2.FeatureVector(values=[0.1, 0.2]))]
-
-
-@pytest.fixture
-def recorders() -> Iterator[list[RecordingModelServer]]:
-    servers = [RecordingModelServer("up", 0.9), RecordingModelServer("down", 0.3)]
-    yield servers
-    for server in servers:
-        server.close()
 
 
 def config_for(tmp_path: Path, recorders: list[RecordingModelServer], **sections: object) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,14 +24,6 @@ ROW = [pb.PredictInput(features=types_pb2.FeatureVector(values=[0.1, 0.2]))]
 OUTCOMES = 20
 PASSES = 5
 """Passes of the forwarder (each retrying every outcome for the failing server) to wait for."""
-
-
-@pytest.fixture
-def recorders() -> Iterator[list[RecordingModelServer]]:
-    servers = [RecordingModelServer("up", 0.9), RecordingModelServer("down", 0.3)]
-    yield servers
-    for server in servers:
-        server.close()
 
 
 def _wait(check: Callable[[], bool], what: str) -> None:
