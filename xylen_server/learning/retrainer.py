@@ -68,11 +68,12 @@ def prune_jobs(jobs: Path, keep: int, current: str | None = None) -> list[str]:
         return name[4:19], 0
 
     try:
-        names = [
-            entry.name
-            for entry in os.scandir(jobs)
-            if entry.name.startswith("job-") and entry.is_dir(follow_symlinks=False)
-        ]
+        with os.scandir(jobs) as entries:
+            names = [
+                entry.name
+                for entry in entries
+                if entry.name.startswith("job-") and entry.is_dir(follow_symlinks=False)
+            ]
     except OSError as exc:
         if not isinstance(exc, FileNotFoundError):
             logger.warning("retrain jobs in %s not pruned: %s", jobs, exc)
