@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 import yaml
 
+from xylen.v1 import ensemble_service_pb2 as epb
 from xylen.v1 import ensemble_service_pb2_grpc as epb_grpc
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_server import clock
@@ -239,6 +240,24 @@ def _start_coordinator(
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         grpc.channel_ready_future(channel).result(timeout=max(1.0, deadline - time.monotonic()))
+        _wait_voters(epb_grpc.EnsembleServiceStub(channel), deadline)
+    except BaseException:
+        _stop(proc)
+        raise
     finally:
         channel.close()
     return proc, port, log_path
+
+
+def _wait_voters(stub: epb_grpc.EnsembleServiceStub, deadline: float) -> None:
+    """Wait until the coordinator has seen every server SERVING (its health checks run after
+    it starts listening): a pass's first Predict before that finds no voter (UNAVAILABLE, "0 of
+    4 servers voted ... health not known yet"; seen once in CI on a loaded machine)."""
+    waiting: list[str] = []
+    while time.monotonic() < deadline:
+        info = stub.GetEnsembleInfo(epb.GetEnsembleInfoRequest(), timeout=10)
+        waiting = [e.name for e in info.endpoints if e.enabled and not e.serving]
+        if info.endpoints and not waiting:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"the coordinator never saw {', '.join(waiting) or 'its servers'} SERVING")
