@@ -456,13 +456,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def fsync_dir(directory: str | os.PathLike[str]) -> None:
-    """fsync a directory, so a rename or a new file in it survives a crash."""
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync a file or a directory by its path (opened read-only): a file written and closed
+    by another writer (pyarrow's) before its rename, or a directory (:func:`fsync_dir`)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """fsync a directory, so a rename or a new file in it survives a crash."""
+    fsync_path(directory)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -63,7 +63,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from training.metadata import fsync_dir
+from training.metadata import fsync_dir, fsync_path
 from xylen_server import clock
 from xylen_server.learning import arrow_columns as columns
 from xylen_server.settings import Settings
@@ -460,14 +460,6 @@ parts it replaced, in order (its rows are theirs, in that order)."""
 _rollup_hook: Callable[[str], None] | None = None
 """Tests only: called with ``"journal"`` (the merged part written, not yet in place) and
 ``"renamed"`` (in place, the parts it replaces not yet deleted), where a crash test stops."""
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _line_part(line: str) -> str | None:
@@ -1360,7 +1352,7 @@ class PredictionLog:
                 use_dictionary=DICTIONARY_COLUMNS,
             )
             if self._fsync:
-                _fsync_file(temporary)
+                fsync_path(temporary)
             os.replace(temporary, final)
         except BaseException:
             temporary.unlink(missing_ok=True)  # a partial part must not hold a full disk
@@ -1481,7 +1473,7 @@ class PredictionLog:
                 if held:
                     writer.write_table(pa.concat_tables(waiting), ROW_GROUP_ROWS)
             if self._fsync:
-                _fsync_file(temporary)
+                fsync_path(temporary)
             self._write_journal(merged, sources)
             if _rollup_hook is not None:
                 _rollup_hook("journal")
