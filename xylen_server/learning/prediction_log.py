@@ -390,10 +390,10 @@ class _PartSummary:
         return cls(name, newest_ms, ranges, None if listed is None else frozenset(listed))
 
 
-def _string_lengths(chunk: pa.Array) -> np.ndarray:
-    """The UTF-8 byte length of each value of a string array (from its offsets)."""
-    offsets = np.frombuffer(chunk.buffers()[1], np.int32, len(chunk) + 1, chunk.offset * 4)
-    return np.diff(offsets).astype(np.int64)
+def _string_offsets(chunk: pa.Array) -> np.ndarray:
+    """Where each value of a string array starts in its data buffer, and where the last ends
+    (``len(chunk) + 1`` int32, read in place from the array's offsets buffer)."""
+    return np.frombuffer(chunk.buffers()[1], np.int32, len(chunk) + 1, chunk.offset * 4)
 
 
 def _server_ids(
@@ -405,7 +405,8 @@ def _server_ids(
     Numpy over a zero-padded byte matrix of the ids: ``fixed`` (the ring's ``S32`` ids, the
     same values; no copy) when given, else gathered from the array's buffers."""
     n = len(chunk)
-    lengths = _string_lengths(chunk) if n else np.zeros(0, np.int64)
+    offsets = _string_offsets(chunk) if n else np.zeros(1, np.int32)
+    lengths = np.diff(offsets).astype(np.int64)
     if fixed is not None and fixed.dtype.itemsize >= _ID_WIDTH:
         matrix = np.ascontiguousarray(fixed).view(np.uint8).reshape(n, fixed.dtype.itemsize)
     else:
@@ -413,7 +414,7 @@ def _server_ids(
         raw = chunk.buffers()[2] if n else None
         if raw is not None:
             data = np.frombuffer(raw, np.uint8)
-            starts = np.frombuffer(chunk.buffers()[1], np.int32, n + 1, chunk.offset * 4)[:-1]
+            starts = offsets[:-1]
             width = np.arange(_ID_WIDTH)
             inside = width < lengths[:, None]
             at = np.minimum(starts[:, None].astype(np.int64) + width, len(data) - 1)
@@ -1790,7 +1791,7 @@ def _equal_rows(chunk: pa.Array, wanted: bytes) -> np.ndarray:
     n = len(chunk)
     if n == 0:
         return np.zeros(0, np.int64)
-    offsets = np.frombuffer(chunk.buffers()[1], np.int32, n + 1, chunk.offset * 4)
+    offsets = _string_offsets(chunk)
     hits = np.flatnonzero(np.diff(offsets) == len(wanted))
     if not hits.size or not wanted:
         return hits
