@@ -1079,23 +1079,31 @@ class PredictionLog:
         day). Their names stay seen, so they are never read. Caller holds ``_disk_lock``."""
         if self._summarised < self._prune_at:
             return
-        ranged = {
-            prefix: kept
-            for prefix, entries in self._ranged.items()
-            if (kept := [entry for entry in entries if entry[2] >= oldest_ms])
-        }
-        listed = {
-            key: still
-            for key, held in self._listed.items()
-            if (still := [entry for entry in held if entry[0] >= oldest_ms])
-        }
-        self._ranged, self._listed, self._ranged_arrays = ranged, listed, {}
+        self._keep_summarised(lambda newest, _: newest >= oldest_ms)
         seen = self._disk_seen
         for name in [n for n, s in list(self._summaries.items()) if s.newest_ms < oldest_ms]:
             if name in seen:  # in place: the flusher adds the parts it writes meanwhile
                 self._summaries.pop(name, None)
-        self._summarised = sum(map(len, ranged.values())) + sum(map(len, listed.values()))
         self._prune_at = max(SUMMARY_ENTRIES, 2 * self._summarised)
+
+    def _keep_summarised(self, keep: Callable[[int, Path], bool]) -> None:
+        """Keep only the summarised entries (:attr:`_ranged`, :attr:`_listed`) of the parts
+        for which ``keep(newest ms, path)`` holds, and recount them. Caller holds
+        ``_disk_lock``."""
+        self._ranged = {
+            prefix: kept
+            for prefix, entries in self._ranged.items()
+            if (kept := [entry for entry in entries if keep(entry[2], entry[3])])
+        }
+        self._listed = {
+            key: still
+            for key, held in self._listed.items()
+            if (still := [entry for entry in held if keep(*entry)])
+        }
+        self._ranged_arrays = {}  # made again at the next lookup of each prefix
+        self._summarised = sum(map(len, self._ranged.values())) + sum(
+            map(len, self._listed.values())
+        )
 
     def _read_summaries(self, oldest_ms: int) -> None:
         """``_parts.index`` into :attr:`_summaries` (once; later parts are added as written).
@@ -1602,23 +1610,7 @@ class PredictionLog:
             self._summaries.pop(name, None)
             self._disk_seen.discard(name)
             self._disk_index.pop(self.directory / name, None)
-        for prefix, entries in list(self._ranged.items()):
-            kept = [entry for entry in entries if entry[3] not in gone]
-            if len(kept) != len(entries):
-                self._summarised -= len(entries) - len(kept)
-                self._ranged_arrays.pop(prefix, None)
-                if kept:
-                    self._ranged[prefix] = kept
-                else:
-                    del self._ranged[prefix]
-        for key, held in list(self._listed.items()):
-            still = [entry for entry in held if entry[1] not in gone]
-            if len(still) != len(held):
-                self._summarised -= len(held) - len(still)
-                if still:
-                    self._listed[key] = still
-                else:
-                    del self._listed[key]
+        self._keep_summarised(lambda _, path: path not in gone)
         self._segments = [s for s in (s.without(gone) for s in self._segments) if s is not None]
 
     def _flusher(self) -> None:
