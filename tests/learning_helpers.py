@@ -27,6 +27,11 @@ from xylen_server.settings import Settings
 T = TypeVar("T")
 
 
+CLOCK_START = 1_800_000_000_000
+"""A whole hour (500,000 hours after the epoch), in ms: where the ``clock_file`` fixture
+starts the log's clock."""
+
+
 def learning_settings(root: Path, **overrides: object) -> Settings:
     """Settings for a server whose models live in ``root/models`` and data in ``root/data``,
     with automatic retraining off unless asked for."""

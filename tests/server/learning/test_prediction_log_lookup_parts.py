@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from learning_helpers import CLOCK_START
 from opened_files import Opened
 
 from xylen_server.learning.prediction_log import (
@@ -160,26 +161,21 @@ def _a_part_a_minute(
 
 
 def test_what_is_known_of_parts_past_the_retention_is_let_go(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, clock_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A server running for weeks summarises ~17,000 parts a day: the entries of parts that
     aged past the retention are dropped (once they have doubled), and the parts within it are
     still found without opening any other. Time moves by a real clock file (CLOCK_FILE)."""
-    from xylen_server import clock
     from xylen_server.learning import prediction_log
 
     monkeypatch.setattr(prediction_log, "SUMMARY_ENTRIES", 8)  # 4,096: a few parts show it
-    now = 1_800_000_000_000
-    clock_file = tmp_path / "clock"
-    clock_file.write_text(str(now))
-    clock.use_file(clock_file)
     directory = tmp_path / "log"
     log = PredictionLog(directory, flush_interval_seconds=3600, max_age_seconds=600, max_rows=1)
     opened = Opened(directory)
     try:
         said: dict[str, str] = {}
         # a part a minute for 40 minutes, the retention 10
-        for k, ids, name in _a_part_a_minute(log, clock_file, now, 40):
+        for k, ids, name in _a_part_a_minute(log, clock_file, CLOCK_START, 40):
             said.update(dict.fromkeys(ids, name))
             for i in (ids[0], ids[-1], f"caller-{max(0, k - 5)}"):
                 row, names = opened.during(lambda i=i: log.find_recent(i))
@@ -193,52 +189,42 @@ def test_what_is_known_of_parts_past_the_retention_is_let_go(
     finally:
         log.close()
         opened.close()
-        clock.use_file(None)
 
 
 def test_a_restart_keeps_only_the_summaries_of_parts_within_the_retention(
-    tmp_path: Path,
+    tmp_path: Path, clock_file: Path
 ) -> None:
     """The index lists every part ever written (a month of a server's parts: ~500,000 lines):
     the first lookup after a restart keeps the summaries of the parts within the retention
     only, marks the older parts seen, and opens none of them. Time moves by a real clock
     file (CLOCK_FILE)."""
-    from xylen_server import clock
-
-    now = 1_800_000_000_000
-    clock_file = tmp_path / "clock"
-    clock_file.write_text(str(now))
-    clock.use_file(clock_file)
     directory = tmp_path / "log"
     said: dict[str, str] = {}
+    log = PredictionLog(directory, flush_interval_seconds=3600, max_age_seconds=600)
     try:
-        log = PredictionLog(directory, flush_interval_seconds=3600, max_age_seconds=600)
-        try:
-            # a part a minute for 40 minutes, the retention 10
-            for _, ids, name in _a_part_a_minute(log, clock_file, now, 40):
-                said.update(dict.fromkeys(ids, name))
-        finally:
-            log.close()
-        index_lines = (directory / INDEX_FILE).read_text().splitlines()
-        assert len(index_lines) == 40
-
-        again = PredictionLog(directory, flush_interval_seconds=3600, max_age_seconds=600)
-        opened = Opened(directory)
-        try:
-            recent = f"{FIRST}-{3 * 38:x}"  # two minutes old
-            row, names = opened.during(lambda: again.find_recent(recent))
-            assert row is not None and row.prediction_id == recent
-            assert names == {said[recent]}
-            # 10 or 11 parts within the 10 minutes: the 29 older ones are seen, not held
-            assert 10 <= len(again._summaries) <= 11, sorted(again._summaries)
-            assert all(said[f"caller-{k}"] in again._disk_seen for k in range(40))
-            for old in (f"{FIRST}-{3:x}", "caller-2"):  # 38 minutes old
-                row, names = opened.during(lambda old=old: again.find_recent(old))
-                assert row is None and names == set()
-            row, names = opened.during(lambda: again.find_recent("caller-37"))
-            assert row is not None and names == {said["caller-37"]}
-        finally:
-            again.close()
-            opened.close()
+        # a part a minute for 40 minutes, the retention 10
+        for _, ids, name in _a_part_a_minute(log, clock_file, CLOCK_START, 40):
+            said.update(dict.fromkeys(ids, name))
     finally:
-        clock.use_file(None)
+        log.close()
+    index_lines = (directory / INDEX_FILE).read_text().splitlines()
+    assert len(index_lines) == 40
+
+    again = PredictionLog(directory, flush_interval_seconds=3600, max_age_seconds=600)
+    opened = Opened(directory)
+    try:
+        recent = f"{FIRST}-{3 * 38:x}"  # two minutes old
+        row, names = opened.during(lambda: again.find_recent(recent))
+        assert row is not None and row.prediction_id == recent
+        assert names == {said[recent]}
+        # 10 or 11 parts within the 10 minutes: the 29 older ones are seen, not held
+        assert 10 <= len(again._summaries) <= 11, sorted(again._summaries)
+        assert all(said[f"caller-{k}"] in again._disk_seen for k in range(40))
+        for old in (f"{FIRST}-{3:x}", "caller-2"):  # 38 minutes old
+            row, names = opened.during(lambda old=old: again.find_recent(old))
+            assert row is None and names == set()
+        row, names = opened.during(lambda: again.find_recent("caller-37"))
+        assert row is not None and names == {said["caller-37"]}
+    finally:
+        again.close()
+        opened.close()

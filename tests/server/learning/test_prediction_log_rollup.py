@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from harness import modules_of_child
+from learning_helpers import CLOCK_START
 from opened_files import Opened
 
 from xylen_server import clock
@@ -39,21 +39,10 @@ from xylen_server.learning.prediction_log import (
 
 REPO = Path(__file__).resolve().parents[3]
 HOUR = 3_600_000
-START = 1_800_000_000_000  # a whole hour (500,000 hours after the epoch)
+START = CLOCK_START  # a whole hour: the clock_file fixture's start
 PREFIX = "0123456789ab"
 ROWS = 40
 NAME = re.compile(r"part-\d{13}-\d{8}\.parquet")
-
-
-@pytest.fixture
-def clock_file(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "clock"
-    path.write_text(str(START))
-    clock.use_file(path)
-    try:
-        yield path
-    finally:
-        clock.use_file(None)
 
 
 def open_log(directory: Path, **options: object) -> PredictionLog:
