@@ -14,7 +14,9 @@
   flight, the echo, a generated stub answering a canned response (``bench.canned_server``),
   xylen on the 500-tree model, on a 1-tree model, and with the loop's inference replaced by a
   constant (``bench/constant_engine``), so the share of protobuf and the generated handler, of
-  xylen's own work, of onnxruntime's call and of its tree walk is measured, not guessed.
+  xylen's own work, of onnxruntime's call and of its tree walk is measured, not guessed; then
+  the same again pinned, the client on one CPU and every server on another, as when callers
+  run on other hosts (:func:`without_the_engine`'s ``pinned``).
 
 Every xylen server starts through :func:`start_server` (one environment in, a SERVING process
 out), so a variant is one more environment. The model is what production serves: LightGBM, 500
@@ -211,13 +213,14 @@ def xylen_env(model_root: Path, extra: Mapping[str, str] | None = None) -> dict[
 
 
 def start_server(
-    env: Mapping[str, str], source: Path = REPO, python: str = sys.executable
+    env: Mapping[str, str], source: Path = REPO, python: str | Sequence[str] = sys.executable
 ) -> Process:
     """A xylen server process started with exactly ``env``, once it reports SERVING;
-    ``source`` is the tree whose ``xylen_server`` it runs (with the interpreter ``python``).
-    Every server the bench measures starts here (so a variant, e.g. with ``WORKERS=N``, is one
-    more ``env``)."""
-    server = Process([python, "-m", "xylen_server"], dict(env), "listening on port", source)
+    ``source`` is the tree whose ``xylen_server`` it runs (with the interpreter ``python``, or
+    the command that runs it, e.g. under ``taskset``). Every server the bench measures starts
+    here (so a variant, e.g. with ``WORKERS=N``, is one more ``env``)."""
+    command = [python] if isinstance(python, str) else list(python)
+    server = Process([*command, "-m", "xylen_server"], dict(env), "listening on port", source)
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -567,15 +570,51 @@ CONSTANT_ENGINE = Path(__file__).resolve().parent / "constant_engine"
 """``sitecustomize`` that replaces the loop's inference by a constant (its docstring)."""
 
 
+def pinned_cpus() -> tuple[int, int] | None:
+    """(the client's CPU, the servers' CPU) for the pinned lone-Predict run: two CPUs this
+    process may use and ``taskset`` to put the servers on one; None when there are not two or
+    no ``taskset``."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or shutil.which("taskset") is None:
+        return None
+    return cpus[0], cpus[1]
+
+
 def without_the_engine(
-    model_root: Path, rows: np.ndarray, seconds: float, source: Path = REPO
+    model_root: Path,
+    rows: np.ndarray,
+    seconds: float,
+    source: Path = REPO,
+    pinned: tuple[int, int] | None = None,
 ) -> dict[tuple[str, int], Load]:
     """What a lone unary Predict's p50 is made of: the echo floor; a generated stub answering
     a canned response (``bench.canned_server``: protobuf parsing and a response of xylen's
     shape, nothing else); xylen serving the 500-tree model; the same server with a 1-tree model (onnxruntime's fixed cost per run, almost no
     tree walk); the same server with the loop's inference replaced by a constant
     (``bench/constant_engine``: every other step of a Predict as in production). At one call in
-    flight, side by side in alternating slices."""
+    flight, side by side in alternating slices.
+
+    ``pinned`` (client CPU, server CPU) runs the same with this process (the client) on one CPU
+    and every server on the other (``taskset``), the shape production has, where callers run on
+    other hosts: one call in flight keeps four threads busy (each side's event loop and grpc
+    poller), and on two shared cores whatever a server does after sending an answer (its log
+    row, its metrics) delays the client's reading of it. Pinned, that work overlaps the
+    client's turn instead, and the p50 is the server's own path from request to answer."""
+    if pinned is not None:
+        client_cpus = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {pinned[0]})
+        try:
+            return _without_the_engine(
+                model_root, rows, seconds, source, ["taskset", "-c", str(pinned[1])]
+            )
+        finally:
+            os.sched_setaffinity(0, client_cpus)
+    return _without_the_engine(model_root, rows, seconds, source, [])
+
+
+def _without_the_engine(
+    model_root: Path, rows: np.ndarray, seconds: float, source: Path, prefix: list[str]
+) -> dict[tuple[str, int], Load]:
     request = pb.PredictRequest(
         inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=rows[0].tolist()))]
     )
@@ -590,26 +629,30 @@ def without_the_engine(
         "xylen, 1 tree",
         "xylen, no engine call",
     ]
-    echo = Process([sys.executable, "-m", "bench.echo_server"], dict(os.environ), "echo listening")
+    python = [*prefix, sys.executable]
+    echo = Process([*python, "-m", "bench.echo_server"], dict(os.environ), "echo listening")
     servers: list[Process] = []
     try:
+        servers.append(Process([*python, "-m", "bench.canned_server"], dict(os.environ), "canned"))
+        servers.append(start_server(xylen_env(model_root), source, python))
+        servers.append(start_server(xylen_env(one_tree), source, python))
         servers.append(
-            Process([sys.executable, "-m", "bench.canned_server"], dict(os.environ), "canned")
-        )
-        servers.append(start_xylen(model_root, source=source))
-        servers.append(start_xylen(one_tree, source=source))
-        servers.append(
-            start_xylen(
-                model_root,
-                {"PYTHONPATH": path, "XYLEN_BENCH_CONSTANT_ENGINE": "0.5"},
-                source=source,
+            start_server(
+                xylen_env(model_root, {"PYTHONPATH": path, "XYLEN_BENCH_CONSTANT_ENGINE": "0.5"}),
+                source,
+                python,
             )
+        )
+        where = (
+            f"; this client on CPU {min(os.sched_getaffinity(0))}, every server on CPU {prefix[-1]}"
+            if prefix
+            else ""
         )
         print(
             "\n== a lone unary Predict: the echo floor, a generated stub's canned answer, xylen on "
             "the 500-tree model, on a 1-tree model, and with the loop's inference replaced by a "
             "constant (everything else as in production), 1 call in flight, in turn "
-            f"({seconds:.0f}s each) =="
+            f"({seconds:.0f}s each{where}) =="
         )
 
         async def run() -> dict[tuple[str, int], Load]:
@@ -672,6 +715,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             in_process(model_dir, rows, args.seconds)
         over_grpc(root, rows, args.seconds, args.source, args.workers)
         without_the_engine(root, rows, 2 * args.seconds, args.source)
+        cpus = pinned_cpus()
+        if cpus is None:
+            print("  (the pinned lone Predict needs two CPUs and taskset: skipped)")
+        else:
+            without_the_engine(root, rows, 2 * args.seconds, args.source, cpus)
         print("  (shared, noisy machine: compare the ratios, measured in turn, not the absolutes)")
 
 

@@ -1,0 +1,60 @@
+"""``python -m bench server``'s pinned lone Predict: the servers run on the CPU ``taskset`` gives
+them, the client on its own for the run and on all of its CPUs again after it. Real server
+processes, real model."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from bench.bench_server import build_model, pinned_cpus, start_server, without_the_engine, xylen_env
+from xylen.v1 import model_service_pb2 as pb
+from xylen.v1 import model_service_pb2_grpc as pb_grpc
+from xylen.v1 import types_pb2
+
+CPUS = pinned_cpus()
+pytestmark = pytest.mark.skipif(CPUS is None, reason="needs two CPUs and taskset")
+
+
+def test_a_server_started_under_taskset_runs_on_that_cpu_and_answers(tmp_path: Path) -> None:
+    assert CPUS is not None
+    _, rows = build_model(tmp_path, trees=5)
+    server = start_server(
+        xylen_env(tmp_path), python=["taskset", "-c", str(CPUS[1]), sys.executable]
+    )
+    try:
+        # taskset execs the interpreter: the pid is the server's, every thread on the one CPU.
+        threads = os.listdir(f"/proc/{server.proc.pid}/task")
+        assert len(threads) > 1
+        for tid in threads:
+            assert os.sched_getaffinity(int(tid)) == {CPUS[1]}
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            answer = pb_grpc.ModelServiceStub(channel).Predict(
+                pb.PredictRequest(
+                    inputs=[
+                        pb.PredictInput(features=types_pb2.FeatureVector(values=rows[0].tolist()))
+                    ]
+                ),
+                timeout=30,
+            )
+        assert 0.0 <= answer.predictions[0].probability_up <= 1.0
+    finally:
+        server.stop()
+
+
+def test_the_pinned_lone_run_measures_every_target_and_gives_the_client_its_cpus_back(
+    tmp_path: Path,
+) -> None:
+    assert CPUS is not None
+    _, rows = build_model(tmp_path, trees=5)
+    before = os.sched_getaffinity(0)
+    loads = without_the_engine(tmp_path, rows, 0.3, pinned=CPUS)
+    assert os.sched_getaffinity(0) == before
+    assert len(loads) == 5
+    for (label, level), load in loads.items():
+        assert level == 1
+        assert load.calls > 0 and not load.errors, (label, load.errors)
