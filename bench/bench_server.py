@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import shutil
@@ -570,6 +571,27 @@ CONSTANT_ENGINE = Path(__file__).resolve().parent / "constant_engine"
 """``sitecustomize`` that replaces the loop's inference by a constant (its docstring)."""
 
 
+def host_cpu() -> str:
+    """The processor and its caches, as the kernel reports them: the same code's ratios to the
+    echo differ from one host to another (2026-12-07: CPU per call at 32 in flight 1.24x on one
+    host, 1.62x on the next, same commit), so every run says which host it measured."""
+    model = "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    caches = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        with contextlib.suppress(OSError):
+            kind = (index / "type").read_text().strip()
+            if kind != "Instruction":
+                level = (index / "level").read_text().strip()
+                size = (index / "size").read_text().strip()
+                caches.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
+    return model + (f" (caches: {', '.join(caches)})" if caches else "")
+
+
 def pinned_cpus() -> tuple[int, int] | None:
     """(the client's CPU, the servers' CPU) for the pinned lone-Predict run: two CPUs this
     process may use and ``taskset`` to put the servers on one; None when there are not two or
@@ -709,7 +731,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model_dir, rows = build_model(root)
         print(
             f"model: 500 trees x 31 leaves, 25 features, built in {time.perf_counter() - started:.1f}s; "
-            f"cores: {os.cpu_count()}"
+            f"cores: {os.cpu_count()}; {host_cpu()}"
         )
         if not args.skip_in_process:
             in_process(model_dir, rows, args.seconds)
