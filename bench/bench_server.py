@@ -620,8 +620,8 @@ def without_the_engine(
     and every server on the other (``taskset``), the shape production has, where callers run on
     other hosts: one call in flight keeps four threads busy (each side's event loop and grpc
     poller), and on two shared cores whatever a server does after sending an answer (its log
-    row, its metrics) delays the client's reading of it. Pinned, that work overlaps the
-    client's turn instead, and the p50 is the server's own path from request to answer."""
+    row, its metrics) may delay the client's reading of it. Pinned, the two sides never compete
+    for a core, so the two runs side by side show what that sharing costs each target."""
     if pinned is not None:
         client_cpus = os.sched_getaffinity(0)
         os.sched_setaffinity(0, {pinned[0]})
