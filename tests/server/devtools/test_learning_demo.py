@@ -12,9 +12,10 @@ from pathlib import Path
 from harness import InProcessServer, write_model
 from learning_helpers import learning_settings
 
+from training.features import FEATURE_NAMES
 from training.metadata import ModelMetadata
 from xylen_server import clock
-from xylen_server.devtools.learning_demo import run_cycle
+from xylen_server.devtools.learning_demo import SIMULATED_RULE, SIMULATED_SHUFFLED, run_cycle
 
 
 def test_run_cycle_prints_a_promotion_while_requests_keep_flowing(tmp_path: Path, candles):
@@ -28,6 +29,9 @@ def test_run_cycle_prints_a_promotion_while_requests_keep_flowing(tmp_path: Path
     text = "\n".join(lines)
     assert "model_1 v1 serving" in text
     assert "400 outcomes fed back" in text
+    # The gate's figures come from a simulated, learnable rule: the demo says so beside them.
+    assert f"[learning] {SIMULATED_RULE}" in lines
+    assert "not a trading edge" in SIMULATED_RULE and FEATURE_NAMES[0] in SIMULATED_RULE
     assert "-> PASSED" in text and "TRAINING_STATE_SUCCEEDED" in text
     assert "now serving v2 (parent v1)" in text
     assert ", 0 failed" in text
@@ -60,3 +64,30 @@ def test_on_a_simulated_clock_outcomes_close_one_an_hour_and_the_gap_is_purged(
     assert "early stopping on the 47 most recent, 1 in the gap before those purged" in text
     assert "TRAINING_STATE_SUCCEEDED" in text and "now serving v2 (parent v1)" in text
     assert ", 0 failed" in text
+
+
+def test_shuffled_outcomes_are_refused_and_the_demo_says_there_was_nothing_to_learn(
+    tmp_path: Path, candles
+):
+    write_model(tmp_path / "models", "model_1", "lightgbm", candles, trees=30)
+    server = InProcessServer(learning_settings(tmp_path, admin_token="demo-token"))
+    lines: list[str] = []
+    try:
+        # Seed 1: chance does not favour the noise-trained candidate (seed 7's does, as the
+        # gate's one-sided 5 % allows; the message says so).
+        run_cycle(
+            server.address,
+            samples=400,
+            out=lines.append,
+            token="demo-token",
+            scramble=True,
+            seed=1,
+        )
+    finally:
+        server.close()
+    text = "\n".join(lines)
+    assert "400 outcomes fed back (shuffled)" in text
+    assert f"[learning] {SIMULATED_SHUFFLED}" in lines
+    assert SIMULATED_RULE not in text
+    assert "TRAINING_STATE_REJECTED" in text and "-> PASSED" not in text
+    assert "now serving v1" in text
