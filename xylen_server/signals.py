@@ -12,6 +12,7 @@ before thresholds were chosen per model gets :data:`DEFAULT_BUY_THRESHOLD` /
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -94,6 +95,54 @@ def resolve_thresholds(
         )
     rule = str(own.get("rule", ""))[:80] if own is not None else ""
     return SignalThresholds(buy, sell, source, rule)
+
+
+@dataclass(frozen=True)
+class SignalValidation:
+    """What a model's own thresholds did on the validation bars they were chosen on, net of
+    the fee (``xylen.v1.SignalValidation`` has the same fields): per side the share of bars it
+    acted on, the mean net log return of acting, and whether that beat holding (the edge)."""
+
+    samples: int
+    buy_share: float
+    buy_mean_net_return: float
+    buy_edge: bool
+    sell_share: float
+    sell_mean_net_return: float
+    sell_edge: bool
+
+
+def signal_validation(model: Mapping[str, Any] | None) -> SignalValidation | None:
+    """The validation figures of a model's ``signal_thresholds`` (its metadata), or None when
+    it has none or they are not complete and well-formed (a model trained before they were kept
+    answers without them rather than with made-up zeros)."""
+    figures = model.get("validation") if isinstance(model, Mapping) else None
+    if not isinstance(figures, Mapping):
+        return None
+    try:
+        samples = figures["samples"]
+        numbers = [
+            float(figures[key])
+            for key in (
+                "buy_share",
+                "buy_mean_net_return",
+                "sell_share",
+                "sell_mean_net_return",
+            )
+        ]
+        edges = figures["buy_edge"], figures["sell_edge"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if (
+        not isinstance(samples, int)
+        or isinstance(samples, bool)
+        or samples <= 0
+        or not all(math.isfinite(n) for n in numbers)
+        or not all(isinstance(edge, bool) for edge in edges)
+    ):
+        return None
+    buy_share, buy_mean, sell_share, sell_mean = numbers
+    return SignalValidation(samples, buy_share, buy_mean, edges[0], sell_share, sell_mean, edges[1])
 
 
 def signal_for(probability: float, buy_threshold: float, sell_threshold: float) -> Signal:

@@ -76,6 +76,16 @@ def test_thresholds_travel_from_validation_to_every_signal(
     assert info.threshold_source == pb.THRESHOLD_SOURCE_MODEL
     assert info.threshold_rule == RULE
     assert (info.horizon, info.fee, info.label_threshold) == (1, 0.001, 0.0)
+    # What the thresholds did on their validation bars travels with them, figure for figure.
+    figures = own["validation"]
+    assert info.HasField("signal_validation")
+    v = info.signal_validation
+    assert v.samples == figures["samples"] > 0
+    for side in ("buy", "sell"):
+        assert getattr(v, f"{side}_share") == figures[f"{side}_share"]
+        assert getattr(v, f"{side}_mean_net_return") == figures[f"{side}_mean_net_return"]
+        assert getattr(v, f"{side}_edge") is figures[f"{side}_edge"]
+        assert figures[f"{side}_edge"] == (figures[f"{side}_mean_net_return"] > 0)
 
     windows = [harness.window_input(candles, end) for end in range(150, 3000, 7)]
     answer = full.Predict(pb.PredictRequest(inputs=windows))
@@ -125,6 +135,7 @@ def test_a_model_without_thresholds_keeps_the_defaults(tmp_path: Path) -> None:
         server.close()
     assert (info.buy_threshold, info.sell_threshold) == (0.55, 0.45)
     assert info.threshold_source == pb.THRESHOLD_SOURCE_DEFAULT and info.threshold_rule == ""
+    assert not info.HasField("signal_validation")  # none recorded: unset, not zeros
 
 
 def test_models_with_different_lookback_and_features_serve_side_by_side(

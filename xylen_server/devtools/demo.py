@@ -59,6 +59,25 @@ CLOCK_FILE = "clock"
 the past hours with it (:mod:`~xylen_server.devtools.learning_demo`)."""
 
 
+def validation_line(info: pb.ModelInfo) -> str:
+    """What the model's own thresholds did on their validation bars, net of the fee, in one
+    line, saying "no edge" where acting did not beat holding (GetModelInfo's
+    ``signal_validation``)."""
+    if not info.HasField("signal_validation"):
+        return "validation of the thresholds: not recorded for this model"
+    v = info.signal_validation
+
+    def side(name: str, share: float, mean: float, edge: bool) -> str:
+        verdict = "an edge" if edge else "no edge"
+        return f"{name} on {share:.1%} of bars, mean net {mean * 1e4:+.2f} bp: {verdict}"
+
+    return (
+        f"on its {v.samples} validation bars, net of the fee: "
+        f"{side('BUY', v.buy_share, v.buy_mean_net_return, v.buy_edge)}; "
+        f"{side('SELL', v.sell_share, v.sell_mean_net_return, v.sell_edge)}"
+    )
+
+
 def write_token(path: Path) -> None:
     """A fresh random admin token, readable by its owner only."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -112,6 +131,7 @@ def single_server(server: ServerProcess, candles: dict[str, np.ndarray], rows: n
             f"({pb.ThresholdSource.Name(info.threshold_source)}"
             f"{': ' + info.threshold_rule if info.threshold_rule else ''})"
         )
+        print(f"  {validation_line(info)}")
 
         heading("Predict (unary): by feature vector and by candle window")
         by_features = stub.Predict(pb.PredictRequest(inputs=[feature_vector(rows[last])]))
