@@ -4,6 +4,7 @@ signal; and two models with different LOOKBACK_PERIODS / FEATURES served side by
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import harness
 import numpy as np
 import pytest
 from errorinfo import error_info
+from prometheus_client.parser import text_string_to_metric_families
 
 from training import features as F
 from training.config import load_config
@@ -192,3 +194,36 @@ def test_a_model_whose_features_are_not_defined_is_refused(trained: Path, tmp_pa
     ModelMetadata.from_dict({**meta.to_dict(), "lookback": 40}).write(bad)
     with pytest.raises(ModelLoadError, match="LOOKBACK_PERIODS=40 is shorter"):
         load_model(harness.server_settings(tmp_path, model_name="short"))
+
+
+def _edges(server: harness.InProcessServer) -> dict[str, float]:
+    """The ``xylen_model_signal_edge`` samples of the server's /metrics, by side."""
+    port = server.running.metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        sample.labels["side"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "xylen_model_signal_edge"
+    }
+
+
+def test_the_signal_edge_is_exported_by_side_and_absent_when_not_recorded(
+    trained: Path, tmp_path: Path
+) -> None:
+    figures = ModelMetadata.read(trained / "full").signal_thresholds["validation"]
+    server = _serve(trained, "full")
+    try:
+        assert _edges(server) == {
+            "buy": float(figures["buy_edge"]),
+            "sell": float(figures["sell_edge"]),
+        }
+    finally:
+        server.close()
+    harness.write_model(tmp_path, "old", trees=10)  # no thresholds, no figures
+    server = _serve(tmp_path, "old")
+    try:
+        assert _edges(server) == {}
+    finally:
+        server.close()

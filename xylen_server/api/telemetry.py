@@ -20,6 +20,10 @@ Series (Prometheus names; OpenTelemetry names and units in :meth:`ServerTelemetr
 ``xylen_model_info``                        1, labels ``model_name``/``model_type``/
                                             ``model_version``/``engine``
 ``xylen_model_version``, ``xylen_model_serving``  the version number; 1 when SERVING
+``xylen_model_signal_edge``                 by ``side`` (buy, sell): 1 when the model's own
+                                            signal beat holding on its validation bars, net
+                                            of the fee (GetModelInfo's ``signal_validation``);
+                                            absent when the model has no such figures
 ``xylen_training_state``                    1 for the current state (``state`` label)
 ``xylen_training_last_duration_seconds``    the last finished job's duration
 ``xylen_training_jobs_total``               finished jobs by ``result``
@@ -50,6 +54,7 @@ from xylen_server.learning.feedback import FeedbackLoop
 from xylen_server.learning.retrainer import Retrainer
 from xylen_server.serving.predictor import Predictor, Result
 from xylen_server.settings import Settings
+from xylen_server.signals import signal_validation
 from xylen_server.telemetry import Meters
 from xylen_server.versions.swap import ModelManager
 
@@ -120,6 +125,13 @@ class ServerTelemetry:
             ("xylen.model.info", "", "The served model (value 1).", self._info),
             ("xylen.model.version", "", "The served model's version.", self._version),
             ("xylen.model.serving", "", "1 when health is SERVING, else 0.", self._serving),
+            (
+                "xylen.model.signal.edge",
+                "",
+                "1 when the model's own signal beat holding on its validation bars, net of the "
+                "fee, by side; absent when not recorded.",
+                self._signal_edge,
+            ),
             ("xylen.training.state", "", "1 for the learning loop's state.", self._state),
             (
                 "xylen.training.last.duration",
@@ -200,6 +212,16 @@ class ServerTelemetry:
     def _version(self, _options: CallbackOptions) -> Iterable[Observation]:
         model = self._model()
         return [] if model is None else [Observation(model.meta.version)]
+
+    def _signal_edge(self, _options: CallbackOptions) -> Iterable[Observation]:
+        model = self._model()
+        validation = None if model is None else signal_validation(model.meta.signal_thresholds)
+        if validation is None:
+            return []
+        return [
+            Observation(int(validation.buy_edge), {"side": "buy"}),
+            Observation(int(validation.sell_edge), {"side": "sell"}),
+        ]
 
     def _serving(self, _options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(1 if self.serving() else 0)]
