@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from xylen.v1 import ensemble_service_pb2 as epb
+from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import Config
 from xylen_coordinator.endpoints import MissingReason
 from xylen_coordinator.ensemble import AdaptiveScore
@@ -108,4 +111,8 @@ def info_response(
             counters.rejected_votes.update(state.counts.rejected)
             counters.ejections = state.counts.ejections
             counters.rejoins = state.counts.rejoins
+        if state.signal_validation is not None:
+            info.signal_validation.CopyFrom(
+                pb.SignalValidation(**dataclasses.asdict(state.signal_validation))
+            )
     return response

@@ -55,6 +55,7 @@ from xylen_server.errors import (
     Unavailable,
     XylenError,
 )
+from xylen_server.signals import SignalValidation
 
 logger = logging.getLogger(__name__)
 
@@ -476,6 +477,9 @@ class AsyncCoordinator:
                     sends_features=bool(client and client.features_hash == FEATURES_HASH),
                     ejected=bool(client and client.breaker.ejected),
                     counts=self.metrics.counts(endpoint.name),
+                    signal_validation=SignalValidation.from_model_info(
+                        client.info if client else None
+                    ),
                 )
             )
         return states

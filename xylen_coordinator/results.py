@@ -10,6 +10,7 @@ from xylen_coordinator.endpoints import MissingReason
 from xylen_coordinator.ensemble import AdaptiveScore, Signal
 from xylen_coordinator.fanout import Missing
 from xylen_coordinator.metrics import EndpointCounts
+from xylen_server.signals import SignalValidation
 
 __all__ = [
     "EndpointState",
@@ -120,3 +121,6 @@ class EndpointState:
     """Outlier detection has taken it out of the ensemble for now."""
     counts: EndpointCounts | None = None
     """Its votes, missing votes, ejections and rejoins since the coordinator started."""
+    signal_validation: SignalValidation | None = None
+    """What its model's own thresholds did on their validation bars, net of the fee (its
+    GetModelInfo's ``signal_validation``, as last learned); None while unknown or unrecorded."""

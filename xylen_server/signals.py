@@ -12,6 +12,7 @@ before thresholds were chosen per model gets :data:`DEFAULT_BUY_THRESHOLD` /
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -110,6 +111,15 @@ class SignalValidation:
     sell_share: float
     sell_mean_net_return: float
     sell_edge: bool
+
+    @classmethod
+    def from_model_info(cls, info: Any) -> SignalValidation | None:
+        """The ``signal_validation`` of a ``xylen.v1.ModelInfo`` (a server's GetModelInfo), or
+        None when ``info`` is None or the field is unset."""
+        if info is None or not info.HasField("signal_validation"):
+            return None
+        message = info.signal_validation
+        return cls(**{f.name: getattr(message, f.name) for f in dataclasses.fields(cls)})
 
 
 def signal_validation(model: Mapping[str, Any] | None) -> SignalValidation | None:

@@ -11,13 +11,23 @@ import harness
 import pytest
 from coordinator.helpers import endpoint, write_config, write_model_with
 
+from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator import Coordinator
 from xylen_coordinator.config import Thresholds
 from xylen_coordinator.ensemble import label_plan, member_thresholds
-from xylen_server.signals import signal_for
+from xylen_server.signals import SignalValidation, signal_for
 
 H1 = (1, 0.001, 0.0)
 H4 = (4, 0.001, 0.0)
+H1A_VALIDATION = {
+    "samples": 500,
+    "buy_share": 0.2,
+    "buy_mean_net_return": 0.0004,
+    "buy_edge": True,
+    "sell_share": 0.15,
+    "sell_mean_net_return": -0.0002,
+    "sell_edge": False,
+}
 
 
 def test_the_label_with_the_most_weight_is_combined_the_rest_left_out() -> None:
@@ -65,7 +75,11 @@ def three_servers(
 ) -> Iterator[dict[str, harness.ServerProcess]]:
     root = tmp_path_factory.mktemp("label-groups")
     write_model_with(
-        root, "h1a", 1, fee=0.001, signal_thresholds={"buy": 0.6, "sell": 0.4, "rule": "t"}
+        root,
+        "h1a",
+        1,
+        fee=0.001,
+        signal_thresholds={"buy": 0.6, "sell": 0.4, "rule": "t", "validation": H1A_VALIDATION},
     )
     write_model_with(
         root, "h1b", 2, fee=0.001, signal_thresholds={"buy": 0.7, "sell": 0.3, "rule": "t"}
@@ -135,3 +149,22 @@ def test_fixed_thresholds_when_configured(
         row = coordinator.predict([harness.window_input(fleet_candles, 400)]).decision
     assert (row.buy_threshold, row.sell_threshold) == (0.52, 0.48)
     assert row.signal is signal_for(row.probability, 0.52, 0.48)
+
+
+def test_each_members_validated_edge_reaches_the_ensemble_info(
+    three_servers: dict[str, harness.ServerProcess], tmp_path: Path
+) -> None:
+    from xylen_coordinator.convert import info_response
+
+    with Coordinator(_config(tmp_path / "config.yaml", three_servers)) as coordinator:
+        assert coordinator.wait_serving(timeout=30)
+        _wait_for_info(coordinator)
+        states = coordinator.endpoints()
+        info = info_response(coordinator.config, states, 0)
+    validation = {state.name: state.signal_validation for state in states}
+    assert validation == {"h1a": SignalValidation(**H1A_VALIDATION), "h1b": None, "h4": None}
+    endpoints = {e.name: e for e in info.endpoints}
+    assert endpoints["h1a"].HasField("signal_validation")
+    assert endpoints["h1a"].signal_validation == pb.SignalValidation(**H1A_VALIDATION)
+    assert not endpoints["h1b"].HasField("signal_validation")
+    assert not endpoints["h4"].HasField("signal_validation")
