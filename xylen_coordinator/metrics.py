@@ -49,6 +49,7 @@ class Metrics:
         self._last_log: dict[tuple[str, str], tuple[float, int]] = {}
         self._outbox_failures: Counter[str] = Counter()
         self._pruned: Counter[str] = Counter()
+        self._refused: Counter[tuple[str, str]] = Counter()
 
     def vote(self, name: str) -> None:
         with self._lock:
@@ -106,6 +107,17 @@ class Metrics:
         """Rows the retention sweep deleted, by outbox table, since the coordinator started."""
         with self._lock:
             return dict(self._pruned)
+
+    def refused(self, name: str, code: str) -> None:
+        """Count an outcome ``name`` refused for good with status ``code`` (INVALID_ARGUMENT,
+        ...): its delivery is marked failed, not retried."""
+        with self._lock:
+            self._refused[(name, code)] += 1
+
+    def refusals(self) -> dict[tuple[str, str], int]:
+        """Outcomes refused for good by (server, status code name) since the start."""
+        with self._lock:
+            return dict(self._refused)
 
     def counts(self, name: str) -> EndpointCounts:
         with self._lock:

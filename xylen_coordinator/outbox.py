@@ -444,6 +444,11 @@ class Forwarder:
 
     ``clients`` returns the current endpoint clients by name (it changes on reload); a
     delivery for a server no longer configured waits, pending, until it is configured again.
+
+    A delivery refused for good (:data:`PERMANENT_CODES`) is marked ``failed`` with the
+    server's answer as its error; such refusals are counted by server and code and told once
+    when they begin (per server and code, with the first message) and once when a delivery to
+    that server works again, each outcome's own line at DEBUG only.
     """
 
     def __init__(
@@ -462,8 +467,11 @@ class Forwarder:
             logger,
             None if metrics is None else metrics.outbox_failed,
         )
+        self._metrics = metrics
         self._targets: dict[str, Trouble] = {}
         """Each server's failed deliveries: one line when they begin, one when one works."""
+        self._refusals: dict[tuple[str, str], Trouble] = {}
+        """Each server's refusals for good, by status code name, told the same way."""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.retries = 0
@@ -533,22 +541,52 @@ class Forwarder:
         except grpc.aio.AioRpcError as error:
             text = f"{error.code().name}: {error.details()}"
             if error.code() == grpc.StatusCode.ALREADY_EXISTS:
-                self._target(delivery.server_name).worked()
+                self._worked(delivery.server_name)
                 return delivery, "delivered", None, ""
             if error.code() in PERMANENT_CODES:
-                logger.warning(
-                    "feedback for %s to %s refused for good: %s",
-                    delivery.prediction_id,
-                    delivery.server_name,
-                    text,
-                )
-                return delivery, "failed", None, text
+                return self._refused(delivery, error.code(), text)
             return self._retry(delivery, text)
         except Exception as error:  # a closed channel during reload, for example
             return self._retry(delivery, f"{type(error).__name__}: {error}")
         logger.debug("feedback %s delivered to %s", delivery.prediction_id, delivery.server_name)
-        self._target(delivery.server_name).worked()
+        self._worked(delivery.server_name)
         return delivery, "delivered", None, ""
+
+    def _worked(self, server_name: str) -> None:
+        """A delivery to ``server_name`` worked: the end of its failures and refusals."""
+        self._target(server_name).worked()
+        for (name, _), trouble in list(self._refusals.items()):
+            if name == server_name:
+                trouble.worked()
+
+    def _refused(
+        self, delivery: Delivery, code: grpc.StatusCode, text: str
+    ) -> tuple[Delivery, str, float | None, str]:
+        """A refusal for good: ``failed``, counted, told once per server and code."""
+        logger.debug(
+            "feedback %s to %s refused for good: %s",
+            delivery.prediction_id,
+            delivery.server_name,
+            text,
+        )
+        key = (delivery.server_name, code.name)
+        trouble = self._refusals.get(key)
+        if trouble is None:
+            metrics = self._metrics
+            trouble = Trouble(
+                "feedback_refused",
+                f"delivery to {delivery.server_name}",
+                logger,
+                None if metrics is None else lambda _: metrics.refused(*key),
+                subject="feedback refused for good",
+            )
+            self._refusals[key] = trouble
+        trouble.failed(
+            text,
+            f"each outcome it refuses with {code.name} is marked failed and not retried (its "
+            "answer kept as the delivery's last error; each one logged at DEBUG)",
+        )
+        return delivery, "failed", None, text
 
     def _target(self, server_name: str) -> Trouble:
         trouble = self._targets.get(server_name)
