@@ -14,7 +14,9 @@ due.
 finished outcomes older than ``feedback_queue.retention_seconds`` from the outbox, a small
 transaction at a time, and forgets the remembered predictions that old; a Feedback for one of
 them is PREDICTION_NOT_FOUND, as for an id never seen. An outcome with a delivery pending is
-kept however old. The adaptive weights rebuilt at start score the outcomes still kept.
+kept however old. The adaptive weights rebuilt at start score the outcomes still kept. A
+reload (:meth:`Ledger.reconfigure`) changes the retention for the next sweep and the
+forwarder's backoff and call timeout for its next delivery.
 
 **Which voters get an outcome.** A trade follows the ensemble's decision, so its outcome is the
 underlying's move over the *ensemble's* horizon (the horizon of the label definition the
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -123,8 +126,13 @@ class Ledger:
             "retention_sweep", "the outbox", logger, self.metrics.outbox_failed
         )
         """Failed retention sweeps, the same way."""
-        self.retention_seconds = FeedbackQueueSettings.retention_seconds
-        """How long predictions and finished outcomes are kept (from the settings at open)."""
+        self.settings = FeedbackQueueSettings()
+        """The ``feedback_queue`` settings in force (from open, then each reload)."""
+
+    @property
+    def retention_seconds(self) -> float:
+        """How long predictions and finished outcomes are kept."""
+        return self.settings.retention_seconds
 
     def delivery_retries(self) -> int:
         """Deliveries that failed and were rescheduled since the outbox opened."""
@@ -137,7 +145,7 @@ class Ledger:
     ) -> None:
         """Open the outbox, score every outcome it holds (rebuilding the adaptive weights), and
         start forwarding to ``clients()`` and writing the prediction log."""
-        self.retention_seconds = settings.retention_seconds
+        self.settings = settings
         self._outbox = outbox = Outbox(settings.path)
         for stored in await outbox.run(outbox.outcomes):
             self._score(stored.record, stored.outcome)
@@ -145,6 +153,25 @@ class Ledger:
         self._forwarder.start()
         self._flusher = asyncio.create_task(self._flush_loop(), name="prediction-log")
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="outbox-retention")
+
+    def reconfigure(self, settings: FeedbackQueueSettings) -> None:
+        """Apply a reloaded ``feedback_queue``: the retention from the next sweep, the
+        backoff and the call timeout from the forwarder's next delivery (a retry already
+        scheduled keeps its time); each change logged. ``path`` is not changed here: the outbox
+        stays where it was opened until a restart (the coordinator's reload says so)."""
+        old = self.settings
+        for name in (
+            "retention_seconds",
+            "retry_initial_seconds",
+            "retry_max_seconds",
+            "call_timeout_seconds",
+        ):
+            before, after = getattr(old, name), getattr(settings, name)
+            if before != after:
+                logger.info("feedback_queue.%s: %g -> %g, in force now", name, before, after)
+        self.settings = dataclasses.replace(settings, path=old.path)
+        if self._forwarder is not None:
+            self._forwarder.settings = self.settings
 
     async def close(self) -> None:
         """Stop forwarding, write the rest of the prediction log, close the outbox."""

@@ -444,6 +444,8 @@ class Forwarder:
 
     ``clients`` returns the current endpoint clients by name (it changes on reload); a
     delivery for a server no longer configured waits, pending, until it is configured again.
+    ``settings`` may be replaced while it runs (a reload): the next delivery uses the new
+    backoff and call timeout.
 
     A delivery refused for good (:data:`PERMANENT_CODES`) is marked ``failed`` with the
     server's answer as its error; such refusals are counted by server and code and told once
