@@ -14,7 +14,10 @@ due.
 finished outcomes older than ``feedback_queue.retention_seconds`` from the outbox, a small
 transaction at a time, and forgets the remembered predictions that old; a Feedback for one of
 them is PREDICTION_NOT_FOUND, as for an id never seen. An outcome with a delivery pending is
-kept however old. The adaptive weights rebuilt at start score the outcomes still kept. A
+kept however old, as long as the delivery's server is configured (an enabled endpoint): a
+delivery to a server that has been absent from the configuration for longer than the retention
+is *abandoned* first (a final state, counted by server, told once per server), and then swept
+like a delivered one. The adaptive weights rebuilt at start score the outcomes still kept. A
 reload (:meth:`Ledger.reconfigure`) changes the retention for the next sweep and the
 forwarder's backoff and call timeout for its next delivery.
 
@@ -64,6 +67,7 @@ from xylen_coordinator.config import FeedbackQueueSettings, Retraining
 from xylen_coordinator.ensemble import AdaptiveWeights, Label
 from xylen_coordinator.metrics import Metrics
 from xylen_coordinator.outbox import (
+    SWEEP_BATCH,
     SWEEP_START,
     Forwarder,
     Outbox,
@@ -128,6 +132,9 @@ class Ledger:
         """Failed retention sweeps, the same way."""
         self.settings = FeedbackQueueSettings()
         """The ``feedback_queue`` settings in force (from open, then each reload)."""
+        self._clients: Callable[[], Mapping[str, ReplicaSet]] = dict
+        self._abandoning: set[str] = set()
+        """Servers whose deliveries were abandoned and that are still absent: told once."""
 
     @property
     def retention_seconds(self) -> float:
@@ -146,6 +153,7 @@ class Ledger:
         """Open the outbox, score every outcome it holds (rebuilding the adaptive weights), and
         start forwarding to ``clients()`` and writing the prediction log."""
         self.settings = settings
+        self._clients = clients
         self._outbox = outbox = Outbox(settings.path)
         for stored in await outbox.run(outbox.outcomes):
             self._score(stored.record, stored.outcome)
@@ -289,8 +297,10 @@ class Ledger:
         if outbox is None:
             return removed
         made = (clock.now_seconds() if now is None else now) - self.retention_seconds
-        received = (time.time() if now is None else now) - self.retention_seconds
+        wall = time.time() if now is None else now
+        received = wall - self.retention_seconds
         self._forget(made)
+        await self._abandon(outbox, wall)
         after: tuple[float, int] | None = SWEEP_START
         while after is not None:
             rows, after = await outbox.run(outbox.prune_predictions, made, after)
@@ -303,6 +313,40 @@ class Ledger:
                 removed[table] += rows
                 self.metrics.pruned(table, rows)
         return removed
+
+    async def _abandon(self, outbox: Outbox, now: float) -> None:
+        """Mark ``abandoned`` the pending deliveries to every server that has not been an
+        enabled endpoint for longer than the retention as of ``now`` (epoch seconds), a batch
+        per transaction; counted by server, and told once per server until it is configured
+        again. A configured server's deliveries are never abandoned, however long it is down."""
+        configured = set(self._clients())
+        self._abandoning -= configured  # configured again: told again if it leaves again
+        absent = await outbox.run(outbox.absent_targets, configured, now)
+        for name, seen in sorted(absent.items()):
+            if seen > now - self.retention_seconds:
+                continue  # it may come back with the next reload
+            since = datetime.fromtimestamp(seen, UTC).isoformat(timespec="seconds")
+            error = (
+                f"abandoned: {name} not configured since {since}, longer than the retention "
+                f"({retention_text(self.retention_seconds)})"
+            )
+            total, rows = 0, SWEEP_BATCH
+            while rows == SWEEP_BATCH:
+                rows = await outbox.run(outbox.abandon, name, error, SWEEP_BATCH)
+                total += rows
+                self.metrics.abandoned(name, rows)
+            if total and name not in self._abandoning:
+                self._abandoning.add(name)
+                logger.warning(
+                    "feedback: %d outcomes waiting for %s abandoned: it has not been an enabled "
+                    "endpoint since %s, longer than feedback_queue.retention_seconds (%s); they "
+                    "are not retried and go with the retention sweep; later ones for it are "
+                    "abandoned too, counted, without another line until it is configured again",
+                    total,
+                    name,
+                    since,
+                    retention_text(self.retention_seconds),
+                )
 
     def _forget(self, made_before: float) -> None:
         """Drop the remembered predictions made before ``made_before`` (oldest first)."""

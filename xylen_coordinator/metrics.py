@@ -50,6 +50,7 @@ class Metrics:
         self._outbox_failures: Counter[str] = Counter()
         self._pruned: Counter[str] = Counter()
         self._refused: Counter[tuple[str, str]] = Counter()
+        self._abandoned: Counter[str] = Counter()
 
     def vote(self, name: str) -> None:
         with self._lock:
@@ -118,6 +119,17 @@ class Metrics:
         """Outcomes refused for good by (server, status code name) since the start."""
         with self._lock:
             return dict(self._refused)
+
+    def abandoned(self, name: str, deliveries: int) -> None:
+        """Count ``deliveries`` to ``name`` abandoned: it was absent from the configuration
+        for longer than the outbox's retention."""
+        with self._lock:
+            self._abandoned[name] += deliveries
+
+    def abandoned_deliveries(self) -> dict[str, int]:
+        """Deliveries abandoned by server since the start."""
+        with self._lock:
+            return dict(self._abandoned)
 
     def counts(self, name: str) -> EndpointCounts:
         with self._lock:

@@ -25,6 +25,8 @@
 ``xylen_coordinator_feedback_refused_total``     outcomes an ``endpoint`` refused for good, by
                                                  ``code`` (INVALID_ARGUMENT, NOT_FOUND, ...): not
                                                  retried
+``xylen_coordinator_feedback_abandoned_total``   deliveries to an ``endpoint`` abandoned: it was
+                                                 not configured for longer than the retention
 =============================================== ============================================
 
 Plus the process series of :class:`~xylen_server.telemetry.Meters`. The coordinator library
@@ -125,6 +127,12 @@ class CoordinatorTelemetry:
             [self._refused],
             description="Outcomes a model server refused for good (not retried), by code.",
         )
+        meter.create_observable_counter(
+            "xylen.coordinator.feedback.abandoned",
+            [self._abandoned],
+            description="Deliveries abandoned: their server was not configured for longer than "
+            "the outbox's retention.",
+        )
         self.pending = 0
         """Queue depth, refreshed on the loop before every scrape (:meth:`refresh`)."""
         self._endpoint_attributes: dict[str, dict[str, str]] = {}
@@ -222,6 +230,12 @@ class CoordinatorTelemetry:
         return [
             Observation(n, {"endpoint": name, "code": code}) for (name, code), n in counts.items()
         ]
+
+    def _abandoned(self, _options: CallbackOptions) -> Iterable[Observation]:
+        # Every configured endpoint from 0: the one counted next is one configured before.
+        counts = {e.name: 0 for e in self.coordinator.endpoints()}
+        counts.update(self.coordinator.metrics.abandoned_deliveries())
+        return [Observation(n, self._attributes(name)) for name, n in counts.items()]
 
     def health(self) -> tuple[Mapping[str, Any], bool]:
         """``/health``: SERVING with the endpoints that are."""
