@@ -47,6 +47,18 @@ def _abandon_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     ]
 
 
+def _new_outcome_for_gone(coordinator: Coordinator, path: Path, pid: str) -> str:
+    """An outcome for ``pid`` to forward to ``gone`` only, written into the outbox file beside
+    the running coordinator, then a sweep: the state of its delivery."""
+    writer = Prepared(path)
+    try:
+        writer.outcome(pid, _record(time.time(), ("gone",)), time.time(), {"gone": "pending"})
+    finally:
+        writer.close()
+    coordinator.sweep_outbox()
+    return coordinator.delivery_states(pid)["gone"][0]
+
+
 def test_deliveries_to_a_server_gone_longer_than_the_retention_are_abandoned_then_swept(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -99,13 +111,7 @@ def test_deliveries_to_a_server_gone_longer_than_the_retention_are_abandoned_the
         assert coordinator.pending_feedback() == 1  # ens-old, for m1 and away
 
         # A late outcome for gone: abandoned at the next sweep, counted, no second line.
-        late = Prepared(path)
-        try:
-            late.outcome("ens-late", _record(now, ("gone",)), time.time(), {"gone": "pending"})
-        finally:
-            late.close()
-        coordinator.sweep_outbox()
-        assert coordinator.delivery_states("ens-late")["gone"][0] == "abandoned"
+        assert _new_outcome_for_gone(coordinator, path, "ens-late") == "abandoned"
         assert metrics.abandoned_deliveries() == {"gone": 4}
         told = _abandon_lines(caplog)
         assert len(told) == 1, [r.getMessage() for r in told]
@@ -137,13 +143,7 @@ def test_deliveries_to_a_server_gone_longer_than_the_retention_are_abandoned_the
             feedback_queue={"path": str(path), "retention_seconds": HOUR},
         )
         coordinator.reload()
-        back = Prepared(path)
-        try:
-            back.outcome("ens-back", _record(now, ("gone",)), time.time(), {"gone": "pending"})
-        finally:
-            back.close()
-        coordinator.sweep_outbox()
-        assert coordinator.delivery_states("ens-back")["gone"][0] == "pending"
+        assert _new_outcome_for_gone(coordinator, path, "ens-back") == "pending"
         assert metrics.abandoned_deliveries() == {"gone": 4}
 
 
