@@ -284,14 +284,18 @@ class Ledger:
         its database thread (the write-behind of predictions waits for one batch at most):
         predictions made before ``now - retention`` without an outcome, outcomes received
         before it whose deliveries are all finished, with those deliveries and their
-        predictions. A pending delivery is never deleted, however old, nor its outcome. The
-        predictions remembered in memory that old are forgotten too, so a Feedback for any of
-        them is PREDICTION_NOT_FOUND, as one for an unknown id. Returns the rows deleted by
-        table, also counted in :meth:`~xylen_coordinator.metrics.Metrics.pruned`.
+        predictions. A pending delivery is never deleted, however old, nor its outcome; first,
+        though, the deliveries to servers absent from the configuration for longer than the
+        retention are abandoned (:meth:`_abandon`), and so finished. The predictions remembered
+        in memory that old are forgotten too, so a Feedback for any of them is
+        PREDICTION_NOT_FOUND, as one for an unknown id. Returns the rows deleted by table, also
+        counted in :meth:`~xylen_coordinator.metrics.Metrics.pruned`.
 
         ``now`` (epoch seconds) is when to sweep as of; by default each table's own clock: the
         learning clock for predictions (:mod:`xylen_server.clock`: a replay's simulated time,
-        as their ``created``), the wall clock for outcomes (their ``received``)."""
+        as their ``created``), the wall clock for outcomes (their ``received``) and for how long
+        a server has been absent (a ``now`` ahead of the clock notes the configured servers as
+        seen then)."""
         outbox = self._outbox
         removed = dict.fromkeys(PRUNED_TABLES, 0)
         if outbox is None:
