@@ -146,7 +146,8 @@ class FeedbackQueueSettings:
     path: Path = Path("run/coordinator/feedback.sqlite3")
     """SQLite file (WAL, fsync on commit); relative paths are relative to the config file."""
     retry_initial_seconds: float = 1.0
-    """First retry delay after a failed delivery; doubles per attempt."""
+    """First retry delay after a failed delivery; doubles per attempt. A reload applies it from
+    the next failed delivery, as the two below."""
     retry_max_seconds: float = 60.0
     """Longest retry delay."""
     call_timeout_seconds: float = 5.0
@@ -157,7 +158,10 @@ class FeedbackQueueSettings:
     deleted by a sweep every few minutes. It must exceed how late an outcome may arrive after
     its prediction (the longest a trade is held plus the caller's delay in reporting it): a
     Feedback for a prediction the sweep removed is NOT_FOUND (PREDICTION_NOT_FOUND), as one for
-    an unknown id. An outcome with a delivery still pending is kept however old it is."""
+    an unknown id. An outcome with a delivery still pending is kept however old it is, while
+    the delivery's server is an enabled endpoint; a delivery to a server absent (removed or
+    disabled) for longer than this is abandoned, then swept. A reload applies it from the next
+    sweep."""
 
 
 @dataclass(frozen=True)

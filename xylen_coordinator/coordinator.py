@@ -199,7 +199,9 @@ class AsyncCoordinator:
         The new configuration is validated first (:class:`~xylen_coordinator.config.ConfigError`
         leaves the old one in force). Endpoints are matched by name: new ones connect, removed
         ones are closed after every call that may still use them has finished, and changed
-        weights apply to the next call.
+        weights apply to the next call. ``feedback_queue``'s retention applies from the next
+        sweep, its backoff and call timeout from the next delivery; its ``path`` only after a
+        restart (logged).
         """
         async with self._reload_lock:
             current = self._snapshot
@@ -214,6 +216,7 @@ class AsyncCoordinator:
             new = config if isinstance(config, Config) else load_config(config)
             if new.feedback_queue.path != current.config.feedback_queue.path:
                 logger.warning("feedback_queue.path changes take effect after a restart")
+            self._ledger.reconfigure(new.feedback_queue)
             clients = self._make_clients(new, current.clients)
             self._snapshot = _Snapshot(new, clients)
             self.adaptive.reconfigure(new.weights.adaptive)

@@ -14,7 +14,12 @@ due.
 finished outcomes older than ``feedback_queue.retention_seconds`` from the outbox, a small
 transaction at a time, and forgets the remembered predictions that old; a Feedback for one of
 them is PREDICTION_NOT_FOUND, as for an id never seen. An outcome with a delivery pending is
-kept however old. The adaptive weights rebuilt at start score the outcomes still kept.
+kept however old, as long as the delivery's server is configured (an enabled endpoint): a
+delivery to a server that has been absent from the configuration for longer than the retention
+is *abandoned* first (a final state, counted by server, told once per server), and then swept
+like a delivered one. The adaptive weights rebuilt at start score the outcomes still kept. A
+reload (:meth:`Ledger.reconfigure`) changes the retention for the next sweep and the
+forwarder's backoff and call timeout for its next delivery.
 
 **Which voters get an outcome.** A trade follows the ensemble's decision, so its outcome is the
 underlying's move over the *ensemble's* horizon (the horizon of the label definition the
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -61,6 +67,7 @@ from xylen_coordinator.config import FeedbackQueueSettings, Retraining
 from xylen_coordinator.ensemble import AdaptiveWeights, Label
 from xylen_coordinator.metrics import Metrics
 from xylen_coordinator.outbox import (
+    SWEEP_BATCH,
     SWEEP_START,
     Forwarder,
     Outbox,
@@ -123,8 +130,16 @@ class Ledger:
             "retention_sweep", "the outbox", logger, self.metrics.outbox_failed
         )
         """Failed retention sweeps, the same way."""
-        self.retention_seconds = FeedbackQueueSettings.retention_seconds
-        """How long predictions and finished outcomes are kept (from the settings at open)."""
+        self.settings = FeedbackQueueSettings()
+        """The ``feedback_queue`` settings in force (from open, then each reload)."""
+        self._clients: Callable[[], Mapping[str, ReplicaSet]] = dict
+        self._abandoning: set[str] = set()
+        """Servers whose deliveries were abandoned and that are still absent: told once."""
+
+    @property
+    def retention_seconds(self) -> float:
+        """How long predictions and finished outcomes are kept."""
+        return self.settings.retention_seconds
 
     def delivery_retries(self) -> int:
         """Deliveries that failed and were rescheduled since the outbox opened."""
@@ -137,7 +152,8 @@ class Ledger:
     ) -> None:
         """Open the outbox, score every outcome it holds (rebuilding the adaptive weights), and
         start forwarding to ``clients()`` and writing the prediction log."""
-        self.retention_seconds = settings.retention_seconds
+        self.settings = settings
+        self._clients = clients
         self._outbox = outbox = Outbox(settings.path)
         for stored in await outbox.run(outbox.outcomes):
             self._score(stored.record, stored.outcome)
@@ -145,6 +161,25 @@ class Ledger:
         self._forwarder.start()
         self._flusher = asyncio.create_task(self._flush_loop(), name="prediction-log")
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="outbox-retention")
+
+    def reconfigure(self, settings: FeedbackQueueSettings) -> None:
+        """Apply a reloaded ``feedback_queue``: the retention from the next sweep, the
+        backoff and the call timeout from the forwarder's next delivery (a retry already
+        scheduled keeps its time); each change logged. ``path`` is not changed here: the outbox
+        stays where it was opened until a restart (the coordinator's reload says so)."""
+        old = self.settings
+        for name in (
+            "retention_seconds",
+            "retry_initial_seconds",
+            "retry_max_seconds",
+            "call_timeout_seconds",
+        ):
+            before, after = getattr(old, name), getattr(settings, name)
+            if before != after:
+                logger.info("feedback_queue.%s: %g -> %g, in force now", name, before, after)
+        self.settings = dataclasses.replace(settings, path=old.path)
+        if self._forwarder is not None:
+            self._forwarder.settings = self.settings
 
     async def close(self) -> None:
         """Stop forwarding, write the rest of the prediction log, close the outbox."""
@@ -249,21 +284,27 @@ class Ledger:
         its database thread (the write-behind of predictions waits for one batch at most):
         predictions made before ``now - retention`` without an outcome, outcomes received
         before it whose deliveries are all finished, with those deliveries and their
-        predictions. A pending delivery is never deleted, however old, nor its outcome. The
-        predictions remembered in memory that old are forgotten too, so a Feedback for any of
-        them is PREDICTION_NOT_FOUND, as one for an unknown id. Returns the rows deleted by
-        table, also counted in :meth:`~xylen_coordinator.metrics.Metrics.pruned`.
+        predictions. A pending delivery is never deleted, however old, nor its outcome; first,
+        though, the deliveries to servers absent from the configuration for longer than the
+        retention are abandoned (:meth:`_abandon`), and so finished. The predictions remembered
+        in memory that old are forgotten too, so a Feedback for any of them is
+        PREDICTION_NOT_FOUND, as one for an unknown id. Returns the rows deleted by table, also
+        counted in :meth:`~xylen_coordinator.metrics.Metrics.pruned`.
 
         ``now`` (epoch seconds) is when to sweep as of; by default each table's own clock: the
         learning clock for predictions (:mod:`xylen_server.clock`: a replay's simulated time,
-        as their ``created``), the wall clock for outcomes (their ``received``)."""
+        as their ``created``), the wall clock for outcomes (their ``received``) and for how long
+        a server has been absent (a ``now`` ahead of the clock notes the configured servers as
+        seen then)."""
         outbox = self._outbox
         removed = dict.fromkeys(PRUNED_TABLES, 0)
         if outbox is None:
             return removed
         made = (clock.now_seconds() if now is None else now) - self.retention_seconds
-        received = (time.time() if now is None else now) - self.retention_seconds
+        wall = time.time() if now is None else now
+        received = wall - self.retention_seconds
         self._forget(made)
+        await self._abandon(outbox, wall)
         after: tuple[float, int] | None = SWEEP_START
         while after is not None:
             rows, after = await outbox.run(outbox.prune_predictions, made, after)
@@ -276,6 +317,40 @@ class Ledger:
                 removed[table] += rows
                 self.metrics.pruned(table, rows)
         return removed
+
+    async def _abandon(self, outbox: Outbox, now: float) -> None:
+        """Mark ``abandoned`` the pending deliveries to every server that has not been an
+        enabled endpoint for longer than the retention as of ``now`` (epoch seconds), a batch
+        per transaction; counted by server, and told once per server until it is configured
+        again. A configured server's deliveries are never abandoned, however long it is down."""
+        configured = set(self._clients())
+        self._abandoning -= configured  # configured again: told again if it leaves again
+        absent = await outbox.run(outbox.absent_targets, configured, now)
+        for name, seen in sorted(absent.items()):
+            if seen > now - self.retention_seconds:
+                continue  # it may come back with the next reload
+            since = datetime.fromtimestamp(seen, UTC).isoformat(timespec="seconds")
+            error = (
+                f"abandoned: {name} not configured since {since}, longer than the retention "
+                f"({retention_text(self.retention_seconds)})"
+            )
+            total, rows = 0, SWEEP_BATCH
+            while rows == SWEEP_BATCH:
+                rows = await outbox.run(outbox.abandon, name, error, SWEEP_BATCH)
+                total += rows
+                self.metrics.abandoned(name, rows)
+            if total and name not in self._abandoning:
+                self._abandoning.add(name)
+                logger.warning(
+                    "feedback: %d outcomes waiting for %s abandoned: it has not been an enabled "
+                    "endpoint since %s, longer than feedback_queue.retention_seconds (%s); they "
+                    "are not retried and go with the retention sweep; later ones for it are "
+                    "abandoned too, counted, without another line until it is configured again",
+                    total,
+                    name,
+                    since,
+                    retention_text(self.retention_seconds),
+                )
 
     def _forget(self, made_before: float) -> None:
         """Drop the remembered predictions made before ``made_before`` (oldest first)."""

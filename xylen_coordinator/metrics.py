@@ -49,6 +49,8 @@ class Metrics:
         self._last_log: dict[tuple[str, str], tuple[float, int]] = {}
         self._outbox_failures: Counter[str] = Counter()
         self._pruned: Counter[str] = Counter()
+        self._refused: Counter[tuple[str, str]] = Counter()
+        self._abandoned: Counter[str] = Counter()
 
     def vote(self, name: str) -> None:
         with self._lock:
@@ -106,6 +108,28 @@ class Metrics:
         """Rows the retention sweep deleted, by outbox table, since the coordinator started."""
         with self._lock:
             return dict(self._pruned)
+
+    def refused(self, name: str, code: str) -> None:
+        """Count an outcome ``name`` refused for good with status ``code`` (INVALID_ARGUMENT,
+        ...): its delivery is marked failed, not retried."""
+        with self._lock:
+            self._refused[(name, code)] += 1
+
+    def refusals(self) -> dict[tuple[str, str], int]:
+        """Outcomes refused for good by (server, status code name) since the start."""
+        with self._lock:
+            return dict(self._refused)
+
+    def abandoned(self, name: str, deliveries: int) -> None:
+        """Count ``deliveries`` to ``name`` abandoned: it was absent from the configuration
+        for longer than the outbox's retention."""
+        with self._lock:
+            self._abandoned[name] += deliveries
+
+    def abandoned_deliveries(self) -> dict[str, int]:
+        """Deliveries abandoned by server since the start."""
+        with self._lock:
+            return dict(self._abandoned)
 
     def counts(self, name: str) -> EndpointCounts:
         with self._lock:

@@ -10,18 +10,24 @@ stores are) that holds
 * ``outcomes`` -- one row per ensemble prediction id (the primary key makes a second Feedback
   for the same id a no-op: idempotent);
 * ``deliveries`` -- one row per (prediction, server) to forward, with its due time, attempts
-  and state (``pending``, ``delivered``, ``failed``).
+  and state (``pending``, ``delivered``, ``failed``: refused for good, ``abandoned``: its server
+  left the configuration for longer than the retention);
+* ``targets`` -- when each server was last seen among the enabled endpoints (or first found
+  absent with deliveries pending), so that how long a server has been gone survives restarts.
 
 **Retention.** Nothing stays for ever: :meth:`Outbox.prune_predictions` deletes predictions
 made before a cutoff and :meth:`Outbox.prune_outcomes` outcomes received before one whose
-deliveries are all finished (``delivered`` or ``failed``), with those deliveries and the
-prediction; each is one small transaction (:data:`SWEEP_BATCH` rows examined) that
+deliveries are all finished (``delivered``, ``failed`` or ``abandoned``), with those deliveries
+and the prediction; each is one small transaction (:data:`SWEEP_BATCH` rows examined) that
 :class:`~xylen_coordinator.feedback.Ledger` repeats every few minutes
 (``feedback_queue.retention_seconds``). An outcome with a delivery still pending is never
 deleted, however old (nothing acknowledged is lost), and neither is the prediction it settles
-(its feature row may still be needed). Indexes on ``predictions.created`` and
-``outcomes.received`` keep each batch a range scan (an outbox from before them gets them, in
-one pass over its rows, when it is first opened).
+(its feature row may still be needed). A delivery stays pending while its server is configured,
+however long the server is down; one whose server has been absent from the configuration for
+longer than the retention is marked ``abandoned`` (:meth:`Outbox.absent_targets`,
+:meth:`Outbox.abandon`) and then goes with its outcome like any finished delivery. Indexes on
+``predictions.created`` and ``outcomes.received`` keep each batch a range scan (an outbox from
+before them gets them, in one pass over its rows, when it is first opened).
 
 All database work runs on one dedicated thread, never on the event loop. :class:`Forwarder`
 delivers due rows to each server's ``Feedback`` and retries failures with exponential backoff;
@@ -36,7 +42,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +100,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, due);
 CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created);
 CREATE INDEX IF NOT EXISTS outcomes_received ON outcomes (received);
+CREATE TABLE IF NOT EXISTS targets (
+    server_name TEXT PRIMARY KEY,
+    seen REAL NOT NULL
+);
 """
 
 #: Rows the retention sweep examines in one transaction (:meth:`Outbox.prune_predictions`,
@@ -298,15 +308,63 @@ class Outbox:
         return None if row is None or row[0] is None else float(row[0])
 
     def settle(self, results: Iterable[tuple[Delivery, str, float | None, str]]) -> None:
-        """Apply delivery results: (delivery, new state, next due or None, error text)."""
+        """Apply delivery results: (delivery, new state, next due or None, error text). A
+        delivery abandoned by the sweep since it was read stays abandoned (a failed attempt
+        would make it pending again) unless it was delivered."""
         with self.db:
             self.db.execute("BEGIN")
             for delivery, state, due, error in results:
                 self.db.execute(
                     "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?, "
-                    "due = COALESCE(?, due) WHERE prediction_id = ? AND server_name = ?",
-                    (state, error, due, delivery.prediction_id, delivery.server_name),
+                    "due = COALESCE(?, due) WHERE prediction_id = ? AND server_name = ? "
+                    "AND (state = 'pending' OR ? = 'delivered')",
+                    (state, error, due, delivery.prediction_id, delivery.server_name, state),
                 )
+
+    def absent_targets(self, configured: Collection[str], now: float) -> dict[str, float]:
+        """Note that the ``configured`` servers (the enabled endpoints) are configured at ``now``
+        (epoch seconds), and return every other server with a delivery pending, with when it was
+        last seen configured: for a server this outbox never saw configured (removed before the
+        outbox knew, or an outbox from before it kept track), the first time it was found
+        absent, which is ``now`` at the first call that finds it."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany(
+                "INSERT INTO targets (server_name, seen) VALUES (?, ?) ON CONFLICT (server_name) "
+                "DO UPDATE SET seen = MAX(seen, excluded.seen)",
+                [(name, now) for name in configured],
+            )
+            waiting = [
+                row[0]
+                for row in self.db.execute(
+                    "SELECT DISTINCT server_name FROM deliveries WHERE state = 'pending'"
+                )
+                if row[0] not in configured
+            ]
+            self.db.executemany(
+                "INSERT OR IGNORE INTO targets (server_name, seen) VALUES (?, ?)",
+                [(name, now) for name in waiting],
+            )
+            absent = {}
+            for name in waiting:
+                row = self.db.execute(
+                    "SELECT seen FROM targets WHERE server_name = ?", (name,)
+                ).fetchone()
+                absent[name] = float(row[0])
+        return absent
+
+    def abandon(self, server_name: str, error: str, limit: int = SWEEP_BATCH) -> int:
+        """Mark at most ``limit`` pending deliveries to ``server_name`` ``abandoned`` (with
+        ``error`` as their last error), in one transaction; returns how many."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            cursor = self.db.execute(
+                "UPDATE deliveries SET state = 'abandoned', last_error = ? WHERE rowid IN ("
+                "SELECT rowid FROM deliveries WHERE state = 'pending' AND server_name = ? "
+                "LIMIT ?)",
+                (error, server_name, limit),
+            )
+        return max(cursor.rowcount, 0)
 
     def pending_count(self) -> int:
         row = self.db.execute(
@@ -361,9 +419,9 @@ class Outbox:
     ) -> tuple[dict[str, int], tuple[float, int] | None]:
         """Delete, in one transaction, the outcomes received before ``before`` (epoch seconds)
         among the next ``limit`` in (received, rowid) order after ``after`` whose deliveries
-        are all finished (``delivered`` or ``failed``; none pending), with those deliveries and
-        the prediction each settles. Returns the rows deleted by table and where the next batch
-        starts (None: no more rows before ``before``)."""
+        are all finished (``delivered``, ``failed`` or ``abandoned``; none pending), with those
+        deliveries and the prediction each settles. Returns the rows deleted by table and where
+        the next batch starts (None: no more rows before ``before``)."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             # ``+d.state``: look the deliveries up by prediction id (the primary key), not by
@@ -443,7 +501,15 @@ class Forwarder:
     """Delivers due outcomes to the model servers, retrying with backoff until they succeed.
 
     ``clients`` returns the current endpoint clients by name (it changes on reload); a
-    delivery for a server no longer configured waits, pending, until it is configured again.
+    delivery for a server no longer configured waits, pending, until it is configured again
+    (or the retention sweep abandons it, :meth:`~xylen_coordinator.feedback.Ledger.sweep`).
+    ``settings`` may be replaced while it runs (a reload): the next delivery uses the new
+    backoff and call timeout.
+
+    A delivery refused for good (:data:`PERMANENT_CODES`) is marked ``failed`` with the
+    server's answer as its error; such refusals are counted by server and code and told once
+    when they begin (per server and code, with the first message) and once when a delivery to
+    that server works again, each outcome's own line at DEBUG only.
     """
 
     def __init__(
@@ -462,8 +528,11 @@ class Forwarder:
             logger,
             None if metrics is None else metrics.outbox_failed,
         )
+        self._metrics = metrics
         self._targets: dict[str, Trouble] = {}
         """Each server's failed deliveries: one line when they begin, one when one works."""
+        self._refusals: dict[tuple[str, str], Trouble] = {}
+        """Each server's refusals for good, by status code name, told the same way."""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.retries = 0
@@ -509,7 +578,12 @@ class Forwarder:
     async def _deliver(self, delivery: Delivery) -> tuple[Delivery, str, float | None, str]:
         client = self._clients().get(delivery.server_name)
         if client is None:
-            return self._retry(delivery, "endpoint not configured")
+            return self._retry(
+                delivery,
+                "endpoint not configured",
+                "its outcomes wait for it to be configured again, and are abandoned once it "
+                "has been absent for longer than feedback_queue.retention_seconds",
+            )
         outcome = pb.TradeOutcome.FromString(delivery.outcome)
         # An outcome queued by a coordinator from before TradeOutcome.side: its trade followed
         # the decision, and the server needs the side to label it.
@@ -533,22 +607,52 @@ class Forwarder:
         except grpc.aio.AioRpcError as error:
             text = f"{error.code().name}: {error.details()}"
             if error.code() == grpc.StatusCode.ALREADY_EXISTS:
-                self._target(delivery.server_name).worked()
+                self._worked(delivery.server_name)
                 return delivery, "delivered", None, ""
             if error.code() in PERMANENT_CODES:
-                logger.warning(
-                    "feedback for %s to %s refused for good: %s",
-                    delivery.prediction_id,
-                    delivery.server_name,
-                    text,
-                )
-                return delivery, "failed", None, text
+                return self._refused(delivery, error.code(), text)
             return self._retry(delivery, text)
         except Exception as error:  # a closed channel during reload, for example
             return self._retry(delivery, f"{type(error).__name__}: {error}")
         logger.debug("feedback %s delivered to %s", delivery.prediction_id, delivery.server_name)
-        self._target(delivery.server_name).worked()
+        self._worked(delivery.server_name)
         return delivery, "delivered", None, ""
+
+    def _worked(self, server_name: str) -> None:
+        """A delivery to ``server_name`` worked: the end of its failures and refusals."""
+        self._target(server_name).worked()
+        for (name, _), trouble in list(self._refusals.items()):
+            if name == server_name:
+                trouble.worked()
+
+    def _refused(
+        self, delivery: Delivery, code: grpc.StatusCode, text: str
+    ) -> tuple[Delivery, str, float | None, str]:
+        """A refusal for good: ``failed``, counted, told once per server and code."""
+        logger.debug(
+            "feedback %s to %s refused for good: %s",
+            delivery.prediction_id,
+            delivery.server_name,
+            text,
+        )
+        key = (delivery.server_name, code.name)
+        trouble = self._refusals.get(key)
+        if trouble is None:
+            metrics = self._metrics
+            trouble = Trouble(
+                "feedback_refused",
+                f"delivery to {delivery.server_name}",
+                logger,
+                None if metrics is None else lambda _: metrics.refused(*key),
+                subject="feedback refused for good",
+            )
+            self._refusals[key] = trouble
+        trouble.failed(
+            text,
+            f"each outcome it refuses with {code.name} is marked failed and not retried (its "
+            "answer kept as the delivery's last error; each one logged at DEBUG)",
+        )
+        return delivery, "failed", None, text
 
     def _target(self, server_name: str) -> Trouble:
         trouble = self._targets.get(server_name)
@@ -563,7 +667,9 @@ class Forwarder:
             self._targets[server_name] = trouble
         return trouble
 
-    def _retry(self, delivery: Delivery, error: str) -> tuple[Delivery, str, float | None, str]:
+    def _retry(
+        self, delivery: Delivery, error: str, meanwhile: str = ""
+    ) -> tuple[Delivery, str, float | None, str]:
         self.retries += 1
         delay = min(
             self.settings.retry_max_seconds,
@@ -581,7 +687,8 @@ class Forwarder:
         )
         self._target(delivery.server_name).failed(
             error,
-            f"its outcomes stay queued, each retried with backoff up to "
+            meanwhile
+            or f"its outcomes stay queued, each retried with backoff up to "
             f"{self.settings.retry_max_seconds:g}s",
         )
         return delivery, "pending", time.time() + delay, error

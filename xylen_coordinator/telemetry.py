@@ -22,6 +22,11 @@
 ``xylen_coordinator_outbox_pruned_total``        rows the retention sweep deleted from the
                                                  outbox, by ``table``: predictions, outcomes,
                                                  deliveries (``feedback_queue.retention_seconds``)
+``xylen_coordinator_feedback_refused_total``     outcomes an ``endpoint`` refused for good, by
+                                                 ``code`` (INVALID_ARGUMENT, NOT_FOUND, ...): not
+                                                 retried
+``xylen_coordinator_feedback_abandoned_total``   deliveries to an ``endpoint`` abandoned: it was
+                                                 not configured for longer than the retention
 =============================================== ============================================
 
 Plus the process series of :class:`~xylen_server.telemetry.Meters`. The coordinator library
@@ -40,6 +45,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from xylen_coordinator.coordinator import AsyncCoordinator
 from xylen_coordinator.fanout import FanOutResult
 from xylen_coordinator.feedback import PRUNED_TABLES
+from xylen_coordinator.outbox import PERMANENT_CODES
 from xylen_coordinator.results import EnsembleResult
 from xylen_server.telemetry import Meters
 
@@ -115,6 +121,17 @@ class CoordinatorTelemetry:
             "xylen.coordinator.outbox.pruned",
             [self._pruned],
             description="Rows deleted from the outbox as older than its retention, by table.",
+        )
+        meter.create_observable_counter(
+            "xylen.coordinator.feedback.refused",
+            [self._refused],
+            description="Outcomes a model server refused for good (not retried), by code.",
+        )
+        meter.create_observable_counter(
+            "xylen.coordinator.feedback.abandoned",
+            [self._abandoned],
+            description="Deliveries abandoned: their server was not configured for longer than "
+            "the outbox's retention.",
         )
         self.pending = 0
         """Queue depth, refreshed on the loop before every scrape (:meth:`refresh`)."""
@@ -203,6 +220,22 @@ class CoordinatorTelemetry:
         counts = dict.fromkeys(PRUNED_TABLES, 0)
         counts.update(self.coordinator.metrics.pruned_rows())
         return [Observation(n, {"table": table}) for table, n in counts.items()]
+
+    def _refused(self, _options: CallbackOptions) -> Iterable[Observation]:
+        # Every configured endpoint and permanent code from 0, as the failures.
+        counts = {
+            (e.name, code.name): 0 for e in self.coordinator.endpoints() for code in PERMANENT_CODES
+        }
+        counts.update(self.coordinator.metrics.refusals())
+        return [
+            Observation(n, {"endpoint": name, "code": code}) for (name, code), n in counts.items()
+        ]
+
+    def _abandoned(self, _options: CallbackOptions) -> Iterable[Observation]:
+        # Every configured endpoint from 0: the one counted next is one configured before.
+        counts = {e.name: 0 for e in self.coordinator.endpoints()}
+        counts.update(self.coordinator.metrics.abandoned_deliveries())
+        return [Observation(n, self._attributes(name)) for name, n in counts.items()]
 
     def health(self) -> tuple[Mapping[str, Any], bool]:
         """``/health``: SERVING with the endpoints that are."""

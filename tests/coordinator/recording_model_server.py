@@ -61,17 +61,19 @@ class _Servicer(pb_grpc.ModelServiceServicer):
                 fail = False
                 owner.feedback.append((time.monotonic(), request))
         if fail:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "injected failure")
+            await context.abort(owner.fail_code, "injected failure")
         return pb.FeedbackResponse(prediction_id=request.prediction_id, stored_samples=1)
 
 
 class RecordingModelServer:
-    """Answers every row with ``probability``; records each Feedback it accepts."""
+    """Answers every row with ``probability``; records each Feedback it accepts. The next
+    ``fail_feedback`` Feedback calls are answered ``fail_code`` (UNAVAILABLE unless set)."""
 
     def __init__(self, name: str, probability: float, fail_feedback: int = 0) -> None:
         self.name = name
         self.probability = probability
         self.fail_feedback = fail_feedback
+        self.fail_code = grpc.StatusCode.UNAVAILABLE
         self.feedback_attempts = 0
         self.feedback: list[tuple[float, pb.FeedbackRequest]] = []
         self.ids = itertools.count(1)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from coordinator.helpers import endpoint, write_config
 from coordinator.recording_model_server import RecordingModelServer
@@ -83,3 +84,64 @@ def test_a_server_refusing_feedback_is_logged_once_per_change_not_per_delivery(
     assert sorted(r.prediction_id for r in down.received()) == sorted(
         {r.prediction_id for r in down.received()}
     )  # each outcome once
+
+
+def test_refusals_for_good_are_told_once_per_server_and_code_and_counted(
+    tmp_path: Path, recorders: list[RecordingModelServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server refusing every outcome for the same reason (INVALID_ARGUMENT, a permanent code):
+    each delivery is marked failed at once, with the server's answer as its error, and counted
+    by server and code, but the log says so once, with the code and the first message (it
+    said so once per outcome: 20 lines); once a delivery to that server works again, one line
+    more. Each outcome's own line is at DEBUG."""
+    up, down = recorders
+    down.fail_code = grpc.StatusCode.INVALID_ARGUMENT
+    down.fail_feedback = 10**9
+    config = write_config(
+        tmp_path / "config.yaml",
+        [endpoint(r.name, r.port, 1.0) for r in recorders],
+        retraining={"enabled": True, "feedback_delay_seconds": 0},
+    )
+    with (
+        caplog.at_level(logging.DEBUG, "xylen_coordinator.outbox"),
+        Coordinator(config) as coordinator,
+    ):
+        ids = []
+        for _ in range(OUTCOMES):
+            ids.append(coordinator.predict(ROW).decision.prediction_id)
+            coordinator.feedback(ids[-1], realized_return=0.01)
+        _wait(lambda: len(up.received()) == OUTCOMES, "the working server's deliveries")
+        _wait(lambda: coordinator.pending_feedback() == 0, "every refusal settled")
+        assert down.feedback_attempts == OUTCOMES  # none retried
+        refused = _about(caplog, "down")
+        assert len(refused) == 1, refused[:5]
+        assert refused[0].startswith(
+            "feedback refused for good: delivery to down failed (INVALID_ARGUMENT: injected "
+            "failure); each outcome it refuses with INVALID_ARGUMENT is marked failed and not "
+            "retried"
+        ), refused
+        debug = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.DEBUG and "refused for good" in r.getMessage()
+        ]
+        assert len(debug) == OUTCOMES, debug[:3]
+        assert coordinator.aio.metrics.refusals() == {("down", "INVALID_ARGUMENT"): OUTCOMES}
+        for pid in ids:
+            assert coordinator.delivery_states(pid) == {
+                "up": ("delivered", 1, ""),
+                "down": ("failed", 1, "INVALID_ARGUMENT: injected failure"),
+            }
+
+        with down.lock:
+            down.fail_feedback = 0  # the server takes outcomes again
+        row = coordinator.predict(ROW).decision
+        coordinator.feedback(row.prediction_id, realized_return=0.01)
+        _wait(lambda: len(down.received()) == 1, "a delivery that works")
+        lines = _about(caplog, "down")
+        assert len(lines) == 2, lines[:5]
+        assert lines[1].startswith(
+            f"feedback refused for good: delivery to down works again after {OUTCOMES} failed "
+            "attempts in "
+        ), lines
+        assert _about(caplog, "up") == []

@@ -281,13 +281,16 @@ def test_a_remembered_prediction_past_the_retention_is_forgotten_in_memory_too(
 
 def test_many_days_of_predictions_stay_bounded(tmp_path: Path) -> None:
     """40 simulated days at 5000 ensemble predictions a day, 1 % of them settled by an outcome
-    delivered to two servers, one outcome a day stuck pending (its server is gone), a sweep
-    every 6 simulated hours: the rows stop growing at a week's worth, the pending outcomes all
-    stay, and the file stops growing (SQLite reuses the freed pages)."""
+    delivered to two servers, one outcome a day stuck pending (its server is not configured), a
+    sweep every 6 simulated hours: the rows stop growing at a week's worth, the stuck outcomes
+    stay while their server has been gone less than the retention, then are abandoned (every
+    one, counted) and go a retention after they arrived, and the file stops growing (SQLite
+    reuses the freed pages)."""
     path = tmp_path / "feedback.sqlite3"
     per_day, days, sweeps_per_day = 5000, 40, 4
     start = time.time()  # simulated days ahead of the clock, so the start sweep leaves them
     history: list[tuple[int, dict[str, int], int]] = []
+    abandoned: dict[str, int] = {}
 
     async def scenario() -> None:
         ledger = Ledger(AdaptiveWeights(Adaptive()))
@@ -322,6 +325,7 @@ def test_many_days_of_predictions_stay_bounded(tmp_path: Path) -> None:
                     await ledger.sweep(t0 + DAY / sweeps_per_day)
                 await outbox.run(outbox.db.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
                 history.append((day, await outbox.run(outbox.row_counts), path.stat().st_size))
+            abandoned.update(ledger.metrics.abandoned_deliveries())
         finally:
             await ledger.close()
 
@@ -329,13 +333,16 @@ def test_many_days_of_predictions_stay_bounded(tmp_path: Path) -> None:
     for day, counts, size in history:
         print(f"day {day + 1:2d}: {counts} file {size / 2**20:.2f} MiB")
     week = 7 * (per_day + sweeps_per_day)  # a week of predictions (and of the stuck ones')
-    pending = [day + 1 for day, _, _ in history]  # every stuck outcome stays
+    # Stuck outcomes kept: every one until their server has been gone a week (day 8), then
+    # the last week's (abandoned, swept a week after they arrived).
+    stuck = [min(day + 1, 8) for day, _, _ in history]
     for day, counts, _ in history:
-        assert counts["predictions"] <= week + pending[day] + 50 * 7, (day, counts)
-        assert counts["outcomes"] <= 7 * per_day // 100 + pending[day] + 50, (day, counts)
+        assert counts["predictions"] <= week + stuck[day] + 50 * 7, (day, counts)
+        assert counts["outcomes"] <= 7 * per_day // 100 + stuck[day] + 50, (day, counts)
     last = history[-1][1]
     assert last["predictions"] >= week - per_day  # the retention's worth is kept
-    assert last["deliveries"] - days == 2 * (last["outcomes"] - days)
+    assert last["deliveries"] - 7 == 2 * (last["outcomes"] - 7)  # 7 stuck ones, abandoned
+    assert abandoned == {"gone": days}
     sizes = [size for _, _, size in history]
     assert sizes[-1] <= 1.25 * sizes[9], sizes  # no growth after the first week and a bit
 
@@ -350,12 +357,13 @@ def _wait(check: Callable[[], object], what: str, timeout: float = 30.0) -> None
         time.sleep(0.05)
 
 
-def _scrape(port: int) -> dict[str, float]:
+def _scrape(port: int, prefix: str = "xylen_coordinator_outbox_") -> dict[str, float]:
+    """The series of a coordinator's ``/metrics`` whose names start with ``prefix``."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
     values = {}
     for line in text.splitlines():
-        if line.startswith("xylen_coordinator_outbox_"):
+        if line.startswith(prefix):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values

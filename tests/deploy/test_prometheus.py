@@ -31,14 +31,14 @@ def test_scrape_config_and_rules_are_valid(promtool):
     assert checked.returncode == 0, checked.stdout + checked.stderr
     rules = run(promtool, "check", "rules", "alerts.yml")
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 9 rules found" in rules.stdout
+    assert "SUCCESS: 10 rules found" in rules.stdout
 
 
 def test_every_alert_has_unit_tests_that_pass(promtool):
     tests = (DEPLOY / "alerts_test.yml").read_text()
     rules = (DEPLOY / "alerts.yml").read_text()
     names = [line.split(":", 1)[1].strip() for line in rules.splitlines() if "- alert:" in line]
-    assert len(names) == 9
+    assert len(names) == 10
     for name in names:  # each alert is tested firing and not firing
         assert tests.count(f"alertname: {name}\n") >= 2, name
     result = run(promtool, "test", "rules", "alerts_test.yml")
@@ -54,6 +54,8 @@ def test_every_alert_has_unit_tests_that_pass(promtool):
         ('result="failed"', 'result="rejected"'),  # a rejection is not a failure
         # a single storage failure that stops at once would fire
         ("[2m]) > 0\n        for: 3m\n", "[5m]) > 0\n        for: 2m\n"),
+        # refusals would fire at once instead of after 15 minutes of them
+        ("[5m]) > 0\n        for: 15m\n", "[5m]) > 0\n        for: 1m\n"),
     ],
 )
 def test_the_unit_tests_catch_a_broken_rule(promtool, tmp_path, original, broken):

@@ -234,7 +234,7 @@ def test_prometheus_scrapes_the_server_and_coordinator(
         rules = prometheus.get("/api/v1/rules")
         assert isinstance(rules, dict)
         loaded = [r["name"] for g in rules["data"]["groups"] for r in g["rules"]]
-        assert len(loaded) == 9 and "XylenPredictLatencyHigh" in loaded
+        assert len(loaded) == 10 and "XylenPredictLatencyHigh" in loaded
         firing = prometheus.get("/api/v1/alerts")
         assert isinstance(firing, dict) and firing["data"]["alerts"] == []
         check_dashboard(prometheus)
