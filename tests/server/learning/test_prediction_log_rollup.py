@@ -27,7 +27,7 @@ from learning_helpers import CLOCK_START
 from opened_files import Opened
 
 from xylen_server import clock
-from xylen_server.learning import prediction_log
+from xylen_server.learning import part_index, prediction_log
 from xylen_server.learning.prediction_log import (
     INDEX_FILE,
     REPLACES_KEY,
@@ -189,8 +189,7 @@ import sys, time
 from pathlib import Path
 import numpy as np
 from xylen_server import clock
-from xylen_server.learning import prediction_log
-from xylen_server.learning import prediction_log
+from xylen_server.learning import part_rollup, prediction_log
 
 directory, clock_path, stop_at = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 clock.use_file(clock_path)
@@ -210,7 +209,7 @@ def stop(step):
         print("stopped", flush=True)
         time.sleep(600)
 
-prediction_log._rollup_hook = stop
+part_rollup._rollup_hook = stop
 log.roll_up()
 print("done", flush=True)
 """
@@ -318,7 +317,7 @@ def test_the_index_lets_go_of_the_lines_of_merged_parts(
 ) -> None:
     """``_parts.index`` got a line a part for good (~17,000 a day), all read by a restart's
     first lookup; merged parts' lines are dropped (here at once; by default past 4,096)."""
-    monkeypatch.setattr(prediction_log, "INDEX_REWRITE_LINES", 1)
+    monkeypatch.setattr(part_index, "INDEX_REWRITE_LINES", 1)
     directory = tmp_path / "log"
     log = open_log(directory)
     ids = write_parts(log, clock_file, [START + k * 60_000 for k in range(6)])
