@@ -18,8 +18,8 @@ merged part names the parts it replaces, with their row counts, in its Parquet m
 and the parts it replaces may both be on disk. :func:`live_parts` lists the parts without those
 a merged part in place replaces. A tool globbing ``*.parquet`` in the instant between a merged
 part's rename and the deletes of its parts can see that window's rows twice; one listing parts
-and reading them later can find a part gone (``PredictionLog(directory, reader=True)``'s
-``replay_rows`` reads each row once either way).
+and reading them later can find a part gone. :func:`read_once` reads each row once either way
+(``PredictionLog(directory, reader=True)``'s ``read`` and ``replay_rows``).
 
 Nothing here imports the rest of the log: the index, the rollup and the log import this.
 """
@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,3 +246,51 @@ def _rows(table: pa.Table, keep: np.ndarray) -> Iterator[LoggedPrediction]:
             float(probabilities[i]),
             int(signals[i]),
         )
+
+
+def read_once(listing: Callable[[], list[Path]]) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """The row groups of the parts ``listing`` gives (``PredictionLog.part_files``), in order,
+    each with which of its rows are not read yet: each row once while parts are merged
+    meanwhile (this process's flusher or another's). A part gone when its turn comes is read
+    from the merged part that replaced it, less the rows of its parts already read
+    (``xylen.replaces`` gives their row counts), and a merged part listed beside parts it
+    replaces skips theirs. A row group at a time: a merged part is big."""
+    done: set[str] = set()
+    listed = listing()
+    for path in listed:
+        if path.name in done:
+            continue
+        try:
+            part = pq.ParquetFile(path)
+        except FileNotFoundError:
+            holder = _merged_holder(path.name, {p.name for p in listed}, listing)
+            if holder is None:
+                continue
+            try:
+                part = pq.ParquetFile(holder)
+            except FileNotFoundError:
+                continue
+            path = holder
+        with part:
+            read = _replaced_rows(part, done)
+            done.add(path.name)
+            at = 0
+            for group in range(part.num_row_groups):
+                table = part.read_row_group(group)
+                yield table, ~read[at : at + table.num_rows]
+                at += table.num_rows
+
+
+def _merged_holder(name: str, listed: set[str], listing: Callable[[], list[Path]]) -> Path | None:
+    """The merged part, not in ``listed``, that replaced the part ``name`` (None: none)."""
+    for path in listing():
+        if path.name in listed:
+            continue
+        try:
+            with pq.ParquetFile(path) as part:
+                replaced = _replaced_by(part)
+        except (FileNotFoundError, pa.ArrowInvalid):
+            continue
+        if any(source == name for source, _ in replaced):
+            return path
+    return None

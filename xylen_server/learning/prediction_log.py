@@ -35,10 +35,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from training.metadata import fsync_dir, fsync_path
@@ -53,10 +52,9 @@ from xylen_server.learning.part_files import (
     LoggedPrediction,
     _find_in_part,
     _part_sequence,
-    _replaced_by,
-    _replaced_rows,
     _rows,
     live_parts,
+    read_once,
 )
 from xylen_server.learning.part_index import (
     INDEX_FILE,
@@ -466,13 +464,18 @@ class PredictionLog(PartRollup):
 
     def read(self) -> pl.DataFrame:
         """Every persisted row as a polars DataFrame (call :meth:`flush` first to include the
-        buffer)."""
+        buffer), each once while parts are merged meanwhile, as :meth:`replay_rows` reads them
+        (:func:`~xylen_server.learning.part_files.read_once`): a glob of the parts can see an
+        hour's rows twice, or miss a part deleted between its listing and its reading."""
         import polars as pl
 
-        parts = self.part_files()
-        if not parts:
+        frames = []
+        for table, keep in read_once(self.part_files):
+            frame = cast("pl.DataFrame", pl.from_arrow(table))
+            frames.append(frame if keep.all() else frame.filter(pl.Series(keep)))
+        if not frames:
             return pl.from_arrow(SCHEMA.empty_table())  # type: ignore[return-value]
-        return pl.read_parquet([str(path) for path in parts])
+        return pl.concat(frames)
 
     def find(self, prediction_id: str) -> LoggedPrediction | None:
         """The persisted row of ``prediction_id`` (newest part first), or None."""
@@ -537,57 +540,18 @@ class PredictionLog(PartRollup):
         """Persisted rows in time order, optionally one model version and ``[start, end)``.
 
         Each row once while parts are merged meanwhile (this process's flusher or another's):
-        a part gone when its turn comes is read from the merged part that replaced it, less
-        the rows of its parts already read (``xylen.replaces`` gives their row counts), and a
-        merged part listed beside parts it replaces skips theirs."""
-        done: set[str] = set()
-        listed = self.part_files()
-        for path in listed:
-            if path.name in done:
-                continue
-            try:
-                part = pq.ParquetFile(path)
-            except FileNotFoundError:
-                holder = self._merged_holder(path.name, {p.name for p in listed})
-                if holder is None:
-                    continue
-                try:
-                    part = pq.ParquetFile(holder)
-                except FileNotFoundError:
-                    continue
-                path = holder
-            with part:  # a row group at a time: a merged part is big
-                read = _replaced_rows(part, done)
-                done.add(path.name)
-                at = 0
-                for group in range(part.num_row_groups):
-                    table = part.read_row_group(group)
-                    times = columns.to_numpy(table.column("time"))
-                    versions = columns.to_numpy(table.column("model_version"))
-                    keep = ~read[at : at + len(times)]
-                    at += len(times)
-                    if model_version is not None:
-                        keep &= versions == model_version
-                    if start_ms is not None:
-                        keep &= times >= start_ms
-                    if end_ms is not None:
-                        keep &= times < end_ms
-                    if keep.any():
-                        yield from _rows(table, keep)
-
-    def _merged_holder(self, name: str, listed: set[str]) -> Path | None:
-        """The merged part, not in ``listed``, that replaced the part ``name`` (None: none)."""
-        for path in self.part_files():
-            if path.name in listed:
-                continue
-            try:
-                with pq.ParquetFile(path) as part:
-                    replaced = _replaced_by(part)
-            except (FileNotFoundError, pa.ArrowInvalid):
-                continue
-            if any(source == name for source, _ in replaced):
-                return path
-        return None
+        :func:`~xylen_server.learning.part_files.read_once`."""
+        for table, keep in read_once(self.part_files):
+            times = columns.to_numpy(table.column("time"))
+            versions = columns.to_numpy(table.column("model_version"))
+            if model_version is not None:
+                keep &= versions == model_version
+            if start_ms is not None:
+                keep &= times >= start_ms
+            if end_ms is not None:
+                keep &= times < end_ms
+            if keep.any():
+                yield from _rows(table, keep)
 
     # -- persistence ------------------------------------------------------------------------
 
