@@ -9,9 +9,9 @@ hold the id; a part it does not list (written before the index, or the line lost
 read once and added to it. A part without a usable summary has its ids' hashes held in memory
 (:class:`_PartIndex`), merged :data:`SEGMENT_PARTS` at a time (:class:`_Segment`).
 
-:class:`IndexedParts` holds that knowledge for :class:`~xylen_server.learning.prediction_log.
-PredictionLog` (a base class of it): the summaries, the ranges and listed ids they give, the
-file's appends and rewrites, and forgetting parts past the retention or merged away.
+:class:`IndexedParts` holds that knowledge for ``PredictionLog`` (a base class of it): the
+summaries, the ranges and listed ids they give, the file's appends and rewrites, and forgetting
+parts past the retention or merged away.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ leaves out the parts it names until the next start deletes them: every row reads
 with rows of two windows stays as it is.
 
 :class:`PartRollup` is a base class of ``PredictionLog``: the merge runs on its flusher, under
-its ``_flush_lock``, and tells its lookups (:class:`~xylen_server.learning.part_index.
-IndexedParts`) which parts it merged away.
+its ``_flush_lock``, and tells its lookups (``part_index.IndexedParts``) which parts it merged
+away.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ Any tool reads the parts (:mod:`~xylen_server.learning.part_files`)::
     pyarrow.parquet.read_table("model_server/data/prediction_log")
 
 but while an hour is merged such a glob can see its rows twice, or miss a part deleted between
-its listing and its reading: ``PredictionLog(directory, reader=True)``'s :meth:`~PredictionLog.
-read` and :meth:`~PredictionLog.replay_rows` read each row once, changing nothing in the
-directory.
+its listing and its reading: ``PredictionLog(directory, reader=True)``'s
+:meth:`~PredictionLog.read` and :meth:`~PredictionLog.replay_rows` read each row once, changing
+nothing in the directory.
 """
 
 from __future__ import annotations
