@@ -86,6 +86,29 @@ def test_imports_run_one_way_through_the_rooms_of_the_server():
     assert not wrong, "\n".join(wrong)
 
 
+#: The prediction log's rooms (``xylen_server/learning/``), each importing only those before it.
+PREDICTION_LOG_ROOMS = [
+    "part_files",
+    "prediction_ring",
+    "part_index",
+    "part_rollup",
+    "prediction_log",
+]
+
+
+def test_the_prediction_logs_rooms_import_one_way():
+    """The parts' files, the ring, the parts' index, the rollup, then the log that uses them:
+    nothing lower imports what is built on it."""
+    wrong = []
+    for rank, name in enumerate(PREDICTION_LOG_ROOMS):
+        path = REPO / "xylen_server" / "learning" / f"{name}.py"
+        for line, target in imports_of(path):
+            other = target.removeprefix("xylen_server.learning.").split(".")[0]
+            if other in PREDICTION_LOG_ROOMS[rank:] and other != name:
+                wrong.append(f"{path.relative_to(REPO)}:{line} imports {target}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_the_coordinator_uses_only_the_servers_root_modules():
     wrong = [
         f"{path.relative_to(REPO)}:{line} imports {target}"

@@ -4,7 +4,10 @@
                     the one reader
 ``feedback_store``  the durable writer of samples: SQLite group commit (committed and fsynced
                     before Feedback is acknowledged), compaction to Parquet
-``prediction_log``  every answered prediction, in memory for the join and as Parquet
+``prediction_log``  every answered prediction, in memory for the join and as Parquet; its
+                    rooms: ``prediction_ring`` (the rows in memory), ``part_files`` (the
+                    parts' schema, names, listing, reading), ``part_index`` (which ids a
+                    part holds: ``_parts.index``), ``part_rollup`` (the hourly merge)
 ``feedback``        Feedback validated against every limit and joined to the prediction; the
                     live record (FeedbackLoop)
 ``replay``          ``xylen-server replay``: recompute a logged prediction bit-exactly

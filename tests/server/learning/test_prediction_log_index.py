@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from learning_helpers import python_calls
 
-from xylen_server.learning import prediction_log
+from xylen_server.learning import part_index
 from xylen_server.learning.prediction_log import ID_BYTES, SEGMENT_PARTS, PredictionLog
 
 
@@ -138,7 +138,7 @@ def test_a_disk_lookup_costs_the_same_however_many_old_parts_the_log_has(tmp_pat
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("listed", [0, prediction_log.MAX_LISTED_IDS])
+@pytest.mark.parametrize("listed", [0, part_index.MAX_LISTED_IDS])
 def test_disk_lookups_across_merged_segments_agree_with_a_dict(
     tmp_path, seed: int, listed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -147,7 +147,7 @@ def test_disk_lookups_across_merged_segments_agree_with_a_dict(
     rows within the retention, from a log whose memory holds none of them. ``listed`` 0: no
     part's summary can list its ids, so every part goes through the hash index and its
     segments; the default: the summaries find them, no part is read to be indexed."""
-    monkeypatch.setattr(prediction_log, "MAX_LISTED_IDS", listed)
+    monkeypatch.setattr(part_index, "MAX_LISTED_IDS", listed)
     rng = random.Random(seed)
     now = time.time_ns() // 1_000_000
     writer = PredictionLog(tmp_path, flush_interval_seconds=3600, fsync=False)

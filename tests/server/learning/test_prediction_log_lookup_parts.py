@@ -19,13 +19,8 @@ import pytest
 from learning_helpers import CLOCK_START
 from opened_files import Opened
 
-from xylen_server.learning.prediction_log import (
-    INDEX_FILE,
-    MAX_LISTED_IDS,
-    SERVER_ID,
-    PredictionLog,
-    _server_ids,
-)
+from xylen_server.learning.part_index import MAX_LISTED_IDS, SERVER_ID, _server_ids
+from xylen_server.learning.prediction_log import INDEX_FILE, PredictionLog
 
 PARTS = 12
 ROWS = 300
@@ -166,9 +161,9 @@ def test_what_is_known_of_parts_past_the_retention_is_let_go(
     """A server running for weeks summarises ~17,000 parts a day: the entries of parts that
     aged past the retention are dropped (once they have doubled), and the parts within it are
     still found without opening any other. Time moves by a real clock file (CLOCK_FILE)."""
-    from xylen_server.learning import prediction_log
+    from xylen_server.learning import part_index
 
-    monkeypatch.setattr(prediction_log, "SUMMARY_ENTRIES", 8)  # 4,096: a few parts show it
+    monkeypatch.setattr(part_index, "SUMMARY_ENTRIES", 8)  # 4,096: a few parts show it
     directory = tmp_path / "log"
     log = PredictionLog(directory, flush_interval_seconds=3600, max_age_seconds=600, max_rows=1)
     opened = Opened(directory)

@@ -88,7 +88,7 @@ def test_a_writer_after_a_crash_starts_its_index_line_on_a_line_of_its_own(
 ) -> None:
     """A crash cut ``_parts.index``'s last append short: the next process's first line used to
     be glued onto it and lost (its part then read again at every restart to be indexed)."""
-    from xylen_server.learning.prediction_log import _PartSummary
+    from xylen_server.learning.part_index import _PartSummary
 
     directory = tmp_path / "log"
     _write_parts(directory, 2)

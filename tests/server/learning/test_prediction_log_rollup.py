@@ -27,7 +27,7 @@ from learning_helpers import CLOCK_START
 from opened_files import Opened
 
 from xylen_server import clock
-from xylen_server.learning import prediction_log
+from xylen_server.learning import part_index, prediction_log
 from xylen_server.learning.prediction_log import (
     INDEX_FILE,
     REPLACES_KEY,
@@ -189,8 +189,7 @@ import sys, time
 from pathlib import Path
 import numpy as np
 from xylen_server import clock
-from xylen_server.learning import prediction_log
-from xylen_server.learning import prediction_log
+from xylen_server.learning import part_rollup, prediction_log
 
 directory, clock_path, stop_at = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 clock.use_file(clock_path)
@@ -210,7 +209,7 @@ def stop(step):
         print("stopped", flush=True)
         time.sleep(600)
 
-prediction_log._rollup_hook = stop
+part_rollup._rollup_hook = stop
 log.roll_up()
 print("done", flush=True)
 """
@@ -318,7 +317,7 @@ def test_the_index_lets_go_of_the_lines_of_merged_parts(
 ) -> None:
     """``_parts.index`` got a line a part for good (~17,000 a day), all read by a restart's
     first lookup; merged parts' lines are dropped (here at once; by default past 4,096)."""
-    monkeypatch.setattr(prediction_log, "INDEX_REWRITE_LINES", 1)
+    monkeypatch.setattr(part_index, "INDEX_REWRITE_LINES", 1)
     directory = tmp_path / "log"
     log = open_log(directory)
     ids = write_parts(log, clock_file, [START + k * 60_000 for k in range(6)])
@@ -479,4 +478,41 @@ def test_a_replay_while_hours_are_merged_reads_every_row_once(
     assert len(other.part_files()) == 2
     assert [row.prediction_id for row in other.replay_rows()] == more
     other.close()
+    log.close()
+
+
+def test_read_while_an_hour_is_merged_reads_every_row_once(
+    tmp_path: Path, clock_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``read()`` listed the parts, then a merge (the flusher's, or another process's) deleted
+    them before it opened them: it reads their rows from the merged part, each once, as
+    ``replay_rows`` does. Before, it failed with FileNotFoundError."""
+    directory = tmp_path / "log"
+    log = open_log(directory)
+    ids = write_parts(log, clock_file, [START + k * 60_000 for k in range(4)])
+    ids += write_parts(log, clock_file, [START + HOUR + k * 60_000 for k in range(2)], 160)
+    quiet = log.read()
+    assert quiet.equals(pl.read_parquet(log.part_files()))  # as a glob reads it, when quiet
+    clock.write(clock_file, START + 3 * HOUR)
+    listing = log.part_files
+    merged: list[Path | None] = []
+
+    def list_then_merge() -> list[Path]:
+        listed = listing()
+        if not merged:  # the first hour's four parts merged away between listing and reading
+            merged.append(log.roll_up())
+        return listed
+
+    monkeypatch.setattr(log, "part_files", list_then_merge)
+    frame = log.read()
+    assert merged[0] is not None and len(listing()) == 3
+    assert frame["prediction_id"].to_list() == ids
+    assert frame.equals(quiet)
+    monkeypatch.undo()
+    # a merged part listed beside a part it replaces (the journal gone): that part's rows once
+    first = merged[0]
+    source = directory / json.loads(pq.read_schema(first).metadata[REPLACES_KEY])[0][0]
+    pq.write_table(pq.read_table(first).slice(0, ROWS).replace_schema_metadata(), source)
+    assert len(log.part_files()) == 4
+    assert log.read()["prediction_id"].to_list() == ids
     log.close()
