@@ -146,7 +146,7 @@ def signal_validation(model: Mapping[str, Any] | None) -> SignalValidation | Non
     if (
         not isinstance(samples, int)
         or isinstance(samples, bool)
-        or samples <= 0
+        or not 0 < samples < 2**31  # the contract's int32
         or not all(math.isfinite(n) for n in numbers)
         or not all(isinstance(edge, bool) for edge in edges)
     ):

@@ -40,6 +40,7 @@ def test_complete_figures_are_read_as_they_are() -> None:
         {"validation": FIGURES | {"samples": 0}},
         {"validation": FIGURES | {"samples": True}},
         {"validation": FIGURES | {"samples": 12.5}},
+        {"validation": FIGURES | {"samples": 2**31}},  # past the contract's int32
         {"validation": FIGURES | {"buy_mean_net_return": None}},
         {"validation": FIGURES | {"buy_mean_net_return": float("nan")}},
         {"validation": FIGURES | {"sell_share": "0.2x"}},
