@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from xylen.v1 import ensemble_service_pb2 as epb
-from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator.config import Config
 from xylen_coordinator.endpoints import MissingReason
 from xylen_coordinator.ensemble import AdaptiveScore
@@ -112,7 +109,5 @@ def info_response(
             counters.ejections = state.counts.ejections
             counters.rejoins = state.counts.rejoins
         if state.signal_validation is not None:
-            info.signal_validation.CopyFrom(
-                pb.SignalValidation(**dataclasses.asdict(state.signal_validation))
-            )
+            info.signal_validation.CopyFrom(state.signal_validation.proto())
     return response

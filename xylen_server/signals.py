@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from xylen.v1 import types_pb2
+from xylen.v1 import model_service_pb2, types_pb2
 
 
 class Signal(StrEnum):
@@ -68,6 +68,9 @@ class SignalThresholds:
     source: ThresholdSource
     rule: str = ""
     """How the model's own thresholds were chosen (empty when it has none)."""
+    validation: SignalValidation | None = None
+    """What the model's own thresholds did on their validation bars (:func:`signal_validation`
+    of its metadata, read once with them); None when it has no such figures."""
 
 
 def resolve_thresholds(
@@ -95,7 +98,7 @@ def resolve_thresholds(
             f"otherwise {origin})"
         )
     rule = str(own.get("rule", ""))[:80] if own is not None else ""
-    return SignalThresholds(buy, sell, source, rule)
+    return SignalThresholds(buy, sell, source, rule, signal_validation(own))
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,10 @@ class SignalValidation:
     sell_share: float
     sell_mean_net_return: float
     sell_edge: bool
+
+    def proto(self) -> model_service_pb2.SignalValidation:
+        """The ``xylen.v1.SignalValidation`` message of these figures."""
+        return model_service_pb2.SignalValidation(**dataclasses.asdict(self))
 
     @classmethod
     def from_model_info(cls, info: Any) -> SignalValidation | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -14,7 +13,7 @@ from xylen_server.learning.feedback_store import AppendResult
 from xylen_server.serving.model_store import LoadedModel
 from xylen_server.serving.predictor import Result
 from xylen_server.settings import Settings
-from xylen_server.signals import ThresholdSource, signal_validation
+from xylen_server.signals import ThresholdSource
 from xylen_server.versions.history import KeptVersion
 
 MODEL_TYPES = {
@@ -124,9 +123,8 @@ def model_info(
         calibration_a=float(meta.calibration.get("a", 1.0)),
         calibration_b=float(meta.calibration.get("b", 0.0)),
     )
-    validation = signal_validation(meta.signal_thresholds)
-    if validation is not None:
-        info.signal_validation.CopyFrom(pb.SignalValidation(**dataclasses.asdict(validation)))
+    if model.thresholds.validation is not None:
+        info.signal_validation.CopyFrom(model.thresholds.validation.proto())
     info.train_time.FromDatetime(trained_at(meta.trained_at))
     return info
 

@@ -54,7 +54,6 @@ from xylen_server.learning.feedback import FeedbackLoop
 from xylen_server.learning.retrainer import Retrainer
 from xylen_server.serving.predictor import Predictor, Result
 from xylen_server.settings import Settings
-from xylen_server.signals import signal_validation
 from xylen_server.telemetry import Meters
 from xylen_server.versions.swap import ModelManager
 
@@ -215,7 +214,7 @@ class ServerTelemetry:
 
     def _signal_edge(self, _options: CallbackOptions) -> Iterable[Observation]:
         model = self._model()
-        validation = None if model is None else signal_validation(model.meta.signal_thresholds)
+        validation = None if model is None else model.thresholds.validation
         if validation is None:
             return []
         return [
