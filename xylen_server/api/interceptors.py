@@ -121,7 +121,15 @@ class CallInterceptor(HandlerInterceptor):
             MetricsInterceptor(recorder),
         ]
         """Innermost first: how a method of any other shape is wrapped."""
+        self._ended: list[tuple[str, str, float, str]] = []
+        """Unary calls ended in this turn of the loop, recorded in its next
+        (:meth:`_record_ended`)."""
         super().__init__()  # asks grpc for each method's handler once and keeps the wrapping
+
+    def _record_ended(self) -> None:
+        ended = self._ended[:]
+        self._ended.clear()
+        self.recorder.unary_ended(ended)
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """``handler`` with all four concerns, built once per method."""
@@ -142,10 +150,12 @@ class CallInterceptor(HandlerInterceptor):
         queued = method not in UNQUEUED
         kind = auth.method_kind(method)
         check = self.credentials.checker(method, kind) if self.credentials.guards(kind) else None
-        started_call, ended_call = recorder.started, recorder.rpc
+        started_call = recorder.started
+        ended = self._ended
         clock = time.perf_counter
         caller = auth.CALLER
         running_loop = LoopCache().get
+        record_ended = self._record_ended
 
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = clock()
@@ -177,10 +187,11 @@ class CallInterceptor(HandlerInterceptor):
                 reason = reason_of(exc)
                 await context.abort_with_status(to_grpc_status(exc))  # type: ignore[attr-defined]
             finally:
-                # Counted and timed in the loop's next turn: grpc sends the answer first.
-                running_loop().call_soon(
-                    ended_call, method, _code_name(context), clock() - started, reason, False
-                )
+                # Counted and timed in the loop's next turn (grpc sends the answer first),
+                # with every other call that ends in this turn.
+                if not ended:
+                    running_loop().call_soon(record_ended)
+                ended.append((method, _code_name(context), clock() - started, reason))
 
         return admission.tolerant_handler(
             grpc.unary_unary_rpc_method_handler(

@@ -249,6 +249,20 @@ class Recorder:
                 if self.durations is not None:
                     self.durations.record(key, seconds)
 
+    def unary_ended(self, calls: list[tuple[str, str, float, str]]) -> None:
+        """:meth:`rpc` of each unary call (method, code, seconds, reason) in ``calls``, under
+        one taking of the lock (the calls a busy loop answered in one turn)."""
+        durations = self.durations
+        with self._lock:
+            for method, code, seconds, reason in calls:
+                key = (method, code)
+                self._calls[key] += 1
+                if code != "OK":
+                    self._reasons[(method, code, reason or code)] += 1
+                self._active[method] -= 1
+                if durations is not None:
+                    durations.record(key, seconds)
+
     def snapshot(self, counts: Counter[Any]) -> dict[Any, int]:
         """A copy of one of the counts, taken under the lock (for the observable instruments)."""
         with self._lock:

@@ -34,9 +34,9 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -135,26 +135,52 @@ class _LoopBatch:
     at the first turn of the loop that has nothing else to do.
     """
 
-    __slots__ = ("answers", "blocks", "featurised", "loop", "owners", "rows")
+    __slots__ = ("again", "answers", "blocks", "featurised", "loop", "owners", "rows", "turns")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         """The running loop (asking asyncio for it costs a ``getpid`` system call each time)."""
         self.owners: list[_Served] = []
-        self.blocks: list[np.ndarray] = []
-        """Each request's validated float64 rows (``model_input`` runs once per run)."""
+        self.blocks: list[np.ndarray | list[float]] = []
+        """Each request's validated rows: a float64 matrix (``model_input`` runs once per
+        run), or one row's values as a list of floats the model takes as they are
+        (:func:`~xylen_server.serving.inputs.feature_values`)."""
         self.featurised: list[float] = []
         self.answers: list[asyncio.Future[Result]] = []
         self.rows = 0
+        self.turns = 1
+        """Turns of the loop the batch has waited so far."""
+        self.again: asyncio.Handle | None = None
+        """The loop's handle that runs the batch's check (:meth:`Predictor._run_batch`): on
+        asyncio's own loop it is put back on the loop's ready queue to wait one more turn,
+        where ``call_soon`` would build a new handle each turn (five Python calls)."""
 
-    def add(self, served: _Served, rows: np.ndarray, featurised: float) -> asyncio.Future[Result]:
+    def add(
+        self, served: _Served, rows: np.ndarray | list[float], featurised: float
+    ) -> asyncio.Future[Result]:
         answer: asyncio.Future[Result] = self.loop.create_future()
         self.owners.append(served)
         self.blocks.append(rows)
         self.featurised.append(featurised)
         self.answers.append(answer)
-        self.rows += len(rows)
+        self.rows += 1 if rows.__class__ is list else len(rows)
         return answer
+
+    def width(self, index: int) -> int:
+        """How many rows request ``index`` brought."""
+        block = self.blocks[index]
+        return 1 if block.__class__ is list else len(block)
+
+    def matrix(self, members: list[int]) -> np.ndarray:
+        """The float32 matrix of ``members``' rows, as the engines take it: one conversion of
+        the lists of values (which :func:`~training.metadata.model_input` would leave as they
+        are, rounded to float32 alike), else ``model_input`` of all the rows together."""
+        blocks = [self.blocks[i] for i in members]
+        if all(block.__class__ is list for block in blocks):
+            return np.array(blocks, dtype=np.float32)
+        if len(blocks) == 1:
+            return model_input(cast(np.ndarray, blocks[0]))  # not a list: the test above
+        return model_input(np.concatenate([np.atleast_2d(block) for block in blocks]))
 
     def runs(self) -> list[tuple[LoadedModel, list[int]]]:
         """The requests still waiting (a cancelled caller's rows are not run), grouped into runs
@@ -162,16 +188,15 @@ class _LoopBatch:
         runs: list[tuple[LoadedModel, list[int]]] = []
         current: _Served | None = None
         size = 0
-        for index, (served, rows, answer) in enumerate(
-            zip(self.owners, self.blocks, self.answers, strict=True)
-        ):
+        for index, (served, answer) in enumerate(zip(self.owners, self.answers, strict=True)):
             if answer.done():
                 continue
-            if served is not current or size + len(rows) > LOOP_BATCH_MAX_ROWS:
+            rows = self.width(index)
+            if served is not current or size + rows > LOOP_BATCH_MAX_ROWS:
                 runs.append((served.model, []))
                 current, size = served, 0
             runs[-1][1].append(index)
-            size += len(rows)
+            size += rows
         return runs
 
 
@@ -363,22 +388,23 @@ class Predictor:
         (a plain method, not a coroutine: one frame less on every call)."""
         started = time.perf_counter()
         model = served.model
+        inputs = request.inputs
+        # One row of values the model takes as they are: a list, no numpy (nine calls)
+        values = (
+            feature_values(inputs[0].features.values, len(model.meta.feature_names))
+            if len(inputs) == 1
+            else None
+        )
         batch = self._batch
         if batch is None:
             loop = self._running_loop()
             if not getattr(loop, "_ready", True):  # asyncio's loop: callbacks due in this turn
-                if model.engine.takes_values and len(request.inputs) == 1:
-                    values = feature_values(
-                        request.inputs[0].features.values, len(model.meta.feature_names)
-                    )
-                    if values is not None:
-                        return self._alone_value(model, values, started, loop)
+                if values is not None and model.engine.takes_values:
+                    return self._alone_value(model, values, started, loop)
                 return self._alone(model, self._rows(model, request), started, loop)
-            rows = self._rows(model, request)
             batch = self._batch = _LoopBatch(loop)
-            loop.call_soon(self._run_batch_after, 1)
-        else:
-            rows = self._rows(model, request)
+            batch.again = loop.call_soon(self._run_batch)
+        rows = self._rows(model, request) if values is None else values
         served.inflight += 1
         return batch.add(served, rows, time.perf_counter() - started)
 
@@ -428,7 +454,7 @@ class Predictor:
         self.lone_runs += 1
         return result
 
-    def _run_batch_after(self, turns: int) -> None:
+    def _run_batch(self) -> None:
         """Run the batch in the first turn of the loop that has nothing else ready to run (or
         after :data:`LOOP_BATCH_MAX_TURNS` turns, or once it holds :data:`LOOP_BATCH_MAX_ROWS`
         rows): while the loop is busy, requests on their way (grpc takes up one new call per
@@ -436,13 +462,10 @@ class Predictor:
         batch = self._batch
         if batch is None:
             return
-        loop = batch.loop
-        if (
-            turns < LOOP_BATCH_MAX_TURNS
-            and batch.rows < LOOP_BATCH_MAX_ROWS
-            and getattr(loop, "_ready", None)  # asyncio's loop: callbacks due in this turn
-        ):
-            loop.call_soon(self._run_batch_after, turns + 1)
+        ready = getattr(batch.loop, "_ready", None)  # asyncio's loop: callbacks due this turn
+        if batch.turns < LOOP_BATCH_MAX_TURNS and batch.rows < LOOP_BATCH_MAX_ROWS and ready:
+            batch.turns += 1
+            ready.append(batch.again)  # what call_soon does, with the handle it built before
             return
         self._batch = None
         try:
@@ -455,37 +478,36 @@ class Predictor:
     def _answer_run(self, batch: _LoopBatch, model: LoadedModel, members: list[int]) -> None:
         """One inference for ``members`` of ``batch``; the run is logged as one batch (one
         prediction-log append, one execution in the metrics) and each member gets its rows."""
-        blocks = batch.blocks
         started = time.perf_counter()
         try:
-            rows = model_input(
-                blocks[members[0]]
-                if len(members) == 1
-                else np.concatenate([blocks[i] for i in members])
-            )
+            rows = batch.matrix(members)
             raw = model.engine.predict_on_loop(rows)
             seconds = time.perf_counter() - started
             featurised = sum(batch.featurised[i] for i in members)
             run = self._result(model, raw, rows, featurised + seconds, 0.0, True)
+            # Each member's answer in Python floats: a list's slice, not four numpy views
+            probabilities, raws = cast(np.ndarray, run.probabilities).tolist(), raw.tolist()
         except Exception as exc:  # every member of the run has the error
             for i in members:
                 batch.answers[i].set_exception(exc)
             return
         self.loop_runs += 1
+        blocks, answers, signals, ids = batch.blocks, batch.answers, run.signals, run.prediction_ids
         offset = 0
         for i in members:
-            end = offset + len(blocks[i])
-            batch.answers[i].set_result(
+            block = blocks[i]
+            end = offset + (1 if block.__class__ is list else len(block))
+            answers[i].set_result(
                 Result(
                     model,
-                    run.probabilities[offset:end],
-                    run.signals[offset:end],
-                    run.prediction_ids[offset:end],
+                    probabilities[offset:end],
+                    signals[offset:end],
+                    ids[offset:end],
                     batch.featurised[i] + seconds,
-                    rows[offset:end],
+                    block if block.__class__ is list else rows[offset:end],
                     0.0,
                     True,
-                    raw[offset:end],
+                    raws[offset:end],
                 )
             )
             offset = end
@@ -521,6 +543,15 @@ class Predictor:
         again before inference (DEADLINE_EXCEEDED). ``parent`` is the trace context to open
         the featurise, inference and log spans under (None: no spans; the caller reads the
         one tracing flag, so a server built without trace hooks reads none)."""
+        answer = self.answer(request, deadline, parent)
+        return answer if answer.__class__ is Result else await answer  # type: ignore[misc]
+
+    def answer(
+        self, request: pb.PredictRequest, deadline: float | None = None, parent: Any = None
+    ) -> Result | Awaitable[Result]:
+        """:meth:`predict` without a coroutine of its own where none is needed: the Result of
+        a request answered at once, else what to await for it (a loop batch's future, or the
+        coroutine of the rest of the work). Refusals are raised here, at once."""
         served = self._served
         if served is None:
             raise Unavailable("the model is still loading; retry shortly", reason="MODEL_LOADING")
@@ -531,8 +562,19 @@ class Predictor:
             self._drop_if_expired(deadline)
         on_loop = self._fits_the_loop(model, request)
         if on_loop and parent is None:
-            answer = self._batched(served, request)
-            return answer if isinstance(answer, Result) else await answer
+            return self._batched(served, request)
+        return self._predict_off_batch(served, request, on_loop, deadline, parent)
+
+    async def _predict_off_batch(
+        self,
+        served: _Served,
+        request: pb.PredictRequest,
+        on_loop: bool,
+        deadline: float | None,
+        parent: Any,
+    ) -> Result:
+        """A traced request on the loop, or any request on a worker thread."""
+        model = served.model
         if on_loop:
             probabilities, rows, seconds, waited = self._run(
                 model, request, True, None, 0.0, parent

@@ -17,7 +17,12 @@ from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_server.errors import InvalidArgument
 from xylen_server.serving.model_store import load_model
-from xylen_server.serving.predictor import LOOP_BATCH_MAX_ROWS, Predictor, Result
+from xylen_server.serving.predictor import (
+    LOOP_BATCH_MAX_ROWS,
+    LOOP_BATCH_MAX_TURNS,
+    Predictor,
+    Result,
+)
 
 
 def test_requests_arriving_together_share_an_inference_and_get_their_own_answers(
@@ -63,7 +68,8 @@ def test_requests_arriving_together_share_an_inference_and_get_their_own_answers
     assert [i for run in logged for i in run.prediction_ids] == ids
     assert all(len(run.prediction_ids) <= LOOP_BATCH_MAX_ROWS for run in logged)
     np.testing.assert_array_equal(
-        np.concatenate([run.rows for run in logged]), np.concatenate([a.rows for a in answers])
+        np.concatenate([run.rows for run in logged]),
+        np.concatenate([a.feature_matrix() for a in answers]),
     )
     np.testing.assert_array_equal(
         np.concatenate([run.probabilities for run in logged]),
@@ -115,7 +121,7 @@ def test_a_cancelled_caller_is_not_run_and_the_others_are_answered(
     assert cancelled
     assert [len(a.prediction_ids) for a in answers] == [1, 1, 1, 1]
     assert len(logged) == 1 and len(logged[0].prediction_ids) == 4  # the cancelled row: not run
-    np.testing.assert_array_equal(logged[0].rows[2], answers[2].rows[0])  # row 3 moved up
+    np.testing.assert_array_equal(logged[0].rows[2], answers[2].feature_matrix()[0])  # row 3 up
     assert predictor._served is not None and predictor._served.inflight == 0
 
 
@@ -184,3 +190,42 @@ def test_a_swap_waits_for_the_batch_its_requests_joined(models_root, model, feat
     assert [a.model.meta.version for a in answers] == [1, 1, 1, 1]
     assert answered_at_close == [True]  # closed only once all four had their answer
     assert after.model.meta.version == 2
+
+
+def test_a_batch_waits_for_the_busy_loop_at_most_its_turns(models_root, model, feature_rows):
+    """While other callbacks keep the loop busy, requests reaching it in the next turns join
+    the batch; it runs once the loop has had LOOP_BATCH_MAX_TURNS turns with work waiting."""
+    predictor, logged = logged_predictor(models_root, model)
+    turns: list[int] = []  # the turn each logged run was handed over in
+
+    async def main() -> list[Result]:
+        loop = asyncio.get_running_loop()
+        tasks: list[asyncio.Task[Result]] = []
+        on_answer = predictor.on_answer
+        assert on_answer is not None
+
+        def handed(result: Result) -> None:
+            turns.append(len(busy_turns))
+            on_answer(result)
+
+        predictor.on_answer = handed
+        busy_turns: list[int] = []
+
+        def busy(turn: int) -> None:  # one callback every turn, for 40 turns
+            busy_turns.append(turn)
+            if turn < 5:  # a request reaches the loop in each of the first five turns
+                request = predict_request(feature_rows[turn : turn + 1])
+                tasks.append(asyncio.ensure_future(predictor.predict(request)))
+            if turn < 40:
+                loop.call_soon(busy, turn + 1)
+
+        busy(0)
+        while len(tasks) < 5:
+            await asyncio.sleep(0)
+        return list(await asyncio.wait_for(asyncio.gather(*tasks), 10))
+
+    answers = asyncio.run(main())
+    assert predictor.loop_runs == 1 and len(logged) == 1  # the five shared one inference
+    assert [i for a in answers for i in a.prediction_ids] == logged[0].prediction_ids
+    # It ran after its turns ran out, not after the busy loop's 40 turns nor in its first
+    assert LOOP_BATCH_MAX_TURNS <= turns[0] <= LOOP_BATCH_MAX_TURNS + 3

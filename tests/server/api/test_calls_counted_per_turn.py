@@ -1,0 +1,68 @@
+"""Unary calls are counted and timed in the loop's turn after they end, all those ending in one
+turn under one taking of the recorder's lock (:meth:`Recorder.unary_ended`): under load every
+call is still counted once, by method, status code and reason, and none stays in flight."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import numpy as np
+from harness import InProcessServer, feature_input, server_settings, settled
+
+from xylen.v1 import model_service_pb2 as pb
+from xylen.v1 import model_service_pb2_grpc as pb_grpc
+
+PREDICT = "/xylen.v1.ModelService/Predict"
+
+
+def test_calls_ending_together_are_each_counted_once(
+    models_root: Path, feature_rows: np.ndarray
+) -> None:
+    server = InProcessServer(server_settings(models_root))
+    recorder = server.running.recorder
+    flushes: list[int] = []
+    record = recorder.unary_ended
+
+    def counting(calls: list[tuple[str, str, float, str]]) -> None:
+        flushes.append(len(calls))
+        record(calls)
+
+    recorder.unary_ended = counting  # type: ignore[method-assign]
+    good = [pb.PredictRequest(inputs=[feature_input(row)]) for row in feature_rows[:48]]
+    bad = [pb.PredictRequest(inputs=[feature_input([1.0, 2.0])]) for _ in range(12)]
+
+    async def calls() -> list[grpc.StatusCode]:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ModelServiceStub(channel)
+
+            async def one(request: pb.PredictRequest) -> grpc.StatusCode:
+                try:
+                    await stub.Predict(request)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+            requests = [r for pair in zip(good[::4], bad, strict=True) for r in pair]
+            requests += [r for i, r in enumerate(good) if i % 4]
+            return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    try:
+        codes = asyncio.run(calls())
+        assert codes.count(grpc.StatusCode.OK) == 48
+        assert codes.count(grpc.StatusCode.INVALID_ARGUMENT) == 12
+        settled(recorder)
+        assert recorder.in_flight() == 0
+        assert recorder.calls(PREDICT, "OK") == 48
+        assert recorder.calls(PREDICT, "INVALID_ARGUMENT") == 12
+        assert recorder.errors(PREDICT, "FEATURE_COUNT_MISMATCH") == 12
+        durations = recorder.durations
+        assert durations is not None
+        series = durations.snapshot()  # bucket counts, then the sum of seconds
+        assert sum(series[(PREDICT, "OK")][:-1]) == 48
+        assert sum(series[(PREDICT, "INVALID_ARGUMENT")][:-1]) == 12
+        # Calls that ended in the same turn were recorded together
+        assert sum(flushes) == 60 and len(flushes) < 60 and max(flushes) > 1
+    finally:
+        server.close()
