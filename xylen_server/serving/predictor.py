@@ -135,7 +135,17 @@ class _LoopBatch:
     at the first turn of the loop that has nothing else to do.
     """
 
-    __slots__ = ("again", "answers", "blocks", "featurised", "loop", "owners", "rows", "turns")
+    __slots__ = (
+        "again",
+        "answers",
+        "blocks",
+        "featurised",
+        "loop",
+        "matrices",
+        "owners",
+        "rows",
+        "turns",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -148,6 +158,8 @@ class _LoopBatch:
         self.featurised: list[float] = []
         self.answers: list[asyncio.Future[Result]] = []
         self.rows = 0
+        self.matrices = 0
+        """Requests that brought a matrix, not one row's list of values."""
         self.turns = 1
         """Turns of the loop the batch has waited so far."""
         self.again: asyncio.Handle | None = None
@@ -163,7 +175,11 @@ class _LoopBatch:
         self.blocks.append(rows)
         self.featurised.append(featurised)
         self.answers.append(answer)
-        self.rows += 1 if rows.__class__ is list else len(rows)
+        if rows.__class__ is list:
+            self.rows += 1
+        else:
+            self.rows += len(rows)
+            self.matrices += 1
         return answer
 
     def width(self, index: int) -> int:
@@ -175,12 +191,22 @@ class _LoopBatch:
         """The float32 matrix of ``members``' rows, as the engines take it: one conversion of
         the lists of values (which :func:`~training.metadata.model_input` would leave as they
         are, rounded to float32 alike), else ``model_input`` of all the rows together."""
-        blocks = [self.blocks[i] for i in members]
-        if all(block.__class__ is list for block in blocks):
+        blocks = self.blocks if len(members) == len(self.blocks) else self.picked(members)
+        if self.matrices == 0 or not any([block.__class__ is not list for block in blocks]):
             return np.array(blocks, dtype=np.float32)
         if len(blocks) == 1:
             return model_input(cast(np.ndarray, blocks[0]))  # not a list: the test above
         return model_input(np.concatenate([np.atleast_2d(block) for block in blocks]))
+
+    def picked(self, members: list[int]) -> list[np.ndarray | list[float]]:
+        return [self.blocks[i] for i in members]
+
+    def featurised_seconds(self, members: list[int]) -> float:
+        """The seconds ``members`` spent being validated and featurised."""
+        featurised = self.featurised
+        if len(members) == len(featurised):
+            return sum(featurised)
+        return sum([featurised[i] for i in members])
 
     def runs(self) -> list[tuple[LoadedModel, list[int]]]:
         """The requests still waiting (a cancelled caller's rows are not run), grouped into runs
@@ -483,7 +509,7 @@ class Predictor:
             rows = batch.matrix(members)
             raw = model.engine.predict_on_loop(rows)
             seconds = time.perf_counter() - started
-            featurised = sum(batch.featurised[i] for i in members)
+            featurised = batch.featurised_seconds(members)
             run = self._result(model, raw, rows, featurised + seconds, 0.0, True)
             # Each member's answer in Python floats: a list's slice, not four numpy views
             probabilities, raws = cast(np.ndarray, run.probabilities).tolist(), raw.tolist()
