@@ -1,7 +1,7 @@
 """``make bench``: every benchmark, one after another, printing labelled figures.
 
 ``python -m bench [server|training|feedback|coordinator|learning|security|fleet|load|telemetry
-dask|workers|replay|swaps|memory|rollup ...]`` runs a subset.
+dask|workers|replay|swaps|memory|rollup|calls ...]`` runs a subset.
 Figures are measured side by side within each section; on shared machines compare the ratios.
 """
 
@@ -27,6 +27,7 @@ SECTIONS = {
     "swaps": "bench.bench_swaps",
     "memory": "bench.bench_memory",
     "rollup": "bench.bench_rollup",
+    "calls": "bench.bench_calls",
 }
 
 
