@@ -428,9 +428,11 @@ class Predictor:
                 if values is not None and model.engine.takes_values:
                     return self._alone_value(model, values, started, loop)
                 return self._alone(model, self._rows(model, request), started, loop)
+            rows = self._rows(model, request) if values is None else values  # may refuse
             batch = self._batch = _LoopBatch(loop)
             batch.again = loop.call_soon(self._run_batch)
-        rows = self._rows(model, request) if values is None else values
+        else:
+            rows = self._rows(model, request) if values is None else values
         served.inflight += 1
         return batch.add(served, rows, time.perf_counter() - started)
 
@@ -498,8 +500,14 @@ class Predictor:
             for model, members in batch.runs():
                 self._answer_run(batch, model, members)
         finally:
-            for served in batch.owners:
-                served.leave()
+            owners = batch.owners
+            first = owners[0] if owners else None
+            if first is not None and owners.count(first) == len(owners):  # one model's: one leave
+                first.inflight -= len(owners) - 1
+                first.leave()
+            else:
+                for served in owners:
+                    served.leave()
 
     def _answer_run(self, batch: _LoopBatch, model: LoadedModel, members: list[int]) -> None:
         """One inference for ``members`` of ``batch``; the run is logged as one batch (one

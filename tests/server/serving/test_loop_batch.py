@@ -80,6 +80,29 @@ def test_requests_arriving_together_share_an_inference_and_get_their_own_answers
     assert predictor._served is not None and predictor._served.inflight == 0
 
 
+def test_a_refused_request_on_a_busy_loop_leaves_no_batch(models_root, model, feature_rows):
+    """The first request of a would-be batch refused: no batch is left waiting for nobody."""
+    short = pb.PredictRequest(
+        inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=[1.0] * 3))]
+    )
+
+    async def run() -> tuple[object, Predictor]:
+        predictor, _ = logged_predictor(models_root, model)
+        asyncio.get_running_loop().call_soon(lambda: None)  # the loop has work waiting
+        try:
+            await predictor.predict(short)
+        except InvalidArgument as exc:
+            assert predictor._batch is None
+            await asyncio.sleep(0)
+            return exc, predictor
+        raise AssertionError("the short row was answered")
+
+    refused, predictor = asyncio.run(run())
+    assert isinstance(refused, InvalidArgument) and refused.reason == "FEATURE_COUNT_MISMATCH"
+    assert predictor.loop_runs == 0
+    assert predictor._served is not None and predictor._served.inflight == 0
+
+
 def test_a_bad_request_in_a_batch_fails_alone(models_root, model, feature_rows):
     short = pb.PredictRequest(
         inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=[1.0] * 3))]
