@@ -24,7 +24,7 @@ import grpc
 
 from xylen_server import auth
 from xylen_server.api.admission import UNQUEUED, AdmissionInterceptor, Sized
-from xylen_server.api.limits import check_request
+from xylen_server.api.limits import checker
 from xylen_server.api.metrics import Recorder
 from xylen_server.auth import AuthInterceptor
 from xylen_server.decoding import refusal
@@ -44,11 +44,11 @@ _OK = "OK"
 
 def _code_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     code = context.code()
-    if code is None:
-        return _OK
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    return str(code)
+    return _OK if code is None else _code_text(code)
+
+
+def _code_text(code: Any) -> str:
+    return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
 
 class MetricsInterceptor(HandlerInterceptor):
@@ -148,6 +148,7 @@ class CallInterceptor(HandlerInterceptor):
         admit = admission.admit
         settings = admission.settings
         queued = method not in UNQUEUED
+        check_request = checker(method)
         kind = auth.method_kind(method)
         check = self.credentials.checker(method, kind) if self.credentials.guards(kind) else None
         started_call = recorder.started
@@ -191,7 +192,9 @@ class CallInterceptor(HandlerInterceptor):
                 # with every other call that ends in this turn.
                 if not ended:
                     running_loop().call_soon(record_ended)
-                ended.append((method, _code_name(context), clock() - started, reason))
+                code = context.code()  # None when the handler answered: no call for an OK
+                name = _OK if code is None else _code_text(code)
+                ended.append((method, name, clock() - started, reason))
 
         return admission.tolerant_handler(
             grpc.unary_unary_rpc_method_handler(

@@ -23,6 +23,7 @@ admitted unary requests     ``MAX_INFLIGHT_BYTES``       RESOURCE_EXHAUSTED BYTE
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import duration_pb2
@@ -114,6 +115,15 @@ def timeout_seconds(item: pb.PredictStreamRequest) -> float:
     if seconds < 0 or nanos < 0:
         raise InvalidArgument("timeout must not be negative", reason="INVALID_TIMEOUT")
     return seconds + nanos / 1e9
+
+
+PREDICT_METHOD = "/xylen.v1.ModelService/Predict"
+
+
+def checker(method: str) -> Callable[[Any, Settings], None]:
+    """:func:`check_request` as ``method``'s requests need it: Predict's own check, without
+    asking each request its type."""
+    return check_predict if method == PREDICT_METHOD else check_request
 
 
 def check_request(request: Any, settings: Settings) -> None:
