@@ -64,22 +64,23 @@ class Result:
     model: LoadedModel
     probabilities: np.ndarray | list[float]
     """Calibrated P(up) per row, float64 (the engine's output through the model's
-    ``calibration``; :mod:`training.calibration`); a one-element list for a row answered
-    alone from its values (:meth:`Predictor._alone_value`)."""
+    ``calibration``; :mod:`training.calibration`); a list of Python floats for a row answered
+    alone from its values (:meth:`Predictor._alone_value`) and for a member of a loop batch
+    (a slice of the run's answers)."""
     signals: list[int]
     """``xylen.v1.Signal`` number per row, from the thresholds (:mod:`xylen_server.signals`)."""
     prediction_ids: list[str]
     seconds: float
     rows: np.ndarray | list[float]
     """The float32 feature matrix the model ran on (kept by the prediction log), or the one
-    row's values as a list of floats when it was answered alone from them (the float32
-    values the model ran on are exactly these rounded)."""
+    row's values as a list of floats when it went to the engine from them, alone or in a loop
+    batch (the float32 values the model ran on are exactly these rounded)."""
     waited: float = 0.0
     """Seconds the batch waited for a worker thread (and its session); 0 on the loop."""
     on_loop: bool = False
     """True when the batch ran on the event loop's own session, not the pool's."""
     raw_probabilities: np.ndarray | list[float] | None = None
-    """The engine's P(up) before calibration (the same array when the model has none)."""
+    """The engine's P(up) before calibration (the same values when the model has none)."""
 
     def feature_matrix(self) -> np.ndarray:
         """:attr:`rows` as the float32 (rows, width) matrix the model ran on (a list of one
