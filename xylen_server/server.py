@@ -218,6 +218,7 @@ async def build_server(
     predictor.on_dropped = recorder.event
     feedback = FeedbackLoop(settings)
     predictor.on_answer = feedback.record
+    predictor.after_the_answer = call.after_the_answer  # one callback a turn, with the metrics
     models = ModelManager(settings, predictor)
     retrainer = Retrainer(settings, feedback, models)
     servicer = ModelServicer(predictor, feedback, models, retrainer, admission)

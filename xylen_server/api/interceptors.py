@@ -17,7 +17,9 @@ what it does.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -40,6 +42,7 @@ from xylen_server.errors import (
 from xylen_server.loops import LoopCache
 
 _OK = "OK"
+logger = logging.getLogger(__name__)
 
 
 def _code_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -123,12 +126,30 @@ class CallInterceptor(HandlerInterceptor):
         """Innermost first: how a method of any other shape is wrapped."""
         self._ended: list[tuple[str, str, float, str]] = []
         """Unary calls ended in this turn of the loop, recorded in its next
-        (:meth:`_record_ended`)."""
+        (:meth:`_after_the_answers`)."""
+        self._after: list[tuple[Callable[[Any], object], Any]] = []
+        """Work handed over in this turn to run in the next (:meth:`after_the_answer`)."""
+        self._running_loop = LoopCache().get
         super().__init__()  # asks grpc for each method's handler once and keeps the wrapping
 
-    def _record_ended(self) -> None:
-        ended = self._ended[:]
+    def after_the_answer(self, work: Callable[[Any], object], argument: Any) -> None:
+        """Run ``work(argument)`` in the event loop's next turn, after grpc has sent the
+        answers of this one, with the metrics of the calls ending in it: one callback a turn
+        for both (the predictor hands its answers to the prediction log this way). Call on
+        the event loop."""
+        if not self._ended and not self._after:
+            self._running_loop().call_soon(self._after_the_answers)
+        self._after.append((work, argument))
+
+    def _after_the_answers(self) -> None:
+        after, ended = self._after[:], self._ended[:]  # the wrappers hold these very lists
+        self._after.clear()
         self._ended.clear()
+        for work, argument in after:
+            try:
+                work(argument)
+            except Exception:  # one failure is not the others' (as separate callbacks were)
+                logger.exception("the work handed over after an answer failed")
         self.recorder.unary_ended(ended)
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -152,11 +173,11 @@ class CallInterceptor(HandlerInterceptor):
         kind = auth.method_kind(method)
         check = self.credentials.checker(method, kind) if self.credentials.guards(kind) else None
         started_call = recorder.started
-        ended = self._ended
+        ended, after = self._ended, self._after
         clock = time.perf_counter
         caller = auth.CALLER
-        running_loop = LoopCache().get
-        record_ended = self._record_ended
+        running_loop = self._running_loop
+        after_the_answers = self._after_the_answers
 
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = clock()
@@ -189,9 +210,9 @@ class CallInterceptor(HandlerInterceptor):
                 await context.abort_with_status(to_grpc_status(exc))  # type: ignore[attr-defined]
             finally:
                 # Counted and timed in the loop's next turn (grpc sends the answer first),
-                # with every other call that ends in this turn.
-                if not ended:
-                    running_loop().call_soon(record_ended)
+                # with every other call that ends in this turn and what was handed over in it.
+                if not ended and not after:
+                    running_loop().call_soon(after_the_answers)
                 code = context.code()  # None when the handler answered: no call for an OK
                 name = _OK if code is None else _code_text(code)
                 ended.append((method, name, clock() - started, reason))

@@ -249,6 +249,10 @@ class Predictor:
         self.on_answer: Callable[[Result], None] | None = None
         """Called with every answered batch (the prediction log, the inference metrics), in
         the event loop's next turn (a traced call's at once): see the module's docstring."""
+        self.after_the_answer: Callable[[Callable[[Result], None], Result], None] | None = None
+        """How :attr:`on_answer` is put off to the loop's next turn: the server's
+        :meth:`~xylen_server.api.interceptors.CallInterceptor.after_the_answer`, one callback
+        a turn with the calls' metrics (None: ``loop.call_soon``, one callback an answer)."""
         self._batch: _LoopBatch | None = None
         """Requests waiting for this turn's inference on the loop (None: none yet)."""
         self._running_loop = LoopCache().get
@@ -446,7 +450,7 @@ class Predictor:
         raw = model.engine.predict_on_loop(rows)
         result = self._result(model, raw, rows, time.perf_counter() - started, 0.0, True)
         if self.on_answer is not None:
-            loop.call_soon(self.on_answer, result)
+            self._hand_over(loop, result)
         self.loop_runs += 1
         self.lone_runs += 1
         return result
@@ -478,10 +482,18 @@ class Predictor:
             [raw],
         )
         if self.on_answer is not None:
-            loop.call_soon(self.on_answer, result)
+            self._hand_over(loop, result)
         self.loop_runs += 1
         self.lone_runs += 1
         return result
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop, result: Result) -> None:
+        """``result`` to :attr:`on_answer` in the loop's next turn."""
+        assert self.on_answer is not None
+        if self.after_the_answer is None:
+            loop.call_soon(self.on_answer, result)
+        else:
+            self.after_the_answer(self.on_answer, result)
 
     def _run_batch(self) -> None:
         """Run the batch in the first turn of the loop that has nothing else ready to run (or
@@ -547,7 +559,7 @@ class Predictor:
             )
             offset = end
         if self.on_answer is not None:  # after the members' wake-ups: they answer first
-            batch.loop.call_soon(self.on_answer, run)
+            self._hand_over(batch.loop, run)
 
     def _result(
         self,
@@ -640,7 +652,7 @@ class Predictor:
         result = self._result(model, probabilities, rows, seconds, waited, on_loop)
         if self.on_answer is not None:
             if parent is None:
-                self._running_loop().call_soon(self.on_answer, result)
+                self._hand_over(self._running_loop(), result)
             else:
                 with telemetry.tracer(__name__).start_as_current_span("log", context=parent):
                     self.on_answer(result)
