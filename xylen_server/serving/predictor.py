@@ -183,11 +183,6 @@ class _LoopBatch:
             self.matrices += 1
         return answer
 
-    def width(self, index: int) -> int:
-        """How many rows request ``index`` brought."""
-        block = self.blocks[index]
-        return 1 if block.__class__ is list else len(block)
-
     def matrix(self, members: list[int]) -> np.ndarray:
         """The float32 matrix of ``members``' rows, as the engines take it: one conversion of
         the lists of values (which :func:`~training.metadata.model_input` would leave as they
@@ -218,7 +213,8 @@ class _LoopBatch:
         for index, (served, answer) in enumerate(zip(self.owners, self.answers, strict=True)):
             if answer.done():
                 continue
-            rows = self.width(index)
+            block = self.blocks[index]
+            rows = 1 if block.__class__ is list else len(block)
             if served is not current or size + rows > LOOP_BATCH_MAX_ROWS:
                 runs.append((served.model, []))
                 current, size = served, 0
