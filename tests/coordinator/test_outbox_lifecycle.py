@@ -26,8 +26,9 @@ import grpc
 import pytest
 from coordinator.helpers import endpoint, free_port, write_config
 from coordinator.recording_model_server import RecordingModelServer
-from coordinator.test_outbox_retention import DAY, Prepared, _record, _refusal, _scrape, _wait
+from coordinator.test_outbox_retention import DAY, Prepared, _record, _refusal, _wait
 from coordinator.test_serve import CoordinatorProcess, coordinator_factory  # noqa: F401
+from metrics_page import scrape, series_value, with_prefix
 
 from xylen.v1 import ensemble_service_pb2 as epb
 from xylen.v1 import model_service_pb2 as pb
@@ -270,12 +271,16 @@ def test_a_coordinator_exports_the_new_counters_from_0_and_sighup_changes_the_re
         line = process.proc.stdout.readline()  # type: ignore[union-attr]
         assert line.startswith("xylen-coordinator metrics on port "), process.log()
         port = int(line.rsplit(" ", 1)[1])
-        refused = 'xylen_coordinator_feedback_refused_total{code="PERMISSION_DENIED",endpoint="m1"}'
-        abandoned = 'xylen_coordinator_feedback_abandoned_total{endpoint="m1"}'
-        scraped = _scrape(port, "xylen_coordinator_feedback_")
-        assert scraped[refused] == 0 and scraped[abandoned] == 0, scraped
+        refused = "xylen_coordinator_feedback_refused_total"
+        abandoned = "xylen_coordinator_feedback_abandoned_total"
+        denied = {"code": "PERMISSION_DENIED", "endpoint": "m1"}
+        scraped = with_prefix(scrape(port), "xylen_coordinator_feedback_")
+        assert (
+            series_value(scraped, refused, **denied) == 0
+            and series_value(scraped, abandoned, endpoint="m1") == 0
+        ), scraped
         for code in ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE"):
-            assert scraped[refused.replace("PERMISSION_DENIED", code)] == 0, scraped
+            assert series_value(scraped, refused, code=code, endpoint="m1") == 0, scraped
 
         stub = process.stub
         answer = stub.Predict(epb.EnsembleServicePredictRequest(inputs=ROW), timeout=10)
@@ -286,7 +291,7 @@ def test_a_coordinator_exports_the_new_counters_from_0_and_sighup_changes_the_re
                 prediction_id=row.prediction_id, outcome=outcome
             )
             stub.Feedback(request, timeout=10)
-        _wait(lambda: _scrape(port, "xylen_coordinator_feedback_")[refused] == 1, "the refusal")
+        _wait(lambda: series_value(scrape(port), refused, **denied) == 1, "the refusal")
 
         def unknown() -> str:
             request = epb.EnsembleServiceFeedbackRequest(prediction_id="ens-never", outcome=outcome)

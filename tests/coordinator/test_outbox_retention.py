@@ -13,7 +13,6 @@ import asyncio
 import logging
 import re
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +26,7 @@ from coordinator.recording_model_server import RecordingModelServer
 from coordinator.test_serve import CoordinatorProcess, coordinator_factory  # noqa: F401
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from metrics_page import scrape, series_value, value, with_prefix
 
 from xylen.v1 import ensemble_service_pb2 as epb
 from xylen.v1 import model_service_pb2 as pb
@@ -357,18 +357,6 @@ def _wait(check: Callable[[], object], what: str, timeout: float = 30.0) -> None
         time.sleep(0.05)
 
 
-def _scrape(port: int, prefix: str = "xylen_coordinator_outbox_") -> dict[str, float]:
-    """The series of a coordinator's ``/metrics`` whose names start with ``prefix``."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
-
-
 def _refusal(call: Callable[[], object]) -> tuple[grpc.StatusCode, str, str]:
     with pytest.raises(grpc.RpcError) as info:
         call()
@@ -419,12 +407,15 @@ def test_a_coordinator_sweeps_at_start_and_callers_see_not_found_for_swept_ids(
     metrics_line = process.proc.stdout.readline()  # type: ignore[union-attr]
     assert metrics_line.startswith("xylen-coordinator metrics on port "), process.log()
     metrics_port = int(metrics_line.rsplit(" ", 1)[1])
-    pruned = 'xylen_coordinator_outbox_pruned_total{table="%s"}'
-    _wait(lambda: _scrape(metrics_port).get(pruned % "predictions") == 51, "the start sweep")
-    scraped = _scrape(metrics_port)
-    assert scraped[pruned % "outcomes"] == 1 and scraped[pruned % "deliveries"] == 1, scraped
-    failures = 'xylen_coordinator_outbox_failures_total{part="retention_sweep"}'
-    assert scraped[failures] == 0, scraped
+    pruned = "xylen_coordinator_outbox_pruned_total"
+    _wait(lambda: value(scrape(metrics_port), pruned, table="predictions") == 51, "the start sweep")
+    outbox = with_prefix(scrape(metrics_port), "xylen_coordinator_outbox_")
+    assert (
+        series_value(outbox, pruned, table="outcomes") == 1
+        and series_value(outbox, pruned, table="deliveries") == 1
+    ), outbox
+    failures = "xylen_coordinator_outbox_failures_total"
+    assert series_value(outbox, failures, part="retention_sweep") == 0, outbox
     assert "outbox retention sweep: 51 predictions, 1 outcomes and 1 deliveries older than " \
         "7 days removed" in process.log()  # fmt: skip
 

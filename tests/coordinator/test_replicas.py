@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 from coordinator.helpers import write_config
 from grpc_health.v1 import health_pb2
+from metrics_page import scrape, value
 
 from xylen_coordinator import AsyncCoordinator
 from xylen_coordinator.config import ConfigError, parse_config
@@ -35,16 +35,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 def rows_answered(server: harness.ServerProcess, host: str = "127.0.0.1") -> int:
     """Rows the server answered by Predict and PredictStream, from its own /metrics."""
-    url = f"http://{host}:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    return int(
-        sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("xylen_predict_rows_total")
-        )
-    )
+    samples = scrape(f"http://{host}:{server.metrics_port}/metrics", timeout=5)
+    return int(value(samples, "xylen_predict_rows_total"))
 
 
 def free_port(*hosts: str) -> int:

@@ -4,7 +4,6 @@ signal; and two models with different LOOKBACK_PERIODS / FEATURES served side by
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import harness
 import numpy as np
 import pytest
 from errorinfo import error_info
-from prometheus_client.parser import text_string_to_metric_families
+from metrics_page import by_label, scrape
 
 from training import features as F
 from training.config import load_config
@@ -198,15 +197,7 @@ def test_a_model_whose_features_are_not_defined_is_refused(trained: Path, tmp_pa
 
 def _edges(server: harness.InProcessServer) -> dict[str, float]:
     """The ``xylen_model_signal_edge`` samples of the server's /metrics, by side."""
-    port = server.running.metrics_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
-    return {
-        sample.labels["side"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "xylen_model_signal_edge"
-    }
+    return by_label(scrape(server.running.metrics_port), "xylen_model_signal_edge", "side")
 
 
 def test_the_signal_edge_is_exported_by_side_and_absent_when_not_recorded(

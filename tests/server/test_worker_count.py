@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from harness import server_run
-from prometheus_client.parser import text_string_to_metric_families
+from metrics_page import by_label, parse
 
 from xylen_server.errors import SettingsError
 from xylen_server.settings import Settings
@@ -206,12 +206,6 @@ def test_merged_pages_keep_each_family_together_and_parse():
     assert lines.index("# TYPE latency_seconds histogram") > max(
         i for i, line in enumerate(lines) if line.startswith("calls_total")
     )
-    families = {f.name: f for f in text_string_to_metric_families(merged)}
-    calls = {s.labels["worker"]: s.value for s in families["calls"].samples}
-    assert calls == {"0": 3.0, "1": 5.0}
-    counts = {
-        s.labels["worker"]: s.value
-        for s in families["latency_seconds"].samples
-        if s.name == "latency_seconds_count"
-    }
-    assert counts == {"0": 3.0, "1": 5.0}
+    samples = parse(merged)
+    assert by_label(samples, "calls_total", "worker") == {"0": 3.0, "1": 5.0}
+    assert by_label(samples, "latency_seconds_count", "worker") == {"0": 3.0, "1": 5.0}

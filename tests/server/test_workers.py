@@ -9,20 +9,19 @@ import os
 import shutil
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
+import metrics_page
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 from harness import feature_input, health_status, server_run, start_server, write_model
 from learning_helpers import feedback
-from prometheus_client.parser import text_string_to_metric_families
+from metrics_page import by_label, by_labels, fetch, get, scrape
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
@@ -32,36 +31,19 @@ OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 ROW = [0.001 * (i + 1) for i in range(25)]
 
 
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 def fleet(server: ServerProcess) -> dict[str, Any]:
     """The supervisor's /health."""
-    _, body = get(f"{server.metrics_url}/health")
-    answer = json.loads(body)
+    answer = json.loads(get(f"{server.metrics_url}/health").text)
     assert isinstance(answer, dict)
     return answer
 
 
 def counts(server: ServerProcess, method: str) -> dict[str, float]:
     """Calls of ``method`` answered OK so far, per worker, from the merged /metrics."""
-    _, body = get(f"{server.metrics_url}/metrics")
-    found: dict[str, float] = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            labels = sample.labels
-            if (
-                sample.name == "rpc_server_requests_total"
-                and labels.get("rpc_method") == method
-                and labels.get("rpc_grpc_status_code") == "OK"
-            ):
-                found[labels["worker"]] = found.get(labels["worker"], 0) + sample.value
-    return found
+    samples = scrape(f"{server.metrics_url}/metrics")
+    return by_label(
+        samples, "rpc_server_requests_total", "worker", rpc_method=method, rpc_grpc_status_code="OK"
+    )
 
 
 def one_call(server: ServerProcess, fn: Any) -> Any:
@@ -160,9 +142,7 @@ def test_the_port_stays_protected_from_another_server(two: ServerProcess, root: 
 
 def test_merged_metrics_show_both_workers_with_whole_histograms(two: ServerProcess):
     one_call(two, predict)
-    status, body = get(f"{two.metrics_url}/metrics")
-    assert status == 200
-    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    families = metrics_page.families(fetch(f"{two.metrics_url}/metrics"))
     duration = families["rpc_server_duration_seconds"]
     assert duration.type == "histogram"
     for worker in ("0", "1"):
@@ -286,7 +266,7 @@ def test_a_worker_killed_is_restarted_while_the_other_answers(two: ServerProcess
     # Not every worker is ready: the survivor answers calls but health says NOT_SERVING.
     wait_until(lambda: fleet(two)["serving"] is False, what="/health to say not serving")
     assert probe() == health_pb2.HealthCheckResponse.NOT_SERVING
-    assert get(f"{two.metrics_url}/health")[0] == 503
+    assert get(f"{two.metrics_url}/health").status == 503
     answered = 0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -336,17 +316,11 @@ def test_sigterm_drains_both_workers_and_exits_zero(root: Path):
     assert "workers exited [0, 0]" in log
 
 
-def status_counts(server: ServerProcess, method: str) -> dict[tuple[str, str], float]:
+def status_counts(server: ServerProcess, method: str) -> dict[tuple[str, ...], float]:
     """Calls of ``method`` so far by (worker, status code), from the merged /metrics."""
-    _, body = get(f"{server.metrics_url}/metrics")
-    found: dict[tuple[str, str], float] = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            labels = sample.labels
-            if sample.name == "rpc_server_requests_total" and labels.get("rpc_method") == method:
-                key = (labels["worker"], labels["rpc_grpc_status_code"])
-                found[key] = found.get(key, 0) + sample.value
-    return found
+    samples = scrape(f"{server.metrics_url}/metrics")
+    keys = ("worker", "rpc_grpc_status_code")
+    return by_labels(samples, "rpc_server_requests_total", keys, rpc_method=method)
 
 
 def test_forwarded_feedback_keeps_the_callers_credentials(root: Path):

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
 import urllib.request
 
 import grpc
+import metrics_page
 import pytest
 from errorinfo import error_info
 from harness import InProcessServer, feature_input
 from learning_helpers import learning_settings
-from prometheus_client.parser import text_string_to_metric_families
+from metrics_page import PROMETHEUS_TEXT, Sample, get, select, value
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
@@ -21,33 +21,9 @@ from xylen.v1 import model_service_pb2_grpc as pb_grpc
 PREDICT = {"rpc_method": "Predict", "rpc_service": "xylen.v1.ModelService"}
 
 
-def get(url: str) -> tuple[int, str, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.headers["Content-Type"], response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers["Content-Type"], exc.read().decode()
-
-
-def scrape(port: int) -> dict[str, list[tuple[str, dict[str, str], float]]]:
-    """Every sample of ``/metrics`` by family name: (sample name, labels, value)."""
-    status, content_type, text = get(f"http://127.0.0.1:{port}/metrics")
-    assert status == 200 and content_type.startswith("text/plain; version=")
-    families = {}
-    for family in text_string_to_metric_families(text):
-        families[family.name] = [(s.name, s.labels, s.value) for s in family.samples]
-    return families
-
-
-def value(families, sample: str, **labels: str) -> float:
-    """Sum of the samples named ``sample`` whose labels include ``labels``."""
-    family = sample.removesuffix("_total").removesuffix("_count").removesuffix("_sum")
-    family = family.removesuffix("_bucket")
-    return sum(
-        v
-        for name, got, v in families.get(family, [])
-        if name == sample and all(got.get(k) == want for k, want in labels.items())
-    )
+def scrape(port: int) -> list[Sample]:
+    """Every sample of the server's ``/metrics``, served as Prometheus text."""
+    return metrics_page.scrape(port, content_type=PROMETHEUS_TEXT)
 
 
 def eventually(check, timeout: float = 10.0) -> None:
@@ -86,11 +62,13 @@ def test_metrics_move_with_the_calls_and_parse_as_prometheus_text(two_versions, 
         assert value(after, "rpc_server_duration_seconds_count", **ok) == 8
         assert value(after, "rpc_server_duration_seconds_sum", **ok) > 0
         buckets = [
-            labels["le"]
-            for name, labels, _ in after["rpc_server_duration_seconds"]
-            if name.endswith("_bucket")
-            and labels["rpc_grpc_status_code"] == "OK"
-            and labels["rpc_method"] == "Predict"
+            s.labels["le"]
+            for s in select(
+                after,
+                "rpc_server_duration_seconds_bucket",
+                rpc_grpc_status_code="OK",
+                rpc_method="Predict",
+            )
         ]
         assert buckets[0] == "0.0001" and "1.0" in buckets and buckets[-1] == "+Inf"
         bad = {**PREDICT, "rpc_grpc_status_code": "INVALID_ARGUMENT"}
@@ -102,9 +80,9 @@ def test_metrics_move_with_the_calls_and_parse_as_prometheus_text(two_versions, 
         assert value(after, "xylen_inference_time_seconds_total", where="loop") > 0
         assert value(after, "xylen_inference_time_seconds_total", where="pool") > 0
         assert value(after, "rpc_server_active_requests", **PREDICT) == 0
-        info = after["xylen_model_info"]
-        assert [(labels["model_version"], v) for _, labels, v in info] == [("2", 1.0)]
-        assert info[0][1]["model_type"] == "lightgbm" and info[0][1]["engine"] == "onnx"
+        info = select(after, "xylen_model_info")
+        assert [(s.labels["model_version"], s.value) for s in info] == [("2", 1.0)]
+        assert info[0].labels["model_type"] == "lightgbm" and info[0].labels["engine"] == "onnx"
         assert value(after, "xylen_model_version") == 2
         assert value(after, "xylen_model_serving") == 1
         assert value(after, "xylen_model_swaps_total", kind="rolled_back") == 1

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import polars as pl
 import pytest
 from harness import InProcessServer, feature_input, write_model
 from learning_helpers import feedback, fill_disk, learning_settings, tmpfs
-from prometheus_client.parser import text_string_to_metric_families
+from metrics_page import by_label, scrape
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
@@ -40,14 +39,7 @@ COMPACTION_ATTEMPTS = 3
 
 def _failures(port: int) -> dict[str, float]:
     """``xylen_storage_failures_total`` by part, as the metrics port exports it."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    found: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "xylen_storage_failures_total":
-                found[sample.labels["part"]] = sample.value
-    return found
+    return by_label(scrape(port), "xylen_storage_failures_total", "part")
 
 
 def _warnings(caplog: pytest.LogCaptureFixture, logger: str) -> list[logging.LogRecord]:
