@@ -115,8 +115,19 @@ def measure(
     source: Path = REPO,
 ) -> dict[tuple[str, int], Counted]:
     """The echo's and xylen's unary Predict's counts at each level, servers side by side."""
+    with tempfile.TemporaryDirectory(prefix="xylen-bench-calls-") as work:
+        return _measure(model_root, request, levels, seconds, source, Path(work))
+
+
+def _measure(
+    model_root: Path,
+    request: pb.PredictRequest,
+    levels: Sequence[int],
+    seconds: float,
+    source: Path,
+    work: Path,
+) -> dict[tuple[str, int], Counted]:
     payload = request.SerializeToString()
-    work = Path(tempfile.mkdtemp(prefix="xylen-bench-calls-"))
     echo_out, xylen_out = work / "echo.tsv", work / "xylen.tsv"
     echo = Process(
         [sys.executable, "-m", "bench.echo_server"],
