@@ -1,6 +1,8 @@
 """Unary calls are counted and timed in the loop's turn after they end, all those ending in one
 turn under one taking of the recorder's lock (:meth:`Recorder.unary_ended`): under load every
-call is still counted once, by method, status code and reason, and none stays in flight."""
+call is still counted once, by method, status code and reason, and none stays in flight. The
+predictor's answers reach the prediction log in that same callback, and one hand-over failing
+stops neither the others nor the metrics. Real servers on loopback ports."""
 
 from __future__ import annotations
 
