@@ -101,8 +101,8 @@ class _Served:
         self.inflight = 0
         self.drained: asyncio.Event | None = None  # set by swap() once the model is replaced
 
-    def leave(self) -> None:
-        self.inflight -= 1
+    def leave(self, requests: int = 1) -> None:
+        self.inflight -= requests
         if self.inflight == 0 and self.drained is not None:
             self.drained.set()
 
@@ -142,7 +142,6 @@ class _LoopBatch:
         "blocks",
         "featurised",
         "loop",
-        "matrices",
         "owners",
         "rows",
         "turns",
@@ -159,8 +158,6 @@ class _LoopBatch:
         self.featurised: list[float] = []
         self.answers: list[asyncio.Future[Result]] = []
         self.rows = 0
-        self.matrices = 0
-        """Requests that brought a matrix, not one row's list of values."""
         self.turns = 1
         """Turns of the loop the batch has waited so far."""
         self.again: asyncio.Handle | None = None
@@ -176,33 +173,19 @@ class _LoopBatch:
         self.blocks.append(rows)
         self.featurised.append(featurised)
         self.answers.append(answer)
-        if rows.__class__ is list:
-            self.rows += 1
-        else:
-            self.rows += len(rows)
-            self.matrices += 1
+        self.rows += 1 if rows.__class__ is list else len(rows)
         return answer
 
     def matrix(self, members: list[int]) -> np.ndarray:
         """The float32 matrix of ``members``' rows, as the engines take it: one conversion of
         the lists of values (which :func:`~training.metadata.model_input` would leave as they
         are, rounded to float32 alike), else ``model_input`` of all the rows together."""
-        blocks = self.blocks if len(members) == len(self.blocks) else self.picked(members)
-        if self.matrices == 0 or not any([block.__class__ is not list for block in blocks]):
+        blocks = [self.blocks[i] for i in members]
+        if all([block.__class__ is list for block in blocks]):  # a list: no generator's frame
             return np.array(blocks, dtype=np.float32)
         if len(blocks) == 1:
             return model_input(cast(np.ndarray, blocks[0]))  # not a list: the test above
         return model_input(np.concatenate([np.atleast_2d(block) for block in blocks]))
-
-    def picked(self, members: list[int]) -> list[np.ndarray | list[float]]:
-        return [self.blocks[i] for i in members]
-
-    def featurised_seconds(self, members: list[int]) -> float:
-        """The seconds ``members`` spent being validated and featurised."""
-        featurised = self.featurised
-        if len(members) == len(featurised):
-            return sum(featurised)
-        return sum([featurised[i] for i in members])
 
     def runs(self) -> list[tuple[LoadedModel, list[int]]]:
         """The requests still waiting (a cancelled caller's rows are not run), grouped into runs
@@ -510,10 +493,8 @@ class Predictor:
                 self._answer_run(batch, model, members)
         finally:
             owners = batch.owners
-            first = owners[0] if owners else None
-            if first is not None and owners.count(first) == len(owners):  # one model's: one leave
-                first.inflight -= len(owners) - 1
-                first.leave()
+            if owners and owners.count(owners[0]) == len(owners):  # one model's: one leave
+                owners[0].leave(len(owners))
             else:
                 for served in owners:
                     served.leave()
@@ -526,7 +507,7 @@ class Predictor:
             rows = batch.matrix(members)
             raw = model.engine.predict_on_loop(rows)
             seconds = time.perf_counter() - started
-            featurised = batch.featurised_seconds(members)
+            featurised = sum([batch.featurised[i] for i in members])
             run = self._result(model, raw, rows, featurised + seconds, 0.0, True)
             # Each member's answer in Python floats: a list's slice, not four numpy views
             probabilities, raws = cast(np.ndarray, run.probabilities).tolist(), raw.tolist()
