@@ -116,7 +116,11 @@ class AsyncCoordinator:
         self._started = True
         config = self._initial
         self._snapshot = _Snapshot(config, self._make_clients(config, {}))
-        await self._ledger.open(config.feedback_queue, self._current_clients)
+        try:
+            await self._ledger.open(config.feedback_queue, self._current_clients)
+        except BaseException:  # e.g. another coordinator holds the outbox: nothing left open
+            await self.close()
+            raise
         await self.wait_health_known(wait_seconds)
         return self
 

@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -51,7 +53,7 @@ from typing import Any, TypeVar
 import grpc
 
 from xylen.v1 import model_service_pb2 as pb
-from xylen_coordinator.config import FeedbackQueueSettings
+from xylen_coordinator.config import ConfigError, FeedbackQueueSettings
 from xylen_coordinator.ensemble import Label
 from xylen_coordinator.metrics import Metrics
 from xylen_coordinator.replicas import ReplicaSet
@@ -176,15 +178,39 @@ class StoredOutcome:
     outcome: pb.TradeOutcome
 
 
+def _own(path: Path) -> int:
+    """An open descriptor of ``path``'s lock file (``<path>.lock``), flocked: one coordinator
+    per outbox. Two would each forward the same deliveries and prune under each other (and
+    race to add a column to an old file); the second is refused, naming the file."""
+    lock = path.with_name(f"{path.name}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"feedback_queue.path {path} is in use by another coordinator (it holds {lock}); "
+            "give each coordinator a feedback_queue.path of its own"
+        ) from None
+    return fd
+
+
 class Outbox:
-    """The SQLite file of outcomes to forward (and the prediction log), used from one thread."""
+    """The SQLite file of outcomes to forward (and the prediction log), used from one thread.
+    One coordinator at a time: a second one opening the same file gets a ConfigError."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _own(path)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="feedback-db")
         self._db: sqlite3.Connection | None = None
-        self._executor.submit(self._open).result()
+        try:
+            self._executor.submit(self._open).result()
+        except BaseException:
+            self._executor.shutdown()
+            os.close(self._lock_fd)
+            raise
 
     def _open(self) -> None:
         db = sqlite_connect(self.path)  # WAL, synchronous=FULL: as the server's feedback store
@@ -455,6 +481,7 @@ class Outbox:
         if self._db is not None:
             self._db.close()
             self._db = None
+            os.close(self._lock_fd)  # releases the flock: another coordinator may open it now
 
     async def close(self) -> None:
         await self.run(self._close)

@@ -167,7 +167,13 @@ async def serve(
     print(f"xylen-coordinator listening on port {running.port}", flush=True)
     if running.metrics_http is not None:
         print(f"xylen-coordinator metrics on port {running.metrics_port}", flush=True)
-    await coordinator.start()
+    try:
+        await coordinator.start()
+    except BaseException:  # the caller reports why; the listener and /metrics go first
+        await running.server.stop(None)
+        if running.metrics_http is not None:
+            await running.metrics_http.stop()
+        raise
     await running.set_serving(True)
     logger.info(
         "SERVING the ensemble of %s on port %d",

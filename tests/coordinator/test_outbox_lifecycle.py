@@ -34,6 +34,7 @@ from xylen.v1 import ensemble_service_pb2 as epb
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import types_pb2
 from xylen_coordinator import Coordinator
+from xylen_server.durable import sqlite_connect
 from xylen_server.errors import NotFound
 
 HOUR = 3600.0
@@ -48,10 +49,10 @@ def _abandon_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     ]
 
 
-def _new_outcome_for_gone(coordinator: Coordinator, path: Path, pid: str) -> str:
-    """An outcome for ``pid`` to forward to ``gone`` only, written into the outbox file beside
-    the running coordinator, then a sweep: the state of its delivery."""
-    writer = Prepared(path)
+def _new_outcome_for_gone(coordinator: Coordinator, pid: str) -> str:
+    """An outcome for ``pid`` to forward to ``gone`` only, written into the running
+    coordinator's outbox behind its back, then a sweep: the state of its delivery."""
+    writer = Prepared(outbox=coordinator.aio._ledger._outbox)
     try:
         writer.outcome(pid, _record(time.time(), ("gone",)), time.time(), {"gone": "pending"})
     finally:
@@ -112,7 +113,7 @@ def test_deliveries_to_a_server_gone_longer_than_the_retention_are_abandoned_the
         assert coordinator.pending_feedback() == 1  # ens-old, for m1 and away
 
         # A late outcome for gone: abandoned at the next sweep, counted, no second line.
-        assert _new_outcome_for_gone(coordinator, path, "ens-late") == "abandoned"
+        assert _new_outcome_for_gone(coordinator, "ens-late") == "abandoned"
         assert metrics.abandoned_deliveries() == {"gone": 4}
         told = _abandon_lines(caplog)
         assert len(told) == 1, [r.getMessage() for r in told]
@@ -144,7 +145,7 @@ def test_deliveries_to_a_server_gone_longer_than_the_retention_are_abandoned_the
             feedback_queue={"path": str(path), "retention_seconds": HOUR},
         )
         coordinator.reload()
-        assert _new_outcome_for_gone(coordinator, path, "ens-back") == "pending"
+        assert _new_outcome_for_gone(coordinator, "ens-back") == "pending"
         assert metrics.abandoned_deliveries() == {"gone": 4}
 
 
@@ -224,14 +225,12 @@ def test_a_reload_changes_the_retention_and_the_backoff_without_a_restart(
                 coordinator.feedback("ens-2d", realized_return=0.01)
             assert "predictions are kept for 1 day" in str(gone.value)
 
-            def next_attempt() -> float:
-                reader = Prepared(path)
+            def next_attempt() -> float:  # read beside the coordinator, as an operator would
+                reader = sqlite_connect(path, read_only=True)
                 try:
-                    (due,) = reader.call(
-                        lambda: reader.outbox.db.execute(
-                            "SELECT due FROM deliveries WHERE prediction_id = ?", (pid,)
-                        ).fetchone()
-                    )
+                    (due,) = reader.execute(
+                        "SELECT due FROM deliveries WHERE prediction_id = ?", (pid,)
+                    ).fetchone()
                     return float(due)
                 finally:
                     reader.close()

@@ -64,10 +64,12 @@ def _outcome() -> bytes:
 
 
 class Prepared:
-    """Writes rows into an outbox file with chosen timestamps (its own Outbox, on its thread)."""
+    """Writes rows into an outbox file with chosen timestamps: through an Outbox of its own (the
+    file's one owner meanwhile), or a running coordinator's ``outbox``, on its thread."""
 
-    def __init__(self, path: Path) -> None:
-        self.outbox = Outbox(path)
+    def __init__(self, path: Path | None = None, outbox: Outbox | None = None) -> None:
+        self.owned = outbox is None
+        self.outbox = Outbox(path) if outbox is None else outbox  # type: ignore[arg-type]
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.outbox._executor.submit(fn, *args).result()
@@ -90,8 +92,9 @@ class Prepared:
                 self.call(self.outbox.settle, [(delivery, state, None, "")])
 
     def close(self) -> None:
-        self.call(self.outbox._close)
-        self.outbox._executor.shutdown()
+        if self.owned:
+            self.call(self.outbox._close)
+            self.outbox._executor.shutdown()
 
 
 def _counts(path: Path) -> dict[str, int]:
