@@ -21,6 +21,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,20 @@ class Store:
 
     def record(self, worker: int, i: int) -> Any:
         features = np.full(FEATURES, worker + i / 7, dtype=np.float32)
+        # The old store's records came before the stored label (a field the current ones need)
+        label = {"label": 1} if "label" in {f.name for f in fields(self.record_type)} else {}
         return self.record_type(
-            f"w{worker}-{i}", "model_1", 1, features, 0.6, 1, 3.5, 0.004, 1_700_000_000_000, 0
+            f"w{worker}-{i}",
+            "model_1",
+            1,
+            features,
+            0.6,
+            1,
+            3.5,
+            0.004,
+            1_700_000_000_000,
+            0,
+            **label,
         )
 
 
@@ -92,16 +105,20 @@ def _threads(
     kind: Store, directory: Path, group_commit: bool, workers: int, seconds: float
 ) -> tuple[float, str]:
     latencies: list[list[float]] = [[] for _ in range(workers)]
+    failures: list[BaseException] = []
     stop = time.perf_counter() + seconds
     with kind.open(directory, group_commit=group_commit, compact_rows=0) as store:
 
         def work(worker: int) -> None:
             i = 0
-            while time.perf_counter() < stop:
-                started = time.perf_counter()
-                store.append(kind.record(worker, i))
-                latencies[worker].append(time.perf_counter() - started)
-                i += 1
+            try:
+                while time.perf_counter() < stop:
+                    started = time.perf_counter()
+                    store.append(kind.record(worker, i))
+                    latencies[worker].append(time.perf_counter() - started)
+                    i += 1
+            except BaseException as exc:  # the figure would be the other threads' alone
+                failures.append(exc)
 
         started = time.perf_counter()
         threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
@@ -110,6 +127,10 @@ def _threads(
         for thread in threads:
             thread.join()
         elapsed = time.perf_counter() - started
+        if failures:
+            raise RuntimeError(f"{kind.name}: {len(failures)} of {workers} writers failed") from (
+                failures[0]
+            )
         records, commits = store.count(), _commits(store)
     ms = np.array([x for worker in latencies for x in worker]) * 1000
     rate = records / elapsed
@@ -144,16 +165,22 @@ def _compaction(directory: Path, rows: int) -> str:
     record = NEW.record
     with FeedbackStore(directory, compact_rows=0, compact_on_close=False) as store:
         workers = 32
-        done = threading.Barrier(workers + 1)
+        failures: list[BaseException] = []
 
         def work(worker: int) -> None:
-            for i in range(rows // workers):
-                store.append(record(worker, i))
-            done.wait()
+            try:
+                for i in range(rows // workers):
+                    store.append(record(worker, i))
+            except BaseException as exc:
+                failures.append(exc)
 
-        for w in range(workers):
-            threading.Thread(target=work, args=(w,)).start()
-        done.wait()
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if failures:
+            raise RuntimeError(f"{len(failures)} of {workers} writers failed") from failures[0]
         started = time.perf_counter()
         store.compact()
         compact_s = time.perf_counter() - started
