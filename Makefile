@@ -98,7 +98,10 @@ lint: $(STAMP) $(PROTO_STAMP)
 certs: $(STAMP)
 	$(PY) -m xylen_server.devtools.certs --out run/certs
 
+# Every section, one after another; `python -m bench replay` replays the default data with the
+# models of `make train`, made here first on a fresh checkout as `make demo` would.
 bench: $(STAMP) $(PROTO_STAMP)
+	@$(MAKE) --no-print-directory models-ready
 	$(PY) -m bench
 
 # Optional, not in `make test`: MLServer 1.7 with its LightGBM runtime in its own venv, served the

@@ -102,6 +102,10 @@ async def run(servers: list[harness.ServerProcess], workdir: Path) -> dict[str, 
     }
     config_path = workdir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
+    # The in-process library is a second coordinator: an outbox of its own (one per coordinator)
+    library_config = workdir / "library.yaml"
+    library_queue = {"feedback_queue": {"path": str(workdir / "library-feedback.sqlite3")}}
+    library_config.write_text(yaml.safe_dump(config | library_queue))
     coordinator_proc = subprocess.Popen(
         [sys.executable, "-m", "xylen_coordinator", "--log-level", "WARNING", "serve",
          "--config", str(config_path), "--host", "127.0.0.1", "--port", "0"],
@@ -114,7 +118,7 @@ async def run(servers: list[harness.ServerProcess], workdir: Path) -> dict[str, 
         async with (
             grpc.aio.insecure_channel(servers[0].address) as single_channel,
             grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ensemble_channel,
-            AsyncCoordinator(config_path) as library,
+            AsyncCoordinator(library_config) as library,
         ):
             single = pb_grpc.ModelServiceStub(single_channel)
             remote = epb_grpc.EnsembleServiceStub(ensemble_channel)

@@ -1,8 +1,7 @@
 """Continuous-learning benchmark, against real server processes on loopback:
 
 * Feedback over gRPC: acknowledged (committed, fsynced) records/s at concurrency 32, group commit
-  on / off, this server against the one with the hand-made WAL store
-  (:data:`~bench.bench_feedback.OLD_STORE_COMMIT`, extracted with ``git archive``), in turn;
+  on / off, in turn (the store against the one it replaced: ``python -m bench feedback``);
 * retrain time: the training job (the same subprocess the server runs, niced, 1 thread) on 10k
   and 100k feedback samples, incremental and full, and one whole Retrain RPC on 10k samples
   through the server (snapshot, train, gate, load, swap);
@@ -32,7 +31,6 @@ import grpc
 import numpy as np
 import polars as pl
 
-from bench.bench_feedback import OLD_STORE_COMMIT, REPO
 from bench.bench_server import Process, build_model, start_xylen
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
@@ -103,68 +101,40 @@ async def _feed(
     return sent
 
 
-def old_tree(root: Path) -> Path | str:
-    """The server code of :data:`~bench.bench_feedback.OLD_STORE_COMMIT` (the hand-made WAL
-    feedback store), extracted with ``git archive`` under ``root``; or why it cannot be. It
-    runs with this checkout's generated stubs and installed packages."""
-    target = root / "old-tree"
-    target.mkdir()
-    try:
-        archive = subprocess.run(
-            ["git", "archive", OLD_STORE_COMMIT, "xylen_server", "training"],
-            cwd=REPO,
-            capture_output=True,
-            check=True,
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        return f"the old store is not measured: git archive {OLD_STORE_COMMIT[:7]} failed ({exc})"
-    return target
-
-
 def feedback_throughput(root: Path, rows: np.ndarray, seconds: float) -> None:
+    """Acknowledged Feedback records/s through a server, group commit on and off in turn.
+
+    The store against the hand-made WAL store it replaced is ``python -m bench feedback``'s
+    comparison, in one process with the same code around both. Here the old store would need
+    the old server's code, which reads no model directory written today."""
     print("Feedback over gRPC, 32 concurrent callers, acknowledged = committed and fsynced:")
-    old = old_tree(root)
-    sources = {"SQLite store": REPO}
-    if isinstance(old, str):
-        print(f"  ({old})")
-    else:
-        sources = {"old WAL store": old, **sources}
     rates: dict[str, list[float]] = {}
     rounds = 3
-    for round_ in range(rounds):  # the servers take turns, so machine noise hits all alike
-        for name, source in sources.items():
-            for group in (True, False):
-                label = f"{name}, group commit {'on ' if group else 'off'}"
-                data = root / f"data-{round_}-{len(rates)}-{group}"
-                server = start_xylen(
-                    root / "models",
-                    {
-                        "FEEDBACK_DATA_DIR": str(data),
-                        "RETRAIN_AUTO": "false",
-                        "FEEDBACK_GROUP_COMMIT": str(group).lower(),
-                    },
-                    source,
-                )
-                try:
-                    address = f"127.0.0.1:{server.port}"
-                    asyncio.run(_feed(address, rows, 200, 10, "warm"))
-                    started = time.perf_counter()
-                    sent = asyncio.run(_feed(address, rows, None, seconds / rounds, "g"))
-                    rates.setdefault(label, []).append(sent / (time.perf_counter() - started))
-                finally:
-                    server.stop()
+    for round_ in range(rounds):  # group commit on and off take turns: noise hits both alike
+        for group in (True, False):
+            label = f"SQLite store, group commit {'on ' if group else 'off'}"
+            data = root / f"data-{round_}-{group}"
+            server = start_xylen(
+                root / "models",
+                {
+                    "FEEDBACK_DATA_DIR": str(data),
+                    "RETRAIN_AUTO": "false",
+                    "FEEDBACK_GROUP_COMMIT": str(group).lower(),
+                },
+            )
+            try:
+                address = f"127.0.0.1:{server.port}"
+                asyncio.run(_feed(address, rows, 200, 10, "warm"))
+                started = time.perf_counter()
+                sent = asyncio.run(_feed(address, rows, None, seconds / rounds, "g"))
+                rates.setdefault(label, []).append(sent / (time.perf_counter() - started))
+            finally:
+                server.stop()
     for label, values in rates.items():
         print(
             f"  {label}: {np.median(values):9,.0f} records/s acknowledged "
             f"(median of {rounds}: {', '.join(f'{v:,.0f}' for v in values)})"
         )
-    if not isinstance(old, str):
-        for state in ("on ", "off"):
-            ratio = np.median(rates[f"SQLite store, group commit {state}"]) / np.median(
-                rates[f"old WAL store, group commit {state}"]
-            )
-            print(f"  group commit {state}: SQLite / old WAL {ratio:.2f}x")
 
 
 def _samples_parquet(path: Path, rows: np.ndarray, n: int, seed: int) -> None:
