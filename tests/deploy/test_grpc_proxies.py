@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import harness
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from metrics_page import scrape, value
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
@@ -70,17 +70,10 @@ def free_ports(n: int) -> list[int]:
 
 def calls(server: harness.ServerProcess, method: str) -> int:
     """Calls of ``method`` the server answered OK, from its own /metrics."""
-    with urllib.request.urlopen(server.metrics_url + "/metrics", timeout=5) as response:
-        text = response.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if (
-            line.startswith("rpc_server_requests_total{")
-            and f'rpc_method="{method}"' in line
-            and 'rpc_grpc_status_code="OK"' in line
-        ):
-            total += float(line.rsplit(" ", 1)[1])
-    return int(total)
+    samples = scrape(server.metrics_url + "/metrics", timeout=5)
+    return int(
+        value(samples, "rpc_server_requests_total", rpc_method=method, rpc_grpc_status_code="OK")
+    )
 
 
 @dataclass
