@@ -25,8 +25,8 @@ from pathlib import Path
 import grpc
 import pytest
 from coordinator.helpers import endpoint, free_port, write_config
+from coordinator.outbox_rows import DAY, Prepared, prediction_row, refusal, wait_until
 from coordinator.recording_model_server import RecordingModelServer
-from coordinator.test_outbox_retention import DAY, Prepared, _record, _refusal, _wait
 from coordinator.test_serve import CoordinatorProcess, coordinator_factory  # noqa: F401
 from metrics_page import scrape, series_value, with_prefix
 
@@ -54,7 +54,9 @@ def _new_outcome_for_gone(coordinator: Coordinator, pid: str) -> str:
     coordinator's outbox behind its back, then a sweep: the state of its delivery."""
     writer = Prepared(outbox=coordinator.aio._ledger._outbox)
     try:
-        writer.outcome(pid, _record(time.time(), ("gone",)), time.time(), {"gone": "pending"})
+        writer.outcome(
+            pid, prediction_row(time.time(), ("gone",)), time.time(), {"gone": "pending"}
+        )
     finally:
         writer.close()
     coordinator.sweep_outbox()
@@ -79,12 +81,17 @@ def test_deliveries_to_a_server_gone_longer_than_the_retention_are_abandoned_the
         prepared.call(prepared.outbox.absent_targets, {"m1", "away"}, now - HOUR / 2)
         everyone = ("m1", "gone", "away")
         prepared.outcome(
-            "ens-old", _record(now - 3 * HOUR, everyone), now - 2 * HOUR,
+            "ens-old", prediction_row(now - 3 * HOUR, everyone), now - 2 * HOUR,
             dict.fromkeys(everyone, "pending"),
         )  # fmt: skip
-        prepared.outcome("ens-recent", _record(now - 60, ("gone",)), now - 30, {"gone": "pending"})
         prepared.outcome(
-            "ens-gone-only", _record(now - 3 * HOUR, ("gone",)), now - 2 * HOUR, {"gone": "pending"}
+            "ens-recent", prediction_row(now - 60, ("gone",)), now - 30, {"gone": "pending"}
+        )
+        prepared.outcome(
+            "ens-gone-only",
+            prediction_row(now - 3 * HOUR, ("gone",)),
+            now - 2 * HOUR,
+            {"gone": "pending"},
         )
     finally:
         prepared.close()
@@ -105,7 +112,7 @@ def test_deliveries_to_a_server_gone_longer_than_the_retention_are_abandoned_the
             "gone": "abandoned",
             "away": "pending",  # absent for half the retention: it may come back
         }
-        _wait(lambda: coordinator.delivery_states("ens-old")["m1"][1] > 0, "m1 retried")
+        wait_until(lambda: coordinator.delivery_states("ens-old")["m1"][1] > 0, "m1 retried")
         state, _, error = coordinator.delivery_states("ens-recent")["gone"]
         assert state == "abandoned"
         assert error.startswith("abandoned: gone not configured since "), error
@@ -159,7 +166,7 @@ def test_a_delivery_abandoned_while_it_was_tried_stays_abandoned_unless_delivere
     prepared = Prepared(tmp_path / "feedback.sqlite3")
     try:
         for pid in ("ens-a", "ens-b"):
-            prepared.outcome(pid, _record(0.0, ("gone",)), time.time(), {"gone": "pending"})
+            prepared.outcome(pid, prediction_row(0.0, ("gone",)), time.time(), {"gone": "pending"})
         read = prepared.call(prepared.outbox.due, time.time(), 10)
         assert prepared.call(prepared.outbox.abandon, "gone", "abandoned: test") == 2
         failed, delivered = sorted(read, key=lambda d: d.prediction_id)
@@ -190,7 +197,7 @@ def test_a_reload_changes_the_retention_and_the_backoff_without_a_restart(
     prepared = Prepared(path)
     try:
         created = time.time() - 2 * DAY
-        prepared.predictions([("ens-2d", created, _record(created, ("m1",)))])
+        prepared.predictions([("ens-2d", created, prediction_row(created, ("m1",)))])
     finally:
         prepared.close()
     server = RecordingModelServer("m1", 0.7, fail_feedback=10**9)
@@ -205,7 +212,7 @@ def test_a_reload_changes_the_retention_and_the_backoff_without_a_restart(
         with caplog.at_level(logging.INFO), Coordinator(config) as coordinator:
             pid = coordinator.predict(ROW).decision.prediction_id
             coordinator.feedback(pid, realized_return=0.01)
-            _wait(lambda: server.feedback_attempts >= 3, "retries every 0.2 s")
+            wait_until(lambda: server.feedback_attempts >= 3, "retries every 0.2 s")
             assert coordinator.sweep_outbox()["predictions"] == 0
 
             write_config(
@@ -235,7 +242,7 @@ def test_a_reload_changes_the_retention_and_the_backoff_without_a_restart(
                 finally:
                     reader.close()
 
-            _wait(lambda: next_attempt() > time.time() + HOUR / 2, "a retry an hour away")
+            wait_until(lambda: next_attempt() > time.time() + HOUR / 2, "a retry an hour away")
             assert coordinator.pending_feedback() == 1  # still queued, nothing lost
     finally:
         server.close()
@@ -290,17 +297,17 @@ def test_a_coordinator_exports_the_new_counters_from_0_and_sighup_changes_the_re
                 prediction_id=row.prediction_id, outcome=outcome
             )
             stub.Feedback(request, timeout=10)
-        _wait(lambda: series_value(scrape(port), refused, **denied) == 1, "the refusal")
+        wait_until(lambda: series_value(scrape(port), refused, **denied) == 1, "the refusal")
 
         def unknown() -> str:
             request = epb.EnsembleServiceFeedbackRequest(prediction_id="ens-never", outcome=outcome)
-            return _refusal(lambda: stub.Feedback(request, timeout=10))[1]
+            return refusal(lambda: stub.Feedback(request, timeout=10))[1]
 
         assert "predictions are kept for 7 days" in unknown()
         sections["feedback_queue"]["retention_seconds"] = 2 * DAY
         write_config(config, [endpoint("m1", server.port, 1.0)], **sections)
         process.proc.send_signal(signal.SIGHUP)
-        _wait(lambda: "predictions are kept for 2 days" in unknown(), "the reloaded retention")
+        wait_until(lambda: "predictions are kept for 2 days" in unknown(), "the reloaded retention")
         assert process.stop() == 0
     finally:
         server.close()

@@ -22,10 +22,16 @@ import grpc
 import pytest
 import yaml
 from coordinator.helpers import endpoint, write_config
+from coordinator.outbox_rows import (
+    DAY,
+    Prepared,
+    outcome_bytes,
+    prediction_row,
+    refusal,
+    wait_until,
+)
 from coordinator.recording_model_server import RecordingModelServer
 from coordinator.test_serve import CoordinatorProcess, coordinator_factory  # noqa: F401
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from metrics_page import scrape, series_value, value, with_prefix
 
 from xylen.v1 import ensemble_service_pb2 as epb
@@ -41,60 +47,15 @@ from xylen_coordinator.config import (
 )
 from xylen_coordinator.ensemble import AdaptiveWeights
 from xylen_coordinator.feedback import Ledger
-from xylen_coordinator.outbox import SWEEP_BATCH, Outbox, PredictionRecord
+from xylen_coordinator.outbox import SWEEP_BATCH
 from xylen_coordinator.results import RowDecision, VoteInfo
 from xylen_server.errors import NotFound
 from xylen_server.signals import Signal
 
 REPO = Path(__file__).resolve().parents[2]
-DAY = 86400.0
 WEEK = 7 * DAY
 FAR = time.time() + 1e9
 """A due time the forwarder never reaches while a test runs."""
-
-
-def _record(created: float, servers: tuple[str, ...] = ("m1", "m2")) -> PredictionRecord:
-    return PredictionRecord("BUY", {s: (f"{s}-x", 0.7) for s in servers}, created)
-
-
-def _outcome() -> bytes:
-    outcome = pb.TradeOutcome(realized_return=0.01, side=pb.TradeSide.TRADE_SIDE_LONG)
-    outcome.close_time.FromSeconds(int(time.time()) - 60)
-    return outcome.SerializeToString()
-
-
-class Prepared:
-    """Writes rows into an outbox file with chosen timestamps: through an Outbox of its own (the
-    file's one owner meanwhile), or a running coordinator's ``outbox``, on its thread."""
-
-    def __init__(self, path: Path | None = None, outbox: Outbox | None = None) -> None:
-        self.owned = outbox is None
-        self.outbox = Outbox(path) if outbox is None else outbox  # type: ignore[arg-type]
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.outbox._executor.submit(fn, *args).result()
-
-    def predictions(self, rows: list[tuple[str, float, PredictionRecord]]) -> None:
-        self.call(self.outbox.write_predictions, rows)
-
-    def outcome(
-        self, pid: str, record: PredictionRecord, received: float, states: dict[str, str]
-    ) -> None:
-        """An outcome for ``pid`` received at ``received``, its deliveries left in ``states``
-        (server -> pending, delivered or failed)."""
-        self.predictions([(pid, record.created, record)])
-        assert self.call(
-            self.outbox.enqueue, pid, _outcome(), record, tuple(states), received, received
-        )
-        for delivery in self.call(self.outbox.due, time.time() + 1e9, 10**6):
-            if delivery.prediction_id == pid and states[delivery.server_name] != "pending":
-                state = states[delivery.server_name]
-                self.call(self.outbox.settle, [(delivery, state, None, "")])
-
-    def close(self) -> None:
-        if self.owned:
-            self.call(self.outbox._close)
-            self.outbox._executor.shutdown()
 
 
 def _counts(path: Path) -> dict[str, int]:
@@ -144,15 +105,21 @@ def test_the_sweep_removes_old_rows_and_keeps_recent_ones_and_pending_deliveries
     try:
         n_old = 2 * SWEEP_BATCH + 333
         prepared.predictions(
-            [(f"old-{i}", old + i // 700, _record(old + i // 700)) for i in range(n_old)]
+            [(f"old-{i}", old + i // 700, prediction_row(old + i // 700)) for i in range(n_old)]
         )
-        prepared.predictions([(f"new-{i}", recent + i, _record(recent + i)) for i in range(500)])
-        prepared.outcome("o-delivered", _record(old), old, {"m1": "delivered", "m2": "delivered"})
-        prepared.outcome("o-failed", _record(old), old, {"m1": "delivered", "m2": "failed"})
-        prepared.outcome("o-no-target", _record(old), old, {})
-        prepared.outcome("o-pending", _record(old), old, {"m1": "delivered", "m2": "pending"})
-        prepared.outcome("o-recent", _record(recent), recent, {"m1": "delivered"})
-        prepared.outcome("o-late", _record(old), recent, {"m1": "delivered"})
+        prepared.predictions(
+            [(f"new-{i}", recent + i, prediction_row(recent + i)) for i in range(500)]
+        )
+        prepared.outcome(
+            "o-delivered", prediction_row(old), old, {"m1": "delivered", "m2": "delivered"}
+        )
+        prepared.outcome("o-failed", prediction_row(old), old, {"m1": "delivered", "m2": "failed"})
+        prepared.outcome("o-no-target", prediction_row(old), old, {})
+        prepared.outcome(
+            "o-pending", prediction_row(old), old, {"m1": "delivered", "m2": "pending"}
+        )
+        prepared.outcome("o-recent", prediction_row(recent), recent, {"m1": "delivered"})
+        prepared.outcome("o-late", prediction_row(old), recent, {"m1": "delivered"})
         before = prepared.call(prepared.outbox.row_counts)
     finally:
         prepared.close()
@@ -192,7 +159,7 @@ def test_an_old_pending_delivery_stays_is_delivered_and_only_then_goes(tmp_path:
     old = time.time() - WEEK - DAY
     prepared = Prepared(path)
     try:
-        prepared.outcome("ens-stuck", _record(old, ("m1",)), old, {"m1": "pending"})
+        prepared.outcome("ens-stuck", prediction_row(old, ("m1",)), old, {"m1": "pending"})
     finally:
         prepared.close()
     server = RecordingModelServer("m1", 0.7, fail_feedback=10**9)
@@ -207,7 +174,7 @@ def test_an_old_pending_delivery_stays_is_delivered_and_only_then_goes(tmp_path:
             },
         )
         with Coordinator(config) as coordinator:
-            _wait(lambda: server.feedback_attempts >= 3, "refused deliveries")
+            wait_until(lambda: server.feedback_attempts >= 3, "refused deliveries")
             for _ in range(2):
                 assert coordinator.sweep_outbox() == {
                     "predictions": 0,
@@ -219,8 +186,8 @@ def test_an_old_pending_delivery_stays_is_delivered_and_only_then_goes(tmp_path:
             assert ack.duplicate
             with server.lock:
                 server.fail_feedback = 0
-            _wait(lambda: server.received(), "the delivery")
-            _wait(lambda: coordinator.pending_feedback() == 0, "nothing pending")
+            wait_until(lambda: server.received(), "the delivery")
+            wait_until(lambda: coordinator.pending_feedback() == 0, "nothing pending")
             (delivered,) = server.received()
             assert delivered.prediction_id == "m1-x"
             assert coordinator.delivery_states("ens-stuck")["m1"][0] == "delivered"
@@ -307,23 +274,23 @@ def test_many_days_of_predictions_stay_bounded(tmp_path: Path) -> None:
                     t0 = start + day * DAY + part * DAY / sweeps_per_day
                     step = DAY / sweeps_per_day / n
                     rows = [
-                        (f"d{day}-{part}-{i}", t0 + i * step, _record(t0 + i * step))
+                        (f"d{day}-{part}-{i}", t0 + i * step, prediction_row(t0 + i * step))
                         for i in range(n)
                     ]
                     await outbox.run(outbox.write_predictions, rows)
                     # Due far ahead, so the forwarder (no servers here) leaves them alone.
                     for pid, created, record in rows[:: n // (n // 100)][: n // 100]:
                         await outbox.run(
-                            outbox.enqueue, pid, _outcome(), record, ("m1", "m2"), created, FAR
+                            outbox.enqueue, pid, outcome_bytes(), record, ("m1", "m2"), created, FAR
                         )
                     settled = await outbox.run(outbox.due, FAR, 10**6)
                     await outbox.run(outbox.settle, [(d, "delivered", None, "") for d in settled])
-                    stuck = _record(t0, ("gone",))
+                    stuck = prediction_row(t0, ("gone",))
                     await outbox.run(outbox.write_predictions, [(f"stuck-{day}-{part}", t0, stuck)])
                     if part == 0:
                         await outbox.run(
-                            outbox.enqueue, f"stuck-{day}-{part}", _outcome(), stuck, ("gone",),
-                            t0, FAR + 1,
+                            outbox.enqueue, f"stuck-{day}-{part}", outcome_bytes(), stuck,
+                            ("gone",), t0, FAR + 1,
                         )  # fmt: skip
                     await ledger.sweep(t0 + DAY / sweeps_per_day)
                 await outbox.run(outbox.db.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
@@ -353,25 +320,6 @@ def test_many_days_of_predictions_stay_bounded(tmp_path: Path) -> None:
 # -- what a caller sees, from a coordinator process ------------------------------------------
 
 
-def _wait(check: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.05)
-
-
-def _refusal(call: Callable[[], object]) -> tuple[grpc.StatusCode, str, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    status = rpc_status.from_call(info.value)  # type: ignore[arg-type]
-    reason = ""
-    for detail in status.details if status is not None else ():
-        errinfo = error_details_pb2.ErrorInfo()
-        if detail.Unpack(errinfo):
-            reason = errinfo.reason
-    return info.value.code(), info.value.details(), reason  # type: ignore[attr-defined]
-
-
 @pytest.fixture
 def recorder() -> Iterator[RecordingModelServer]:
     server = RecordingModelServer("m1", 0.7)
@@ -395,10 +343,10 @@ def test_a_coordinator_sweeps_at_start_and_callers_see_not_found_for_swept_ids(
     prepared = Prepared(path)
     try:
         prepared.predictions(
-            [(f"ens-old-{i}", old + i, _record(old + i, ("m1",))) for i in range(50)]
+            [(f"ens-old-{i}", old + i, prediction_row(old + i, ("m1",))) for i in range(50)]
         )
-        prepared.outcome("ens-done", _record(old, ("m1",)), old, {"m1": "delivered"})
-        prepared.outcome("ens-kept", _record(old, ("m1",)), now - 3600, {"m1": "delivered"})
+        prepared.outcome("ens-done", prediction_row(old, ("m1",)), old, {"m1": "delivered"})
+        prepared.outcome("ens-kept", prediction_row(old, ("m1",)), now - 3600, {"m1": "delivered"})
     finally:
         prepared.close()
     config = write_config(
@@ -411,7 +359,9 @@ def test_a_coordinator_sweeps_at_start_and_callers_see_not_found_for_swept_ids(
     assert metrics_line.startswith("xylen-coordinator metrics on port "), process.log()
     metrics_port = int(metrics_line.rsplit(" ", 1)[1])
     pruned = "xylen_coordinator_outbox_pruned_total"
-    _wait(lambda: value(scrape(metrics_port), pruned, table="predictions") == 51, "the start sweep")
+    wait_until(
+        lambda: value(scrape(metrics_port), pruned, table="predictions") == 51, "the start sweep"
+    )
     outbox = with_prefix(scrape(metrics_port), "xylen_coordinator_outbox_")
     assert (
         series_value(outbox, pruned, table="outcomes") == 1
@@ -430,15 +380,15 @@ def test_a_coordinator_sweeps_at_start_and_callers_see_not_found_for_swept_ids(
         request = epb.EnsembleServiceFeedbackRequest(prediction_id=pid, outcome=outcome)
         return lambda: stub.Feedback(request, timeout=10)
 
-    swept = _refusal(feedback("ens-old-3"))
-    unknown = _refusal(feedback("ens-never-seen"))
+    swept = refusal(feedback("ens-old-3"))
+    unknown = refusal(feedback("ens-never-seen"))
     assert swept[0] == unknown[0] == grpc.StatusCode.NOT_FOUND
     assert swept[2] == unknown[2] == "PREDICTION_NOT_FOUND"
     assert swept[1] == (
         "no ensemble prediction 'ens-old-3' is known to this coordinator (predictions are "
         "kept for 7 days: feedback_queue.retention_seconds)"
     )
-    assert _refusal(feedback("ens-done"))[2] == "PREDICTION_NOT_FOUND"
+    assert refusal(feedback("ens-done"))[2] == "PREDICTION_NOT_FOUND"
     assert feedback("ens-kept")().duplicate
     assert process.stop() == 0
     assert _counts(path) == {"predictions": 1, "outcomes": 1, "deliveries": 1}
@@ -456,7 +406,9 @@ def test_a_failing_sweep_is_counted_told_once_and_retried(
     old = time.time() - WEEK - DAY
     prepared = Prepared(path)
     try:
-        prepared.predictions([(f"ens-old-{i}", old + i, _record(old + i)) for i in range(10)])
+        prepared.predictions(
+            [(f"ens-old-{i}", old + i, prediction_row(old + i)) for i in range(10)]
+        )
     finally:
         prepared.close()
 
