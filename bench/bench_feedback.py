@@ -101,37 +101,46 @@ def old_store() -> Store | str:
 NEW = Store("SQLite", FeedbackStore, FeedbackRecord)
 
 
+def _writers(work: Callable[[int], None], workers: int, what: str) -> None:
+    """``work(0)`` .. ``work(workers - 1)`` on threads of their own, until all are done. One that
+    fails fails the figure (``what``: whose writers), with its error as the cause: a figure of
+    the other writers alone would not be the one printed."""
+    failures: list[BaseException] = []
+
+    def run(worker: int) -> None:
+        try:
+            work(worker)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise RuntimeError(f"{what}: {len(failures)} of {workers} writers failed") from failures[0]
+
+
 def _threads(
     kind: Store, directory: Path, group_commit: bool, workers: int, seconds: float
 ) -> tuple[float, str]:
     latencies: list[list[float]] = [[] for _ in range(workers)]
-    failures: list[BaseException] = []
     stop = time.perf_counter() + seconds
     with kind.open(directory, group_commit=group_commit, compact_rows=0) as store:
 
         def work(worker: int) -> None:
             i = 0
-            try:
-                while time.perf_counter() < stop:
-                    started = time.perf_counter()
-                    store.append(kind.record(worker, i))
-                    latencies[worker].append(time.perf_counter() - started)
-                    i += 1
-            except BaseException as exc:  # the figure would be the other threads' alone
-                failures.append(exc)
+            while time.perf_counter() < stop:
+                started = time.perf_counter()
+                store.append(kind.record(worker, i))
+                latencies[worker].append(time.perf_counter() - started)
+                i += 1
 
         started = time.perf_counter()
-        threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _writers(work, workers, kind.name)
         elapsed = time.perf_counter() - started
-        if failures:
-            raise RuntimeError(f"{kind.name}: {len(failures)} of {workers} writers failed") from (
-                failures[0]
-            )
-        records, commits = store.count(), _commits(store)
+    records, commits = store.count(), _commits(store)
     ms = np.array([x for worker in latencies for x in worker]) * 1000
     rate = records / elapsed
     return rate, (
@@ -165,22 +174,12 @@ def _compaction(directory: Path, rows: int) -> str:
     record = NEW.record
     with FeedbackStore(directory, compact_rows=0, compact_on_close=False) as store:
         workers = 32
-        failures: list[BaseException] = []
 
         def work(worker: int) -> None:
-            try:
-                for i in range(rows // workers):
-                    store.append(record(worker, i))
-            except BaseException as exc:
-                failures.append(exc)
+            for i in range(rows // workers):
+                store.append(record(worker, i))
 
-        threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if failures:
-            raise RuntimeError(f"{len(failures)} of {workers} writers failed") from failures[0]
+        _writers(work, workers, "compaction")
         started = time.perf_counter()
         store.compact()
         compact_s = time.perf_counter() - started
