@@ -426,7 +426,7 @@ def _driver_main(
     out.send(_rollbacks(address, version, every, ready.set, stop.is_set))
 
 
-class _ProcessDriver:
+class ProcessDriver:
     """Swaps driven from a process of their own (spawned, so no gRPC state is forked): the
     measuring client's process holds nothing but its load. A thread blocked in a synchronous
     gRPC call inside the client (:class:`_ThreadDriver`, the old harness) made the client's own
@@ -523,7 +523,7 @@ def _round(
     driver = (
         _ThreadDriver(address, target_v, every)
         if in_thread
-        else _ProcessDriver(address, target_v, every)
+        else ProcessDriver(address, target_v, every)
     )
     driver.start()
     time.sleep(0.2)

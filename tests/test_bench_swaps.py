@@ -16,8 +16,8 @@ import pytest
 
 from bench.bench_swaps import (
     ADMIN_TOKEN,
+    ProcessDriver,
     _process_counts,
-    _ProcessDriver,
     _thread_counts,
     tlb_shootdowns,
 )
@@ -63,7 +63,7 @@ def test_swaps_are_driven_from_another_process_alternating_versions() -> None:
     server.start()
     try:
         target_v = [2]
-        driver = _ProcessDriver(f"127.0.0.1:{port}", target_v, 0.0)
+        driver = ProcessDriver(f"127.0.0.1:{port}", target_v, 0.0)
         client_before = _process_counts(os.getpid())
         driver.start()
         deadline = time.monotonic() + 60
