@@ -32,15 +32,13 @@ import numpy as np
 import polars as pl
 
 from bench.bench_server import Process, build_model, start_xylen
-from bench.bench_swaps import ProcessDriver
+from bench.bench_swaps import ADMIN_TOKEN, ProcessDriver  # its driver sends this token
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen.v1 import types_pb2
 from xylen_server.auth import ADMIN_TOKEN_IDENTITY, bearer_metadata, with_token
 from xylen_server.learning.job import JobSpec
 from xylen_server.learning.samples import FeedbackRecord, records_table
-
-ADMIN_TOKEN = "bench-admin-token"
 
 
 def _labels(rows: np.ndarray, seed: int = 0) -> np.ndarray:
