@@ -124,7 +124,7 @@ class CallInterceptor(HandlerInterceptor):
             MetricsInterceptor(recorder),
         ]
         """Innermost first: how a method of any other shape is wrapped."""
-        self._ended: list[tuple[str, str, float, str]] = []
+        self._ended: list[tuple[str, str, float | None, str]] = []
         """Unary calls ended in this turn of the loop, recorded in its next
         (:meth:`_after_the_answers`)."""
         self._after: list[tuple[Callable[[Any], object], Any]] = []
@@ -150,7 +150,7 @@ class CallInterceptor(HandlerInterceptor):
                 work(argument)
             except Exception:  # one failure is not the others' (as separate callbacks were)
                 logger.exception("the work handed over after an answer failed")
-        self.recorder.unary_ended(ended)
+        self.recorder.calls_ended(ended)
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """``handler`` with all four concerns, built once per method."""

@@ -237,21 +237,13 @@ class Recorder:
         """A call ended with ``code`` (and ErrorInfo ``reason``) after ``seconds``; when
         ``seconds`` is given the call was counted by :meth:`started` and is no longer in
         flight."""
-        key = (method, code)
-        with self._lock:
-            self._calls[key] += 1
-            if code != "OK":
-                self._reasons[(method, code, reason or code)] += 1
-            if seconds is not None:
-                self._active[method] -= 1
-                if streaming:
-                    self._streams[method] -= 1
-                if self.durations is not None:
-                    self.durations.record(key, seconds)
+        self.calls_ended([(method, code, seconds, reason)], streaming)
 
-    def unary_ended(self, calls: list[tuple[str, str, float, str]]) -> None:
-        """:meth:`rpc` of each unary call (method, code, seconds, reason) in ``calls``, under
-        one taking of the lock (the calls a busy loop answered in one turn)."""
+    def calls_ended(
+        self, calls: list[tuple[str, str, float | None, str]], streaming: bool = False
+    ) -> None:
+        """:meth:`rpc` of each call (method, code, seconds, reason) in ``calls``, under one
+        taking of the lock: the unary calls a busy loop answered in one turn come together."""
         durations = self.durations
         with self._lock:
             for method, code, seconds, reason in calls:
@@ -259,9 +251,12 @@ class Recorder:
                 self._calls[key] += 1
                 if code != "OK":
                     self._reasons[(method, code, reason or code)] += 1
-                self._active[method] -= 1
-                if durations is not None:
-                    durations.record(key, seconds)
+                if seconds is not None:
+                    self._active[method] -= 1
+                    if streaming:
+                        self._streams[method] -= 1
+                    if durations is not None:
+                        durations.record(key, seconds)
 
     def snapshot(self, counts: Counter[Any]) -> dict[Any, int]:
         """A copy of one of the counts, taken under the lock (for the observable instruments)."""

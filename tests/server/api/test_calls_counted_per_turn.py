@@ -1,5 +1,5 @@
 """Unary calls are counted and timed in the loop's turn after they end, all those ending in one
-turn under one taking of the recorder's lock (:meth:`Recorder.unary_ended`): under load every
+turn under one taking of the recorder's lock (:meth:`Recorder.calls_ended`): under load every
 call is still counted once, by method, status code and reason, and none stays in flight. The
 predictor's answers reach the prediction log in that same callback, and one hand-over failing
 stops neither the others nor the metrics. Real servers on loopback ports."""
@@ -27,13 +27,13 @@ def test_calls_ending_together_are_each_counted_once(
     server = InProcessServer(server_settings(models_root))
     recorder = server.running.recorder
     flushes: list[int] = []
-    record = recorder.unary_ended
+    record = recorder.calls_ended
 
     def counting(calls: list[tuple[str, str, float, str]]) -> None:
         flushes.append(len(calls))
         record(calls)
 
-    recorder.unary_ended = counting  # type: ignore[method-assign]
+    recorder.calls_ended = counting  # type: ignore[method-assign]
     good = [pb.PredictRequest(inputs=[feature_input(row)]) for row in feature_rows[:48]]
     bad = [pb.PredictRequest(inputs=[feature_input([1.0, 2.0])]) for _ in range(12)]
 
