@@ -144,6 +144,7 @@ class _LoopBatch:
         "loop",
         "owners",
         "rows",
+        "sizes",
         "turns",
     )
 
@@ -155,6 +156,8 @@ class _LoopBatch:
         """Each request's validated rows: a float64 matrix (``model_input`` runs once per
         run), or one row's values as a list of floats the model takes as they are
         (:func:`~xylen_server.serving.inputs.feature_values`)."""
+        self.sizes: list[int] = []
+        """Each request's number of rows (1 for a list of values)."""
         self.featurised: list[float] = []
         self.answers: list[asyncio.Future[Result]] = []
         self.rows = 0
@@ -171,9 +174,11 @@ class _LoopBatch:
         answer: asyncio.Future[Result] = self.loop.create_future()
         self.owners.append(served)
         self.blocks.append(rows)
+        size = 1 if rows.__class__ is list else len(rows)
+        self.sizes.append(size)
         self.featurised.append(featurised)
         self.answers.append(answer)
-        self.rows += 1 if rows.__class__ is list else len(rows)
+        self.rows += size
         return answer
 
     def matrix(self, members: list[int]) -> np.ndarray:
@@ -193,11 +198,10 @@ class _LoopBatch:
         runs: list[tuple[LoadedModel, list[int]]] = []
         current: _Served | None = None
         size = 0
-        for index, (served, answer) in enumerate(zip(self.owners, self.answers, strict=True)):
+        members = zip(self.owners, self.answers, self.sizes, strict=True)
+        for index, (served, answer, rows) in enumerate(members):
             if answer.done():
                 continue
-            block = self.blocks[index]
-            rows = 1 if block.__class__ is list else len(block)
             if served is not current or size + rows > LOOP_BATCH_MAX_ROWS:
                 runs.append((served.model, []))
                 current, size = served, 0
@@ -517,10 +521,11 @@ class Predictor:
             return
         self.loop_runs += 1
         blocks, answers, signals, ids = batch.blocks, batch.answers, run.signals, run.prediction_ids
+        sizes = batch.sizes
         offset = 0
         for i in members:
             block = blocks[i]
-            end = offset + (1 if block.__class__ is list else len(block))
+            end = offset + sizes[i]
             answers[i].set_result(
                 Result(
                     model,
