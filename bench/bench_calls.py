@@ -25,7 +25,14 @@ from pathlib import Path
 
 import grpc
 
-from bench.bench_server import REPO, Process, build_model, start_server, xylen_env
+from bench.bench_server import (
+    REPO,
+    Process,
+    _unary_slice,
+    build_model,
+    start_server,
+    xylen_env,
+)
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen.v1 import types_pb2
@@ -66,19 +73,6 @@ def counting_env(env: dict[str, str], out: Path) -> dict[str, str]:
     return env | {"PYTHONPATH": path, "XYLEN_BENCH_CALL_COUNT": str(out)}
 
 
-async def _load(call: Callable[[], Awaitable[object]], concurrency: int, seconds: float) -> int:
-    stop = time.perf_counter() + seconds
-
-    async def caller() -> int:
-        answered = 0
-        while time.perf_counter() < stop:
-            await call()
-            answered += 1
-        return answered
-
-    return sum(await asyncio.gather(*(caller() for _ in range(concurrency))))
-
-
 async def count(
     pid: int,
     out: Path,
@@ -89,10 +83,10 @@ async def count(
     """Count the calls of process ``pid`` (started with :func:`counting_env` and ``out``) while
     ``concurrency`` callers make ``call`` for ``seconds``, after a warm-up."""
     out.unlink(missing_ok=True)
-    await _load(call, concurrency, 0.3)
+    await _unary_slice(call, concurrency, 0.3)
     os.kill(pid, signal.SIGUSR1)
     await asyncio.sleep(0.1)  # the handler runs at the loop's next wake-up
-    answered = await _load(call, concurrency, seconds)
+    answered = await _unary_slice(call, concurrency, seconds)
     await asyncio.sleep(0.1)  # the answers' deferred work (log rows, metrics) counted too
     os.kill(pid, signal.SIGUSR2)
     deadline = time.monotonic() + 30
