@@ -6,17 +6,15 @@ dying of ``duplicate column name`` while both upgrade an old file). Closing hand
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import harness
 import pytest
 from coordinator.helpers import endpoint, free_port, write_config
+from coordinator.test_serve import CoordinatorProcess, coordinator_factory  # noqa: F401
 
 from xylen_coordinator.config import ConfigError
 from xylen_coordinator.outbox import Outbox
@@ -24,31 +22,13 @@ from xylen_coordinator.outbox import Outbox
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _serve(config: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+def _refused(config: Path) -> subprocess.CompletedProcess[str]:
+    """``xylen-coordinator serve`` on ``config`` run to its end (the outbox is taken)."""
+    return subprocess.run(
         [sys.executable, "-m", "xylen_coordinator", "serve", "--config", str(config),
          "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--grace", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True, text=True, cwd=REPO, timeout=60,
     )  # fmt: skip
-
-
-def _wait_serving(process: subprocess.Popen[str]) -> None:
-    """Until ``process`` (a coordinator that printed nothing yet) reports SERVING: its outbox
-    is open then, and SIGTERM drains it (before, it is not handled yet)."""
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("xylen-coordinator listening on port "), line
-    with grpc.insecure_channel(f"127.0.0.1:{int(line.rsplit(' ', 1)[1])}") as channel:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if harness.health_status(channel) == 1:
-                    return
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None, "never SERVING"
-            time.sleep(0.05)
 
 
 def test_a_second_outbox_on_the_same_file_is_refused_until_the_first_closes(
@@ -77,30 +57,22 @@ def test_a_second_outbox_on_the_same_file_is_refused_until_the_first_closes(
 
 def test_a_second_coordinator_process_exits_naming_the_outbox_the_first_holds(
     tmp_path: Path,
+    coordinator_factory: Callable[[Path], CoordinatorProcess],  # noqa: F811
 ) -> None:
     # No server listens on the endpoint: a coordinator starts (and holds its outbox) without one
     config = write_config(tmp_path / "config.yaml", [endpoint("model_1", free_port(), 1.0)])
     outbox = tmp_path / "feedback.sqlite3"
-    first = _serve(config)
-    try:
-        _wait_serving(first)
-        second = _serve(config)
-        _, err = second.communicate(timeout=60)
-        assert second.returncode == 2, err
-        assert f"feedback_queue.path {outbox} is in use by another coordinator" in err, err
-        assert "Traceback" not in err
-        # The first is untouched: still serving, and it stops cleanly
-        assert first.poll() is None
-        first.send_signal(signal.SIGTERM)
-        assert first.wait(30) == 0
-        # ... which hands the outbox over: the next coordinator starts on it
-        third = _serve(config)
-        try:
-            _wait_serving(third)
-        finally:
-            third.send_signal(signal.SIGTERM)
-            assert third.wait(30) == 0
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+    first = coordinator_factory(config)
+    assert harness.health_status(first.channel) == 1  # SERVING: its outbox is open
+    second = _refused(config)
+    assert second.returncode == 2, second.stderr
+    assert f"feedback_queue.path {outbox} is in use by another coordinator" in second.stderr
+    assert "Traceback" not in second.stderr, second.stderr
+    # The first is untouched: still serving, and it stops cleanly ...
+    assert first.proc.poll() is None
+    assert harness.health_status(first.channel) == 1
+    assert first.stop() == 0
+    # ... which hands the outbox over: the next coordinator starts on it
+    third = coordinator_factory(config)
+    assert harness.health_status(third.channel) == 1
+    assert third.stop() == 0
