@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from coordinator.coordinator_process import CoordinatorProcess
 from coordinator.recording_model_server import RecordingModelServer
 
 
@@ -15,3 +17,21 @@ def recorders() -> Iterator[list[RecordingModelServer]]:
     yield servers
     for server in servers:
         server.close()
+
+
+@pytest.fixture
+def coordinator_factory(tmp_path: Path) -> Iterator[Callable[[Path], CoordinatorProcess]]:
+    """Starts `xylen-coordinator serve` processes on config files; kills any still running at
+    the test's end."""
+    started: list[CoordinatorProcess] = []
+
+    def start(config: Path) -> CoordinatorProcess:
+        process = CoordinatorProcess(config, tmp_path / f"coordinator-{len(started)}.log")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait()

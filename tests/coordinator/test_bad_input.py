@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import harness
 import pytest
+from coordinator.coordinator_process import CoordinatorProcess
 from coordinator.helpers import endpoint, write_config
 from coordinator.lying_model_server import LyingModelServer
-from coordinator.test_serve import CoordinatorProcess, coordinator_factory  # noqa: F401
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -34,7 +34,7 @@ PROPER = {
 @pytest.fixture
 def coordinator(
     tmp_path: Path,
-    coordinator_factory: Callable[[Path], CoordinatorProcess],  # noqa: F811
+    coordinator_factory: Callable[[Path], CoordinatorProcess],
 ) -> Iterator[CoordinatorProcess]:
     # The server reports the coordinator's feature definitions, so windows are featurized in
     # the coordinator (its own bad-window path is exercised).

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from coordinator.coordinator_process import CoordinatorProcess
 from coordinator.helpers import endpoint, free_port, write_config
 from coordinator.outbox_rows import DAY, Prepared, prediction_row, refusal, wait_until
 from coordinator.recording_model_server import RecordingModelServer
-from coordinator.test_serve import CoordinatorProcess, coordinator_factory  # noqa: F401
 from metrics_page import scrape, series_value, with_prefix
 
 from xylen.v1 import ensemble_service_pb2 as epb
@@ -258,7 +258,7 @@ def test_a_reload_changes_the_retention_and_the_backoff_without_a_restart(
 
 def test_a_coordinator_exports_the_new_counters_from_0_and_sighup_changes_the_retention(
     tmp_path: Path,
-    coordinator_factory: Callable[[Path], CoordinatorProcess],  # noqa: F811
+    coordinator_factory: Callable[[Path], CoordinatorProcess],
 ) -> None:
     """A coordinator process: ``xylen_coordinator_feedback_refused_total{endpoint,code}`` and
     ``..._feedback_abandoned_total{endpoint}`` are exported from 0 for the configured endpoint;

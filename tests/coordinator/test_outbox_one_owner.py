@@ -13,8 +13,8 @@ from pathlib import Path
 
 import harness
 import pytest
+from coordinator.coordinator_process import CoordinatorProcess
 from coordinator.helpers import endpoint, free_port, write_config
-from coordinator.test_serve import CoordinatorProcess, coordinator_factory  # noqa: F401
 
 from xylen_coordinator.config import ConfigError
 from xylen_coordinator.outbox import Outbox
@@ -57,7 +57,7 @@ def test_a_second_outbox_on_the_same_file_is_refused_until_the_first_closes(
 
 def test_a_second_coordinator_process_exits_naming_the_outbox_the_first_holds(
     tmp_path: Path,
-    coordinator_factory: Callable[[Path], CoordinatorProcess],  # noqa: F811
+    coordinator_factory: Callable[[Path], CoordinatorProcess],
 ) -> None:
     # No server listens on the endpoint: a coordinator starts (and holds its outbox) without one
     config = write_config(tmp_path / "config.yaml", [endpoint("model_1", free_port(), 1.0)])

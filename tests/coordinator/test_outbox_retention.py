@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from coordinator.coordinator_process import CoordinatorProcess
 from coordinator.helpers import endpoint, write_config
 from coordinator.outbox_rows import (
     DAY,
@@ -31,7 +32,6 @@ from coordinator.outbox_rows import (
     wait_until,
 )
 from coordinator.recording_model_server import RecordingModelServer
-from coordinator.test_serve import CoordinatorProcess, coordinator_factory  # noqa: F401
 from metrics_page import scrape, series_value, value, with_prefix
 
 from xylen.v1 import ensemble_service_pb2 as epb
@@ -330,7 +330,7 @@ def recorder() -> Iterator[RecordingModelServer]:
 def test_a_coordinator_sweeps_at_start_and_callers_see_not_found_for_swept_ids(
     tmp_path: Path,
     recorder: RecordingModelServer,
-    coordinator_factory: Callable[[Path], CoordinatorProcess],  # noqa: F811
+    coordinator_factory: Callable[[Path], CoordinatorProcess],
 ) -> None:
     """A coordinator started on an outbox holding 8-day-old rows removes them at start
     (counted in ``xylen_coordinator_outbox_pruned_total{table}``, every table exported from 0

@@ -4,13 +4,12 @@ reflection, graceful SIGTERM."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,66 +18,15 @@ import harness
 import numpy as np
 import pytest
 import yaml
+from coordinator.coordinator_process import CoordinatorProcess
 from coordinator.helpers import endpoint, four_endpoints, free_port, write_config
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from training.generator import kline_csv, simulate
 from xylen.v1 import ensemble_service_pb2 as epb
-from xylen.v1 import ensemble_service_pb2_grpc as epb_grpc
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class CoordinatorProcess:
-    def __init__(self, config: Path, log: Path) -> None:
-        self.log_path = log
-        with open(log, "w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "xylen_coordinator", "serve", "--config", str(config),
-                 "--host", "127.0.0.1", "--port", "0", "--grace", "2"],
-                stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("xylen-coordinator listening on port "), self.log()
-        self.port = int(line.rsplit(" ", 1)[1])
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.stub = epb_grpc.EnsembleServiceStub(self.channel)
-        harness_deadline = time.monotonic() + 30
-        while time.monotonic() < harness_deadline:
-            try:
-                if harness.health_status(self.channel) == 1:
-                    break
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> int:
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
-
-
-@pytest.fixture
-def coordinator_factory(tmp_path: Path) -> Iterator[object]:
-    started: list[CoordinatorProcess] = []
-
-    def start(config: Path) -> CoordinatorProcess:
-        process = CoordinatorProcess(config, tmp_path / f"coordinator-{len(started)}.log")
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.proc.poll() is None:
-            process.proc.kill()
-            process.proc.wait()
 
 
 def request(
@@ -92,12 +40,12 @@ def test_sighup_adds_a_fifth_server_under_load_without_a_failed_request(
     fleet_models: Path,
     fleet_candles: dict[str, np.ndarray],
     tmp_path: Path,
-    coordinator_factory: object,
+    coordinator_factory: Callable[[Path], CoordinatorProcess],
 ) -> None:
     fifth = harness.start_server(fleet_models, "model_5")
     try:
         path = write_config(tmp_path / "config.yaml", four_endpoints(four_servers))
-        coordinator = coordinator_factory(path)  # type: ignore[operator]
+        coordinator = coordinator_factory(path)
         voters: list[tuple[str, ...]] = []
         failures: list[str] = []
         stop = threading.Event()
@@ -152,13 +100,13 @@ def test_sighup_adds_a_fifth_server_under_load_without_a_failed_request(
 
 
 def test_no_quorum_over_grpc_carries_errorinfo_and_reflection_lists_the_service(
-    tmp_path: Path, coordinator_factory: object
+    tmp_path: Path, coordinator_factory: Callable[[Path], CoordinatorProcess]
 ) -> None:
     path = write_config(
         tmp_path / "config.yaml",
         [endpoint("gone_1", free_port(), 1), endpoint("gone_2", free_port(), 1)],
     )
-    coordinator = coordinator_factory(path)  # type: ignore[operator]
+    coordinator = coordinator_factory(path)
     row = epb.EnsembleServicePredictRequest(inputs=[harness.feature_input([0.0, 1.0])])
     with pytest.raises(grpc.RpcError) as info:
         coordinator.stub.Predict(row, timeout=10)
@@ -184,10 +132,10 @@ def test_feedback_over_grpc(
     four_servers: list[harness.ServerProcess],
     fleet_candles: dict[str, np.ndarray],
     tmp_path: Path,
-    coordinator_factory: object,
+    coordinator_factory: Callable[[Path], CoordinatorProcess],
 ) -> None:
     path = write_config(tmp_path / "config.yaml", four_endpoints(four_servers))
-    coordinator = coordinator_factory(path)  # type: ignore[operator]
+    coordinator = coordinator_factory(path)
     prediction = coordinator.stub.Predict(request(fleet_candles), timeout=10).predictions[0]
     feedback = epb.EnsembleServiceFeedbackRequest(prediction_id=prediction.prediction_id)
     feedback.outcome.realized_return = 0.01

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+from coordinator.coordinator_process import CoordinatorProcess
 from coordinator.helpers import endpoint, write_config
 from coordinator.lying_model_server import LyingModelServer
-from coordinator.test_serve import CoordinatorProcess, coordinator_factory  # noqa: F401
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -23,7 +23,7 @@ from xylen_coordinator.config import parse_config
 
 def test_over_the_limit_is_refused_at_once_and_the_rest_answered(
     tmp_path: Path,
-    coordinator_factory: Callable[[Path], CoordinatorProcess],  # noqa: F811
+    coordinator_factory: Callable[[Path], CoordinatorProcess],
 ) -> None:
     server = LyingModelServer("model_1")
     try:

@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from coordinator.coordinator_process import CoordinatorProcess
 from coordinator.helpers import endpoint, write_config
 from coordinator.lying_model_server import LyingModelServer
 from coordinator.recording_model_server import RecordingModelServer
-from coordinator.test_serve import CoordinatorProcess, coordinator_factory  # noqa: F401
 
 from xylen.v1 import ensemble_service_pb2 as epb
 from xylen.v1 import model_service_pb2 as pb
@@ -52,7 +52,7 @@ def _input() -> list[pb.PredictInput]:
 
 def test_each_lie_is_a_rejected_vote_over_grpc_in_the_response_log_and_counters(
     servers: tuple[RecordingModelServer, RecordingModelServer, LyingModelServer],
-    coordinator_factory: Callable[[Path], CoordinatorProcess],  # noqa: F811
+    coordinator_factory: Callable[[Path], CoordinatorProcess],
     tmp_path: Path,
 ) -> None:
     a, b, liar = servers
