@@ -15,6 +15,7 @@ is what has to fit one machine's or one worker's memory). CPU time likewise sums
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import shutil
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,15 +87,26 @@ def _run(mode: str, data: Path, model_type: str, out: Path) -> dict[str, Any]:
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     from training.generator import generate
 
+    parser = argparse.ArgumentParser(prog="bench.bench_dask")
+    parser.add_argument(
+        "--months",
+        type=int,
+        choices=range(1, 13),
+        default=12,
+        help="of candles, from 2024-01 (the short runs take a quarter of them, at least one)",
+    )
+    args = parser.parse_args(argv)
+    span = {12: args.months, 3: max(1, args.months // 4)}
     with tempfile.TemporaryDirectory(prefix="xylen-bench-dask-") as tmp:
         year = Path(tmp) / "12"
-        zips = generate(year, interval="1m", start=YEAR[0], end=YEAR[1], seed=1)
+        end = f"{YEAR[0][:5]}{args.months:02d}"
+        zips = generate(year, interval="1m", start=YEAR[0], end=end, seed=1)
         quarter = Path(tmp) / "3"
         quarter.mkdir()
-        for path in zips[:3]:
+        for path in zips[: span[3]]:
             for f in path.parent.glob(path.name + "*"):  # the zip and its .CHECKSUM
                 shutil.copy(f, quarter / f.name)
         print("== dask: single process (num_threads=2) vs LocalCluster (2 workers x 1 thread)")
@@ -106,7 +119,7 @@ def main() -> None:
                 out = Path(tmp) / f"models-{mode}-{model_type}-{months}"
                 row[mode] = r = _run(mode, data, model_type, out)
                 print(
-                    f"  {model_type:<8} {months:>2} months  {mode:<6}  train rows={r['rows']:>7,}  "
+                    f"  {model_type:<8} {span[months]:>2} months  {mode:<6}  train rows={r['rows']:>7,}  "
                     f"time={r['seconds']:6.1f} s"
                     + (f" (+{r['startup_s']:.1f} s cluster start)" if "startup_s" in r else "")
                     + f"  CPU={r['cpu_s']:6.1f} s  trees={r['trees']:>3}  "
@@ -119,7 +132,7 @@ def main() -> None:
         for model_type, months, row in results:
             s, d = row["single"], row["dask"]
             print(
-                f"  {model_type:<8} {months:>2} months  time x{d['seconds'] / s['seconds']:.2f}  "
+                f"  {model_type:<8} {span[months]:>2} months  time x{d['seconds'] / s['seconds']:.2f}  "
                 f"CPU x{d['cpu_s'] / s['cpu_s']:.2f}  "
                 f"RSS sum x{sum(d['peak_mb']) / sum(s['peak_mb']):.2f}  "
                 f"largest x{max(d['peak_mb']) / max(s['peak_mb']):.2f}"

@@ -9,12 +9,14 @@ Each measurement runs in its own subprocess so its peak RSS (``ru_maxrss``) is i
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +77,25 @@ def _run(task: str, data: Path, model_type: str = "") -> dict[str, Any]:
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Generate the data, run every measurement, print labelled figures."""
     from training.generator import generate
     from training.metadata import MODEL_TYPES
 
+    parser = argparse.ArgumentParser(prog="bench.bench_training")
+    parser.add_argument(
+        "--months", type=int, choices=range(1, 13), default=12, help="of candles, from 2024-01"
+    )
+    args = parser.parse_args(argv)
+    span = "1 year" if args.months == 12 else f"{args.months} months"
     with tempfile.TemporaryDirectory(prefix="xylen-bench-") as tmp:
         data = {}
         for interval in ("1h", "1m"):
             data[interval] = Path(tmp) / interval
-            generate(data[interval], interval=interval, start=YEAR[0], end=YEAR[1], seed=1)
+            end = f"{YEAR[0][:5]}{args.months:02d}"
+            generate(data[interval], interval=interval, start=YEAR[0], end=end, seed=1)
 
-        print("== training: data path (load zips + featurise + label, 1 year of 1m candles)")
+        print(f"== training: data path (load zips + featurise + label, {span} of 1m candles)")
         r = _run("data", data["1m"])
         print(
             f"  rows={r['rows']:,}  time={r['seconds']:.2f} s  "
@@ -98,7 +107,7 @@ def main() -> None:
             for model_type in MODEL_TYPES:
                 r = _run("fit", data[interval], model_type)
                 print(
-                    f"  {interval} x 1 year  {model_type:<9} train rows={r['rows']:>7,}  "
+                    f"  {interval} x {span}  {model_type:<9} train rows={r['rows']:>7,}  "
                     f"fit={r['seconds']:6.2f} s  trees={r['iterations']:>4}  "
                     f"peak RSS={r['peak_rss_mb']:5.0f} MB"
                 )
