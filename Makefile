@@ -19,7 +19,7 @@ DATA ?= $(DATA_DIR)
 TRAIN_VARS := LOOKBACK_PERIODS FEATURES TRAIN_START_DATE TRAIN_END_DATE VALIDATION_END_DATE TEST_END_DATE
 TRAIN_SETS = $(foreach v,$(TRAIN_VARS),$(if $($(v)),--set '$(v)=$($(v))'))
 
-.PHONY: demo test proto lint train data bench bench-peers deploy clean venv certs up down status proto-go models-ready backtest
+.PHONY: demo test proto lint train data bench bench-smoke bench-peers deploy clean venv certs up down status proto-go models-ready backtest
 
 venv: $(STAMP)
 
@@ -103,6 +103,12 @@ certs: $(STAMP)
 bench: $(STAMP) $(PROTO_STAMP)
 	@$(MAKE) --no-print-directory models-ready
 	$(PY) -m bench
+
+# Every section once, small (seconds of load, a month of data), each in its own process: figures
+# that mean nothing, run by CI after the tests so that a change breaking a section fails there.
+bench-smoke: $(STAMP) $(PROTO_STAMP)
+	@$(MAKE) --no-print-directory models-ready
+	$(PY) -m bench --smoke
 
 # Optional, not in `make test`: MLServer 1.7 with its LightGBM runtime in its own venv, served the
 # same LightGBM model and measured beside xylen's unary Predict (bench/bench_peers.py).
