@@ -64,8 +64,8 @@ def combine(
     if total <= 0:
         raise NoVotes("no voter with a positive weight")
     normalised = {name: weight / total for name, weight in raw.items()}
-    probability = math.fsum(normalised[name] * votes[name] for name in normalised)
-    probability = min(1.0, max(0.0, probability))
+    counted = [votes[name] for name, weight in raw.items() if weight > 0]
+    probability = _weighted_mean([(raw[name], votes[name]) for name in raw], total, counted)
     variance = math.fsum(normalised[name] * (votes[name] - probability) ** 2 for name in normalised)
     return Decision(
         probability=probability,
@@ -73,6 +73,18 @@ def combine(
         disagreement=math.sqrt(variance),
         weights=normalised,
     )
+
+
+def _weighted_mean(
+    pairs: Iterable[tuple[float, float]], total: float, values: list[float]
+) -> float:
+    """The mean of the values of ``pairs`` (weight, value) weighted by their weights (summing
+    to ``total``), kept within the smallest and largest of ``values`` (those of a positive
+    weight): dividing each weight by the total first left a rounding error that put two votes
+    of 0.55 at 0.5499999999999999, below a BUY threshold of 0.55, so a unanimous BUY came out
+    HOLD. A mean of equal values is that value, exactly."""
+    mean = math.fsum(weight * value for weight, value in pairs) / total
+    return min(max(values), max(min(values), mean))
 
 
 #: What a model's probability means: (horizon in bars, round-trip fee, label threshold).
@@ -99,13 +111,18 @@ def label_plan(
     every configured server, not this call's voters, so a server going down never changes what
     the ensemble's probability means.
     """
-    totals: dict[Label, float] = {}
+    weights: dict[Label, list[float]] = {}
     for name, label in labels.items():
         if label is not None:
-            totals[label] = totals.get(label, 0.0) + configured.get(name, 0.0)
-    if not totals:
+            weights.setdefault(label, []).append(configured.get(name, 0.0))
+    if not weights:
         return None, {}
-    chosen = max(totals, key=lambda k: (totals[k], -k[0], -k[1], -k[2]))
+    totals = {label: math.fsum(values) for label, values in weights.items()}
+    most = max(totals.values())
+    # Equal weights tie whatever their rounding (0.1 + 0.2 against 0.3), so the rule above
+    # decides, not the last bit of a float sum.
+    tied = [label for label, total in totals.items() if math.isclose(total, most, rel_tol=1e-9)]
+    chosen = min(tied)  # the shorter horizon, then the smaller fee and label threshold
     left_out = {
         name: (
             f"not combined: its probability is {describe_label(label)}, the ensemble's is "
@@ -131,15 +148,14 @@ def member_thresholds(
     total = math.fsum(w for w in weights.values() if w > 0)
     if total <= 0:
         return fallback
-    buy = sell = 0.0
-    for name, weight in weights.items():
-        if weight <= 0:
-            continue
-        own = members.get(name)
-        b, s = own if own is not None else (fallback.buy, fallback.sell)
-        buy += weight / total * b
-        sell += weight / total * s
-    return Thresholds(buy=buy, sell=sell, source=fallback.source)
+    counted = [(weight, members.get(name)) for name, weight in weights.items() if weight > 0]
+    buys = [(w, own[0] if own is not None else fallback.buy) for w, own in counted]
+    sells = [(w, own[1] if own is not None else fallback.sell) for w, own in counted]
+    return Thresholds(
+        buy=_weighted_mean(buys, total, [b for _, b in buys]),
+        sell=_weighted_mean(sells, total, [s for _, s in sells]),
+        source=fallback.source,
+    )
 
 
 def quorum_shortfall(

@@ -46,6 +46,25 @@ def test_unanimous_votes_do_not_disagree() -> None:
 
 
 @pytest.mark.parametrize(
+    ("weights", "vote"),
+    [
+        ({"a": 3.0, "b": 0.1}, 0.55),
+        ({"a": 1.0, "b": 2.0}, 0.58),
+        ({name: 1.0 for name in "abcdef"}, 0.58),
+        ({"a": 0.7, "b": 0.2, "c": 0.1}, 0.45),
+    ],
+)
+def test_unanimous_votes_are_that_vote_exactly_and_keep_its_signal(
+    weights: dict[str, float], vote: float
+) -> None:
+    # Dividing each weight by the total first put two votes of 0.55 at 0.5499999999999999:
+    # a unanimous BUY at the threshold came out HOLD.
+    decision = combine(dict.fromkeys(weights, vote), weights, T)
+    assert decision.probability == vote
+    assert decision.signal is (Signal.BUY if vote >= T.buy else Signal.SELL)
+
+
+@pytest.mark.parametrize(
     ("p", "signal"),
     [
         (0.55, Signal.BUY),

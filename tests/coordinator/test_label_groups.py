@@ -44,6 +44,15 @@ def test_the_label_with_the_most_weight_is_combined_the_rest_left_out() -> None:
     assert label_plan({"a": None}, {"a": 1.0}) == (None, {})
 
 
+def test_a_tie_in_weight_is_a_tie_whatever_the_rounding_of_its_sum() -> None:
+    # 0.1 + 0.2 is 0.30000000000000004 in floats: still the same weight as 0.3, so the shorter
+    # horizon wins, as it does for weights 1 + 2 against 3.
+    labels = {"a": H4, "b": H4, "c": H1}
+    for weights in ({"a": 0.1, "b": 0.2, "c": 0.3}, {"a": 1.0, "b": 2.0, "c": 3.0}):
+        chosen, left_out = label_plan(labels, weights)
+        assert chosen == H1 and set(left_out) == {"a", "b"}
+
+
 def test_member_thresholds_are_weighted_like_the_probabilities() -> None:
     fallback = Thresholds(buy=0.55, sell=0.45)
     got = member_thresholds(
@@ -55,6 +64,11 @@ def test_member_thresholds_are_weighted_like_the_probabilities() -> None:
     assert got.buy == pytest.approx(0.5 * 0.6 + 0.3 * 0.7 + 0.2 * 0.55)
     assert got.sell == pytest.approx(0.5 * 0.4 + 0.3 * 0.3 + 0.2 * 0.45)
     assert member_thresholds({"a": 0.0}, {"a": (0.6, 0.4)}, fallback) == fallback
+    # Members that share thresholds give exactly those: summing six shares of 0.65 made
+    # 0.6500000000000001, so a unanimous 0.65 was not a BUY.
+    six = dict.fromkeys("abcdef", 1.0)
+    same = member_thresholds(six, dict.fromkeys(six, (0.65, 0.35)), fallback)
+    assert (same.buy, same.sell) == (0.65, 0.35)
 
 
 def test_votes_left_out_and_thresholds_reach_the_contract() -> None:
