@@ -55,6 +55,13 @@ def _short(text: str, limit: int = 64) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+def _thresholds(info: pb.ModelInfo) -> tuple[float, float] | None:
+    """``info``'s (buy, sell) when they are probabilities in order (0 <= sell < buy <= 1; NaN
+    is not), else None."""
+    buy, sell = info.buy_threshold, info.sell_threshold
+    return (buy, sell) if 0.0 <= sell < buy <= 1.0 else None
+
+
 class MissingReason(StrEnum):
     """Why a server did not vote (the proto's ``MissingReason``)."""
 
@@ -345,6 +352,14 @@ class EndpointClient:
         self.info = info
         self.features_hash = info.features_hash
         self._learn_model(info)
+        if (info.buy_threshold or info.sell_threshold) and _thresholds(info) is None:
+            logger.warning(
+                "%s reports thresholds buy=%.6g sell=%.6g, not 0 <= sell < buy <= 1: the "
+                "ensemble counts it with the configured thresholds",
+                self.name,
+                info.buy_threshold,
+                info.sell_threshold,
+            )
 
     def _learn_model(self, info: pb.ModelInfo) -> None:
         self.reported_model_name = info.name
@@ -448,11 +463,11 @@ class EndpointClient:
 
     @property
     def thresholds(self) -> tuple[float, float] | None:
-        """The (buy, sell) thresholds the server applies to its own model; None when unknown."""
+        """The (buy, sell) thresholds the server applies to its own model; None when unknown
+        or not probabilities in order (a server reporting buy=1e9 moved the ensemble's own
+        threshold to 5e8, so that a unanimous 0.9 was HOLD)."""
         info = self.info
-        if info is None or not info.sell_threshold < info.buy_threshold:
-            return None
-        return info.buy_threshold, info.sell_threshold
+        return None if info is None else _thresholds(info)
 
     def _open_stream(self) -> _Stream:
         stream = self._stream

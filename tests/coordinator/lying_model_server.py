@@ -67,6 +67,8 @@ class _Servicer(pb_grpc.ModelServiceServicer):
     ) -> pb.GetModelInfoResponse:
         owner = self.owner
         owner.info_calls += 1
+        if owner.info_delay:
+            await asyncio.sleep(owner.info_delay)
         return pb.GetModelInfoResponse(
             model_info=pb.ModelInfo(
                 name=owner.info_name,
@@ -75,6 +77,8 @@ class _Servicer(pb_grpc.ModelServiceServicer):
                 horizon=owner.horizon,
                 fee=owner.fee,
                 label_threshold=owner.label_threshold,
+                buy_threshold=owner.buy_threshold,
+                sell_threshold=owner.sell_threshold,
             )
         )
 
@@ -102,6 +106,11 @@ class LyingModelServer:
         self.fee = 0.0
         self.label_threshold = 0.0
         """Reported in GetModelInfo: what ``probability`` means (0, 0.0, 0.0 unless set)."""
+        self.buy_threshold = 0.0
+        self.sell_threshold = 0.0
+        """Reported in GetModelInfo (0 and 0: none, unless set)."""
+        self.info_delay = 0.0
+        """Seconds GetModelInfo waits before answering."""
         self.ids = itertools.count(1)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
