@@ -314,32 +314,34 @@ class AsyncCoordinator:
                     )
         else:
             fanned = await fan_out(clients, request, budget, computed)
+        fanned_out = time.perf_counter()
         for name in fanned.answers:
             self.metrics.vote(name)
         for missing in fanned.missing:
             self.metrics.missing(
                 missing.server_name, missing.reason.value, missing.error_reason, missing.message
             )
+        configured = snapshot.configured_weights
+        # Combine only probabilities that mean the same thing (label_plan), with thresholds
+        # that follow the members' own (member_thresholds).
+        if any(c.learning for c in clients):  # just turned SERVING: its label is on the way
+            left = max(0.0, budget - (fanned_out - started))  # within the caller's budget
+            await asyncio.gather(*(c.learnt(left) for c in clients))
+        labels = {c.name: c.label for c in clients}
+        ensemble_label, left_out = label_plan(labels, configured)
         observer = self.observer
-        try:
-            self._check_quorum(snapshot, fanned)
+        try:  # on the votes that are combined: a left-out vote is no part of the decision
+            self._check_quorum(snapshot, fanned, left_out)
         except XylenError as exc:
             if observer is not None:
                 observer.fanned(fanned, "no_quorum" if exc.reason == "NO_QUORUM" else "refused")
             raise
         if observer is not None:
             observer.fanned(fanned, "ok")
-        configured = snapshot.configured_weights
-        weights = self._weights(snapshot)
-        # Combine only probabilities that mean the same thing (label_plan), with thresholds
-        # that follow the members' own (member_thresholds).
-        if any(c.learning for c in clients):  # just turned SERVING: its label is on the way
-            await asyncio.gather(*(c.learnt(budget) for c in clients))
         for name, answer in fanned.answers.items():
             if answer.response.predictions:
                 snapshot.clients[name].notice_version(answer.response.predictions[0].model_version)
-        labels = {c.name: c.label for c in clients}
-        ensemble_label, left_out = label_plan(labels, configured)
+        weights = self._weights(snapshot)
         weights = {name: 0.0 if name in left_out else w for name, w in weights.items()}
         if not any(weights.get(name, 0.0) > 0 for name in fanned.answers):
             raise Unavailable(
@@ -387,10 +389,11 @@ class AsyncCoordinator:
     def _next_id(self) -> str:
         return f"ens-{self._id_prefix}-{next(self._ids):x}"
 
-    def _check_quorum(self, snapshot: _Snapshot, fanned: FanOutResult) -> None:
-        shortfall = quorum_shortfall(
-            fanned.answers, snapshot.configured_weights, snapshot.config.quorum
-        )
+    def _check_quorum(
+        self, snapshot: _Snapshot, fanned: FanOutResult, left_out: Mapping[str, str]
+    ) -> None:
+        combined = [name for name in fanned.answers if name not in left_out]
+        shortfall = quorum_shortfall(combined, snapshot.configured_weights, snapshot.config.quorum)
         if shortfall is None:
             return
         refused = [m for m in fanned.missing if m.code in _CLIENT_ERRORS]

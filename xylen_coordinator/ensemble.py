@@ -164,15 +164,17 @@ def quorum_shortfall(
     """Why the voters fall short of the quorum, or None when they meet it.
 
     ``enabled_weights`` are the configured weights of every enabled endpoint; the voters'
-    share of their total must reach ``quorum.min_weight_fraction``.
+    share of their total must reach ``quorum.min_weight_fraction``. Only a vote that is
+    combined counts: the caller passes the voters not left out (:func:`label_plan`), and a
+    voter of weight 0 (a shadow endpoint) counts towards neither figure.
     """
-    voters = [name for name in voters if name in enabled_weights]
+    voters = [name for name in voters if enabled_weights.get(name, 0.0) > 0]
     total = math.fsum(enabled_weights.values())
     voted = math.fsum(enabled_weights[name] for name in voters)
     if len(voters) < quorum.min_votes:
         return (
-            f"{len(voters)} of {len(enabled_weights)} servers voted; the quorum needs at least "
-            f"{quorum.min_votes}"
+            f"{len(voters)} of {len(enabled_weights)} servers voted with a weight that counts; "
+            f"the quorum needs at least {quorum.min_votes}"
         )
     fraction = voted / total if total > 0 else 0.0
     # A tiny tolerance so that e.g. 0.3 + 0.2 reaches a quorum of 0.5.

@@ -116,6 +116,8 @@ def test_quorum_by_weight_fraction_and_count() -> None:
     message = quorum_shortfall(["m1"], enabled, two)
     assert message is not None and "at least 2" in message
     assert quorum_shortfall(["m1", "unknown"], enabled, two) is not None
+    # A shadow endpoint (weight 0) is combined with nothing: its vote is not a second one.
+    assert quorum_shortfall(["m1", "shadow"], enabled | {"shadow": 0.0}, two) is not None
 
 
 SETTINGS = Adaptive(metric="brier", half_life_outcomes=1.0, min_outcomes=1.6, floor=0.5, cap=1.5)

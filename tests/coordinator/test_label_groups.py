@@ -9,12 +9,13 @@ from pathlib import Path
 
 import harness
 import pytest
-from coordinator.helpers import endpoint, write_config, write_model_with
+from coordinator.helpers import endpoint, free_port, write_config, write_model_with
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen_coordinator import Coordinator
 from xylen_coordinator.config import Thresholds
 from xylen_coordinator.ensemble import label_plan, member_thresholds
+from xylen_server.errors import Unavailable
 from xylen_server.signals import SignalValidation, signal_for
 
 H1 = (1, 0.001, 0.0)
@@ -145,6 +146,34 @@ def test_real_servers_of_another_horizon_are_left_out(
         assert row.buy_threshold == pytest.approx((0.5 * 0.6 + 0.3 * 0.7) / 0.8)
         assert row.sell_threshold == pytest.approx((0.5 * 0.4 + 0.3 * 0.3) / 0.8)
         assert row.signal is signal_for(row.probability, row.buy_threshold, row.sell_threshold)
+
+
+def test_the_quorum_counts_only_the_votes_that_are_combined(
+    three_servers: dict[str, harness.ServerProcess],
+    fleet_candles: dict,
+    tmp_path: Path,
+) -> None:
+    # h1a (1 bar) and h4 (4 bars) vote, 65 % of the weight; the third endpoint never answers.
+    # Only h1a's 40 % is combined (h4 is left out): one vote, short of the quorum's two and of
+    # its half of the weight. Before, the left-out vote counted and h1a alone decided.
+    gone = endpoint("gone", free_port(), 0.35)
+    config = write_config(
+        tmp_path / "config.yaml",
+        [endpoint("h1a", three_servers["h1a"].port, 0.4), gone,
+         endpoint("h4", three_servers["h4"].port, 0.25)],
+        quorum={"min_weight_fraction": 0.5, "min_votes": 2},
+    )  # fmt: skip
+    with Coordinator(config) as coordinator:
+        deadline = time.monotonic() + 30
+        while not all(
+            state.sends_features for state in coordinator.endpoints() if state.name != "gone"
+        ):
+            assert time.monotonic() < deadline, "servers never reported their model info"
+            time.sleep(0.05)
+        with pytest.raises(Unavailable) as refused:
+            coordinator.predict([harness.window_input(fleet_candles, 300)], timeout=2)
+    assert refused.value.reason == "NO_QUORUM"
+    assert "1 of 3 servers voted with a weight that counts" in refused.value.message
 
 
 def test_fixed_thresholds_when_configured(
