@@ -51,6 +51,7 @@ from xylen_server import clock, telemetry
 from xylen_server.errors import (
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
     Unavailable,
     XylenError,
@@ -64,8 +65,16 @@ MAX_TIMEOUT_SECONDS = 3600.0
 #: Most inputs in one call: the model servers' own default MAX_BATCH_ROWS.
 MAX_BATCH_INPUTS = 4096
 
-#: Status codes that mean the request itself is bad: passed through when every server says so.
-_CLIENT_ERRORS = {"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "OUT_OF_RANGE"}
+#: Status codes a server refuses a call with (the request itself, or the server's load): passed
+#: through, with the server's reason, when every server that answered refused it. A server
+#: shedding load (RESOURCE_EXHAUSTED, reason OVERLOADED) stays RESOURCE_EXHAUSTED, which
+#: callers retry with backoff, not INVALID_ARGUMENT, which they must not retry.
+_CLIENT_ERRORS: dict[str, type[XylenError]] = {
+    "INVALID_ARGUMENT": InvalidArgument,
+    "NOT_FOUND": NotFound,
+    "RESOURCE_EXHAUSTED": ResourceExhausted,
+    "OUT_OF_RANGE": InvalidArgument,
+}
 
 
 @dataclass(frozen=True)
@@ -271,8 +280,9 @@ class AsyncCoordinator:
 
         ``timeout`` (seconds) bounds the whole fan-out; None uses ``deadline_ms``. Raises
         :class:`~xylen_server.errors.Unavailable` (reason ``NO_QUORUM``) when too few servers
-        voted, :class:`~xylen_server.errors.InvalidArgument` for an empty batch or when every
-        server that answered refused the input as invalid (their reason is passed on).
+        voted, :class:`~xylen_server.errors.InvalidArgument` for an empty batch; when every
+        server that answered refused the call (the input, or their load), the first one's
+        status and reason are passed on.
         """
         started = time.perf_counter()
         snapshot = self._snapshot
@@ -403,9 +413,9 @@ class AsyncCoordinator:
             and len(refused) == len([m for m in fanned.missing if m.code])
         ):
             first = refused[0]
-            raise InvalidArgument(
-                f"{first.server_name} refused the input: {first.message}",
-                reason=first.error_reason or "INVALID_ARGUMENT",
+            raise _CLIENT_ERRORS[first.code](
+                f"{first.server_name} refused the call: {first.message}",
+                reason=first.error_reason or first.code,
                 server=first.server_name,
             )
         raise Unavailable(

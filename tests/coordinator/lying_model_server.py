@@ -49,6 +49,16 @@ class _Servicer(pb_grpc.ModelServiceServicer):
         async for item in request_iterator:
             if self.owner.delay:
                 await asyncio.sleep(self.owner.delay)
+            if self.owner.shedding:  # as a model server at its limit answers an item
+                yield pb.PredictStreamResponse(
+                    request_id=item.request_id,
+                    status=types_pb2.ItemStatus(
+                        code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                        message="the server is at its limit; retry later",
+                        reason="OVERLOADED",
+                    ),
+                )
+                continue
             yield pb.PredictStreamResponse(
                 request_id=item.request_id,
                 status=types_pb2.ItemStatus(code=0),
@@ -111,6 +121,8 @@ class LyingModelServer:
         """Reported in GetModelInfo (0 and 0: none, unless set)."""
         self.info_delay = 0.0
         """Seconds GetModelInfo waits before answering."""
+        self.shedding = False
+        """Every PredictStream item is refused RESOURCE_EXHAUSTED (reason OVERLOADED)."""
         self.ids = itertools.count(1)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)

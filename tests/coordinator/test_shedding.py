@@ -63,6 +63,44 @@ def test_over_the_limit_is_refused_at_once_and_the_rest_answered(
         server.close()
 
 
+def test_servers_shedding_load_are_passed_on_as_resource_exhausted(
+    tmp_path: Path,
+    coordinator_factory: Callable[[Path], CoordinatorProcess],
+) -> None:
+    # Both servers refuse the call for their load. The caller is told so, with the servers'
+    # reason, in a status it retries with backoff; before, it was INVALID_ARGUMENT ("refused
+    # the input"), which a caller must not retry.
+    servers = [LyingModelServer("a"), LyingModelServer("b")]
+    try:
+        endpoints = [endpoint(s.info_name, s.port, 1.0) for s in servers]
+        coordinator = coordinator_factory(write_config(tmp_path / "config.yaml", endpoints))
+        request = epb.EnsembleServicePredictRequest(
+            inputs=[pb.PredictInput(features=types_pb2.FeatureVector(values=[0.0]))]
+        )
+        assert len(coordinator.stub.Predict(request, timeout=10).predictions[0].votes) == 2
+        for server in servers:
+            server.shedding = True
+        try:
+            coordinator.stub.Predict(request, timeout=10)
+        except grpc.RpcError as error:
+            refused = error
+        else:
+            raise AssertionError("answered although every server shed the call")
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert "at its limit" in refused.details()  # type: ignore[attr-defined]
+        status = rpc_status.from_call(refused)  # type: ignore[arg-type]
+        assert status is not None
+        info = error_details_pb2.ErrorInfo()
+        assert status.details[0].Unpack(info) and info.reason == "OVERLOADED"
+        for server in servers:
+            server.shedding = False
+        assert len(coordinator.stub.Predict(request, timeout=10).predictions[0].votes) == 2
+        assert coordinator.stop() == 0
+    finally:
+        for server in servers:
+            server.close()
+
+
 def test_max_concurrent_predicts_is_validated() -> None:
     raw = {"model_endpoints": [{"name": "m", "host": "127.0.0.1", "port": 1}]}
     assert parse_config(raw).max_concurrent_predicts == 128
