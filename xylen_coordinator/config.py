@@ -83,6 +83,9 @@ class Quorum:
     """Fewest votes for a decision, >= 1."""
 
 
+#: Longest time budget of one fan-out: a caller's timeout, or ``deadline_ms``.
+MAX_TIMEOUT_SECONDS = 3600.0
+
 THRESHOLD_SOURCES = ("members", "fixed")
 
 
@@ -682,8 +685,11 @@ def parse_config(raw: Any, source: Path | None = None) -> Config:
     section = _Section(raw, "", Config)
     endpoints = _endpoints(section.raw["model_endpoints"])
     deadline = section.number("deadline_ms")
-    if deadline <= 0:
-        raise ConfigError(f"deadline_ms: must be > 0, got {deadline}")
+    if not 0 < deadline <= MAX_TIMEOUT_SECONDS * 1000:
+        raise ConfigError(
+            f"deadline_ms: must be > 0 and at most {MAX_TIMEOUT_SECONDS * 1000:g} (an hour), "
+            f"got {deadline:g}"
+        )
     base = source.parent if source is not None else None
     return Config(
         model_endpoints=endpoints,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from xylen.v1 import model_service_pb2 as pb
-from xylen_coordinator.config import Config, load_config
+from xylen_coordinator.config import MAX_TIMEOUT_SECONDS, Config, load_config
 from xylen_coordinator.decision import Vote, decide
 from xylen_coordinator.ensemble import (
     AdaptiveWeights,
@@ -60,8 +60,6 @@ from xylen_server.signals import SignalValidation
 
 logger = logging.getLogger(__name__)
 
-#: Longest time budget a caller may ask for one fan-out.
-MAX_TIMEOUT_SECONDS = 3600.0
 #: Most inputs in one call: the model servers' own default MAX_BATCH_ROWS.
 MAX_BATCH_INPUTS = 4096
 

@@ -70,6 +70,7 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
         ("model_endpoints[0].enabled", "yes", "model_endpoints[0].enabled"),
         ("model_endpoints", [], "model_endpoints: must be a non-empty list"),
         ("deadline_ms", 0, "deadline_ms: must be > 0"),
+        ("deadline_ms", 1e22, "deadline_ms: must be > 0 and at most 3.6e+06"),
         ("quorum.min_weight_fraction", 1.5, "quorum.min_weight_fraction"),
         ("quorum.min_votes", 3, "quorum.min_votes: must be in 1..2"),
         ("thresholds.buy", 0.4, "thresholds: need 0 <= sell < buy <= 1"),
