@@ -122,6 +122,13 @@ def _collect(
             MissingReason.DEADLINE_EXCEEDED,
             f"no answer within the {timeout * 1000:.0f} ms deadline",
         )
+    if future.cancelled():  # its client was closed under the call: a reload removed the
+        # endpoint, or its replica's address left DNS, while the call waited for its answer
+        return Missing(
+            client.name,
+            MissingReason.UNAVAILABLE,
+            "the endpoint was closed (removed from the configuration) before it answered",
+        )
     error = future.exception()
     if error is None:
         answer = future.result()
