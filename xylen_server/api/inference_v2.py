@@ -278,16 +278,22 @@ def _values(
 def _requested_outputs(
     outputs: Sequence[v2.ModelInferRequest.InferRequestedOutputTensor],
 ) -> list[str]:
-    """The outputs to send, in the order asked (none asked: all of them)."""
+    """The outputs to send, in the order asked (none asked: all of them), each at most once: a
+    name repeated would add a whole tensor to the answer each time, so that a small request
+    asked for an answer hundreds of times its size, built on the event loop."""
     if not outputs:
         return list(OUTPUTS)
-    names = []
+    names: list[str] = []
     for output in outputs:
         if output.name not in OUTPUTS:
             raise InvalidArgument(
                 f"output {shown(output.name)} is not an output of this model; it has "
                 f"{', '.join(OUTPUTS)}",
                 reason="UNKNOWN_OUTPUT",
+            )
+        if output.name in names:
+            raise InvalidArgument(
+                f"output {output.name} is asked for more than once", reason="DUPLICATE_OUTPUT"
             )
         names.append(output.name)
     return names

@@ -165,6 +165,10 @@ def _bad(rows: np.ndarray) -> dict[str, tuple[v2.ModelInferRequest, grpc.StatusC
     r.outputs.add(name="logits")
     cases["output name"] = (r, invalid, "UNKNOWN_OUTPUT")
     r = infer_request(rows[:1])
+    for _ in range(3):  # each repeat would add a whole tensor to the answer
+        r.outputs.add(name="probability_up")
+    cases["output repeated"] = (r, invalid, "DUPLICATE_OUTPUT")
+    r = infer_request(rows[:1])
     r.inputs[0].ClearField("contents")
     cases["no data"] = (r, invalid, "MISSING_INPUT")
     empty = v2.ModelInferRequest(model_name="model_1")
