@@ -48,8 +48,16 @@ from xylen_server.errors import (
 )
 from xylen_server.settings import Settings
 
-#: Methods never queued or shed: a load balancer's probe must be answered under load.
-UNQUEUED = frozenset({"/grpc.health.v1.Health/Check"})
+#: Methods never queued or shed: a load balancer's or KServe's probe must be answered under
+#: load (a liveness probe failing because the server is busy would get it restarted).
+UNQUEUED = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+        "/inference.GRPCInferenceService/ModelReady",
+    }
+)
 
 
 class Sized:

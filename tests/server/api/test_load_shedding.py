@@ -21,6 +21,8 @@ from harness import (
     start_server,
 )
 
+from xylen.inference import grpc_predict_v2_pb2 as v2_pb
+from xylen.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 
@@ -74,6 +76,46 @@ def test_over_the_limit_calls_are_shed_at_once_and_the_server_stays_healthy(
         assert (admission.running, admission.queued, admission.inflight_bytes) == (0, 0, 0)
         assert health_status(channel) == 1
         assert len(stub.Predict(request, timeout=10).predictions) == 1
+
+
+def test_probes_are_answered_while_the_server_is_full(models_root, tmp_path, feature_rows):
+    # One call running, one waiting: a third Predict is shed, but the health check and the
+    # KServe v2 probes are answered (they were shed too: a liveness probe failing because the
+    # server is busy gets the server restarted).
+    full = InProcessServer(
+        server_settings(
+            models_root,
+            max_concurrent_rpcs=1,
+            max_queued_rpcs=1,
+            inference_delay_ms=1500.0,
+            feedback_data_dir=tmp_path / "data",
+        )
+    )
+    request = pb.PredictRequest(inputs=[feature_input(feature_rows[0])])
+    try:
+        with grpc.insecure_channel(full.address) as channel:
+            stub = pb_grpc.ModelServiceStub(channel)
+            busy = [stub.Predict.future(request, timeout=30) for _ in range(2)]
+            deadline = time.monotonic() + 10
+            admission = full.running.admission
+            assert admission is not None
+            while (admission.running, admission.queued) != (1, 1):
+                assert time.monotonic() < deadline, "the two calls never took their places"
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as shed:
+                stub.Predict(request, timeout=10)
+            assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            v2 = v2_grpc.GRPCInferenceServiceStub(channel)
+            assert health_status(channel) == 1
+            assert v2.ServerLive(v2_pb.ServerLiveRequest(), timeout=10).live
+            assert v2.ServerReady(v2_pb.ServerReadyRequest(), timeout=10).ready
+            model = v2_pb.ModelReadyRequest(name="model_1")
+            assert v2.ModelReady(model, timeout=10).ready
+            assert (admission.running, admission.queued) == (1, 1)  # still full meanwhile
+            for future in busy:
+                assert len(future.result().predictions) == 1
+    finally:
+        full.close()
 
 
 def test_calls_whose_deadline_passed_are_dropped_unworked(models_root, tmp_path, feature_rows):
