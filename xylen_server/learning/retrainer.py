@@ -45,7 +45,13 @@ from google.protobuf import json_format
 
 from training.metadata import history_files, history_missing_message
 from xylen.v1 import model_service_pb2 as pb
-from xylen_server.errors import FailedPrecondition, NotFound, TrainingDataMissing, shown
+from xylen_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    TrainingDataMissing,
+    shown,
+)
 from xylen_server.learning.feedback import FeedbackLoop, feedback_cutoff_ms
 from xylen_server.learning.job import JobSpec
 from xylen_server.serving.model_store import LoadedModel
@@ -167,6 +173,17 @@ class Retrainer:
         trigger: str = "manual",
     ) -> pb.TrainingStatus:
         """Start a job (call on the event loop); returns its first status."""
+        if mode != pb.RETRAIN_MODE_UNSPECIFIED and mode not in _MODES:
+            raise InvalidArgument(
+                f"mode {mode} is not a RetrainMode; use RETRAIN_MODE_FULL, "
+                "RETRAIN_MODE_INCREMENTAL, or leave it unset for the configured one",
+                reason="INVALID_RETRAIN_MODE",
+            )
+        if min_samples < 0:
+            raise InvalidArgument(
+                f"min_samples must not be negative, got {min_samples}",
+                reason="INVALID_MIN_SAMPLES",
+            )
         if self.running:
             raise FailedPrecondition(
                 f"retrain job {self.status.job_id} is still running; one job at a time",
@@ -176,10 +193,6 @@ class Retrainer:
         if self.models.lock.locked():
             raise FailedPrecondition(
                 "the served model is being changed; retry shortly", reason="MODEL_SWAP_RUNNING"
-            )
-        if min_samples < 0:
-            raise FailedPrecondition(
-                "min_samples must not be negative", reason="INVALID_MIN_SAMPLES"
             )
         self.feedback.require_store()
         required = max(self.settings.retrain_min_samples, min_samples)

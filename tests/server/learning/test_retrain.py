@@ -140,6 +140,18 @@ def test_one_job_at_a_time_and_a_dry_run_never_promotes(make_server, feature_row
 def test_too_few_samples_and_a_single_class_fail_clearly(make_server, feature_rows):
     _, stub = make_server()
     send_samples(stub, feature_rows[:60], np.ones(60, np.int64), "few")
+    # A bad argument is named before any precondition; an unknown mode used to start a job
+    # in the configured mode.
+    for bad, reason in (
+        (pb.RetrainRequest(mode=99), "INVALID_RETRAIN_MODE"),  # type: ignore[arg-type]
+        (pb.RetrainRequest(mode=-3), "INVALID_RETRAIN_MODE"),  # type: ignore[arg-type]
+        (pb.RetrainRequest(min_samples=-1), "INVALID_MIN_SAMPLES"),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Retrain(bad)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert error_info(caught.value).reason == reason
+    assert _info(stub).training_status.state == pb.TRAINING_STATE_IDLE
     with pytest.raises(grpc.RpcError) as caught:
         stub.Retrain(pb.RetrainRequest())
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
