@@ -17,6 +17,7 @@ what it does.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -45,9 +46,17 @@ _OK = "OK"
 logger = logging.getLogger(__name__)
 
 
-def _code_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+def _code_name(context: grpc.aio.ServicerContext[Any, Any], cancelled: bool = False) -> str:
+    """The status a call ended with, for the metrics: its code, else, when grpc cancelled
+    its handler (the caller went away or its deadline passed: the handler sets no code),
+    CANCELLED or DEADLINE_EXCEEDED, else OK."""
     code = context.code()
-    return _OK if code is None else _code_text(code)
+    if code is not None:
+        return _code_text(code)
+    if cancelled:
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    return _OK
 
 
 def _code_text(code: Any) -> str:
@@ -73,12 +82,16 @@ class MetricsInterceptor(HandlerInterceptor):
                 started = time.perf_counter()
                 error_reason.set("")
                 recorder.started(method, streams)
+                cancelled = False
                 try:
                     return await behavior(request, context)
+                except asyncio.CancelledError:
+                    cancelled = True
+                    raise
                 finally:
                     recorder.rpc(
                         method,
-                        _code_name(context),
+                        _code_name(context, cancelled),
                         time.perf_counter() - started,
                         error_reason.get(),
                         streams,
@@ -91,13 +104,17 @@ class MetricsInterceptor(HandlerInterceptor):
                 started = time.perf_counter()
                 error_reason.set("")
                 recorder.started(method, True)
+                cancelled = False
                 try:
                     async for response in behavior(request, context):
                         yield response
+                except (asyncio.CancelledError, GeneratorExit):  # grpc closed the stream
+                    cancelled = True
+                    raise
                 finally:
                     recorder.rpc(
                         method,
-                        _code_name(context),
+                        _code_name(context, cancelled),
                         time.perf_counter() - started,
                         error_reason.get(),
                         True,
@@ -183,6 +200,7 @@ class CallInterceptor(HandlerInterceptor):
             started = clock()
             started_call(method, False)
             reason = ""
+            cancelled = False
             try:
                 reset = caller.set(check(context)) if check is not None else None
                 try:
@@ -203,6 +221,9 @@ class CallInterceptor(HandlerInterceptor):
                 finally:
                     if reset is not None:
                         caller.reset(reset)
+            except asyncio.CancelledError:  # the caller went away, or its deadline passed
+                cancelled = True
+                raise
             except PASS_THROUGH:
                 raise
             except Exception as exc:
@@ -214,7 +235,7 @@ class CallInterceptor(HandlerInterceptor):
                 if not ended and not after:
                     running_loop().call_soon(after_the_answers)
                 code = context.code()  # None when the handler answered: no call for an OK
-                name = _OK if code is None else _code_text(code)
+                name = _OK if code is None and not cancelled else _code_name(context, cancelled)
                 ended.append((method, name, clock() - started, reason))
 
         return admission.tolerant_handler(

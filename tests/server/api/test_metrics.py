@@ -8,9 +8,10 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import feature_input, settled
+from harness import InProcessServer, feature_input, server_settings, settled
 
 from xylen.v1 import model_service_pb2 as pb
+from xylen.v1 import model_service_pb2_grpc as pb_grpc
 
 
 def _features(row):
@@ -65,3 +66,41 @@ def test_server_streaming_calls_are_counted_too(server, stub, channel):
     assert next(answers).status == health_pb2.HealthCheckResponse.SERVING
     answers.cancel()
     assert _eventually(lambda: recorder.calls(health) == health_before + 1)
+
+
+def test_calls_the_caller_gave_up_on_are_not_counted_ok(models_root, tmp_path, feature_rows):
+    # Each inference takes 300 ms. Unary calls and streams whose deadline passes, or that the
+    # caller cancels, while the server works on them end as grpc cancels the handler: they
+    # are DEADLINE_EXCEEDED and CANCELLED in the metrics, as the caller saw them. They were
+    # all counted OK (the handler sets no code when grpc cancels it).
+    slow = InProcessServer(
+        server_settings(models_root, inference_delay_ms=300.0, feedback_data_dir=tmp_path / "d")
+    )
+    recorder = slow.running.recorder
+    request = pb.PredictRequest(inputs=[_features(feature_rows[0])])
+    unary, stream = "/xylen.v1.ModelService/Predict", "/xylen.v1.ModelService/PredictStream"
+    try:
+        with grpc.insecure_channel(slow.address) as channel:
+            stub = pb_grpc.ModelServiceStub(channel)
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as late:
+                    stub.Predict(request, timeout=0.05)
+                assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            cancelled = stub.Predict.future(request, timeout=10)
+            time.sleep(0.1)
+            assert cancelled.cancel()
+            items = [pb.PredictStreamRequest(request_id="a", request=request)]
+            with pytest.raises(grpc.RpcError) as late:
+                list(stub.PredictStream(iter(items), timeout=0.05))
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            gone = stub.PredictStream(iter(items), timeout=10)
+            time.sleep(0.1)
+            gone.cancel()
+            assert _eventually(lambda: recorder.calls(unary, "DEADLINE_EXCEEDED") == 3)
+            assert _eventually(lambda: recorder.calls(unary, "CANCELLED") == 1)
+            assert _eventually(lambda: recorder.calls(stream, "DEADLINE_EXCEEDED") == 1)
+            assert _eventually(lambda: recorder.calls(stream, "CANCELLED") == 1)
+            time.sleep(0.5)  # the inferences under way end: nothing more is counted
+            assert recorder.calls(unary, "OK") == recorder.calls(stream, "OK") == 0
+    finally:
+        slow.close()
