@@ -30,6 +30,7 @@ from google.protobuf import duration_pb2
 
 from xylen.v1 import model_service_pb2 as pb
 from xylen_server.errors import InvalidArgument, ResourceExhausted
+from xylen_server.outcomes import check_prediction_id
 from xylen_server.settings import Settings
 
 #: google.protobuf.Duration's documented range: +-10,000 years.
@@ -134,3 +135,7 @@ def check_request(request: Any, settings: Settings) -> None:
         check_name(request.model_name, settings)
     elif isinstance(request, pb.WatchRetrainRequest):
         check_name(request.job_id, settings, "job_id")
+    elif isinstance(request, pb.FeedbackRequest):
+        # Before the id is looked up (in memory, the store, the log on disk, and, with workers,
+        # sent to every other worker): refused later, a 16 MB id had gone all that way.
+        check_prediction_id(request.prediction_id, settings.feedback_max_id_bytes)
