@@ -141,7 +141,9 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         server reading its requests (HTTP/2 flow control does the rest), so neither side's
         queue grows without bound. Each item's bytes count against ``MAX_INFLIGHT_BYTES``
         for as long; an item that would pass it is answered RESOURCE_EXHAUSTED
-        (BYTES_IN_FLIGHT) on its own.
+        (BYTES_IN_FLIGHT) on its own. An item whose ``request_id`` is that of an item still
+        in flight is answered INVALID_ARGUMENT (DUPLICATE_REQUEST_ID) on its own: two answers
+        with one id could not be told apart (an id may be used again once its answer is out).
         """
         answers: asyncio.Queue[pb.PredictStreamResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.settings.max_stream_in_flight)
@@ -151,10 +153,13 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         admission = self.admission
         held: dict[int, int] = {}  # id(answer) -> bytes its item holds until it is written
         outstanding = 0  # bytes taken from the budget by this stream and not given back
+        in_flight: set[str] = set()  # request ids of the items read and not yet answered
+        named: dict[int, str] = {}  # id(answer) -> its item's request id, while in flight
 
         async def answer(item: pb.PredictStreamRequest, size: int) -> None:
             response = await self._stream_item(item, deadline)
             held[id(response)] = size
+            named[id(response)] = item.request_id
             answers.put_nowait(response)
 
         async def read() -> None:
@@ -162,6 +167,15 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             try:
                 async for item in request_iterator:
                     await slots.acquire()
+                    request_id = item.request_id
+                    if request_id in in_flight:
+                        duplicate = InvalidArgument(
+                            "request_id is that of an item still in flight on this stream; "
+                            "ids must be unique among the items awaiting an answer",
+                            reason="DUPLICATE_REQUEST_ID",
+                        )
+                        answers.put_nowait(messages.stream_error(self._echoed_id(item), duplicate))
+                        continue
                     size = item.ByteSize() if admission is not None else 0
                     if admission is not None:
                         try:
@@ -170,6 +184,8 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
                             answers.put_nowait(messages.stream_error(self._echoed_id(item), exc))
                             continue
                         outstanding += size
+                    if request_id:  # a missing one is refused by the item's own checks
+                        in_flight.add(request_id)
                     task = asyncio.create_task(answer(item, size))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -184,6 +200,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
                 yield response  # returns once grpc has taken the message
                 slots.release()
                 size = held.pop(id(response), 0)
+                in_flight.discard(named.pop(id(response), ""))
                 if admission is not None and size:
                     admission.give_bytes(size)
                     outstanding -= size

@@ -100,6 +100,38 @@ def test_an_item_past_its_own_timeout_gets_deadline_exceeded(slow_server, featur
     assert by_id["fine"].status.code == 0
 
 
+def test_an_id_still_in_flight_is_refused_for_the_repeat_alone(slow_server, feature_rows):
+    # The first "same" takes 300 ms; a second "same" read meanwhile is refused on its own (two
+    # answers with one id could not be told apart; they were both answered, in either order).
+    # Once its answer is out, an id may be used again.
+    outbox: queue.Queue[pb.PredictStreamRequest | None] = queue.Queue()
+
+    def requests():
+        while (item := outbox.get()) is not None:
+            yield item
+
+    with grpc.insecure_channel(slow_server.address) as channel:
+        stub = pb_grpc.ModelServiceStub(channel)
+        answers = stub.PredictStream(requests(), timeout=30)
+        outbox.put(_item("same", feature_input(feature_rows[0]), feature_input(feature_rows[1])))
+        outbox.put(_item("same", feature_input(feature_rows[2])))
+        outbox.put(_item("other", feature_input(feature_rows[3])))
+        first = [next(answers) for _ in range(3)]
+        outbox.put(_item("same", feature_input(feature_rows[4])))  # the first's answer is out
+        outbox.put(None)
+        last = list(answers)
+    refused = [a for a in first if a.status.code != 0]
+    assert len(refused) == 1
+    assert refused[0].request_id == "same"
+    assert refused[0].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert refused[0].status.reason == "DUPLICATE_REQUEST_ID"
+    answered = {a.request_id: len(a.response.predictions) for a in first if a.status.code == 0}
+    assert answered == {"same": 2, "other": 1}  # the first "same" is answered as sent
+    assert [(a.request_id, a.status.code, len(a.response.predictions)) for a in last] == [
+        ("same", 0, 1)
+    ]
+
+
 def test_unary_deadline_is_honoured_and_the_server_keeps_serving(slow_server, feature_rows):
     with grpc.insecure_channel(slow_server.address) as channel:
         stub = pb_grpc.ModelServiceStub(channel)
