@@ -493,12 +493,35 @@ def decode_prediction(data: bytes) -> LoggedPrediction:
 
 def _forward_to_owner(servicer: ModelServicer, links: WorkerLinks) -> None:
     """A worker other than the owner: its OWNER_METHODS call the owner's (after this
-    worker's interceptors checked credentials and admitted the call)."""
+    worker's interceptors checked credentials and admitted the call), and its GetModelInfo
+    carries the owner's training status (the only one that runs retrain jobs)."""
     stub = pb_grpc.ModelServiceStub(links.channel(0))
     for name in OWNER_METHODS:
         call = getattr(stub, name)
         forward = _forward_stream(call) if name == "WatchRetrain" else _forward_unary(call)
         setattr(servicer, name, forward)
+    own_info = servicer.GetModelInfo
+
+    async def model_info(request: pb.GetModelInfoRequest, context: Any) -> pb.GetModelInfoResponse:
+        """This worker's model (the one its Predicts use), with the owner's training status:
+        its own retrainer never runs a job, so it said IDLE on half the connections while
+        the owner's job ran or had failed."""
+        response = await own_info(request, context)
+        timeout = min(context.time_remaining() or PEER_TIMEOUT_SECONDS, PEER_TIMEOUT_SECONDS)
+        try:
+            owner = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            response.model_info.training_status.CopyFrom(
+                pb.TrainingStatus(
+                    message="the training status is not known: worker 0, which runs retrain "
+                    f"jobs, did not answer ({exc.code().name}); retry shortly"
+                )
+            )
+            return response
+        response.model_info.training_status.CopyFrom(owner.model_info.training_status)
+        return response
+
+    servicer.GetModelInfo = model_info  # type: ignore[method-assign]
 
 
 def _forward_unary(call: Any) -> Callable[[Any, Any], Awaitable[Any]]:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 from harness import feature_input, health_status, server_run, start_server, write_model
-from learning_helpers import feedback
+from learning_helpers import feedback, send_samples, wait_job
 from metrics_page import by_label, by_labels, fetch, get, scrape
 
 from xylen.v1 import model_service_pb2 as pb
@@ -194,6 +194,27 @@ def test_feedback_for_a_prediction_answered_by_either_worker_is_joined(two: Serv
     owner, other = fleet(two)["workers"]
     assert owner["health"]["feedback_samples"] >= sent  # the owner stored them all
     assert other["health"]["feedback_samples"] is None  # the other never opens the store
+
+
+def test_every_worker_reports_the_owners_training_status(two: ServerProcess):
+    """Only worker 0 runs retrain jobs; GetModelInfo on any connection reports its job (the
+    other worker's own retrainer said IDLE on about half the connections)."""
+    rows = np.random.default_rng(7).normal(size=(120, 25)).astype(np.float32)
+    labels = (rows[:, 0] > 0).astype(np.int64)
+    one_call(two, lambda stub: send_samples(stub, rows, labels, "status"))
+    job = one_call(two, lambda s: s.Retrain(pb.RetrainRequest(dry_run=True), timeout=30)).job_id
+    final = one_call(two, lambda stub: wait_job(stub, job))
+
+    def status(stub: pb_grpc.ModelServiceStub) -> tuple[int, str]:
+        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).model_info
+        return info.training_status.state, info.training_status.job_id
+
+    before = counts(two, "GetModelInfo")
+    with ThreadPoolExecutor(8) as pool:
+        seen = set(pool.map(lambda _: one_call(two, status), range(32)))
+    assert seen == {(final.state, job)}
+    after = counts(two, "GetModelInfo")
+    assert all(after[w] > before.get(w, 0) for w in ("0", "1")), (before, after)  # both asked
 
 
 def test_each_worker_writes_its_prediction_log_parts_to_a_directory_of_its_own(
