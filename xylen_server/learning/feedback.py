@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from training.labels import label_from_return
+from training.metadata import model_input
 from xylen_server import clock
 from xylen_server.auth import ANONYMOUS
 from xylen_server.errors import InvalidArgument, NotFound, SettingsError, Unavailable
@@ -371,7 +372,10 @@ def build_record(
     if logged is None and prediction_log is not None:
         logged = prediction_log.get(prediction_id)
     if logged is not None:
-        if row is not None and not np.array_equal(row.astype(np.float32), logged.features):
+        # Compared as the model takes them (model_input: float32, tiny values snapped to 0):
+        # the features a caller sent to Predict are the ones it predicted on, also when one
+        # is tiny (1e-36), which the log holds as the 0.0 the model saw.
+        if row is not None and not np.array_equal(model_input(row), model_input(logged.features)):
             raise InvalidArgument(
                 f"the features sent for {shown(prediction_id)} differ from those it was "
                 "predicted on",

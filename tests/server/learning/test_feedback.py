@@ -54,6 +54,26 @@ def test_feedback_joins_the_row_the_model_saw_and_is_stored_once(live, feature_r
     assert row["probability_up"] == response.predictions[1].probability_up
 
 
+def test_feedback_with_the_very_features_predict_got_is_joined_with_a_tiny_value(
+    live, feature_rows
+):
+    # The model sees 1e-36 as 0.0 (model_input's zero snap) and the log holds what it saw; the
+    # caller sends back what it sent. That was refused FEATURES_MISMATCH, alone and in a batch.
+    _, stub = live
+    for batch in (1, 3):
+        rows = feature_rows[20 : 20 + batch].astype(np.float64)
+        rows[:, 4] = 1e-36
+        response = stub.Predict(pb.PredictRequest(inputs=[feature_input(r) for r in rows]))
+        for prediction, row in zip(response.predictions, rows, strict=True):
+            answer = stub.Feedback(feedback(prediction.prediction_id, 0.01, row))
+            assert not answer.duplicate
+        changed = rows[0].copy()
+        changed[5] += 0.5  # a real difference is still refused
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Feedback(feedback(response.predictions[0].prediction_id, 0.02, changed))
+        assert error_info(caught.value).reason == "FEATURES_MISMATCH"
+
+
 def test_feedback_with_features_for_an_unlogged_prediction(live, feature_rows):
     _, stub = live
     answer = stub.Feedback(feedback("elsewhere-1", -0.01, feature_rows[10]))
