@@ -51,6 +51,7 @@ keeps appending and compacting.
 from __future__ import annotations
 
 import math
+import re
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -367,9 +368,17 @@ def add_missing_columns(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE samples ADD COLUMN {name} {kind}")
 
 
+_PART_NAME = re.compile(r"part-\d+-\d+\.parquet")
+"""A part the store wrote: ``part-<first seq>-<last seq>.parquet``."""
+
+
 def part_files(directory: Path) -> list[Path]:
-    """The compacted Parquet parts of a samples directory, oldest first."""
-    return sorted((Path(directory) / PARTS_DIR).glob("part-*.parquet"))
+    """The compacted Parquet parts of a samples directory, oldest first: only the files named
+    as the store names them, so that another file there (an operator's ``part-...-3
+    (copy).parquet``) is neither read twice as samples nor taken for a part's range (it made
+    opening the store fail, and Feedback answer INTERNAL)."""
+    parts = (Path(directory) / PARTS_DIR).glob("part-*.parquet")
+    return sorted(part for part in parts if _PART_NAME.fullmatch(part.name))
 
 
 def compacted_until(directory: Path) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -235,6 +236,22 @@ def test_compaction_writes_snappy_parquet_readable_by_polars_and_pyarrow(tmp_pat
     frame_ = pl.read_parquet(tmp_path / "training_samples" / "*.parquet")
     assert frame_.equals(before)
     assert frame_.schema["features"] == pl.List(pl.Float32)
+
+
+def test_a_file_the_store_did_not_write_is_not_taken_for_a_part(tmp_path: Path) -> None:
+    # An operator's copy of a part beside it: not read twice as samples, not parsed for its
+    # range (opening the store raised ValueError, and Feedback answered INTERNAL).
+    with FeedbackStore(tmp_path, compact_on_close=False) as store:
+        for i in range(10):
+            store.append(record(i))
+        part = store.compact()
+    assert part is not None
+    shutil.copy(part, part.with_name(part.stem + " (copy).parquet"))
+    with FeedbackStore(tmp_path) as reopened:
+        assert reopened.part_files() == [part]
+        assert sorted(ids_of(reopened)) == sorted(f"p-{i}" for i in range(10))
+        reopened.append(record(10))
+        assert len(ids_of(reopened)) == 11
 
 
 def test_automatic_compaction_by_row_count(tmp_path: Path) -> None:
