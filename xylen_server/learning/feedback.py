@@ -217,7 +217,10 @@ class FeedbackLoop:
         if not result.duplicate:
             self.new_samples += 1
             self.arrived += 1
-            if record.probability_up is not None:
+            # The live record is the serving model's: an outcome of a call the replaced model
+            # made (outcomes arrive a horizon later) would fill the new model's window with
+            # the old one's calls and fire the accuracy trigger on them.
+            if record.probability_up is not None and record.model_version == meta.version:
                 self.outcomes.append((record.probability_up >= 0.5) == bool(record.label))
             for callback in self.on_stored:
                 callback()
