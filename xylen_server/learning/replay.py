@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.metadata import MetadataError, ModelMetadata
+from training.calibration import apply as calibrate
+from training.metadata import MetadataError, ModelMetadata, model_input
 from xylen_server.errors import ModelLoadError
 from xylen_server.learning.prediction_log import PredictionLog
 from xylen_server.serving.model_store import load_model
@@ -52,7 +53,12 @@ def replay_command(settings: Settings, prediction_id: str, log_dir: Path | None)
     except ModelLoadError as exc:
         return error(str(exc))
     try:
-        replayed = float(loaded.engine.predict_proba(features.reshape(1, -1))[0])
+        # As the predictor computes what it logs: the engine on model_input, then the model's
+        # calibration (every `make train` model has one; comparing the engine's raw P(up) with
+        # the logged calibrated one said "NO" for every such prediction).
+        raw = loaded.engine.predict_proba(model_input(features.reshape(1, -1)))
+        replayed = float(calibrate(loaded.meta.calibration, raw)[0])
+        calibrated = bool(loaded.meta.calibration)
         engine = loaded.engine.engine
     finally:
         loaded.close()
@@ -62,6 +68,7 @@ def replay_command(settings: Settings, prediction_id: str, log_dir: Path | None)
     print(f"prediction {prediction_id} at {when} by {row.model_name} v{version}")
     print(f"  features      {np.array2string(features, precision=6, max_line_width=96)}")
     print(f"  logged   P(up) {logged!r}  signal {row.signal}")
-    print(f"  replayed P(up) {replayed!r}  ({engine}, from {model_dir})")
+    how = f"{engine}{', calibrated' if calibrated else ''}"
+    print(f"  replayed P(up) {replayed!r}  ({how}, from {model_dir})")
     print(f"  bit-exact: {'yes' if exact else 'NO'}")
     return 0 if exact else 1

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from harness import InProcessServer, feature_input, write_model
+from harness import InProcessServer, feature_input, synthetic_candles, write_model
 from learning_helpers import add_version, learning_settings
 
 from training.metadata import ModelMetadata, sha256_file
 from xylen.v1 import model_service_pb2 as pb
 from xylen.v1 import model_service_pb2_grpc as pb_grpc
 from xylen_server.__main__ import main
+from xylen_server.learning.replay import replay_command
 
 
 @pytest.fixture
@@ -156,3 +157,30 @@ def test_replay_recomputes_a_past_prediction_bit_exactly_with_its_version(
     capsys.readouterr()
     assert main(["replay", by_v1.prediction_id]) == 0
     assert "bit-exact: yes" in capsys.readouterr().out
+
+
+def test_replay_of_a_calibrated_models_prediction_is_bit_exact(tmp_path, capsys):
+    # Every `make train` model carries a calibration; the logged P(up) is the calibrated one.
+    # Replay compared the engine's raw P(up) with it: "bit-exact: NO", exit 1, every time.
+    candles = synthetic_candles()
+    model_dir = write_model(tmp_path / "models", "model_1", "lightgbm", candles, trees=20)
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    meta["calibration"] = {"method": "platt", "a": 1.7, "b": -0.2}
+    (model_dir / "metadata.json").write_text(json.dumps(meta))
+    width = len(meta["feature_names"])
+    settings = learning_settings(tmp_path)
+    server = InProcessServer(settings)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ModelServiceStub(channel)
+            rows = [[0.1 * i + 0.01 * j for i in range(width)] for j in range(4)]
+            alone = stub.Predict(pb.PredictRequest(inputs=[feature_input(rows[0])]))
+            batch = stub.Predict(pb.PredictRequest(inputs=[feature_input(r) for r in rows[1:]]))
+    finally:
+        server.close()  # flushes the prediction log
+    for prediction in [*alone.predictions, *batch.predictions]:
+        capsys.readouterr()
+        assert replay_command(settings, prediction.prediction_id, None) == 0
+        out = capsys.readouterr().out
+        assert repr(prediction.probability_up) in out and "calibrated" in out
+        assert "bit-exact: yes" in out
