@@ -53,12 +53,13 @@ Learning (``xylen_server.server``). Worker 0 is the *owner*: it alone opens the 
 runs retrain jobs and writes the model directory and its history. The other workers forward
 Feedback, Retrain, WatchRetrain, RollbackModel and ReloadModel to the owner over its unix socket
 (in ``WORKER_RUN_DIR``, a 0700 directory of the supervisor's), with the caller their own
-credentials check established; their GetModelInfo reports the owner's training status. Each worker keeps its own in-memory prediction log (and writes
-its Parquet parts under ``<PREDICTION_LOG_DIR>/worker-<i>/``, worker 0 in the directory itself);
-a Feedback whose id the owner did not answer is looked up in the other workers' logs over their
-sockets. After every swap (promotion, rollback, reload) the owner tells every other worker to
-load the model directory, and answers the RPC once they have; the others also check the model
-directory every 2 s, so a worker that was restarting during a swap catches up.
+credentials check established; their GetModelInfo reports the owner's training status. Each
+worker keeps its own in-memory prediction log (and writes its Parquet parts under
+``<PREDICTION_LOG_DIR>/worker-<i>/``, worker 0 in the directory itself); a Feedback whose id the
+owner did not answer is looked up in the other workers' logs over their sockets. After every
+swap (promotion, rollback, reload) the owner tells every other worker to load the model
+directory, and answers the RPC once they have; the others also check the model directory every 2
+s, so a worker that was restarting during a swap catches up.
 
 Metrics. Each worker serves ``/metrics`` and ``/health`` on a unix socket; the supervisor serves
 ``METRICS_PORT``: ``/metrics`` is every worker's series with a ``worker`` label (histograms
