@@ -56,7 +56,7 @@ from xylen_server.learning.feedback import FeedbackLoop, feedback_cutoff_ms
 from xylen_server.learning.job import JobSpec
 from xylen_server.serving.model_store import LoadedModel
 from xylen_server.settings import Settings
-from xylen_server.versions.swap import ModelManager
+from xylen_server.versions.swap import ModelManager, ServingModelChanged
 
 logger = logging.getLogger(__name__)
 
@@ -433,7 +433,16 @@ class Retrainer:
             candidate_version=version,
             message=f"loading and swapping to v{version}",
         )
-        loaded = await self.models.promote(candidate, version)
+        try:
+            loaded = await self.models.promote(candidate, version, self.status.serving_version)
+        except ServingModelChanged as exc:
+            self._update(
+                state=pb.TRAINING_STATE_REJECTED,
+                stage="done",
+                message=f"rejected: {exc.message}; v{exc.metadata['serving']} keeps serving",
+                end_time=_now(),
+            )
+            return
         self._update(
             state=pb.TRAINING_STATE_SUCCEEDED,
             stage="done",

@@ -31,7 +31,12 @@ from pathlib import Path
 from types import TracebackType
 
 from training.metadata import MetadataError, ModelMetadata
-from xylen_server.errors import HistoryError, ModelLoadError, VersionNotFound
+from xylen_server.errors import (
+    FailedPrecondition,
+    HistoryError,
+    ModelLoadError,
+    VersionNotFound,
+)
 from xylen_server.serving.model_store import LoadedModel, load_model
 from xylen_server.serving.pacing import CpuShare
 from xylen_server.serving.predictor import Predictor
@@ -39,6 +44,12 @@ from xylen_server.settings import Settings
 from xylen_server.versions import history as model_history
 
 logger = logging.getLogger(__name__)
+
+
+class ServingModelChanged(FailedPrecondition):
+    """A candidate was gated against a model that is no longer the one served (a reload or a
+    restore replaced it during the job): it is not promoted over a model it was never
+    compared with."""
 
 
 class LoopLag:
@@ -187,10 +198,24 @@ class ModelManager:
         for callback in self.on_change:
             await callback(loaded)
 
-    async def promote(self, candidate: Path, version: int) -> LoadedModel:
+    async def promote(
+        self, candidate: Path, version: int, parent: int | None = None
+    ) -> LoadedModel:
         """Keep the candidate directory as ``version``, load it beside the serving model, make
-        it the serving directory and swap. Raises ModelLoadError (nothing changed)."""
+        it the serving directory and swap. Raises ModelLoadError (nothing changed), and
+        :class:`ServingModelChanged` (nothing changed) when ``parent``, the version the
+        candidate was gated against, is no longer the one served."""
         async with self.lock, LoopLag() as lag:
+            serving = self.predictor.model.meta.version
+            if parent is not None and serving != parent:
+                raise ServingModelChanged(
+                    f"v{serving} replaced v{parent} while the candidate was trained and gated "
+                    f"against v{parent}; it is not promoted over a model it was not compared "
+                    "with",
+                    reason="SERVING_MODEL_CHANGED",
+                    serving=serving,
+                    parent=parent,
+                )
             pacer = self._pacer()
             lag.step("adopt")
             kept = await self._paced(pacer, model_history.adopt, candidate, self.history, version)
