@@ -145,20 +145,34 @@ class Retrainer:
         for queue in list(self._watchers):
             queue.put_nowait(status)
 
+    async def _count_new(self, model: LoadedModel) -> int:
+        """The stored samples ``model`` has not seen (off the loop); 0, logged, when the store
+        cannot be read (a damaged part): counting them is for the triggers, and a server that
+        could not count them had failed to start, or a swap to fail after its model was in
+        place, with Predict down for a file only retraining reads."""
+        loop = asyncio.get_running_loop()
+        cutoff = feedback_cutoff_ms(model.meta)
+        try:
+            return int(await loop.run_in_executor(None, self.feedback.count_new, cutoff))
+        except Exception as exc:
+            logger.error(
+                "cannot count the feedback samples new to v%d (%s: %s); the new-samples "
+                "trigger counts from 0, and a retrain reading the store will say what is wrong",
+                model.meta.version,
+                type(exc).__name__,
+                str(exc)[:300],
+            )
+            return 0
+
     async def _model_changed(self, model: LoadedModel) -> None:
         """Any swap (promotion, rollback, reload): count new samples against the new model."""
-        loop = asyncio.get_running_loop()
-        count = await loop.run_in_executor(
-            None, self.feedback.count_new, feedback_cutoff_ms(model.meta)
-        )
-        self.feedback.reset(int(count))
+        self.feedback.reset(await self._count_new(model))
 
     async def start_up(self, model: LoadedModel) -> None:
         """Count the new samples the serving model has not seen; start the schedule."""
         loop = asyncio.get_running_loop()
-        cutoff = feedback_cutoff_ms(model.meta)
-        count = await loop.run_in_executor(None, self.feedback.count_new, cutoff)
-        self.feedback.reset(int(count))
+        count = await self._count_new(model)
+        self.feedback.reset(count)
         if self.settings.retrain_auto and self.settings.retrain_schedule_seconds > 0:
             self._schedule = loop.create_task(self._scheduled())
         logger.info("%d feedback samples are new to v%d", count, model.meta.version)
