@@ -133,3 +133,50 @@ def test_history_rows_carry_the_close_time_of_the_bar_each_label_reads(root):
     assert (np.diff(closes) > 0).all() and (np.diff(closes) % hour == 0).all()
     march = int(datetime(2023, 3, 1, tzinfo=UTC).timestamp() * 1000)
     assert meta.horizon == 1 and closes[-1] == march - 1
+
+
+def test_history_rows_are_built_with_the_anomaly_policy_the_model_was_trained_with(
+    tmp_path: Path,
+) -> None:
+    # Six zero-volume bars (halts): `keep` trains on them, `drop` does not. A full retrain
+    # rebuilt a `keep` model's history under the default (`drop`): other candles, features
+    # and labels than the model was trained on.
+    import polars as pl
+
+    from training import features
+    from training.generator import kline_csv, simulate
+    from training.klines import interval_ms, load_klines
+    from training.labels import binary_labels
+
+    hour, t0 = 3_600_000, 1_704_067_200_000
+    frame = simulate(t0 + hour * np.arange(400, dtype=np.int64), hour, 1)
+    halts = [t0 + k * hour for k in (100, 150, 200, 250, 300, 350)]
+    frame = frame.with_columns(
+        pl.when(pl.col("open_time").is_in(halts)).then(0.0).otherwise(pl.col("volume"))
+        .alias("volume")
+    )  # fmt: skip
+    path = tmp_path / "BTCUSDT-1h-2024-01.csv"
+    path.write_bytes(kline_csv(frame))
+
+    def trained_on(policy: str) -> tuple[np.ndarray, np.ndarray]:
+        """The rows `make train` fits on under ``policy`` (training's own functions)."""
+        candles = features.candles_from_frame(load_klines([path], policy=policy).frame)
+        x = features.compute_features(candles)
+        y = binary_labels(candles["open_time"], candles["close"], horizon=1,
+                          step_ms=interval_ms("1h"))  # fmt: skip
+        usable = np.isfinite(x).all(axis=1) & np.isfinite(y)
+        return x[usable].astype(np.float32), y[usable].astype(np.int64)
+
+    for policy in ("keep", "drop"):
+        meta = ModelMetadata(
+            name="model_1", model_type="lightgbm", version=1, training_samples=1,
+            trained_at="2026-01-01T00:00:00Z", feature_names=list(features.FEATURE_NAMES),
+            lookback=features.LOOKBACK_PERIODS, horizon=1, interval="1h",
+            features_hash=features.feature_definitions_hash(),
+            data={"files": [{"path": str(path), "sha256": sha256_file(path)}],
+                  "anomaly_policy": policy},
+        )  # fmt: skip
+        x, y, _, _ = history_rows(meta, tmp_path)
+        want_x, want_y = trained_on(policy)
+        assert np.array_equal(x, want_x) and np.array_equal(y, want_y), policy
+    assert len(trained_on("keep")[1]) != len(trained_on("drop")[1])  # they differ on this data

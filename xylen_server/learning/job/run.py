@@ -114,7 +114,10 @@ def history_rows(
                 f"history file {f.path} changed since training (sha256 differs from the "
                 "metadata); a full retrain would not learn from the model's own data"
             )
-    klines = load_klines([f.path for f in files], interval=meta.interval or None)
+    # The policy the model was trained with (a model trained keeping anomalous bars was rebuilt
+    # from other candles, features and labels under the default, dropping them).
+    policy = str(meta.data.get("anomaly_policy") or "drop")
+    klines = load_klines([f.path for f in files], interval=meta.interval or None, policy=policy)
     candles = features.candles_from_frame(klines.frame)
     x = features.FeatureSet.of(meta.feature_names, meta.lookback).compute(candles)
     step = interval_ms(klines.interval)
