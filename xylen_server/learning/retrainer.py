@@ -130,6 +130,10 @@ class Retrainer:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def _end(self, state: pb.TrainingState.ValueType, message: str) -> None:
+        """The job's final status: ``state`` and why, at the end of its last stage."""
+        self._update(state=state, stage="done", message=message, end_time=_now())
+
     def _update(self, **fields: Any) -> None:
         status = pb.TrainingStatus()
         status.CopyFrom(self.status)
@@ -333,20 +337,16 @@ class Retrainer:
             result = await self._subprocess(job_dir, spec)
             await self._finish(result, candidate, dry_run)
         except asyncio.CancelledError:
-            self._update(
-                state=pb.TRAINING_STATE_FAILED,
-                stage="done",
-                message="cancelled: the server is shutting down",
-                end_time=_now(),
+            self._end(
+                pb.TRAINING_STATE_FAILED,
+                "cancelled: the server is shutting down",
             )
             raise
         except Exception as exc:
             logger.exception("retrain %s failed", job_id)
-            self._update(
-                state=pb.TRAINING_STATE_FAILED,
-                stage="done",
-                message=f"failed: {exc}",
-                end_time=_now(),
+            self._end(
+                pb.TRAINING_STATE_FAILED,
+                f"failed: {exc}",
             )
         finally:
             shutil.rmtree(candidate, ignore_errors=True)
@@ -413,33 +413,25 @@ class Retrainer:
 
     async def _finish(self, result: dict[str, Any], candidate: Path, dry_run: bool) -> None:
         if result.get("status") != "ok":
-            self._update(
-                state=pb.TRAINING_STATE_FAILED,
-                stage="done",
-                message=f"failed: {result.get('message', 'unknown error')}; the serving model "
-                "is untouched",
-                end_time=_now(),
+            self._end(
+                pb.TRAINING_STATE_FAILED,
+                f"failed: {result.get('message', 'unknown error')}; the serving model is untouched",
             )
             return
         verdict = result["gate"]
         gate = pb.GateVerdict(**verdict)
         self._update(gate=gate, samples=int(result.get("samples", 0)))
         if not verdict["passed"]:
-            self._update(
-                state=pb.TRAINING_STATE_REJECTED,
-                stage="done",
-                message=f"rejected: {verdict['reason']}; v{self.status.serving_version} keeps "
-                "serving",
-                end_time=_now(),
+            self._end(
+                pb.TRAINING_STATE_REJECTED,
+                f"rejected: {verdict['reason']}; v{self.status.serving_version} keeps serving",
             )
             return
         version = int(result["candidate_version"])
         if dry_run:
-            self._update(
-                state=pb.TRAINING_STATE_SUCCEEDED,
-                stage="done",
-                message=f"dry run, would promote v{version}: {verdict['reason']}",
-                end_time=_now(),
+            self._end(
+                pb.TRAINING_STATE_SUCCEEDED,
+                f"dry run, would promote v{version}: {verdict['reason']}",
             )
             return
         self._update(
@@ -450,18 +442,14 @@ class Retrainer:
         try:
             loaded = await self.models.promote(candidate, version, self.status.serving_version)
         except ServingModelChanged as exc:
-            self._update(
-                state=pb.TRAINING_STATE_REJECTED,
-                stage="done",
-                message=f"rejected: {exc.message}; v{exc.metadata['serving']} keeps serving",
-                end_time=_now(),
+            self._end(
+                pb.TRAINING_STATE_REJECTED,
+                f"rejected: {exc.message}; v{exc.metadata['serving']} keeps serving",
             )
             return
-        self._update(
-            state=pb.TRAINING_STATE_SUCCEEDED,
-            stage="done",
-            message=f"promoted v{loaded.meta.version}: {verdict['reason']}",
-            end_time=_now(),
+        self._end(
+            pb.TRAINING_STATE_SUCCEEDED,
+            f"promoted v{loaded.meta.version}: {verdict['reason']}",
         )
 
     # -- watching -------------------------------------------------------------------------------
