@@ -370,6 +370,10 @@ class PredictionLog(PartRollup):
             rows = self._copy(self._unflushed, self._next)
             self._spilled.append(rows)
             self.spilled_rows += len(rows)
+            # Spilled rows are neither in the ring nor on disk, so a Feedback for one is not
+            # found until they are written (after a swap to another feature width, the
+            # predictions just made): the flusher writes them now, not at its next interval.
+            self._wake.notify()
         self._unflushed = self._next
 
     def _copy(self, first: int, stop: int) -> _Rows:
@@ -659,7 +663,7 @@ class PredictionLog(PartRollup):
                 deadline = time.monotonic() + self.flush_interval
                 while not self._closed and (
                     failed  # a failed write is retried after the interval, not at once
-                    or self._next - self._unflushed + self.spilled_pending < self.flush_rows
+                    or (not self._spilled and self._next - self._unflushed < self.flush_rows)
                 ):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:

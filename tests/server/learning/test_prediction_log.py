@@ -135,3 +135,23 @@ def test_memory_only_log_persists_nothing(tmp_path: Path) -> None:
     log.record(ids, features, [0.5, 0.5], [3, 3], "m", 1)
     assert log.flush() is None and log.part_files() == [] and log.read().height == 0
     log.close()
+
+
+def test_rows_let_go_by_a_change_of_width_are_written_at_once(tmp_path: Path) -> None:
+    # A swap to a model of another feature width replaces the ring: the rows not yet written
+    # are neither in memory nor on disk until the next flush. With a minute's interval a
+    # Feedback for a prediction made just before the swap was NOT_FOUND for up to a minute;
+    # the flusher now writes such rows at once.
+    log = PredictionLog(tmp_path, flush_rows=1000, flush_interval_seconds=60, rollup_seconds=0)
+    try:
+        log.record(["old-1"], np.ones((1, 3), np.float32), [0.7], [1], "m", 1)
+        log.record(["new-1"], np.ones((1, 4), np.float32), [0.6], [1], "m", 2)
+        assert log.get("old-1") is None  # the ring is the new width's
+        deadline = time.monotonic() + 10  # far less than the interval
+        while (found := log.find_recent("old-1")) is None:
+            assert time.monotonic() < deadline, "the spilled row was not written"
+            time.sleep(0.02)
+        assert found.model_version == 1 and found.features.tolist() == [1.0, 1.0, 1.0]
+        assert log.get("new-1") is not None
+    finally:
+        log.close()

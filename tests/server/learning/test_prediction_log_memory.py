@@ -108,7 +108,10 @@ def test_every_row_reaches_parquet_when_the_ring_wraps_before_a_flush(
         record(log, total, batch, version=b)
         total += batch
     assert len(log) == min(100, total)
-    assert log.spilled_rows >= total - 100
+    # A batch's rows beyond the ring are always spilled; those in it are spilled too when the
+    # next batch comes before the flusher took them, which, since spilled rows wake it, depends
+    # on the flusher thread's timing.
+    assert log.spilled_rows >= 12 * max(0, batch - 100)
     log.close()
     frame = PredictionLog(tmp_path).read()
     assert frame["prediction_id"].to_list() == [f"0123456789ab-{i:x}" for i in range(total)]
