@@ -18,8 +18,13 @@ from xylen.v1 import ensemble_service_pb2_grpc as epb_grpc
 REPO = Path(__file__).resolve().parents[2]
 
 
+METRICS_LINE = "xylen-coordinator metrics on port "
+"""What ``serve`` prints after its listening line when its ``/metrics`` listens."""
+
+
 class CoordinatorProcess:
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, metrics: bool = False) -> None:
+        """``metrics``: the config serves ``/metrics``; its port is :attr:`metrics_port`."""
         self.log_path = log
         with open(log, "w") as err:
             self.proc = subprocess.Popen(
@@ -32,6 +37,11 @@ class CoordinatorProcess:
         line = self.proc.stdout.readline()
         assert line.startswith("xylen-coordinator listening on port "), self.log()
         self.port = int(line.rsplit(" ", 1)[1])
+        self.metrics_port = 0
+        if metrics:
+            line = self.proc.stdout.readline()
+            assert line.startswith(METRICS_LINE), self.log()
+            self.metrics_port = int(line[len(METRICS_LINE) :])
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = epb_grpc.EnsembleServiceStub(self.channel)
         harness_deadline = time.monotonic() + 30

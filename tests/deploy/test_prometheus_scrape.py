@@ -7,12 +7,10 @@ the ``prometheus`` binary is not installed (``.ci/run`` installs it)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -22,6 +20,7 @@ from pathlib import Path
 import grpc
 import harness
 import pytest
+from coordinator.coordinator_process import CoordinatorProcess
 from coordinator.helpers import endpoint, free_port, write_config
 from learning_helpers import add_version
 
@@ -30,7 +29,6 @@ from xylen.v1 import ensemble_service_pb2_grpc as epb_grpc
 from xylen.v1 import model_service_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
-COORDINATOR_METRICS = "xylen-coordinator metrics on port "
 
 
 @pytest.fixture(scope="module")
@@ -39,29 +37,6 @@ def prometheus_binary() -> str:
     if found is None:
         pytest.skip("prometheus not installed (apt-get install -y prometheus; .ci/run does it)")
     return found
-
-
-class Coordinator:
-    def __init__(self, config: Path, log: Path) -> None:
-        self.log_path = log
-        with open(log, "w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "xylen_coordinator", "serve", "--config", str(config),
-                 "--host", "127.0.0.1", "--port", "0", "--grace", "1"],
-                stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("xylen-coordinator listening on port "), log.read_text()
-        self.port = int(line.rsplit(" ", 1)[1])
-        metrics = self.proc.stdout.readline()
-        assert metrics.startswith(COORDINATOR_METRICS), log.read_text()
-        self.metrics_port = int(metrics[len(COORDINATOR_METRICS) :])
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
 
 
 class Prometheus:
@@ -148,13 +123,13 @@ def check_dashboard(prometheus: Prometheus) -> None:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, candles) -> Iterator[tuple[harness.ServerProcess, Coordinator]]:
+def fleet(tmp_path: Path, candles) -> Iterator[tuple[harness.ServerProcess, CoordinatorProcess]]:
     models = tmp_path / "models"
     harness.write_model(models, "model_1", "lightgbm", candles, trees=30)
     add_version(models, 2, seed=2)
     server = harness.start_server(models, "model_1", log_dir=tmp_path)
     config = write_config(tmp_path / "config.yaml", [endpoint("model_1", server.port, 1.0)])
-    coordinator = Coordinator(config, tmp_path / "coordinator.log")
+    coordinator = CoordinatorProcess(config, tmp_path / "coordinator.log", metrics=True)
     try:
         yield server, coordinator
     finally:
