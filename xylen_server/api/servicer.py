@@ -151,15 +151,14 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         deadline = _deadline(context)
 
         admission = self.admission
-        held: dict[int, int] = {}  # id(answer) -> bytes its item holds until it is written
+        # id(answer) -> (bytes its item holds, its request id) until the answer is written
+        held: dict[int, tuple[int, str]] = {}
         outstanding = 0  # bytes taken from the budget by this stream and not given back
         in_flight: set[str] = set()  # request ids of the items read and not yet answered
-        named: dict[int, str] = {}  # id(answer) -> its item's request id, while in flight
 
         async def answer(item: pb.PredictStreamRequest, size: int) -> None:
             response = await self._stream_item(item, deadline)
-            held[id(response)] = size
-            named[id(response)] = item.request_id
+            held[id(response)] = (size, item.request_id)
             answers.put_nowait(response)
 
         async def read() -> None:
@@ -199,8 +198,8 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             while (response := await answers.get()) is not None:
                 yield response  # returns once grpc has taken the message
                 slots.release()
-                size = held.pop(id(response), 0)
-                in_flight.discard(named.pop(id(response), ""))
+                size, request_id = held.pop(id(response), (0, ""))
+                in_flight.discard(request_id)
                 if admission is not None and size:
                     admission.give_bytes(size)
                     outstanding -= size
